@@ -1,0 +1,1 @@
+"""Cameras, poses and (later) triangulation, absolute pose, rig and sequence tools."""

@@ -1,0 +1,1 @@
+"""The format layer: kapture text, columnar HDF5 stores, pairs, maps, import/export."""
