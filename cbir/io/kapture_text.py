@@ -22,7 +22,7 @@ from .sensors import ImageRecord, Sensor, SensorData
 
 KAPTURE_VERSION = "1.1"
 HEADER_VERSION = f"# kapture format: {KAPTURE_VERSION}"
-_VERSION_RE = re.compile(r"#\s*kapture format\s*:\s*(\d+)\.(\d+)")
+VERSION_RE = re.compile(r"#\s*kapture format\s*:\s*(\d+)\.(\d+)")
 
 SENSORS_HEADER = "# sensor_id, name, sensor_type, [sensor_params]+"
 RIGS_HEADER = "# rig_id, sensor_id, qw, qx, qy, qz, tx, ty, tz"
@@ -60,7 +60,7 @@ def iter_rows(path: str | os.PathLike) -> Iterator[tuple[int, list[str]]]:
         if not stripped:
             continue
         if stripped.startswith("#"):
-            m = _VERSION_RE.match(stripped)
+            m = VERSION_RE.match(stripped)
             if m and int(m.group(1)) > int(KAPTURE_VERSION.split(".")[0]):
                 raise VersionError(f"kapture format {m.group(1)}.{m.group(2)} is newer than the "
                                    f"supported {KAPTURE_VERSION}", path, lineno)

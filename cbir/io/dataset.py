@@ -1,0 +1,85 @@
+"""A dataset directory: kapture 1.1 sensors/ plus cbir's own stores under cbir/.
+
+```
+DATASET/sensors/{sensors,rigs,records_camera,trajectories}.txt, sensors/records_data/
+DATASET/cbir/{local,global,matches,map}/<name>.h5, DATASET/cbir/pairs/<name>.txt
+```
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import cached_property
+from pathlib import Path
+
+from ..errors import CbirError
+from .kapture_text import RECORDS_DATA_DIR, SENSORS_FILE, check_image_name, read_sensor_data
+from .sensors import SensorData
+
+STORE_DIRS = {"local": "local-features", "global": "global-features", "matches": "matches", "map": "map"}
+_STORE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def check_store_name(name: str) -> None:
+    if not _STORE_NAME_RE.match(name) or name.endswith((".h5", ".partial")):
+        raise CbirError(f"invalid store name {name!r}: use letters, digits, '_', '-', '+', '.' "
+                        "(no path, no extension)")
+
+
+class Dataset:
+    """Paths and lazily-read sensor data of one dataset directory.
+
+    ``follow_symlinks=True`` accepts images that are symbolic links to files outside
+    the dataset (kapture's importers create such links); by default they are refused.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, follow_symlinks: bool = False):
+        self.root = Path(root)
+        self.follow_symlinks = follow_symlinks
+        if not self.root.is_dir():
+            raise CbirError("dataset directory not found", self.root)
+        if not (self.root / SENSORS_FILE).is_file():
+            raise CbirError(f"not a kapture/cbir dataset: {SENSORS_FILE} is missing", self.root)
+
+    @cached_property
+    def sensors(self) -> SensorData:
+        return read_sensor_data(self.root)
+
+    @property
+    def records_dir(self) -> Path:
+        return self.root / RECORDS_DATA_DIR
+
+    def image_path(self, name: str) -> Path:
+        """Path of an image of records_camera.txt, confined to records_data/."""
+        problem = check_image_name(name)
+        if problem:
+            raise CbirError(problem, self.root / "sensors/records_camera.txt")
+        path = self.records_dir / name
+        if not self.follow_symlinks:
+            base = self.records_dir.resolve()
+            real = path.resolve()
+            if real != base and base not in real.parents:
+                raise CbirError(f"image {name!r} is a symbolic link out of records_data/ "
+                                f"(to {real}); pass --follow-symlinks to accept it", path)
+        return path
+
+    # -- stores
+    def store_path(self, kind: str, name: str) -> Path:
+        check_store_name(name)
+        if kind == "pairs":
+            return self.root / "cbir" / "pairs" / f"{name}.txt"
+        if kind not in STORE_DIRS:
+            raise ValueError(f"unknown store kind {kind!r}")
+        return self.root / "cbir" / kind / f"{name}.h5"
+
+    def list_stores(self) -> dict[str, list[Path]]:
+        out: dict[str, list[Path]] = {}
+        for kind in (*STORE_DIRS, "pairs"):
+            ext = ".txt" if kind == "pairs" else ".h5"
+            d = self.root / "cbir" / kind
+            out[kind] = sorted(p for p in d.glob(f"*{ext}") if p.is_file()) if d.is_dir() else []
+        return out
+
+    def __repr__(self) -> str:
+        return f"Dataset({str(self.root)!r})"

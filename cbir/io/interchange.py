@@ -1,0 +1,231 @@
+"""Whole-dataset import and export: kapture, COLMAP, hloc, visuallocalization.net.
+
+Each function reads one foreign layout and writes cbir files (or the reverse) and
+returns the paths it wrote, so the command line can report them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Literal
+
+from ..errors import CbirError
+from . import colmap as colmap_io
+from . import hloc as hloc_io
+from . import kapture_binary as kb
+from .dataset import Dataset, check_store_name
+from .kapture_text import RECORDS_DATA_DIR, read_sensor_data, write_sensor_data
+from .map_store import write_map
+from .store import open_store
+from .vlnet import read_vlnet, write_vlnet
+
+ImageMode = Literal["copy", "link", "skip"]
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
+def transfer_images(src_dir: Path, dst_root: Path, names: list[str], mode: ImageMode) -> None:
+    """Copy the named images, or link the whole source directory (one symlink), into records_data/."""
+    dst_dir = dst_root / RECORDS_DATA_DIR
+    if mode == "skip" or not src_dir.is_dir():
+        return
+    if mode == "link":
+        if dst_dir.is_symlink() or not dst_dir.exists():
+            if dst_dir.is_symlink():
+                dst_dir.unlink()
+            dst_dir.parent.mkdir(parents=True, exist_ok=True)
+            dst_dir.symlink_to(src_dir.resolve(), target_is_directory=True)
+            return
+        raise CbirError("exists and is not a link: cannot link images here", dst_dir)
+    for name in names:
+        src = src_dir / name
+        if not src.is_file():
+            continue  # reported by `cbir check`
+        dst = dst_dir / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.exists():
+            tmp = dst.with_name(dst.name + ".partial")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+
+
+# ================================================================================ kapture
+
+def import_kapture(src: str | os.PathLike, dst: str | os.PathLike | None = None, *,
+                   images: ImageMode = "copy", overwrite: bool = False) -> list[Path]:
+    """Make a cbir dataset of a kapture dataset: sensors as they are, reconstruction/ into stores.
+
+    With ``dst`` None (or equal to ``src``) the stores are written into ``src/cbir/``.
+    """
+    src = Path(src)
+    data = read_sensor_data(src)  # validates the sensor files first
+    dst = src if dst is None else Path(dst)
+    written: list[Path] = []
+    if not _same_dir(src, dst):
+        for f in sorted((src / "sensors").glob("*.txt")):
+            target = dst / "sensors" / f.name
+            if target.exists() and not overwrite:
+                raise CbirError("exists: use --overwrite to replace it", target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, target)
+            written.append(target)
+        transfer_images(src / RECORDS_DATA_DIR, dst, data.image_names(), images)
+    ds = Dataset(dst, follow_symlinks=True)
+    sizes = {r.name: (cam.width, cam.height) for r in data.records
+             if (cam := data.cameras.get(r.camera_id)) is not None}
+    found = kb.list_reconstruction(src)
+    for dtype in found["descriptors"]:
+        out = ds.store_path("local", dtype)
+        kb.import_local_features(src, dtype, out, image_sizes=sizes, overwrite=overwrite)
+        written.append(out)
+    for gtype in found["global_features"]:
+        out = ds.store_path("global", gtype)
+        kb.import_global_features(src, gtype, out, overwrite=overwrite)
+        written.append(out)
+    for ktype in found["matches"]:
+        out = ds.store_path("matches", ktype)
+        kb.import_matches(src, ktype, out, overwrite=overwrite)
+        written.append(out)
+    if found["points3d"]:
+        written += kb.import_points(src, dst / "cbir" / "map", overwrite=overwrite)
+    return written
+
+
+def export_kapture(dataset: Dataset, dst: str | os.PathLike, *, local: list[str] = (),
+                   global_: list[str] = (), matches: list[str] = (), maps: list[str] = (),
+                   images: ImageMode = "copy", inliers_only: bool = False) -> list[Path]:
+    """Write a kapture dataset: the sensors (if ``dst`` is another directory) and the named stores
+    under reconstruction/. Existing reconstruction files of the same types are replaced."""
+    dst = Path(dst)
+    written: list[Path] = []
+    if not _same_dir(dataset.root, dst):
+        written += write_sensor_data(dst, dataset.sensors)
+        for f in sorted((dataset.root / "sensors").glob("records_*.txt")):  # gnss, wifi, ... verbatim
+            if f.name != "records_camera.txt":
+                shutil.copyfile(f, dst / "sensors" / f.name)
+                written.append(dst / "sensors" / f.name)
+        transfer_images(dataset.records_dir, dst, dataset.sensors.image_names(), images)
+    for name in local:
+        kb.export_local_features(dataset.store_path("local", name), dst)
+        written.append(dst / kb.RECONSTRUCTION / "descriptors" / name)
+    for name in global_:
+        kb.export_global_features(dataset.store_path("global", name), dst)
+        written.append(dst / kb.RECONSTRUCTION / "global_features" / name)
+    for name in matches:
+        kb.export_matches(dataset.store_path("matches", name), dst, inliers_only=inliers_only)
+        written.append(dst / kb.RECONSTRUCTION / "matches")
+    if len(maps) > 1:
+        raise CbirError("kapture holds one set of 3D points: export one map at a time")
+    for name in maps:
+        kb.export_points(dataset.store_path("map", name), dst)
+        written.append(dst / kb.RECONSTRUCTION / "points3d.txt")
+    return written
+
+
+# ================================================================================ COLMAP
+
+def import_colmap(model_dir: str | os.PathLike, dst: str | os.PathLike, *, images_dir: str | None = None,
+                  images: ImageMode = "copy", name: str = "colmap", overwrite: bool = False) -> list[Path]:
+    """COLMAP model -> sensors + trajectories, and its points as a map with a keypoint store ``name``."""
+    check_store_name(name)
+    rec = colmap_io.read_reconstruction(model_dir)
+    data = colmap_io.reconstruction_to_sensors(rec)
+    dst = Path(dst)
+    if (dst / "sensors" / "sensors.txt").exists() and not overwrite:
+        raise CbirError("already a dataset: use --overwrite to replace its sensors", dst)
+    written = write_sensor_data(dst, data)
+    if images_dir is not None:
+        transfer_images(Path(images_dir), dst, data.image_names(), images)
+    ds = Dataset(dst, follow_symlinks=True)
+    if rec.num_points3D() > 0:
+        local = ds.store_path("local", name)
+        colmap_io.write_keypoints_store(rec, local, name, overwrite=overwrite)
+        out = ds.store_path("map", name)
+        if out.exists() and not overwrite:
+            raise CbirError("exists: use --overwrite to replace it", out)
+        write_map(out, colmap_io.reconstruction_to_map(rec, name))
+        written += [local, out]
+    return written
+
+
+def export_colmap(dataset: Dataset, out_dir: str | os.PathLike, *, binary: bool = False,
+                  map_name: str | None = None, local: str | None = None) -> list[Path]:
+    map_path = dataset.store_path("map", map_name) if map_name else None
+    local_path = dataset.store_path("local", local) if local else None
+    colmap_io.export_colmap(dataset.sensors, out_dir, binary=binary, map_path=map_path, local_path=local_path)
+    return [Path(out_dir)]
+
+
+# ================================================================================ hloc
+
+def import_hloc(dataset: Dataset, *, features: str | None = None, matches: str | None = None,
+                name: str = "hloc", overwrite: bool = False) -> list[Path]:
+    written = []
+    local = dataset.store_path("local", name)
+    if features is not None:
+        hloc_io.import_features(features, local, name, overwrite=overwrite)
+        written.append(local)
+    if matches is not None:
+        if not local.exists():
+            raise CbirError(f"importing hloc matches needs the features first (cbir/local/{name}.h5)")
+        with open_store(local, "local-features") as s:
+            names = list(s.keys)
+        out = dataset.store_path("matches", name)
+        hloc_io.import_matches(matches, out, name, names, local_features=name, overwrite=overwrite)
+        written.append(out)
+    return written
+
+
+def export_hloc(dataset: Dataset, local: str, *, features_out: str | None = None,
+                matches: str | None = None, matches_out: str | None = None) -> list[Path]:
+    written = []
+    local_path = dataset.store_path("local", local)
+    if features_out:
+        hloc_io.export_features(local_path, features_out)
+        written.append(Path(features_out))
+    if matches and matches_out:
+        hloc_io.export_matches(dataset.store_path("matches", matches), local_path, matches_out)
+        written.append(Path(matches_out))
+    return written
+
+
+# ================================================================================ visuallocalization.net
+
+def _names_for_submission(dataset: Dataset, basename: bool) -> dict[str, str]:
+    names = dataset.sensors.image_names()
+    if not basename:
+        return {n: n for n in names}
+    short = {n: n.rsplit("/", 1)[-1] for n in names}
+    if len(set(short.values())) != len(short):
+        raise CbirError("image base names are not unique: export with full names")
+    return short
+
+
+def import_vlnet(path: str | os.PathLike, dataset: Dataset) -> list[Path]:
+    """Set the dataset's trajectories from a submission file (by image name or base name)."""
+    poses = read_vlnet(path)
+    data = dataset.sensors
+    by_name = data.record_by_name()
+    by_base: dict[str, list] = {}
+    for r in data.records:
+        by_base.setdefault(r.name.rsplit("/", 1)[-1], []).append(r)
+    for name, pose in poses.items():
+        rec = by_name.get(name)
+        if rec is None:
+            candidates = by_base.get(name, [])
+            if len(candidates) != 1:
+                raise CbirError(f"image {name!r} is {'ambiguous' if candidates else 'not'} in the dataset", path)
+            rec = candidates[0]
+        data.trajectories[(rec.timestamp, rec.camera_id)] = pose
+    return write_sensor_data(dataset.root, data)
+
+
+def export_vlnet(dataset: Dataset, out: str | os.PathLike, *, basename: bool = False) -> list[Path]:
+    names = _names_for_submission(dataset, basename)
+    poses = dataset.sensors.image_poses()
+    write_vlnet(out, {names[n]: p for n, p in poses.items()})
+    return [Path(out)]

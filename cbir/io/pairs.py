@@ -1,0 +1,73 @@
+"""Pair lists: text, one pair a line, ``query_image, map_image, score``.
+
+The layout of kapture-localization's pairs files (``# query_image, map_image, score``),
+so files pass between the two tools unchanged. ``-`` reads stdin or writes stdout.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CbirError, FormatError
+from .atomic import atomic_write_text
+
+PAIRS_HEADER = "# query_image, map_image, score"
+
+
+@dataclass(frozen=True)
+class Pair:
+    query: str
+    map: str
+    score: float = 0.0
+
+
+def parse_pairs(text: str, source: str = "<stdin>") -> list[Pair]:
+    pairs = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) == 1 and " " in line:  # hloc writes "name0 name1"
+            fields = line.split()
+        if len(fields) not in (2, 3) or not fields[0] or not fields[1]:
+            raise FormatError("expected 'query_image, map_image[, score]'", source, lineno)
+        score = 0.0
+        if len(fields) == 3:
+            try:
+                score = float(fields[2])
+            except ValueError:
+                raise FormatError(f"score is not a number: {fields[2]!r}", source, lineno) from None
+        pairs.append(Pair(fields[0], fields[1], score))
+    return pairs
+
+
+def read_pairs(path: str | os.PathLike) -> list[Pair]:
+    """Read a pairs file (kapture-localization's or hloc's layout); ``-`` is stdin."""
+    if str(path) == "-":
+        return parse_pairs(sys.stdin.read())
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise CbirError("pairs file not found", path) from None
+    except UnicodeDecodeError:
+        raise FormatError("not valid UTF-8 text", path) from None
+    return parse_pairs(text, str(path))
+
+
+def format_pairs(pairs: list[Pair]) -> str:
+    lines = [PAIRS_HEADER] + [f"{p.query}, {p.map}, {p.score:.6f}" for p in pairs]
+    return "\n".join(lines) + "\n"
+
+
+def write_pairs(path: str | os.PathLike, pairs: list[Pair]) -> None:
+    text = format_pairs(pairs)
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        atomic_write_text(path, text)
