@@ -1,0 +1,49 @@
+"""The ``cbir`` command line: parse, call the library, report. Nothing else lives here."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import CbirError
+from ._common import console_err
+from .dataset_cmds import check, info
+from .interchange_cmds import export_group, import_group
+
+
+class CbirGroup(click.Group):
+    """Turns user errors into one line on stderr and exit code 1 (a traceback only with --debug)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CbirError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            console_err().print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            console_err().print("[yellow]interrupted[/]: finished batches are kept; re-run to resume")
+            sys.exit(130)
+
+
+@click.group(cls=CbirGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cbir")
+@click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """Content-based image retrieval and retrieval-based visual localization.
+
+    Datasets are kapture 1.1 directories; cbir adds its stores under DATASET/cbir/.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj.update(debug=debug, quiet=quiet)
+
+
+main.add_command(info)
+main.add_command(check)
+main.add_command(import_group)
+main.add_command(export_group)

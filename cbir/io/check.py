@@ -1,0 +1,278 @@
+"""Validate a dataset against the format specification, and summarize it.
+
+``check_dataset`` never stops at the first problem: it returns every problem it
+finds (errors break the format; warnings are suspicious but legal), each naming
+the file, and the line where there is one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import cv2
+import numpy as np
+
+from ..errors import CbirError
+from ..geometry.cameras import Camera
+from .dataset import Dataset
+from .map_store import read_map
+from .pairs import read_pairs
+from .store import Store, open_store
+
+Level = Literal["error", "warning"]
+ImageCheck = Literal["decode", "exists", "skip"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    level: Level
+    path: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = self.path if self.line is None else f"{self.path}:{self.line}"
+        return f"{self.level}: {where}: {self.message}"
+
+
+class _Report:
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def error(self, path: Any, message: str, line: int | None = None) -> None:
+        self.problems.append(Problem("error", str(path), message, line))
+
+    def warning(self, path: Any, message: str, line: int | None = None) -> None:
+        self.problems.append(Problem("warning", str(path), message, line))
+
+    def from_exception(self, e: CbirError) -> None:
+        self.problems.append(Problem("error", e.path or "", e.message, e.line))
+
+
+def check_dataset(dataset: Dataset, *, images: ImageCheck = "decode",
+                  progress: Callable[[str], None] | None = None) -> list[Problem]:
+    report = _Report()
+    try:
+        data = dataset.sensors
+    except CbirError as e:
+        report.from_exception(e)
+        return report.problems  # nothing else can be checked against broken sensor files
+    records_file = dataset.root / "sensors/records_camera.txt"
+    if not data.cameras:
+        report.warning(dataset.root / "sensors/sensors.txt", "no camera")
+    if not data.records:
+        report.warning(records_file, "no image records")
+    if images != "skip":
+        _check_images(dataset, images, report, progress)
+    names = set(data.image_names())
+    for kind, paths in dataset.list_stores().items():
+        for path in paths:
+            if progress:
+                progress(f"checking {path.relative_to(dataset.root)}")
+            try:
+                if kind == "pairs":
+                    _check_pairs(path, names, report)
+                elif kind == "map":
+                    _check_map(dataset, path, names, report)
+                else:
+                    with open_store(path) as store:
+                        _check_store(dataset, store, names, report)
+            except CbirError as e:
+                report.from_exception(e)
+    return report.problems
+
+
+def _check_images(dataset: Dataset, mode: ImageCheck, report: _Report,
+                  progress: Callable[[str], None] | None) -> None:
+    data = dataset.sensors
+    for i, r in enumerate(data.records):
+        if progress and i % 100 == 0:
+            progress(f"checking images {i}/{len(data.records)}")
+        try:
+            path = dataset.image_path(r.name)
+        except CbirError as e:
+            report.from_exception(e)
+            continue
+        if not path.is_file():
+            report.error(path, "image file is missing")
+            continue
+        if mode != "decode":
+            continue
+        image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED) if path.stat().st_size else None
+        if image is None:
+            report.error(path, "image cannot be decoded (empty, corrupt or unsupported format)")
+            continue
+        cam = data.sensors.get(r.camera_id)
+        h, w = image.shape[:2]
+        if isinstance(cam, Camera) and cam.model != "UNKNOWN_CAMERA" and (w, h) != (cam.width, cam.height) \
+                and (h, w) != (cam.width, cam.height):
+            report.warning(path, f"image is {w}x{h} but camera {r.camera_id!r} is {cam.width}x{cam.height}")
+
+
+def _float_columns(store: Store) -> list[str]:
+    return [c for c in store.columns if store.dataset(c).dtype.kind == "f"]
+
+
+def _check_store(dataset: Dataset, store: Store, names: set[str], report: _Report) -> None:
+    path = store.path
+    keys = store.keys
+    if len(set(keys)) != len(keys):
+        seen: set = set()
+        dup = next(k for k in keys if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        report.error(path, f"duplicate item {dup!r}")
+    items = [k for key in keys for k in (key if isinstance(key, tuple) else (key,))]
+    unknown = sorted(set(items) - names)
+    if unknown and store.kind != "matches":
+        report.warning(path, f"{len(unknown)} images are not in records_camera.txt (e.g. {unknown[0]!r})")
+    n = len(store)
+    if store.schema.ragged:
+        offs = store.offsets
+        if offs[0] != 0 or np.any(np.diff(offs) < 0):
+            report.error(path, "offsets must start at 0 and never decrease")
+            return
+        for c in store.columns:
+            if c in store.schema.ragged and store.dataset(c).shape[0] != offs[-1]:
+                report.error(path, f"'{c}' has {store.dataset(c).shape[0]} rows, offsets end at {offs[-1]}")
+                return
+    for c in store.columns:
+        if c in store.schema.per_item and store.dataset(c).shape[0] != n:
+            report.error(path, f"'{c}' has {store.dataset(c).shape[0]} rows for {n} items")
+            return
+    dim = store.attrs.get("descriptor_dim")
+    if dim is not None and "descriptors" in store.columns and store.dataset("descriptors").shape[1] != dim:
+        report.error(path, f"descriptors have {store.dataset('descriptors').shape[1]} dimensions, "
+                           f"the descriptor_dim attribute says {dim}")
+    # values, streamed: NaN/inf, global normalization, match indices
+    floats = _float_columns(store)
+    bad: dict[str, Any] = {}
+    local_counts = _local_counts(dataset, store) if store.kind == "matches" else None
+    for batch_keys, cols, offsets in store.iter_batches(4096):
+        for c in floats:
+            values = cols[c]
+            if c in ("F", "E", "H"):
+                values = values[~np.all(np.isnan(values), axis=(1, 2))]
+            if c not in bad and not np.all(np.isfinite(values)):
+                row = int(np.argwhere(~np.isfinite(values).reshape(len(values), -1).all(1))[0][0])
+                item = batch_keys[int(np.searchsorted(offsets, row, side="right") - 1)] \
+                    if c in store.schema.ragged else batch_keys[row]
+                bad[c] = item
+        if store.kind == "global-features" and len(cols["descriptors"]):
+            norms = np.linalg.norm(cols["descriptors"].astype(np.float64), axis=1)
+            off = np.flatnonzero(np.abs(norms - 1) > 1e-3)
+            if len(off) and "norm" not in bad:
+                bad["norm"] = (batch_keys[off[0]], norms[off[0]])
+        if local_counts is not None and len(cols["matches"]):
+            m = cols["matches"]
+            counts = np.array([[local_counts.get(a, -1), local_counts.get(b, -1)] for a, b in batch_keys])
+            per_row = np.repeat(counts, np.diff(offsets), axis=0)
+            known = per_row >= 0
+            wrong = np.flatnonzero(((m < 0) | (known & (m >= per_row))).any(1))
+            if len(wrong) and "index" not in bad:
+                bad["index"] = batch_keys[int(np.searchsorted(offsets, wrong[0], side="right") - 1)]
+    for c, item in bad.items():
+        if c == "norm":
+            report.warning(path, f"global descriptor of {item[0]!r} is not L2-normalized (norm {item[1]:.4g})")
+        elif c == "index":
+            report.error(path, f"pair {item!r} has a match index beyond the keypoints of its images")
+        else:
+            report.error(path, f"'{c}' has NaN or infinite values (first in {item!r})")
+
+
+def _local_counts(dataset: Dataset, store: Store) -> dict[str, int] | None:
+    local = store.attrs.get("local_features")
+    if not local:
+        return None
+    path = dataset.store_path("local", str(local))
+    if not path.exists():
+        return None
+    with open_store(path, "local-features") as s:
+        return dict(zip(s.keys, np.diff(s.offsets).tolist()))
+
+
+def _check_pairs(path: Path, names: set[str], report: _Report) -> None:
+    pairs = read_pairs(path)
+    unknown = sorted({n for p in pairs for n in (p.query, p.map)} - names)
+    if unknown:
+        report.warning(path, f"{len(unknown)} images are not in this dataset's records (e.g. {unknown[0]!r}); "
+                             "fine when they belong to the query or map dataset")
+
+
+def _check_map(dataset: Dataset, path: Path, names: set[str], report: _Report) -> None:
+    m = read_map(path)
+    unknown = sorted(set(m.images) - names)
+    if unknown:
+        report.error(path, f"tracks reference {len(unknown)} images not in records (e.g. {unknown[0]!r})")
+    if m.local_features:
+        lpath = dataset.store_path("local", m.local_features)
+        if not lpath.exists():
+            report.warning(path, f"its local features cbir/local/{m.local_features}.h5 are missing")
+            return
+        with open_store(lpath, "local-features") as s:
+            counts = np.array([s.count(n) if n in s else -1 for n in m.images])
+        if len(m.track_images):
+            limit = counts[m.track_images]
+            if np.any(limit < 0):
+                report.error(path, "tracks reference images that have no local features")
+            elif np.any(m.track_keypoints >= limit):
+                report.error(path, "a track references a keypoint index beyond its image's keypoints")
+
+
+# ================================================================================ info
+
+def dataset_info(dataset: Dataset) -> dict[str, Any]:
+    data = dataset.sensors
+    posed = data.image_poses()
+    info: dict[str, Any] = {
+        "root": str(dataset.root),
+        "cameras": [{"id": k, "model": c.model, "width": c.width, "height": c.height,
+                     "params": list(c.params), "images": sum(r.camera_id == k for r in data.records)}
+                    for k, c in data.cameras.items()],
+        "other_sensors": [{"id": k, "type": s.sensor_type} for k, s in data.sensors.items()
+                          if not isinstance(s, Camera)],
+        "rigs": [{"id": k, "sensors": list(v)} for k, v in data.rigs.items()],
+        "images": len(data.records),
+        "images_with_pose": len(posed),
+        "trajectories": len(data.trajectories),
+        "stores": [],
+    }
+    for kind, paths in dataset.list_stores().items():
+        for path in paths:
+            entry: dict[str, Any] = {"kind": kind, "name": path.stem, "path": str(path.relative_to(dataset.root)),
+                                     "bytes": path.stat().st_size}
+            try:
+                entry.update(store_info(path, kind))
+            except CbirError as e:
+                entry["error"] = e.message
+            info["stores"].append(entry)
+    return info
+
+
+def store_info(path: Path, kind: str) -> dict[str, Any]:
+    if kind == "pairs":
+        pairs = read_pairs(path)
+        return {"items": len(pairs), "queries": len({p.query for p in pairs})}
+    if kind == "map":
+        m = read_map(path)
+        lengths = m.track_lengths
+        return {"items": len(m), "images": len(m.images), "local_features": m.local_features,
+                "mean_track_length": float(lengths.mean()) if len(lengths) else 0.0}
+    with open_store(path) as s:
+        out: dict[str, Any] = {"items": len(s), "extractor": s.attrs.get("name"), "config": s.config}
+        if "descriptors" in s.columns:
+            d = s.dataset("descriptors")
+            out.update(dim=int(d.shape[1]), dtype=str(d.dtype))
+        if s.schema.ragged:
+            out["rows"] = int(s.offsets[-1])
+        if s.kind == "matches":
+            out["local_features"] = s.attrs.get("local_features", "")
+            out["verified"] = "inliers" in s.columns
+        return out
+
+
+def problems_as_dicts(problems: list[Problem]) -> list[dict[str, Any]]:
+    return [asdict(p) for p in problems]
+
+
+__all__ = ["Problem", "check_dataset", "dataset_info", "store_info", "problems_as_dicts"]
