@@ -1,0 +1,275 @@
+"""Columnar HDF5 stores: layout, slicing, streaming, atomic and resumable writes, locking,
+configuration checks and corrupt input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from cbir.errors import CbirError, FormatError, LockedError, VersionError
+from cbir.io.store import StoreWriter, open_store
+
+ATTRS = {"name": "toy", "config": {"max_keypoints": 100, "resize": 1024}}
+
+
+def _items(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        k = int(rng.integers(0, 40))
+        yield f"dir/{i:05d}.jpg", {
+            "keypoints": rng.random((k, 2), dtype=np.float32) * 100,
+            "descriptors": rng.standard_normal((k, 16)).astype(np.float16),
+            "scores": rng.random(k, dtype=np.float32),
+            "image_sizes": np.array([640, 480]),
+        }
+
+
+def _write(path: Path, n: int, **kw) -> dict:
+    items = dict(_items(n))
+    with StoreWriter(path, "local-features", ATTRS, **kw) as w:
+        for name, cols in items.items():
+            if name not in w:
+                w.add(name, **cols)
+    return items
+
+
+def test_layout_is_columnar_and_items_are_slices(tmp_path):
+    path = tmp_path / "f.h5"
+    items = _write(path, 50, batch_size=7)
+    with h5py.File(path) as f:
+        assert set(f) == {"names", "offsets", "keypoints", "descriptors", "scores", "image_sizes"}
+        assert f["offsets"].shape == (51,) and f["offsets"][0] == 0
+        assert f["keypoints"].shape == (f["offsets"][-1], 2) and f["keypoints"].chunks is None
+        assert f.attrs["format_version"] == "1.0" and f.attrs["cbir_format"] == "local-features"
+    with open_store(path) as s:
+        assert s.keys == list(items)
+        for name, cols in items.items():
+            got = s.get(name)
+            for c, v in cols.items():
+                np.testing.assert_array_equal(got[c], v.astype(got[c].dtype))
+        assert s.config == ATTRS["config"]
+
+
+def test_streaming_covers_everything_in_bounded_batches(tmp_path):
+    path = tmp_path / "f.h5"
+    items = _write(path, 100)
+    seen = []
+    with open_store(path) as s:
+        for keys, cols, offs in s.iter_batches(batch_size=9, max_rows=60):
+            assert len(keys) <= 9 and (len(keys) == 1 or offs[-1] <= 60)
+            assert len(cols["keypoints"]) == offs[-1]
+            for i, k in enumerate(keys):
+                np.testing.assert_array_equal(cols["keypoints"][offs[i]:offs[i + 1]], items[k]["keypoints"])
+                seen.append(k)
+    assert seen == list(items)
+
+
+def test_rerun_skips_present_items_and_appends_new_ones(tmp_path):
+    path = tmp_path / "f.h5"
+    _write(path, 10)
+    items = _write(path, 15)  # same config: resumes, adds 5
+    with open_store(path) as s:
+        assert s.keys == list(items)
+
+
+def test_other_configuration_is_refused_unless_overwrite(tmp_path):
+    path = tmp_path / "f.h5"
+    _write(path, 5)
+    before = path.read_bytes()
+    other = {"name": "toy", "config": {"max_keypoints": 200, "resize": 1024}}
+    with pytest.raises(CbirError, match=r"max_keypoints=100 != 200.*--overwrite"):
+        StoreWriter(path, "local-features", other)
+    assert path.read_bytes() == before
+    with StoreWriter(path, "local-features", other, overwrite=True) as w:
+        w.add("x.jpg", keypoints=np.zeros((1, 2)), descriptors=np.zeros((1, 16), np.float16))
+    with open_store(path) as s:
+        assert s.keys == ["x.jpg"] and s.config["max_keypoints"] == 200
+
+
+def test_failure_inside_writer_keeps_previous_store_and_finished_batches(tmp_path):
+    path = tmp_path / "f.h5"
+    _write(path, 5)
+    before = path.read_bytes()
+    items = list(_items(20, seed=1))
+    with pytest.raises(RuntimeError):
+        with StoreWriter(path, "local-features", ATTRS, batch_size=4) as w:
+            for i, (name, cols) in enumerate(items):
+                if i == 10:
+                    raise RuntimeError("extractor crashed")
+                w.add("new/" + name, **cols)
+    assert path.read_bytes() == before  # the finished store is untouched
+    batches = sorted((tmp_path / "f.h5.batches").glob("batch-*.h5"))
+    assert len(batches) == 2  # 8 items flushed, the 2 in flight lost
+    with StoreWriter(path, "local-features", ATTRS) as w:
+        assert sum(("new/" + n) in w for n, _ in items) == 8
+        for name, cols in items:
+            if "new/" + name not in w:
+                w.add("new/" + name, **cols)
+    with open_store(path) as s:
+        assert len(s) == 25
+    assert not (tmp_path / "f.h5.batches").exists() and not (tmp_path / "f.h5.lock").exists()
+
+
+def test_killed_writer_loses_at_most_the_batch_in_flight(tmp_path):
+    """SIGKILL a real writer process in the middle of a run; a re-run resumes."""
+    path = tmp_path / "f.h5"
+    flag = tmp_path / "flushed"
+    script = textwrap.dedent(f"""
+        import os, time, numpy as np
+        from cbir.io.store import StoreWriter
+        w = StoreWriter({str(path)!r}, "local-features", {ATTRS!r}, batch_size=5)
+        for i in range(1000):
+            w.add(f"{{i:05d}}.jpg", keypoints=np.zeros((3, 2)), descriptors=np.zeros((3, 16), np.float16))
+            if i == 12:
+                open({str(flag)!r}, "w").close()
+                time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        for _ in range(600):
+            if flag.exists():
+                break
+            if proc.poll() is not None:
+                pytest.fail("writer exited early")
+            import time
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not path.exists()
+    with StoreWriter(path, "local-features", ATTRS) as w:  # the dead writer's lock is gone
+        assert len(w.present) == 10  # two batches of 5 were flushed; items 10-12 were in flight
+        for i in range(10, 20):
+            w.add(f"{i:05d}.jpg", keypoints=np.zeros((3, 2)), descriptors=np.zeros((3, 16), np.float16))
+    with open_store(path) as s:
+        assert s.keys == [f"{i:05d}.jpg" for i in range(20)]
+
+
+def test_two_writers_cannot_write_the_same_store(tmp_path):
+    path = tmp_path / "f.h5"
+    with StoreWriter(path, "local-features", ATTRS):
+        with pytest.raises(LockedError, match="another process is writing"):
+            StoreWriter(path, "local-features", ATTRS)
+
+
+def test_empty_store_is_valid(tmp_path):
+    path = tmp_path / "f.h5"
+    with StoreWriter(path, "global-features", {"name": "g", "config": {}}):
+        pass
+    with open_store(path) as s:
+        assert len(s) == 0 and s.read_all("descriptors").shape[0] == 0
+
+
+def test_items_with_zero_rows(tmp_path):
+    path = tmp_path / "f.h5"
+    with StoreWriter(path, "local-features", ATTRS) as w:
+        w.add("blank.png", keypoints=np.zeros((0, 2)), descriptors=np.zeros((0, 16), np.float16))
+        w.add("b.png", keypoints=np.ones((2, 2)), descriptors=np.ones((2, 16), np.float16))
+    with open_store(path) as s:
+        assert s.get("blank.png")["keypoints"].shape == (0, 2) and s.count("b.png") == 2
+
+
+def test_matches_store_keys_are_pairs(tmp_path):
+    path = tmp_path / "m.h5"
+    with StoreWriter(path, "matches", {"name": "nn", "local_features": "toy", "config": {}}) as w:
+        w.add(("a.jpg", "b.jpg"), matches=[[0, 1], [1, 0]], scores=[0.5, 0.25], inliers=[True, False])
+    with open_store(path, "matches") as s:
+        assert s.keys == [("a.jpg", "b.jpg")] and ("a.jpg", "b.jpg") in s and ("b.jpg", "a.jpg") not in s
+        np.testing.assert_array_equal(s.get(("a.jpg", "b.jpg"))["inliers"], [True, False])
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(keypoints=np.zeros((3, 3))), "rows have shape"),
+    (dict(keypoints=np.zeros((3, 2)), descriptors=np.zeros((2, 16))), "has 2 rows, expected 3"),
+    (dict(descriptors=np.zeros((2, 16))), "'keypoints' is required"),
+    (dict(keypoints=np.zeros((1, 2)), descriptors=np.zeros((1, 16)), colour=np.zeros(1)), "unknown columns"),
+])
+def test_writer_rejects_malformed_items(tmp_path, bad, message):
+    with StoreWriter(tmp_path / "f.h5", "local-features", ATTRS) as w:
+        with pytest.raises(ValueError, match=message):
+            w.add("x.jpg", **bad)
+
+
+# ------------------------------------------------------------------ corrupt input
+
+def test_truncated_file(tmp_path):
+    path = tmp_path / "f.h5"
+    _write(path, 30)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FormatError) as info:
+        with open_store(path) as s:
+            for _ in s.iter_batches():
+                pass
+    assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+
+
+def test_garbage_file(tmp_path):
+    path = tmp_path / "f.h5"
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(5000))
+    with pytest.raises(FormatError, match="not a readable HDF5 file"):
+        open_store(path)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "f.h5"
+    path.write_bytes(b"")
+    with pytest.raises(FormatError, match="not a readable HDF5 file"):
+        open_store(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CbirError, match="file not found"):
+        open_store(tmp_path / "nope.h5")
+
+
+def test_newer_major_version_is_refused(tmp_path):
+    path = tmp_path / "f.h5"
+    _write(path, 2)
+    with h5py.File(path, "a") as f:
+        f.attrs["format_version"] = "2.0"
+    with pytest.raises(VersionError, match=r"format 2.0 is newer than this cbir supports \(1.x\)"):
+        open_store(path)
+
+
+def test_newer_minor_version_is_read(tmp_path):
+    path = tmp_path / "f.h5"
+    _write(path, 2)
+    with h5py.File(path, "a") as f:
+        f.attrs["format_version"] = "1.7"
+        f.create_dataset("something_new", data=[1, 2, 3])
+    with open_store(path) as s:
+        assert len(s) == 2
+
+
+def test_inconsistent_offsets(tmp_path):
+    path = tmp_path / "f.h5"
+    _write(path, 3)
+    with h5py.File(path, "a") as f:
+        del f["offsets"]
+        f["offsets"] = np.array([0, 1])
+    with pytest.raises(FormatError, match=r"'offsets' has shape \(2,\), expected \(4,\)"):
+        open_store(path)
+
+
+def test_wrong_kind(tmp_path):
+    path = tmp_path / "f.h5"
+    _write(path, 1)
+    with pytest.raises(FormatError, match="is a local-features store, expected matches"):
+        open_store(path, "matches")
+
+
+def test_not_a_cbir_file(tmp_path):
+    path = tmp_path / "f.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = [1]
+    with pytest.raises(FormatError, match="not a cbir store"):
+        open_store(path)
