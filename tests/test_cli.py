@@ -1,0 +1,97 @@
+"""The command line: help, version, exit codes, one-line errors, and each command end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cbir import __version__
+from cbir.cli import main
+
+
+def run(*args: str) -> "Result":
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def test_help_and_version():
+    assert run("--help").exit_code == 0 and "import" in run("--help").output
+    assert run("--version").output.strip() == f"cbir, version {__version__}"
+
+
+def test_usage_error_exit_code_2():
+    assert run("info").exit_code == 2
+    assert run("frobnicate").exit_code == 2
+
+
+def test_user_error_is_one_line_with_exit_code_1(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cbir", "info", str(tmp_path / "nope")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"error: {tmp_path / 'nope'}: dataset directory not found"
+    assert "Traceback" not in proc.stderr
+    debug = subprocess.run([sys.executable, "-m", "cbir", "--debug", "info", str(tmp_path / "nope")],
+                           capture_output=True, text=True)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_info_and_check_on_samples(sample_dataset):
+    r = run("info", sample_dataset)
+    assert r.exit_code == 0 and "SIMPLE_RADIAL" in r.output and "matches" in r.output
+    info = json.loads(run("info", "--json", sample_dataset).output)
+    assert info["images"] == 3
+    r = run("check", "--json", sample_dataset)
+    assert r.exit_code == 0 and json.loads(r.output)["ok"] is True
+
+
+def test_check_fails_on_errors(sample_dataset):
+    (sample_dataset / "sensors/records_data/left/000.png").unlink()
+    r = run("check", sample_dataset)
+    assert r.exit_code == 1 and "image file is missing" in r.output
+
+
+def test_check_strict_fails_on_warnings(sample_dataset):
+    import h5py
+    with h5py.File(sample_dataset / "cbir/global/sample.h5", "a") as f:
+        f["descriptors"][0] = [2.0, 0, 0, 0]
+    assert run("check", sample_dataset).exit_code == 0
+    assert run("check", "--strict", sample_dataset).exit_code == 1
+
+
+@pytest.mark.slow
+def test_import_info_check_export_kapture(maupertuis, tmp_path):
+    assert run("import", "kapture", maupertuis, tmp_path / "ds").exit_code == 0
+    r = run("info", tmp_path / "ds")
+    assert r.exit_code == 0 and "SIFT" in r.output
+    assert run("check", tmp_path / "ds").exit_code == 0
+    assert run("export", "kapture", tmp_path / "ds", tmp_path / "out", "--all").exit_code == 0
+    for p in (maupertuis / "reconstruction").rglob("*"):
+        if p.is_file():
+            assert p.read_bytes() == (tmp_path / "out" / p.relative_to(maupertuis)).read_bytes()
+
+
+@pytest.mark.slow
+def test_colmap_hloc_vlnet_commands(sceaux, tmp_path):
+    mapping = sceaux / "mapping"
+    assert run("export", "colmap", mapping, tmp_path / "model", "--binary").exit_code == 0
+    assert run("import", "colmap", tmp_path / "model", tmp_path / "ds", "--image-dir",
+               mapping / "sensors/records_data").exit_code == 0
+    assert run("check", tmp_path / "ds").exit_code == 0
+    assert run("export", "vlnet", tmp_path / "ds", "-o", tmp_path / "poses.txt").exit_code == 0
+    assert len((tmp_path / "poses.txt").read_text().splitlines()) == 8
+    r = run("import", "hloc", tmp_path / "ds")
+    assert r.exit_code == 2  # neither --features nor --matches
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).with_name("cbir")
+    if not exe.exists():
+        pytest.skip("not installed as a console script in this environment")
+    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, env=dict(os.environ))
+    assert out.returncode == 0 and __version__ in out.stdout
