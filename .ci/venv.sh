@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment and install cbir into it.
+# Usage: source .ci/venv.sh [EXTRAS]     e.g. `source .ci/venv.sh '[test]'`
+# torch is installed first from `torch==2.13.0`, so that no CUDA build is pulled in.
+set -euo pipefail
+CBIR_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CBIR_VENV="${CBIR_VENV:-$CBIR_ROOT/.venv}"
+extras="${1:-}"
+if [ ! -x "$CBIR_VENV/bin/python" ]; then
+  python3 -m venv "$CBIR_VENV"
+fi
+stamp="$CBIR_VENV/.cbir-installed${extras}"
+if [ ! -f "$stamp" ] || [ "$CBIR_ROOT/pyproject.toml" -nt "$stamp" ]; then
+  echo "installing cbir${extras} into $CBIR_VENV" >&2
+  "$CBIR_VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+  "$CBIR_VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0"
+  "$CBIR_VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$CBIR_ROOT${extras}"
+  touch "$stamp"
+fi
+export PATH="$CBIR_VENV/bin:$PATH"
