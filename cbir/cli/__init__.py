@@ -10,6 +10,7 @@ from .. import __version__
 from ..errors import CbirError
 from ._common import console_err
 from .dataset_cmds import check, info
+from .features_cmds import extract, match, pairs_group, show_group
 from .interchange_cmds import export_group, import_group
 
 
@@ -43,6 +44,10 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
     ctx.obj.update(debug=debug, quiet=quiet)
 
 
+main.add_command(extract)
+main.add_command(pairs_group)
+main.add_command(match)
+main.add_command(show_group)
 main.add_command(info)
 main.add_command(check)
 main.add_command(import_group)

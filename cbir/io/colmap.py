@@ -104,6 +104,16 @@ def write_keypoints_store(rec: pycolmap.Reconstruction, out: Path, name: str, *,
     return len(rec.images)
 
 
+def pycolmap_camera(cam: Camera, camera_id: int = 1) -> pycolmap.Camera:
+    """The pycolmap camera of a kapture camera (same model names and parameter order)."""
+    if cam.model not in CAMERA_MODELS:
+        raise CbirError(f"camera {cam.name or camera_id!r} has model {cam.model}, which COLMAP cannot represent")
+    camera = pycolmap.Camera(model=cam.model, width=cam.width, height=cam.height, params=list(cam.params),
+                             camera_id=camera_id)
+    camera.has_prior_focal_length = True  # kapture intrinsics are calibrations, not guesses
+    return camera
+
+
 def sensors_to_reconstruction(data: SensorData, *, point_map: PointMap | None = None,
                               keypoints: dict[str, np.ndarray] | None = None) -> pycolmap.Reconstruction:
     """A COLMAP model of the posed images (images without a pose are left out).
@@ -116,9 +126,7 @@ def sensors_to_reconstruction(data: SensorData, *, point_map: PointMap | None = 
         if cam.model not in CAMERA_MODELS:
             raise CbirError(f"camera {sid!r} has model {cam.model}, which COLMAP cannot represent")
         camera_ids[sid] = len(camera_ids) + 1
-        rec.add_camera_with_trivial_rig(pycolmap.Camera(
-            model=cam.model, width=cam.width, height=cam.height, params=list(cam.params),
-            camera_id=camera_ids[sid]))
+        rec.add_camera_with_trivial_rig(pycolmap_camera(cam, camera_ids[sid]))
     poses = data.image_poses()
     image_ids: dict[str, int] = {}
     for r in sorted(data.records, key=lambda r: (r.timestamp, r.camera_id)):

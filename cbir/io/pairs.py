@@ -71,3 +71,12 @@ def write_pairs(path: str | os.PathLike, pairs: list[Pair]) -> None:
         sys.stdout.flush()
     else:
         atomic_write_text(path, text)
+
+
+def exhaustive_pairs(queries: list[str], database: list[str] | None = None) -> list[Pair]:
+    """Every (query, database image) pair; without ``database``, every unordered pair of
+    ``queries`` once (map x map)."""
+    if database is None:
+        names = sorted(queries)
+        return [Pair(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    return [Pair(q, m) for q in sorted(queries) for m in sorted(database)]

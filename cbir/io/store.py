@@ -16,6 +16,7 @@ the batch in flight; a re-run resumes from the batches already written.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -120,10 +121,12 @@ class Store:
             self._file = h5py.File(self.path, "r")
         except OSError:
             raise FormatError("not a readable HDF5 file (truncated or corrupt?)", self.path) from None
+        self._views: dict[str, np.ndarray] = {}
+        self._mmap: mmap.mmap | None = None
         try:
             self._init(expected_kind)
         except BaseException:
-            self._file.close()
+            self.close()
             raise
 
     def _init(self, expected_kind: str | None) -> None:
@@ -164,10 +167,31 @@ class Store:
             if self._offsets.shape != (n + 1,):
                 raise FormatError(f"'offsets' has shape {self._offsets.shape}, expected ({n + 1},)", self.path)
         self._n = n
+        self._map_columns()
         self._keys: list[Key] | None = None
         self._index: dict[Key, int] | None = None
 
+    def _map_columns(self) -> None:
+        """Memory-map the contiguous numeric columns: one item is then a copy out of the
+        page cache (microseconds) instead of an HDF5 selection. Columns HDF5 stores otherwise
+        (chunked, compressed, or past the end of a truncated file) are read through h5py."""
+        size = self.path.stat().st_size
+        for name in self.schema.columns:
+            ds = self._datasets.get(name)
+            if ds is None or ds.size == 0 or ds.dtype.kind not in "biuf":
+                continue
+            offset = ds.id.get_offset()
+            if offset is None or offset + ds.nbytes > size:
+                continue
+            if self._mmap is None:
+                with open(self.path, "rb") as fh:
+                    self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            self._views[name] = np.frombuffer(self._mmap, ds.dtype, ds.size, offset).reshape(ds.shape)
+
     def _read(self, name: str, sel: Any = ()) -> np.ndarray:
+        view = self._views.get(name)
+        if view is not None:
+            return np.array(view[sel])
         try:
             return self._datasets[name][sel]
         except (OSError, RuntimeError, KeyError) as e:
@@ -276,6 +300,10 @@ class Store:
             start = stop
 
     def close(self) -> None:
+        self._views = {}
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
         if self._file.id.valid:
             self._file.close()
 

@@ -1,0 +1,215 @@
+"""``cbir extract``, ``cbir pairs``, ``cbir match`` and ``cbir show``."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .. import extract as extract_mod
+from ..errors import CbirError
+from ..io.pairs import exhaustive_pairs, read_pairs, write_pairs
+from ..matching import MatcherConf, VerifyConf
+from ..matching import match as match_mod
+from ..models import LOCAL_EXTRACTORS
+from ._common import (console_err, dataset_argument, follow_symlinks_option, is_quiet, open_dataset, print_json,
+                      report_written)
+
+device_option = click.option("--device", default="auto", show_default=True,
+                             help="cpu, cuda, cuda:N, or auto (cuda when present).")
+workers_option = click.option("--num-workers", type=click.IntRange(0), default=2, show_default=True,
+                              help="Threads for image decoding / verification.")
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an output of another configuration.")
+
+
+@contextmanager
+def progress_bar(description: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
+    """A rich bar on stderr; ``update(advance, total)``."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console_err(), disable=quiet, transient=False) as progress:
+        task = progress.add_task(description, total=None)
+
+        def update(advance: int, total: int) -> None:
+            progress.update(task, advance=advance, total=total)
+
+        yield update
+
+
+def parse_conf(items: tuple[str, ...]) -> dict[str, Any]:
+    """``key=value`` options; values are JSON when they parse as JSON, strings otherwise."""
+    conf: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected key=value, got {item!r}", param_hint="--conf")
+        try:
+            conf[key] = json.loads(value)
+        except json.JSONDecodeError:
+            conf[key] = value
+    return conf
+
+
+@click.command()
+@dataset_argument()
+@click.option("--local", "local", required=True, type=click.Choice(sorted(LOCAL_EXTRACTORS)),
+              help="Local feature extractor.")
+@click.option("--weights", type=click.Path(exists=True, path_type=Path),
+              help="Weight file, or a directory holding it (also searched: $CBIR_WEIGHTS, ~/.cache/cbir/weights).")
+@click.option("--name", help="Store name (default: the extractor, or the weight file's name).")
+@click.option("--max-keypoints", type=click.IntRange(0), help="Keep the N best keypoints (0: all).")
+@click.option("--max-size", type=click.IntRange(1), help="Longest image edge processed.")
+@click.option("--conf", "conf_items", multiple=True, metavar="KEY=VALUE", help="Any other extractor option.")
+@click.option("--images", "image_list", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Only the images named in this file (one per line).")
+@device_option
+@workers_option
+@overwrite_option
+@follow_symlinks_option
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@click.pass_context
+def extract(ctx: click.Context, dataset: Path, local: str, weights: Path | None, name: str | None,
+            max_keypoints: int | None, max_size: int | None, conf_items: tuple[str, ...], image_list: Path | None,
+            device: str, num_workers: int, overwrite: bool, follow_symlinks: bool, as_json: bool) -> None:
+    """Extract local features of the images of DATASET into DATASET/cbir/local/NAME.h5.
+
+    Resumes where an interrupted run stopped; unreadable images are skipped and reported.
+    """
+    cls = LOCAL_EXTRACTORS[local]
+    conf = parse_conf(conf_items)
+    for key, value in (("max_keypoints", max_keypoints), ("max_size", max_size)):
+        if value is not None:
+            conf[key] = value
+    if "device" in cls.default_conf:
+        conf["device"] = device
+    if weights is not None:
+        if "weights" not in cls.default_conf:
+            raise CbirError(f"{local} uses no weights: drop --weights")
+        if weights.is_dir():
+            conf["weights_dir"] = str(weights)
+        else:
+            conf["weights"] = str(weights)
+    extractor = extract_mod.build_extractor(local, conf)
+    ds = open_dataset(dataset, follow_symlinks)
+    images = extract_mod.read_image_list(image_list, ds.sensors.image_names()) if image_list else None
+    quiet = is_quiet(ctx)
+    with progress_bar(f"extract {local}", quiet or as_json) as update:
+        report = extract_mod.main(extractor, ds, store_name=name, images=images, overwrite=overwrite,
+                                  num_workers=num_workers, progress=update)
+    for image, reason in report.failed:
+        console_err().print(f"[yellow]skipped[/] {image}: {reason}", highlight=False)
+    for image in report.empty:
+        console_err().print(f"[yellow]no keypoint[/] in {image}", highlight=False)
+    if as_json:
+        print_json({"store": str(report.path), "extracted": report.extracted,
+                    "already_present": report.already_present, "keypoints": report.keypoints,
+                    "failed": [{"image": i, "reason": r} for i, r in report.failed], "empty": report.empty})
+    elif not quiet:
+        mean = report.keypoints / report.extracted if report.extracted else 0
+        console_err().print(f"{report.extracted} images extracted ({mean:.0f} keypoints on average), "
+                            f"{report.already_present} already present, {len(report.failed)} skipped")
+    report_written([report.path], quiet or as_json)
+
+
+@click.group("pairs")
+def pairs_group() -> None:
+    """Make image pair lists (retrieval makes them too: ``cbir retrieve``)."""
+
+
+@pairs_group.command("exhaustive")
+@click.option("--map", "map_", required=True, type=click.Path(file_okay=False, path_type=Path), help="Map dataset.")
+@click.option("--query", type=click.Path(file_okay=False, path_type=Path),
+              help="Query dataset (default: map x map, each unordered pair once).")
+@click.option("-o", "--output", required=True, help="Pairs file, or - for stdout.")
+@click.pass_context
+def pairs_exhaustive(ctx: click.Context, map_: Path, query: Path | None, output: str) -> None:
+    """Every query x map pair (or every map x map pair)."""
+    m = open_dataset(map_).sensors.image_names()
+    pairs = exhaustive_pairs(open_dataset(query).sensors.image_names(), m) if query else exhaustive_pairs(m)
+    write_pairs(output, pairs)
+    if output != "-":
+        report_written([Path(output)], is_quiet(ctx))
+
+
+@click.command()
+@click.option("--query", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Query dataset (the matches store is written there).")
+@click.option("--map", "map_", type=click.Path(file_okay=False, path_type=Path),
+              help="Map dataset (default: the query dataset, for map x map pairs).")
+@click.option("--pairs", "pairs_file", required=True, help="Pairs file (query_image, map_image[, score]), or -.")
+@click.option("--local", "local", required=True, help="Name of the local-feature store in both datasets.")
+@click.option("--name", help="Matches store name (default: LOCAL, or LOCAL-PAIRSNAME for a pairs file).")
+@click.option("--mutual/--no-mutual", default=True, show_default=True, help="Keep mutual nearest neighbours only.")
+@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True), help="Lowe's ratio test threshold.")
+@click.option("--max-distance", type=click.FloatRange(0, 2), help="Largest L2 distance of unit descriptors.")
+@click.option("--verify", is_flag=True, help="Geometric verification (pycolmap two-view geometry).")
+@click.option("--max-error", type=click.FloatRange(0, min_open=True), default=4.0, show_default=True,
+              help="RANSAC error bound (px).")
+@click.option("--confidence", type=click.FloatRange(0, 1), default=0.999, show_default=True)
+@click.option("--min-inliers", type=click.IntRange(0), default=15, show_default=True,
+              help="A pair with fewer inliers keeps none.")
+@device_option
+@workers_option
+@overwrite_option
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@click.pass_context
+def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, local: str, name: str | None,
+          mutual: bool, ratio: float | None, max_distance: float | None, verify: bool, max_error: float,
+          confidence: float, min_inliers: int, device: str, num_workers: int, overwrite: bool,
+          as_json: bool) -> None:
+    """Match the local features of the image pairs of a pairs file."""
+    q = open_dataset(query)
+    m = open_dataset(map_) if map_ else q
+    pairs = read_pairs(pairs_file)
+    if name is None:
+        name = local if pairs_file == "-" else f"{local}-{Path(pairs_file).stem}"
+    matcher = MatcherConf(mutual=mutual, ratio=ratio, max_distance=max_distance)
+    verify_conf = VerifyConf(max_error=max_error, confidence=confidence, min_inliers=min_inliers) if verify else None
+    quiet = is_quiet(ctx)
+    with progress_bar("match", quiet or as_json) as update:
+        report = match_mod.main(q, m, pairs, local, name=name, matcher=matcher, verify=verify_conf, device=device,
+                                overwrite=overwrite, num_workers=num_workers, progress=update)
+    for pair, reason in report.missing_features:
+        console_err().print(f"[yellow]skipped pair[/] {pair}: {reason}", highlight=False)
+    if as_json:
+        print_json({"store": str(report.path), "matched": report.matched, "already_present": report.already_present,
+                    "matches": report.matches, "inliers": report.inliers, "duplicates": report.duplicates,
+                    "skipped": [{"pair": p, "reason": r} for p, r in report.missing_features]})
+    elif not quiet:
+        per = report.matches / report.matched if report.matched else 0
+        msg = f"{report.matched} pairs matched ({per:.0f} matches on average"
+        if verify:
+            msg += f", {report.inliers / report.matched if report.matched else 0:.0f} verified"
+        console_err().print(msg + f"), {report.already_present} already present, "
+                            f"{len(report.missing_features)} skipped, {report.duplicates} duplicates")
+    report_written([report.path], quiet or as_json)
+
+
+@click.group("show")
+def show_group() -> None:
+    """Pictures for a person to check the data."""
+
+
+@show_group.command("matches")
+@dataset_argument()
+@click.option("--pair", nargs=2, required=True, metavar="IMAGE0 IMAGE1", help="The pair to draw.")
+@click.option("--matches", "matches_name", help="Matches store (default: the only one in DATASET).")
+@click.option("--map", "map_", type=click.Path(file_okay=False, path_type=Path),
+              help="Map dataset of IMAGE1 (query x map matches).")
+@click.option("--inliers-only", is_flag=True, help="Draw verified matches only.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG file.")
+@click.pass_context
+def show_matches(ctx: click.Context, dataset: Path, pair: tuple[str, str], matches_name: str | None,
+                 map_: Path | None, inliers_only: bool, output: Path) -> None:
+    """Draw the matches of one pair of DATASET: inliers green, outliers red."""
+    from ..matching.draw import draw_pair_matches
+
+    q = open_dataset(dataset)
+    stats = draw_pair_matches(q, open_dataset(map_) if map_ else q, pair, output, matches_name=matches_name,
+                              inliers_only=inliers_only)
+    if not is_quiet(ctx):
+        console_err().print(f"{stats['matches']} matches, {stats['inliers']} inliers", highlight=False)
+    report_written([output], is_quiet(ctx))

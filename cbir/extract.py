@@ -1,0 +1,130 @@
+"""Run a local-feature extractor over a dataset into a store (``cbir extract``).
+
+Images are decoded ahead in a small thread pool (OpenCV releases the GIL) while the
+extractor works on the current one; results are appended to the store in batches, so
+an interrupted run resumes where it stopped and memory stays bounded by the prefetch
+window and one batch. Unreadable images are reported and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from .errors import CbirError
+from .io.dataset import Dataset
+from .io.images import LoadedImage, read_image
+from .io.store import StoreWriter
+from .models import LOCAL_EXTRACTORS, LocalExtractor
+
+
+@dataclass
+class ExtractReport:
+    path: Path
+    extracted: int = 0
+    already_present: int = 0
+    keypoints: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (image, reason)
+    empty: list[str] = field(default_factory=list)  # images with no keypoint
+
+
+def build_extractor(name: str, conf: dict[str, Any] | None = None) -> LocalExtractor:
+    if name not in LOCAL_EXTRACTORS:
+        raise CbirError(f"unknown local extractor {name!r} (known: {', '.join(sorted(LOCAL_EXTRACTORS))})")
+    return LOCAL_EXTRACTORS[name](conf)
+
+
+def read_image_list(path: str | Path, known: Iterable[str]) -> list[str]:
+    """Image names, one a line (``#`` comments allowed); each must be in the dataset."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise CbirError(f"cannot read image list: {e.strerror}", path) from None
+    known = set(known)
+    names = []
+    for i, line in enumerate(lines, 1):
+        name = line.split("#", 1)[0].strip()
+        if not name:
+            continue
+        if name not in known:
+            raise CbirError(f"image {name!r} is not in records_camera.txt", path, i)
+        names.append(name)
+    return names
+
+
+def _prefetch(load: Callable[[str], LoadedImage], names: list[str],
+              workers: int) -> Iterator[tuple[str, LoadedImage | CbirError]]:
+    """Yield (name, image or the error reading it) in order, decoding ``2 * workers`` ahead."""
+    def task(name: str) -> LoadedImage | CbirError:
+        try:
+            return load(name)
+        except CbirError as e:
+            return e
+
+    if workers <= 0:
+        for n in names:
+            yield n, task(n)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="cbir-decode") as pool:
+        window: deque[tuple[str, Future]] = deque()
+        it = iter(names)
+        for n in it:
+            window.append((n, pool.submit(task, n)))
+            if len(window) >= 2 * workers:
+                break
+        while window:
+            n, fut = window.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                window.append((nxt, pool.submit(task, nxt)))
+            yield n, fut.result()
+
+
+def main(extractor: LocalExtractor, dataset: Dataset, *, store_name: str | None = None,
+         images: list[str] | None = None, overwrite: bool = False, num_workers: int = 2,
+         progress: Callable[[int, int], None] | None = None) -> ExtractReport:
+    """Extract ``images`` (default: every image of records_camera.txt) of ``dataset``."""
+    store_name = store_name or extractor.default_store_name()
+    out = dataset.store_path("local", store_name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names = images if images is not None else sorted(dataset.sensors.image_names())
+    report = ExtractReport(out)
+    writer = StoreWriter(out, "local-features", extractor.store_attrs(store_name), overwrite=overwrite,
+                         batch_size=64)
+    with writer:
+        todo = [n for n in names if n not in writer]
+        report.already_present = len(names) - len(todo)
+        if progress:
+            progress(report.already_present, len(names))
+
+        def load(name: str) -> LoadedImage:
+            return read_image(dataset.image_path(name), grayscale=extractor.grayscale,
+                              max_size=extractor.loader_max_size)
+
+        for name, image in _prefetch(load, todo, num_workers):
+            if isinstance(image, CbirError):
+                report.failed.append((name, image.message))
+            else:
+                feats = extractor.extract(image)
+                _check_features(feats, name)
+                n = len(feats["keypoints"])
+                if n == 0:
+                    report.empty.append(name)
+                writer.add(name, image_sizes=np.array(image.original_size, np.int32), **feats)
+                report.extracted += 1
+                report.keypoints += n
+            if progress:
+                progress(1, len(names))
+    return report
+
+
+def _check_features(feats: dict[str, np.ndarray], name: str) -> None:
+    for key in ("keypoints", "descriptors"):
+        if not np.isfinite(feats[key]).all():
+            raise CbirError(f"the extractor produced non-finite {key} for image {name!r}")

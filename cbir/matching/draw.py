@@ -1,0 +1,78 @@
+"""Draw one pair's matches side by side (``cbir show matches``), with OpenCV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..errors import CbirError
+from ..io.atomic import atomic_output
+from ..io.dataset import Dataset
+from ..io.images import read_image
+from ..io.store import open_store
+
+INLIER = (40, 200, 40)  # BGR
+OUTLIER = (40, 40, 220)
+UNVERIFIED = (220, 160, 40)
+
+
+def _only_store(dataset: Dataset, kind: str) -> str:
+    stores = dataset.list_stores()[kind]
+    if len(stores) != 1:
+        found = ", ".join(p.stem for p in stores) or "none"
+        raise CbirError(f"name the {kind} store to use (found: {found})", dataset.root)
+    return stores[0].stem
+
+
+def draw_pair_matches(query: Dataset, map_: Dataset, pair: tuple[str, str], out: Path, *,
+                      matches_name: str | None = None, inliers_only: bool = False,
+                      max_edge: int = 1200) -> dict[str, int]:
+    """Write a PNG of ``pair``'s matches; returns the counts drawn."""
+    name = matches_name or _only_store(query, "matches")
+    with open_store(query.store_path("matches", name), "matches") as store:
+        key = tuple(pair)
+        swapped = False
+        if key not in store and key[::-1] in store:
+            key, swapped = key[::-1], True
+        if key not in store:
+            raise CbirError(f"pair {pair[0]!r} {pair[1]!r} is not in the matches store", store.path)
+        item = store.get(key)
+        local = store.attrs.get("local_features") or store.config.get("local_features")
+    matches = item["matches"][:, ::-1] if swapped else item["matches"]
+    inliers = item.get("inliers")
+    kps = []
+    for ds, image in zip((query, map_ if not swapped else query), pair):
+        with open_store(ds.store_path("local", local), "local-features") as s:
+            if image not in s:
+                raise CbirError(f"image {image!r} has no features", s.path)
+            kps.append(s.get(image, ["keypoints"])["keypoints"])
+    images = [read_image(query.image_path(pair[0])), read_image((map_ if not swapped else query).image_path(pair[1]))]
+    scales = [min(1.0, max_edge / max(im.size)) for im in images]
+    tiles = [cv2.resize(cv2.cvtColor(im.array, cv2.COLOR_RGB2BGR), None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+             for im, s in zip(images, scales)]
+    h = max(t.shape[0] for t in tiles)
+    canvas = np.zeros((h, tiles[0].shape[1] + tiles[1].shape[1], 3), np.uint8)
+    canvas[:tiles[0].shape[0], :tiles[0].shape[1]] = tiles[0]
+    canvas[:tiles[1].shape[0], tiles[0].shape[1]:] = tiles[1]
+    p0 = (kps[0][matches[:, 0]] + 0.5) * scales[0] - 0.5
+    p1 = (kps[1][matches[:, 1]] + 0.5) * scales[1] - 0.5
+    p1[:, 0] += tiles[0].shape[1]
+    keep = inliers if (inliers_only and inliers is not None) else np.ones(len(matches), bool)
+    for i in np.flatnonzero(keep):
+        color = UNVERIFIED if inliers is None else (INLIER if inliers[i] else OUTLIER)
+        a = tuple(int(round(v)) for v in p0[i])
+        b = tuple(int(round(v)) for v in p1[i])
+        cv2.line(canvas, a, b, color, 1, cv2.LINE_AA)
+        cv2.circle(canvas, a, 2, color, -1, cv2.LINE_AA)
+        cv2.circle(canvas, b, 2, color, -1, cv2.LINE_AA)
+    n_in = int(inliers.sum()) if inliers is not None else 0
+    label = f"{len(matches)} matches" + (f", {n_in} inliers" if inliers is not None else "")
+    cv2.putText(canvas, label, (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.9, (255, 255, 255), 2, cv2.LINE_AA)
+    ok, png = cv2.imencode(".png", canvas)
+    if not ok:
+        raise CbirError("cannot encode the picture", out)
+    with atomic_output(out) as tmp:
+        Path(tmp).write_bytes(png.tobytes())
+    return {"matches": len(matches), "inliers": n_in}

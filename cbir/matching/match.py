@@ -1,0 +1,179 @@
+"""Match the local features of a list of image pairs into a matches store (``cbir match``).
+
+Pairs are ``(query image, map image)``: the query's features come from the query
+dataset, the map image's from the map dataset (the same dataset for map x map pairs).
+The store is written in the query dataset, ``cbir/matches/<name>.h5``. Pairs already
+in the store are skipped (resume); pairs whose images lack features are reported.
+Verification (optional) runs in a thread pool while the next pairs are matched.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from contextlib import nullcontext
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..errors import CbirError
+from ..io.dataset import Dataset
+from ..io.pairs import Pair
+from ..io.store import Store, StoreWriter, open_store
+from .nearest_neighbor import MatcherConf, as_unit_tensor, match_descriptors
+from .verify import Verified, VerifyConf, verification_camera, verify_pair
+
+
+@dataclass
+class MatchReport:
+    path: Path
+    matched: int = 0
+    already_present: int = 0
+    matches: int = 0
+    inliers: int = 0
+    missing_features: list[tuple[str, str]] = field(default_factory=list)  # (pair "a b", reason)
+    duplicates: int = 0
+
+
+class FeatureCache:
+    """Keypoints and unit descriptors (on the matching device) of recently used images."""
+
+    def __init__(self, store: Store, device: torch.device, capacity: int = 256):
+        self.store, self.device, self.capacity = store, device, capacity
+        self._items: OrderedDict[str, tuple[np.ndarray, torch.Tensor, tuple[int, int] | None]] = OrderedDict()
+
+    def get(self, name: str) -> tuple[np.ndarray, torch.Tensor, tuple[int, int] | None]:
+        if name in self._items:
+            self._items.move_to_end(name)
+            return self._items[name]
+        cols = ["keypoints", "descriptors"] + (["image_sizes"] if "image_sizes" in self.store.columns else [])
+        item = self.store.get(name, cols)
+        size = tuple(int(v) for v in item["image_sizes"]) if "image_sizes" in item else None
+        value = (item["keypoints"], as_unit_tensor(item["descriptors"], self.device), size)
+        self._items[name] = value
+        if len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        return value
+
+
+def check_compatible(a: Store, b: Store) -> None:
+    """Two local-feature stores can be matched: same extractor configuration and dimension."""
+    ca, cb = a.config.get("extractor"), b.config.get("extractor")
+    if a.attrs.get("descriptor_dim") != b.attrs.get("descriptor_dim"):
+        raise CbirError(f"descriptor dimensions differ: {a.attrs.get('descriptor_dim')} here, "
+                        f"{b.attrs.get('descriptor_dim')} in {b.path}", a.path)
+    if a.config != b.config:
+        raise CbirError(f"features of another extractor configuration than {b.path} "
+                        f"({ca!r} vs {cb!r}): extract both datasets with the same options", a.path)
+
+
+def plan_pairs(pairs: list[Pair], same_dataset: bool) -> tuple[list[tuple[str, str]], int, list[tuple[str, str]]]:
+    """Unique pairs (an unordered pair once within one dataset), self-pairs dropped."""
+    seen: set[tuple[str, str]] = set()
+    out, self_pairs, duplicates = [], [], 0
+    for p in pairs:
+        key = (p.query, p.map)
+        if same_dataset and p.query == p.map:
+            self_pairs.append(key)
+            continue
+        canon = tuple(sorted(key)) if same_dataset else key
+        if canon in seen:
+            duplicates += 1
+            continue
+        seen.add(canon)
+        out.append(key)
+    out.sort()  # consecutive pairs share their first image: it stays in the cache
+    return out, duplicates, self_pairs
+
+
+def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: str | None = None,
+         matcher: MatcherConf = MatcherConf(), verify: VerifyConf | None = None, device: str = "auto",
+         overwrite: bool = False, num_workers: int = 2,
+         progress: Callable[[int, int], None] | None = None) -> MatchReport:
+    from ..models.base import resolve_device
+
+    dev = resolve_device(device)
+    name = name or local
+    same = query.root.resolve() == map_.root.resolve()
+    todo, duplicates, self_pairs = plan_pairs(pairs, same)
+    out = query.store_path("matches", name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = MatchReport(out, duplicates=duplicates)
+    report.missing_features += [(f"{a} {b}", "an image paired with itself") for a, b in self_pairs]
+    with open_store(query.store_path("local", local), "local-features") as qstore, \
+            (open_store(map_.store_path("local", local), "local-features") if not same else nullcontext(qstore)) as mstore:
+        check_compatible(qstore, mstore)
+        config: dict[str, Any] = {"local_features": local, "features_config": qstore.config,
+                                  "matcher": asdict(matcher), "verify": asdict(verify) if verify else None}
+        config["matcher"].pop("block_elements")
+        attrs = {"name": name, "config": config, "local_features": local}
+        qcache, mcache = FeatureCache(qstore, dev), FeatureCache(mstore, dev) if not same else None
+        mcache = mcache or qcache
+        cameras = _Cameras() if verify else None
+        with StoreWriter(out, "matches", attrs, overwrite=overwrite) as writer, \
+                ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="cbir-verify") as pool:
+            pending: list[tuple[tuple[str, str], np.ndarray, np.ndarray, Future | None]] = []
+            for a, b in todo:
+                if (a, b) in writer:
+                    report.already_present += 1
+                    if progress:
+                        progress(1, len(todo))
+                    continue
+                missing = [f"{n} has no features in {s.path}" for n, s in ((a, qstore), (b, mstore)) if n not in s]
+                if missing:
+                    report.missing_features.append((f"{a} {b}", "; ".join(missing)))
+                    if progress:
+                        progress(1, len(todo))
+                    continue
+                kp0, d0, size0 = qcache.get(a)
+                kp1, d1, size1 = mcache.get(b)
+                m, s = match_descriptors(d0, d1, matcher)
+                fut = None
+                if verify is not None:
+                    cam0 = cameras.get(query, a, size0)
+                    cam1 = cameras.get(map_, b, size1)
+                    fut = pool.submit(verify_pair, cam0, kp0, cam1, kp1, m, verify)
+                pending.append(((a, b), m, s, fut))
+                if len(pending) >= 4 * max(1, num_workers):
+                    _drain(pending, writer, report, progress, len(todo))
+            _drain(pending, writer, report, progress, len(todo))
+    return report
+
+
+def _drain(pending: list, writer: StoreWriter, report: MatchReport,
+           progress: Callable[[int, int], None] | None, total: int) -> None:
+    for key, m, s, fut in pending:
+        cols: dict[str, np.ndarray] = {"matches": m, "scores": s}
+        if fut is not None:
+            v: Verified = fut.result()
+            cols.update(inliers=v.inliers, geometry_config=np.int8(v.config), F=v.F, E=v.E, H=v.H)
+            report.inliers += int(v.inliers.sum())
+        writer.add(key, **cols)
+        report.matched += 1
+        report.matches += len(m)
+        if progress:
+            progress(1, total)
+    pending.clear()
+
+
+class _Cameras:
+    """pycolmap cameras, built once per (dataset, camera, image size)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, str, tuple | None], Any] = {}
+        self._records: dict[str, dict] = {}
+
+    def get(self, dataset: Dataset, image: str, size: tuple[int, int] | None):
+        root = str(dataset.root)
+        if root not in self._records:
+            self._records[root] = dataset.sensors.record_by_name()
+        camera_id = self._records[root][image].camera_id
+        key = (root, camera_id, size)
+        if key not in self._cache:
+            cam = dataset.sensors.cameras[camera_id]
+            w, h = size if size else (cam.width, cam.height)
+            self._cache[key] = verification_camera(cam, w, h)
+        return self._cache[key]

@@ -1,0 +1,114 @@
+"""The extractor registry: a name, a default configuration, and one call per image.
+
+As in hloc, configuration is data: an extractor is built from a dict merged over its
+``default_conf``; the merged configuration (less run-time keys such as the device) is
+stored in the output file, so a store always says how it was made, and a re-run with
+another configuration is refused instead of mixing outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..errors import CbirError
+from ..io.images import LoadedImage
+
+LOCAL_EXTRACTORS: dict[str, type["LocalExtractor"]] = {}
+
+
+def register(cls: type["LocalExtractor"]) -> type["LocalExtractor"]:
+    LOCAL_EXTRACTORS[cls.name] = cls
+    return cls
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU; asking for CUDA without one is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CbirError(f"device {device!r} requested but torch sees no CUDA device")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise CbirError(f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)") from None
+
+
+def weights_search_path() -> list[Path]:
+    """Where weight files are looked up by name: $CBIR_WEIGHTS (os.pathsep-separated), then
+    ~/.cache/cbir/weights. Nothing is ever downloaded."""
+    dirs = [Path(d) for d in os.environ.get("CBIR_WEIGHTS", "").split(os.pathsep) if d]
+    return dirs + [Path.home() / ".cache" / "cbir" / "weights"]
+
+
+def find_weights(weights: str | os.PathLike, source: str, directory: str | os.PathLike | None = None) -> Path:
+    """Resolve a weight file: a path as given, else its name in ``directory`` and the search path."""
+    path = Path(weights)
+    if path.is_file():
+        return path
+    candidates = ([Path(directory)] if directory else []) + weights_search_path()
+    for d in candidates:
+        if (d / path.name).is_file():
+            return d / path.name
+    raise CbirError(f"weight file {path.name!r} not found (looked in {', '.join(str(d) for d in candidates)}); "
+                    f"it is published at {source}: download it and pass --weights FILE_OR_DIR")
+
+
+class LocalExtractor:
+    """Keypoints and descriptors of one image.
+
+    Subclasses set ``name``, ``default_conf``, ``descriptor_dim``, ``descriptor_dtype``,
+    ``keypoint_params`` (layout of the extra per-keypoint column) and ``grayscale``, and
+    implement :meth:`extract`. ``conf["max_size"]`` (when the extractor resizes before
+    extraction) is applied by the image loader, which also maps keypoints back.
+    """
+
+    name: ClassVar[str]
+    default_conf: ClassVar[dict[str, Any]] = {}
+    grayscale: ClassVar[bool] = False
+    keypoint_params: ClassVar[str] = ""
+    descriptor_dtype: ClassVar[str] = "float32"
+    runtime_keys: ClassVar[tuple[str, ...]] = ()
+    #: resize with the image loader before extraction (None: the extractor handles sizes itself)
+    loader_max_size_key: ClassVar[str | None] = None
+    descriptor_dim: int
+
+    def __init__(self, conf: dict[str, Any] | None = None):
+        conf = dict(conf or {})
+        unknown = set(conf) - set(self.default_conf)
+        if unknown:
+            raise CbirError(f"unknown option(s) for {self.name}: {', '.join(sorted(unknown))} "
+                            f"(known: {', '.join(self.default_conf)})")
+        self.conf = {**self.default_conf, **conf}
+
+    def default_store_name(self) -> str:
+        return self.name
+
+    def identity(self) -> dict[str, Any]:
+        """The configuration that determines the output (stored in the file)."""
+        return {k: v for k, v in self.conf.items() if k not in self.runtime_keys}
+
+    @property
+    def loader_max_size(self) -> int | None:
+        return self.conf.get(self.loader_max_size_key) if self.loader_max_size_key else None
+
+    def store_attrs(self, store_name: str) -> dict[str, Any]:
+        return {"name": store_name, "config": {"extractor": self.name, **self.identity()},
+                "descriptor_dim": int(self.descriptor_dim), "descriptor_dtype": self.descriptor_dtype,
+                "keypoint_params": self.keypoint_params}
+
+    def empty(self) -> dict[str, np.ndarray]:
+        n_params = len(self.keypoint_params.split(",")) if self.keypoint_params else 0
+        out = {"keypoints": np.zeros((0, 2), np.float32),
+               "descriptors": np.zeros((0, self.descriptor_dim), self.descriptor_dtype),
+               "scores": np.zeros((0,), np.float32)}
+        if n_params:
+            out["keypoint_params"] = np.zeros((0, n_params), np.float32)
+        return out
+
+    def extract(self, image: LoadedImage) -> dict[str, np.ndarray]:
+        raise NotImplementedError
