@@ -28,9 +28,9 @@ overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an ou
 
 @contextmanager
 def progress_bar(description: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
-    """A rich bar on stderr; ``update(advance, total)``."""
+    """A rich bar on a terminal (nothing in logs and CI); ``update(advance, total)``."""
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console_err(), disable=quiet, transient=False) as progress:
+                  console=console_err(), disable=quiet or not console_err().is_terminal) as progress:
         task = progress.add_task(description, total=None)
 
         def update(advance: int, total: int) -> None:

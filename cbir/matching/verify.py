@@ -80,8 +80,8 @@ def verify_pair(cam0: pycolmap.Camera, kp0: np.ndarray, cam1: pycolmap.Camera, k
     p0 = np.asarray(kp0, np.float64)[matches[:, 0], :2] + COLMAP_PIXEL_OFFSET
     p1 = np.asarray(kp1, np.float64)[matches[:, 1], :2] + COLMAP_PIXEL_OFFSET
     idx = np.arange(m, dtype=np.uint32)
-    geom = pycolmap.estimate_calibrated_two_view_geometry(cam0, p0, cam1, p1, np.stack([idx, idx], 1),
-                                                          conf.options())
+    geom = pycolmap.estimate_two_view_geometry(cam0, p0, cam1, p1, np.stack([idx, idx], 1),
+                                               conf.options())
     inliers = np.zeros(m, bool)
     found = np.asarray(geom.inlier_matches)
     if found.size and len(found) >= conf.min_inliers:

@@ -19,6 +19,7 @@ thresholds; keypoint ``(x, y) * (W / w, H / h)`` in the original image, scale
 from __future__ import annotations
 
 import ast
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -141,8 +142,8 @@ def load_r2d2(path: str | Path) -> QuadL2Net:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
         spec = ckpt["net"]
-    except (RuntimeError, KeyError, TypeError, EOFError, OSError) as e:
-        raise CbirError(f"not an official R2D2 checkpoint ({type(e).__name__}: {e})", path) from None
+    except (RuntimeError, KeyError, TypeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise CbirError(f"not an official R2D2 checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", path) from None
     net = QuadL2Net(**parse_net_spec(spec, path))
     try:
         net.load_state_dict(state, strict=True)
