@@ -34,7 +34,7 @@ def numpy_mutual_nn(d0, d1, ratio=None, max_distance=None):
 
 
 @pytest.mark.parametrize("ratio,max_distance", [(None, None), (0.9, None), (None, 1.2), (0.8, 1.0)])
-@pytest.mark.parametrize("block", [1 << 25, 300])  # one block, and many blocks of a few rows
+@pytest.mark.parametrize("block", [(4096, 4096), (7, 64), (3, 5)])  # one tile, many tiles, tiny tiles
 def test_matches_equal_the_numpy_reference(ratio, max_distance, block):
     rng = np.random.default_rng(1)
     base = unit(rng, 400)
@@ -42,7 +42,8 @@ def test_matches_equal_the_numpy_reference(ratio, max_distance, block):
     d1 = np.concatenate([base[::-1], unit(rng, 150)])  # 400 true matches and 150 distractors
     d0 /= np.linalg.norm(d0, axis=1, keepdims=True)
     m, s = match_descriptors(torch.from_numpy(d0), torch.from_numpy(d1),
-                             MatcherConf(ratio=ratio, max_distance=max_distance, block_elements=block))
+                             MatcherConf(ratio=ratio, max_distance=max_distance, block_rows=block[0],
+                                                         block_cols=block[1]))
     rm, rs = numpy_mutual_nn(d0, d1, ratio, max_distance)
     assert m.dtype == np.int32 and s.dtype == np.float32
     np.testing.assert_array_equal(m, rm)

@@ -108,7 +108,8 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
         check_compatible(qstore, mstore)
         config: dict[str, Any] = {"local_features": local, "features_config": qstore.config,
                                   "matcher": asdict(matcher), "verify": asdict(verify) if verify else None}
-        config["matcher"].pop("block_elements")
+        for key in ("block_rows", "block_cols"):  # speed only, not the result
+            config["matcher"].pop(key)
         attrs = {"name": name, "config": config, "local_features": local}
         qcache, mcache = FeatureCache(qstore, dev), FeatureCache(mstore, dev) if not same else None
         mcache = mcache or qcache

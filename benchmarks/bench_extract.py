@@ -1,0 +1,99 @@
+"""Local-feature extraction throughput: SIFT, R2D2 (cbir), and the official naver/r2d2 code
+on the same weights and images, in one script.
+
+Each variant runs in its own subprocess, so its peak memory (ru_maxrss) is its own.
+The official code is imported from a checkout of github.com/naver/r2d2 (``--official-repo``:
+extract.py, nets/, tools/common.py; torchvision is only needed for its image transform,
+which is the same ToTensor + Normalize that cbir computes, so it is supplied here), and
+run as its extract.py does: ``extract_multiscale`` then the top-k of the scores.
+
+    python benchmarks/bench_extract.py --shared ../shared --official-repo /path/to/r2d2 --images 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def image_paths(shared: Path, n: int) -> list[Path]:
+    return sorted((shared / "data" / "sceaux_castle" / "mapping" / "sensors" / "records_data").glob("*.jpg"))[:n]
+
+
+def run_variant(variant: str, args: argparse.Namespace) -> dict:
+    from cbir.io.images import read_image
+    from cbir.models.r2d2 import R2D2, normalize_image
+    from cbir.models.sift import SIFT
+
+    paths = image_paths(args.shared, args.images)
+    weights = args.shared / "weights" / "r2d2" / "r2d2_WASF_N16.pt"
+    top_k = 5000
+    if variant == "sift":
+        ex = SIFT({"max_size": 1024})
+        run = lambda p: len(ex.extract(read_image(p, grayscale=True, max_size=1024))["keypoints"])  # noqa: E731
+    elif variant == "r2d2":
+        ex = R2D2({"weights": str(weights), "max_keypoints": top_k, "device": "cpu"})
+        run = lambda p: len(ex.extract(read_image(p))["keypoints"])  # noqa: E731
+    else:
+        sys.path.insert(0, str(args.official_repo))
+        sys.modules["tools.dataloader"] = types.SimpleNamespace(norm_RGB=None)  # transform supplied below
+        import extract as official  # noqa: E402  (naver/r2d2 extract.py)
+
+        net = official.load_network(str(weights))
+        detector = official.NonMaxSuppression(rel_thr=0.7, rep_thr=0.7)
+
+        def run(p: Path) -> int:
+            img = normalize_image(read_image(p).array, torch.device("cpu"))
+            xys, desc, scores = official.extract_multiscale(net, img, detector, scale_f=2 ** 0.25, min_scale=0.0,
+                                                            max_scale=1, min_size=256, max_size=1024)
+            idxs = scores.cpu().numpy().argsort()[-top_k:]
+            return len(xys.cpu().numpy()[idxs])
+
+    run(paths[0])  # warm-up (allocator, oneDNN primitives), not timed
+    t = time.perf_counter()
+    keypoints = sum(run(p) for p in paths)
+    dt = time.perf_counter() - t
+    return {"variant": variant, "images": len(paths), "seconds": dt, "images_per_s": len(paths) / dt,
+            "keypoints_per_image": keypoints / len(paths),
+            "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
+    ap.add_argument("--official-repo", type=Path, help="checkout of github.com/naver/r2d2 (omit to skip)")
+    ap.add_argument("--images", type=int, default=2)
+    ap.add_argument("--variants", nargs="+", default=["sift", "r2d2", "official"])
+    ap.add_argument("--only", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.only:
+        print(json.dumps(run_variant(args.only, args)))
+        return
+    results = {}
+    for v in args.variants:
+        if v == "official" and not args.official_repo:
+            print("official: skipped (no --official-repo)")
+            continue
+        cmd = [sys.executable, __file__, "--only", v, "--shared", str(args.shared), "--images", str(args.images)]
+        if args.official_repo:
+            cmd += ["--official-repo", str(args.official_repo)]
+        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        results[v] = r
+        print(f"{v:9s} {r['images_per_s']:7.3f} images/s  {r['seconds'] / r['images']:7.2f} s/image  "
+              f"{r['keypoints_per_image']:7.0f} keypoints  peak RSS {r['peak_rss_MB']:6.0f} MB", flush=True)
+    if "r2d2" in results and "official" in results:
+        print(f"R2D2 speed-up over the official code: x{results['official']['seconds'] / results['r2d2']['seconds']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
