@@ -15,6 +15,12 @@ if [ ! -f "$stamp" ] || [ "$CBIR_ROOT/pyproject.toml" -nt "$stamp" ]; then
   "$CBIR_VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
   "$CBIR_VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0"
   "$CBIR_VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$CBIR_ROOT${extras}"
+  if [[ "$extras" == *test* ]]; then
+    # the peer whose late fusion the tests compare against; --no-deps: its fusion and pairing
+    # modules need only kapture and numpy, and its full requirements (cvxpy, numba,
+    # opencv-python) would clash with opencv-python-headless
+    "$CBIR_VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "kapture-localization==1.1.10"
+  fi
   touch "$stamp"
 fi
 export PATH="$CBIR_VENV/bin:$PATH"

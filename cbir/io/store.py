@@ -265,6 +265,22 @@ class Store:
                 out[name] = self._read(name, i)
         return out
 
+    def read_rows(self, column: str, rows: np.ndarray) -> np.ndarray:
+        """Rows of a per-item column in the given order, read through HDF5 (not the memory
+        map), so that streaming over a large store does not keep its pages resident."""
+        rows = np.asarray(rows, dtype=np.int64)
+        ds = self._datasets[column]
+        try:
+            if len(rows) and rows[-1] - rows[0] + 1 == len(rows) and np.all(np.diff(rows) == 1):
+                return ds[int(rows[0]):int(rows[-1]) + 1]
+            order = np.argsort(rows, kind="stable")
+            out = np.empty((len(rows),) + ds.shape[1:], ds.dtype)
+            if len(rows):
+                out[order] = ds[rows[order]]
+            return out
+        except (OSError, RuntimeError, TypeError) as e:
+            raise FormatError(f"cannot read dataset '{column}' ({e}): the file is corrupt", self.path) from None
+
     def read_all(self, column: str) -> np.ndarray:
         """A whole column at once (the N x D matrix of a global store, say)."""
         return self._read(column)

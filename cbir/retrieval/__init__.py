@@ -1,0 +1,6 @@
+"""Global-descriptor retrieval: exact fused top-k, late fusion operators."""
+
+from .fusion import ALIASES, METHODS, FusionConf, fuse
+from .search import DescriptorSet, RetrievalConf, retrieve
+
+__all__ = ["ALIASES", "METHODS", "FusionConf", "fuse", "DescriptorSet", "RetrievalConf", "retrieve"]

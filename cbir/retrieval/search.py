@@ -1,0 +1,155 @@
+"""Exact top-k retrieval over one or several global descriptors, with late fusion.
+
+Queries are processed in blocks and the map in chunks: for each (block, chunk) the
+similarity of every descriptor is one matrix product, the operator fuses them in place,
+and a top-k of the chunk is merged into the block's running top-k. Memory is bounded by
+one map chunk and ``n + 1`` similarity blocks, whatever the size of the map; nothing is
+ever fully sorted. round_robin keeps a running top-k per descriptor instead and merges
+the rankings at the end, as kapture-localization does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import CbirError
+from ..io.pairs import Pair
+from ..io.store import Store
+from .fusion import FusionConf, fuse
+
+
+@dataclass(frozen=True)
+class RetrievalConf:
+    topk: int = 20
+    fusion: FusionConf = field(default_factory=FusionConf)
+    exclude_self: bool = False  # map x map: an image never retrieves itself
+    query_block: int = 1024
+    map_chunk: int = 16384
+    cache_bytes: int = 512 << 20  # keep the map in memory across query blocks below this size
+
+
+@dataclass
+class DescriptorSet:
+    """Several global stores of one dataset, aligned on the images they all have."""
+
+    stores: list[Store]
+    names: list[str]
+    rows: list[np.ndarray]  # per store: the row of each name
+    dropped: list[str] = field(default_factory=list)  # images missing from some store
+
+    @classmethod
+    def align(cls, stores: list[Store]) -> "DescriptorSet":
+        common = set(stores[0].names)
+        for s in stores[1:]:
+            common &= set(s.names)
+        names = [n for n in stores[0].names if n in common]
+        dropped = sorted(set().union(*(set(s.names) for s in stores)) - common)
+        rows = [np.array([s.index(n) for n in names], dtype=np.int64) for s in stores]
+        return cls(stores, names, rows, dropped)
+
+    @property
+    def dims(self) -> list[int]:
+        return [s.dataset("descriptors").shape[1] for s in self.stores]
+
+    def read(self, start: int, stop: int, device: torch.device) -> list[torch.Tensor]:
+        """Unit-L2 float32 descriptors of images ``start:stop``, one tensor per store."""
+        out = []
+        for store, rows in zip(self.stores, self.rows):
+            d = store.read_rows("descriptors", rows[start:stop]).astype(np.float32, copy=False)
+            if not np.isfinite(d).all():
+                bad = self.names[start + int(np.flatnonzero(~np.isfinite(d).all(axis=1))[0])]
+                raise CbirError(f"non-finite descriptor for image {bad!r}", store.path)
+            norms = np.linalg.norm(d, axis=1, keepdims=True)
+            if (norms == 0).any():
+                bad = self.names[start + int(np.flatnonzero(norms[:, 0] == 0)[0])]
+                raise CbirError(f"zero descriptor for image {bad!r}: it cannot be compared", store.path)
+            out.append(torch.from_numpy(d / norms).to(device))
+        return out
+
+
+def _merge_topk(vals: torch.Tensor, idx: torch.Tensor, new_vals: torch.Tensor, new_idx: torch.Tensor,
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    v = torch.cat([vals, new_vals], dim=1)
+    i = torch.cat([idx, new_idx], dim=1)
+    top = torch.topk(v, min(k, v.shape[1]), dim=1, sorted=True)
+    return top.values, torch.gather(i, 1, top.indices)
+
+
+def retrieve(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf = RetrievalConf(),
+             device: torch.device = torch.device("cpu"),
+             progress: Callable[[int, int], None] | None = None) -> list[Pair]:
+    """The top-k database images of every query, best first, as pairs with their fused score
+    (round_robin: the peer's rank score ``topk - position``)."""
+    if len(query.stores) != len(database.stores):
+        raise ValueError("query and database need the same descriptors")
+    nq, nm = len(query.names), len(database.names)
+    if nm == 0:
+        raise CbirError("the map has no image with every descriptor", database.stores[0].path)
+    for qs, ms, dq, dm in zip(query.stores, database.stores, query.dims, database.dims):
+        if dq != dm:
+            raise CbirError(f"descriptor dimension {dq} differs from the map's {dm} ({ms.path})", qs.path)
+    k = min(conf.topk, nm - (1 if conf.exclude_self else 0))
+    if k <= 0:
+        return []
+    round_robin = conf.fusion.name == "round_robin"
+    n_desc = len(query.stores)
+    map_index = {n: i for i, n in enumerate(database.names)} if conf.exclude_self else {}
+    cache: dict[int, list[torch.Tensor]] | None = {} if nm * sum(database.dims) * 4 <= conf.cache_bytes else None
+    pairs: list[Pair] = []
+    with torch.inference_mode():
+        for q0 in range(0, nq, conf.query_block):
+            q1 = min(nq, q0 + conf.query_block)
+            qd = query.read(q0, q1, device)
+            self_idx = torch.tensor([map_index.get(n, -1) for n in query.names[q0:q1]], device=device)
+            lists = n_desc if round_robin else 1
+            vals = [torch.full((q1 - q0, 0), -torch.inf, device=device) for _ in range(lists)]
+            idxs = [torch.zeros((q1 - q0, 0), dtype=torch.int64, device=device) for _ in range(lists)]
+            for m0 in range(0, nm, conf.map_chunk):
+                m1 = min(nm, m0 + conf.map_chunk)
+                md = cache.get(m0) if cache is not None else None
+                if md is None:
+                    md = database.read(m0, m1, device)
+                    if cache is not None:
+                        cache[m0] = md
+                sims = [torch.mm(a, b.t()) for a, b in zip(qd, md)]
+                scores = sims if round_robin else [fuse(sims, conf.fusion)]
+                mask = (self_idx >= m0) & (self_idx < m1) if conf.exclude_self else None
+                for j, s in enumerate(scores):
+                    if mask is not None and mask.any():
+                        rows = mask.nonzero()[:, 0]
+                        s[rows, self_idx[rows] - m0] = -torch.inf
+                    top = torch.topk(s, min(k, s.shape[1]), dim=1, sorted=False)
+                    vals[j], idxs[j] = _merge_topk(vals[j], idxs[j], top.values, top.indices + m0, k)
+                del sims, scores
+            names = query.names[q0:q1]
+            if round_robin:
+                pairs += _round_robin(names, [i.cpu().numpy() for i in idxs], database.names, k)
+            else:
+                v, i = vals[0].cpu().numpy(), idxs[0].cpu().numpy()
+                for r, qname in enumerate(names):
+                    pairs += [Pair(qname, database.names[m], float(s)) for m, s in zip(i[r], v[r])]
+            if progress:
+                progress(q1 - q0, nq)
+    return pairs
+
+
+def _round_robin(queries: list[str], rankings: list[np.ndarray], names: list[str], k: int) -> list[Pair]:
+    """Rank i of each descriptor in turn, skipping images already taken, until k images."""
+    out = []
+    for r, q in enumerate(queries):
+        taken: set[int] = set()
+        for i in range(k):
+            for ranking in rankings:
+                m = int(ranking[r, i])
+                if m not in taken:
+                    taken.add(m)
+                    out.append(Pair(q, names[m], float(k - len(taken) + 1)))
+                    if len(taken) == k:
+                        break
+            if len(taken) == k:
+                break
+    return out

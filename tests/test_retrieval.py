@@ -1,0 +1,151 @@
+"""Retrieval and late fusion: the fused top-k equals kapture-localization's on the same
+descriptors, for every operator; streaming does not change it; bad inputs are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cbir.errors import CbirError
+from cbir.io.store import StoreWriter, open_store
+from cbir.retrieval import DescriptorSet, FusionConf, RetrievalConf, retrieve
+from cbir.retrieval.fusion import METHODS
+
+peer_fusion = pytest.importorskip("kapture_localization.image_retrieval.fusion")
+peer_pairing = pytest.importorskip("kapture_localization.image_retrieval.pairing")
+
+DIMS = (16, 32, 64)
+
+
+def write_global(path: Path, names: list[str], desc: np.ndarray) -> Path:
+    attrs = {"name": path.stem, "config": {}, "descriptor_dim": desc.shape[1], "descriptor_dtype": "float32"}
+    with StoreWriter(path, "global-features", attrs) as w:
+        for n, d in zip(names, desc):
+            w.add(n, descriptors=d)
+    return path
+
+
+def unit_positive(rng, n, d):
+    x = np.abs(rng.standard_normal((n, d))).astype(np.float32)  # similarities in [0, 1] as the peer assumes
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def stores(tmp_path):
+    rng = np.random.default_rng(0)
+    qnames = [f"q/{i:03d}.jpg" for i in range(37)]
+    mnames = [f"m/{i:04d}.jpg" for i in range(301)]
+    q, m = [], []
+    for j, d in enumerate(DIMS):
+        q.append(write_global(tmp_path / f"q{j}.h5", qnames, unit_positive(rng, len(qnames), d)))
+        m.append(write_global(tmp_path / f"m{j}.h5", mnames, unit_positive(rng, len(mnames), d)))
+    return q, m
+
+
+def load(paths):
+    return DescriptorSet.align([open_store(p, "global-features") for p in paths])
+
+
+def peer_pairs(qset, mset, method, params, topk):
+    """kapture-localization's own functions, as kapture_image_retrieval_late_fusion.py chains them."""
+    qf = [peer_pairing.StackedGlobalFeatures(np.array(qset.names, dtype=object), s.read_all("descriptors"))
+          for s in qset.stores]
+    mf = [peer_pairing.StackedGlobalFeatures(np.array(mset.names, dtype=object), s.read_all("descriptors"))
+          for s in mset.stores]
+    sims = [peer_pairing.get_similarity_matrix(a, b) for a, b in zip(qf, mf)]
+    if method == "round_robin":
+        dicts = [peer_pairing.get_similarity_dict_from_similarity_matrix(s, qf[0].index, mf[0].index) for s in sims]
+        return [tuple(p) for p in peer_fusion.round_robin_from_similarity_dicts(dicts, topk)]
+    fused = peer_fusion.fuse_similarities(sims, getattr(peer_fusion.LateFusionMethod, method), params)
+    d = peer_pairing.get_similarity_dict_from_similarity_matrix(fused, qf[0].index, mf[0].index)
+    return [tuple(p) for p in peer_pairing.get_image_pairs(d, topk)]
+
+
+CASES = [
+    ("gharm", "generalized_harmonic_mean", FusionConf("gharm"), {"weights": [], "gamma": 0.5}),
+    ("gharm weighted", "generalized_harmonic_mean", FusionConf("gharm", (2.0, 1.0, 1.0), gamma=0.3),
+     {"weights": [2.0, 1.0, 1.0], "gamma": 0.3}),
+    ("harmonic_mean", "harmonic_mean", FusionConf("harmonic_mean"), {"weights": []}),
+    ("mean", "mean", FusionConf("mean", (1.0, 2.0, 3.0)), {"weights": [1.0, 2.0, 3.0]}),
+    ("power", "power", FusionConf("power"), {"weights": []}),
+    ("mean_and_power", "mean_and_power", FusionConf("mean_and_power", gamma=0.7), {"weights": [], "gamma": 0.7}),
+    ("mean_and_min", "mean_and_min", FusionConf("mean_and_min"), {"weights": [], "gamma": 0.5}),
+    ("min_and_max", "min_and_max", FusionConf("min_and_max", alpha=0.2), {"min_weight": 0.2, "max_weight": 0.8}),
+    ("villena_roman", "villena_roman", FusionConf("villena_roman", alpha=0.4), {"alpha": 0.4}),
+    ("min", "minimum", FusionConf("min"), {}),
+    ("max", "maximum", FusionConf("maximum"), {}),
+    ("round_robin", "round_robin", FusionConf("round_robin"), {}),
+]
+
+
+def test_every_operator_is_covered():
+    assert {c[2].name for c in CASES} == set(METHODS)
+
+
+@pytest.mark.parametrize("label,peer_method,conf,params", CASES, ids=[c[0] for c in CASES])
+def test_fused_topk_equals_the_peer(stores, label, peer_method, conf, params):
+    q, m = stores
+    qset, mset = load(q), load(m)
+    ours = retrieve(qset, mset, RetrievalConf(topk=20, fusion=conf))
+    theirs = peer_pairs(qset, mset, peer_method, params, 20)
+    assert [(p.query, p.map) for p in ours] == [(a, b) for a, b, _ in theirs]
+    np.testing.assert_allclose([p.score for p in ours], [s for *_, s in theirs], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["gharm", "round_robin"])
+def test_map_by_map_excludes_self_like_the_peer(stores, method):
+    _, m = stores
+    mset = load(m)
+    ours = retrieve(mset, mset, RetrievalConf(topk=10, fusion=FusionConf(method), exclude_self=True))
+    assert all(p.query != p.map for p in ours) and len(ours) == 10 * len(mset.names)
+    if method == "gharm":  # the peer's get_image_pairs skips the query itself
+        theirs = peer_pairs(mset, mset, "generalized_harmonic_mean", {"weights": [], "gamma": 0.5}, 10)
+        assert [(p.query, p.map) for p in ours] == [(a, b) for a, b, _ in theirs]
+
+
+def test_streaming_blocks_do_not_change_the_result(stores):
+    q, m = stores
+    qset, mset = load(q), load(m)
+    whole = retrieve(qset, mset, RetrievalConf(topk=15))
+    for block, chunk, cache in ((5, 7, 0), (1, 300, 1 << 30), (36, 1, 0)):
+        small = retrieve(qset, mset, RetrievalConf(topk=15, query_block=block, map_chunk=chunk, cache_bytes=cache))
+        assert [(p.query, p.map) for p in small] == [(p.query, p.map) for p in whole]
+
+
+def test_topk_larger_than_the_map_is_clamped(stores):
+    q, m = stores
+    pairs = retrieve(load(q[:1]), load(m[:1]), RetrievalConf(topk=10_000))
+    assert len(pairs) == 37 * 301
+
+
+def test_stores_with_other_images_are_fused_on_the_intersection(tmp_path, stores):
+    q, m = stores
+    rng = np.random.default_rng(1)
+    with open_store(m[0]) as s:
+        names = s.names[:-5] + ["m/extra.jpg"]
+    other = write_global(tmp_path / "partial.h5", names, unit_positive(rng, len(names), DIMS[0]))
+    mset = load([m[1], other])
+    assert len(mset.names) == 301 - 5 and mset.dropped[-1] == "m/extra.jpg" and len(mset.dropped) == 6
+
+
+def test_bad_descriptors_are_refused(tmp_path, stores):
+    q, m = stores
+    names = ["a.jpg", "b.jpg"]
+    nan = write_global(tmp_path / "nan.h5", names, np.array([[1.0] * 16, [np.nan] * 16], np.float32))
+    zero = write_global(tmp_path / "zero.h5", names, np.array([[1.0] * 16, [0.0] * 16], np.float32))
+    with pytest.raises(CbirError, match="nan.h5: non-finite descriptor for image 'b.jpg'"):
+        retrieve(load([nan]), load(m[:1]))
+    with pytest.raises(CbirError, match="zero.h5: zero descriptor for image 'b.jpg'"):
+        retrieve(load(q[:1]), load([zero]))
+    with pytest.raises(CbirError, match="dimension 16 differs from the map's 32"):
+        retrieve(load(q[:1]), load(m[1:2]))
+    empty = write_global(tmp_path / "empty.h5", [], np.zeros((0, 16), np.float32))
+    with pytest.raises(CbirError, match="the map has no image"):
+        retrieve(load(q[:1]), load([empty]))
+    with pytest.raises(CbirError, match="unknown fusion 'nope'"):
+        FusionConf("nope").name
+    with pytest.raises(CbirError, match="2 fusion weights given for 3 descriptors"):
+        retrieve(load(q), load(m), RetrievalConf(fusion=FusionConf("mean", (1.0, 1.0))))
