@@ -10,7 +10,7 @@ if [ ! -x "$CBIR_VENV/bin/python" ]; then
   python3 -m venv "$CBIR_VENV"
 fi
 stamp="$CBIR_VENV/.cbir-installed${extras}"
-if [ ! -f "$stamp" ] || [ "$CBIR_ROOT/pyproject.toml" -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ "$CBIR_ROOT/pyproject.toml" -nt "$stamp" ] || [ "${BASH_SOURCE[0]}" -nt "$stamp" ]; then
   echo "installing cbir${extras} into $CBIR_VENV" >&2
   "$CBIR_VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
   "$CBIR_VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0"

@@ -1,4 +1,4 @@
-"""Run a local-feature extractor over a dataset into a store (``cbir extract``).
+"""Run a local or global extractor over a dataset into a store (``cbir extract``).
 
 Images are decoded ahead in a small thread pool (OpenCV releases the GIL) while the
 extractor works on the current one; results are appended to the store in batches, so
@@ -20,7 +20,8 @@ from .errors import CbirError
 from .io.dataset import Dataset
 from .io.images import LoadedImage, read_image
 from .io.store import StoreWriter
-from .models import LOCAL_EXTRACTORS, LocalExtractor
+from .models import GLOBAL_EXTRACTORS, LOCAL_EXTRACTORS
+from .models.base import Extractor, GlobalExtractor
 
 
 @dataclass
@@ -33,10 +34,11 @@ class ExtractReport:
     empty: list[str] = field(default_factory=list)  # images with no keypoint
 
 
-def build_extractor(name: str, conf: dict[str, Any] | None = None) -> LocalExtractor:
-    if name not in LOCAL_EXTRACTORS:
-        raise CbirError(f"unknown local extractor {name!r} (known: {', '.join(sorted(LOCAL_EXTRACTORS))})")
-    return LOCAL_EXTRACTORS[name](conf)
+def build_extractor(name: str, conf: dict[str, Any] | None = None, kind: str = "local") -> Extractor:
+    registry = GLOBAL_EXTRACTORS if kind == "global" else LOCAL_EXTRACTORS
+    if name not in registry:
+        raise CbirError(f"unknown {kind} extractor {name!r} (known: {', '.join(sorted(registry))})")
+    return registry[name](conf)
 
 
 def read_image_list(path: str | Path, known: Iterable[str]) -> list[str]:
@@ -86,30 +88,39 @@ def _prefetch(load: Callable[[str], LoadedImage], names: list[str],
             yield n, fut.result()
 
 
-def main(extractor: LocalExtractor, dataset: Dataset, *, store_name: str | None = None,
+def main(extractor: Extractor, dataset: Dataset, *, store_name: str | None = None,
          images: list[str] | None = None, overwrite: bool = False, num_workers: int = 2,
          progress: Callable[[int, int], None] | None = None) -> ExtractReport:
-    """Extract ``images`` (default: every image of records_camera.txt) of ``dataset``."""
+    """Extract ``images`` (default: every image of records_camera.txt) of ``dataset`` into its
+    local or global store (by the extractor's kind)."""
+    is_global = isinstance(extractor, GlobalExtractor)
     store_name = store_name or extractor.default_store_name()
-    out = dataset.store_path("local", store_name)
+    out = dataset.store_path("global" if is_global else "local", store_name)
     out.parent.mkdir(parents=True, exist_ok=True)
     names = images if images is not None else sorted(dataset.sensors.image_names())
     report = ExtractReport(out)
-    writer = StoreWriter(out, "local-features", extractor.store_attrs(store_name), overwrite=overwrite,
-                         batch_size=64)
+
+    def load(name: str) -> LoadedImage:
+        return read_image(dataset.image_path(name), grayscale=extractor.grayscale,
+                          max_size=extractor.loader_max_size)
+
+    if is_global:  # e.g. DenseVLAD learns its vocabulary on the map, before the store is opened
+        extractor.prepare(out, names, load)
+    kind = "global-features" if is_global else "local-features"
+    writer = StoreWriter(out, kind, extractor.store_attrs(store_name), overwrite=overwrite, batch_size=64)
     with writer:
         todo = [n for n in names if n not in writer]
         report.already_present = len(names) - len(todo)
         if progress:
             progress(report.already_present, len(names))
-
-        def load(name: str) -> LoadedImage:
-            return read_image(dataset.image_path(name), grayscale=extractor.grayscale,
-                              max_size=extractor.loader_max_size)
-
         for name, image in _prefetch(load, todo, num_workers):
             if isinstance(image, CbirError):
                 report.failed.append((name, image.message))
+            elif is_global:
+                desc = extractor.extract(image)
+                _check_features({"descriptors": desc}, name)
+                writer.add(name, descriptors=desc)
+                report.extracted += 1
             else:
                 feats = extractor.extract(image)
                 _check_features(feats, name)
@@ -126,5 +137,5 @@ def main(extractor: LocalExtractor, dataset: Dataset, *, store_name: str | None 
 
 def _check_features(feats: dict[str, np.ndarray], name: str) -> None:
     for key in ("keypoints", "descriptors"):
-        if not np.isfinite(feats[key]).all():
+        if key in feats and not np.isfinite(feats[key]).all():
             raise CbirError(f"the extractor produced non-finite {key} for image {name!r}")

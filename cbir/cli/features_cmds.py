@@ -15,7 +15,7 @@ from ..errors import CbirError
 from ..io.pairs import exhaustive_pairs, read_pairs, write_pairs
 from ..matching import MatcherConf, VerifyConf
 from ..matching import match as match_mod
-from ..models import LOCAL_EXTRACTORS
+from ..models import GLOBAL_EXTRACTORS, LOCAL_EXTRACTORS
 from ._common import (console_err, dataset_argument, follow_symlinks_option, is_quiet, open_dataset, print_json,
                       report_written)
 
@@ -53,13 +53,26 @@ def parse_conf(items: tuple[str, ...]) -> dict[str, Any]:
     return conf
 
 
+def _extractor_conf(cls, common: dict[str, Any], weights: Path | None, device: str) -> dict[str, Any]:
+    """The options of ``common`` that ``cls`` knows, plus weights and device."""
+    conf = {k: v for k, v in common.items() if k in cls.default_conf}
+    if "device" in cls.default_conf:
+        conf["device"] = device
+    if weights is not None and "weights" in cls.default_conf:
+        conf["weights_dir" if weights.is_dir() else "weights"] = str(weights)
+    return conf
+
+
 @click.command()
 @dataset_argument()
-@click.option("--local", "local", required=True, type=click.Choice(sorted(LOCAL_EXTRACTORS)),
-              help="Local feature extractor.")
+@click.option("--local", "local", type=click.Choice(sorted(LOCAL_EXTRACTORS)), help="Local feature extractor.")
+@click.option("--global", "global_", metavar="NAME[,NAME...]",
+              help=f"Global extractors, comma-separated ({', '.join(sorted(GLOBAL_EXTRACTORS))}).")
 @click.option("--weights", type=click.Path(exists=True, path_type=Path),
               help="Weight file, or a directory holding it (also searched: $CBIR_WEIGHTS, ~/.cache/cbir/weights).")
-@click.option("--name", help="Store name (default: the extractor, or the weight file's name).")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="DenseVLAD: the map's .model.h5 (vocabulary and PCA) to extract queries with.")
+@click.option("--name", help="Store name (one extractor only; default: the extractor, or its weight file's name).")
 @click.option("--max-keypoints", type=click.IntRange(0), help="Keep the N best keypoints (0: all).")
 @click.option("--max-size", type=click.IntRange(1), help="Longest image edge processed.")
 @click.option("--conf", "conf_items", multiple=True, metavar="KEY=VALUE", help="Any other extractor option.")
@@ -71,47 +84,58 @@ def parse_conf(items: tuple[str, ...]) -> dict[str, Any]:
 @follow_symlinks_option
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.pass_context
-def extract(ctx: click.Context, dataset: Path, local: str, weights: Path | None, name: str | None,
-            max_keypoints: int | None, max_size: int | None, conf_items: tuple[str, ...], image_list: Path | None,
-            device: str, num_workers: int, overwrite: bool, follow_symlinks: bool, as_json: bool) -> None:
-    """Extract local features of the images of DATASET into DATASET/cbir/local/NAME.h5.
+def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str | None, weights: Path | None,
+            model: Path | None, name: str | None, max_keypoints: int | None, max_size: int | None,
+            conf_items: tuple[str, ...], image_list: Path | None, device: str, num_workers: int, overwrite: bool,
+            follow_symlinks: bool, as_json: bool) -> None:
+    """Extract local features (DATASET/cbir/local/) and global descriptors (DATASET/cbir/global/).
 
     Resumes where an interrupted run stopped; unreadable images are skipped and reported.
     """
-    cls = LOCAL_EXTRACTORS[local]
-    conf = parse_conf(conf_items)
-    for key, value in (("max_keypoints", max_keypoints), ("max_size", max_size)):
+    jobs: list[tuple[str, str]] = ([("local", local)] if local else []) + \
+        [("global", g.strip()) for g in (global_ or "").split(",") if g.strip()]
+    if not jobs:
+        raise click.UsageError("give --local NAME and/or --global NAME[,NAME...]")
+    if name and len(jobs) > 1:
+        raise click.UsageError("--name needs a single extractor")
+    for kind, n in jobs:
+        if kind == "global" and n not in GLOBAL_EXTRACTORS:
+            raise click.BadParameter(f"{n!r} (known: {', '.join(sorted(GLOBAL_EXTRACTORS))})", param_hint="--global")
+    common = parse_conf(conf_items)
+    for key, value in (("max_keypoints", max_keypoints), ("max_size", max_size), ("model", model)):
         if value is not None:
-            conf[key] = value
-    if "device" in cls.default_conf:
-        conf["device"] = device
-    if weights is not None:
-        if "weights" not in cls.default_conf:
-            raise CbirError(f"{local} uses no weights: drop --weights")
-        if weights.is_dir():
-            conf["weights_dir"] = str(weights)
-        else:
-            conf["weights"] = str(weights)
-    extractor = extract_mod.build_extractor(local, conf)
+            common[key] = str(value) if isinstance(value, Path) else value
+    classes = [(GLOBAL_EXTRACTORS if kind == "global" else LOCAL_EXTRACTORS)[n] for kind, n in jobs]
+    unknown = set(common) - set().union(*(c.default_conf for c in classes))
+    if unknown:
+        raise CbirError(f"unknown option(s) {', '.join(sorted(unknown))} for {', '.join(n for _, n in jobs)}")
+    if weights is not None and not any("weights" in c.default_conf for c in classes):
+        raise CbirError(f"{', '.join(n for _, n in jobs)} use(s) no weights: drop --weights")
+    extractors = [extract_mod.build_extractor(n, _extractor_conf(c, common, weights, device), kind)
+                  for (kind, n), c in zip(jobs, classes)]
     ds = open_dataset(dataset, follow_symlinks)
     images = extract_mod.read_image_list(image_list, ds.sensors.image_names()) if image_list else None
     quiet = is_quiet(ctx)
-    with progress_bar(f"extract {local}", quiet or as_json) as update:
-        report = extract_mod.main(extractor, ds, store_name=name, images=images, overwrite=overwrite,
-                                  num_workers=num_workers, progress=update)
-    for image, reason in report.failed:
-        console_err().print(f"[yellow]skipped[/] {image}: {reason}", highlight=False)
-    for image in report.empty:
-        console_err().print(f"[yellow]no keypoint[/] in {image}", highlight=False)
+    summaries = []
+    for extractor in extractors:
+        with progress_bar(f"extract {extractor.name}", quiet or as_json) as update:
+            report = extract_mod.main(extractor, ds, store_name=name, images=images, overwrite=overwrite,
+                                      num_workers=num_workers, progress=update)
+        for image, reason in report.failed:
+            console_err().print(f"[yellow]skipped[/] {image}: {reason}", highlight=False)
+        for image in report.empty:
+            console_err().print(f"[yellow]no keypoint[/] in {image}", highlight=False)
+        summaries.append({"store": str(report.path), "extracted": report.extracted,
+                          "already_present": report.already_present, "keypoints": report.keypoints,
+                          "failed": [{"image": i, "reason": r} for i, r in report.failed], "empty": report.empty})
+        if not quiet and not as_json:
+            detail = f" ({report.keypoints / report.extracted:.0f} keypoints on average)" \
+                if report.extracted and report.keypoints else ""
+            console_err().print(f"{extractor.name}: {report.extracted} images extracted{detail}, "
+                                f"{report.already_present} already present, {len(report.failed)} skipped")
+        report_written([report.path], quiet or as_json)
     if as_json:
-        print_json({"store": str(report.path), "extracted": report.extracted,
-                    "already_present": report.already_present, "keypoints": report.keypoints,
-                    "failed": [{"image": i, "reason": r} for i, r in report.failed], "empty": report.empty})
-    elif not quiet:
-        mean = report.keypoints / report.extracted if report.extracted else 0
-        console_err().print(f"{report.extracted} images extracted ({mean:.0f} keypoints on average), "
-                            f"{report.already_present} already present, {len(report.failed)} skipped")
-    report_written([report.path], quiet or as_json)
+        print_json(summaries[0] if len(summaries) == 1 else summaries)
 
 
 @click.group("pairs")

@@ -19,10 +19,13 @@ from ..errors import CbirError
 from ..io.images import LoadedImage
 
 LOCAL_EXTRACTORS: dict[str, type["LocalExtractor"]] = {}
+GLOBAL_EXTRACTORS: dict[str, type["GlobalExtractor"]] = {}
 
 
-def register(cls: type["LocalExtractor"]) -> type["LocalExtractor"]:
-    LOCAL_EXTRACTORS[cls.name] = cls
+def register(cls):
+    """Class decorator: make an extractor available by its ``name``."""
+    registry = GLOBAL_EXTRACTORS if issubclass(cls, GlobalExtractor) else LOCAL_EXTRACTORS
+    registry[cls.name] = cls
     return cls
 
 
@@ -58,19 +61,13 @@ def find_weights(weights: str | os.PathLike, source: str, directory: str | os.Pa
                     f"it is published at {source}: download it and pass --weights FILE_OR_DIR")
 
 
-class LocalExtractor:
-    """Keypoints and descriptors of one image.
-
-    Subclasses set ``name``, ``default_conf``, ``descriptor_dim``, ``descriptor_dtype``,
-    ``keypoint_params`` (layout of the extra per-keypoint column) and ``grayscale``, and
-    implement :meth:`extract`. ``conf["max_size"]`` (when the extractor resizes before
-    extraction) is applied by the image loader, which also maps keypoints back.
-    """
+class Extractor:
+    """What local and global extractors share: a name, a configuration merged over
+    ``default_conf`` (unknown keys refused), and the identity stored with the output."""
 
     name: ClassVar[str]
     default_conf: ClassVar[dict[str, Any]] = {}
     grayscale: ClassVar[bool] = False
-    keypoint_params: ClassVar[str] = ""
     descriptor_dtype: ClassVar[str] = "float32"
     runtime_keys: ClassVar[tuple[str, ...]] = ()
     #: resize with the image loader before extraction (None: the extractor handles sizes itself)
@@ -98,8 +95,36 @@ class LocalExtractor:
 
     def store_attrs(self, store_name: str) -> dict[str, Any]:
         return {"name": store_name, "config": {"extractor": self.name, **self.identity()},
-                "descriptor_dim": int(self.descriptor_dim), "descriptor_dtype": self.descriptor_dtype,
-                "keypoint_params": self.keypoint_params}
+                "descriptor_dim": int(self.descriptor_dim), "descriptor_dtype": self.descriptor_dtype}
+
+
+class GlobalExtractor(Extractor):
+    """One L2-normalized descriptor per image.
+
+    ``prepare`` runs once before the pass over a dataset: extractors that learn from the
+    map (DenseVLAD's vocabulary and PCA) do it there.
+    """
+
+    def prepare(self, store_path: Path, images: list[str], load: Any) -> None:
+        return None
+
+    def extract(self, image: LoadedImage) -> np.ndarray:
+        raise NotImplementedError
+
+
+class LocalExtractor(Extractor):
+    """Keypoints and descriptors of one image.
+
+    Subclasses set ``name``, ``default_conf``, ``descriptor_dim``, ``descriptor_dtype``,
+    ``keypoint_params`` (layout of the extra per-keypoint column) and ``grayscale``, and
+    implement :meth:`extract`. ``conf["max_size"]`` (when the extractor resizes before
+    extraction) is applied by the image loader, which also maps keypoints back.
+    """
+
+    keypoint_params: ClassVar[str] = ""
+
+    def store_attrs(self, store_name: str) -> dict[str, Any]:
+        return {**super().store_attrs(store_name), "keypoint_params": self.keypoint_params}
 
     def empty(self) -> dict[str, np.ndarray]:
         n_params = len(self.keypoint_params.split(",")) if self.keypoint_params else 0

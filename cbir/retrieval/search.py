@@ -92,6 +92,9 @@ def retrieve(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf 
     for qs, ms, dq, dm in zip(query.stores, database.stores, query.dims, database.dims):
         if dq != dm:
             raise CbirError(f"descriptor dimension {dq} differs from the map's {dm} ({ms.path})", qs.path)
+        if qs.config != ms.config:
+            raise CbirError(f"extracted with another configuration than {ms.path}: "
+                            "descriptors of different models cannot be compared", qs.path)
     k = min(conf.topk, nm - (1 if conf.exclude_self else 0))
     if k <= 0:
         return []

@@ -1,0 +1,196 @@
+"""DenseVLAD (Torii et al., CVPR 2015 / TPAMI 2018), weight-free: RootSIFT on a dense
+multi-scale grid, VLAD over a vocabulary learned on the map, intra-normalization, PCA
+whitening learned on the map, L2.
+
+Parameters (``default_conf``): the image is reduced to ``max_size`` px (longest edge);
+descriptors are taken every ``step`` px at the OpenCV SIFT sizes ``sizes`` (4 scales as
+Torii et al.); the vocabulary has ``clusters`` centres (faiss k-means on up to
+``samples_per_image`` random descriptors of each of up to ``train_images`` map images);
+the VLAD (``clusters x 128`` dims) is intra-normalized (each centre's residual sum to unit
+L2), L2-normalized, then PCA-whitened to ``pca_dim`` dims (at most the number of training
+images minus one: the centred training VLADs span no more) and L2-normalized again.
+
+The vocabulary and PCA ("the model") are learned once, on the dataset the first
+extraction runs on (the map), and stored beside the descriptors as
+``cbir/global/<name>.model.h5``; extracting queries with ``model=<that file>`` reuses
+them. The model's digest is part of the store's configuration, so retrieval refuses to
+compare descriptors made with different models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import faiss
+import h5py
+import numpy as np
+
+from ..errors import CbirError, FormatError
+from ..io.atomic import atomic_output
+from ..io.images import LoadedImage
+from .base import GlobalExtractor, register
+from .sift import rootsift
+
+MODEL_SUFFIX = ".model.h5"
+TRAIN_CACHE_BYTES = 1 << 30  # dense descriptors of training images kept between the two training passes
+
+
+def dense_grid(width: int, height: int, step: int, sizes: list[float]) -> list[cv2.KeyPoint]:
+    margin = max(sizes) / 2
+    xs = np.arange(margin, width - margin, step)
+    ys = np.arange(margin, height - margin, step)
+    return [cv2.KeyPoint(float(x), float(y), float(s)) for s in sizes for y in ys for x in xs]
+
+
+def vlad(desc: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Intra-normalized, L2-normalized VLAD of (N, D) descriptors over (K, D) centroids."""
+    k, d = centroids.shape
+    if len(desc) == 0:
+        return np.zeros(k * d, np.float32)
+    index = faiss.IndexFlatL2(d)
+    index.add(centroids)
+    _, assign = index.search(np.ascontiguousarray(desc, np.float32), 1)
+    assign = assign[:, 0]
+    residuals = desc - centroids[assign]
+    v = np.zeros((k, d), np.float32)
+    np.add.at(v, assign, residuals)
+    v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)  # intra-normalization
+    v = v.reshape(-1)
+    return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+@register
+class DenseVLAD(GlobalExtractor):
+    name = "densevlad"
+    default_conf = {
+        "max_size": 512,
+        "step": 6,
+        "sizes": [8.0, 12.0, 16.0, 20.0],
+        "clusters": 64,
+        "pca_dim": 4096,
+        "train_images": 10000,
+        "samples_per_image": 2000,
+        "kmeans_iters": 20,
+        "seed": 0,
+        "model": None,  # a model file to reuse (queries); default: learn on this dataset
+    }
+    grayscale = True
+    loader_max_size_key = "max_size"
+    runtime_keys = ("model",)
+
+    def __init__(self, conf: dict[str, Any] | None = None):
+        super().__init__(conf)
+        self._sift = cv2.SIFT_create()
+        self.model: dict[str, np.ndarray] | None = None
+        if self.conf["model"]:
+            self.model = read_model(Path(self.conf["model"]), self)
+
+    @property
+    def descriptor_dim(self) -> int:  # type: ignore[override]
+        if self.model is None:
+            raise CbirError("DenseVLAD has no model yet: extract the map first (it learns the vocabulary and "
+                            "PCA), then pass the map's .model.h5 for queries")
+        return int(self.model["pca_components"].shape[0] or self.model["centroids"].size)
+
+    def identity(self) -> dict[str, Any]:
+        conf = super().identity()
+        conf["model_digest"] = model_digest(self.model) if self.model is not None else None
+        return conf
+
+    def dense_rootsift(self, image: LoadedImage) -> np.ndarray:
+        h, w = image.array.shape[:2]
+        kps = dense_grid(w, h, self.conf["step"], self.conf["sizes"])
+        if not kps:
+            return np.zeros((0, 128), np.float32)
+        _, desc = self._sift.compute(image.array, kps)
+        return np.zeros((0, 128), np.float32) if desc is None else rootsift(desc)
+
+    def prepare(self, store_path: Path, images: list[str], load: Callable[[str], LoadedImage]) -> None:
+        """Learn (or load) the model of ``store_path`` from ``images`` of this dataset."""
+        path = store_path.with_name(store_path.stem + MODEL_SUFFIX)
+        if self.model is not None:
+            return
+        if path.exists():
+            self.model = read_model(path, self)
+            return
+        if not images:
+            raise CbirError("no image to learn the DenseVLAD vocabulary from", store_path.parent)
+        rng = np.random.default_rng(self.conf["seed"])
+        train = sorted(rng.choice(len(images), min(len(images), self.conf["train_images"]), replace=False))
+        samples, kept, kept_bytes = [], {}, 0
+        for i in train:
+            d = self.dense_rootsift(load(images[i]))
+            take = rng.choice(len(d), min(len(d), self.conf["samples_per_image"]), replace=False)
+            samples.append(d[np.sort(take)])
+            if kept_bytes + d.nbytes <= TRAIN_CACHE_BYTES:  # spares a second pass for the PCA
+                kept[i], kept_bytes = d, kept_bytes + d.nbytes
+        data = np.concatenate(samples).astype(np.float32)
+        k = self.conf["clusters"]
+        if len(data) < k:
+            raise CbirError(f"{len(data)} descriptors are too few to learn {k} clusters", store_path.parent)
+        km = faiss.Kmeans(128, k, niter=self.conf["kmeans_iters"], seed=self.conf["seed"], verbose=False)
+        km.train(data)
+        centroids = km.centroids.astype(np.float32)
+        vlads = np.stack([vlad(kept[i] if i in kept else self.dense_rootsift(load(images[i])), centroids)
+                          for i in train])
+        del kept
+        mean = vlads.mean(axis=0)
+        dim = self.conf["pca_dim"]
+        if 0 < dim < len(vlads):
+            _, s, vt = np.linalg.svd(vlads - mean, full_matrices=False)
+            eig = (s[:dim] ** 2 / max(len(vlads) - 1, 1)).astype(np.float32)
+            components = vt[:dim].astype(np.float32)
+        else:  # too few images for the PCA asked for: whitening them would make them equidistant
+            eig, components = np.zeros((0,), np.float32), np.zeros((0, mean.size), np.float32)
+        self.model = {"centroids": centroids, "pca_mean": mean.astype(np.float32),
+                      "pca_components": components, "pca_eigvals": eig}
+        write_model(path, self.model, self)
+
+    def extract(self, image: LoadedImage) -> np.ndarray:
+        if self.model is None:
+            raise CbirError("DenseVLAD model missing: call prepare() (cbir extract does)")
+        v = vlad(self.dense_rootsift(image), self.model["centroids"])
+        comp = self.model["pca_components"]
+        if len(comp):
+            v = (v - self.model["pca_mean"]) @ comp.T / np.sqrt(self.model["pca_eigvals"] + 1e-9)
+            v = v / max(float(np.linalg.norm(v)), 1e-12)
+        return v.astype(np.float32)
+
+
+def model_digest(model: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for key in ("centroids", "pca_mean", "pca_components", "pca_eigvals"):
+        h.update(np.ascontiguousarray(model[key]).tobytes())
+    return h.hexdigest()[:16]
+
+
+_MODEL_KEYS = ("max_size", "step", "sizes", "clusters")
+
+
+def write_model(path: Path, model: dict[str, np.ndarray], ex: DenseVLAD) -> None:
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["cbir_format"] = "densevlad-model"
+        f.attrs["format_version"] = "1.0"
+        for key in _MODEL_KEYS:
+            f.attrs[key] = np.asarray(ex.conf[key])
+        for key, value in model.items():
+            f.create_dataset(key, data=value)
+
+
+def read_model(path: Path, ex: DenseVLAD) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise CbirError("DenseVLAD model not found (it is written beside the map's descriptors)", path)
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("cbir_format") != "densevlad-model":
+                raise FormatError("not a DenseVLAD model file", path)
+            for key in _MODEL_KEYS:
+                if not np.array_equal(np.asarray(f.attrs[key]), np.asarray(ex.conf[key])):
+                    raise CbirError(f"the model was learned with {key}={f.attrs[key].tolist()}, "
+                                    f"not {ex.conf[key]}: use the same options as for the map", path)
+            return {key: f[key][()] for key in ("centroids", "pca_mean", "pca_components", "pca_eigvals")}
+    except (OSError, KeyError) as e:
+        raise FormatError(f"cannot read the DenseVLAD model ({e})", path) from None
