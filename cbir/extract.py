@@ -119,8 +119,11 @@ def main(extractor: Extractor, dataset: Dataset, *, store_name: str | None = Non
             elif is_global:
                 desc = extractor.extract(image)
                 _check_features({"descriptors": desc}, name)
-                writer.add(name, descriptors=desc)
-                report.extracted += 1
+                if not np.any(desc):  # nothing to aggregate (e.g. smaller than DenseVLAD's grid)
+                    report.failed.append((name, "no descriptor could be computed (image too small or blank?)"))
+                else:
+                    writer.add(name, descriptors=desc)
+                    report.extracted += 1
             else:
                 feats = extractor.extract(image)
                 _check_features(feats, name)

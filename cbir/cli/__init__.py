@@ -11,6 +11,7 @@ from ..errors import CbirError
 from ._common import console_err
 from .dataset_cmds import check, info
 from .features_cmds import extract, match, pairs_group, show_group
+from .evaluate_cmds import evaluate
 from .retrieval_cmds import retrieve_cmd
 from .interchange_cmds import export_group, import_group
 
@@ -47,6 +48,7 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 main.add_command(extract)
 main.add_command(retrieve_cmd, "retrieve")
+main.add_command(evaluate)
 main.add_command(pairs_group)
 main.add_command(match)
 main.add_command(show_group)
