@@ -31,7 +31,8 @@ def image_paths(shared: Path, n: int) -> list[Path]:
 
 def run_variant(variant: str, args: argparse.Namespace) -> dict:
     from cbir.io.images import read_image
-    from cbir.models.r2d2 import R2D2, normalize_image
+    from cbir.models.base import to_tensor
+    from cbir.models.r2d2 import R2D2
     from cbir.models.sift import SIFT
 
     paths = image_paths(args.shared, args.images)
@@ -52,7 +53,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         detector = official.NonMaxSuppression(rel_thr=0.7, rep_thr=0.7)
 
         def run(p: Path) -> int:
-            img = normalize_image(read_image(p).array, torch.device("cpu"))
+            img = to_tensor(read_image(p).array, torch.device("cpu"))
             xys, desc, scores = official.extract_multiscale(net, img, detector, scale_f=2 ** 0.25, min_scale=0.0,
                                                             max_scale=1, min_size=256, max_size=1024)
             idxs = scores.cpu().numpy().argsort()[-top_k:]

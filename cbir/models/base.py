@@ -29,6 +29,20 @@ def register(cls):
     return cls
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_tensor(image: np.ndarray, device: torch.device, mean: tuple[float, ...] = IMAGENET_MEAN,
+              std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 H x W x 3 RGB -> 1 x 3 x H x W float, as torchvision's ToTensor + Normalize
+    compute it (same operations, same order: bit-identical)."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float().div(255)
+    m = torch.tensor(mean, device=device)[:, None, None]
+    s = torch.tensor(std, device=device)[:, None, None]
+    return x.sub_(m).div_(s)[None]
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` is CUDA when present, else CPU; asking for CUDA without one is an error."""
     if device == "auto":

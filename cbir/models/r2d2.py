@@ -31,10 +31,8 @@ import torch.nn.functional as F
 
 from ..errors import CbirError
 from ..io.images import LoadedImage
-from .base import LocalExtractor, find_weights, register, resolve_device
+from .base import LocalExtractor, find_weights, register, resolve_device, to_tensor
 
-RGB_MEAN = (0.485, 0.456, 0.406)
-RGB_STD = (0.229, 0.224, 0.225)
 WEIGHTS_SOURCE = "https://github.com/naver/r2d2 (models/*.pt, CC BY-NC-SA 3.0)"
 
 
@@ -152,14 +150,6 @@ def load_r2d2(path: str | Path) -> QuadL2Net:
     return net.eval()
 
 
-def normalize_image(image: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 H x W x 3 RGB -> 1 x 3 x H x W, as torchvision's ToTensor + Normalize compute it."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float().div(255)
-    mean = torch.tensor(RGB_MEAN, device=device)[:, None, None]
-    std = torch.tensor(RGB_STD, device=device)[:, None, None]
-    return x.sub_(mean).div_(std)[None]
-
-
 def pyramid_levels(width: int, height: int, conf: dict[str, Any]) -> list[tuple[float, int, int, bool]]:
     """``(scale, w, h, extract)`` of every level the official loop visits, in order."""
     levels = []
@@ -214,7 +204,7 @@ class R2D2(LocalExtractor):
 
     @torch.inference_mode()
     def extract(self, image: LoadedImage) -> dict[str, np.ndarray]:
-        img = normalize_image(image.array, self.device).contiguous(memory_format=torch.channels_last)
+        img = to_tensor(image.array, self.device).contiguous(memory_format=torch.channels_last)
         _, _, H, W = img.shape
         xs, ys, ss, rel, rep, desc = [], [], [], [], [], []
         for s, w, h, keep in pyramid_levels(W, H, self.conf):

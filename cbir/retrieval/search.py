@@ -59,15 +59,15 @@ class DescriptorSet:
         """Unit-L2 float32 descriptors of images ``start:stop``, one tensor per store."""
         out = []
         for store, rows in zip(self.stores, self.rows):
-            d = store.read_rows("descriptors", rows[start:stop]).astype(np.float32, copy=False)
-            if not np.isfinite(d).all():
-                bad = self.names[start + int(np.flatnonzero(~np.isfinite(d).all(axis=1))[0])]
-                raise CbirError(f"non-finite descriptor for image {bad!r}", store.path)
-            norms = np.linalg.norm(d, axis=1, keepdims=True)
-            if (norms == 0).any():
-                bad = self.names[start + int(np.flatnonzero(norms[:, 0] == 0)[0])]
-                raise CbirError(f"zero descriptor for image {bad!r}: it cannot be compared", store.path)
-            out.append(torch.from_numpy(d / norms).to(device))
+            d = torch.from_numpy(store.read_rows("descriptors", rows[start:stop]).astype(np.float32, copy=False))
+            norms = torch.linalg.vector_norm(d, dim=1)  # NaN and inf propagate into the norm
+            bad = ~torch.isfinite(norms) | (norms == 0)
+            if bad.any():
+                i = int(bad.nonzero()[0, 0])
+                what = "zero descriptor" if norms[i] == 0 else "non-finite descriptor"
+                hint = ": it cannot be compared" if norms[i] == 0 else ""
+                raise CbirError(f"{what} for image {self.names[start + i]!r}{hint}", store.path)
+            out.append(d.div_(norms[:, None]).to(device))
         return out
 
 
