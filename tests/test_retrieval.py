@@ -149,3 +149,68 @@ def test_bad_descriptors_are_refused(tmp_path, stores):
         FusionConf("nope").name
     with pytest.raises(CbirError, match="2 fusion weights given for 3 descriptors"):
         retrieve(load(q), load(m), RetrievalConf(fusion=FusionConf("mean", (1.0, 1.0))))
+
+
+# ---------------------------------------------------------------- query expansion, DBA, indexes
+from cbir.retrieval.index import IndexConf, recall_against_exact, retrieve_indexed  # noqa: E402
+from cbir.retrieval.rerank import expand, retrieve_with_expansion  # noqa: E402
+
+
+def test_average_and_alpha_query_expansion(stores):
+    q, m = stores
+    qset, mset = load(q), load(m)
+    conf = RetrievalConf(topk=5)
+    first = retrieve(qset, mset, conf)
+    for alpha in (0.0, 3.0):
+        expanded = expand(qset, mset, first, 2, alpha)
+        # by hand: q' = normalize(q + sum_i w_i m_i) over the first 2 neighbours, per descriptor
+        qd = [t.numpy() for t in qset.read(0, len(qset.names), torch.device("cpu"))]
+        md = [t.numpy() for t in mset.read(0, len(mset.names), torch.device("cpu"))]
+        idx = {n: i for i, n in enumerate(mset.names)}
+        nb = [idx[p.map] for p in first if p.query == qset.names[0]][:2]
+        for j in range(3):
+            w = np.ones(2) if alpha == 0 else np.maximum(md[j][nb] @ qd[j][0], 0) ** alpha
+            e = qd[j][0] + w @ md[j][nb]
+            np.testing.assert_allclose(expanded.arrays[j][0], e / np.linalg.norm(e), atol=1e-5)
+    pairs = retrieve_with_expansion(qset, mset, conf, qe=2, qe_alpha=0.0)
+    assert pairs == retrieve(expand(qset, mset, first, 2, 0.0), mset, conf)
+
+
+def test_database_augmentation_changes_the_map_not_the_names(stores):
+    q, m = stores
+    qset, mset = load(q), load(m)
+    pairs = retrieve_with_expansion(qset, mset, RetrievalConf(topk=5), dba=3, dba_alpha=3.0)
+    assert len(pairs) == 5 * len(qset.names) and {p.map for p in pairs} <= set(mset.names)
+
+
+@pytest.mark.parametrize("fusion", ["gharm", "round_robin"])
+def test_flat_and_full_probe_indexes_equal_exact_search(stores, fusion):
+    q, m = stores
+    qset, mset = load(q), load(m)
+    conf = RetrievalConf(topk=10, fusion=FusionConf(fusion))
+    exact = retrieve(qset, mset, conf)
+    # every map image a candidate: the exact rescoring gives the exact result
+    for iconf in (IndexConf("flat", candidates=301), IndexConf("ivf", candidates=301, nlist=4, nprobe=4)):
+        ours = retrieve_indexed(qset, mset, conf, iconf)
+        assert [(p.query, p.map) for p in ours] == [(p.query, p.map) for p in exact], iconf.kind
+    assert recall_against_exact(qset, mset, conf, IndexConf("flat", candidates=301)) == 1.0
+    # fewer candidates: a fused top-10 image may be in no descriptor's own top-10, and the recall says so
+    r = recall_against_exact(qset, mset, conf, IndexConf("flat", candidates=10))
+    assert (r == 1.0) if fusion == "round_robin" else (0.5 < r <= 1.0)
+
+
+def test_compressed_indexes_report_their_recall(tmp_path):
+    rng = np.random.default_rng(4)
+    mnames = [f"m{i}" for i in range(2000)]
+    m = unit_positive(rng, 2000, 64)
+    q = m[:50] + 0.05 * rng.standard_normal((50, 64)).astype(np.float32)  # near-duplicates of map images
+    qset = load([write_global(tmp_path / "q.h5", [f"q{i}" for i in range(50)], q / np.linalg.norm(q, axis=1)[:, None])])
+    mset = load([write_global(tmp_path / "m.h5", mnames, m)])
+    conf = RetrievalConf(topk=5)
+    for kind in ("ivfpq", "lsh"):
+        iconf = IndexConf(kind, candidates=50, nlist=16, nprobe=4, pq_m=8)
+        pairs = retrieve_indexed(qset, mset, conf, iconf)
+        top1 = {p.query: p.map for p in pairs[::5]}
+        assert sum(top1[f"q{i}"] == f"m{i}" for i in range(50)) >= 45, kind  # the duplicate is found
+        r = recall_against_exact(qset, mset, conf, iconf, sample=50)
+        assert 0.2 <= r <= 1.0

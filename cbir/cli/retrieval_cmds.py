@@ -10,7 +10,9 @@ import click
 from ..io.pairs import write_pairs
 from ..io.store import open_store
 from ..models.base import resolve_device
-from ..retrieval import ALIASES, METHODS, DescriptorSet, FusionConf, RetrievalConf, retrieve
+from ..retrieval import ALIASES, METHODS, DescriptorSet, FusionConf, RetrievalConf
+from ..retrieval.index import INDEX_KINDS, IndexConf, build_indexes, recall_against_exact, retrieve_indexed
+from ..retrieval.rerank import retrieve_with_expansion
 from ._common import console_err, is_quiet, open_dataset, print_json, report_written
 from .features_cmds import progress_bar
 
@@ -36,14 +38,39 @@ def _floats(value: str | None) -> tuple[float, ...]:
 @click.option("--weights", "weights", help="Per-descriptor weights, comma-separated (normalized; default equal).")
 @click.option("--gamma", type=float, help="gharm, mean_and_power, mean_and_min (default 0.5).")
 @click.option("--alpha", type=float, help="min_and_max, villena_roman (default 0.5).")
+@click.option("--qe", type=click.IntRange(0), default=0, show_default=True,
+              help="Query expansion with the N first results (0: off).")
+@click.option("--qe-alpha", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="alpha-QE weight power (0: average QE).")
+@click.option("--dba", type=click.IntRange(0), default=0, show_default=True,
+              help="Database-side augmentation with N neighbours (0: off; holds the map in memory).")
+@click.option("--dba-alpha", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--index", "index_kind", type=click.Choice(["exact", *INDEX_KINDS]), default="exact",
+              show_default=True, help="exact search, or a faiss index whose candidates are rescored exactly.")
+@click.option("--candidates", type=click.IntRange(1), default=100, show_default=True,
+              help="Indexed search: candidates per descriptor and query.")
+@click.option("--nlist", type=click.IntRange(1), help="ivf, ivfpq: inverted lists (default 4 sqrt(N)).")
+@click.option("--nprobe", type=click.IntRange(1), default=16, show_default=True, help="ivf, ivfpq: lists visited.")
+@click.option("--pq-m", type=click.IntRange(1), help="ivfpq: sub-quantizers (default dim/16).")
+@click.option("--lsh-bits", type=click.IntRange(1), help="lsh: bits per code (default 2 x dim).")
+@click.option("--recall-sample", type=click.IntRange(0), default=0, show_default=True,
+              help="Indexed search: measure recall@topk against exact search on N sampled queries.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto.")
 @click.option("-o", "--output", help="Pairs file, or - for stdout (default: QUERY/cbir/pairs/<stores>_top<k>.txt).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary (on stderr with -o -).")
 @click.pass_context
 def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: str, fusion: str, topk: int,
-                 weights: str | None, gamma: float | None, alpha: float | None, device: str, output: str | None,
+                 weights: str | None, gamma: float | None, alpha: float | None, qe: int, qe_alpha: float, dba: int,
+                 dba_alpha: float, index_kind: str, candidates: int, nlist: int | None, nprobe: int,
+                 pq_m: int | None, lsh_bits: int | None, recall_sample: int, device: str, output: str | None,
                  as_json: bool) -> None:
-    """The TOPK most similar map images of each query, as a pairs file."""
+    """The TOPK most similar map images of each query, as a pairs file.
+
+    Several descriptors (--global a,b,c) are fused per (query, map image) with --fusion;
+    exact search by default, streamed over the map in bounded memory.
+    """
+    if index_kind != "exact" and (qe or dba):
+        raise click.UsageError("--qe and --dba run on exact search: drop --index")
     names = [n.strip() for n in global_.split(",") if n.strip()]
     m = open_dataset(map_)
     q = open_dataset(query) if query else m
@@ -64,14 +91,26 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
                                     highlight=False)
         if topk > len(mset.names) - int(same):
             console_err().print(f"[yellow]top-k {topk} is more than the map has: every map image is returned[/]")
+        dev = resolve_device(device)
+        recall = None
         with progress_bar("retrieve", quiet or output == "-") as update:
-            pairs = retrieve(qset, mset, conf, device=resolve_device(device), progress=update)
+            if index_kind == "exact":
+                pairs = retrieve_with_expansion(qset, mset, conf, qe=qe, qe_alpha=qe_alpha, dba=dba,
+                                                dba_alpha=dba_alpha, device=dev, progress=update)
+            else:
+                iconf = IndexConf(index_kind, candidates=candidates, nlist=nlist, nprobe=nprobe, pq_m=pq_m or 0,
+                                  lsh_bits=lsh_bits or 0)
+                indexes = build_indexes(mset, iconf, dev)
+                pairs = retrieve_indexed(qset, mset, conf, iconf, dev, indexes, progress=update)
+                if recall_sample:
+                    recall = recall_against_exact(qset, mset, conf, iconf, recall_sample, dev, indexes)
     out = output or str(q.store_path("pairs", f"{'+'.join(names)}_top{topk}"))
     if out != "-":
         Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_pairs(out, pairs)
     summary = {"pairs": out, "queries": len(qset.names), "map_images": len(mset.names), "pair_count": len(pairs),
-               "fusion": conf.fusion.name, "dropped_queries": qset.dropped, "dropped_map_images": mset.dropped}
+               "fusion": conf.fusion.name, "index": index_kind, "recall_vs_exact": recall,
+               "dropped_queries": qset.dropped, "dropped_map_images": mset.dropped}
     if as_json:
         if out == "-":
             console_err().print_json(data=summary)
@@ -79,6 +118,9 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
             print_json(summary)
     elif not quiet:
         console_err().print(f"{len(qset.names)} queries x {len(mset.names)} map images: {len(pairs)} pairs "
-                            f"({conf.fusion.name} of {', '.join(names)})", highlight=False)
+                            f"({conf.fusion.name} of {', '.join(names)}, {index_kind} search)", highlight=False)
+        if recall is not None:
+            console_err().print(f"recall@{topk} of the {index_kind} index against exact search: {100 * recall:.1f}% "
+                                f"({min(recall_sample, len(qset.names))} sampled queries)", highlight=False)
     if out != "-":
         report_written([Path(out)], quiet or as_json)

@@ -40,6 +40,8 @@ class DescriptorSet:
     names: list[str]
     rows: list[np.ndarray]  # per store: the row of each name
     dropped: list[str] = field(default_factory=list)  # images missing from some store
+    #: in-memory unit descriptors replacing the stores' (query expansion, database augmentation)
+    arrays: list[np.ndarray] | None = None
 
     @classmethod
     def align(cls, stores: list[Store]) -> "DescriptorSet":
@@ -51,22 +53,31 @@ class DescriptorSet:
         rows = [np.array([s.index(n) for n in names], dtype=np.int64) for s in stores]
         return cls(stores, names, rows, dropped)
 
+    def with_arrays(self, arrays: list[np.ndarray]) -> "DescriptorSet":
+        return DescriptorSet(self.stores, self.names, self.rows, self.dropped, arrays)
+
     @property
     def dims(self) -> list[int]:
         return [s.dataset("descriptors").shape[1] for s in self.stores]
 
     def read(self, start: int, stop: int, device: torch.device) -> list[torch.Tensor]:
         """Unit-L2 float32 descriptors of images ``start:stop``, one tensor per store."""
+        return self.take(np.arange(start, stop), device)
+
+    def take(self, index: np.ndarray, device: torch.device) -> list[torch.Tensor]:
+        """Unit-L2 float32 descriptors of the images at ``index``, one tensor per store."""
+        if self.arrays is not None:
+            return [torch.from_numpy(a[index]).to(device) for a in self.arrays]
         out = []
         for store, rows in zip(self.stores, self.rows):
-            d = torch.from_numpy(store.read_rows("descriptors", rows[start:stop]).astype(np.float32, copy=False))
+            d = torch.from_numpy(store.read_rows("descriptors", rows[index]).astype(np.float32, copy=False))
             norms = torch.linalg.vector_norm(d, dim=1)  # NaN and inf propagate into the norm
             bad = ~torch.isfinite(norms) | (norms == 0)
             if bad.any():
                 i = int(bad.nonzero()[0, 0])
                 what = "zero descriptor" if norms[i] == 0 else "non-finite descriptor"
                 hint = ": it cannot be compared" if norms[i] == 0 else ""
-                raise CbirError(f"{what} for image {self.names[start + i]!r}{hint}", store.path)
+                raise CbirError(f"{what} for image {self.names[int(index[i])]!r}{hint}", store.path)
             out.append(d.div_(norms[:, None]).to(device))
         return out
 
@@ -147,8 +158,10 @@ def _round_robin(queries: list[str], rankings: list[np.ndarray], names: list[str
         taken: set[int] = set()
         for i in range(k):
             for ranking in rankings:
+                if i >= ranking.shape[1]:
+                    continue
                 m = int(ranking[r, i])
-                if m not in taken:
+                if m >= 0 and m not in taken:
                     taken.add(m)
                     out.append(Pair(q, names[m], float(k - len(taken) + 1)))
                     if len(taken) == k:
