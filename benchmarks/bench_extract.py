@@ -1,5 +1,8 @@
-"""Local-feature extraction throughput: SIFT, R2D2 (cbir), and the official naver/r2d2 code
-on the same weights and images, in one script.
+"""Extraction throughput: SIFT, R2D2 (cbir) and the official naver/r2d2 code on the same
+weights and images; DenseVLAD, AP-GeM and NetVLAD (global), in one script.
+
+AP-GeM and NetVLAD run on checkpoints generated in the official layouts (random weights:
+the official files cannot be downloaded here; the speed is the same).
 
 Each variant runs in its own subprocess, so its peak memory (ru_maxrss) is its own.
 The official code is imported from a checkout of github.com/naver/r2d2 (``--official-repo``:
@@ -38,6 +41,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     paths = image_paths(args.shared, args.images)
     weights = args.shared / "weights" / "r2d2" / "r2d2_WASF_N16.pt"
     top_k = 5000
+    if variant in ("apgem", "netvlad", "densevlad"):
+        return run_global(variant, args, paths)
     if variant == "sift":
         ex = SIFT({"max_size": 1024})
         run = lambda p: len(ex.extract(read_image(p, grayscale=True, max_size=1024))["keypoints"])  # noqa: E731
@@ -69,12 +74,64 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def generated_weights(variant: str, work: Path) -> Path:
+    """A checkpoint in the official layout with random weights (ResNet-101 AP-GeM, VGG-16 NetVLAD)."""
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    if variant == "apgem":
+        from cbir.models.apgem import ResNetGeM
+
+        path = work / "Resnet101-AP-GeM-LM18.pt"
+        if not path.exists():
+            state = {"module." + k.removeprefix("trunk."): v for k, v in ResNetGeM("resnet101").state_dict().items()}
+            torch.save({"model_options": {"arch": "resnet101_rmac", "out_dim": 2048, "pooling": "gem", "gemp": 3},
+                        "state_dict": state}, path)
+        return path
+    from cbir.models.netvlad import NetVLADNet
+
+    path = work / "netvlad_pitts30k.pth"
+    if not path.exists():
+        net = NetVLADNet(64, 512, 4096)
+        rename = {"assign.weight": "pool.conv.weight", "centroids": "pool.centroids",
+                  "whiten.weight": "WPCA.0.weight", "whiten.bias": "WPCA.0.bias"}
+        state = {rename.get(k, k): v for k, v in net.state_dict().items()}
+        state["WPCA.0.weight"] = state["WPCA.0.weight"][:, :, None, None]
+        torch.save({"state_dict": state}, path)
+    return path
+
+
+def run_global(variant: str, args: argparse.Namespace, paths: list[Path]) -> dict:
+    from cbir.extract import build_extractor
+    from cbir.io.images import read_image
+
+    if variant == "densevlad":
+        ex = build_extractor("densevlad", {}, "global")
+        ex.prepare(args.work / "densevlad.h5", [str(p) for p in paths],
+                   lambda p: read_image(p, grayscale=True, max_size=ex.loader_max_size))
+    else:
+        ex = build_extractor(variant, {"weights": str(generated_weights(variant, args.work)), "device": "cpu"},
+                             "global")
+
+    def run(p: Path) -> int:
+        return len(ex.extract(read_image(p, grayscale=ex.grayscale, max_size=ex.loader_max_size)))
+
+    run(paths[0])
+    t = time.perf_counter()
+    dims = sum(run(p) for p in paths)
+    dt = time.perf_counter() - t
+    return {"variant": variant, "images": len(paths), "seconds": dt, "images_per_s": len(paths) / dt,
+            "keypoints_per_image": dims / len(paths),
+            "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "threads": torch.get_num_threads()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
     ap.add_argument("--official-repo", type=Path, help="checkout of github.com/naver/r2d2 (omit to skip)")
     ap.add_argument("--images", type=int, default=2)
-    ap.add_argument("--variants", nargs="+", default=["sift", "r2d2", "official"])
+    ap.add_argument("--variants", nargs="+", default=["sift", "r2d2", "official", "densevlad", "apgem", "netvlad"])
+    ap.add_argument("--work", type=Path, default=Path(__file__).parent / "_work" / "extract")
     ap.add_argument("--only", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.only:
@@ -85,13 +142,15 @@ def main() -> None:
         if v == "official" and not args.official_repo:
             print("official: skipped (no --official-repo)")
             continue
-        cmd = [sys.executable, __file__, "--only", v, "--shared", str(args.shared), "--images", str(args.images)]
+        cmd = [sys.executable, __file__, "--only", v, "--shared", str(args.shared), "--images", str(args.images),
+               "--work", str(args.work)]
         if args.official_repo:
             cmd += ["--official-repo", str(args.official_repo)]
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         results[v] = r
+        unit = "dims" if v in ("apgem", "netvlad", "densevlad") else "keypoints"
         print(f"{v:9s} {r['images_per_s']:7.3f} images/s  {r['seconds'] / r['images']:7.2f} s/image  "
-              f"{r['keypoints_per_image']:7.0f} keypoints  peak RSS {r['peak_rss_MB']:6.0f} MB", flush=True)
+              f"{r['keypoints_per_image']:7.0f} {unit}  peak RSS {r['peak_rss_MB']:6.0f} MB", flush=True)
     if "r2d2" in results and "official" in results:
         print(f"R2D2 speed-up over the official code: x{results['official']['seconds'] / results['r2d2']['seconds']:.2f}")
 

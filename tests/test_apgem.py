@@ -169,3 +169,20 @@ def test_a_malicious_pickle_runs_nothing(tmp_path, capfd):
     with pytest.raises(CbirError):  # the state_dict does not fit
         build_from_checkpoint(tmp_path / "evil.pt")
     assert "pwned" not in capfd.readouterr().out  # and print was never called
+
+
+def test_cli_extracts_apgem_into_a_global_store(tmp_path, sample_dataset):
+    from click.testing import CliRunner
+
+    from cbir.cli import main
+    from cbir.io.dataset import Dataset
+    from cbir.io.store import open_store
+
+    official_checkpoint(tmp_path / "Resnet50-AP-GeM.pt", pca=False)
+    r = CliRunner().invoke(main, ["extract", str(sample_dataset), "--global", "apgem", "--weights",
+                                  str(tmp_path / "Resnet50-AP-GeM.pt"), "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output + r.stderr
+    with open_store(Dataset(sample_dataset).store_path("global", "Resnet50-AP-GeM"), "global-features") as s:
+        d = s.read_all("descriptors")
+        assert d.shape == (3, 2048) and np.allclose(np.linalg.norm(d, axis=1), 1, atol=1e-5)
+        assert s.config["extractor"] == "apgem" and s.config["weights"] == "Resnet50-AP-GeM.pt"

@@ -10,6 +10,7 @@ the rankings at the end, as kapture-localization does.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -92,9 +93,12 @@ def _merge_topk(vals: torch.Tensor, idx: torch.Tensor, new_vals: torch.Tensor, n
 
 def retrieve(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf = RetrievalConf(),
              device: torch.device = torch.device("cpu"),
-             progress: Callable[[int, int], None] | None = None) -> list[Pair]:
+             progress: Callable[[int, int], None] | None = None,
+             timings: dict[str, float] | None = None) -> list[Pair]:
     """The top-k database images of every query, best first, as pairs with their fused score
-    (round_robin: the peer's rank score ``topk - position``)."""
+    (round_robin: the peer's rank score ``topk - position``). ``timings`` (optional) is
+    filled with the seconds spent reading, in the matrix products, and fusing + selecting."""
+    clock = _Clock(timings, device)
     if len(query.stores) != len(database.stores):
         raise ValueError("query and database need the same descriptors")
     nq, nm = len(query.names), len(database.names)
@@ -117,7 +121,8 @@ def retrieve(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf 
     with torch.inference_mode():
         for q0 in range(0, nq, conf.query_block):
             q1 = min(nq, q0 + conf.query_block)
-            qd = query.read(q0, q1, device)
+            with clock("read"):
+                qd = query.read(q0, q1, device)
             self_idx = torch.tensor([map_index.get(n, -1) for n in query.names[q0:q1]], device=device)
             lists = n_desc if round_robin else 1
             vals = [torch.full((q1 - q0, 0), -torch.inf, device=device) for _ in range(lists)]
@@ -126,18 +131,21 @@ def retrieve(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf 
                 m1 = min(nm, m0 + conf.map_chunk)
                 md = cache.get(m0) if cache is not None else None
                 if md is None:
-                    md = database.read(m0, m1, device)
+                    with clock("read"):
+                        md = database.read(m0, m1, device)
                     if cache is not None:
                         cache[m0] = md
-                sims = [torch.mm(a, b.t()) for a, b in zip(qd, md)]
-                scores = sims if round_robin else [fuse(sims, conf.fusion)]
-                mask = (self_idx >= m0) & (self_idx < m1) if conf.exclude_self else None
-                for j, s in enumerate(scores):
-                    if mask is not None and mask.any():
-                        rows = mask.nonzero()[:, 0]
-                        s[rows, self_idx[rows] - m0] = -torch.inf
-                    top = torch.topk(s, min(k, s.shape[1]), dim=1, sorted=False)
-                    vals[j], idxs[j] = _merge_topk(vals[j], idxs[j], top.values, top.indices + m0, k)
+                with clock("similarity"):
+                    sims = [torch.mm(a, b.t()) for a, b in zip(qd, md)]
+                with clock("fuse_topk"):
+                    scores = sims if round_robin else [fuse(sims, conf.fusion)]
+                    mask = (self_idx >= m0) & (self_idx < m1) if conf.exclude_self else None
+                    for j, s in enumerate(scores):
+                        if mask is not None and mask.any():
+                            rows = mask.nonzero()[:, 0]
+                            s[rows, self_idx[rows] - m0] = -torch.inf
+                        top = torch.topk(s, min(k, s.shape[1]), dim=1, sorted=False)
+                        vals[j], idxs[j] = _merge_topk(vals[j], idxs[j], top.values, top.indices + m0, k)
                 del sims, scores
             names = query.names[q0:q1]
             if round_robin:
@@ -149,6 +157,27 @@ def retrieve(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf 
             if progress:
                 progress(q1 - q0, nq)
     return pairs
+
+
+class _Clock:
+    """Accumulates the time of named steps into a dict (nothing when there is none)."""
+
+    def __init__(self, timings: dict[str, float] | None, device: torch.device):
+        self.timings, self.device, self._name, self._t = timings, device, "", 0.0
+
+    def __call__(self, name: str) -> "_Clock":
+        self._name = name
+        return self
+
+    def __enter__(self) -> None:
+        if self.timings is not None:
+            self._t = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        if self.timings is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.timings[self._name] = self.timings.get(self._name, 0.0) + time.perf_counter() - self._t
 
 
 def _round_robin(queries: list[str], rankings: list[np.ndarray], names: list[str], k: int) -> list[Pair]:
