@@ -12,6 +12,7 @@ from ._common import console_err
 from .dataset_cmds import check, info
 from .features_cmds import extract, match, pairs_group, show_group
 from .evaluate_cmds import evaluate
+from .localization_cmds import localize_cmd, map_cmd, rig_group
 from .retrieval_cmds import retrieve_cmd
 from .interchange_cmds import export_group, import_group
 
@@ -48,6 +49,9 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 main.add_command(extract)
 main.add_command(retrieve_cmd, "retrieve")
+main.add_command(map_cmd)
+main.add_command(localize_cmd)
+main.add_command(rig_group)
 main.add_command(evaluate)
 main.add_command(pairs_group)
 main.add_command(match)

@@ -1,4 +1,4 @@
-"""``cbir evaluate``: retrieval metrics (``--retrieval``)."""
+"""``cbir evaluate``: localization accuracy, or retrieval metrics (``--retrieval``)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,23 @@ from ._common import console_out, open_dataset, print_json
 
 
 @click.command()
-@click.option("--retrieval", is_flag=True, required=True,
-              help="Evaluate a pairs file as retrieval results (pose evaluation comes with `cbir localize`).")
-@click.option("--pairs", "pairs_file", required=True, help="Pairs file (ranked per query), or -.")
-@click.option("--gt", "gt_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Ground truth: 'query_image, map_image[, positive|junk]' a line.")
+@click.option("--retrieval", is_flag=True, help="Evaluate a pairs file as retrieval results.")
+@click.option("--query", type=click.Path(file_okay=False, path_type=Path),
+              help="Query dataset whose localization results are evaluated.")
+@click.option("--results", "results_name", help="Localization result name (default: the only one).")
+@click.option("--poses", type=click.Path(dir_okay=False, path_type=Path),
+              help="Estimated poses as a kapture trajectories.txt or a visuallocalization.net file instead.")
+@click.option("--thresholds", default="0.25,2 0.5,5 5,10", show_default=True,
+              help="(translation, rotation deg) pairs, space-separated.")
+@click.option("--condition", "conditions", multiple=True, metavar="LABEL=REGEX",
+              help="A query subset by a pattern on image names (repeatable).")
+@click.option("--condition-list", "condition_lists", multiple=True, metavar="LABEL=FILE",
+              help="A query subset from a list file (repeatable).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Cumulative error curves (PNG).")
+@click.option("--pairs", "pairs_file", help="Retrieval: pairs file (ranked per query), or -.")
+@click.option("--gt", "gt_path", type=click.Path(exists=True, path_type=Path),
+              help="Localization: the dataset with the queries' ground-truth poses. Retrieval: a file of "
+                   "'query_image, map_image[, positive|junk]' lines.")
 @click.option("--revisited", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Revisited Oxford/Paris gnd_*.pkl (with --protocol).")
 @click.option("--protocol", type=click.Choice(sorted(REVISITED_PROTOCOLS)), default="medium", show_default=True)
@@ -32,11 +44,27 @@ from ._common import console_out, open_dataset, print_json
               help="Pose-based: largest angle (degrees) between optical axes.")
 @click.option("--ks", default="1,5,10,20", show_default=True, help="The k of recall@k and precision@k.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def evaluate(retrieval: bool, pairs_file: str, gt_file: Path | None, revisited: Path | None, protocol: str,
+def evaluate(retrieval: bool, query: Path | None, results_name: str | None, poses: Path | None,
+             thresholds: str, conditions: tuple[str, ...], condition_lists: tuple[str, ...],
+             plot: Path | None, pairs_file: str | None, gt_path: Path | None, revisited: Path | None, protocol: str,
              map_: Path | None, query_gt: Path | None, max_distance: float, max_angle: float, ks: str,
              as_json: bool) -> None:
-    """Retrieval metrics of a pairs file: mAP, recall@k (a relevant image among the first k),
-    precision@k, against a ground-truth file, the revisited Oxford/Paris protocol, or poses."""
+    """Localization accuracy: the share of queries within each (translation, rotation)
+    threshold of their ground truth, per condition, with median errors.
+
+    With --retrieval: mAP, recall@k (a relevant image among the first k) and precision@k of
+    a pairs file, against a ground-truth file, the revisited Oxford/Paris protocol, or poses.
+    """
+    if not retrieval:
+        if gt_path is not None and not gt_path.is_dir():
+            raise click.UsageError("--gt must be a dataset directory with ground-truth poses (or use --retrieval)")
+        _evaluate_poses(query, results_name, poses, gt_path, thresholds, conditions, condition_lists, plot, as_json)
+        return
+    if not pairs_file:
+        raise click.UsageError("--retrieval needs --pairs")
+    if gt_path is not None and gt_path.is_dir():
+        raise click.UsageError("with --retrieval, --gt is a ground-truth file (use --query-gt for poses)")
+    gt_file = gt_path
     try:
         k_values = tuple(sorted({int(k) for k in ks.split(",") if k.strip()}))
     except ValueError:
@@ -78,3 +106,72 @@ def evaluate(retrieval: bool, pairs_file: str, gt_file: Path | None, revisited: 
     out.print(table)
     if result["queries_without_pairs"]:
         out.print(f"[yellow]{len(result['queries_without_pairs'])} ground-truth queries have no pair[/]")
+
+
+def _parse_thresholds(text: str) -> tuple[tuple[float, float], ...]:
+    try:
+        out = tuple((float(a), float(b)) for a, b in (t.split(",") for t in text.split()))
+    except ValueError:
+        raise click.BadParameter(f"expected 't,r t,r ...', got {text!r}", param_hint="--thresholds") from None
+    if not out:
+        raise click.BadParameter("no threshold", param_hint="--thresholds")
+    return out
+
+
+def _evaluate_poses(query: Path | None, results_name: str | None, poses: Path | None, gt_dataset: Path | None,
+                    thresholds: str, conditions: tuple[str, ...], condition_lists: tuple[str, ...],
+                    plot: Path | None, as_json: bool) -> None:
+    from ..evaluation.localization import (conditions_from, plot_cumulative, pose_errors, read_condition_list,
+                                           summarize)
+    from ..io.kapture_text import read_trajectories
+    from ..io.vlnet import read_vlnet
+
+    if gt_dataset is None:
+        raise click.UsageError("give --gt DATASET (ground-truth poses), or --retrieval")
+    gt = open_dataset(gt_dataset).sensors.image_poses()
+    if not gt:
+        raise click.UsageError(f"{gt_dataset} has no poses to compare with")
+    if poses is not None:
+        if poses.suffix == ".txt" and poses.name == "trajectories.txt" and query is not None:
+            records = open_dataset(query).sensors.records
+            traj = read_trajectories(poses)
+            estimated = {r.name: traj[(r.timestamp, r.camera_id)] for r in records
+                         if (r.timestamp, r.camera_id) in traj}
+        else:
+            estimated = read_vlnet(poses)
+    else:
+        if query is None:
+            raise click.UsageError("give --query DATASET (its localization results) or --poses FILE")
+        from ..localize import read_results
+
+        root = Path(query) / "cbir" / "localization"
+        names = sorted(p.name for p in root.iterdir() if (p / "report.json").exists()) if root.is_dir() else []
+        if results_name is None:
+            if len(names) != 1:
+                raise click.UsageError(f"name the results with --results (found: {', '.join(names) or 'none'})")
+            results_name = names[0]
+        estimated = {r.name: r.pose for r in read_results(root / results_name) if r.success}
+    th = _parse_thresholds(thresholds)
+    errors = pose_errors(estimated, gt)
+    groups = {"all": list(errors)}
+    groups.update(conditions_from(dict(c.split("=", 1) for c in conditions if "=" in c), list(errors)))
+    for item in condition_lists:
+        label, _, path = item.partition("=")
+        groups[label] = read_condition_list(path)
+    result = {label: summarize(errors, th, names) for label, names in groups.items()}
+    if plot:
+        plot_cumulative(errors, plot, f"{results_name or poses}: {len(errors)} queries")
+    if as_json:
+        print_json({"conditions": result, "errors": {n: list(e) for n, e in errors.items()}})
+        return
+    table = Table(title=f"localization: {results_name or poses}", title_justify="left")
+    table.add_column("condition")
+    table.add_column("queries", justify="right")
+    for t, r in th:
+        table.add_column(f"({t:g} m, {r:g}°)", justify="right")
+    for col in ("median t", "median R (°)", "not localized"):
+        table.add_column(col, justify="right")
+    for label, s in result.items():
+        table.add_row(label, str(s["queries"]), *(f"{100 * v:.1f}" for v in s["within"]),
+                      f"{s['median_translation']:.3f}", f"{s['median_rotation_deg']:.3f}", str(s["not_localized"]))
+    console_out().print(table)

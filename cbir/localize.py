@@ -1,0 +1,271 @@
+"""Localize query images against a triangulated map (``cbir localize``).
+
+For each query: its retrieved map images (pairs file), the query x map matches (verified
+inliers when the store has them), 2D-3D correspondences through the map keypoints that
+have a 3D point, then pycolmap's absolute pose (P3P in LO-RANSAC, then non-linear
+refinement) with the paper's config1/2/3 (``cbir.geometry.colmap_options``).
+
+Correspondence rule (conflicts): a (query keypoint, 3D point) pair gets one vote per map
+image that supports it; each query keypoint keeps its most-voted 3D point and each 3D
+point its most-voted query keypoint (ties: the lower index), so the solver sees every
+3D point and every query keypoint at most once. Map images with fewer than
+``min_num_matches`` matches are ignored, as COLMAP's registrator does.
+
+Queries run in parallel processes; a query that fails (no retrieved image, no match, too
+few inliers, degenerate geometry) is reported with its reason and never stops the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pycolmap
+
+from .errors import CbirError
+from .geometry.cameras import CAMERA_MODELS, Camera
+from .geometry.colmap_options import paper_config, set_dotted
+from .geometry.poses import Pose, rotmat_to_qvec
+from .io.atomic import atomic_write_text
+from .io.colmap import COLMAP_PIXEL_OFFSET
+from .io.dataset import Dataset
+from .io.kapture_text import format_trajectories
+from .io.map_store import read_map
+from .io.pairs import Pair
+from .io.store import open_store
+
+
+@dataclass
+class QueryResult:
+    name: str
+    success: bool = False
+    method: str = ""  # how the pose was obtained: pnp, rig, sequence
+    reason: str = ""  # why it failed, or what the post-processing used
+    num_map_images: int = 0
+    num_2d3d: int = 0
+    num_inliers: int = 0
+    qvec: tuple[float, ...] | None = None  # world-to-camera, kapture order
+    tvec: tuple[float, ...] | None = None
+    camera: tuple | None = None  # (model, width, height, params) used / refined
+
+    @property
+    def pose(self) -> Pose | None:
+        return Pose(tuple(self.qvec), tuple(self.tvec)) if self.qvec is not None else None
+
+
+@dataclass
+class LocalizeReport:
+    directory: Path
+    results: list[QueryResult] = field(default_factory=list)
+
+    @property
+    def localized(self) -> int:
+        return sum(r.success for r in self.results)
+
+
+def query_camera(cam: Camera | None, width: int, height: int, image_path: Path | None) -> tuple[Camera, bool]:
+    """The query's camera and whether its focal length is known. Unknown intrinsics: the
+    EXIF focal length when the image has one, else COLMAP's prior 1.2 x max(w, h)."""
+    if cam is not None and cam.model in CAMERA_MODELS:
+        return cam, True
+    f = exif_focal_px(image_path, width, height) if image_path else None
+    known = f is not None
+    f = f or 1.2 * max(width, height)
+    return Camera("SIMPLE_RADIAL", width, height, (f, width / 2, height / 2, 0.0)), known
+
+
+def exif_focal_px(path: Path, width: int, height: int) -> float | None:
+    """Focal length in pixels from EXIF FocalLengthIn35mmFilm (Pillow, when installed)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    try:
+        with Image.open(path) as im:
+            exif = im.getexif().get_ifd(0x8769)
+            f35 = exif.get(0xA405)  # FocalLengthIn35mmFilm
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(f35) / 36.0 * max(width, height) if f35 else None
+
+
+def correspondences(match_lists: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Unique (query keypoint, 3D point) pairs from per-map-image (query kp, point) lists,
+    by the voting rule of the module docstring."""
+    if not match_lists:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    q = np.concatenate([m[0] for m in match_lists])
+    p = np.concatenate([m[1] for m in match_lists])
+    if len(q) == 0:
+        return q, p
+    pairs, votes = np.unique(np.stack([q, p], 1), axis=0, return_counts=True)
+    # best point per query keypoint: sort by (keypoint, -votes, point), keep first
+    order = np.lexsort((pairs[:, 1], -votes, pairs[:, 0]))
+    pairs, votes = pairs[order], votes[order]
+    first = np.r_[True, pairs[1:, 0] != pairs[:-1, 0]]
+    pairs, votes = pairs[first], votes[first]
+    # best query keypoint per point
+    order = np.lexsort((pairs[:, 0], -votes, pairs[:, 1]))
+    pairs = pairs[order]
+    first = np.r_[True, pairs[1:, 1] != pairs[:-1, 1]]
+    pairs = pairs[first]
+    return pairs[:, 0], pairs[:, 1]
+
+
+def _estimate(task: dict[str, Any]) -> QueryResult:
+    """One query's pose (runs in a worker process)."""
+    res = QueryResult(task["name"], num_map_images=task["num_map_images"], num_2d3d=len(task["points2D"]))
+    conf = task["conf"]
+    if res.num_2d3d < 3:
+        res.reason = f"{res.num_2d3d} 2D-3D correspondences (3 needed)" if task["num_map_images"] else \
+            task.get("reason", "no retrieved map image")
+        return res
+    model, w, h, params = task["camera"]
+    camera = pycolmap.Camera(model=model, width=w, height=h, params=list(params))
+    est = pycolmap.AbsolutePoseEstimationOptions()
+    est.ransac.max_error = conf["abs_pose_max_error"]
+    est.ransac.min_inlier_ratio = conf["abs_pose_min_inlier_ratio"]
+    est.ransac.random_seed = 0
+    ref = pycolmap.AbsolutePoseRefinementOptions()
+    ref.refine_focal_length = bool(conf["ba_refine_focal_length"]) or not task["focal_known"] and task["refine_unknown"]
+    ref.refine_extra_params = bool(conf["ba_refine_extra_params"])
+    ref.max_num_iterations = int(conf["ba_local_max_num_iterations"])
+    set_dotted(est, task["estimation_overrides"])
+    set_dotted(ref, task["refinement_overrides"])
+    try:
+        out = pycolmap.estimate_and_refine_absolute_pose(task["points2D"], task["points3D"], camera, est, ref)
+    except (ValueError, RuntimeError) as e:
+        res.reason = f"pose estimation failed: {e}"
+        return res
+    if out is None:
+        res.reason = "RANSAC found no pose (degenerate or too few consistent correspondences)"
+        return res
+    pose = out["cam_from_world"]
+    # inliers after refinement, within filter_max_reproj_error (COLMAP's observation filter)
+    mask = np.asarray(out["inlier_mask"], bool)
+    proj = camera.img_from_cam((pose * task["points3D"][mask]))  # camera is refined in place
+    err = np.linalg.norm(proj - task["points2D"][mask], axis=1)
+    res.num_inliers = int((err <= conf["filter_max_reproj_error"]).sum())
+    if res.num_inliers < conf["abs_pose_min_num_inliers"]:
+        res.reason = f"{res.num_inliers} inliers (< {conf['abs_pose_min_num_inliers']})"
+        return res
+    R = pose.rotation.matrix()
+    res.success, res.method = True, "pnp"
+    res.qvec = tuple(float(v) for v in rotmat_to_qvec(R))
+    res.tvec = tuple(float(v) for v in pose.translation)
+    res.camera = (camera.model.name, int(camera.width), int(camera.height), tuple(float(v) for v in camera.params))
+    return res
+
+
+def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: str, *, map_name: str | None = None,
+         config: str = "config2", overrides: dict[str, Any] | None = None, name: str | None = None,
+         num_workers: int = 2, use_unverified: bool = False, refine_unknown_focal: bool = True,
+         progress: Callable[[int, int], None] | None = None) -> LocalizeReport:
+    """Localize every query image of ``pairs``; results in ``QUERY/cbir/localization/<name>/``."""
+    overrides = dict(overrides or {})
+    conf = paper_config(config, overrides)
+    est_over = {k.removeprefix("estimation."): v for k, v in overrides.items() if k.startswith("estimation.")}
+    ref_over = {k.removeprefix("refinement."): v for k, v in overrides.items() if k.startswith("refinement.")}
+    unknown = set(overrides) - set(conf) - {f"estimation.{k}" for k in est_over} - {f"refinement.{k}" for k in ref_over}
+    if unknown:
+        raise CbirError(f"unknown localization option(s) {sorted(unknown)} (paper options: {', '.join(conf)}; "
+                        "pycolmap options as estimation.X or refinement.X)")
+    name = name or f"{local}-{config}"
+    point_map = read_map(map_.store_path("map", map_name or local))
+    lookup = point_map.keypoint_to_point()
+    by_query: dict[str, list[str]] = {}
+    for p in pairs:
+        by_query.setdefault(p.query, []).append(p.map)
+    queries = sorted(set(query.sensors.image_names()) & set(by_query)) + \
+        sorted(set(by_query) - set(query.sensors.image_names()))
+    records = query.sensors.record_by_name()
+    tasks = []
+    with open_store(query.store_path("matches", matches), "matches") as mstore, \
+            open_store(query.store_path("local", local), "local-features") as qfeats:
+        verified = "inliers" in mstore.columns and not use_unverified
+        for q in queries:
+            task: dict[str, Any] = {"name": q, "conf": conf, "num_map_images": 0, "points2D": np.zeros((0, 2)),
+                                    "points3D": np.zeros((0, 3)), "estimation_overrides": est_over,
+                                    "refinement_overrides": ref_over, "refine_unknown": refine_unknown_focal,
+                                    "focal_known": True, "camera": None}
+            if q not in records:
+                task["reason"] = "not an image of the query dataset"
+                tasks.append(task)
+                continue
+            if q not in qfeats:
+                task["reason"] = f"no {local} features"
+                tasks.append(task)
+                continue
+            item = qfeats.get(q, ["keypoints", "image_sizes"] if "image_sizes" in qfeats.columns else ["keypoints"])
+            kps = item["keypoints"]
+            cam = query.sensors.cameras.get(records[q].camera_id)
+            w, h = (int(v) for v in item["image_sizes"]) if "image_sizes" in item else (cam.width, cam.height)
+            camera, known = query_camera(cam, w, h, query.image_path(q))
+            task["camera"] = (camera.model, camera.width, camera.height, camera.params)
+            task["focal_known"] = known
+            lists = []
+            for m in by_query[q]:
+                if (q, m) not in mstore or m not in lookup:
+                    continue
+                it = mstore.get((q, m), ["matches", "inliers"] if verified else ["matches"])
+                mm = it["matches"][it["inliers"]] if verified else it["matches"]
+                if len(mm) < conf["min_num_matches"]:
+                    continue
+                task["num_map_images"] += 1
+                kp_sorted, pts = lookup[m]
+                pos = np.searchsorted(kp_sorted, mm[:, 1])
+                ok = pos < len(kp_sorted)
+                ok[ok] &= kp_sorted[pos[ok]] == mm[ok, 1]
+                lists.append((mm[ok, 0].astype(np.int64), pts[pos[ok]]))
+            if not task["num_map_images"]:
+                task["reason"] = "no retrieved map image with enough matches"
+            qi, pi = correspondences(lists)
+            task["points2D"] = kps[qi].astype(np.float64) + COLMAP_PIXEL_OFFSET
+            task["points3D"] = point_map.points[pi]
+            tasks.append(task)
+    results: list[QueryResult] = []
+    if num_workers > 1 and len(tasks) > 1:
+        with ProcessPoolExecutor(num_workers) as pool:
+            for r in pool.map(_estimate, tasks, chunksize=max(1, len(tasks) // (4 * num_workers))):
+                results.append(r)
+                if progress:
+                    progress(1, len(tasks))
+    else:
+        for t in tasks:
+            results.append(_estimate(t))
+            if progress:
+                progress(1, len(tasks))
+    report = LocalizeReport(query.root / "cbir" / "localization" / name, results)
+    write_results(report, query)
+    return report
+
+
+def write_results(report: LocalizeReport, query: Dataset) -> None:
+    """kapture trajectories.txt of the localized queries and report.json, atomically."""
+    report.directory.mkdir(parents=True, exist_ok=True)
+    records = query.sensors.record_by_name()
+    trajectories = {(records[r.name].timestamp, records[r.name].camera_id): r.pose
+                    for r in report.results if r.success and r.name in records}
+    atomic_write_text(report.directory / "trajectories.txt", format_trajectories(trajectories))
+    atomic_write_text(report.directory / "report.json",
+                      json.dumps([asdict(r) for r in report.results], indent=1, default=list) + "\n")
+
+
+def read_results(directory: Path) -> list[QueryResult]:
+    path = Path(directory) / "report.json"
+    try:
+        return [QueryResult(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()})
+                for r in json.loads(path.read_text())]
+    except FileNotFoundError:
+        raise CbirError("no localization report (run cbir localize first)", path) from None
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CbirError(f"unreadable localization report ({e})", path) from None
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
