@@ -41,6 +41,22 @@ def build_extractor(name: str, conf: dict[str, Any] | None = None, kind: str = "
     return registry[name](conf)
 
 
+def extractor_conf(kind: str, name: str, options: dict[str, Any], weights: str | Path | None,
+                   device: str) -> dict[str, Any]:
+    """The options of ``options`` that extractor ``name`` knows, plus the device and the weights
+    (a file, or a directory to look the default file up in)."""
+    registry = GLOBAL_EXTRACTORS if kind == "global" else LOCAL_EXTRACTORS
+    cls = registry.get(name)
+    if cls is None:
+        raise CbirError(f"unknown {kind} extractor {name!r} (known: {', '.join(sorted(registry))})")
+    conf = {k: v for k, v in options.items() if k in cls.default_conf}
+    if "device" in cls.default_conf:
+        conf["device"] = device
+    if weights is not None and "weights" in cls.default_conf:
+        conf["weights_dir" if Path(weights).is_dir() else "weights"] = str(weights)
+    return conf
+
+
 def read_image_list(path: str | Path, known: Iterable[str]) -> list[str]:
     """Image names, one a line (``#`` comments allowed); each must be in the dataset."""
     path = Path(path)

@@ -13,6 +13,7 @@ from .dataset_cmds import check, info
 from .features_cmds import extract, match, pairs_group, show_group
 from .evaluate_cmds import evaluate
 from .localization_cmds import localize_cmd, map_cmd, rig_group
+from .pipeline_cmds import pipeline_cmd
 from .retrieval_cmds import retrieve_cmd
 from .interchange_cmds import export_group, import_group
 
@@ -53,6 +54,7 @@ main.add_command(map_cmd)
 main.add_command(localize_cmd)
 main.add_command(rig_group)
 main.add_command(evaluate)
+main.add_command(pipeline_cmd)
 main.add_command(pairs_group)
 main.add_command(match)
 main.add_command(show_group)

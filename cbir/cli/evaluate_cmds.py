@@ -164,14 +164,19 @@ def _evaluate_poses(query: Path | None, results_name: str | None, poses: Path | 
     if as_json:
         print_json({"conditions": result, "errors": {n: list(e) for n, e in errors.items()}})
         return
-    table = Table(title=f"localization: {results_name or poses}", title_justify="left")
+    console_out().print(pose_table(f"localization: {results_name or poses}", result, th))
+
+
+def pose_table(title: str, result: dict[str, dict], thresholds: tuple[tuple[float, float], ...]) -> Table:
+    """The threshold table of the paper, one row per condition."""
+    table = Table(title=title, title_justify="left")
     table.add_column("condition")
     table.add_column("queries", justify="right")
-    for t, r in th:
+    for t, r in thresholds:
         table.add_column(f"({t:g} m, {r:g}°)", justify="right")
     for col in ("median t", "median R (°)", "not localized"):
         table.add_column(col, justify="right")
     for label, s in result.items():
         table.add_row(label, str(s["queries"]), *(f"{100 * v:.1f}" for v in s["within"]),
                       f"{s['median_translation']:.3f}", f"{s['median_rotation_deg']:.3f}", str(s["not_localized"]))
-    console_out().print(table)
+    return table

@@ -53,16 +53,6 @@ def parse_conf(items: tuple[str, ...]) -> dict[str, Any]:
     return conf
 
 
-def _extractor_conf(cls, common: dict[str, Any], weights: Path | None, device: str) -> dict[str, Any]:
-    """The options of ``common`` that ``cls`` knows, plus weights and device."""
-    conf = {k: v for k, v in common.items() if k in cls.default_conf}
-    if "device" in cls.default_conf:
-        conf["device"] = device
-    if weights is not None and "weights" in cls.default_conf:
-        conf["weights_dir" if weights.is_dir() else "weights"] = str(weights)
-    return conf
-
-
 @click.command()
 @dataset_argument()
 @click.option("--local", "local", type=click.Choice(sorted(LOCAL_EXTRACTORS)), help="Local feature extractor.")
@@ -111,8 +101,8 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
         raise CbirError(f"unknown option(s) {', '.join(sorted(unknown))} for {', '.join(n for _, n in jobs)}")
     if weights is not None and not any("weights" in c.default_conf for c in classes):
         raise CbirError(f"{', '.join(n for _, n in jobs)} use(s) no weights: drop --weights")
-    extractors = [extract_mod.build_extractor(n, _extractor_conf(c, common, weights, device), kind)
-                  for (kind, n), c in zip(jobs, classes)]
+    extractors = [extract_mod.build_extractor(n, extract_mod.extractor_conf(kind, n, common, weights, device), kind)
+                  for kind, n in jobs]
     ds = open_dataset(dataset, follow_symlinks)
     images = extract_mod.read_image_list(image_list, ds.sensors.image_names()) if image_list else None
     quiet = is_quiet(ctx)
