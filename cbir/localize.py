@@ -181,8 +181,9 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
     by_query: dict[str, list[str]] = {}
     for p in pairs:
         by_query.setdefault(p.query, []).append(p.map)
-    queries = sorted(set(query.sensors.image_names()) & set(by_query)) + \
-        sorted(set(by_query) - set(query.sensors.image_names()))
+    # every image of the query dataset (one without pairs fails as "no retrieved map image"),
+    # then the names of the pairs file that are not in it (reported, not localized)
+    queries = sorted(query.sensors.image_names()) + sorted(set(by_query) - set(query.sensors.image_names()))
     records = query.sensors.record_by_name()
     tasks = []
     with open_store(query.store_path("matches", matches), "matches") as mstore, \
@@ -209,7 +210,7 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
             task["camera"] = (camera.model, camera.width, camera.height, camera.params)
             task["focal_known"] = known
             lists = []
-            for m in by_query[q]:
+            for m in by_query.get(q, []):
                 if (q, m) not in mstore or m not in lookup:
                     continue
                 it = mstore.get((q, m), ["matches", "inliers"] if verified else ["matches"])
@@ -223,7 +224,8 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
                 ok[ok] &= kp_sorted[pos[ok]] == mm[ok, 1]
                 lists.append((mm[ok, 0].astype(np.int64), pts[pos[ok]]))
             if not task["num_map_images"]:
-                task["reason"] = "no retrieved map image with enough matches"
+                task["reason"] = "no retrieved map image with enough matches" if q in by_query else \
+                    "no retrieved map image"
             qi, pi = correspondences(lists)
             task["points2D"] = kps[qi].astype(np.float64) + COLMAP_PIXEL_OFFSET
             task["points3D"] = point_map.points[pi]

@@ -20,7 +20,7 @@ import pycolmap
 
 from .errors import CbirError
 from .geometry.colmap_options import paper_config, quiet_colmap, set_dotted
-from .io.colmap import COLMAP_PIXEL_OFFSET, reconstruction_to_map, sensors_to_reconstruction
+from .io.colmap import COLMAP_PIXEL_OFFSET, export_colmap, reconstruction_to_map, sensors_to_reconstruction
 from .io.dataset import Dataset
 from .io.map_store import PointMap, read_map, write_map
 from .io.sensors import SensorData
@@ -100,8 +100,8 @@ def main(dataset: Dataset, local: str, matches: str, *, name: str | None = None,
     config = {"local_features": local, "matches": matches, "config": MAPPING_CONFIG, "overrides": overrides}
     if out.exists() and not overwrite:
         existing = read_map(out)
-        if existing.config == config:
-            return _summarize(report, existing)  # already done: resume
+        if existing.config == config:  # already done: resume
+            return _export(dataset, report, existing, local, colmap_dir)
         raise CbirError("exists with another configuration: use --overwrite to replace it", out)
     poses = dataset.sensors.image_poses()
     if not poses:
@@ -128,9 +128,14 @@ def main(dataset: Dataset, local: str, matches: str, *, name: str | None = None,
     point_map.config = config
     out.parent.mkdir(parents=True, exist_ok=True)
     write_map(out, point_map)
-    if colmap_dir is not None:
-        colmap_dir.mkdir(parents=True, exist_ok=True)
-        result.write(colmap_dir)
+    return _export(dataset, report, point_map, local, colmap_dir)
+
+
+def _export(dataset: Dataset, report: MapReport, point_map: PointMap, local: str,
+            colmap_dir: Path | None) -> MapReport:
+    if colmap_dir is not None:  # a COLMAP model of the posed images and the points (binary)
+        export_colmap(_only(dataset.sensors, set(point_map.images)), colmap_dir, binary=True,
+                      map_path=report.path, local_path=dataset.store_path("local", local))
         report.colmap_dir = colmap_dir
     return _summarize(report, point_map)
 

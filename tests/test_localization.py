@@ -1,0 +1,237 @@
+"""Mapping, localization, post-processing and pose evaluation: units on constructed data
+with known answers, and the whole pipeline on the real sceaux_castle photos."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pycolmap
+import pytest
+from click.testing import CliRunner
+
+from cbir.cli import main
+from cbir.errors import CbirError
+from cbir.evaluation.localization import pose_errors, summarize
+from cbir.geometry.cameras import Camera
+from cbir.geometry.colmap_options import paper_config
+from cbir.geometry.postprocess import estimate_rig, interpolate, interpolate_sequences, propagate_rigs
+from cbir.geometry.poses import Pose
+from cbir.io.sensors import ImageRecord, SensorData
+from cbir.localize import QueryResult, _estimate, correspondences, query_camera
+
+
+def cbir(*args, ok: bool = True):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert r.exit_code == 0, r.output + r.stderr
+    return r.exit_code, r.stdout, r.stderr
+
+
+def look(yaw_deg: float, center) -> Pose:
+    a = np.radians(yaw_deg)
+    R = np.array([[np.cos(a), 0, -np.sin(a)], [0, 1, 0], [np.sin(a), 0, np.cos(a)]])
+    return Pose.from_matrix(R, -R @ np.asarray(center, float))
+
+
+# ---------------------------------------------------------------- 2D-3D correspondences
+def test_correspondences_vote_and_keep_each_point_and_keypoint_once():
+    lists = [
+        (np.array([0, 1, 2]), np.array([10, 11, 12])),  # map image A
+        (np.array([0, 1, 3]), np.array([10, 13, 12])),  # map image B: keypoint 1 disagrees, point 12 reused
+        (np.array([1]), np.array([13])),  # map image C backs keypoint 1 -> 13
+    ]
+    q, p = correspondences(lists)
+    pairs = set(zip(q.tolist(), p.tolist()))
+    # kp0 -> 10 (2 votes); kp1 -> 13 (2 votes beat 1); point 12 seen by kp2 and kp3 once each: the lower index wins
+    assert pairs == {(0, 10), (1, 13), (2, 12)}
+    assert len(correspondences([])[0]) == 0
+
+
+# ---------------------------------------------------------------- absolute pose on constructed data
+def synthetic_task(n=200, collinear=False, outliers=0.3, seed=0, conf="config2"):
+    rng = np.random.default_rng(seed)
+    cam = Camera("SIMPLE_PINHOLE", 640, 480, (500.0, 320.0, 240.0))
+    pose = look(10, [0.5, 0.0, -1.0])
+    X = np.c_[rng.uniform(-3, 3, n), rng.uniform(-2, 2, n), rng.uniform(4, 9, n)]
+    if collinear:
+        X = np.c_[np.linspace(-3, 3, n), np.zeros(n), np.full(n, 6.0)]
+    Xc = X @ pose.rotation_matrix.T + np.asarray(pose.tvec)
+    uv = Xc[:, :2] / Xc[:, 2:] * 500 + [320, 240]
+    bad = rng.random(n) < outliers
+    uv[bad] = rng.uniform(0, [640, 480], (bad.sum(), 2))
+    task = {"name": "q.jpg", "conf": paper_config(conf), "num_map_images": 3, "points2D": uv, "points3D": X,
+            "estimation_overrides": {}, "refinement_overrides": {}, "refine_unknown": True, "focal_known": True,
+            "camera": (cam.model, cam.width, cam.height, cam.params)}
+    return task, pose
+
+
+def test_pose_is_recovered_with_outliers():
+    task, gt = synthetic_task()
+    r = _estimate(task)
+    assert r.success and r.method == "pnp" and r.num_inliers >= 120
+    dt, dr = pose_errors({"q": r.pose}, {"q": gt})["q"]
+    assert dt < 1e-3 and dr < 1e-3
+
+
+def test_failures_are_reported_not_raised():
+    task, _ = synthetic_task(n=2)
+    r = _estimate(task)
+    assert not r.success and "2 2D-3D correspondences" in r.reason
+    task, _ = synthetic_task(collinear=True, outliers=0.0)
+    r = _estimate(task)
+    assert not r.success and r.reason
+    task, _ = synthetic_task(outliers=0.97, conf="config1")  # too few inliers for config1's 30
+    r = _estimate(task)
+    assert not r.success and ("inliers" in r.reason or "RANSAC" in r.reason)
+
+
+def test_unknown_intrinsics_use_the_colmap_prior():
+    cam, known = query_camera(Camera("UNKNOWN_CAMERA", 800, 600, ()), 800, 600, None)
+    assert not known and cam.model == "SIMPLE_RADIAL" and cam.params == (960.0, 400.0, 300.0, 0.0)
+    cam, known = query_camera(None, 800, 600, None)
+    assert not known
+    same = Camera("PINHOLE", 800, 600, (500.0, 500.0, 400.0, 300.0))
+    assert query_camera(same, 800, 600, None) == (same, True)
+
+
+# ---------------------------------------------------------------- post-processing
+def rig_sensors() -> tuple[SensorData, Pose, Pose]:
+    left, right = Camera("SIMPLE_PINHOLE", 640, 480, (500.0, 320.0, 240.0)), \
+        Camera("SIMPLE_PINHOLE", 640, 480, (500.0, 320.0, 240.0))
+    left_from_rig = Pose((1.0, 0.0, 0.0, 0.0), (0.2, 0.0, 0.0))
+    right_from_rig = look(20, [0.5, 0.0, 0.0])
+    data = SensorData(sensors={"left": left, "right": right},
+                      rigs={"rig": {"left": left_from_rig, "right": right_from_rig}},
+                      records=[ImageRecord(t, cam, f"{cam}/{t}.jpg") for t in (0, 1, 2, 5) for cam in ("left", "right")])
+    return data, left_from_rig, right_from_rig
+
+
+def test_rig_propagation_uses_the_extrinsics():
+    data, left_from_rig, right_from_rig = rig_sensors()
+    rig_from_world = look(30, [1.0, 2.0, 3.0])
+    left_pose = left_from_rig * rig_from_world
+    results = [QueryResult("left/1.jpg", True, "pnp", qvec=left_pose.qvec, tvec=left_pose.tvec),
+               QueryResult("right/1.jpg"), QueryResult("right/2.jpg")]
+    out = {r.name: r for r in propagate_rigs(results, data)}
+    expected = right_from_rig * rig_from_world
+    got = out["right/1.jpg"]
+    assert got.success and got.method == "rig" and "left/1.jpg" in got.reason
+    np.testing.assert_allclose(got.pose.rotation_matrix, expected.rotation_matrix, atol=1e-9)
+    np.testing.assert_allclose(got.pose.tvec, expected.tvec, atol=1e-9)
+    assert not out["right/2.jpg"].success  # no partner at timestamp 2
+    assert propagate_rigs(results, data, max_time_gap=1)[2].success  # unsynchronized: nearest within 1
+
+
+def test_rigs_with_unknown_cameras_are_refused():
+    data, *_ = rig_sensors()
+    data.rigs["rig"]["ghost"] = Pose((1.0, 0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
+    with pytest.raises(CbirError, match="unknown sensors: ghost"):
+        propagate_rigs([], data)
+
+
+def test_rig_estimation_recovers_the_extrinsics():
+    data, left_from_rig, right_from_rig = rig_sensors()
+    for t in (0, 1, 2, 5):
+        rig_from_world = look(10 * t, [t, 0.5 * t, 1.0])
+        data.trajectories[(t, "left")] = left_from_rig * rig_from_world
+        data.trajectories[(t, "right")] = right_from_rig * rig_from_world
+    rig = estimate_rig(data, ["left", "right"])
+    rel = right_from_rig * left_from_rig.inverse()
+    np.testing.assert_allclose(rig["right"].rotation_matrix, rel.rotation_matrix, atol=1e-9)
+    np.testing.assert_allclose(rig["right"].tvec, rel.tvec, atol=1e-9)
+
+
+def test_sequences_interpolate_copy_and_split_at_gaps():
+    data, *_ = rig_sensors()
+    a, b = look(0, [0, 0, 0]), look(40, [2, 0, 0])
+    results = [QueryResult("left/0.jpg", True, "pnp", qvec=a.qvec, tvec=a.tvec), QueryResult("left/1.jpg"),
+               QueryResult("left/2.jpg", True, "pnp", qvec=b.qvec, tvec=b.tvec), QueryResult("left/5.jpg"),
+               QueryResult("right/1.jpg")]
+    out = {r.name: r for r in interpolate_sequences(results, data, max_gap=2)}
+    mid = out["left/1.jpg"]
+    assert mid.method == "sequence" and "interpolated" in mid.reason
+    np.testing.assert_allclose(mid.pose.center, [1, 0, 0], atol=1e-9)
+    assert pose_errors({"x": mid.pose}, {"x": look(20, [1, 0, 0])})["x"][1] < 1e-6  # slerp halfway
+    assert not out["left/5.jpg"].success  # gap 3 > 2: another sequence, with no localized image
+    assert not out["right/1.jpg"].success  # another camera: its own sequences
+    out = {r.name: r for r in interpolate_sequences(results, data, max_gap=3)}
+    assert out["left/5.jpg"].reason == "copied from left/2.jpg"  # one side only: the closest pose
+    # timestamps out of order in the results are sorted first
+    assert interpolate_sequences(results[::-1], data, 2)[3].method == "sequence"
+    assert interpolate(a, b, 0.0) .center == pytest.approx(a.center)
+
+
+# ---------------------------------------------------------------- evaluation
+def test_threshold_table_counts_and_medians():
+    gt = {"a": look(0, [0, 0, 0]), "b": look(0, [0, 0, 0]), "c": look(0, [0, 0, 0])}
+    est = {"a": look(1, [0.1, 0, 0]), "b": look(3, [0.4, 0, 0])}
+    s = summarize(pose_errors(est, gt), ((0.25, 2), (0.5, 5), (5, 10)))
+    assert s["queries"] == 3 and s["localized"] == 2 and s["not_localized"] == 1
+    assert s["within"] == pytest.approx([1 / 3, 2 / 3, 2 / 3])
+    assert s["median_translation"] == pytest.approx(0.25) and s["median_rotation_deg"] == pytest.approx(2.0)
+
+
+# ---------------------------------------------------------------- end to end, real photos
+@pytest.fixture(scope="module")
+def sceaux_run(sceaux, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pipe") / "sceaux"
+    shutil.copytree(sceaux, root)
+    for p in [root, *root.rglob("*")]:
+        p.chmod(p.stat().st_mode | 0o200)
+    (root / "pipe.toml").write_text(
+        '[datasets]\nmap = "mapping"\nquery = "query"\nquery_gt = "query_gt"\n'
+        '[extract]\nlocal = "sift"\nglobal = ["densevlad"]\nlocal_conf = {max_keypoints = 4000}\n'
+        '[retrieve]\ntopk = 5\nmap_pairs = 0\n[match]\nratio = 0.8\n[localize]\nconfig = "config1"\n')
+    return root
+
+
+@pytest.mark.slow
+def test_pipeline_localizes_the_real_queries(sceaux_run):
+    _, out, _ = cbir("pipeline", sceaux_run / "pipe.toml", "--json")
+    result = json.loads(out)
+    ev = result["evaluation"]["all"]
+    assert ev["queries"] == 3 and ev["localized"] == 3
+    assert ev["within"][0] >= 2 / 3 and ev["within"][2] == 1.0  # (0.25 m, 2 deg) / (5 m, 10 deg)
+    assert ev["median_rotation_deg"] < 1.0
+    # resuming: nothing is extracted or matched again
+    _, out, _ = cbir("pipeline", sceaux_run / "pipe.toml", "--json")
+    steps = json.loads(out)["steps"]
+    assert "0 new, 8 present" in steps[0] and "map 0 new pairs" in steps[4]
+
+
+@pytest.mark.slow
+def test_step_commands_and_bad_queries(sceaux_run):
+    cbir("pipeline", sceaux_run / "pipe.toml", "--json")
+    q, m = sceaux_run / "query", sceaux_run / "mapping"
+    _, out, _ = cbir("map", m, "--local", "sift", "--matches", "sift-map", "--json",
+                     "--colmap", sceaux_run / "model")
+    summary = json.loads(out)
+    assert summary["points"] > 1000 and 2 < summary["mean_track_length"] and summary["mean_reprojection_error"] < 1
+    rec = pycolmap.Reconstruction(sceaux_run / "model")  # opens as a COLMAP model
+    assert rec.num_points3D() == summary["points"] and rec.num_reg_images() == 8
+    # a pairs file with a query that retrieves nothing, and one naming an image not in the dataset
+    pairs = (q / "cbir" / "pairs" / "densevlad_top5.txt").read_text().splitlines()
+    kept = [line for line in pairs if not line.startswith("100_7105.jpg")] + ["ghost.jpg, 100_7100.jpg"]
+    (sceaux_run / "partial.txt").write_text("\n".join(kept) + "\n")
+    _, out, _ = cbir("localize", "--query", q, "--map", m, "--pairs", sceaux_run / "partial.txt", "--local", "sift",
+                     "--matches", "sift-query", "--config", "config2", "--name", "partial", "--json",
+                     "--vlnet", sceaux_run / "submission.txt")
+    loc = json.loads(out)
+    reasons = {f["image"]: f["reason"] for f in loc["failed"]}
+    assert loc["localized"] == 2 and set(reasons) == {"ghost.jpg", "100_7105.jpg"}
+    assert reasons["ghost.jpg"] == "not an image of the query dataset"
+    assert reasons["100_7105.jpg"] == "no retrieved map image"
+    assert len((sceaux_run / "submission.txt").read_text().splitlines()) == 2
+    _, out, _ = cbir("evaluate", "--query", q, "--results", "partial", "--gt", sceaux_run / "query_gt", "--json",
+                     "--plot", sceaux_run / "curves.png", "--condition", "second=7105")
+    ev = json.loads(out)["conditions"]
+    assert ev["all"]["not_localized"] == 1 and ev["second"]["not_localized"] == 1
+    assert (sceaux_run / "curves.png").stat().st_size > 1000
+    # the sequence post-processing fills 100_7105 from its neighbours (timestamps 2, 5, 8: gap 3)
+    _, out, _ = cbir("localize", "--query", q, "--map", m, "--pairs", sceaux_run / "partial.txt", "--local", "sift",
+                     "--matches", "sift-query", "--name", "partial-seq", "--sequence", "--sequence-max-gap", "3",
+                     "--json")
+    assert json.loads(out)["by_method"]["sequence"] == 1
