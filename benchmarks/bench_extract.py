@@ -24,7 +24,6 @@ import time
 import types
 from pathlib import Path
 
-import numpy as np
 import torch
 
 

@@ -15,7 +15,7 @@ from cbir import __version__
 from cbir.cli import main
 
 
-def run(*args: str) -> "Result":
+def run(*args: str):
     result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     return result
 

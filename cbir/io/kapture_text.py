@@ -8,7 +8,6 @@ names the file and the line, never a silent overwrite.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from pathlib import Path, PurePosixPath

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from ..errors import CbirError
 from ..io.images import LoadedImage
 from .backbones import RESNET_LAYERS, ResNet
-from .base import IMAGENET_MEAN, IMAGENET_STD, GlobalExtractor, find_weights, register, resolve_device, to_tensor
+from .base import (IMAGENET_MEAN, IMAGENET_STD, GlobalExtractor, WithWeights, find_weights, register,
+                   resolve_device, to_tensor)
 from .checkpoints import load_pickled_checkpoint
 
 WEIGHTS_SOURCE = ("https://github.com/naver/deep-image-retrieval (Resnet101-AP-GeM-LM18.pt, "
@@ -140,7 +141,7 @@ def scale_pool(descs: list[torch.Tensor], pooling: str, gemp: float) -> torch.Te
 
 
 @register
-class APGeM(GlobalExtractor):
+class APGeM(WithWeights, GlobalExtractor):
     """AP-GeM from the official deep-image-retrieval checkpoint (``weights``)."""
 
     name = "apgem"
@@ -158,7 +159,6 @@ class APGeM(GlobalExtractor):
         "whitenm": 1.0,
     }
     loader_max_size_key = "max_size"
-    runtime_keys = ("device", "weights_dir")
 
     def __init__(self, conf: dict[str, Any] | None = None):
         super().__init__(conf)
@@ -179,13 +179,7 @@ class APGeM(GlobalExtractor):
                                                 self.conf["whitenv"], self.conf["whitenm"])
         self.descriptor_dim = len(self.whitening["components"]) if self.whitening else self.net.out_dim
 
-    def default_store_name(self) -> str:
-        return Path(self.conf["weights"]).stem
 
-    def identity(self) -> dict[str, Any]:
-        conf = super().identity()
-        conf["weights"] = Path(conf["weights"]).name
-        return conf
 
     @torch.inference_mode()
     def extract(self, image: LoadedImage) -> np.ndarray:

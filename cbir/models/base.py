@@ -112,6 +112,22 @@ class Extractor:
                 "descriptor_dim": int(self.descriptor_dim), "descriptor_dtype": self.descriptor_dtype}
 
 
+class WithWeights:
+    """Mixin of extractors that load a weight file: the store is named after the file, and
+    the stored configuration names the file, not where it lives."""
+
+    conf: dict[str, Any]
+    runtime_keys: ClassVar[tuple[str, ...]] = ("device", "weights_dir")
+
+    def default_store_name(self) -> str:
+        return Path(self.conf["weights"]).stem
+
+    def identity(self) -> dict[str, Any]:
+        conf = super().identity()  # type: ignore[misc]
+        conf["weights"] = Path(conf["weights"]).name
+        return conf
+
+
 class GlobalExtractor(Extractor):
     """One L2-normalized descriptor per image.
 

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from ..errors import CbirError
 from ..io.images import LoadedImage
 from .backbones import vgg16_features
-from .base import IMAGENET_MEAN, IMAGENET_STD, GlobalExtractor, find_weights, register, resolve_device, to_tensor
+from .base import (IMAGENET_MEAN, IMAGENET_STD, GlobalExtractor, WithWeights, find_weights, register,
+                   resolve_device, to_tensor)
 from .checkpoints import load_pickled_checkpoint
 
 WEIGHTS_SOURCE = ("https://github.com/Relja/netvlad (vd16_pitts30k_conv5_3_vlad_preL2_intra_white.mat; "
@@ -139,7 +140,7 @@ def load_netvlad(path: Path) -> tuple[NetVLADNet, dict[str, Any]]:
 
 
 @register
-class NetVLAD(GlobalExtractor):
+class NetVLAD(WithWeights, GlobalExtractor):
     """VGG-16 NetVLAD (Pitts30k, PCA-whitened to 4096) from its published weights."""
 
     name = "netvlad"
@@ -150,7 +151,6 @@ class NetVLAD(GlobalExtractor):
         "max_size": 640,  # longest edge fed to the network (VGG-16 on full images is slow on CPU)
     }
     loader_max_size_key = "max_size"
-    runtime_keys = ("device", "weights_dir")
 
     def __init__(self, conf: dict[str, Any] | None = None):
         super().__init__(conf)
@@ -160,13 +160,7 @@ class NetVLAD(GlobalExtractor):
         self.net = net.to(self.device, memory_format=torch.channels_last)
         self.descriptor_dim = self.net.out_dim
 
-    def default_store_name(self) -> str:
-        return Path(self.conf["weights"]).stem
 
-    def identity(self) -> dict[str, Any]:
-        conf = super().identity()
-        conf["weights"] = Path(conf["weights"]).name
-        return conf
 
     def prepare_input(self, image: np.ndarray) -> torch.Tensor:
         """RGB uint8 -> the network's input: (x * scale - mean) / std with x in [0, 1]."""

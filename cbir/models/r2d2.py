@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import CbirError
 from ..io.images import LoadedImage
-from .base import LocalExtractor, find_weights, register, resolve_device, to_tensor
+from .base import LocalExtractor, WithWeights, find_weights, register, resolve_device, to_tensor
 
 WEIGHTS_SOURCE = "https://github.com/naver/r2d2 (models/*.pt, CC BY-NC-SA 3.0)"
 
@@ -163,7 +163,7 @@ def pyramid_levels(width: int, height: int, conf: dict[str, Any]) -> list[tuple[
 
 
 @register
-class R2D2(LocalExtractor):
+class R2D2(WithWeights, LocalExtractor):
     """R2D2 keypoints and descriptors from an official checkpoint (``weights``)."""
 
     name = "r2d2"
@@ -183,7 +183,6 @@ class R2D2(LocalExtractor):
     grayscale = False
     keypoint_params = "scale"
     descriptor_dtype = "float32"
-    runtime_keys = ("device", "weights_dir")
 
     def __init__(self, conf: dict[str, Any] | None = None):
         super().__init__(conf)
@@ -193,14 +192,6 @@ class R2D2(LocalExtractor):
         self.net = load_r2d2(self.weights_path).fuse_batchnorm().to(self.device,
                                                                        memory_format=torch.channels_last)
         self.descriptor_dim = self.net.out_dim
-
-    def default_store_name(self) -> str:
-        return Path(self.conf["weights"]).stem
-
-    def identity(self) -> dict[str, Any]:
-        conf = super().identity()
-        conf["weights"] = Path(conf["weights"]).name  # the file, not where it lives
-        return conf
 
     @torch.inference_mode()
     def extract(self, image: LoadedImage) -> dict[str, np.ndarray]:
