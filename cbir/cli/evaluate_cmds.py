@@ -170,12 +170,12 @@ def _evaluate_poses(query: Path | None, results_name: str | None, poses: Path | 
 def pose_table(title: str, result: dict[str, dict], thresholds: tuple[tuple[float, float], ...]) -> Table:
     """The threshold table of the paper, one row per condition."""
     table = Table(title=title, title_justify="left")
-    table.add_column("condition")
-    table.add_column("queries", justify="right")
+    table.add_column("condition", no_wrap=True)
+    table.add_column("queries", justify="right", no_wrap=True)
     for t, r in thresholds:
-        table.add_column(f"({t:g} m, {r:g}°)", justify="right")
-    for col in ("median t", "median R (°)", "not localized"):
-        table.add_column(col, justify="right")
+        table.add_column(f"{t:g}m,{r:g}°", justify="right", no_wrap=True)
+    for col in ("median t", "median R°", "failed"):
+        table.add_column(col, justify="right", no_wrap=True)
     for label, s in result.items():
         table.add_row(label, str(s["queries"]), *(f"{100 * v:.1f}" for v in s["within"]),
                       f"{s['median_translation']:.3f}", f"{s['median_rotation_deg']:.3f}", str(s["not_localized"]))
