@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from contextlib import nullcontext
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +25,9 @@ from ..io.pairs import Pair
 from ..io.store import Store, StoreWriter, open_store
 from .nearest_neighbor import MatcherConf, as_unit_tensor, match_descriptors
 from .verify import Verified, VerifyConf, verification_camera, verify_pair
+
+
+VERIFY_CHUNK = 64  # pairs matched, then verified together
 
 
 @dataclass
@@ -116,7 +119,9 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
         cameras = _Cameras() if verify else None
         with StoreWriter(out, "matches", attrs, overwrite=overwrite) as writer, \
                 ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="cbir-verify") as pool:
-            pending: list[tuple[tuple[str, str], np.ndarray, np.ndarray, Future | None]] = []
+            # matching (torch, all cores) and verification (pycolmap, one core per worker) alternate
+            # by chunks of pairs instead of overlapping: together they would oversubscribe the CPU
+            pending: list[tuple[tuple[str, str], np.ndarray, np.ndarray, tuple | None]] = []
             for a, b in todo:
                 if (a, b) in writer:
                     report.already_present += 1
@@ -132,21 +137,20 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
                 kp0, d0, size0 = qcache.get(a)
                 kp1, d1, size1 = mcache.get(b)
                 m, s = match_descriptors(d0, d1, matcher)
-                fut = None
+                job = None
                 if verify is not None:
-                    cam0 = cameras.get(query, a, size0)
-                    cam1 = cameras.get(map_, b, size1)
-                    fut = pool.submit(verify_pair, cam0, kp0, cam1, kp1, m, verify)
-                pending.append(((a, b), m, s, fut))
-                if len(pending) >= 4 * max(1, num_workers):
-                    _drain(pending, writer, report, progress, len(todo))
-            _drain(pending, writer, report, progress, len(todo))
+                    job = (cameras.get(query, a, size0), kp0, cameras.get(map_, b, size1), kp1, m, verify)
+                pending.append(((a, b), m, s, job))
+                if len(pending) >= VERIFY_CHUNK:
+                    _drain(pending, pool, writer, report, progress, len(todo))
+            _drain(pending, pool, writer, report, progress, len(todo))
     return report
 
 
-def _drain(pending: list, writer: StoreWriter, report: MatchReport,
+def _drain(pending: list, pool: ThreadPoolExecutor, writer: StoreWriter, report: MatchReport,
            progress: Callable[[int, int], None] | None, total: int) -> None:
-    for key, m, s, fut in pending:
+    futures = [pool.submit(verify_pair, *job) if job is not None else None for *_, job in pending]
+    for (key, m, s, _), fut in zip(pending, futures):
         cols: dict[str, np.ndarray] = {"matches": m, "scores": s}
         if fut is not None:
             v: Verified = fut.result()
