@@ -235,3 +235,13 @@ def test_step_commands_and_bad_queries(sceaux_run):
                      "--matches", "sift-query", "--name", "partial-seq", "--sequence", "--sequence-max-gap", "3",
                      "--json")
     assert json.loads(out)["by_method"]["sequence"] == 1
+    # no usable matches (every map image below min_num_matches): each query fails with its reason
+    _, out, _ = cbir("localize", "--query", q, "--map", m, "--pairs", sceaux_run / "partial.txt", "--local", "sift",
+                     "--matches", "sift-query", "--name", "no-matches", "--conf", "min_num_matches=100000", "--json")
+    loc = json.loads(out)
+    assert loc["localized"] == 0
+    assert {f["reason"] for f in loc["failed"] if f["image"] == "100_7102.jpg"} == \
+        {"no retrieved map image with enough matches"}
+    code, _, err = cbir("localize", "--query", q, "--map", m, "--pairs", sceaux_run / "partial.txt", "--local",
+                        "sift", "--matches", "sift-query", "--conf", "nonsense=1", ok=False)
+    assert code == 1 and "unknown localization option" in err
