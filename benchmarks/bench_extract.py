@@ -63,12 +63,17 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
             idxs = scores.cpu().numpy().argsort()[-top_k:]
             return len(xys.cpu().numpy()[idxs])
 
-    run(paths[0])  # warm-up (allocator, oneDNN primitives), not timed
+    return timed_run(variant, run, paths)
+
+
+def timed_run(variant: str, run, paths: list[Path]) -> dict:
+    """One warm-up image (allocator, oneDNN primitives) not timed, then every image."""
+    run(paths[0])
     t = time.perf_counter()
-    keypoints = sum(run(p) for p in paths)
+    count = sum(run(p) for p in paths)
     dt = time.perf_counter() - t
     return {"variant": variant, "images": len(paths), "seconds": dt, "images_per_s": len(paths) / dt,
-            "keypoints_per_image": keypoints / len(paths),
+            "keypoints_per_image": count / len(paths),
             "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "threads": torch.get_num_threads()}
 
@@ -114,14 +119,7 @@ def run_global(variant: str, args: argparse.Namespace, paths: list[Path]) -> dic
     def run(p: Path) -> int:
         return len(ex.extract(read_image(p, grayscale=ex.grayscale, max_size=ex.loader_max_size)))
 
-    run(paths[0])
-    t = time.perf_counter()
-    dims = sum(run(p) for p in paths)
-    dt = time.perf_counter() - t
-    return {"variant": variant, "images": len(paths), "seconds": dt, "images_per_s": len(paths) / dt,
-            "keypoints_per_image": dims / len(paths),
-            "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "threads": torch.get_num_threads()}
+    return timed_run(variant, run, paths)
 
 
 def main() -> None:
