@@ -212,13 +212,14 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=["local", "global"])
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "_work" / "store")
     ap.add_argument("--random-reads", type=int, default=2000)
+    ap.add_argument("--layouts", nargs="+", default=["cbir", "hloc", "kapture"])
     ap.add_argument("--out", type=Path, help="write the results as JSON")
     args = ap.parse_args()
     results = []
     for kind in args.kinds:
         for n in args.sizes:
             names = image_names(n)
-            for cls in (CbirLayout, HlocLayout, KaptureLayout):
+            for cls in (c for c in (CbirLayout, HlocLayout, KaptureLayout) if c.name in args.layouts):
                 root = args.work / f"{kind}_{n}_{cls.name}"
                 shutil.rmtree(root, ignore_errors=True)
                 root.mkdir(parents=True)
@@ -242,7 +243,9 @@ def print_ratios(results: list[dict]) -> None:
     for (kind, n, layout), r in by.items():
         if layout == "cbir":
             continue
-        c = by[(kind, n, "cbir")]
+        c = by.get((kind, n, "cbir"))
+        if c is None:
+            continue
         print(f"{kind:6s} {n:7d} {layout:8s} open+list x{r['open_list_s'] / c['open_list_s']:7.1f}   "
               f"random read x{r['random_read_ms'] / c['random_read_ms']:6.1f}")
 

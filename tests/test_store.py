@@ -45,10 +45,11 @@ def test_layout_is_columnar_and_items_are_slices(tmp_path):
     path = tmp_path / "f.h5"
     items = _write(path, 50, batch_size=7)
     with h5py.File(path) as f:
-        assert set(f) == {"names", "offsets", "keypoints", "descriptors", "scores", "image_sizes"}
+        assert set(f) == {"names", "keys_blob", "offsets", "keypoints", "descriptors", "scores", "image_sizes"}
+        assert f["keys_blob"][()].tobytes().decode().split("\n") == list(f["names"].asstr()[()])
         assert f["offsets"].shape == (51,) and f["offsets"][0] == 0
         assert f["keypoints"].shape == (f["offsets"][-1], 2) and f["keypoints"].chunks is None
-        assert f.attrs["format_version"] == "1.0" and f.attrs["cbir_format"] == "local-features"
+        assert f.attrs["format_version"] == "1.1" and f.attrs["cbir_format"] == "local-features"
     with open_store(path) as s:
         assert s.keys == list(items)
         for name, cols in items.items():
@@ -273,3 +274,28 @@ def test_not_a_cbir_file(tmp_path):
         f["x"] = [1]
     with pytest.raises(FormatError, match="not a cbir store"):
         open_store(path)
+
+
+def test_keys_blob_is_read_and_its_absence_or_damage_falls_back(tmp_path):
+    """Format 1.1 lists names from one blob; a 1.0 file (no blob) or a blob that disagrees with
+    the item count is read through the variable-length names, with the same result."""
+    path = tmp_path / "f.h5"
+    items = _write(path, 20, batch_size=6)
+    with open_store(path) as s:
+        assert s._keys_from_blob() == list(items)
+    with h5py.File(path, "a") as f:
+        del f["keys_blob"]
+        f.create_dataset("keys_blob", data=np.frombuffer(b"only\none", np.uint8))
+    with open_store(path) as s:
+        assert s._keys_from_blob() is None and s.keys == list(items)
+    with h5py.File(path, "a") as f:
+        del f["keys_blob"]
+    with open_store(path) as s:
+        assert s.keys == list(items)
+
+
+def test_names_with_separators_get_no_blob(tmp_path):
+    from cbir.io.store import encode_keys_blob
+
+    assert encode_keys_blob(["a", "b\nc"]) is None and encode_keys_blob([("a", "b\x00")]) is None
+    assert encode_keys_blob([("a", "b"), ("c", "d")]).tobytes() == b"a\x00b\nc\x00d"
