@@ -56,6 +56,7 @@ from .io.dataset import Dataset
 from .io.pairs import exhaustive_pairs, write_pairs
 from .io.store import open_store
 from .matching import MatcherConf, VerifyConf
+from .models.densevlad import MODEL_SUFFIX as DENSEVLAD_MODEL_SUFFIX
 from .matching import match as match_mod
 from .retrieval import DescriptorSet, FusionConf, RetrievalConf, retrieve
 
@@ -151,7 +152,7 @@ def run(conf: dict[str, Any], log: Callable[[str], None] = lambda s: None) -> Pi
         gx = _build("global", g, dict(ex["global_conf"]), weights, dev)
         r = extract_mod.main(gx, m, num_workers=workers)
         if g == "densevlad":  # queries with the map's vocabulary and PCA
-            model = r.path.with_name(r.path.stem + ".model.h5")
+            model = r.path.with_name(r.path.stem + DENSEVLAD_MODEL_SUFFIX)
             gx = _build("global", g, {**ex["global_conf"], "model": str(model)}, weights, dev)
         rq = extract_mod.main(gx, q, num_workers=workers)
         global_names.append(r.path.stem)

@@ -107,6 +107,7 @@ def test_densevlad_fusion_retrieval_on_real_photos(sceaux, tmp_path):
     m, q = root / "mapping", root / "query"
     cbir("extract", m, "--global", "densevlad")
     cbir("extract", m, "--global", "densevlad", "--name", "densevlad32", "--conf", "clusters=32")
+    cbir("check", m)  # the DenseVLAD models beside the stores are not taken for stores
     cbir("extract", q, "--global", "densevlad", "--model", m / "cbir/global/densevlad.model.h5")
     cbir("extract", q, "--global", "densevlad", "--name", "densevlad32", "--conf", "clusters=32",
          "--model", m / "cbir/global/densevlad32.model.h5")

@@ -21,10 +21,15 @@ STORE_DIRS = {"local": "local-features", "global": "global-features", "matches":
 _STORE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
+#: files beside the stores that are not stores: a global extractor's learned model
+#: (DenseVLAD: ``cbir/global/<name>.model.h5``)
+MODEL_SUFFIX = ".model"
+
+
 def check_store_name(name: str) -> None:
-    if not _STORE_NAME_RE.match(name) or name.endswith((".h5", ".partial")):
+    if not _STORE_NAME_RE.match(name) or name.endswith((".h5", ".partial", MODEL_SUFFIX)):
         raise CbirError(f"invalid store name {name!r}: use letters, digits, '_', '-', '+', '.' "
-                        "(no path, no extension)")
+                        f"(no path, no extension, not ending in {MODEL_SUFFIX})")
 
 
 class Dataset:
@@ -78,7 +83,8 @@ class Dataset:
         for kind in (*STORE_DIRS, "pairs"):
             ext = ".txt" if kind == "pairs" else ".h5"
             d = self.root / "cbir" / kind
-            out[kind] = sorted(p for p in d.glob(f"*{ext}") if p.is_file()) if d.is_dir() else []
+            out[kind] = sorted(p for p in d.glob(f"*{ext}") if p.is_file() and not p.stem.endswith(MODEL_SUFFIX)) \
+                if d.is_dir() else []
         return out
 
     def __repr__(self) -> str:

@@ -30,11 +30,12 @@ import numpy as np
 
 from ..errors import CbirError, FormatError
 from ..io.atomic import atomic_output
+from ..io.dataset import MODEL_SUFFIX as STORE_MODEL_SUFFIX
 from ..io.images import LoadedImage
 from .base import GlobalExtractor, register
 from .sift import rootsift
 
-MODEL_SUFFIX = ".model.h5"
+MODEL_SUFFIX = f"{STORE_MODEL_SUFFIX}.h5"
 TRAIN_CACHE_BYTES = 1 << 30  # dense descriptors of training images kept between the two training passes
 
 
