@@ -22,6 +22,7 @@ from .io.images import LoadedImage, read_image
 from .io.store import StoreWriter
 from .models import GLOBAL_EXTRACTORS, LOCAL_EXTRACTORS
 from .models.base import Extractor, GlobalExtractor
+from .io.textfile import read_utf8
 
 
 @dataclass
@@ -60,10 +61,7 @@ def extractor_conf(kind: str, name: str, options: dict[str, Any], weights: str |
 def read_image_list(path: str | Path, known: Iterable[str]) -> list[str]:
     """Image names, one a line (``#`` comments allowed); each must be in the dataset."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise CbirError(f"cannot read image list: {e.strerror}", path) from None
+    lines = read_utf8(path, "image list").splitlines()
     known = set(known)
     names = []
     for i, line in enumerate(lines, 1):

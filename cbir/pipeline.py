@@ -59,6 +59,7 @@ from .matching import MatcherConf, VerifyConf
 from .models.densevlad import MODEL_SUFFIX as DENSEVLAD_MODEL_SUFFIX
 from .matching import match as match_mod
 from .retrieval import DescriptorSet, FusionConf, RetrievalConf, retrieve
+from .io.textfile import read_utf8
 
 DEFAULTS: dict[str, Any] = {
     "datasets": {"map": None, "query": None, "query_gt": None},
@@ -88,9 +89,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
     if path is not None:
         path = Path(path)
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CbirError("configuration file not found", path) from None
+            data = tomllib.loads(read_utf8(path, "configuration file"))
         except tomllib.TOMLDecodeError as e:
             raise CbirError(f"invalid TOML: {e}", path) from None
         _merge(conf, data, str(path))

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import CbirError
 from ..geometry.poses import Pose, rotation_error_deg
+from ..io.textfile import read_utf8
 
 DEFAULT_THRESHOLDS: tuple[tuple[float, float], ...] = ((0.25, 2.0), (0.5, 5.0), (5.0, 10.0))
 
@@ -46,11 +47,8 @@ def conditions_from(patterns: dict[str, str], names: list[str]) -> dict[str, lis
 
 
 def read_condition_list(path: str | Path) -> list[str]:
-    try:
-        return [line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines()
-                if line.split("#", 1)[0].strip()]
-    except OSError as e:
-        raise CbirError(f"cannot read condition list: {e.strerror}", path) from None
+    lines = (line.split("#", 1)[0].strip() for line in read_utf8(path, "condition list").splitlines())
+    return [line for line in lines if line]
 
 
 def summarize(errors: dict[str, tuple[float, float]], thresholds=DEFAULT_THRESHOLDS,

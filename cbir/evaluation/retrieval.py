@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import CbirError, FormatError
 from ..geometry.poses import Pose
 from ..io.pairs import Pair
+from ..io.textfile import read_utf8
 
 
 @dataclass
@@ -50,12 +51,7 @@ def ground_truth_from_poses(query_poses: dict[str, Pose], map_poses: dict[str, P
 def read_ground_truth(path: str | Path) -> GroundTruth:
     """``query_image, map_image[, positive|junk]`` a line (``#`` comments)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CbirError("ground-truth file not found", path) from None
-    except UnicodeDecodeError:
-        raise FormatError("not valid UTF-8 text", path) from None
+    text = read_utf8(path, "ground-truth file")
     gt = GroundTruth({}, {})
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()

@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-from ..errors import CbirError, FormatError
+from ..errors import FormatError
 from .atomic import atomic_write_text
+from .textfile import read_utf8
 
 PAIRS_HEADER = "# query_image, map_image, score"
 
@@ -49,14 +49,7 @@ def read_pairs(path: str | os.PathLike) -> list[Pair]:
     """Read a pairs file (kapture-localization's or hloc's layout); ``-`` is stdin."""
     if str(path) == "-":
         return parse_pairs(sys.stdin.read())
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise CbirError("pairs file not found", path) from None
-    except UnicodeDecodeError:
-        raise FormatError("not valid UTF-8 text", path) from None
-    return parse_pairs(text, str(path))
+    return parse_pairs(read_utf8(path, "pairs file"), str(path))
 
 
 def format_pairs(pairs: list[Pair]) -> str:

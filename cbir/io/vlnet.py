@@ -6,19 +6,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import CbirError, FormatError
+from ..errors import FormatError
 from ..geometry.poses import Pose, validate_pose
 from .atomic import atomic_write_text
+from .textfile import read_utf8
 
 
 def read_vlnet(path: str | os.PathLike) -> dict[str, Pose]:
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise CbirError("file not found", path) from None
-    except UnicodeDecodeError:
-        raise FormatError("not valid UTF-8 text", path) from None
+    text = read_utf8(path)
     poses: dict[str, Pose] = {}
     for lineno, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
