@@ -80,11 +80,10 @@ def query_camera(cam: Camera | None, width: int, height: int, image_path: Path |
 
 
 def exif_focal_px(path: Path, width: int, height: int) -> float | None:
-    """Focal length in pixels from EXIF FocalLengthIn35mmFilm (Pillow, when installed)."""
-    try:
-        from PIL import Image
-    except ImportError:
-        return None
+    """Focal length in pixels from EXIF FocalLengthIn35mmFilm (the 36 mm frame width maps to
+    the longest image edge), read with Pillow; None when the image has no such tag."""
+    from PIL import Image
+
     try:
         with Image.open(path) as im:
             exif = im.getexif().get_ifd(0x8769)

@@ -88,6 +88,19 @@ def test_failures_are_reported_not_raised():
     assert not r.success and ("inliers" in r.reason or "RANSAC" in r.reason)
 
 
+def test_unknown_intrinsics_take_the_exif_focal_length(tmp_path):
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0xA405] = 28  # FocalLengthIn35mmFilm: 28 mm
+    Image.new("RGB", (800, 600)).save(tmp_path / "with.jpg", exif=exif)
+    Image.new("RGB", (800, 600)).save(tmp_path / "without.jpg")
+    cam, known = query_camera(None, 800, 600, tmp_path / "with.jpg")
+    assert known and cam.params[0] == pytest.approx(28 / 36 * 800)
+    cam, known = query_camera(None, 800, 600, tmp_path / "without.jpg")
+    assert not known and cam.params[0] == 960.0
+
+
 def test_unknown_intrinsics_use_the_colmap_prior():
     cam, known = query_camera(Camera("UNKNOWN_CAMERA", 800, 600, ()), 800, 600, None)
     assert not known and cam.model == "SIMPLE_RADIAL" and cam.params == (960.0, 400.0, 300.0, 0.0)

@@ -10,8 +10,8 @@ set, e.g. ``Landmarks_clean``), loaded without running pickled code
 The forward pass, in the official order: ResNet trunk -> GeM pooling
 ``avgpool(clamp(x, 1e-6) ** p) ** (1/p)`` with the checkpoint's learned ``p`` ->
 (L2 if ``norm_features``) -> the FC whitening layer -> L2. Several scales (the
-official multi-transform option) are pooled with the symmetric GeM of power ``gemp``
-(3), then L2. Optional PCA whitening (``whiten``: a key of the checkpoint's ``pca``):
+official multi-transform option, each a PIL bilinear ``Scale`` as the official transform
+does it) are pooled with the symmetric GeM of power ``gemp`` (3), then L2. Optional PCA whitening (``whiten``: a key of the checkpoint's ``pca``):
 ``(x - mean_) @ components_[:v].T / (whitenm * explained_variance_[:v] ** whitenp)``,
 then L2. The official default is the whole image, unresized, one scale, no PCA.
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import cv2
+from PIL import Image
 import numpy as np
 import torch
 import torch.nn as nn
@@ -125,6 +125,14 @@ def whitening_from_pca(pca: Any, whitenp: float, whitenv: int | None, whitenm: f
     return {"mean": mean if mean is not None else np.zeros(comp.shape[1]), "components": comp, "scale": scale}
 
 
+def official_rescale(image: np.ndarray, factor: float) -> np.ndarray:
+    """deep-image-retrieval's ``Scale(factor)`` transform: PIL bilinear resize to
+    ``int(0.5 + factor * w) x int(0.5 + factor * h)``."""
+    h, w = image.shape[:2]
+    size = (max(1, int(0.5 + factor * w)), max(1, int(0.5 + factor * h)))
+    return np.array(Image.fromarray(image).resize(size, Image.BILINEAR))  # a writable copy
+
+
 def scale_pool(descs: list[torch.Tensor], pooling: str, gemp: float) -> torch.Tensor:
     """The official ``common.pool`` over scales (mean, or symmetric GeM)."""
     if len(descs) == 1:
@@ -185,10 +193,7 @@ class APGeM(WithWeights, GlobalExtractor):
     def extract(self, image: LoadedImage) -> np.ndarray:
         descs = []
         for s in self.conf["scales"]:
-            arr = image.array
-            if s != 1.0:
-                h, w = arr.shape[:2]
-                arr = cv2.resize(arr, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_LINEAR)
+            arr = image.array if s == 1.0 else official_rescale(image.array, s)
             x = to_tensor(arr, self.device, self.mean, self.std).contiguous(memory_format=torch.channels_last)
             descs.append(self.net(x))
         d = F.normalize(scale_pool(descs, self.conf["scale_pooling"], self.conf["gemp"]), p=2, dim=1)
