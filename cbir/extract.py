@@ -35,21 +35,22 @@ class ExtractReport:
     empty: list[str] = field(default_factory=list)  # images with no keypoint
 
 
-def build_extractor(name: str, conf: dict[str, Any] | None = None, kind: str = "local") -> Extractor:
+def extractor_class(name: str, kind: str = "local") -> type[Extractor]:
     registry = GLOBAL_EXTRACTORS if kind == "global" else LOCAL_EXTRACTORS
     if name not in registry:
         raise CbirError(f"unknown {kind} extractor {name!r} (known: {', '.join(sorted(registry))})")
-    return registry[name](conf)
+    return registry[name]
+
+
+def build_extractor(name: str, conf: dict[str, Any] | None = None, kind: str = "local") -> Extractor:
+    return extractor_class(name, kind)(conf)
 
 
 def extractor_conf(kind: str, name: str, options: dict[str, Any], weights: str | Path | None,
                    device: str) -> dict[str, Any]:
     """The options of ``options`` that extractor ``name`` knows, plus the device and the weights
     (a file, or a directory to look the default file up in)."""
-    registry = GLOBAL_EXTRACTORS if kind == "global" else LOCAL_EXTRACTORS
-    cls = registry.get(name)
-    if cls is None:
-        raise CbirError(f"unknown {kind} extractor {name!r} (known: {', '.join(sorted(registry))})")
+    cls = extractor_class(name, kind)
     conf = {k: v for k, v in options.items() if k in cls.default_conf}
     if "device" in cls.default_conf:
         conf["device"] = device

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -242,6 +242,24 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
             if progress:
                 progress(1, len(tasks))
     report = LocalizeReport(query.root / "cbir" / "localization" / name, results)
+    write_results(report, query)
+    return report
+
+
+def postprocess(report: LocalizeReport, query: Dataset, *, rig: bool = False, rig_max_gap: int = 0,
+                sequence: bool = False, sequence_max_gap: int = 1) -> LocalizeReport:
+    """Rig propagation then sequence interpolation of the failed queries (when asked), with
+    the results written again."""
+    from .geometry.postprocess import interpolate_sequences, propagate_rigs
+
+    if not (rig or sequence):
+        return report
+    results = report.results
+    if rig:
+        results = propagate_rigs(results, query.sensors, rig_max_gap)
+    if sequence:
+        results = interpolate_sequences(results, query.sensors, sequence_max_gap)
+    report = replace(report, results=results)
     write_results(report, query)
     return report
 

@@ -42,7 +42,7 @@ import copy
 import json
 from contextlib import ExitStack
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,7 +51,6 @@ from . import localize as localize_mod
 from . import mapping
 from .errors import CbirError
 from .evaluation.localization import DEFAULT_THRESHOLDS, pose_errors, summarize
-from .geometry.postprocess import interpolate_sequences, propagate_rigs
 from .io.dataset import Dataset
 from .io.pairs import exhaustive_pairs, write_pairs
 from .io.store import open_store
@@ -192,13 +191,9 @@ def run(conf: dict[str, Any], log: Callable[[str], None] = lambda s: None) -> Pi
     lz = conf["localize"]
     report = localize_mod.main(q, m, query_pairs, local, f"{local}-query", config=lz["config"],
                                overrides=lz["conf"], name=f"{local}-{tag}-{lz['config']}", num_workers=workers)
+    report = localize_mod.postprocess(report, q, rig=bool(lz["rig"]), rig_max_gap=int(lz["rig_max_gap"]),
+                                      sequence=bool(lz["sequence"]), sequence_max_gap=int(lz["sequence_max_gap"]))
     results = report.results
-    if lz["rig"]:
-        results = propagate_rigs(results, q.sensors, int(lz["rig_max_gap"]))
-    if lz["sequence"]:
-        results = interpolate_sequences(results, q.sensors, int(lz["sequence_max_gap"]))
-    report = replace(report, results=results)
-    localize_mod.write_results(report, q)
     result.localization = report
     step(f"localize ({lz['config']}): {report.localized}/{len(results)} queries -> {report.directory}")
     # -- evaluate

@@ -95,7 +95,7 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
     for key, value in (("max_keypoints", max_keypoints), ("max_size", max_size), ("model", model)):
         if value is not None:
             common[key] = str(value) if isinstance(value, Path) else value
-    classes = [(GLOBAL_EXTRACTORS if kind == "global" else LOCAL_EXTRACTORS)[n] for kind, n in jobs]
+    classes = [extract_mod.extractor_class(n, kind) for kind, n in jobs]
     unknown = set(common) - set().union(*(c.default_conf for c in classes))
     if unknown:
         raise CbirError(f"unknown option(s) {', '.join(sorted(unknown))} for {', '.join(n for _, n in jobs)}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -11,7 +10,7 @@ from rich.table import Table
 from .. import localize as localize_mod
 from .. import mapping
 from ..geometry.colmap_options import PAPER_CONFIGS
-from ..geometry.postprocess import estimate_rig, interpolate_sequences, propagate_rigs
+from ..geometry.postprocess import estimate_rig
 from ..io.atomic import atomic_write_text
 from ..io.kapture_text import format_rigs
 from ..io.pairs import read_pairs
@@ -89,14 +88,9 @@ def localize_cmd(ctx: click.Context, query: Path, map_: Path, pairs_file: str, l
         report = localize_mod.main(q, m, read_pairs(pairs_file), local, matches, map_name=map_name, config=config,
                                    overrides=parse_conf(conf_items), name=name, num_workers=num_workers,
                                    use_unverified=use_unverified, progress=update)
+    report = localize_mod.postprocess(report, q, rig=rig, rig_max_gap=rig_max_gap, sequence=sequence,
+                                      sequence_max_gap=sequence_max_gap)
     results = report.results
-    if rig:
-        results = propagate_rigs(results, q.sensors, rig_max_gap)
-    if sequence:
-        results = interpolate_sequences(results, q.sensors, sequence_max_gap)
-    if rig or sequence:
-        report = replace(report, results=results)
-        localize_mod.write_results(report, q)
     written = [report.directory / "trajectories.txt", report.directory / "report.json"]
     if vlnet:
         poses = {r.name: r.pose for r in results if r.success}

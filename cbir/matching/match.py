@@ -4,7 +4,8 @@ Pairs are ``(query image, map image)``: the query's features come from the query
 dataset, the map image's from the map dataset (the same dataset for map x map pairs).
 The store is written in the query dataset, ``cbir/matches/<name>.h5``. Pairs already
 in the store are skipped (resume); pairs whose images lack features are reported.
-Verification (optional) runs in a thread pool while the next pairs are matched.
+Verification (optional) runs in a thread pool, by chunks of pairs that alternate with
+the matching of the next chunk (overlapping both would oversubscribe the CPU).
 """
 
 from __future__ import annotations
@@ -114,8 +115,8 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
         for key in ("block_rows", "block_cols"):  # speed only, not the result
             config["matcher"].pop(key)
         attrs = {"name": name, "config": config, "local_features": local}
-        qcache, mcache = FeatureCache(qstore, dev), FeatureCache(mstore, dev) if not same else None
-        mcache = mcache or qcache
+        qcache = FeatureCache(qstore, dev)
+        mcache = qcache if same else FeatureCache(mstore, dev)
         cameras = _Cameras() if verify else None
         with StoreWriter(out, "matches", attrs, overwrite=overwrite) as writer, \
                 ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="cbir-verify") as pool:
