@@ -1,4 +1,4 @@
-"""Run a local or global extractor over a dataset into a store (``cbir extract``).
+"""Run local and global extractors over a dataset into stores (``cbir extract``).
 
 Images are decoded ahead in a small thread pool (OpenCV releases the GIL) while the
 extractor works on the current one; results are appended to the store in batches, so
@@ -9,10 +9,11 @@ window and one batch. Unreadable images are reported and skipped, never fatal.
 from __future__ import annotations
 
 from collections import deque
+from contextlib import ExitStack
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -108,49 +109,104 @@ def main(extractor: Extractor, dataset: Dataset, *, store_name: str | None = Non
          progress: Callable[[int, int], None] | None = None) -> ExtractReport:
     """Extract ``images`` (default: every image of records_camera.txt) of ``dataset`` into its
     local or global store (by the extractor's kind)."""
-    is_global = isinstance(extractor, GlobalExtractor)
-    store_name = store_name or extractor.default_store_name()
-    out = dataset.store_path("global" if is_global else "local", store_name)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    return extract_all([extractor], dataset, store_names=[store_name], images=images, overwrite=overwrite,
+                       num_workers=num_workers, progress=progress)[0]
+
+
+def extract_all(extractors: Sequence[Extractor], dataset: Dataset, *,
+                store_names: Sequence[str | None] | None = None, images: list[str] | None = None,
+                overwrite: bool = False, num_workers: int = 2,
+                progress: Callable[[int, int], None] | None = None) -> list[ExtractReport]:
+    """Run several extractors over ``dataset``, one report each (in order).
+
+    Extractors that read images the same way run in one pass: each image is decoded once,
+    and extractors of one network (DELG local and global) compute it once
+    (:meth:`Extractor.share_pass`). Each store resumes on its own: an image is processed
+    for the extractors whose store lacks it.
+    """
+    extractors = list(extractors)
+    names_ = list(store_names) if store_names is not None else [None] * len(extractors)
+    if len(names_) != len(extractors):
+        raise ValueError("one store name (or None) per extractor")
+    for i, a in enumerate(extractors):
+        for b in extractors[i + 1:]:
+            a.share_pass(b)
+    passes: dict[tuple[bool, int | None], list[int]] = {}
+    for i, e in enumerate(extractors):
+        passes.setdefault((e.grayscale, e.loader_max_size), []).append(i)
+    reports: dict[int, ExtractReport] = {}
+    n_passes = len(passes)
+    step = (lambda advance, total: progress(advance, total * n_passes)) if progress else None
+    for members in passes.values():
+        done = _extract_pass([extractors[i] for i in members], [names_[i] for i in members], dataset, images,
+                             overwrite, num_workers, step)
+        reports.update(zip(members, done))
+    return [reports[i] for i in range(len(extractors))]
+
+
+def _extract_pass(extractors: list[Extractor], store_names: list[str | None], dataset: Dataset,
+                  images: list[str] | None, overwrite: bool, num_workers: int,
+                  progress: Callable[[int, int], None] | None) -> list[ExtractReport]:
     names = images if images is not None else sorted(dataset.sensors.image_names())
-    report = ExtractReport(out)
+    first = extractors[0]
 
     def load(name: str) -> LoadedImage:
-        return read_image(dataset.image_path(name), grayscale=extractor.grayscale,
-                          max_size=extractor.loader_max_size)
+        return read_image(dataset.image_path(name), grayscale=first.grayscale, max_size=first.loader_max_size)
 
-    if is_global:  # e.g. DenseVLAD learns its vocabulary on the map, before the store is opened
-        extractor.prepare(out, names, load)
-    kind = "global-features" if is_global else "local-features"
-    writer = StoreWriter(out, kind, extractor.store_attrs(store_name), overwrite=overwrite, batch_size=64)
-    with writer:
-        todo = [n for n in names if n not in writer]
-        report.already_present = len(names) - len(todo)
+    outs, reports = [], []
+    store_names = [n or e.default_store_name() for e, n in zip(extractors, store_names)]
+    for extractor, store_name in zip(extractors, store_names):
+        kind = "global" if isinstance(extractor, GlobalExtractor) else "local"
+        out = dataset.store_path(kind, store_name)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(extractor, GlobalExtractor):  # e.g. DenseVLAD learns its vocabulary on the map first
+            extractor.prepare(out, names, load)
+        outs.append(out)
+        reports.append(ExtractReport(out))
+    with ExitStack() as stack:
+        writers = [stack.enter_context(StoreWriter(
+            out, "global-features" if isinstance(e, GlobalExtractor) else "local-features",
+            e.store_attrs(n), overwrite=overwrite, batch_size=64)) for e, n, out in zip(extractors, store_names, outs)]
+        missing = [{n for n in names if n not in w} for w in writers]
+        for report, todo in zip(reports, missing):
+            report.already_present = len(names) - len(todo)
+        todo = [n for n in names if any(n in m for m in missing)]
         if progress:
-            progress(report.already_present, len(names))
+            progress(len(names) - len(todo), len(names))
         for name, image in _prefetch(load, todo, num_workers):
+            wanted = [i for i, m in enumerate(missing) if name in m]
             if isinstance(image, CbirError):
-                report.failed.append((name, image.message))
-            elif is_global:
-                desc = extractor.extract(image)
-                _check_features({"descriptors": desc}, name)
-                if not np.any(desc):  # nothing to aggregate (e.g. smaller than DenseVLAD's grid)
-                    report.failed.append((name, "no descriptor could be computed (image too small or blank?)"))
-                else:
-                    writer.add(name, descriptors=desc)
-                    report.extracted += 1
+                for i in wanted:
+                    reports[i].failed.append((name, image.message))
             else:
-                feats = extractor.extract(image)
-                _check_features(feats, name)
-                n = len(feats["keypoints"])
-                if n == 0:
-                    report.empty.append(name)
-                writer.add(name, image_sizes=np.array(image.original_size, np.int32), **feats)
-                report.extracted += 1
-                report.keypoints += n
+                for i in wanted:
+                    extractors[i].begin_image([extractors[j] for j in wanted])
+                for i in wanted:
+                    _extract_one(extractors[i], writers[i], reports[i], name, image)
             if progress:
                 progress(1, len(names))
-    return report
+    return reports
+
+
+def _extract_one(extractor: Extractor, writer: StoreWriter, report: ExtractReport, name: str,
+                 image: LoadedImage) -> None:
+    if isinstance(extractor, GlobalExtractor):
+        desc = extractor.extract(image)
+        _check_features({"descriptors": desc}, name)
+        if not np.any(desc):  # nothing to aggregate (e.g. smaller than DenseVLAD's grid)
+            report.failed.append((name, "no descriptor could be computed (image too small or blank?)"))
+            return
+        writer.add(name, descriptors=desc)
+        report.extracted += 1
+        return
+    feats = extractor.extract(image)
+    _check_features(feats, name)
+    n = len(feats["keypoints"])
+    if n == 0:
+        report.empty.append(name)
+    writer.add(name, image_sizes=np.array(image.original_size, np.int32), **feats)
+    report.extracted += 1
+    report.keypoints += n
 
 
 def _check_features(feats: dict[str, np.ndarray], name: str) -> None:

@@ -137,24 +137,24 @@ def run(conf: dict[str, Any], log: Callable[[str], None] = lambda s: None) -> Pi
     m, q = Dataset(conf["datasets"]["map"]), Dataset(conf["datasets"]["query"])
     ex, dev, workers = conf["extract"], conf["device"], int(conf["num_workers"])
     weights = ex["weights"]
-    # -- extract
-    local_conf = {**ex["local_conf"]}
-    lx = _build("local", ex["local"], local_conf, weights, dev)
+    # -- extract: local and global in one pass per dataset (one network for both: DELG)
+    lx = _build("local", ex["local"], dict(ex["local_conf"]), weights, dev)
     local = lx.default_store_name()
-    for ds in (m, q):
-        r = extract_mod.main(lx, ds, num_workers=workers)
-        step(f"extract {ex['local']} {ds.root.name}: {r.extracted} new, {r.already_present} present, "
-             f"{len(r.failed)} skipped")
-    global_names = []
-    for g in ex["global"]:
-        gx = _build("global", g, dict(ex["global_conf"]), weights, dev)
-        r = extract_mod.main(gx, m, num_workers=workers)
+    gxs = [_build("global", g, dict(ex["global_conf"]), weights, dev) for g in ex["global"]]
+    rm = extract_mod.extract_all([lx, *gxs], m, num_workers=workers)
+    gqs = []
+    for g, gx, r in zip(ex["global"], gxs, rm[1:]):
         if g == "densevlad":  # queries with the map's vocabulary and PCA
             model = r.path.with_name(r.path.stem + DENSEVLAD_MODEL_SUFFIX)
             gx = _build("global", g, {**ex["global_conf"], "model": str(model)}, weights, dev)
-        rq = extract_mod.main(gx, q, num_workers=workers)
-        global_names.append(r.path.stem)
-        step(f"extract {g}: map {r.extracted} new / {r.already_present} present, query {rq.extracted} new")
+        gqs.append(gx)
+    rq = extract_mod.extract_all([lx, *gqs], q, num_workers=workers)
+    for ds, r in ((m, rm[0]), (q, rq[0])):
+        step(f"extract {ex['local']} {ds.root.name}: {r.extracted} new, {r.already_present} present, "
+             f"{len(r.failed)} skipped")
+    global_names = [r.path.stem for r in rm[1:]]
+    for g, r, r_q in zip(ex["global"], rm[1:], rq[1:]):
+        step(f"extract {g}: map {r.extracted} new / {r.already_present} present, query {r_q.extracted} new")
     # -- retrieve
     rt = conf["retrieve"]
     fusion = FusionConf(rt["fusion"])

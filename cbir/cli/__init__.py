@@ -16,6 +16,7 @@ from .localization_cmds import localize_cmd, map_cmd, rig_group
 from .pipeline_cmds import pipeline_cmd
 from .retrieval_cmds import retrieve_cmd
 from .interchange_cmds import export_group, import_group
+from .weights_cmds import weights_group
 
 
 class CbirGroup(click.Group):
@@ -58,6 +59,7 @@ main.add_command(pipeline_cmd)
 main.add_command(pairs_group)
 main.add_command(match)
 main.add_command(show_group)
+main.add_command(weights_group)
 main.add_command(info)
 main.add_command(check)
 main.add_command(import_group)

@@ -106,11 +106,12 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
     ds = open_dataset(dataset, follow_symlinks)
     images = extract_mod.read_image_list(image_list, ds.sensors.image_names()) if image_list else None
     quiet = is_quiet(ctx)
+    label = ", ".join(f"{kind} {n}" for kind, n in jobs)
+    with progress_bar(f"extract {label}", quiet or as_json) as update:
+        reports = extract_mod.extract_all(extractors, ds, store_names=[name] * len(extractors), images=images,
+                                          overwrite=overwrite, num_workers=num_workers, progress=update)
     summaries = []
-    for extractor in extractors:
-        with progress_bar(f"extract {extractor.name}", quiet or as_json) as update:
-            report = extract_mod.main(extractor, ds, store_name=name, images=images, overwrite=overwrite,
-                                      num_workers=num_workers, progress=update)
+    for extractor, report in zip(extractors, reports):
         for image, reason in report.failed:
             console_err().print(f"[yellow]skipped[/] {image}: {reason}", highlight=False)
         for image in report.empty:
@@ -118,6 +119,11 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
         summaries.append({"store": str(report.path), "extracted": report.extracted,
                           "already_present": report.already_present, "keypoints": report.keypoints,
                           "failed": [{"image": i, "reason": r} for i, r in report.failed], "empty": report.empty})
+        note = getattr(extractor, "weights_note", "")
+        if note:
+            summaries[-1]["weights_source"] = note
+            if not quiet and not as_json:
+                console_err().print(f"{extractor.name} weights: {note}", highlight=False)
         if not quiet and not as_json:
             detail = f" ({report.keypoints / report.extracted:.0f} keypoints on average)" \
                 if report.extracted and report.keypoints else ""

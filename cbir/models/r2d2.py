@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import CbirError
 from ..io.images import LoadedImage
+from .backbones import fold_batchnorm
 from .base import LocalExtractor, WithWeights, find_weights, register, resolve_device, to_tensor
 
 WEIGHTS_SOURCE = "https://github.com/naver/r2d2 (models/*.pt, CC BY-NC-SA 3.0)"
@@ -85,11 +86,7 @@ class QuadL2Net(nn.Module):
         fused: list[nn.Module] = []
         for op in self.ops:
             if isinstance(op, nn.BatchNorm2d) and fused and isinstance(fused[-1], nn.Conv2d):
-                conv = fused[-1]
-                inv_std = torch.rsqrt(op.running_var + op.eps)
-                with torch.no_grad():
-                    conv.weight.mul_(inv_std[:, None, None, None])
-                    conv.bias.sub_(op.running_mean).mul_(inv_std)
+                fold_batchnorm(fused[-1], op)
                 continue
             fused.append(op)
         self.ops = nn.ModuleList(fused)
