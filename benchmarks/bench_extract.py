@@ -1,8 +1,12 @@
 """Extraction throughput: SIFT, R2D2 (cbir) and the official naver/r2d2 code on the same
-weights and images; DenseVLAD, AP-GeM and NetVLAD (global), in one script.
+weights and images; DenseVLAD, AP-GeM and NetVLAD (global); DELG global only, local only
+and both in one pass, in one script.
 
-AP-GeM and NetVLAD run on checkpoints generated in the official layouts (random weights:
-the official files cannot be downloaded here; the speed is the same).
+AP-GeM, NetVLAD and DELG run on checkpoints generated in the official layouts (random
+weights: the official files cannot be downloaded here; the speed is the same). DELG runs
+the official configuration (1024 px, 7 scales, 3 global scales, top 1000) except the
+attention threshold, 0 instead of 175, which random weights would never reach: every
+position is a candidate, the most expensive case for the selection.
 
 Each variant runs in its own subprocess, so its peak memory (ru_maxrss) is its own.
 The official code is imported from a checkout of github.com/naver/r2d2 (``--official-repo``:
@@ -42,6 +46,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     top_k = 5000
     if variant in ("apgem", "netvlad", "densevlad"):
         return run_global(variant, args, paths)
+    if variant.startswith("delg"):
+        return run_delg(variant, args, paths)
     if variant == "sift":
         ex = SIFT({"max_size": 1024})
         run = lambda p: len(ex.extract(read_image(p, grayscale=True, max_size=1024))["keypoints"])  # noqa: E731
@@ -122,12 +128,52 @@ def run_global(variant: str, args: argparse.Namespace, paths: list[Path]) -> dic
     return timed_run(variant, run, paths)
 
 
+def delg_weights(work: Path) -> Path:
+    """Generated DELG weights under the official names, through the converter."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.delg_reference import write_generated_npz
+    from cbir.weights import convert_delg
+
+    path = work / "r50delg_gld_20200814.pt"
+    if not path.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        write_generated_npz(work / "delg_vars.npz")
+        convert_delg(work / "delg_vars.npz", path)
+    return path
+
+
+def run_delg(variant: str, args: argparse.Namespace, paths: list[Path]) -> dict:
+    """delg-global, delg-local, or delg-both (one pass for both, as `cbir extract --local delg
+    --global delg` runs it)."""
+    from cbir.io.images import read_image
+    from cbir.models.delg import DelgGlobal, DelgLocal
+
+    conf = {"weights": str(delg_weights(args.work)), "device": "cpu"}
+    extractors = []
+    if variant in ("delg-local", "delg-both"):
+        extractors.append(DelgLocal({**conf, "score_threshold": 0.0}))
+    if variant in ("delg-global", "delg-both"):
+        extractors.append(DelgGlobal(conf))
+    if len(extractors) == 2:
+        extractors[0].share_pass(extractors[1])
+
+    def run(p: Path) -> int:
+        image = read_image(p)
+        for e in extractors:
+            e.begin_image(extractors)
+        outs = [e.extract(image) for e in extractors]
+        return len(outs[0]["keypoints"]) if isinstance(outs[0], dict) else len(outs[0])
+
+    return timed_run(variant, run, paths)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
     ap.add_argument("--official-repo", type=Path, help="checkout of github.com/naver/r2d2 (omit to skip)")
     ap.add_argument("--images", type=int, default=2)
-    ap.add_argument("--variants", nargs="+", default=["sift", "r2d2", "official", "densevlad", "apgem", "netvlad"])
+    ap.add_argument("--variants", nargs="+", default=["sift", "r2d2", "official", "densevlad", "apgem", "netvlad",
+                                                      "delg-global", "delg-local", "delg-both"])
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "_work" / "extract")
     ap.add_argument("--only", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -145,9 +191,12 @@ def main() -> None:
             cmd += ["--official-repo", str(args.official_repo)]
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         results[v] = r
-        unit = "dims" if v in ("apgem", "netvlad", "densevlad") else "keypoints"
+        unit = "dims" if v in ("apgem", "netvlad", "densevlad", "delg-global") else "keypoints"
         print(f"{v:9s} {r['images_per_s']:7.3f} images/s  {r['seconds'] / r['images']:7.2f} s/image  "
               f"{r['keypoints_per_image']:7.0f} {unit}  peak RSS {r['peak_rss_MB']:6.0f} MB", flush=True)
+    if all(f"delg-{k}" in results for k in ("global", "local", "both")):
+        separate = results["delg-global"]["seconds"] + results["delg-local"]["seconds"]
+        print(f"DELG one pass for both: {results['delg-both']['seconds'] / separate:.2f} of the two separate passes")
     if "r2d2" in results and "official" in results:
         print(f"R2D2 speed-up over the official code: x{results['official']['seconds'] / results['r2d2']['seconds']:.2f}")
 

@@ -12,8 +12,10 @@ Configuration (every key optional except the datasets; ``--set a.b=value`` overr
     query = "path/to/query"
     query_gt = "path/to/query_gt" # optional: ground truth for the evaluation
     [extract]
-    local = "sift"               # sift, rootsift, r2d2
-    global = ["densevlad"]       # several: late fusion
+    local = "sift"               # sift, rootsift, r2d2, delg
+    global = ["densevlad"]       # apgem, netvlad, densevlad, delg; several: late fusion
+                                 # (local and global delg with the same max_size and
+                                 # scales run the network once for both)
     weights = "path/to/weights"  # directory or file, for the networks
     local_conf = {}              # extractor options
     global_conf = {}
