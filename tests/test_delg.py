@@ -29,6 +29,7 @@ from cbir.io.dataset import Dataset
 from cbir.io.images import LoadedImage, read_image
 from cbir.io.store import open_store
 from cbir.models import delg
+from cbir.retrieval.fusion import METHODS
 from cbir.weights import convert_delg
 
 from . import delg_reference as ref
@@ -305,3 +306,9 @@ def test_delg_pipeline_on_the_real_photos(sceaux, weights, tmp_path):
     assert result["evaluation"]["all"]["queries"] == 3
     report = json.loads(next((q / "cbir" / "localization").rglob("report.json")).read_text())
     assert len(report) == 3 and all(r["success"] or r["reason"] for r in report)
+    # DELG's global descriptor in every fusion operator
+    for method in METHODS:
+        _, out, _ = cbir("retrieve", "--map", m, "--query", q, "--global", "r50delg_gld_20200814,densevlad",
+                         "--fusion", method, "--topk", 2, "-o", "-")
+        lines = [line for line in out.splitlines() if line and not line.startswith("#")]
+        assert len(lines) == 3 * 2, method
