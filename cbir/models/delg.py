@@ -46,7 +46,7 @@ from PIL import Image
 
 from ..errors import CbirError
 from ..io.images import LoadedImage
-from .backbones import RESNET_STYLES, ResNet
+from .backbones import RESNET_STYLES, ResNet, fold_batchnorm
 from .base import Extractor, GlobalExtractor, LocalExtractor, WithWeights, find_weights, register, resolve_device
 
 WEIGHTS_SOURCE = ("https://storage.googleapis.com/delf/r50delg_gld_20200814.tar.gz (linked from tensorflow/models "
@@ -128,8 +128,7 @@ class DelgNet(nn.Module):
         return self.embedding(x)
 
     def fuse_batchnorm(self) -> "DelgNet":
-        from .backbones import fold_batchnorm
-
+        """Fold the batch norms into the convs (inference only; see ResNet.fuse_batchnorm)."""
         self.backbone.fuse_batchnorm()
         if isinstance(self.attention.bn, nn.BatchNorm2d):
             fold_batchnorm(self.attention.conv1, self.attention.bn)
