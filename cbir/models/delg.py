@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import CbirError
+from ..io.atomic import atomic_output
 from ..io.images import LoadedImage
 from .backbones import RESNET_STYLES, ResNet, fold_batchnorm
 from .base import Extractor, GlobalExtractor, LocalExtractor, WithWeights, find_weights, register, resolve_device
@@ -95,8 +95,6 @@ class DelgNet(nn.Module):
     def __init__(self, gem_power: float = 3.0, embedding_dim: int = 2048, reduced_dim: int = 128,
                  block3_strides: bool = True):
         super().__init__()
-        self.config = {"gem_power": float(gem_power), "embedding_dim": int(embedding_dim),
-                       "reduced_dim": int(reduced_dim), "block3_strides": bool(block3_strides)}
         self.backbone = ResNet("resnet50", style="tf", layer4_stride=1 if block3_strides else 2)
         self.embedding = nn.Linear(2048, embedding_dim)
         self.autoencoder = Autoencoder(1024, reduced_dim) if reduced_dim else None
@@ -239,18 +237,11 @@ def state_dict_from_official(variables: Mapping[str, np.ndarray], net: DelgNet) 
 
 def save_weights(path: str | os.PathLike, state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
                  source: str) -> Path:
-    """Write a converted weight file atomically (a temporary name, then a rename)."""
+    """Write a converted weight file atomically (``<path>.partial``, then a rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         torch.save({"format": FILE_FORMAT, "version": FILE_VERSION, "config": dict(config), "source": source,
                     "state_dict": dict(state)}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -309,7 +300,6 @@ class DelgEngine:
     runs once per scale, block 4 only at the global scales."""
 
     def __init__(self, path: Path, device: torch.device, conf: Mapping[str, Any]):
-        self.path = path
         self.device = device
         net, header = load_delg(path)
         self.header = header
@@ -345,7 +335,7 @@ class DelgEngine:
         image, resize_factors = official_resize(rgb, self.max_size)
         h, w = image.shape[:2]
         if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:
-            return DelgOutput(self._empty_local() if want_local else None,
+            return DelgOutput({} if want_local else None,
                               np.zeros(self.global_dim, np.float32) if want_global else None)
         x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None].float()
         x = x.sub_(128.0).div_(128.0)
@@ -391,7 +381,7 @@ class DelgEngine:
     def _select(self, centres: list, feats: list, scores: list, scales: list,
                 resize_factors: np.ndarray) -> dict[str, np.ndarray]:
         if not centres:
-            return self._empty_local()
+            return {}  # the local extractor answers with its empty()
         score = torch.cat(scores)
         # the official NMS (IoU 1.0) keeps the best max_keypoints by score, ties by index
         order = torch.sort(score, descending=True, stable=True).indices[:self.local_conf["max_keypoints"]]
@@ -402,10 +392,6 @@ class DelgEngine:
                 "descriptors": desc.cpu().numpy().astype(np.float32),
                 "scores": score[order].cpu().numpy().astype(np.float32),
                 "keypoint_params": torch.cat(scales)[order, None].cpu().numpy().astype(np.float32)}
-
-    def _empty_local(self) -> dict[str, np.ndarray]:
-        return {"keypoints": np.zeros((0, 2), np.float32), "descriptors": np.zeros((0, self.local_dim), np.float32),
-                "scores": np.zeros((0,), np.float32), "keypoint_params": np.zeros((0, 1), np.float32)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -418,23 +404,29 @@ _COMMON_CONF = {
     "max_size": 1024,  # official max_image_size (PIL bilinear); null: the image as it is
     "scales": [0.25, 0.35355338, 0.5, 0.70710677, 1.0, 1.4142135, 2.0],  # official image_scales
 }
-_SHARED_KEYS = tuple(_COMMON_CONF)
 
 
 class _Delg(WithWeights, Extractor):
     kind: ClassVar[str]
-    engine: DelgEngine
 
     def _setup(self) -> None:
         scales = self.conf["scales"]
         if not scales or any(not isinstance(s, (int, float)) or s <= 0 for s in scales):
             raise CbirError(f"{self.name}: scales must be positive numbers, got {scales!r}")
-        path = find_weights(self.conf["weights"], WEIGHTS_SOURCE, self.conf["weights_dir"])
-        self.engine = DelgEngine(path, resolve_device(self.conf["device"]), self.conf)
-        self._attach()
+        self.weights_path = find_weights(self.conf["weights"], WEIGHTS_SOURCE, self.conf["weights_dir"])
+        self.device = resolve_device(self.conf["device"])
+        self._engine: DelgEngine | None = None
 
-    def _attach(self) -> None:
-        setattr(self.engine, f"{self.kind}_conf", self.conf)
+    @property
+    def engine(self) -> DelgEngine:
+        """The network, loaded on first use: an engine shared by :meth:`share_pass` is loaded once."""
+        if self._engine is None:
+            self._use(DelgEngine(self.weights_path, self.device, self.conf))
+        return self._engine  # type: ignore[return-value]
+
+    def _use(self, engine: DelgEngine) -> None:
+        self._engine = engine
+        setattr(engine, f"{self.kind}_conf", self.conf)
 
     @property
     def weights_note(self) -> str:
@@ -444,14 +436,13 @@ class _Delg(WithWeights, Extractor):
     def share_pass(self, other: Extractor) -> bool:
         """Let ``other`` (the DELG extractor of the other kind, same network and pyramid)
         use this one's engine, so that one pass over the pyramid serves both."""
-        if not isinstance(other, _Delg) or other.kind == self.kind or other.engine is self.engine:
+        if not isinstance(other, _Delg) or other.kind == self.kind or \
+                (other._engine is not None and other._engine is self._engine):
             return False
         if any(self.conf[k] != other.conf[k] for k in ("max_size", "scales")) or \
-                self.engine.path.resolve() != other.engine.path.resolve() or \
-                self.engine.device != other.engine.device:
+                self.weights_path.resolve() != other.weights_path.resolve() or self.device != other.device:
             return False
-        other.engine = self.engine
-        other._attach()
+        other._use(self.engine)
         return True
 
     def begin_image(self, wanted: list[Extractor]) -> None:
@@ -471,10 +462,13 @@ class DelgLocal(_Delg, LocalExtractor):
     def __init__(self, conf: dict[str, Any] | None = None):
         super().__init__(conf)
         self._setup()
-        self.descriptor_dim = self.engine.local_dim
+
+    @property
+    def descriptor_dim(self) -> int:  # type: ignore[override]
+        return self.engine.local_dim
 
     def extract(self, image: LoadedImage) -> dict[str, np.ndarray]:
-        return self.engine.result(image, "local").local  # type: ignore[return-value]
+        return self.engine.result(image, "local").local or self.empty()
 
 
 @register
@@ -491,7 +485,10 @@ class DelgGlobal(_Delg, GlobalExtractor):
         if not idx or any(not isinstance(i, int) or not 0 <= i < len(self.conf["scales"]) for i in idx):
             raise CbirError(f"delg: global_scale_indices {idx!r} must index scales {self.conf['scales']!r}")
         self._setup()
-        self.descriptor_dim = self.engine.global_dim
+
+    @property
+    def descriptor_dim(self) -> int:  # type: ignore[override]
+        return self.engine.global_dim
 
     def extract(self, image: LoadedImage) -> np.ndarray:
         return self.engine.result(image, "global").global_  # type: ignore[return-value]
