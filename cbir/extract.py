@@ -104,19 +104,31 @@ def _prefetch(load: Callable[[str], LoadedImage], names: list[str],
             yield n, fut.result()
 
 
+@dataclass(frozen=True)
+class ImageOptions:
+    """How images are read: ``apply_exif`` rotates by the EXIF orientation first (recorded in
+    the store's configuration, since it changes the features); ``max_pixels`` refuses larger
+    images before decoding (None: $CBIR_MAX_IMAGE_PIXELS or 2^28)."""
+
+    apply_exif: bool = False
+    max_pixels: int | None = None
+
+
 def main(extractor: Extractor, dataset: Dataset, *, store_name: str | None = None,
          images: list[str] | None = None, overwrite: bool = False, num_workers: int = 2,
-         progress: Callable[[int, int], None] | None = None) -> ExtractReport:
+         progress: Callable[[int, int], None] | None = None,
+         image_options: ImageOptions = ImageOptions()) -> ExtractReport:
     """Extract ``images`` (default: every image of records_camera.txt) of ``dataset`` into its
     local or global store (by the extractor's kind)."""
     return extract_all([extractor], dataset, store_names=[store_name], images=images, overwrite=overwrite,
-                       num_workers=num_workers, progress=progress)[0]
+                       num_workers=num_workers, progress=progress, image_options=image_options)[0]
 
 
 def extract_all(extractors: Sequence[Extractor], dataset: Dataset, *,
                 store_names: Sequence[str | None] | None = None, images: list[str] | None = None,
                 overwrite: bool = False, num_workers: int = 2,
-                progress: Callable[[int, int], None] | None = None) -> list[ExtractReport]:
+                progress: Callable[[int, int], None] | None = None,
+                image_options: ImageOptions = ImageOptions()) -> list[ExtractReport]:
     """Run several extractors over ``dataset``, one report each (in order).
 
     Extractors that read images the same way run in one pass: each image is decoded once,
@@ -139,19 +151,26 @@ def extract_all(extractors: Sequence[Extractor], dataset: Dataset, *,
     step = (lambda advance, total: progress(advance, total * n_passes)) if progress else None
     for members in passes.values():
         done = _extract_pass([extractors[i] for i in members], [names_[i] for i in members], dataset, images,
-                             overwrite, num_workers, step)
+                             overwrite, num_workers, step, image_options)
         reports.update(zip(members, done))
     return [reports[i] for i in range(len(extractors))]
 
 
 def _extract_pass(extractors: list[Extractor], store_names: list[str | None], dataset: Dataset,
                   images: list[str] | None, overwrite: bool, num_workers: int,
-                  progress: Callable[[int, int], None] | None) -> list[ExtractReport]:
+                  progress: Callable[[int, int], None] | None, image_options: ImageOptions) -> list[ExtractReport]:
     names = images if images is not None else sorted(dataset.sensors.image_names())
     first = extractors[0]
 
     def load(name: str) -> LoadedImage:
-        return read_image(dataset.image_path(name), grayscale=first.grayscale, max_size=first.loader_max_size)
+        return read_image(dataset.image_path(name), grayscale=first.grayscale, max_size=first.loader_max_size,
+                          apply_exif=image_options.apply_exif, max_pixels=image_options.max_pixels)
+
+    def attrs(extractor: Extractor, store_name: str) -> dict[str, Any]:
+        out = extractor.store_attrs(store_name)
+        if image_options.apply_exif:  # only then: stores of the default stay comparable across versions
+            out["config"] = {**out["config"], "exif_orientation": "apply"}
+        return out
 
     outs, reports = [], []
     store_names = [n or e.default_store_name() for e, n in zip(extractors, store_names)]
@@ -166,7 +185,7 @@ def _extract_pass(extractors: list[Extractor], store_names: list[str | None], da
     with ExitStack() as stack:
         writers = [stack.enter_context(StoreWriter(
             out, "global-features" if isinstance(e, GlobalExtractor) else "local-features",
-            e.store_attrs(n), overwrite=overwrite, batch_size=64)) for e, n, out in zip(extractors, store_names, outs)]
+            attrs(e, n), overwrite=overwrite, batch_size=64)) for e, n, out in zip(extractors, store_names, outs)]
         missing = [{n for n in names if n not in w} for w in writers]
         for report, todo in zip(reports, missing):
             report.already_present = len(names) - len(todo)

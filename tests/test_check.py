@@ -27,7 +27,7 @@ def test_missing_and_unreadable_images(sample_dataset):
     (sample_dataset / "sensors/records_data/right/000.png").write_bytes(b"garbage")
     problems = _problems(sample_dataset)
     assert any("left/000.png: image file is missing" in p for p in problems)
-    assert any("right/000.png: image cannot be decoded" in p for p in problems)
+    assert any("right/000.png: image cannot be read: cannot decode image" in p for p in problems)
     assert all(p.startswith("error") for p in problems)
     assert not any("right/000.png" in p for p in _problems(sample_dataset, images="exists"))
 

@@ -42,7 +42,9 @@ def test_16_bit_is_reduced_to_8_bit(tmp_path):
     assert img.array.dtype == np.uint8 and np.all(img.array == 51400 >> 8)
 
 
-def test_exif_orientation_is_applied(tmp_path):
+def test_exif_orientation_is_ignored_by_default_and_applied_on_request(tmp_path):
+    """Stored pixels by default (kapture, COLMAP, hloc and the official extractors use them,
+    and intrinsics describe them); ``apply_exif`` rotates as the image would be shown."""
     from PIL import Image
 
     rgb = _gradient(20, 50)
@@ -50,7 +52,9 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = im.getexif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     im.save(tmp_path / "r.jpg", exif=exif, quality=100)
-    img = read_image(tmp_path / "r.jpg")
+    stored = read_image(tmp_path / "r.jpg")
+    assert stored.array.shape[:2] == (20, 50) and stored.original_size == (50, 20)
+    img = read_image(tmp_path / "r.jpg", apply_exif=True)
     assert img.array.shape[:2] == (50, 20) and img.original_size == (20, 50)
 
 

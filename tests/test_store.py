@@ -257,7 +257,7 @@ def test_inconsistent_offsets(tmp_path):
     with h5py.File(path, "a") as f:
         del f["offsets"]
         f["offsets"] = np.array([0, 1])
-    with pytest.raises(FormatError, match=r"'offsets' has shape \(2,\), expected \(4,\)"):
+    with pytest.raises(FormatError, match=r"'offsets' must be 4 integers .*got shape \(2,\)"):
         open_store(path)
 
 
@@ -276,22 +276,30 @@ def test_not_a_cbir_file(tmp_path):
         open_store(path)
 
 
-def test_keys_blob_is_read_and_its_absence_or_damage_falls_back(tmp_path):
-    """Format 1.1 lists names from one blob; a 1.0 file (no blob) or a blob that disagrees with
-    the item count is read through the variable-length names, with the same result."""
+def test_keys_blob_must_agree_with_the_names(tmp_path):
+    """A 1.0 file (no blob) reads the same; a blob that disagrees with the names in any way
+    (count, order: swapped names) is refused on open, since readers could not tell which
+    image is which."""
     path = tmp_path / "f.h5"
-    items = _write(path, 20, batch_size=6)
-    with open_store(path) as s:
-        assert s._keys_from_blob() == list(items)
-    with h5py.File(path, "a") as f:
-        del f["keys_blob"]
-        f.create_dataset("keys_blob", data=np.frombuffer(b"only\none", np.uint8))
-    with open_store(path) as s:
-        assert s._keys_from_blob() is None and s.keys == list(items)
+    items = list(_write(path, 20, batch_size=6))
     with h5py.File(path, "a") as f:
         del f["keys_blob"]
     with open_store(path) as s:
-        assert s.keys == list(items)
+        assert s.keys == items
+    blob = "\n".join(items).encode()
+    swapped = "\n".join([items[1], items[0], *items[2:]]).encode()
+    for bad in (b"only\none", swapped):
+        with h5py.File(path, "a") as f:
+            if "keys_blob" in f:
+                del f["keys_blob"]
+            f.create_dataset("keys_blob", data=np.frombuffer(bad, np.uint8))
+        with pytest.raises(FormatError, match="'keys_blob' disagrees with 'names'"):
+            open_store(path)
+    with h5py.File(path, "a") as f:
+        del f["keys_blob"]
+        f.create_dataset("keys_blob", data=np.frombuffer(blob, np.uint8))
+    with open_store(path) as s:
+        assert s.keys == items
 
 
 def test_names_with_separators_get_no_blob(tmp_path):

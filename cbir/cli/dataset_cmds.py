@@ -65,14 +65,16 @@ def _size(n: int) -> str:
               help="How far to check the image files.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--strict", is_flag=True, help="Fail on warnings too.")
+@click.option("--deep", is_flag=True,
+              help="Also verify the checksum of every column of every store (reads all data once).")
 @click.pass_context
 def check(ctx: click.Context, dataset: Path, follow_symlinks: bool, images: str, as_json: bool,
-          strict: bool) -> None:
+          strict: bool, deep: bool) -> None:
     """Validate DATASET against the format specification (exit code 1 on errors)."""
     ds = open_dataset(dataset, follow_symlinks)
     quiet = is_quiet(ctx) or as_json
     with console_err().status("checking", spinner="dots") if not quiet else _null() as status:
-        problems = check_dataset(ds, images=images,  # type: ignore[arg-type]
+        problems = check_dataset(ds, images=images, deep=deep,  # type: ignore[arg-type]
                                  progress=(lambda m: status.update(m)) if status else None)
     errors = [p for p in problems if p.level == "error"]
     warnings = [p for p in problems if p.level == "warning"]

@@ -11,12 +11,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-import cv2
 import numpy as np
 
 from ..errors import CbirError
 from ..geometry.cameras import Camera
 from .dataset import Dataset
+from .images import read_image
 from .map_store import read_map
 from .pairs import read_pairs
 from .store import Store, open_store
@@ -41,18 +41,25 @@ class _Report:
     def __init__(self) -> None:
         self.problems: list[Problem] = []
 
+    def add(self, problem: Problem) -> None:
+        if problem not in self.problems:  # a broken store is met again by the stores that use it
+            self.problems.append(problem)
+
     def error(self, path: Any, message: str, line: int | None = None) -> None:
-        self.problems.append(Problem("error", str(path), message, line))
+        self.add(Problem("error", str(path), message, line))
 
     def warning(self, path: Any, message: str, line: int | None = None) -> None:
-        self.problems.append(Problem("warning", str(path), message, line))
+        self.add(Problem("warning", str(path), message, line))
 
     def from_exception(self, e: CbirError) -> None:
-        self.problems.append(Problem("error", e.path or "", e.message, e.line))
+        self.add(Problem("error", e.path or "", e.message, e.line))
 
 
-def check_dataset(dataset: Dataset, *, images: ImageCheck = "decode",
+def check_dataset(dataset: Dataset, *, images: ImageCheck = "decode", deep: bool = False,
                   progress: Callable[[str], None] | None = None) -> list[Problem]:
+    """Every problem of ``dataset``. Stores are validated as every reader validates them on
+    open, then their values are scanned (NaN, normalization, match indices); ``deep`` also
+    verifies the checksums of every column."""
     report = _Report()
     try:
         data = dataset.sensors
@@ -79,6 +86,9 @@ def check_dataset(dataset: Dataset, *, images: ImageCheck = "decode",
                 else:
                     with open_store(path) as store:
                         _check_store(dataset, store, names, report)
+                        if deep:
+                            for message in store.verify_checksums():
+                                (report.warning if message.startswith("no checksums") else report.error)(path, message)
             except CbirError as e:
                 report.from_exception(e)
     return report.problems
@@ -100,15 +110,16 @@ def _check_images(dataset: Dataset, mode: ImageCheck, report: _Report,
             continue
         if mode != "decode":
             continue
-        image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED) if path.stat().st_size else None
-        if image is None:
-            report.error(path, "image cannot be decoded (empty, corrupt or unsupported format)")
+        try:  # the loader of extraction: stored pixels, EXIF orientation ignored
+            w, h = read_image(path, grayscale=True).original_size
+        except CbirError as e:
+            report.error(path, f"image cannot be read: {e.message}")
             continue
         cam = data.sensors.get(r.camera_id)
-        h, w = image.shape[:2]
-        if isinstance(cam, Camera) and cam.model != "UNKNOWN_CAMERA" and (w, h) != (cam.width, cam.height) \
-                and (h, w) != (cam.width, cam.height):
-            report.warning(path, f"image is {w}x{h} but camera {r.camera_id!r} is {cam.width}x{cam.height}")
+        if isinstance(cam, Camera) and cam.model != "UNKNOWN_CAMERA" and (w, h) != (cam.width, cam.height):
+            hint = " (rotated: intrinsics describe the stored pixels, EXIF orientation is not applied)" \
+                if (h, w) == (cam.width, cam.height) else ""
+            report.warning(path, f"image is {w}x{h} but camera {r.camera_id!r} is {cam.width}x{cam.height}{hint}")
 
 
 def _float_columns(store: Store) -> list[str]:
@@ -117,33 +128,11 @@ def _float_columns(store: Store) -> list[str]:
 
 def _check_store(dataset: Dataset, store: Store, names: set[str], report: _Report) -> None:
     path = store.path
-    keys = store.keys
-    if len(set(keys)) != len(keys):
-        seen: set = set()
-        dup = next(k for k in keys if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        report.error(path, f"duplicate item {dup!r}")
+    keys = store.keys  # structure (offsets, row counts, shapes, unique keys) was validated on open
     items = [k for key in keys for k in (key if isinstance(key, tuple) else (key,))]
     unknown = sorted(set(items) - names)
     if unknown and store.kind != "matches":
         report.warning(path, f"{len(unknown)} images are not in records_camera.txt (e.g. {unknown[0]!r})")
-    n = len(store)
-    if store.schema.ragged:
-        offs = store.offsets
-        if offs[0] != 0 or np.any(np.diff(offs) < 0):
-            report.error(path, "offsets must start at 0 and never decrease")
-            return
-        for c in store.columns:
-            if c in store.schema.ragged and store.dataset(c).shape[0] != offs[-1]:
-                report.error(path, f"'{c}' has {store.dataset(c).shape[0]} rows, offsets end at {offs[-1]}")
-                return
-    for c in store.columns:
-        if c in store.schema.per_item and store.dataset(c).shape[0] != n:
-            report.error(path, f"'{c}' has {store.dataset(c).shape[0]} rows for {n} items")
-            return
-    dim = store.attrs.get("descriptor_dim")
-    if dim is not None and "descriptors" in store.columns and store.dataset("descriptors").shape[1] != dim:
-        report.error(path, f"descriptors have {store.dataset('descriptors').shape[1]} dimensions, "
-                           f"the descriptor_dim attribute says {dim}")
     # values, streamed: NaN/inf, global normalization, match indices
     floats = _float_columns(store)
     bad: dict[str, Any] = {}

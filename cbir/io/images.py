@@ -1,26 +1,61 @@
 """The one image loader of cbir (OpenCV): every extractor reads images through it.
 
-EXIF orientation is applied (as the image would be shown), 16-bit images are
-reduced to 8 bits, alpha is dropped, and an optional resize to a maximum edge
-returns the per-axis scale factors so keypoints can be mapped back.
+Pixels are used as stored: EXIF orientation is ignored by default, as kapture, COLMAP,
+hloc and the official extractors do, because intrinsics describe the stored pixels
+(``apply_exif=True`` rotates first). 16-bit images are reduced to 8 bits, alpha is
+dropped, and an optional resize to a maximum edge returns the per-axis scale factors so
+keypoints can be mapped back. The image size is read from the header before decoding,
+and an image over ``max_pixels`` is refused without being decoded.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from ..errors import CbirError
+
+#: images with more pixels are refused before decoding (a PNG header may claim 10^10 pixels)
+DEFAULT_MAX_PIXELS = 1 << 28  # 268 Mpx, e.g. 16384 x 16384
+MAX_PIXELS_ENV = "CBIR_MAX_IMAGE_PIXELS"
+
+
+def max_pixels_default() -> int:
+    """``$CBIR_MAX_IMAGE_PIXELS`` if set to a positive integer, else :data:`DEFAULT_MAX_PIXELS`."""
+    try:
+        value = int(os.environ.get(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS))
+    except ValueError:
+        return DEFAULT_MAX_PIXELS
+    return value if value > 0 else DEFAULT_MAX_PIXELS
+
+
+def header_pixels(path: str | os.PathLike) -> int | None:
+    """The number of stored pixels, from the image header alone (Pillow reads no pixel
+    data), or None when Pillow does not know the format (OpenCV may still decode it)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return int(im.size[0]) * int(im.size[1])
+    except Image.DecompressionBombError as e:  # over Pillow's own limit: its message has the count
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        return int(m.group(1)) if m else sys.maxsize
+    except (OSError, ValueError, SyntaxError):
+        return None
 
 
 @dataclass(frozen=True)
 class LoadedImage:
     array: np.ndarray  # H x W (grayscale) or H x W x 3 (RGB), uint8
-    original_size: tuple[int, int]  # (width, height) after EXIF orientation, before resizing
+    original_size: tuple[int, int]  # (width, height) as decoded (stored pixels by default), before resizing
     scale: tuple[float, float]  # (sx, sy) = resized size / original size
 
     @property
@@ -37,9 +72,11 @@ class LoadedImage:
 
 
 def read_image(path: str | os.PathLike, *, grayscale: bool = False, max_size: int | None = None,
-               interpolation: int = cv2.INTER_AREA) -> LoadedImage:
+               interpolation: int = cv2.INTER_AREA, apply_exif: bool = False,
+               max_pixels: int | None = None) -> LoadedImage:
     """Read an image as uint8 RGB (or grayscale), resized so that its longest edge is
-    at most ``max_size`` (never upsampled)."""
+    at most ``max_size`` (never upsampled). Any problem (missing, corrupt, too large) is a
+    one-line :class:`CbirError` naming the file."""
     path = Path(path)
     try:
         data = np.fromfile(path, dtype=np.uint8)  # handles any file name, unlike cv2.imread
@@ -47,8 +84,20 @@ def read_image(path: str | os.PathLike, *, grayscale: bool = False, max_size: in
         raise CbirError("image not found", path) from None
     except OSError as e:
         raise CbirError(f"cannot read image: {e.strerror}", path) from None
+    limit = max_pixels_default() if max_pixels is None else max_pixels
+    pixels = header_pixels(path) if data.size else None
+    if pixels is not None and pixels > limit:
+        raise CbirError(f"image of {pixels} pixels (by its header) is over the limit of {limit} "
+                        f"(raise it with ${MAX_PIXELS_ENV})", path)
     flags = (cv2.IMREAD_GRAYSCALE if grayscale else cv2.IMREAD_COLOR) | cv2.IMREAD_ANYDEPTH
-    image = cv2.imdecode(data, flags) if data.size else None
+    if not apply_exif:
+        flags |= cv2.IMREAD_IGNORE_ORIENTATION
+    try:
+        image = cv2.imdecode(data, flags) if data.size else None
+    except cv2.error as e:  # OpenCV's own limits and decoder failures
+        m = re.search(r"error: \([^)]*\) (.*)", str(e))
+        reason = (m.group(1) if m else str(e).strip().splitlines()[-1])[:200]
+        raise CbirError(f"cannot decode image ({reason})", path) from None
     if image is None:
         raise CbirError("cannot decode image (empty, corrupt or unsupported format)", path)
     if image.dtype == np.uint16:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import zlib
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ import numpy as np
 from .. import __version__
 from ..errors import CbirError, FormatError, VersionError
 from .atomic import WriteLock, atomic_output, atomic_write_text
+from .hdf5 import DatasetInfo, Metadata, attr_value, read_metadata
 
 FORMAT_VERSION = "1.1"
 FORMAT_MAJOR = 1
@@ -123,26 +125,35 @@ def _check_major(version: str, path: Path) -> None:
 # ================================================================================ reading
 
 class Store:
-    """Read access to a columnar store. Use as a context manager or call :meth:`close`."""
+    """Read access to a columnar store. Use as a context manager or call :meth:`close`.
+
+    Opening validates the structure every reader relies on (O(N) integer checks, see
+    ``formats/SPEC.md`` section "Validation on open"): kind and version, the configuration
+    is a JSON object, keys are unique strings of the right shape and agree with
+    ``keys_blob``, ``offsets`` start at 0, never decrease and end at the row count of every
+    ragged column, per-item columns have one row per item, and every column has its
+    schema's row shape and dtype. A store that fails is a :class:`FormatError`; values
+    inside a column are only verified by :meth:`verify_checksums` (``cbir check --deep``).
+    """
 
     def __init__(self, path: str | os.PathLike, expected_kind: str | None = None):
         self.path = Path(path)
-        if not self.path.exists():
-            raise CbirError("file not found", self.path)
+        self._views: dict[str, np.ndarray] = {}
+        self._mmap: mmap.mmap | None = None
+        self._file: h5py.File | None = None
+        meta = read_metadata(self.path, ("names", "pairs"))
         try:
             self._file = h5py.File(self.path, "r")
         except OSError:
             raise FormatError("not a readable HDF5 file (truncated or corrupt?)", self.path) from None
-        self._views: dict[str, np.ndarray] = {}
-        self._mmap: mmap.mmap | None = None
         try:
-            self._init(expected_kind)
+            self._init(meta, expected_kind)
         except BaseException:
             self.close()
             raise
 
-    def _init(self, expected_kind: str | None) -> None:
-        attrs = self._file.attrs
+    def _init(self, meta: Metadata, expected_kind: str | None) -> None:
+        attrs = meta.attrs
         kind = attrs.get("cbir_format")
         if kind is None:
             raise FormatError("not a cbir store (no 'cbir_format' attribute)", self.path)
@@ -154,51 +165,98 @@ class Store:
             raise FormatError(f"is a {kind} store, expected {expected_kind}", self.path)
         self.schema = SCHEMAS[kind]
         self.kind = kind
-        self.attrs: dict[str, Any] = {k: _attr_value(v) for k, v in attrs.items()}
-        try:
-            self.config: dict[str, Any] = json.loads(self.attrs.get("config", "{}"))
-        except json.JSONDecodeError:
-            raise FormatError("the 'config' attribute is not valid JSON", self.path) from None
-        self._datasets: dict[str, h5py.Dataset] = {}
-        for name in (self.schema.key, "offsets", *self.schema.columns):
-            if name in self._file:
-                obj = self._file[name]
-                if not isinstance(obj, h5py.Dataset):
-                    raise FormatError(f"'{name}' is not a dataset", self.path)
-                self._datasets[name] = obj
-        for name, col in self.schema.columns.items():
-            if col.required and name not in self._datasets:
-                raise FormatError(f"missing dataset '{name}'", self.path)
-        if self.schema.key not in self._datasets:
-            raise FormatError(f"missing dataset '{self.schema.key}'", self.path)
-        n = self._datasets[self.schema.key].shape[0]
-        if self.schema.ragged:
-            if "offsets" not in self._datasets:
-                raise FormatError("missing dataset 'offsets'", self.path)
-            self._offsets = self._read("offsets")
-            if self._offsets.shape != (n + 1,):
-                raise FormatError(f"'offsets' has shape {self._offsets.shape}, expected ({n + 1},)", self.path)
-        self._n = n
-        self._map_columns()
-        self._keys: list[Key] | None = None
+        self.attrs: dict[str, Any] = dict(attrs)
+        self.config: dict[str, Any] = _config_of(attrs, self.path)
+        name = attrs.get("name")
+        if name is not None and not isinstance(name, str):
+            raise FormatError(f"the 'name' attribute is not a string: {name!r}", self.path)
+        infos = meta.datasets
+        for key in (self.schema.key, "offsets", KEYS_BLOB, *self.schema.columns):
+            if key in meta.groups:
+                raise FormatError(f"'{key}' is a group, expected a dataset", self.path)
+        self._infos = {n: infos[n] for n in (self.schema.key, "offsets", *self.schema.columns) if n in infos}
+        self._keys = _decode_keys(meta, self.schema, self.path)
+        self._n = len(self._keys)
+        self._check_blob(infos.get(KEYS_BLOB))
         self._index: dict[Key, int] | None = None
+        self._check_unique()
+        self._datasets: dict[str, h5py.Dataset] = {n: self._file[n] for n in self._infos}  # type: ignore[index]
+        self._map_columns()
+        self._check_columns()
+
+    def _check_blob(self, info: DatasetInfo | None) -> None:
+        """``keys_blob`` must say what the keys say: readers of 1.1 list keys from it alone."""
+        if info is None:
+            return
+        if info.dtype != np.uint8 or len(info.shape) != 1:
+            raise FormatError(f"'{KEYS_BLOB}' must be a 1-D uint8 dataset", self.path)
+        expected = encode_keys_blob(self._keys)
+        try:
+            blob = self._file[KEYS_BLOB][()]  # type: ignore[index]
+        except (OSError, RuntimeError) as e:
+            raise FormatError(f"cannot read '{KEYS_BLOB}' ({e}): the file is corrupt", self.path) from None
+        if expected is None or blob.tobytes() != expected.tobytes():
+            raise FormatError(f"'{KEYS_BLOB}' disagrees with '{self.schema.key}' (edited without the other?): "
+                              "the store cannot say which image is which", self.path)
+
+    def _check_unique(self) -> None:
+        self._index = {k: i for i, k in enumerate(self._keys)}
+        if len(self._index) != self._n:
+            seen: set[Key] = set()
+            dup = next(k for k in self._keys if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+            raise FormatError(f"duplicate item {dup!r} in '{self.schema.key}'", self.path)
+
+    def _check_columns(self) -> None:
+        schema, n = self.schema, self._n
+        for name, col in schema.columns.items():
+            if col.required and name not in self._infos:
+                raise FormatError(f"missing dataset '{name}'", self.path)
+        if schema.ragged:
+            info = self._infos.get("offsets")
+            if info is None:
+                raise FormatError("missing dataset 'offsets'", self.path)
+            if info.dtype is None or info.dtype.kind not in "iu" or info.shape != (n + 1,):
+                raise FormatError(f"'offsets' must be {n + 1} integers (one more than the items), "
+                                  f"got shape {info.shape} {info.dtype or 'strings'}", self.path)
+            self._offsets = self._read("offsets").astype(np.int64)
+            if self._offsets[0] != 0 or np.any(np.diff(self._offsets) < 0):
+                raise FormatError("'offsets' must start at 0 and never decrease", self.path)
+        rows = int(self._offsets[-1]) if schema.ragged else n
+        for name, col in schema.columns.items():
+            info = self._infos.get(name)
+            if info is None:
+                continue
+            if info.dtype is None:
+                raise FormatError(f"'{name}' is not numeric", self.path)
+            if col.dtype is not None and info.dtype != np.dtype(col.dtype):
+                raise FormatError(f"'{name}' is {info.dtype}, expected {col.dtype}", self.path)
+            row_shape = info.shape[1:]
+            if len(row_shape) != len(col.shape) or any(c is not None and c != s for c, s in zip(col.shape, row_shape)):
+                expected = ", ".join("D" if c is None else str(c) for c in col.shape)
+                raise FormatError(f"'{name}' rows have shape {row_shape}, expected ({expected})", self.path)
+            want = rows if name in schema.ragged else n
+            if not info.shape or info.shape[0] != want:
+                what = "offsets end at" if name in schema.ragged else "items:"
+                raise FormatError(f"'{name}' has {info.shape[0] if info.shape else 0} rows, {what} {want}",
+                                  self.path)
+        dim = self.attrs.get("descriptor_dim")
+        if dim is not None and "descriptors" in self._infos and self._infos["descriptors"].shape[1] != dim:
+            raise FormatError(f"descriptors have {self._infos['descriptors'].shape[1]} dimensions, the "
+                              f"descriptor_dim attribute says {dim}", self.path)
 
     def _map_columns(self) -> None:
         """Memory-map the contiguous numeric columns: one item is then a copy out of the
         page cache (microseconds) instead of an HDF5 selection. Columns HDF5 stores otherwise
         (chunked, compressed, or past the end of a truncated file) are read through h5py."""
         size = self.path.stat().st_size
-        for name in self.schema.columns:
-            ds = self._datasets.get(name)
-            if ds is None or ds.size == 0 or ds.dtype.kind not in "biuf":
-                continue
-            offset = ds.id.get_offset()
-            if offset is None or offset + ds.nbytes > size:
+        for name, info in self._infos.items():
+            if info.dtype is None or info.nbytes == 0 or info.offset is None or info.offset + info.nbytes > size:
                 continue
             if self._mmap is None:
                 with open(self.path, "rb") as fh:
                     self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            self._views[name] = np.frombuffer(self._mmap, ds.dtype, ds.size, offset).reshape(ds.shape)
+            count = int(np.prod(info.shape, dtype=np.int64))
+            self._views[name] = np.frombuffer(self._mmap, info.dtype, count, info.offset).reshape(info.shape)
 
     def _read(self, name: str, sel: Any = ()) -> np.ndarray:
         view = self._views.get(name)
@@ -216,45 +274,13 @@ class Store:
     @property
     def keys(self) -> list[Key]:
         """Image names (features) or (name0, name1) pairs (matches), in storage order."""
-        if self._keys is None:
-            self._keys = self._keys_from_blob()
-        if self._keys is None:
-            try:
-                raw = self._datasets[self.schema.key].asstr()[()]
-            except (OSError, RuntimeError, UnicodeDecodeError) as e:
-                raise FormatError(f"cannot read '{self.schema.key}' ({e}): the file is corrupt", self.path) from None
-            if self.schema.key == "pairs":
-                self._keys = [(a, b) for a, b in raw.tolist()]
-            else:
-                self._keys = raw.tolist()
         return self._keys
 
     names = keys
 
-    def _keys_from_blob(self) -> list[Key] | None:
-        """The keys from ``keys_blob`` (format 1.1): one read and one split instead of
-        decoding N variable-length HDF5 strings (x5 faster at 100k). None when absent or
-        inconsistent: the variable-length keys are then read."""
-        ds = self._file.get(KEYS_BLOB)
-        if not isinstance(ds, h5py.Dataset) or ds.dtype != np.uint8:
-            return None
-        try:
-            text = ds[()].tobytes().decode("utf-8")
-        except (OSError, RuntimeError, UnicodeDecodeError):
-            return None
-        items = text.split("\n") if self._n else []
-        if len(items) != self._n:
-            return None
-        if self.schema.key == "pairs":
-            pairs = [tuple(item.split("\0")) for item in items]
-            return pairs if all(len(p) == 2 for p in pairs) else None  # type: ignore[return-value]
-        return items
-
     def index(self, key: Key) -> int:
-        if self._index is None:
-            self._index = {k: i for i, k in enumerate(self.keys)}
         try:
-            return self._index[_as_key(key)]
+            return self._index[_as_key(key)]  # type: ignore[index]
         except KeyError:
             raise KeyError(key) from None
 
@@ -348,12 +374,47 @@ class Store:
             yield keys[start:stop], out, offsets
             start = stop
 
+    def verify_checksums(self) -> list[str]:
+        """Recompute the CRC-32 of the keys and of every column (one streaming pass) and
+        return what disagrees with the ``checksums`` attribute; a store written before
+        checksums existed gives ``["no checksums recorded"]``."""
+        raw = self.attrs.get(CHECKSUMS)
+        if raw is None:
+            return ["no checksums recorded (written by cbir < 0.2, or by another tool)"]
+        try:
+            recorded = json.loads(raw)
+            columns = dict(recorded["columns"])
+            if recorded.get("algorithm") != "crc32":
+                return [f"unknown checksum algorithm {recorded.get('algorithm')!r}"]
+        except (TypeError, ValueError, KeyError):
+            return ["the 'checksums' attribute is not valid"]
+        problems = []
+        if f"{zlib.crc32(_keys_bytes(self._keys)):08x}" != recorded.get("keys"):
+            problems.append(f"'{self.schema.key}' changed since the store was written (checksum)")
+        present = set(self.columns) | ({"offsets"} if self.schema.ragged else set())
+        for name in sorted(present | set(columns)):
+            if name not in columns or name not in present:
+                problems.append(f"'{name}' is {'not recorded in' if name in present else 'missing but in'} "
+                                "the checksums")
+                continue
+            total = self._infos[name].shape[0]
+            crc = 0
+            for b in range(0, total, _COPY_BLOCK_ROWS):
+                crc = zlib.crc32(np.ascontiguousarray(self._read(name, slice(b, min(total, b + _COPY_BLOCK_ROWS)))).data,
+                                 crc)
+            if f"{crc:08x}" != columns[name]:
+                problems.append(f"'{name}' changed since the store was written (checksum)")
+        return problems
+
     def close(self) -> None:
         self._views = {}
         if self._mmap is not None:
-            self._mmap.close()
+            try:
+                self._mmap.close()
+            except BufferError:
+                pass  # an array still views the map (e.g. held by a traceback): unmapped when it dies
             self._mmap = None
-        if self._file.id.valid:
+        if self._file is not None and self._file.id.valid:
             self._file.close()
 
     def __enter__(self) -> "Store":
@@ -366,12 +427,50 @@ class Store:
         return f"Store({str(self.path)!r}, kind={self.kind}, items={len(self)})"
 
 
-def _attr_value(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
+_attr_value = attr_value
+
+
+def _config_of(attrs: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The ``config`` attribute: a JSON object (absent: empty)."""
+    raw = attrs.get("config", "{}")
+    if not isinstance(raw, str):
+        raise FormatError("the 'config' attribute is not a JSON string", path)
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError:
+        raise FormatError("the 'config' attribute is not valid JSON", path) from None
+    if not isinstance(config, dict):
+        raise FormatError(f"the 'config' attribute is not a JSON object: {raw[:60]!r}", path)
+    return config
+
+
+def _decode_keys(meta: Metadata, schema: Schema, path: Path) -> list[Key]:
+    """The keys of a store from its (already read) key dataset, checked for shape and type."""
+    info = meta.datasets.get(schema.key)
+    if info is None:
+        raise FormatError(f"missing dataset '{schema.key}'", path)
+    expected = "(N, 2)" if schema.key == "pairs" else "(N,)"
+    if not info.is_string:
+        raise FormatError(f"'{schema.key}' must hold strings, got {info.dtype}", path)
+    if (schema.key == "pairs") != (len(info.shape) == 2) or info.shape[1:] not in ((), (2,)):
+        raise FormatError(f"'{schema.key}' has shape {info.shape}, expected {expected}", path)
+    raw = meta.strings.get(schema.key)
+    n = info.shape[0]
+    if n == 0:
+        return []
+    if isinstance(raw, bytes):
+        try:
+            items = raw.decode("utf-8").split("\n")
+        except UnicodeDecodeError:
+            raise FormatError(f"'{schema.key}' holds a name that is not UTF-8", path) from None
+        rows: list = [item.split("\0") for item in items]
+    else:
+        rows = list(raw or [])
+    if len(rows) != n:
+        raise FormatError(f"'{schema.key}' could not be read ({len(rows)} of {n} items)", path)
+    if schema.key == "pairs":
+        return [(a, b) for a, b in rows]
+    return [row[0] for row in rows]
 
 
 def open_store(path: str | os.PathLike, kind: str | None = None) -> Store:
@@ -610,11 +709,16 @@ def _mismatch(found: dict[str, Any], wanted: dict[str, Any]) -> str:
 
 
 def merge_stores(parts: Sequence[Path], out: Path, schema: Schema, attrs: dict[str, Any]) -> None:
-    """Concatenate stores of one schema into a new contiguous file, streaming part by part."""
+    """Concatenate stores of one schema into a new contiguous file, streaming part by part,
+    and record the CRC-32 of every column and of the keys (``checksums``, verified by
+    :meth:`Store.verify_checksums`). Parts without items add nothing (their column shapes
+    never block a merge)."""
     n_items, n_rows = 0, 0
     shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
     for part in parts:
         with Store(part, schema.kind) as s:
+            if not len(s):
+                continue
             n_items += len(s)
             if schema.ragged:
                 n_rows += int(s.offsets[-1])
@@ -626,7 +730,10 @@ def merge_stores(parts: Sequence[Path], out: Path, schema: Schema, attrs: dict[s
                 shapes[name] = (d.shape[1:], d.dtype)
     for name, col in schema.columns.items():
         if col.required and name not in shapes:  # an empty store still has its required columns
-            shapes[name] = (tuple(c or 0 for c in col.shape), np.dtype(col.dtype or "float32"))
+            dim = int(attrs.get("descriptor_dim") or 0) if name == "descriptors" else 0
+            shapes[name] = (tuple(dim if c is None else c for c in col.shape),
+                            np.dtype(col.dtype or attrs.get("descriptor_dtype") or "float32"))
+    crcs = {name: 0 for name in shapes}
     with h5py.File(out, "w", libver=("earliest", "v110")) as f:
         _set_attrs(f, schema, attrs)
         key_shape = (n_items, 2) if schema.key == "pairs" else (n_items,)
@@ -641,33 +748,42 @@ def merge_stores(parts: Sequence[Path], out: Path, schema: Schema, attrs: dict[s
         i0, r0 = 0, 0
         all_keys: list[Key] = []
         for part in parts:
-            with h5py.File(part, "r") as src:
-                n = src[schema.key].shape[0]
+            with Store(part, schema.kind) as src:
+                n = len(src)
                 if n == 0:
                     continue
-                raw = src[schema.key][()]
-                keys_ds[i0:i0 + n] = raw
-                all_keys += [(a.decode(), b.decode()) for a, b in raw] if schema.key == "pairs" \
-                    else [k.decode() for k in raw]
+                keys_ds[i0:i0 + n] = _encode_keys(src.keys, schema)
+                all_keys += src.keys
                 rows = 0
                 if offsets_ds is not None:
-                    offs = src["offsets"][()]
-                    rows = int(offs[-1])
-                    offsets_ds[i0 + 1:i0 + n + 1] = offs[1:] + r0
-                missing = set(shapes) - set(src)
+                    rows = int(src.offsets[-1])
+                    offsets_ds[i0 + 1:i0 + n + 1] = src.offsets[1:] + r0
+                missing = set(shapes) - set(src.columns)
                 if missing:
                     raise CbirError(f"lacks columns {sorted(missing)} that other parts have: cannot merge", part)
                 for name, ds in out_ds.items():
-                    if name in schema.ragged:
-                        _copy_rows(src[name], ds, r0, rows)
-                    else:
-                        ds[i0:i0 + n] = src[name][()]
+                    total = rows if name in schema.ragged else n
+                    start = r0 if name in schema.ragged else i0
+                    for b in range(0, total, _COPY_BLOCK_ROWS):
+                        block = src._read(name, slice(b, min(total, b + _COPY_BLOCK_ROWS)))
+                        ds[start + b:start + b + len(block)] = block
+                        crcs[name] = zlib.crc32(np.ascontiguousarray(block).data, crcs[name])
                 i0 += n
                 r0 += rows
         _write_blob(f, all_keys)
+        if offsets_ds is not None:
+            crcs["offsets"] = zlib.crc32(offsets_ds[()].data)
+        f.attrs[CHECKSUMS] = json.dumps({"algorithm": "crc32", "keys": f"{zlib.crc32(_keys_bytes(all_keys)):08x}",
+                                         "columns": {k: f"{v:08x}" for k, v in sorted(crcs.items())}},
+                                        sort_keys=True)
 
 
-def _copy_rows(src: h5py.Dataset, dst: h5py.Dataset, start: int, rows: int, block: int = 1 << 20) -> None:
-    for b in range(0, rows, block):
-        e = min(rows, b + block)
-        dst[start + b:start + e] = src[b:e]
+#: rows copied (and checksummed) at a time when merging
+_COPY_BLOCK_ROWS = 1 << 20
+#: attribute holding the CRC-32 of the keys and of every column (format 1.1, optional)
+CHECKSUMS = "checksums"
+
+
+def _keys_bytes(keys: Sequence[Key]) -> bytes:
+    """The bytes the keys' checksum is computed over (unambiguous for any name)."""
+    return json.dumps([list(k) if isinstance(k, tuple) else k for k in keys], ensure_ascii=False).encode("utf-8")

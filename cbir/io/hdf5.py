@@ -1,0 +1,196 @@
+"""Reading the metadata of untrusted HDF5 files without risking a hang.
+
+libhdf5 can loop forever on some corrupt files (a zeroed global heap collection
+makes it spin while decoding a variable-length string, holding the GIL, so that
+neither Ctrl-C nor a Python watchdog can stop it). Everything of a file that goes
+through its global heap (string attributes, variable-length string datasets) and
+its object headers is therefore read in a forked child process with a time limit:
+a child that does not answer in time is killed and the file reported corrupt.
+What the parent reads afterwards is numeric data at known offsets (memory maps)
+or datasets whose headers the child already parsed.
+
+The limit is ``CBIR_HDF5_TIMEOUT`` seconds (default 30) plus one second per
+100,000 strings.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import CbirError, FormatError
+
+DEFAULT_TIMEOUT_S = 30.0
+TIMEOUT_ENV = "CBIR_HDF5_TIMEOUT"
+#: extra seconds per string read (a million names take about a second to decode)
+TIMEOUT_PER_STRING_S = 1e-5
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What an HDF5 dataset's header says: shape, dtype (None for strings), and the byte
+    offset of its data when it is stored contiguously."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype | None
+    offset: int | None
+    is_string: bool
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.dtype is None else int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """Root attributes, top-level datasets and the requested string datasets of one file."""
+
+    attrs: dict[str, Any]
+    datasets: dict[str, DatasetInfo]
+    groups: tuple[str, ...]
+    #: requested string datasets: their UTF-8 items joined by b"\\n" (the two items of a row of
+    #: a 2-column dataset by b"\\0"), or a list of rows of str when an item holds a separator
+    strings: dict[str, bytes | list]
+
+
+def attr_value(v: Any) -> Any:
+    """An attribute as a plain Python value (str for strings, scalars unwrapped)."""
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _read(path: str, strings: Sequence[str]) -> Metadata:
+    """Runs in the child: everything that may touch the global heap or object headers."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        attrs = {str(k): attr_value(f.attrs[k]) for k in f.attrs.keys()}
+        datasets: dict[str, DatasetInfo] = {}
+        groups = []
+        for name in f.keys():
+            obj = f.get(name)
+            if isinstance(obj, h5py.Dataset):
+                is_string = h5py.check_string_dtype(obj.dtype) is not None or obj.dtype.kind in "OSU"
+                dtype = None if is_string or obj.dtype.kind not in "biuf" else obj.dtype
+                datasets[name] = DatasetInfo(tuple(int(s) for s in obj.shape), dtype,
+                                             obj.id.get_offset(), is_string)
+            elif isinstance(obj, h5py.Group):
+                groups.append(name)
+        values: dict[str, bytes | list] = {}
+        for name in strings:
+            info = datasets.get(name)
+            if info is None or not info.is_string or not (len(info.shape) == 1 or info.shape[1:] == (2,)):
+                continue  # absent or mis-shaped: the caller reports it from ``datasets``
+            raw = f[name][()]
+            items = [[_to_bytes(x) for x in row] for row in raw.tolist()] if raw.ndim == 2 \
+                else [[_to_bytes(x)] for x in raw.tolist()]
+            if any(b"\n" in x or b"\0" in x for row in items for x in row):
+                values[name] = [[x.decode("utf-8") for x in row] for row in items]
+            else:
+                values[name] = b"\n".join(b"\0".join(row) for row in items)
+        return Metadata(attrs, datasets, tuple(groups), values)
+
+
+def _to_bytes(x: Any) -> bytes:
+    if isinstance(x, bytes):
+        return x
+    if isinstance(x, str):
+        return x.encode("utf-8")
+    raise TypeError(f"not a string: {type(x).__name__}")
+
+
+def timeout_s(n_strings: int = 0) -> float:
+    try:
+        base = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+    except ValueError:
+        base = DEFAULT_TIMEOUT_S
+    return base + TIMEOUT_PER_STRING_S * n_strings
+
+
+def read_metadata(path: str | os.PathLike, strings: Sequence[str] = (), *,
+                  expected_strings: int = 0) -> Metadata:
+    """The metadata of an HDF5 file, read in a child process that is killed after
+    :func:`timeout_s`. A missing file, a file HDF5 cannot open, undecodable strings and a
+    read that does not finish in time are one-line :class:`CbirError`\\ s naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise CbirError("file not found", path)
+    if not path.is_file():
+        raise CbirError("not a file", path)
+    limit = timeout_s(expected_strings)
+    status, payload = _in_child(_read, (str(path), tuple(strings)), limit)
+    if status == "ok":
+        return payload
+    if status == "timeout":
+        raise FormatError(f"reading its metadata did not finish in {limit:.0f} s: the file is corrupt "
+                          f"(libhdf5 loops on it; raise {TIMEOUT_ENV} if it is merely huge)", path)
+    if status == "oserror":
+        raise FormatError("not a readable HDF5 file (truncated or corrupt?)", path)
+    raise FormatError(f"corrupt HDF5 metadata ({payload})", path)
+
+
+def _in_child(func, args: tuple, limit: float) -> tuple[str, Any]:
+    """Run ``func(*args)`` in a forked child; ('ok', result), ('timeout', None),
+    ('oserror', message) or ('error', message)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 0
+        try:
+            os.close(read_fd)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            try:
+                result: tuple[str, Any] = ("ok", func(*args))
+            except OSError as e:
+                result = ("oserror", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            except Exception as e:  # any decoding problem of a corrupt file
+                result = ("error", f"{type(e).__name__}: {e}".splitlines()[0][:300])
+            data = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(write_fd, view):]
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    chunks = []
+    deadline = time.monotonic() + limit
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([read_fd], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                return "timeout", None
+            chunk = os.read(read_fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        raise
+    finally:
+        os.close(read_fd)
+        _reap(pid)
+    if not chunks:
+        return "error", "the reading process died"
+    return pickle.loads(b"".join(chunks))
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
