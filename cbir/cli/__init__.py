@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 
 import click
 
 from .. import __version__
 from ..errors import CbirError
+from ..io.atomic import is_no_space
 from ._common import console_err
 from .dataset_cmds import check, info
 from .features_cmds import extract, match, pairs_group, show_group
@@ -17,6 +21,47 @@ from .pipeline_cmds import pipeline_cmd
 from .retrieval_cmds import retrieve_cmd
 from .interchange_cmds import export_group, import_group
 from .weights_cmds import weights_group
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that the same clean-up runs."""
+
+
+#: seconds the main thread gets to stop by itself after SIGTERM (it may be inside a long
+#: pycolmap call that checks no signal) before the process exits anyway
+TERMINATION_GRACE_S = 5.0
+
+
+_termination_handled = False
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def handle_termination() -> None:
+    """Replace the SIGTERM handler that pycolmap's glog installs (it prints a 40-line C stack
+    dump) by one that stops like Ctrl-C; if the main thread is stuck in native code, a
+    watcher thread woken by the signal prints one line and exits after a grace period."""
+    global _termination_handled
+    if _termination_handled or threading.current_thread() is not threading.main_thread():
+        return
+    _termination_handled = True
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while True:
+            data = os.read(read_fd, 64)
+            if signal.SIGTERM in data:
+                threading.Event().wait(TERMINATION_GRACE_S)
+                sys.stderr.write("terminated: finished batches are kept; re-run to resume\n")
+                sys.stderr.flush()
+                os._exit(143)
+
+    threading.Thread(target=watch, name="cbir-sigterm", daemon=True).start()
 
 
 class CbirGroup(click.Group):
@@ -30,9 +75,21 @@ class CbirGroup(click.Group):
                 raise
             console_err().print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             sys.exit(1)
+        except Terminated:
+            console_err().print("[yellow]terminated[/]: finished batches are kept; re-run to resume")
+            sys.exit(143)
         except KeyboardInterrupt:
             console_err().print("[yellow]interrupted[/]: finished batches are kept; re-run to resume")
             sys.exit(130)
+        except OSError as e:
+            if is_no_space(e):
+                if ctx.obj and ctx.obj.get("debug"):
+                    raise
+                where = f" on {e.filename}" if e.filename else ""
+                console_err().print(f"[bold red]error:[/] no space left{where}: free some and re-run "
+                                    "(finished batches are kept)", highlight=False, soft_wrap=True)
+                sys.exit(1)
+            raise
 
 
 @click.group(cls=CbirGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,6 +104,7 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj.update(debug=debug, quiet=quiet)
+    handle_termination()
 
 
 main.add_command(extract)

@@ -7,6 +7,7 @@ its ``params`` (width and height excluded).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,9 @@ CAMERA_MODELS: dict[str, tuple[str, ...]] = {
     "SIMPLE_FISHEYE": ("f", "cx", "cy"),
     "FISHEYE": ("fx", "fy", "cx", "cy"),
 }
+
+#: largest width or height accepted (the int32 of COLMAP and of cbir's image_sizes column)
+MAX_IMAGE_SIDE = 2**31 - 1
 
 #: kapture's model for a camera whose intrinsics are not known (any number of params).
 UNKNOWN_CAMERA = "UNKNOWN_CAMERA"
@@ -71,6 +75,8 @@ class Camera:
 
 def validate_camera(model: str, width: float, height: float, params: tuple[float, ...]) -> str | None:
     """Return a description of what is wrong with these intrinsics, or None."""
+    if not all(math.isfinite(v) and 0 < v <= MAX_IMAGE_SIDE and v == int(v) for v in (width, height)):
+        return f"image size must be integers from 1 to {MAX_IMAGE_SIDE}, got {width} x {height}"
     if model == UNKNOWN_CAMERA:
         return None
     if model not in CAMERA_MODELS:
@@ -79,8 +85,6 @@ def validate_camera(model: str, width: float, height: float, params: tuple[float
     if len(params) != len(expected):
         return (f"camera model {model} takes width, height and {len(expected)} parameters "
                 f"({', '.join(expected)}), got {len(params)}")
-    if not (width > 0 and height > 0) or width != int(width) or height != int(height):
-        return f"image size must be positive integers, got {width} x {height}"
     if not np.all(np.isfinite(params)):
         return "camera parameters must be finite numbers"
     f_names = [n for n in expected if n in ("f", "fx", "fy")]

@@ -8,13 +8,14 @@ final name and never damages the previous version.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import LockedError
+from ..errors import CbirError, LockedError
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -45,9 +46,20 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:
+        _remove(tmp)
+        if is_no_space(e):
+            raise CbirError("no space left on the device: free some and re-run (what was finished is kept; "
+                            "stores resume)", path) from None
+        raise
     except BaseException:
         _remove(tmp)
         raise
+
+
+def is_no_space(error: OSError) -> bool:
+    """ENOSPC, also when h5py reports it only in its message."""
+    return error.errno == errno.ENOSPC or "No space left on device" in str(error) or "errno = 28" in str(error)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

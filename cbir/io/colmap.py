@@ -20,6 +20,7 @@ from ..geometry.cameras import CAMERA_MODELS, Camera
 from ..geometry.poses import Pose
 from .atomic import atomic_output
 from .map_store import PointMap, read_map
+from .paths import check_relative_name
 from .sensors import ImageRecord, SensorData
 from .store import StoreWriter, open_store
 
@@ -50,7 +51,9 @@ def _rigid_from_pose(pose: Pose) -> pycolmap.Rigid3d:
     return pycolmap.Rigid3d(pycolmap.Rotation3d(q[[1, 2, 3, 0]]), np.asarray(pose.tvec, np.float64))
 
 
-def reconstruction_to_sensors(rec: pycolmap.Reconstruction) -> SensorData:
+def reconstruction_to_sensors(rec: pycolmap.Reconstruction, source: str | os.PathLike | None = None) -> SensorData:
+    """Cameras, image records and poses of a COLMAP model; image names are checked as
+    records_camera.txt paths (they become paths below records_data/)."""
     data = SensorData()
     for cam_id in sorted(rec.cameras):
         cam = rec.cameras[cam_id]
@@ -61,6 +64,9 @@ def reconstruction_to_sensors(rec: pycolmap.Reconstruction) -> SensorData:
                                                    tuple(float(v) for v in cam.params))
     for image_id in sorted(rec.images):
         image = rec.images[image_id]
+        problem = check_relative_name(image.name)
+        if problem:
+            raise FormatError(f"image {image_id}: {problem}", source)
         sensor = f"cam_{image.camera_id:05d}"
         data.records.append(ImageRecord(int(image_id), sensor, image.name))
         if image.has_pose:

@@ -14,7 +14,8 @@ from functools import cached_property
 from pathlib import Path
 
 from ..errors import CbirError
-from .kapture_text import RECORDS_DATA_DIR, SENSORS_FILE, check_image_name, read_sensor_data
+from .kapture_text import RECORDS_DATA_DIR, SENSORS_FILE, read_sensor_data
+from .paths import check_relative_name
 from .sensors import SensorData
 
 STORE_DIRS = {"local": "local-features", "global": "global-features", "matches": "matches", "map": "map"}
@@ -44,7 +45,7 @@ class Dataset:
         self.follow_symlinks = follow_symlinks
         if not self.root.is_dir():
             raise CbirError("dataset directory not found", self.root)
-        if not (self.root / SENSORS_FILE).is_file():
+        if not os.path.lexists(self.root / SENSORS_FILE):  # a link loop is reported when read
             raise CbirError(f"not a kapture/cbir dataset: {SENSORS_FILE} is missing", self.root)
 
     @cached_property
@@ -57,7 +58,7 @@ class Dataset:
 
     def image_path(self, name: str) -> Path:
         """Path of an image of records_camera.txt, confined to records_data/."""
-        problem = check_image_name(name)
+        problem = check_relative_name(name)
         if problem:
             raise CbirError(problem, self.root / "sensors/records_camera.txt")
         path = self.records_dir / name

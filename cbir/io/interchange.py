@@ -18,6 +18,7 @@ from . import kapture_binary as kb
 from .dataset import Dataset, check_store_name
 from .kapture_text import RECORDS_DATA_DIR, read_sensor_data, write_sensor_data
 from .map_store import write_map
+from .paths import confined
 from .store import open_store
 from .vlnet import read_vlnet, write_vlnet
 
@@ -42,10 +43,10 @@ def transfer_images(src_dir: Path, dst_root: Path, names: list[str], mode: Image
             return
         raise CbirError("exists and is not a link: cannot link images here", dst_dir)
     for name in names:
-        src = src_dir / name
+        src = confined(src_dir, name)
         if not src.is_file():
             continue  # reported by `cbir check`
-        dst = dst_dir / name
+        dst = confined(dst_dir, name)
         dst.parent.mkdir(parents=True, exist_ok=True)
         if not dst.exists():
             tmp = dst.with_name(dst.name + ".partial")
@@ -133,7 +134,7 @@ def import_colmap(model_dir: str | os.PathLike, dst: str | os.PathLike, *, image
     """COLMAP model -> sensors + trajectories, and its points as a map with a keypoint store ``name``."""
     check_store_name(name)
     rec = colmap_io.read_reconstruction(model_dir)
-    data = colmap_io.reconstruction_to_sensors(rec)
+    data = colmap_io.reconstruction_to_sensors(rec, model_dir)
     dst = Path(dst)
     if (dst / "sensors" / "sensors.txt").exists() and not overwrite:
         raise CbirError("already a dataset: use --overwrite to replace its sensors", dst)

@@ -28,7 +28,9 @@ import numpy as np
 from ..errors import CbirError, FormatError
 from .atomic import atomic_output, atomic_write_text
 from .kapture_text import VERSION_RE, HEADER_VERSION, KAPTURE_VERSION, iter_rows
+from .dataset import check_store_name
 from .map_store import PointMap, read_map, write_map
+from .paths import check_relative_name, confined, require_type_name
 from .store import StoreWriter, open_store
 
 RECONSTRUCTION = "reconstruction"
@@ -93,6 +95,12 @@ def _feature_files(directory: Path, ext: str) -> list[tuple[str, Path]]:
     return sorted(out)
 
 
+def _feature_file(directory: Path, image: str, ext: str, source: Path) -> Path:
+    """``directory/<image><ext>``, refused when the image name (a store key) would lead
+    out of ``directory``."""
+    return confined(directory, image, what="image name", source=source).with_name(image.rsplit("/", 1)[-1] + ext)
+
+
 def _write_raw(path: Path, array: np.ndarray) -> None:
     with atomic_output(path) as tmp:
         np.ascontiguousarray(array).tofile(tmp)
@@ -107,7 +115,7 @@ def import_local_features(kapture_root: Path, descriptors_type: str, out: Path, 
     desc_dir = rec / "descriptors" / descriptors_type
     d_name, d_dtype, d_size, kp_type, metric = _config_row(
         desc_dir / "descriptors.txt", 5, "name, dtype, dsize, keypoints_type, metric_type")
-    kp_dir = rec / "keypoints" / kp_type
+    kp_dir = rec / "keypoints" / require_type_name(kp_type, "keypoints_type", desc_dir / "descriptors.txt")
     k_name, k_dtype, k_size = _config_row(kp_dir / "keypoints.txt", 3, "name, dtype, dsize")
     kdt, kds = _dtype(k_dtype, kp_dir / "keypoints.txt"), _dsize(k_size, kp_dir / "keypoints.txt")
     ddt, dds = _dtype(d_dtype, desc_dir / "descriptors.txt"), _dsize(d_size, desc_dir / "descriptors.txt")
@@ -225,6 +233,11 @@ def import_points(kapture_root: Path, out_dir: Path, *, overwrite: bool = False)
                 raise FormatError("point3d_id and feature_id must be integers", obs_path, lineno) from None
             if not 0 <= pid < len(pts):
                 raise FormatError(f"point3d_id {pid} out of range (points3d has {len(pts)})", obs_path, lineno)
+            if fields[1]:  # it names the map store written for this type (cbir/map/<type>.h5)
+                try:
+                    check_store_name(fields[1])
+                except CbirError as e:
+                    raise FormatError(f"keypoints type: {e.message}", obs_path, lineno) from None
             per_type = tracks.setdefault(fields[1], {})
             if pid in per_type:
                 raise FormatError(f"point {pid} has two lines for keypoints type {fields[1]!r}", obs_path, lineno)
@@ -258,8 +271,8 @@ def export_local_features(store_path: Path, kapture_root: Path) -> int:
     rec = kapture_root / RECONSTRUCTION
     with open_store(store_path, "local-features") as s:
         conf = s.config
-        name = str(s.attrs["name"])
-        kp_type = conf.get("keypoints_type", name)
+        name = require_type_name(str(s.attrs.get("name", "")), "store name", store_path)
+        kp_type = require_type_name(conf.get("keypoints_type", name), "keypoints_type", store_path)
         kdt = np.dtype(conf.get("keypoints_dtype", "float32"))
         d_dtype = s.dataset("descriptors").dtype
         d_dim = s.dataset("descriptors").shape[1]
@@ -280,15 +293,16 @@ def export_local_features(store_path: Path, kapture_root: Path) -> int:
                 kps = batch["keypoints"][a:b]
                 if has_params:
                     kps = np.concatenate([kps, batch["keypoint_params"][a:b]], axis=1)
-                _write_raw(rec / "keypoints" / kp_type / f"{image}.kpt", kps.astype(kdt))
-                _write_raw(rec / "descriptors" / name / f"{image}.desc", batch["descriptors"][a:b])
+                _write_raw(_feature_file(rec / "keypoints" / kp_type, image, ".kpt", store_path), kps.astype(kdt))
+                _write_raw(_feature_file(rec / "descriptors" / name, image, ".desc", store_path),
+                           batch["descriptors"][a:b])
         return len(s)
 
 
 def export_global_features(store_path: Path, kapture_root: Path) -> int:
     gdir = kapture_root / RECONSTRUCTION / "global_features"
     with open_store(store_path, "global-features") as s:
-        name = str(s.attrs["name"])
+        name = require_type_name(str(s.attrs.get("name", "")), "store name", store_path)
         ds = s.dataset("descriptors")
         atomic_write_text(gdir / name / "global_features.txt",
                           _config_text(GLOBAL_HEADER, [name, ds.dtype.name, str(ds.shape[1]),
@@ -296,14 +310,15 @@ def export_global_features(store_path: Path, kapture_root: Path) -> int:
                                        s.config.get("kapture_format", {}).get("global_features", KAPTURE_VERSION)))
         for keys, batch, _ in s.iter_batches(4096, ["descriptors"]):
             for image, vec in zip(keys, batch["descriptors"]):
-                _write_raw(gdir / name / f"{image}.gfeat", vec)
+                _write_raw(_feature_file(gdir / name, image, ".gfeat", store_path), vec)
         return len(s)
 
 
 def export_matches(store_path: Path, kapture_root: Path, *, inliers_only: bool = False) -> int:
     """kapture expects pairs with im0 < im1 (its own order); other pairs are swapped."""
     with open_store(store_path, "matches") as s:
-        kp_type = str(s.attrs.get("local_features") or s.attrs["name"])
+        kp_type = require_type_name(str(s.attrs.get("local_features") or s.attrs.get("name", "")),
+                                    "keypoints type", store_path)
         mdir = kapture_root / RECONSTRUCTION / "matches" / kp_type
         cols = ["matches"] + (["scores"] if "scores" in s.columns else []) + \
                (["inliers"] if inliers_only and "inliers" in s.columns else [])
@@ -317,7 +332,8 @@ def export_matches(store_path: Path, kapture_root: Path, *, inliers_only: bool =
                     idx, sc = idx[keep], sc[keep]
                 if im1 < im0:
                     im0, im1, idx = im1, im0, idx[:, ::-1]
-                _write_raw(mdir / f"{im0}.overlapping" / f"{im1}.matches", np.column_stack([idx, sc]))
+                pair_dir = _feature_file(mdir, im0, ".overlapping", store_path)
+                _write_raw(_feature_file(pair_dir, im1, ".matches", store_path), np.column_stack([idx, sc]))
         return len(s)
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Iterator
 
 from ..errors import CbirError, FormatError, VersionError
 from ..geometry.cameras import CAMERA_MODELS, UNKNOWN_CAMERA, Camera, validate_camera
 from ..geometry.poses import Pose, validate_pose
 from .atomic import atomic_write_text
+from .paths import check_relative_name
 from .sensors import ImageRecord, Sensor, SensorData
 
 KAPTURE_VERSION = "1.1"
@@ -37,6 +38,10 @@ RECORDS_DATA_DIR = "sensors/records_data"
 
 CAMERA_SENSOR_TYPES = ("camera", "depth")
 
+UTF8_BOM = b"\xef\xbb\xbf"
+BOM_MESSAGE = ("starts with a UTF-8 byte-order mark (BOM), which kapture does not read: "
+               "save it as UTF-8 without BOM")
+
 
 def iter_rows(path: str | os.PathLike) -> Iterator[tuple[int, list[str]]]:
     """Yield (line number, stripped fields) for each data line of a kapture text file.
@@ -50,6 +55,8 @@ def iter_rows(path: str | os.PathLike) -> Iterator[tuple[int, list[str]]]:
         raise CbirError("file not found", path) from None
     except OSError as e:
         raise CbirError(f"cannot read: {e.strerror}", path) from None
+    if data.startswith(UTF8_BOM):
+        raise FormatError(BOM_MESSAGE, path, 1)
     for lineno, raw in enumerate(data.splitlines(), start=1):
         try:
             line = raw.decode("utf-8")
@@ -148,25 +155,6 @@ def read_rigs(path: str | os.PathLike, sensor_ids: set[str] | None = None) -> di
     return rigs
 
 
-def check_image_name(name: str) -> str | None:
-    """Return why an image path of records_camera.txt is not allowed, or None.
-
-    Names are relative to records_data/: no absolute path, no ``..``, no backslash.
-    """
-    if not name:
-        return "empty image path"
-    if "\\" in name:
-        return f"image path {name!r} contains a backslash: use '/'"
-    p = PurePosixPath(name)
-    if p.is_absolute() or re.match(r"^[A-Za-z]:", name):
-        return f"image path {name!r} is absolute: it must be relative to records_data/"
-    if ".." in p.parts:
-        return f"image path {name!r} escapes records_data/ with '..'"
-    if any(part in ("", ".") for part in name.split("/")):
-        return f"image path {name!r} is not normalized"
-    return None
-
-
 def read_records_camera(path: str | os.PathLike, camera_ids: set[str] | None = None) -> list[ImageRecord]:
     path = Path(path)
     records: list[ImageRecord] = []
@@ -178,7 +166,7 @@ def read_records_camera(path: str | os.PathLike, camera_ids: set[str] | None = N
         camera_id, name = fields[1], fields[2]
         if camera_ids is not None and camera_id not in camera_ids:
             raise FormatError(f"unknown camera {camera_id!r} (not a camera of sensors.txt)", path, lineno)
-        problem = check_image_name(name)
+        problem = check_relative_name(name)
         if problem:
             raise FormatError(problem, path, lineno)
         if name in seen_names:
@@ -214,12 +202,13 @@ def read_sensor_data(root: str | os.PathLike) -> SensorData:
     root = Path(root)
     sensors = read_sensors(root / SENSORS_FILE)
     data = SensorData(sensors=sensors)
-    if (root / RIGS_FILE).exists():
+    # lexists: a dangling link or a link loop is a file that cannot be read, not an absent one
+    if os.path.lexists(root / RIGS_FILE):
         data.rigs = read_rigs(root / RIGS_FILE, set(sensors))
     cameras = {k for k, v in sensors.items() if isinstance(v, Camera)}
-    if (root / RECORDS_CAMERA_FILE).exists():
+    if os.path.lexists(root / RECORDS_CAMERA_FILE):
         data.records = read_records_camera(root / RECORDS_CAMERA_FILE, cameras)
-    if (root / TRAJECTORIES_FILE).exists():
+    if os.path.lexists(root / TRAJECTORIES_FILE):
         data.trajectories = read_trajectories(root / TRAJECTORIES_FILE, set(sensors) | set(data.rigs))
     return data
 
@@ -285,5 +274,5 @@ def write_sensor_data(root: str | os.PathLike, data: SensorData) -> list[Path]:
 __all__ = [
     "CAMERA_MODELS", "UNKNOWN_CAMERA", "read_sensor_data", "write_sensor_data", "read_sensors", "read_rigs",
     "read_records_camera", "read_trajectories", "format_sensors", "format_rigs", "format_records_camera",
-    "format_trajectories", "check_image_name", "iter_rows",
+    "format_trajectories", "iter_rows",
 ]

@@ -31,6 +31,7 @@ from .. import __version__
 from ..errors import CbirError, FormatError, VersionError
 from .atomic import WriteLock, atomic_output, atomic_write_text
 from .hdf5 import DatasetInfo, Metadata, attr_value, read_metadata
+from .paths import check_relative_name
 
 FORMAT_VERSION = "1.1"
 FORMAT_MAJOR = 1
@@ -602,9 +603,16 @@ class StoreWriter:
 
     # -- appending
     def add(self, key: Key, **columns: np.ndarray) -> None:
+        """Buffer one item. Keys are image names as records_camera.txt has them (relative,
+        normalized, no '..'): a name that could not be a path below records_data/ is a
+        :class:`CbirError`, since exports turn keys into paths."""
         key = _as_key(key)
         if key in self._present:
             raise ValueError(f"{key!r} is already in {self.path}")
+        for name in key if isinstance(key, tuple) else (key,):
+            problem = check_relative_name(name, "image name")
+            if problem:
+                raise CbirError(problem, self.path)
         schema = self.schema
         unknown = set(columns) - set(schema.columns)
         if unknown:

@@ -13,7 +13,10 @@ def read_utf8(path: str | os.PathLike, what: str = "file") -> str:
     naming the file and what it should have been."""
     path = Path(path)
     try:
-        return path.read_bytes().decode("utf-8")
+        data = path.read_bytes()
+        if data.startswith(b"\xef\xbb\xbf"):
+            raise FormatError("starts with a UTF-8 byte-order mark (BOM): save it as UTF-8 without BOM", path)
+        return data.decode("utf-8")
     except FileNotFoundError:
         raise CbirError(f"{what} not found", path) from None
     except UnicodeDecodeError:
