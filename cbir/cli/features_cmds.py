@@ -139,6 +139,10 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
         report_written([report.path], quiet or as_json)
     if as_json:
         print_json(summaries[0] if len(summaries) == 1 else summaries)
+    for report in reports:  # a store with no image is no result: say so with exit code 1
+        if report.failed and not report.extracted and not report.already_present:
+            raise CbirError(f"no image could be extracted ({len(report.failed)} skipped, first: "
+                            f"{report.failed[0][0]}: {report.failed[0][1]})", report.path)
 
 
 @click.group("pairs")

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import CbirError, FormatError
 from .atomic import atomic_output
+from .paths import check_relative_name
 from .store import StoreWriter, open_store
 
 
@@ -42,6 +43,10 @@ def import_features(path: str | os.PathLike, out: str | os.PathLike, name: str, 
                      if isinstance(obj, h5py.Group) and "keypoints" in obj else None)
         if not groups:
             raise FormatError("no image group with a 'keypoints' dataset: not an hloc features file", path)
+        for image in groups:  # they become store keys, and paths on export
+            problem = check_relative_name(image, "image group")
+            if problem:
+                raise FormatError(problem, path)
         first = f[groups[0]]
         dim = first["descriptors"].shape[0] if "descriptors" in first else 0
         dtype = first["descriptors"].dtype if "descriptors" in first else np.dtype(np.float32)

@@ -22,7 +22,8 @@ import numpy as np
 from .. import __version__
 from ..errors import CbirError, FormatError
 from .atomic import atomic_output
-from .store import FORMAT_VERSION, STR_DTYPE, _attr_value, _check_major
+from .hdf5 import read_metadata
+from .store import FORMAT_VERSION, STR_DTYPE, _check_major, _config_of
 
 MAP_KIND = "map"
 
@@ -101,29 +102,42 @@ def write_map(path: str | os.PathLike, m: PointMap) -> Path:
 
 
 def read_map(path: str | os.PathLike) -> PointMap:
+    """A map store, validated (see :meth:`PointMap.validate`). Attributes and image names are
+    read in a time-limited child process (:mod:`cbir.io.hdf5`), so a corrupt file cannot hang."""
     path = Path(path)
-    if not path.exists():
-        raise CbirError("file not found", path)
+    meta = read_metadata(path, ("images",))
+    attrs = meta.attrs
+    if attrs.get("cbir_format") != MAP_KIND:
+        raise FormatError("not a cbir map file", path)
+    _check_major(str(attrs.get("format_version", "")), path)
+    info = meta.datasets.get("images")
+    if info is None or not info.is_string or len(info.shape) != 1:
+        raise FormatError("'images' must be a 1-D dataset of strings", path)
+    raw = meta.strings.get("images", b"")
     try:
-        f = h5py.File(path, "r")
-    except OSError:
-        raise FormatError("not a readable HDF5 file (truncated or corrupt?)", path) from None
-    with f:
-        if _attr_value(f.attrs.get("cbir_format")) != MAP_KIND:
-            raise FormatError("not a cbir map file", path)
-        _check_major(str(_attr_value(f.attrs.get("format_version", ""))), path)
-        try:
-            m = PointMap(
-                images=f["images"].asstr()[()].tolist(),
-                points=f["points"][()], colors=f["colors"][()], errors=f["errors"][()],
-                track_offsets=f["track_offsets"][()], track_images=f["track_images"][()],
-                track_keypoints=f["track_keypoints"][()],
-                local_features=str(_attr_value(f.attrs.get("local_features", ""))),
-                config=json.loads(_attr_value(f.attrs.get("config", "{}"))),
-            )
-        except (KeyError, OSError, RuntimeError, ValueError) as e:
-            raise FormatError(f"incomplete or corrupt map ({e})", path) from None
+        images = ([] if info.shape[0] == 0 else raw.decode("utf-8").split("\n")) if isinstance(raw, bytes) \
+            else [row[0] for row in raw]
+    except UnicodeDecodeError:
+        raise FormatError("'images' holds a name that is not UTF-8", path) from None
+    numeric = {"points": 2, "colors": 2, "errors": 1, "track_offsets": 1, "track_images": 1, "track_keypoints": 1}
+    for name, ndim in numeric.items():
+        d = meta.datasets.get(name)
+        if d is None or d.dtype is None or len(d.shape) != ndim:
+            raise FormatError(f"'{name}' must be a {ndim}-D numeric dataset", path)
+        if name.startswith("track_") and d.dtype.kind not in "iu":
+            raise FormatError(f"'{name}' must hold integers, got {d.dtype}", path)
+    local = attrs.get("local_features", "")
+    if not isinstance(local, str):
+        raise FormatError("the 'local_features' attribute is not a string", path)
+    try:
+        with h5py.File(path, "r") as f:
+            arrays = {name: f[name][()] for name in numeric}
+    except (KeyError, OSError, RuntimeError, ValueError) as e:
+        raise FormatError(f"incomplete or corrupt map ({e})", path) from None
+    m = PointMap(images=images, local_features=local, config=_config_of(attrs, path), **arrays)
     problem = m.validate()
     if problem:
         raise FormatError(problem, path)
+    if len(set(images)) != len(images):
+        raise FormatError("'images' names an image twice", path)
     return m

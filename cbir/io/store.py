@@ -30,7 +30,7 @@ import numpy as np
 from .. import __version__
 from ..errors import CbirError, FormatError, VersionError
 from .atomic import WriteLock, atomic_output, atomic_write_text
-from .hdf5 import DatasetInfo, Metadata, attr_value, read_metadata
+from .hdf5 import DatasetInfo, Metadata, read_metadata
 from .paths import check_relative_name
 
 FORMAT_VERSION = "1.1"
@@ -426,9 +426,6 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, kind={self.kind}, items={len(self)})"
-
-
-_attr_value = attr_value
 
 
 def _config_of(attrs: dict[str, Any], path: Path) -> dict[str, Any]:

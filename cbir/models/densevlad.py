@@ -29,6 +29,7 @@ import h5py
 import numpy as np
 
 from ..errors import CbirError, FormatError
+from ..io.hdf5 import read_metadata
 from ..io.atomic import atomic_output
 from ..io.dataset import MODEL_SUFFIX as STORE_MODEL_SUFFIX
 from ..io.images import LoadedImage
@@ -184,14 +185,17 @@ def write_model(path: Path, model: dict[str, np.ndarray], ex: DenseVLAD) -> None
 def read_model(path: Path, ex: DenseVLAD) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise CbirError("DenseVLAD model not found (it is written beside the map's descriptors)", path)
+    attrs = read_metadata(path).attrs  # in a time-limited child: a corrupt file cannot hang
+    if attrs.get("cbir_format") != "densevlad-model":
+        raise FormatError("not a DenseVLAD model file", path)
+    for key in _MODEL_KEYS:
+        if key not in attrs:
+            raise FormatError(f"the model lacks its {key!r} attribute", path)
+        if not np.array_equal(np.asarray(attrs[key]), np.asarray(ex.conf[key])):
+            raise CbirError(f"the model was learned with {key}={np.asarray(attrs[key]).tolist()}, "
+                            f"not {ex.conf[key]}: use the same options as for the map", path)
     try:
         with h5py.File(path, "r") as f:
-            if f.attrs.get("cbir_format") != "densevlad-model":
-                raise FormatError("not a DenseVLAD model file", path)
-            for key in _MODEL_KEYS:
-                if not np.array_equal(np.asarray(f.attrs[key]), np.asarray(ex.conf[key])):
-                    raise CbirError(f"the model was learned with {key}={f.attrs[key].tolist()}, "
-                                    f"not {ex.conf[key]}: use the same options as for the map", path)
             return {key: f[key][()] for key in ("centroids", "pca_mean", "pca_components", "pca_eigvals")}
     except (OSError, KeyError) as e:
         raise FormatError(f"cannot read the DenseVLAD model ({e})", path) from None

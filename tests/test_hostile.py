@@ -1,0 +1,454 @@
+"""Hostile and corrupt input: each case of the audit (issue 11) reproduced.
+
+Every case runs the real command (in-process, ``catch_exceptions=False``: a traceback
+fails the test) and checks the outcome the user must see: exit code 1 and one line
+naming the file and the problem, or the bad item skipped and reported; nothing written
+outside the target; no hang (corrupt HDF5 metadata is read in a time-limited child).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cbir.cli import main
+from cbir.errors import CbirError, FormatError
+from cbir.io.store import STR_DTYPE, Store, StoreWriter, open_store
+
+
+def run(*args) -> "CliRunner.Result":
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(result, *fragments: str) -> str:
+    """The run failed with exit code 1 and one error line holding every fragment."""
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    line = " ".join(result.output.split())  # rich may wrap a long line
+    for f in fragments:
+        assert f in line, (f, result.output)
+    return line
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*")}
+
+
+def written_outside(root: Path, before: set[Path], target: Path) -> set[Path]:
+    """Paths under ``root`` that appeared since ``before`` and are not ``target`` or in it."""
+    return {p for p in files_under(root) - before if p != target and target not in p.parents}
+
+
+def rewrite(path: Path, **datasets) -> None:
+    """Replace datasets of an HDF5 file (None deletes one)."""
+    with h5py.File(path, "a") as f:
+        for name, data in datasets.items():
+            if name in f:
+                del f[name]
+            if data is not None:
+                f.create_dataset(name, data=data, **({"dtype": STR_DTYPE} if _is_text(data) else {}))
+
+
+def _is_text(data) -> bool:
+    arr = np.asarray(data, dtype=object)
+    return arr.size > 0 and isinstance(arr.flat[0], str)
+
+
+def set_names(path: Path, names: list[str]) -> None:
+    """Rename a store's items consistently (names and keys_blob), as a tool editing it would."""
+    rewrite(path, names=np.array(names, dtype=object),
+            keys_blob=np.frombuffer("\n".join(names).encode(), np.uint8))
+
+
+# ============================================================================ 1. writes outside the target
+
+@pytest.fixture
+def kapture_src(maupertuis, tmp_path) -> Path:
+    src = tmp_path / "work" / "src"
+    shutil.copytree(maupertuis, src)
+    for p in src.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return src
+
+
+@pytest.mark.parametrize("kp_type", ["../escaped", "ABS", "a/b", ".."])
+def test_kapture_import_refuses_observation_types_that_are_paths(kapture_src, tmp_path, kp_type):
+    if kp_type == "ABS":
+        kp_type = str(tmp_path / "escaped")
+    obs = kapture_src / "reconstruction/observations.txt"
+    lines = obs.read_text().splitlines()
+    data = [i for i, ln in enumerate(lines) if ln.strip() and not ln.startswith("#")]
+    fields = lines[data[0]].split(",")
+    fields[1] = f" {kp_type}"
+    lines[data[0]] = ",".join(fields)
+    obs.write_text("\n".join(lines) + "\n")
+    before = files_under(tmp_path)
+    result = run("import", "kapture", kapture_src, tmp_path / "work" / "dst", "--images", "skip")
+    one_line_error(result, "observations.txt:", "keypoints type", "invalid store name")
+    assert not written_outside(tmp_path, before, tmp_path / "work" / "dst")
+    assert not list(tmp_path.rglob("escaped*"))
+
+
+def test_kapture_import_refuses_a_keypoints_type_that_leaves_the_source(kapture_src, tmp_path):
+    desc = kapture_src / "reconstruction/descriptors/SIFT/descriptors.txt"
+    desc.write_text(desc.read_text().replace("SIFT, L2", "../../../x, L2"))
+    assert "../../../x" in desc.read_text()
+    result = run("import", "kapture", kapture_src, tmp_path / "work" / "dst", "--images", "skip")
+    one_line_error(result, "descriptors.txt:", "keypoints_type '../../../x' is not a single file name")
+
+
+@pytest.mark.parametrize("evil", ["../../escaped.jpg", "/ABS/escaped.jpg"])
+def test_kapture_export_refuses_store_keys_that_leave_the_target(sample_dataset, tmp_path, evil):
+    evil = evil.replace("/ABS", str(tmp_path))
+    store = sample_dataset / "cbir/local/sample.h5"
+    with open_store(store) as s:
+        names = list(s.keys)
+    set_names(store, [evil] + names[1:])
+    before = files_under(tmp_path)
+    result = run("export", "kapture", sample_dataset, tmp_path / "out", "--local", "sample", "--images", "skip")
+    one_line_error(result, "sample.h5", "image name", repr(evil))
+    assert not written_outside(tmp_path, before, tmp_path / "out")
+    assert not list(tmp_path.rglob("escaped*"))
+
+
+def test_store_writer_refuses_keys_that_cannot_be_image_paths(tmp_path):
+    with StoreWriter(tmp_path / "g.h5", "global-features", {"name": "g"}) as w:
+        for bad in ("../x.jpg", "/x.jpg", "a/./b.jpg", "a\\b.jpg", "a\0b.jpg", "x" * 256 + ".jpg"):
+            with pytest.raises(CbirError, match="image name"):
+                w.add(bad, descriptors=np.ones(4, np.float32) / 2)
+
+
+def test_hloc_import_refuses_dotdot_groups(sample_dataset, tmp_path):
+    feats = tmp_path / "feats.h5"
+    with h5py.File(feats, "w") as f:
+        for name in ("left/000.png", "../../escaped.png"):
+            g = f.create_group(name)
+            g.create_dataset("keypoints", data=np.zeros((2, 2), np.float32))
+            g.create_dataset("descriptors", data=np.zeros((4, 2), np.float32))
+    result = run("import", "hloc", sample_dataset, "--features", feats)
+    one_line_error(result, "feats.h5:", "image group", "escapes")
+    assert not (sample_dataset / "cbir/local/hloc.h5").exists()
+
+
+def _colmap_text_model(root: Path, image_name: str) -> Path:
+    root.mkdir(parents=True)
+    (root / "cameras.txt").write_text("1 PINHOLE 64 48 60 60 32 24\n")
+    (root / "images.txt").write_text(f"1 1 0 0 0 0 0 0 1 {image_name}\n\n")
+    (root / "points3D.txt").write_text("")
+    return root
+
+
+def test_colmap_import_refuses_image_names_that_leave_the_dataset(tmp_path):
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"not for copying")
+    model = _colmap_text_model(tmp_path / "work" / "model", "../../../secret.jpg")
+    images = tmp_path / "work" / "images"
+    images.mkdir()
+    before = files_under(tmp_path)
+    result = run("import", "colmap", model, tmp_path / "work" / "ds", "--image-dir", images)
+    one_line_error(result, "model", "image 1", "escapes records_data/ with '..'")
+    assert files_under(tmp_path) == before
+
+
+def test_images_linked_out_of_records_data_are_refused_on_copy(tmp_path):
+    """A records_data/ symlink that leads elsewhere cannot be used to write outside."""
+    model = _colmap_text_model(tmp_path / "model", "sub/a.jpg")
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    (images / "sub/a.jpg").write_bytes(b"x")
+    dst = tmp_path / "ds"
+    (dst / "sensors/records_data").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (dst / "sensors/records_data/sub").symlink_to(tmp_path / "elsewhere")
+    result = run("import", "colmap", model, dst, "--image-dir", images)
+    one_line_error(result, "leads out of", "symbolic link")
+    assert not any((tmp_path / "elsewhere").iterdir())
+
+
+# ============================================================================ 2. no hang
+
+def _zero_global_heap(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    at = data.find(b"GCOL")
+    assert at > 0, "no global heap collection in the file"
+    data[at + 16:at + 16 + 128] = bytes(128)
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_global_heap_is_reported_not_hung(sample_dataset, monkeypatch):
+    """libhdf5 spins forever reading a string attribute of this file; every command that
+    opens it reports a corrupt file within the time limit instead."""
+    monkeypatch.setenv("CBIR_HDF5_TIMEOUT", "3")
+    store = sample_dataset / "cbir/global/sample.h5"
+    _zero_global_heap(store)
+    start = time.monotonic()
+    with pytest.raises(FormatError, match="did not finish in 3 s: the file is corrupt"):
+        open_store(store)
+    one_line_error(run("check", sample_dataset, "--images", "skip"), "sample.h5", "corrupt")
+    one_line_error(run("retrieve", "--map", sample_dataset, "--global", "sample", "--topk", "1",
+                       "-o", sample_dataset / "p.txt"), "sample.h5", "corrupt")
+    info = run("info", sample_dataset)
+    assert info.exit_code == 0 and "corrupt" in " ".join(info.output.split())
+    assert time.monotonic() - start < 40
+
+
+# ============================================================================ 3. structure checked on open
+
+def _store_cases(tmp_path: Path):
+    """(name, mutation, expected message) over copies of the sample stores."""
+    local, glob, matches = "cbir/local/sample.h5", "cbir/global/sample.h5", "cbir/matches/sample.h5"
+    return [
+        ("decreasing offsets", local, lambda p: rewrite(p, offsets=np.array([0, 5, 3, 9])),
+         "'offsets' must start at 0 and never decrease"),
+        ("offsets not from 0", local, lambda p: rewrite(p, offsets=np.array([1, 5, 9, 9])),
+         "'offsets' must start at 0"),
+        ("float offsets", local, lambda p: rewrite(p, offsets=np.array([0, 5.0, 9, 9])), "'offsets' must be 4 integers"),
+        ("fewer descriptors than keypoints", local,
+         lambda p: rewrite(p, descriptors=np.zeros((7, 8), np.float16)), "'descriptors' has 7 rows, offsets end at 9"),
+        ("image_sizes rows", local, lambda p: rewrite(p, image_sizes=np.zeros((2, 2), np.int32)),
+         "'image_sizes' has 2 rows, items: 3"),
+        ("1-D descriptors", local, lambda p: rewrite(p, descriptors=np.zeros(9, np.float16)),
+         "'descriptors' rows have shape ()"),
+        ("string descriptors", glob, lambda p: rewrite(p, descriptors=np.array(["a", "b", "c"], dtype=object)),
+         "'descriptors' is not numeric"),
+        ("fewer global rows than names", glob, lambda p: rewrite(p, descriptors=np.ones((2, 4), np.float32)),
+         "'descriptors' has 2 rows, items: 3"),
+        ("keypoints as float64", local, lambda p: rewrite(p, keypoints=np.zeros((9, 2))),
+         "'keypoints' is float64, expected float32"),
+        ("swapped names", glob, lambda p: rewrite(p, names=np.array(["right/000.png", "left/000.png", "left/001.png"],
+                                                                     dtype=object)),
+         "'keys_blob' disagrees with 'names'"),
+        ("duplicate names", glob, lambda p: set_names(p, ["left/000.png", "left/000.png", "left/001.png"]),
+         "duplicate item 'left/000.png'"),
+        ("names not strings", glob, lambda p: rewrite(p, names=np.arange(3), keys_blob=None),
+         "'names' must hold strings"),
+        ("names 2-D", glob, lambda p: rewrite(p, names=np.array([["a", "b"]] * 3, dtype=object), keys_blob=None),
+         "'names' has shape (3, 2), expected (N,)"),
+        ("names a group", glob, lambda p: _replace_by_group(p, "names"), "'names' is a group"),
+        ("config a list", glob, lambda p: _set_attr(p, "config", "[1, 2]"), "'config' attribute is not a JSON object"),
+        ("config not JSON", glob, lambda p: _set_attr(p, "config", "{oops"), "'config' attribute is not valid JSON"),
+        ("config a number", glob, lambda p: _set_attr(p, "config", 3), "'config' attribute is not a JSON string"),
+        ("pairs 1-D", matches, lambda p: rewrite(p, pairs=np.array(["a", "b", "c"], dtype=object), keys_blob=None),
+         "'pairs' has shape (3,), expected (N, 2)"),
+        ("matches 3 columns", matches, lambda p: _resize_matches(p), "'matches' rows have shape (3,), expected (2)"),
+        ("newer major version", glob, lambda p: _set_attr(p, "format_version", "2.0"), "newer than this cbir"),
+        ("not a store", glob, lambda p: _set_attr(p, "cbir_format", None), "not a cbir store"),
+    ]
+
+
+def _set_attr(path: Path, key: str, value) -> None:
+    with h5py.File(path, "a") as f:
+        if value is None:
+            del f.attrs[key]
+        else:
+            f.attrs[key] = value
+
+
+def _replace_by_group(path: Path, name: str) -> None:
+    with h5py.File(path, "a") as f:
+        del f[name]
+        f.create_group(name)
+
+
+def _resize_matches(path: Path) -> None:
+    with h5py.File(path, "a") as f:
+        m = f["matches"][()]
+    rewrite(path, matches=np.column_stack([m, m[:, :1]]))
+
+
+@pytest.mark.parametrize("case", range(21))
+def test_broken_store_structure_is_refused_on_open(sample_dataset, tmp_path, case):
+    name, rel, mutate, message = _store_cases(tmp_path)[case]
+    path = sample_dataset / rel
+    mutate(path)
+    with pytest.raises(CbirError) as e:
+        Store(path).close()
+    assert message in str(e.value), (name, str(e.value))
+    assert str(path) in str(e.value)
+
+
+def test_swapped_names_stop_retrieve_and_match(sample_dataset):
+    """Readers, not only `cbir check`, refuse a store whose names disagree with keys_blob."""
+    for rel, argv in (("cbir/global/sample.h5", ["retrieve", "--map", sample_dataset, "--global", "sample",
+                                                  "--topk", "1", "-o", sample_dataset / "p.txt"]),
+                      ("cbir/local/sample.h5", ["match", "--query", sample_dataset, "--pairs",
+                                                sample_dataset / "cbir/pairs/sample.txt", "--local", "sample"])):
+        path = sample_dataset / rel
+        backup = path.read_bytes()
+        rewrite(path, names=np.array(["right/000.png", "left/000.png", "left/001.png"], dtype=object))
+        one_line_error(run(*argv), rel, "'keys_blob' disagrees")
+        path.write_bytes(backup)
+
+
+def test_deep_check_finds_values_changed_inside_a_column(sample_dataset):
+    assert run("check", sample_dataset, "--deep", "--images", "skip").exit_code == 0
+    with h5py.File(sample_dataset / "cbir/local/sample.h5", "a") as f:
+        f["keypoints"][3] = f["keypoints"][3] + 1.0
+    assert run("check", sample_dataset, "--images", "skip").exit_code == 0  # plausible values: only checksums see it
+    result = run("check", sample_dataset, "--deep", "--images", "skip")
+    assert result.exit_code == 1
+    assert "'keypoints' changed since the store was written (checksum)" in " ".join(result.output.split())
+
+
+def test_closing_a_store_while_its_memory_map_is_viewed(sample_dataset):
+    s = open_store(sample_dataset / "cbir/global/sample.h5")
+    view = s._views["descriptors"]  # e.g. held by a traceback frame
+    s.close()  # no BufferError
+    assert view.shape == (3, 4)
+
+
+# ============================================================================ 4. one-line errors
+
+@pytest.mark.parametrize("width", ["inf", "1e400", "nan", "-64", "64.5", "0", "3e9"])
+def test_camera_sizes_that_are_not_image_sizes(sample_dataset, width):
+    sensors = sample_dataset / "sensors/sensors.txt"
+    sensors.write_text(sensors.read_text().replace("SIMPLE_RADIAL, 64,", f"SIMPLE_RADIAL, {width},"))
+    for cmd in (["info", sample_dataset], ["check", sample_dataset], ["extract", sample_dataset, "--local", "sift"]):
+        one_line_error(run(*cmd), "sensors.txt:3", "image size must be integers")
+
+
+@pytest.mark.parametrize("name, message", [("left/a\0b.png", "contains a NUL byte"),
+                                           ("left/" + "x" * 300 + ".png", "over 255 bytes"),
+                                           ("left/a\tb.png", "control character")])
+def test_image_names_that_cannot_be_files(sample_dataset, name, message):
+    records = sample_dataset / "sensors/records_camera.txt"
+    records.write_text(records.read_text().replace("left/001.png", name))
+    one_line_error(run("info", sample_dataset), "records_camera.txt:5", message)
+
+
+def test_utf8_bom_is_named(sample_dataset, tmp_path):
+    sensors = sample_dataset / "sensors/sensors.txt"
+    sensors.write_bytes(b"\xef\xbb\xbf" + sensors.read_bytes())
+    one_line_error(run("info", sample_dataset), "sensors.txt:1", "byte-order mark (BOM)")
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_bytes(b"\xef\xbb\xbfleft/000.png, right/000.png\n")
+    sensors.write_bytes(sensors.read_bytes()[3:])
+    one_line_error(run("match", "--query", sample_dataset, "--pairs", pairs, "--local", "sample"),
+                   "pairs.txt", "byte-order mark (BOM)")
+
+
+def test_records_file_that_is_a_symlink_loop(sample_dataset):
+    records = sample_dataset / "sensors/records_camera.txt"
+    records.unlink()
+    records.symlink_to(records)
+    one_line_error(run("info", sample_dataset), "records_camera.txt", "cannot read", "symbolic links")
+
+
+def _png_header_claiming(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_image_claiming_a_huge_size_is_skipped_not_fatal(sample_dataset):
+    (sample_dataset / "sensors/records_data/right/000.png").write_bytes(_png_header_claiming(100000, 100000))
+    result = run("extract", sample_dataset, "--local", "sift", "--json")
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "right/000.png" in out and "over the limit of 268435456" in out
+    with open_store(sample_dataset / "cbir/local/sift.h5") as s:
+        assert sorted(s.keys) == ["left/000.png", "left/001.png"]
+    small = run("extract", sample_dataset, "--local", "rootsift", "--max-image-pixels", "1000")
+    one_line_error(small, "rootsift.h5", "no image could be extracted (3 skipped", "over the limit of 1000")
+    assert run("extract", sample_dataset, "--local", "rootsift").exit_code == 0  # the empty store blocks nothing
+
+
+def test_check_compares_sizes_of_stored_pixels(sample_dataset):
+    """One EXIF rule for the whole tool: a rotated photo is reported against intrinsics of
+    the stored pixels, with the reason."""
+    import cv2
+
+    path = sample_dataset / "sensors/records_data/left/000.png"
+    cv2.imwrite(str(path), np.zeros((64, 48, 3), np.uint8))
+    result = run("check", sample_dataset)
+    assert "image is 48x64 but camera 'left' is 64x48 (rotated" in " ".join(result.output.split())
+
+
+# ============================================================================ disk full, signals
+
+def test_no_space_left_is_one_line_and_resumable(sample_dataset, monkeypatch):
+    import cbir.io.store as store_mod
+
+    real = store_mod._write_arrays
+
+    def full(*args, **kwargs):
+        raise OSError("Can't write data (file write failed: errno = 28, error message = 'No space left on device')")
+
+    monkeypatch.setattr(store_mod, "_write_arrays", full)
+    one_line_error(run("extract", sample_dataset, "--local", "sift"), "sift.h5.batches/batch-000000.h5",
+                   "no space left on the device")
+    monkeypatch.setattr(store_mod, "_write_arrays", real)
+    assert run("extract", sample_dataset, "--local", "sift").exit_code == 0
+
+
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    where.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_really_full_disk(sceaux, tmp_path):
+    """On a real full file system (a small tmpfs): one line, the store resumable once there
+    is space, and the result equal to a run that had space all along."""
+    mnt = tmp_path / "mnt"
+    if not _mount_tmpfs(mnt, "6m"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        ds = mnt / "ds"
+        shutil.copytree(sceaux / "mapping" / "sensors", ds / "sensors")
+        free = shutil.disk_usage(mnt).free
+        (mnt / "filler").write_bytes(b"\0" * (free - 64 * 1024))
+        args = ["extract", ds, "--local", "sift", "--max-keypoints", "500"]
+        one_line_error(run(*args), "no space left on the device")
+        (mnt / "filler").unlink()
+        assert run(*args).exit_code == 0
+        clean = tmp_path / "clean"
+        shutil.copytree(sceaux / "mapping" / "sensors", clean / "sensors")
+        assert run("extract", clean, "--local", "sift", "--max-keypoints", "500").exit_code == 0
+        with open_store(ds / "cbir/local/sift.h5") as a, open_store(clean / "cbir/local/sift.h5") as b:
+            assert a.keys == b.keys
+            np.testing.assert_array_equal(a.read_all("keypoints"), b.read_all("keypoints"))
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_sigterm_during_pycolmap_work_is_one_line(sceaux, tmp_path):
+    ds = tmp_path / "ds"
+    shutil.copytree(sceaux / "mapping" / "sensors", ds / "sensors")
+    assert run("extract", ds, "--local", "sift", "--max-keypoints", "4000").exit_code == 0
+    assert run("pairs", "exhaustive", "--map", ds, "-o", ds / "pairs.txt").exit_code == 0
+    proc = subprocess.Popen([sys.executable, "-m", "cbir", "match", "--query", ds, "--pairs", ds / "pairs.txt",
+                             "--local", "sift", "--verify", "--name", "m"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = ds / "cbir/matches/m.h5.lock"
+    deadline = time.monotonic() + 60
+    while not lock.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside matching and pycolmap's verification threads
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines[-1].startswith("terminated: finished batches are kept"), err
+    assert "Aborted" not in err and "stack trace" not in err and len(lines) <= 2, err
