@@ -23,7 +23,7 @@ from .. import __version__
 from ..errors import CbirError, FormatError
 from .atomic import atomic_output
 from .hdf5 import read_metadata
-from .store import FORMAT_VERSION, STR_DTYPE, _check_major, _config_of
+from .store import FORMAT_VERSION, STR_DTYPE, _check_major, _config_of, check_attr_types
 
 MAP_KIND = "map"
 
@@ -107,6 +107,7 @@ def read_map(path: str | os.PathLike) -> PointMap:
     path = Path(path)
     meta = read_metadata(path, ("images",))
     attrs = meta.attrs
+    check_attr_types(attrs, path)
     if attrs.get("cbir_format") != MAP_KIND:
         raise FormatError("not a cbir map file", path)
     _check_major(str(attrs.get("format_version", "")), path)
@@ -127,8 +128,6 @@ def read_map(path: str | os.PathLike) -> PointMap:
         if name.startswith("track_") and d.dtype.kind not in "iu":
             raise FormatError(f"'{name}' must hold integers, got {d.dtype}", path)
     local = attrs.get("local_features", "")
-    if not isinstance(local, str):
-        raise FormatError("the 'local_features' attribute is not a string", path)
     try:
         with h5py.File(path, "r") as f:
             arrays = {name: f[name][()] for name in numeric}

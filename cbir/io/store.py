@@ -155,6 +155,7 @@ class Store:
 
     def _init(self, meta: Metadata, expected_kind: str | None) -> None:
         attrs = meta.attrs
+        check_attr_types(attrs, self.path)
         kind = attrs.get("cbir_format")
         if kind is None:
             raise FormatError("not a cbir store (no 'cbir_format' attribute)", self.path)
@@ -168,9 +169,6 @@ class Store:
         self.kind = kind
         self.attrs: dict[str, Any] = dict(attrs)
         self.config: dict[str, Any] = _config_of(attrs, self.path)
-        name = attrs.get("name")
-        if name is not None and not isinstance(name, str):
-            raise FormatError(f"the 'name' attribute is not a string: {name!r}", self.path)
         infos = meta.datasets
         for key in (self.schema.key, "offsets", KEYS_BLOB, *self.schema.columns):
             if key in meta.groups:
@@ -426,6 +424,25 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, kind={self.kind}, items={len(self)})"
+
+
+#: the type of every attribute a reader relies on (stores and maps)
+ATTR_TYPES: dict[str, type] = {"cbir_format": str, "format_version": str, "cbir_version": str, "name": str,
+                               "config": str, "descriptor_dim": int, "descriptor_dtype": str,
+                               "keypoint_params": str, "local_features": str, "checksums": str}
+
+
+def check_attr_types(attrs: dict[str, Any], path: Path) -> None:
+    """Refuse attributes of the wrong type (an array where a name is expected, say)."""
+    for key, kind in ATTR_TYPES.items():
+        if key not in attrs:
+            continue
+        value = attrs[key]
+        ok = isinstance(value, str) if kind is str else \
+            isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+        if not ok:
+            raise FormatError(f"the '{key}' attribute is not {'a string' if kind is str else 'an integer'}: "
+                              f"{str(value)[:60]!r}", path)
 
 
 def _config_of(attrs: dict[str, Any], path: Path) -> dict[str, Any]:
