@@ -37,7 +37,7 @@ from .io.dataset import Dataset
 from .io.kapture_text import format_trajectories
 from .io.map_store import read_map
 from .io.pairs import Pair
-from .io.store import open_store
+from .io.store import check_match_indices, open_store
 
 
 @dataclass
@@ -213,6 +213,7 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
                 if (q, m) not in mstore or m not in lookup:
                     continue
                 it = mstore.get((q, m), ["matches", "inliers"] if verified else ["matches"])
+                check_match_indices(it["matches"], (len(kps), None), mstore.path, (q, m))
                 mm = it["matches"][it["inliers"]] if verified else it["matches"]
                 if len(mm) < conf["min_num_matches"]:
                     continue

@@ -24,7 +24,7 @@ from .io.colmap import COLMAP_PIXEL_OFFSET, export_colmap, reconstruction_to_map
 from .io.dataset import Dataset
 from .io.map_store import PointMap, read_map, write_map
 from .io.sensors import SensorData
-from .io.store import open_store
+from .io.store import check_match_indices, open_store
 
 MAPPING_CONFIG = "config1"  # the paper maps with config1 always
 
@@ -76,6 +76,7 @@ def _write_database(path: Path, rec: pycolmap.Reconstruction, keypoints: dict[st
                     report.skipped.append(f"pair {a} {b}: an image without pose or features")
                     continue
                 item = store.get((a, b), ["matches", "inliers", "geometry_config"])
+                check_match_indices(item["matches"], (len(keypoints[a]), len(keypoints[b])), matches_path, (a, b))
                 inl = item["matches"][item["inliers"]].astype(np.uint32)
                 if len(inl) == 0:
                     continue

@@ -239,12 +239,14 @@ def _store_cases(tmp_path: Path):
         ("names a group", glob, lambda p: _replace_by_group(p, "names"), "'names' is a group"),
         ("config a list", glob, lambda p: _set_attr(p, "config", "[1, 2]"), "'config' attribute is not a JSON object"),
         ("config not JSON", glob, lambda p: _set_attr(p, "config", "{oops"), "'config' attribute is not valid JSON"),
-        ("config a number", glob, lambda p: _set_attr(p, "config", 3), "'config' attribute is not a JSON string"),
+        ("config a number", glob, lambda p: _set_attr(p, "config", 3), "the 'config' attribute is not a string"),
         ("pairs 1-D", matches, lambda p: rewrite(p, pairs=np.array(["a", "b", "c"], dtype=object), keys_blob=None),
          "'pairs' has shape (3,), expected (N, 2)"),
         ("matches 3 columns", matches, lambda p: _resize_matches(p), "'matches' rows have shape (3,), expected (2)"),
         ("newer major version", glob, lambda p: _set_attr(p, "format_version", "2.0"), "newer than this cbir"),
         ("not a store", glob, lambda p: _set_attr(p, "cbir_format", None), "not a cbir store"),
+        ("dimension an array", glob, lambda p: _set_attr(p, "descriptor_dim", np.arange(3)),
+         "the 'descriptor_dim' attribute is not an integer"),
     ]
 
 
@@ -268,7 +270,7 @@ def _resize_matches(path: Path) -> None:
     rewrite(path, matches=np.column_stack([m, m[:, :1]]))
 
 
-@pytest.mark.parametrize("case", range(21))
+@pytest.mark.parametrize("case", range(22))
 def test_broken_store_structure_is_refused_on_open(sample_dataset, tmp_path, case):
     name, rel, mutate, message = _store_cases(tmp_path)[case]
     path = sample_dataset / rel
@@ -300,6 +302,19 @@ def test_deep_check_finds_values_changed_inside_a_column(sample_dataset):
     result = run("check", sample_dataset, "--deep", "--images", "skip")
     assert result.exit_code == 1
     assert "'keypoints' changed since the store was written (checksum)" in " ".join(result.output.split())
+
+
+def test_matches_indexing_beyond_the_keypoints_stop_their_consumers(sample_dataset, tmp_path):
+    """Matches made on other features (or damaged) index keypoints that do not exist:
+    export and drawing refuse them instead of crashing or drawing the wrong points."""
+    with h5py.File(sample_dataset / "cbir/matches/sample.h5", "a") as f:
+        f["matches"][0] = [4, 99]
+        pair = tuple(x.decode() for x in f["pairs"][0])
+    one_line_error(run("export", "hloc", sample_dataset, "--local", "sample", "--matches", "sample",
+                       "--matches-out", tmp_path / "m.h5"), "matches/sample.h5", "match index 99 beyond")
+    one_line_error(run("show", "matches", sample_dataset, "--pair", *pair, "-o", tmp_path / "p.png"),
+                   "matches/sample.h5", "beyond")
+    assert not (tmp_path / "m.h5").exists()
 
 
 def test_closing_a_store_while_its_memory_map_is_viewed(sample_dataset):

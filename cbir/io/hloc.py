@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import CbirError, FormatError
 from .atomic import atomic_output
 from .paths import check_relative_name
-from .store import StoreWriter, open_store
+from .store import StoreWriter, check_match_indices, open_store
 
 
 def _open(path: Path) -> h5py.File:
@@ -139,6 +139,8 @@ def export_matches(store_path: str | os.PathLike, features_path: str | os.PathLi
                     m0 = np.full(feats.count(n0), -1, np.int32)
                     s0 = np.zeros(len(m0), np.float32)
                     idx = batch["matches"][a:b]
+                    check_match_indices(idx, (len(m0), feats.count(n1) if n1 in feats else None),
+                                        Path(store_path), (n0, n1))
                     m0[idx[:, 0]] = idx[:, 1]
                     if "scores" in batch:
                         s0[idx[:, 0]] = batch["scores"][a:b]

@@ -488,6 +488,21 @@ def _decode_keys(meta: Metadata, schema: Schema, path: Path) -> list[Key]:
     return [row[0] for row in rows]
 
 
+def check_match_indices(matches: np.ndarray, counts: tuple[int | None, int | None], path: Path,
+                        pair: tuple[str, str]) -> None:
+    """Refuse matches of ``pair`` that index outside the keypoints of its images (``counts``:
+    keypoints of each image, None where unknown): a store of matches made on other
+    features, or damaged, must not index the wrong keypoints (or crash a consumer)."""
+    if not len(matches):
+        return
+    if matches.min() < 0:
+        raise FormatError(f"pair {pair[0]}, {pair[1]}: negative match index", path)
+    for side, n in enumerate(counts):
+        if n is not None and matches[:, side].max() >= n:
+            raise FormatError(f"pair {pair[0]}, {pair[1]}: match index {int(matches[:, side].max())} beyond the "
+                              f"{n} keypoints of {pair[side]} (matches made on other features?)", path)
+
+
 def open_store(path: str | os.PathLike, kind: str | None = None) -> Store:
     return Store(path, kind)
 

@@ -11,7 +11,7 @@ from ..errors import CbirError
 from ..io.atomic import atomic_output
 from ..io.dataset import Dataset
 from ..io.images import read_image
-from ..io.store import open_store
+from ..io.store import check_match_indices, open_store
 
 INLIER = (40, 200, 40)  # BGR
 OUTLIER = (40, 40, 220)
@@ -40,6 +40,9 @@ def draw_pair_matches(query: Dataset, map_: Dataset, pair: tuple[str, str], out:
             raise CbirError(f"pair {pair[0]!r} {pair[1]!r} is not in the matches store", store.path)
         item = store.get(key)
         local = store.attrs.get("local_features") or store.config.get("local_features")
+        if not isinstance(local, str) or not local:
+            raise CbirError("the matches store does not say which local features it was made on", store.path)
+        matches_path = store.path
     matches = item["matches"][:, ::-1] if swapped else item["matches"]
     inliers = item.get("inliers")
     kps = []
@@ -48,6 +51,7 @@ def draw_pair_matches(query: Dataset, map_: Dataset, pair: tuple[str, str], out:
             if image not in s:
                 raise CbirError(f"image {image!r} has no features", s.path)
             kps.append(s.get(image, ["keypoints"])["keypoints"])
+    check_match_indices(matches, (len(kps[0]), len(kps[1])), matches_path, tuple(pair))
     images = [read_image(query.image_path(pair[0])), read_image((map_ if not swapped else query).image_path(pair[1]))]
     scales = [min(1.0, max_edge / max(im.size)) for im in images]
     tiles = [cv2.resize(cv2.cvtColor(im.array, cv2.COLOR_RGB2BGR), None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
