@@ -63,7 +63,9 @@ def import_kapture(src: str | os.PathLike, dst: str | os.PathLike | None = None,
     With ``dst`` None (or equal to ``src``) the stores are written into ``src/cbir/``.
     """
     src = Path(src)
-    data = read_sensor_data(src)  # validates the sensor files first
+    data = read_sensor_data(src)  # validates the sensor files and the points first: nothing half-written
+    found = kb.list_reconstruction(src)
+    maps = kb.read_points(src) if found["points3d"] else {}
     dst = src if dst is None else Path(dst)
     written: list[Path] = []
     if not _same_dir(src, dst):
@@ -78,7 +80,6 @@ def import_kapture(src: str | os.PathLike, dst: str | os.PathLike | None = None,
     ds = Dataset(dst, follow_symlinks=True)
     sizes = {r.name: (cam.width, cam.height) for r in data.records
              if (cam := data.cameras.get(r.camera_id)) is not None}
-    found = kb.list_reconstruction(src)
     for dtype in found["descriptors"]:
         out = ds.store_path("local", dtype)
         kb.import_local_features(src, dtype, out, image_sizes=sizes, overwrite=overwrite)
@@ -91,8 +92,7 @@ def import_kapture(src: str | os.PathLike, dst: str | os.PathLike | None = None,
         out = ds.store_path("matches", ktype)
         kb.import_matches(src, ktype, out, overwrite=overwrite)
         written.append(out)
-    if found["points3d"]:
-        written += kb.import_points(src, dst / "cbir" / "map", overwrite=overwrite)
+    written += kb.write_points(maps, dst / "cbir" / "map", overwrite=overwrite)
     return written
 
 

@@ -208,8 +208,9 @@ def read_points3d(path: Path) -> np.ndarray:
         raise FormatError("points3d has a value that is not a number", path) from None
 
 
-def import_points(kapture_root: Path, out_dir: Path, *, overwrite: bool = False) -> list[Path]:
-    """points3d.txt + observations.txt -> one map store per keypoints type (cbir/map/<type>.h5)."""
+def read_points(kapture_root: Path) -> dict[str, PointMap]:
+    """points3d.txt + observations.txt, validated: one map per keypoints type ('' when there
+    is no observation), to be written as cbir/map/<type>.h5."""
     rec = kapture_root / RECONSTRUCTION
     pts = read_points3d(rec / "points3d.txt")
     if pts.shape[1] == 6:
@@ -233,6 +234,8 @@ def import_points(kapture_root: Path, out_dir: Path, *, overwrite: bool = False)
                 raise FormatError("point3d_id and feature_id must be integers", obs_path, lineno) from None
             if not 0 <= pid < len(pts):
                 raise FormatError(f"point3d_id {pid} out of range (points3d has {len(pts)})", obs_path, lineno)
+            if any(not 0 <= k <= np.iinfo(np.int32).max for _, k in obs):
+                raise FormatError("feature_id must be from 0 to 2^31-1", obs_path, lineno)
             if fields[1]:  # it names the map store written for this type (cbir/map/<type>.h5)
                 try:
                     check_store_name(fields[1])
@@ -242,7 +245,7 @@ def import_points(kapture_root: Path, out_dir: Path, *, overwrite: bool = False)
             if pid in per_type:
                 raise FormatError(f"point {pid} has two lines for keypoints type {fields[1]!r}", obs_path, lineno)
             per_type[pid] = obs
-    written = []
+    maps = {}
     for kp_type, per_point in (tracks or {"": {}}).items():
         images = sorted({im for obs in per_point.values() for im, _ in obs})
         index = {im: i for i, im in enumerate(images)}
@@ -254,6 +257,17 @@ def import_points(kapture_root: Path, out_dir: Path, *, overwrite: bool = False)
                      track_images=np.array([index[im] for im, _ in flat], np.int32),
                      track_keypoints=np.array([k for _, k in flat], np.int32),
                      local_features=kp_type, config={"source": "kapture", "has_colors": pts.shape[1] == 6})
+        problem = m.validate()
+        if problem:
+            raise FormatError(problem, obs_path)
+        maps[kp_type] = m
+    return maps
+
+
+def write_points(maps: dict[str, PointMap], out_dir: Path, *, overwrite: bool = False) -> list[Path]:
+    """The maps of :func:`read_points`, as cbir/map/<type>.h5 (``points.h5`` for no type)."""
+    written = []
+    for kp_type, m in maps.items():
         path = out_dir / f"{kp_type or 'points'}.h5"
         if path.exists() and not overwrite:
             raise CbirError("exists: use --overwrite to replace it", path)
