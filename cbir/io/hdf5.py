@@ -56,8 +56,8 @@ class Metadata:
     attrs: dict[str, Any]
     datasets: dict[str, DatasetInfo]
     groups: tuple[str, ...]
-    #: requested string datasets: their UTF-8 items joined by b"\\n" (the two items of a row of
-    #: a 2-column dataset by b"\\0"), or a list of rows of str when an item holds a separator
+    #: requested string datasets, items in row-major order (a pair's two names in turn): their
+    #: UTF-8 bytes joined by b"\\n", or a list of str when a name holds a separator
     strings: dict[str, bytes | list]
 
 
@@ -92,13 +92,14 @@ def _read(path: str, strings: Sequence[str]) -> Metadata:
             info = datasets.get(name)
             if info is None or not info.is_string or not (len(info.shape) == 1 or info.shape[1:] == (2,)):
                 continue  # absent or mis-shaped: the caller reports it from ``datasets``
-            raw = f[name][()]
-            items = [[_to_bytes(x) for x in row] for row in raw.tolist()] if raw.ndim == 2 \
-                else [[_to_bytes(x)] for x in raw.tolist()]
-            if any(b"\n" in x or b"\0" in x for row in items for x in row):
-                values[name] = [[x.decode("utf-8") for x in row] for row in items]
+            items = f[name][()].ravel().tolist()  # row-major: a pair's two names follow each other
+            if not all(type(x) is bytes for x in items):
+                items = [_to_bytes(x) for x in items]
+            joined = b"\n".join(items)
+            if joined.count(b"\n") != max(len(items) - 1, 0) or b"\0" in joined:
+                values[name] = [x.decode("utf-8") for x in items]  # a name holds a separator
             else:
-                values[name] = b"\n".join(b"\0".join(row) for row in items)
+                values[name] = joined
         return Metadata(attrs, datasets, tuple(groups), values)
 
 

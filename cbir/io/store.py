@@ -174,33 +174,34 @@ class Store:
             if key in meta.groups:
                 raise FormatError(f"'{key}' is a group, expected a dataset", self.path)
         self._infos = {n: infos[n] for n in (self.schema.key, "offsets", *self.schema.columns) if n in infos}
-        self._keys = _decode_keys(meta, self.schema, self.path)
+        self._keys, names_blob = _decode_keys(meta, self.schema, self.path)
         self._n = len(self._keys)
-        self._check_blob(infos.get(KEYS_BLOB))
+        self._check_blob(infos.get(KEYS_BLOB), names_blob)
         self._index: dict[Key, int] | None = None
         self._check_unique()
         self._datasets: dict[str, h5py.Dataset] = {n: self._file[n] for n in self._infos}  # type: ignore[index]
         self._map_columns()
         self._check_columns()
 
-    def _check_blob(self, info: DatasetInfo | None) -> None:
-        """``keys_blob`` must say what the keys say: readers of 1.1 list keys from it alone."""
+    def _check_blob(self, info: DatasetInfo | None, names_blob: bytes | None) -> None:
+        """``keys_blob`` must say what the keys say (other 1.1 readers list keys from it alone)."""
         if info is None:
             return
         if info.dtype != np.uint8 or len(info.shape) != 1:
             raise FormatError(f"'{KEYS_BLOB}' must be a 1-D uint8 dataset", self.path)
-        expected = encode_keys_blob(self._keys)
+        if names_blob is None:
+            encoded = encode_keys_blob(self._keys)
+            names_blob = None if encoded is None else encoded.tobytes()
         try:
             blob = self._file[KEYS_BLOB][()]  # type: ignore[index]
         except (OSError, RuntimeError) as e:
             raise FormatError(f"cannot read '{KEYS_BLOB}' ({e}): the file is corrupt", self.path) from None
-        if expected is None or blob.tobytes() != expected.tobytes():
+        if names_blob is None or blob.tobytes() != names_blob:
             raise FormatError(f"'{KEYS_BLOB}' disagrees with '{self.schema.key}' (edited without the other?): "
                               "the store cannot say which image is which", self.path)
 
     def _check_unique(self) -> None:
-        self._index = {k: i for i, k in enumerate(self._keys)}
-        if len(self._index) != self._n:
+        if len(set(self._keys)) != self._n:
             seen: set[Key] = set()
             dup = next(k for k in self._keys if k in seen or seen.add(k))  # type: ignore[func-returns-value]
             raise FormatError(f"duplicate item {dup!r} in '{self.schema.key}'", self.path)
@@ -278,8 +279,10 @@ class Store:
     names = keys
 
     def index(self, key: Key) -> int:
+        if self._index is None:
+            self._index = {k: i for i, k in enumerate(self._keys)}
         try:
-            return self._index[_as_key(key)]  # type: ignore[index]
+            return self._index[_as_key(key)]
         except KeyError:
             raise KeyError(key) from None
 
@@ -379,7 +382,7 @@ class Store:
         checksums existed gives ``["no checksums recorded"]``."""
         raw = self.attrs.get(CHECKSUMS)
         if raw is None:
-            return ["no checksums recorded (written by cbir < 0.2, or by another tool)"]
+            return ["no checksums recorded (written before cbir recorded them, or by another tool)"]
         try:
             recorded = json.loads(raw)
             columns = dict(recorded["columns"])
@@ -459,8 +462,9 @@ def _config_of(attrs: dict[str, Any], path: Path) -> dict[str, Any]:
     return config
 
 
-def _decode_keys(meta: Metadata, schema: Schema, path: Path) -> list[Key]:
-    """The keys of a store from its (already read) key dataset, checked for shape and type."""
+def _decode_keys(meta: Metadata, schema: Schema, path: Path) -> tuple[list[Key], bytes | None]:
+    """The keys of a store from its (already read) key dataset, checked for shape and type,
+    and the names as ``keys_blob`` would hold them when that is cheap to know (else None)."""
     info = meta.datasets.get(schema.key)
     if info is None:
         raise FormatError(f"missing dataset '{schema.key}'", path)
@@ -472,20 +476,21 @@ def _decode_keys(meta: Metadata, schema: Schema, path: Path) -> list[Key]:
     raw = meta.strings.get(schema.key)
     n = info.shape[0]
     if n == 0:
-        return []
+        return [], b""
+    blob = None
     if isinstance(raw, bytes):
         try:
             items = raw.decode("utf-8").split("\n")
         except UnicodeDecodeError:
             raise FormatError(f"'{schema.key}' holds a name that is not UTF-8", path) from None
-        rows: list = [item.split("\0") for item in items]
+        blob = raw if schema.key == "names" else None
     else:
-        rows = list(raw or [])
-    if len(rows) != n:
-        raise FormatError(f"'{schema.key}' could not be read ({len(rows)} of {n} items)", path)
+        items = list(raw or [])
+    if len(items) != n * (2 if schema.key == "pairs" else 1):
+        raise FormatError(f"'{schema.key}' could not be read ({len(items)} names for {n} items)", path)
     if schema.key == "pairs":
-        return [(a, b) for a, b in rows]
-    return [row[0] for row in rows]
+        return list(zip(items[0::2], items[1::2])), None
+    return items, blob
 
 
 def check_match_indices(matches: np.ndarray, counts: tuple[int | None, int | None], path: Path,
@@ -752,10 +757,12 @@ def merge_stores(parts: Sequence[Path], out: Path, schema: Schema, attrs: dict[s
     never block a merge)."""
     n_items, n_rows = 0, 0
     shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    validated: list[tuple[Path, list[Key], np.ndarray | None, list[str]]] = []  # part, keys, offsets, columns
     for part in parts:
-        with Store(part, schema.kind) as s:
+        with Store(part, schema.kind) as s:  # validated once; the copy below reads numbers only
             if not len(s):
                 continue
+            validated.append((part, s.keys, s.offsets if schema.ragged else None, s.columns))
             n_items += len(s)
             if schema.ragged:
                 n_rows += int(s.offsets[-1])
@@ -784,29 +791,27 @@ def merge_stores(parts: Sequence[Path], out: Path, schema: Schema, attrs: dict[s
             offsets_ds[0] = 0
         i0, r0 = 0, 0
         all_keys: list[Key] = []
-        for part in parts:
-            with Store(part, schema.kind) as src:
-                n = len(src)
-                if n == 0:
-                    continue
-                keys_ds[i0:i0 + n] = _encode_keys(src.keys, schema)
-                all_keys += src.keys
-                rows = 0
-                if offsets_ds is not None:
-                    rows = int(src.offsets[-1])
-                    offsets_ds[i0 + 1:i0 + n + 1] = src.offsets[1:] + r0
-                missing = set(shapes) - set(src.columns)
-                if missing:
-                    raise CbirError(f"lacks columns {sorted(missing)} that other parts have: cannot merge", part)
+        for part, keys, offsets, columns in validated:
+            n = len(keys)
+            missing = set(shapes) - set(columns)
+            if missing:
+                raise CbirError(f"lacks columns {sorted(missing)} that other parts have: cannot merge", part)
+            keys_ds[i0:i0 + n] = _encode_keys(keys, schema)
+            all_keys += keys
+            rows = 0
+            if offsets_ds is not None and offsets is not None:
+                rows = int(offsets[-1])
+                offsets_ds[i0 + 1:i0 + n + 1] = offsets[1:] + r0
+            with h5py.File(part, "r") as src:
                 for name, ds in out_ds.items():
                     total = rows if name in schema.ragged else n
                     start = r0 if name in schema.ragged else i0
                     for b in range(0, total, _COPY_BLOCK_ROWS):
-                        block = src._read(name, slice(b, min(total, b + _COPY_BLOCK_ROWS)))
+                        block = src[name][b:min(total, b + _COPY_BLOCK_ROWS)]
                         ds[start + b:start + b + len(block)] = block
                         crcs[name] = zlib.crc32(np.ascontiguousarray(block).data, crcs[name])
-                i0 += n
-                r0 += rows
+            i0 += n
+            r0 += rows
         _write_blob(f, all_keys)
         if offsets_ds is not None:
             crcs["offsets"] = zlib.crc32(offsets_ds[()].data)
