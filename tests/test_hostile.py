@@ -317,6 +317,14 @@ def test_matches_indexing_beyond_the_keypoints_stop_their_consumers(sample_datas
     assert not (tmp_path / "m.h5").exists()
 
 
+def test_non_finite_features_stop_matching(sample_dataset):
+    with h5py.File(sample_dataset / "cbir/local/sample.h5", "a") as f:
+        f["descriptors"][1] = np.nan
+    one_line_error(run("match", "--query", sample_dataset, "--pairs", sample_dataset / "cbir/pairs/sample.txt",
+                       "--local", "sample", "--name", "m"),
+                   "local/sample.h5", "the descriptors of 'left/000.png' have NaN or infinite values")
+
+
 def test_closing_a_store_while_its_memory_map_is_viewed(sample_dataset):
     s = open_store(sample_dataset / "cbir/global/sample.h5")
     view = s._views["descriptors"]  # e.g. held by a traceback frame

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..errors import CbirError
+from ..errors import CbirError, FormatError
 from ..io.dataset import Dataset
 from ..io.pairs import Pair
 from ..io.store import Store, StoreWriter, open_store
@@ -55,7 +55,12 @@ class FeatureCache:
             return self._items[name]
         cols = ["keypoints", "descriptors"] + (["image_sizes"] if "image_sizes" in self.store.columns else [])
         item = self.store.get(name, cols)
+        for col in ("keypoints", "descriptors"):  # an edited store must not match garbage silently
+            if not np.isfinite(item[col]).all():
+                raise FormatError(f"the {col} of {name!r} have NaN or infinite values", self.store.path)
         size = tuple(int(v) for v in item["image_sizes"]) if "image_sizes" in item else None
+        if size is not None and min(size) <= 0:
+            size = None  # unknown (kapture imports without a camera): the camera's size is used
         value = (item["keypoints"], as_unit_tensor(item["descriptors"], self.device), size)
         self._items[name] = value
         if len(self._items) > self.capacity:
