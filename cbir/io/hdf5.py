@@ -111,6 +111,36 @@ def _to_bytes(x: Any) -> bytes:
     raise TypeError(f"not a string: {type(x).__name__}")
 
 
+_warm = False
+
+
+def _warm_up() -> None:
+    """Read a small in-memory file once in this process. h5py and libhdf5 initialise
+    themselves lazily (type conversions, drivers) on first use; doing it here, on trusted
+    data, means every forked reader starts warm (7 ms a read instead of 40)."""
+    global _warm
+    if _warm:
+        return
+    import h5py
+
+    with h5py.File("cbir-warm-up.h5", "w", driver="core", backing_store=False) as f:
+        f.attrs["text"] = "x"
+        f.attrs["number"] = 1
+        strings = h5py.string_dtype()
+        f.create_dataset("names", data=np.array(["a", "b"], dtype=object), dtype=strings)
+        f.create_dataset("pairs", data=np.array([["a", "b"]], dtype=object), dtype=strings)
+        f.create_dataset("numbers", data=np.zeros(2))
+        f.create_group("group")
+        attrs = {k: attr_value(f.attrs[k]) for k in f.attrs}
+        for name in f:
+            obj = f[name]
+            if isinstance(obj, h5py.Dataset):
+                h5py.check_string_dtype(obj.dtype)
+                obj.id.get_offset()
+                obj[()]
+    _warm = bool(attrs)
+
+
 def timeout_s(n_strings: int = 0) -> float:
     try:
         base = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
@@ -130,6 +160,7 @@ def read_metadata(path: str | os.PathLike, strings: Sequence[str] = (), *,
     if not path.is_file():
         raise CbirError("not a file", path)
     limit = timeout_s(expected_strings)
+    _warm_up()
     status, payload = _in_child(_read, (str(path), tuple(strings)), limit)
     if status == "ok":
         return payload
