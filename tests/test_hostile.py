@@ -475,3 +475,28 @@ def test_sigterm_during_pycolmap_work_is_one_line(sceaux, tmp_path):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert lines[-1].startswith("terminated: finished batches are kept"), err
     assert "Aborted" not in err and "stack trace" not in err and len(lines) <= 2, err
+
+
+def test_sigterm_to_a_forked_worker_does_not_end_the_command():
+    """Localization's workers are forked: a SIGTERM that reaches one of them alone must not
+    wake the command's own watcher (which would end the whole command)."""
+    script = """
+import os, signal, sys, time
+import cbir.cli as cli
+cli.TERMINATION_GRACE_S = 0.2
+cli.handle_termination()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+    except cli.Terminated:
+        os._exit(7)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+time.sleep(1.0)
+print("alive", os.waitstatus_to_exitcode(status))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "alive 7", (proc.stdout, proc.stderr)
+

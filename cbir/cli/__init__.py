@@ -62,6 +62,16 @@ def handle_termination() -> None:
                 os._exit(143)
 
     threading.Thread(target=watch, name="cbir-sigterm", daemon=True).start()
+    os.register_at_fork(after_in_child=_forget_wakeup_fd)
+
+
+def _forget_wakeup_fd() -> None:
+    """A forked worker (localization's process pool) must not wake this process's watcher
+    with its own signals: SIGTERM sent to a worker alone would end the whole command."""
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # not the main thread of the child: nothing was inherited to forget
+        pass
 
 
 class CbirGroup(click.Group):
