@@ -33,7 +33,7 @@ from .geometry.colmap_options import paper_config, set_dotted
 from .geometry.poses import Pose, rotmat_to_qvec
 from .io.atomic import atomic_write_text
 from .io.colmap import COLMAP_PIXEL_OFFSET
-from .io.dataset import Dataset
+from .io.dataset import Dataset, check_store_name
 from .io.kapture_text import format_trajectories
 from .io.map_store import read_map
 from .io.pairs import Pair
@@ -175,6 +175,7 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
         raise CbirError(f"unknown localization option(s) {sorted(unknown)} (paper options: {', '.join(conf)}; "
                         "pycolmap options as estimation.X or refinement.X)")
     name = name or f"{local}-{config}"
+    check_store_name(name)  # it names QUERY/cbir/localization/<name>/
     point_map = read_map(map_.store_path("map", map_name or local))
     lookup = point_map.keypoint_to_point()
     by_query: dict[str, list[str]] = {}

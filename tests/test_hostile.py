@@ -162,6 +162,15 @@ def test_colmap_import_refuses_image_names_that_leave_the_dataset(tmp_path):
     assert files_under(tmp_path) == before
 
 
+def test_result_names_cannot_leave_the_dataset(sample_dataset, tmp_path):
+    before = files_under(tmp_path)
+    result = run("localize", "--query", sample_dataset, "--map", sample_dataset, "--pairs",
+                 sample_dataset / "cbir/pairs/sample.txt", "--local", "sample", "--matches", "sample",
+                 "--name", "../../escaped")
+    one_line_error(result, "invalid store name '../../escaped'")
+    assert files_under(tmp_path) == before
+
+
 def test_images_linked_out_of_records_data_are_refused_on_copy(tmp_path):
     """A records_data/ symlink that leads elsewhere cannot be used to write outside."""
     model = _colmap_text_model(tmp_path / "model", "sub/a.jpg")

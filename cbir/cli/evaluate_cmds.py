@@ -142,6 +142,7 @@ def _evaluate_poses(query: Path | None, results_name: str | None, poses: Path | 
     else:
         if query is None:
             raise click.UsageError("give --query DATASET (its localization results) or --poses FILE")
+        from ..io.dataset import check_store_name
         from ..localize import read_results
 
         root = Path(query) / "cbir" / "localization"
@@ -150,6 +151,7 @@ def _evaluate_poses(query: Path | None, results_name: str | None, poses: Path | 
             if len(names) != 1:
                 raise click.UsageError(f"name the results with --results (found: {', '.join(names) or 'none'})")
             results_name = names[0]
+        check_store_name(results_name)
         estimated = {r.name: r.pose for r in read_results(root / results_name) if r.success}
     th = _parse_thresholds(thresholds)
     errors = pose_errors(estimated, gt)
