@@ -355,3 +355,44 @@ def test_fuzz_images_and_pairs(tmp_path):
             assert all(p.query and p.map and isinstance(p.score, float) for p in parsed), label
         path.unlink()
         ppath.unlink()
+
+
+@pytest.fixture(scope="module")
+def kapture_sample(tmp_path_factory) -> Path:
+    """The sample dataset exported to kapture with every reconstruction file kind."""
+    from cbir.io import interchange
+
+    root = tmp_path_factory.mktemp("kapture") / "sample"
+    interchange.export_kapture(Dataset(SAMPLES), root, local=["sample"], global_=["sample"],
+                               matches=["sample"], maps=["sample"], images="skip")
+    return root
+
+
+def test_fuzz_kapture_import(kapture_sample, tmp_path):
+    """kapture's reconstruction/ files (configs, binary arrays, points, observations) mutated:
+    an import either fails in one line or gives stores that open, and writes only in its
+    target."""
+    from cbir.io import interchange
+
+    rng = random.Random(SEED + 6)
+    files = sorted(p.relative_to(kapture_sample) for p in kapture_sample.rglob("*") if p.is_file())
+    for case in range(CASES // 2):
+        label = f"kapture import, seed {SEED} case {case}"
+        src, dst = tmp_path / f"c{case}" / "src", tmp_path / f"c{case}" / "dst"
+        shutil.copytree(kapture_sample, src)
+        target = src / rng.choice(files)
+        if target.suffix == ".txt" and rng.random() < 0.8:
+            target.write_text(mutate_text(target.read_text(), rng))
+        else:
+            target.write_bytes(mutate_bytes(target.read_bytes(), rng) if target.stat().st_size else b"\0")
+        before = set((tmp_path / f"c{case}").rglob("*"))
+        written = accepted(lambda: interchange.import_kapture(src, dst, images="skip"), label)
+        new = set((tmp_path / f"c{case}").rglob("*")) - before
+        assert all(p == dst or dst in p.parents for p in new), f"{label}: wrote outside the target"
+        for path in written or []:
+            if path.suffix == ".h5" and "map" not in path.parts:
+                assert accepted(lambda: read_whole_store(path), label), f"{label}: imported {path} does not open"
+            elif path.suffix == ".h5":
+                assert accepted(lambda: read_map(path), label) is not None, f"{label}: imported map does not open"
+        shutil.rmtree(tmp_path / f"c{case}")
+

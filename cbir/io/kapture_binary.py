@@ -236,6 +236,10 @@ def read_points(kapture_root: Path) -> dict[str, PointMap]:
                 raise FormatError(f"point3d_id {pid} out of range (points3d has {len(pts)})", obs_path, lineno)
             if any(not 0 <= k <= np.iinfo(np.int32).max for _, k in obs):
                 raise FormatError("feature_id must be from 0 to 2^31-1", obs_path, lineno)
+            for image, _ in obs:
+                problem = check_relative_name(image)
+                if problem:
+                    raise FormatError(problem, obs_path, lineno)
             if fields[1]:  # it names the map store written for this type (cbir/map/<type>.h5)
                 try:
                     check_store_name(fields[1])
