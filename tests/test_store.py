@@ -49,7 +49,7 @@ def test_layout_is_columnar_and_items_are_slices(tmp_path):
         assert f["keys_blob"][()].tobytes().decode().split("\n") == list(f["names"].asstr()[()])
         assert f["offsets"].shape == (51,) and f["offsets"][0] == 0
         assert f["keypoints"].shape == (f["offsets"][-1], 2) and f["keypoints"].chunks is None
-        assert f.attrs["format_version"] == "1.1" and f.attrs["cbir_format"] == "local-features"
+        assert f.attrs["format_version"] == "1.2" and f.attrs["cbir_format"] == "local-features"
     with open_store(path) as s:
         assert s.keys == list(items)
         for name, cols in items.items():

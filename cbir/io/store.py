@@ -33,7 +33,7 @@ from .atomic import WriteLock, atomic_output, atomic_write_text
 from .hdf5 import DatasetInfo, Metadata, read_metadata
 from .paths import check_relative_name
 
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 FORMAT_MAJOR = 1
 STR_DTYPE = h5py.string_dtype("utf-8")
 #: format 1.1: the keys again as one UTF-8 byte string, '\n' between items, NUL inside a pair
@@ -184,7 +184,7 @@ class Store:
         self._check_columns()
 
     def _check_blob(self, info: DatasetInfo | None, names_blob: bytes | None) -> None:
-        """``keys_blob`` must say what the keys say (other 1.1 readers list keys from it alone)."""
+        """``keys_blob`` must say what the keys say (readers of other tools may list keys from it alone)."""
         if info is None:
             return
         if info.dtype != np.uint8 or len(info.shape) != 1:
@@ -822,7 +822,7 @@ def merge_stores(parts: Sequence[Path], out: Path, schema: Schema, attrs: dict[s
 
 #: rows copied (and checksummed) at a time when merging
 _COPY_BLOCK_ROWS = 1 << 20
-#: attribute holding the CRC-32 of the keys and of every column (format 1.1, optional)
+#: attribute holding the CRC-32 of the keys and of every column (format 1.2, optional)
 CHECKSUMS = "checksums"
 
 
