@@ -37,7 +37,7 @@ from .io.dataset import Dataset, check_store_name
 from .io.kapture_text import format_trajectories
 from .io.map_store import read_map
 from .io.pairs import Pair
-from .io.store import check_match_indices, open_store
+from .io.store import check_match_indices, check_matches_provenance, open_store
 
 
 @dataclass
@@ -188,6 +188,11 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
     tasks = []
     with open_store(query.store_path("matches", matches), "matches") as mstore, \
             open_store(query.store_path("local", local), "local-features") as qfeats:
+        check_matches_provenance(mstore, local, qfeats)
+        if point_map.local_features not in ("", local, qfeats.config.get("keypoints_type")):
+            raise CbirError(f"the map was triangulated from the local features {point_map.local_features!r}, "
+                            f"not {local!r}: pass --local {point_map.local_features}",
+                            map_.store_path("map", map_name or local))
         verified = "inliers" in mstore.columns and not use_unverified
         for q in queries:
             task: dict[str, Any] = {"name": q, "conf": conf, "num_map_images": 0, "points2D": np.zeros((0, 2)),

@@ -24,7 +24,7 @@ from .io.colmap import COLMAP_PIXEL_OFFSET, export_colmap, reconstruction_to_map
 from .io.dataset import Dataset
 from .io.map_store import PointMap, read_map, write_map
 from .io.sensors import SensorData
-from .io.store import check_match_indices, open_store
+from .io.store import check_match_indices, check_matches_provenance, open_store
 
 MAPPING_CONFIG = "config1"  # the paper maps with config1 always
 
@@ -99,6 +99,10 @@ def main(dataset: Dataset, local: str, matches: str, *, name: str | None = None,
     out = dataset.store_path("map", name)
     report = MapReport(out)
     config = {"local_features": local, "matches": matches, "config": MAPPING_CONFIG, "overrides": overrides}
+    matches_path = dataset.store_path("matches", matches)
+    with open_store(dataset.store_path("local", local), "local-features") as feats, \
+            open_store(matches_path, "matches") as mstore:  # inputs first: a typo is "not found"
+        check_matches_provenance(mstore, local, feats)
     if out.exists() and not overwrite:
         existing = read_map(out)
         if existing.config == config:  # already done: resume

@@ -334,6 +334,25 @@ def test_non_finite_features_stop_matching(sample_dataset):
                    "local/sample.h5", "the descriptors of 'left/000.png' have NaN or infinite values")
 
 
+def test_matches_are_used_only_with_the_features_they_were_made_on(sample_dataset):
+    """Provenance (issue 12, item 1): matches of another local-feature store, or of another
+    configuration of the same store, are refused by their consumers and by `cbir check`;
+    a mistyped --matches is "not found", not "another configuration"."""
+    shutil.copyfile(sample_dataset / "cbir/local/sample.h5", sample_dataset / "cbir/local/other.h5")
+    one_line_error(run("map", sample_dataset, "--local", "other", "--matches", "sample"),
+                   "matches/sample.h5", "made on the local features 'sample', not 'other'")
+    one_line_error(run("map", sample_dataset, "--local", "sample", "--matches", "typo"),
+                   "matches/typo.h5", "file not found")
+    assert run("match", "--query", sample_dataset, "--pairs", sample_dataset / "cbir/pairs/sample.txt",
+               "--local", "sample", "--name", "m").exit_code == 0
+    with h5py.File(sample_dataset / "cbir/local/sample.h5", "a") as f:
+        f.attrs["config"] = '{"max_keypoints": 6}'
+    one_line_error(run("map", sample_dataset, "--local", "sample", "--matches", "m"),
+                   "matches/m.h5", "made on another configuration of 'sample' (differs in max_keypoints)")
+    result = run("check", sample_dataset, "--images", "skip")
+    assert result.exit_code == 1 and "made on another configuration of 'sample'" in " ".join(result.output.split())
+
+
 def test_closing_a_store_while_its_memory_map_is_viewed(sample_dataset):
     s = open_store(sample_dataset / "cbir/global/sample.h5")
     view = s._views["descriptors"]  # e.g. held by a traceback frame

@@ -19,7 +19,7 @@ from .dataset import Dataset
 from .images import read_image
 from .map_store import read_map
 from .pairs import read_pairs
-from .store import Store, open_store
+from .store import Store, check_matches_provenance, open_store
 
 Level = Literal["error", "warning"]
 ImageCheck = Literal["decode", "exists", "skip"]
@@ -170,6 +170,8 @@ def _check_store(dataset: Dataset, store: Store, names: set[str], report: _Repor
 
 
 def _local_counts(dataset: Dataset, store: Store) -> dict[str, int] | None:
+    """Keypoints per image of the local features a matches store names, after checking that
+    the matches were made on them (a CbirError otherwise, reported against the matches)."""
     local = store.attrs.get("local_features")
     if not local:
         return None
@@ -177,6 +179,7 @@ def _local_counts(dataset: Dataset, store: Store) -> dict[str, int] | None:
     if not path.exists():
         return None
     with open_store(path, "local-features") as s:
+        check_matches_provenance(store, str(local), s)
         return dict(zip(s.keys, np.diff(s.offsets).tolist()))
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import CbirError, FormatError
 from .atomic import atomic_output
 from .paths import check_relative_name
-from .store import StoreWriter, check_match_indices, open_store
+from .store import StoreWriter, check_match_indices, check_matches_provenance, open_store
 
 
 def _open(path: Path) -> h5py.File:
@@ -129,6 +129,7 @@ def export_matches(store_path: str | os.PathLike, features_path: str | os.PathLi
     """hloc stores matches as a K0-long array per pair: the local store gives K0."""
     with open_store(store_path, "matches") as s, open_store(features_path, "local-features") as feats, \
             atomic_output(Path(out)) as tmp:
+        check_matches_provenance(s, feats.attrs.get("name", ""), feats)
         with h5py.File(tmp, "w") as f:
             cols = ["matches"] + (["scores"] if "scores" in s.columns else [])
             for keys, batch, offs in s.iter_batches(1024, cols):

@@ -508,6 +508,22 @@ def check_match_indices(matches: np.ndarray, counts: tuple[int | None, int | Non
                               f"{n} keypoints of {pair[side]} (matches made on other features?)", path)
 
 
+def check_matches_provenance(matches: Store, local: str, features: Store) -> None:
+    """Refuse to use ``matches`` with the local features ``features`` (the store named
+    ``local``) unless they were made on them: the store they name (or, for matches
+    imported from kapture, its keypoints type) and, when recorded, the same configuration.
+    Indices into other keypoints would give a wrong result, not an error."""
+    made_on = matches.attrs.get("local_features") or matches.config.get("local_features")
+    if made_on and made_on not in (local, features.config.get("keypoints_type")):
+        raise CbirError(f"these matches were made on the local features {made_on!r}, not {local!r}: "
+                        f"pass --local {made_on}, or match {local!r} again", matches.path)
+    recorded = matches.config.get("features_config")
+    if recorded is not None and recorded != features.config:
+        diffs = sorted(k for k in set(recorded) | set(features.config) if recorded.get(k) != features.config.get(k))
+        raise CbirError(f"these matches were made on another configuration of {local!r} (differs in "
+                        f"{', '.join(diffs)}): match {local!r} again", matches.path)
+
+
 def open_store(path: str | os.PathLike, kind: str | None = None) -> Store:
     return Store(path, kind)
 
