@@ -214,3 +214,32 @@ def test_compressed_indexes_report_their_recall(tmp_path):
         assert sum(top1[f"q{i}"] == f"m{i}" for i in range(50)) >= 45, kind  # the duplicate is found
         r = recall_against_exact(qset, mset, conf, iconf, sample=50)
         assert 0.2 <= r <= 1.0
+
+
+@pytest.mark.parametrize("method,params", [("power", {"weights": []}),
+                                           ("mean_and_power", {"weights": [], "gamma": 0.5})])
+def test_nan_fused_scores_rank_last_as_with_the_peer(tmp_path, method, params):
+    """``power`` of a negative similarity is NaN: it never outranks a number (torch.topk would
+    rank it first); the finite ranking equals kapture-localization's, NaN pairs come after."""
+    rng = np.random.default_rng(1)
+    qnames, mnames = [f"q/{i}.jpg" for i in range(6)], [f"m/{i}.jpg" for i in range(40)]
+    q, m = [], []
+    for j, d in enumerate((8, 16)):
+        for names, out in ((qnames, q), (mnames, m)):
+            x = rng.standard_normal((len(names), d)).astype(np.float32)  # signed: negative similarities
+            out.append(write_global(tmp_path / f"{'q' if out is q else 'm'}{j}.h5", names,
+                                    x / np.linalg.norm(x, axis=1, keepdims=True)))
+    qset, mset = load(q), load(m)
+    topk = len(mnames)
+    ours = retrieve(qset, mset, RetrievalConf(topk=topk, fusion=FusionConf(method), map_chunk=16))
+    theirs = peer_pairs(qset, mset, method, params, topk)
+    nan_ours = [(p.query, p.map) for p in ours if np.isnan(p.score)]
+    assert nan_ours, "the case must produce NaN fused scores"
+    for qname in qnames:
+        mine = [p for p in ours if p.query == qname]
+        peer = [t for t in theirs if t[0] == qname]
+        finite = [p for p in mine if not np.isnan(p.score)]
+        assert all(not np.isnan(p.score) for p in mine[:len(finite)])  # numbers first, then NaN
+        assert [(p.map, round(p.score, 5)) for p in finite] == \
+            [(b, round(float(s), 5)) for _, b, s in peer if not np.isnan(s)][:len(finite)]
+        assert {p.map for p in mine[len(finite):]} == {b for _, b, s in peer if np.isnan(s)}

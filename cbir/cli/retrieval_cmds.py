@@ -108,7 +108,12 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
     if out != "-":
         Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_pairs(out, pairs)
+    nan_pairs = sum(1 for p in pairs if p.score != p.score)
+    if nan_pairs and not quiet:
+        console_err().print(f"[yellow]{nan_pairs} pairs have a NaN fused score[/] ({conf.fusion.name} of a negative "
+                            "similarity): ranked after every number, as kapture-localization does", highlight=False)
     summary = {"pairs": out, "queries": len(qset.names), "map_images": len(mset.names), "pair_count": len(pairs),
+               "nan_score_pairs": nan_pairs,
                "fusion": conf.fusion.name, "index": index_kind, "recall_vs_exact": recall,
                "dropped_queries": qset.dropped, "dropped_map_images": mset.dropped}
     if as_json:

@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..errors import CbirError
@@ -150,3 +151,20 @@ def fuse(sims: list[torch.Tensor], conf: FusionConf) -> torch.Tensor:
     if len(sims) == 1 and conf.name != "villena_roman":  # every other operator is the identity on one
         return sims[0]
     return fn(sims, conf)
+
+
+#: where a NaN fused score ranks: after every number, before the entries dropped with -inf
+#: (an image never retrieving itself, padding). ``power`` of a negative similarity gives NaN;
+#: ``torch.topk`` would rank NaN first, kapture-localization ranks it last, and so does cbir.
+NAN_RANK = -3.0e38
+
+
+def nan_last(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` with NaN replaced (in place) by :data:`NAN_RANK`, ready for ``topk``."""
+    return scores.nan_to_num_(nan=NAN_RANK, posinf=float("inf"), neginf=-float("inf"))
+
+
+def restore_nan(values: np.ndarray) -> np.ndarray:
+    """Selected scores with the NaN that :func:`nan_last` hid given back."""
+    return np.where(values == np.float32(NAN_RANK), np.nan, values)
+

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import CbirError
 from ..io.pairs import Pair
-from .fusion import fuse
+from .fusion import fuse, nan_last, restore_nan
 from .search import DescriptorSet, RetrievalConf, _round_robin, retrieve
 
 INDEX_KINDS = ("flat", "ivf", "ivfpq", "lsh")
@@ -111,13 +111,13 @@ def retrieve_indexed(query: DescriptorSet, database: DescriptorSet, rconf: Retri
                 rankings.append(np.take_along_axis(cands[:, j * width:(j + 1) * width], order, axis=1))
             pairs += _round_robin(query.names[q0:q1], rankings, database.names, k)
         else:
-            fused = fuse(sims, rconf.fusion).masked_fill(drop, -torch.inf)
+            fused = nan_last(fuse(sims, rconf.fusion)).masked_fill(drop, -torch.inf)
             top = torch.topk(fused, min(k, fused.shape[1]), dim=1)
             ids = np.take_along_axis(cands, top.indices.cpu().numpy(), axis=1)
-            vals = top.values.cpu().numpy()
+            vals = restore_nan(top.values.cpu().numpy())
             for r, qname in enumerate(query.names[q0:q1]):
                 pairs += [Pair(qname, database.names[m], float(v)) for m, v in zip(ids[r], vals[r])
-                          if m >= 0 and np.isfinite(v)]
+                          if m >= 0 and (np.isfinite(v) or np.isnan(v))]
         if progress:
             progress(q1 - q0, nq)
     return pairs

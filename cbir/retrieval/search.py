@@ -20,7 +20,7 @@ import torch
 from ..errors import CbirError
 from ..io.pairs import Pair
 from ..io.store import Store
-from .fusion import FusionConf, fuse
+from .fusion import FusionConf, fuse, nan_last, restore_nan
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def retrieve(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf 
                 with clock("similarity"):
                     sims = [torch.mm(a, b.t()) for a, b in zip(qd, md)]
                 with clock("fuse_topk"):
-                    scores = sims if round_robin else [fuse(sims, conf.fusion)]
+                    scores = sims if round_robin else [nan_last(fuse(sims, conf.fusion))]
                     mask = (self_idx >= m0) & (self_idx < m1) if conf.exclude_self else None
                     for j, s in enumerate(scores):
                         if mask is not None and mask.any():
@@ -151,7 +151,7 @@ def retrieve(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf 
             if round_robin:
                 pairs += _round_robin(names, [i.cpu().numpy() for i in idxs], database.names, k)
             else:
-                v, i = vals[0].cpu().numpy(), idxs[0].cpu().numpy()
+                v, i = restore_nan(vals[0].cpu().numpy()), idxs[0].cpu().numpy()
                 for r, qname in enumerate(names):
                     pairs += [Pair(qname, database.names[m], float(s)) for m, s in zip(i[r], v[r])]
             if progress:
