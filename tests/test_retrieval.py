@@ -243,3 +243,21 @@ def test_nan_fused_scores_rank_last_as_with_the_peer(tmp_path, method, params):
         assert [(p.map, round(p.score, 5)) for p in finite] == \
             [(b, round(float(s), 5)) for _, b, s in peer if not np.isnan(s)][:len(finite)]
         assert {p.map for p in mine[len(finite):]} == {b for _, b, s in peer if np.isnan(s)}
+
+
+def test_same_names_in_two_datasets_are_kept_unless_asked(tmp_path):
+    """kapture-localization drops a map image named as the query even when the query is in
+    another dataset; cbir keeps it (another image), and --exclude-same-name gives the peer's
+    pairs exactly."""
+    rng = np.random.default_rng(2)
+    mnames = [f"img/{i:03d}.jpg" for i in range(50)]
+    qnames = mnames[:8]  # another dataset whose images happen to have the map's names
+    q = [write_global(tmp_path / "q.h5", qnames, unit_positive(rng, len(qnames), 16))]
+    m = [write_global(tmp_path / "m.h5", mnames, unit_positive(rng, len(mnames), 16))]
+    qset, mset = load(q), load(m)
+    kept = retrieve(qset, mset, RetrievalConf(topk=len(mnames), fusion=FusionConf("gharm")))
+    assert all(any(p.query == p.map for p in kept if p.query == n) for n in qnames)
+    dropped = retrieve(qset, mset, RetrievalConf(topk=10, fusion=FusionConf("gharm"), exclude_same_name=True))
+    theirs = peer_pairs(qset, mset, "generalized_harmonic_mean", {"weights": [], "gamma": 0.5}, 10)
+    assert [(p.query, p.map) for p in dropped] == [(a, b) for a, b, _ in theirs]
+    assert not any(p.query == p.map for p in dropped)

@@ -55,6 +55,8 @@ def _floats(value: str | None) -> tuple[float, ...]:
 @click.option("--lsh-bits", type=click.IntRange(1), help="lsh: bits per code (default 2 x dim).")
 @click.option("--recall-sample", type=click.IntRange(0), default=0, show_default=True,
               help="Indexed search: measure recall@topk against exact search on N sampled queries.")
+@click.option("--exclude-same-name", is_flag=True,
+              help="Drop a map image named as the query even in another dataset (kapture-localization's pairs).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto.")
 @click.option("-o", "--output", help="Pairs file, or - for stdout (default: QUERY/cbir/pairs/<stores>_top<k>.txt).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary (on stderr with -o -).")
@@ -62,8 +64,8 @@ def _floats(value: str | None) -> tuple[float, ...]:
 def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: str, fusion: str, topk: int,
                  weights: str | None, gamma: float | None, alpha: float | None, qe: int, qe_alpha: float, dba: int,
                  dba_alpha: float, index_kind: str, candidates: int, nlist: int | None, nprobe: int,
-                 pq_m: int | None, lsh_bits: int | None, recall_sample: int, device: str, output: str | None,
-                 as_json: bool) -> None:
+                 pq_m: int | None, lsh_bits: int | None, recall_sample: int, exclude_same_name: bool, device: str,
+                 output: str | None, as_json: bool) -> None:
     """The TOPK most similar map images of each query, as a pairs file.
 
     Several descriptors (--global a,b,c) are fused per (query, map image) with --fusion;
@@ -76,7 +78,7 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
     q = open_dataset(query) if query else m
     same = q.root.resolve() == m.root.resolve()
     conf = RetrievalConf(topk=topk, fusion=FusionConf(fusion, _floats(weights), gamma=gamma, alpha=alpha),
-                         exclude_self=same)
+                         exclude_self=same, exclude_same_name=exclude_same_name)
     conf.fusion.name  # unknown names fail before any work
     quiet = is_quiet(ctx)
     with ExitStack() as stack:

@@ -80,9 +80,9 @@ def retrieve_indexed(query: DescriptorSet, database: DescriptorSet, rconf: Retri
     """Fused top-k over the union of each index's candidates, rescored exactly."""
     indexes = indexes or build_indexes(database, iconf, device)
     nm = len(database.names)
-    k = min(rconf.topk, nm - (1 if rconf.exclude_self else 0))
+    k = min(rconf.topk, nm - (1 if rconf.excludes_names else 0))
     kc = min(nm, max(iconf.candidates, k + 1))
-    map_index = {n: i for i, n in enumerate(database.names)} if rconf.exclude_self else {}
+    map_index = {n: i for i, n in enumerate(database.names)} if rconf.excludes_names else {}
     round_robin = rconf.fusion.name == "round_robin"
     pairs: list[Pair] = []
     nq = len(query.names)

@@ -28,6 +28,13 @@ class RetrievalConf:
     topk: int = 20
     fusion: FusionConf = field(default_factory=FusionConf)
     exclude_self: bool = False  # map x map: an image never retrieves itself
+    #: query x map of two datasets: drop a map image named as the query, as kapture-localization
+    #: does (off by default: in separate datasets a shared name is a different image)
+    exclude_same_name: bool = False
+
+    @property
+    def excludes_names(self) -> bool:
+        return self.exclude_self or self.exclude_same_name
     query_block: int = 1024
     map_chunk: int = 16384
     cache_bytes: int = 512 << 20  # keep the map in memory across query blocks below this size
@@ -110,12 +117,12 @@ def retrieve(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf 
         if qs.config != ms.config:
             raise CbirError(f"extracted with another configuration than {ms.path}: "
                             "descriptors of different models cannot be compared", qs.path)
-    k = min(conf.topk, nm - (1 if conf.exclude_self else 0))
+    k = min(conf.topk, nm - (1 if conf.excludes_names else 0))
     if k <= 0:
         return []
     round_robin = conf.fusion.name == "round_robin"
     n_desc = len(query.stores)
-    map_index = {n: i for i, n in enumerate(database.names)} if conf.exclude_self else {}
+    map_index = {n: i for i, n in enumerate(database.names)} if conf.excludes_names else {}
     cache: dict[int, list[torch.Tensor]] | None = {} if nm * sum(database.dims) * 4 <= conf.cache_bytes else None
     pairs: list[Pair] = []
     with torch.inference_mode():
@@ -139,7 +146,7 @@ def retrieve(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf 
                     sims = [torch.mm(a, b.t()) for a, b in zip(qd, md)]
                 with clock("fuse_topk"):
                     scores = sims if round_robin else [nan_last(fuse(sims, conf.fusion))]
-                    mask = (self_idx >= m0) & (self_idx < m1) if conf.exclude_self else None
+                    mask = (self_idx >= m0) & (self_idx < m1) if conf.excludes_names else None
                     for j, s in enumerate(scores):
                         if mask is not None and mask.any():
                             rows = mask.nonzero()[:, 0]
