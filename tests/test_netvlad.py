@@ -61,9 +61,17 @@ def write_struct_mat(path, rng):
     cell = np.empty(len(layers), dtype=object)
     for i, layer in enumerate(layers):
         cell[i] = layer
-    average = np.array([122.6778, 116.6522, 103.9997], np.float32).reshape(1, 1, 3)
+    # a mean *image*, as the published Pitts30K_struct.mat holds (hloc indexes averageImage[0, 0]
+    # after squeeze_me, which a 1 x 1 x 3 array would not survive); other pixels differ, so that
+    # only the top-left pixel's channels give the right mean
+    mean = np.array([122.6778, 116.6522, 103.9997], np.float32)
+    average = np.tile(mean, (4, 5, 1)) + rng.uniform(-20, 20, (4, 5, 3)).astype(np.float32)
+    average[0, 0] = mean
     savemat(path, {"net": {"layers": cell, "meta": {"normalization": {"averageImage": average}}}})
-    return convs, assign, centres, whiten, wb, average.reshape(3)
+    from scipy.io import loadmat
+    assert np.allclose(loadmat(path, struct_as_record=False, squeeze_me=True)["net"].meta.normalization
+                       .averageImage[0, 0], mean)  # hloc's own reader indexes it
+    return convs, assign, centres, whiten, wb, mean
 
 
 def vgg_forward(x, convs):

@@ -76,7 +76,9 @@ def _load_mat(path: Path) -> tuple[NetVLADNet, dict[str, Any]]:
     try:
         mat = loadmat(path, struct_as_record=False, squeeze_me=True)
         layers = list(mat["net"].layers)
-        average = np.asarray(mat["net"].meta.normalization.averageImage, np.float64).reshape(-1)[:3]
+        # the mean image (H x W x 3, as in Pitts30K_struct.mat; or 1 x 1 x 3): its top-left pixel,
+        # as hloc reads it (``averageImage[0, 0]``); a flat reshape would mix the channels
+        average = np.asarray(mat["net"].meta.normalization.averageImage, np.float64).reshape(-1, 3)[0]
     except (ValueError, KeyError, AttributeError, TypeError, NotImplementedError, OSError) as e:
         raise CbirError(f"not a NetVLAD struct .mat ({type(e).__name__}: {e}); the official object file must be "
                         "converted with net_class2struct (hloc's Pitts30K_struct.mat is)", path) from None
@@ -148,7 +150,8 @@ class NetVLAD(WithWeights, GlobalExtractor):
         "weights": "Pitts30K_struct.mat",
         "weights_dir": None,
         "device": "auto",
-        "max_size": 640,  # longest edge fed to the network (VGG-16 on full images is slow on CPU)
+        "max_size": 1024,  # longest edge fed to the network: hloc's netvlad resize_max (the MATLAB
+        # release uses the full image; set max_size higher for that)
     }
     loader_max_size_key = "max_size"
 
