@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -95,3 +96,28 @@ def test_console_script_is_installed():
         pytest.skip("not installed as a console script in this environment")
     out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, env=dict(os.environ))
     assert out.returncode == 0 and __version__ in out.stdout
+
+
+def test_every_listed_command_resolves():
+    from cbir.cli import COMMANDS
+
+    ctx = click.Context(main)
+    for name in COMMANDS:
+        command = main.get_command(ctx, name)
+        assert isinstance(command, click.Command) and command.name == name and command.help
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["info", "DATASET"], ["check", "DATASET", "--images", "skip"]])
+def test_light_commands_import_no_heavy_library(argv):
+    """`cbir --help`, `info` and `check` start in a fraction of a second: they import
+    neither torch, pycolmap nor faiss (issue 12, item 14)."""
+    from .conftest import SAMPLES
+
+    args = [str(SAMPLES) if a == "DATASET" else a for a in argv]
+    code = ("import sys\nfrom cbir.cli import main\n"
+            f"try:\n    main({args!r})\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in ('torch', 'pycolmap', 'faiss', 'scipy', 'tensorflow') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    heavy = proc.stdout.strip().splitlines()[-1]
+    assert heavy == "[]", heavy

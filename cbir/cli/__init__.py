@@ -1,4 +1,8 @@
-"""The ``cbir`` command line: parse, call the library, report. Nothing else lives here."""
+"""The ``cbir`` command line: parse, call the library, report. Nothing else lives here.
+
+Commands are imported when they run, not before: ``cbir --help``, ``info`` and ``check``
+never import torch, pycolmap or faiss (see ``COMMANDS``).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,33 @@ import signal
 import sys
 import threading
 
+import importlib
+
 import click
 
 from .. import __version__
 from ..errors import CbirError
 from ..io.atomic import is_no_space
 from ._common import console_err
-from .dataset_cmds import check, info
-from .features_cmds import extract, match, pairs_group, show_group
-from .evaluate_cmds import evaluate
-from .localization_cmds import localize_cmd, map_cmd, rig_group
-from .pipeline_cmds import pipeline_cmd
-from .retrieval_cmds import retrieve_cmd
-from .interchange_cmds import export_group, import_group
-from .weights_cmds import weights_group
+
+#: command name -> (module of cbir.cli, attribute, one-line help shown by ``cbir --help``)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "extract": ("features_cmds", "extract", "Extract local features and global descriptors of a dataset."),
+    "retrieve": ("retrieval_cmds", "retrieve_cmd", "The most similar map images of each query, as a pairs file."),
+    "match": ("features_cmds", "match", "Match local features of image pairs, and verify them."),
+    "map": ("localization_cmds", "map_cmd", "Triangulate a map's 3D points from its known poses."),
+    "localize": ("localization_cmds", "localize_cmd", "Estimate the pose of every query against a map."),
+    "evaluate": ("evaluate_cmds", "evaluate", "Localization accuracy, or retrieval metrics of a pairs file."),
+    "pipeline": ("pipeline_cmds", "pipeline_cmd", "The whole chain, extraction to evaluation, from one TOML file."),
+    "pairs": ("features_cmds", "pairs_group", "Make image pair lists (retrieval makes them too)."),
+    "show": ("features_cmds", "show_group", "Pictures for a person to check the data."),
+    "rig": ("localization_cmds", "rig_group", "Rigs of cameras (rigs.txt)."),
+    "weights": ("weights_cmds", "weights_group", "Convert official weight files."),
+    "info": ("dataset_cmds", "info", "Cameras, images, rigs, trajectories and stores of a dataset."),
+    "check": ("dataset_cmds", "check", "Validate a dataset against the format specification."),
+    "import": ("interchange_cmds", "import_group", "Make cbir datasets and stores from other tools' files."),
+    "export": ("interchange_cmds", "export_group", "Write cbir datasets and stores in other tools' formats."),
+}
 
 
 class Terminated(KeyboardInterrupt):
@@ -75,7 +92,22 @@ def _forget_wakeup_fd() -> None:
 
 
 class CbirGroup(click.Group):
-    """Turns user errors into one line on stderr and exit code 1 (a traceback only with --debug)."""
+    """Turns user errors into one line on stderr and exit code 1 (a traceback only with --debug),
+    and imports a command's module only when that command is used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        command = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+        return command if command.name == name else _renamed(command, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):  # from the table: listing imports nothing
+            formatter.write_dl([(name, COMMANDS[name][2]) for name in self.list_commands(ctx)])
 
     def invoke(self, ctx: click.Context):
         try:
@@ -117,18 +149,10 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
     handle_termination()
 
 
-main.add_command(extract)
-main.add_command(retrieve_cmd, "retrieve")
-main.add_command(map_cmd)
-main.add_command(localize_cmd)
-main.add_command(rig_group)
-main.add_command(evaluate)
-main.add_command(pipeline_cmd)
-main.add_command(pairs_group)
-main.add_command(match)
-main.add_command(show_group)
-main.add_command(weights_group)
-main.add_command(info)
-main.add_command(check)
-main.add_command(import_group)
-main.add_command(export_group)
+
+def _renamed(command: click.Command, name: str) -> click.Command:
+    import copy
+
+    renamed = copy.copy(command)
+    renamed.name = name
+    return renamed
