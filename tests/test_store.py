@@ -108,15 +108,53 @@ def test_failure_inside_writer_keeps_previous_store_and_finished_batches(tmp_pat
                 w.add("new/" + name, **cols)
     assert path.read_bytes() == before  # the finished store is untouched
     batches = sorted((tmp_path / "f.h5.batches").glob("batch-*.h5"))
-    assert len(batches) == 2  # 8 items flushed, the 2 in flight lost
+    assert len(batches) == 3  # 8 items in full batches, and the 2 buffered ones written on the way out
     with StoreWriter(path, "local-features", ATTRS) as w:
-        assert sum(("new/" + n) in w for n, _ in items) == 8
+        assert sum(("new/" + n) in w for n, _ in items) == 10
         for name, cols in items:
             if "new/" + name not in w:
                 w.add("new/" + name, **cols)
     with open_store(path) as s:
         assert len(s) == 25
     assert not (tmp_path / "f.h5.batches").exists() and not (tmp_path / "f.h5.lock").exists()
+
+
+def test_buffered_items_are_written_every_few_seconds(tmp_path, monkeypatch):
+    """A slow extractor (an image every 15 s) loses at most the image in flight when killed:
+    items are flushed once ``flush_interval_s`` has passed, whatever the batch size."""
+    import cbir.io.store as store_mod
+
+    clock = [0.0]
+    monkeypatch.setattr(store_mod.time, "monotonic", lambda: clock[0])
+    path = tmp_path / "f.h5"
+    w = StoreWriter(path, "local-features", ATTRS, batch_size=64, flush_interval_s=5.0)
+    for i, (name, cols) in enumerate(_items(4, seed=2)):
+        clock[0] += 15.0 if i else 0.0  # the first item comes quickly, then one every 15 s
+        w.add(name, **cols)
+    assert len(sorted((tmp_path / "f.h5.batches").glob("batch-*.h5"))) == 3  # items 2, 3 and 4
+    w._lock.release()  # as if killed: the lock dies with the process
+    with StoreWriter(path, "local-features", ATTRS) as again:
+        assert len(again.present) == 4
+
+
+def test_interrupt_inside_add_leaves_only_whole_items(tmp_path):
+    """Ctrl-C can land in the middle of add() (here: while the descriptors of the third item
+    are converted, its keypoints already were): what is flushed on the way out is whole
+    items only, and the store opens."""
+    class Interrupting:
+        def __array__(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+    path = tmp_path / "f.h5"
+    items = list(_items(3, seed=3))
+    with pytest.raises(KeyboardInterrupt):
+        with StoreWriter(path, "local-features", ATTRS) as w:
+            for i, (name, cols) in enumerate(items):
+                w.add(name, **(dict(cols, descriptors=Interrupting()) if i == 2 else cols))
+    with StoreWriter(path, "local-features", ATTRS) as w:
+        assert w.present == {items[0][0], items[1][0]}
+    with open_store(path) as s:
+        assert sorted(s.keys) == sorted([items[0][0], items[1][0]])
 
 
 def test_killed_writer_loses_at_most_the_batch_in_flight(tmp_path):
