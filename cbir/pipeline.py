@@ -161,8 +161,10 @@ def run(conf: dict[str, Any], log: Callable[[str], None] = lambda s: None) -> Pi
     rt = conf["retrieve"]
     fusion = FusionConf(rt["fusion"])
     with ExitStack() as stack:
-        mset = DescriptorSet.align([stack.enter_context(open_store(m.store_path("global", n))) for n in global_names])
-        qset = DescriptorSet.align([stack.enter_context(open_store(q.store_path("global", n))) for n in global_names])
+        mset = DescriptorSet.align([stack.enter_context(open_store(m.store_path("global", n))) for n in global_names],
+                                   m.sensors.image_names())
+        qset = DescriptorSet.align([stack.enter_context(open_store(q.store_path("global", n))) for n in global_names],
+                                   q.sensors.image_names())
         query_pairs = retrieve(qset, mset, RetrievalConf(topk=int(rt["topk"]), fusion=fusion))
         if int(rt["map_pairs"]) > 0:
             map_pairs = retrieve(mset, mset, RetrievalConf(topk=int(rt["map_pairs"]), fusion=fusion,

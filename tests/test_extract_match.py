@@ -193,7 +193,7 @@ def test_match_reports_unknown_images_and_refuses_foreign_features(odd_images, t
     summary = json.loads(out)
     assert summary["matched"] == 1 and summary["duplicates"] == 1
     reasons = " ".join(s["reason"] for s in summary["skipped"])
-    assert "nowhere.png has no features" in reasons and "paired with itself" in reasons
+    assert "nowhere.png is not an image of" in reasons and "paired with itself" in reasons
     other = tmp_path / "other"
     shutil.copytree(odd_images, other, ignore=shutil.ignore_patterns("cbir"))
     cbir("extract", other, "--local", "rootsift", "--name", "sift")  # same name, another extractor

@@ -227,9 +227,14 @@ def test_newer_major_version_is_refused(tmp_path):
         read_records_camera(p)
 
 
-def test_rig_referencing_unknown_sensor(tmp_path):
-    p = _write(tmp_path, "rig, camX, 1, 0, 0, 0, 0, 0, 0\n")
-    assert "unknown sensor 'camX'" in _error(read_rigs, p, {"cam0"})
+def test_rig_entry_of_an_unknown_sensor_is_dropped_with_a_warning(tmp_path):
+    """As kapture does (its own tutorial dataset has such entries); a malformed one is still an error."""
+    p = _write(tmp_path, "rig, cam0, 1, 0, 0, 0, 0, 0, 0\nrig, camX, 1, 0, 0, 0, 0, 0, 0\n")
+    warnings: list = []
+    assert set(read_rigs(p, {"cam0"}, warnings)["rig"]) == {"cam0"}
+    assert len(warnings) == 1 and "'camX', which sensors.txt lacks" in warnings[0][2] and warnings[0][1] == 2
+    bad = _write(tmp_path, "rig, camX, nan, 0, 0, 0, 0, 0, 0\n")
+    assert "NaN" in _error(read_rigs, bad, {"cam0"})
 
 
 def test_duplicate_trajectory(tmp_path):

@@ -85,8 +85,12 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
         qstores = [stack.enter_context(open_store(q.store_path("global", n), "global-features")) for n in names]
         mstores = qstores if same else \
             [stack.enter_context(open_store(m.store_path("global", n), "global-features")) for n in names]
-        qset, mset = DescriptorSet.align(qstores), DescriptorSet.align(mstores)
+        qset = DescriptorSet.align(qstores, q.sensors.image_names())
+        mset = DescriptorSet.align(mstores, m.sensors.image_names())
         for label, dset in (("query", qset), ("map", mset)):
+            if dset.foreign:
+                console_err().print(f"{len(dset.foreign)} images of the {label} stores are not in its "
+                                    "records_camera.txt and are left out", highlight=False)
             if dset.dropped:
                 console_err().print(f"[yellow]{len(dset.dropped)} {label} images lack some descriptor and are "
                                     f"left out[/]: {', '.join(dset.dropped[:5])}{' ...' if len(dset.dropped) > 5 else ''}",

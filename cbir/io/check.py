@@ -66,6 +66,8 @@ def check_dataset(dataset: Dataset, *, images: ImageCheck = "decode", deep: bool
     except CbirError as e:
         report.from_exception(e)
         return report.problems  # nothing else can be checked against broken sensor files
+    for path, line, message in data.warnings:
+        report.warning(path, message, line)
     records_file = dataset.root / "sensors/records_camera.txt"
     if not data.cameras:
         report.warning(dataset.root / "sensors/sensors.txt", "no camera")

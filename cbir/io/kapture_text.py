@@ -137,7 +137,11 @@ def _camera(params: list[str], name: str, path: Path, lineno: int) -> Camera:
     return Camera(model, int(width), int(height), values, name)
 
 
-def read_rigs(path: str | os.PathLike, sensor_ids: set[str] | None = None) -> dict[str, dict[str, Pose]]:
+def read_rigs(path: str | os.PathLike, sensor_ids: set[str] | None = None,
+              warnings: list[tuple[str, int, str]] | None = None) -> dict[str, dict[str, Pose]]:
+    """rigs.txt. An entry of a sensor that sensors.txt lacks is dropped, as kapture drops it
+    (kapture-localization's own tutorial dataset has such entries), and reported in
+    ``warnings`` as (file, line, message)."""
     path = Path(path)
     rigs: dict[str, dict[str, Pose]] = {}
     for lineno, fields in iter_rows(path):
@@ -147,7 +151,11 @@ def read_rigs(path: str | os.PathLike, sensor_ids: set[str] | None = None) -> di
             if rig_id in sensor_ids:
                 raise FormatError(f"rig id {rig_id!r} is also a sensor id", path, lineno)
             if sensor_id not in sensor_ids:
-                raise FormatError(f"rig {rig_id!r} references unknown sensor {sensor_id!r}", path, lineno)
+                _pose(fields[2:], path, lineno)  # still well-formed, or an error
+                if warnings is not None:
+                    warnings.append((str(path), lineno, f"rig {rig_id!r} names sensor {sensor_id!r}, which "
+                                                        "sensors.txt lacks: the entry is ignored (as kapture does)"))
+                continue
         rig = rigs.setdefault(rig_id, {})
         if sensor_id in rig:
             raise FormatError(f"sensor {sensor_id!r} appears twice in rig {rig_id!r}", path, lineno)
@@ -204,7 +212,7 @@ def read_sensor_data(root: str | os.PathLike) -> SensorData:
     data = SensorData(sensors=sensors)
     # lexists: a dangling link or a link loop is a file that cannot be read, not an absent one
     if os.path.lexists(root / RIGS_FILE):
-        data.rigs = read_rigs(root / RIGS_FILE, set(sensors))
+        data.rigs = read_rigs(root / RIGS_FILE, set(sensors), data.warnings)
     cameras = {k for k, v in sensors.items() if isinstance(v, Camera)}
     if os.path.lexists(root / RECORDS_CAMERA_FILE):
         data.records = read_records_camera(root / RECORDS_CAMERA_FILE, cameras)

@@ -37,6 +37,8 @@ class SensorData:
     records: list[ImageRecord] = field(default_factory=list)
     #: (timestamp, device_id) -> world-to-device pose; device is a camera or a rig.
     trajectories: dict[tuple[int, str], Pose] = field(default_factory=dict)
+    #: what was read but ignored, as kapture ignores it: (file, line, message), reported by `cbir check`
+    warnings: list[tuple[str, int, str]] = field(default_factory=list, compare=False)
 
     @property
     def cameras(self) -> dict[str, Camera]:

@@ -123,6 +123,8 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
         qcache = FeatureCache(qstore, dev)
         mcache = qcache if same else FeatureCache(mstore, dev)
         cameras = _Cameras() if verify else None
+        qnames = set(query.sensors.image_names())
+        mnames = qnames if same else set(map_.sensors.image_names())
         with StoreWriter(out, "matches", attrs, overwrite=overwrite) as writer, \
                 ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="cbir-verify") as pool:
             # matching (torch, all cores) and verification (pycolmap, one core per worker) alternate
@@ -134,7 +136,9 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
                     if progress:
                         progress(1, len(todo))
                     continue
-                missing = [f"{n} has no features in {s.path}" for n, s in ((a, qstore), (b, mstore)) if n not in s]
+                missing = [f"{n} is not an image of {d.root}" for n, d, known in ((a, query, qnames), (b, map_, mnames))
+                           if n not in known] or \
+                          [f"{n} has no features in {s.path}" for n, s in ((a, qstore), (b, mstore)) if n not in s]
                 if missing:
                     report.missing_features.append((f"{a} {b}", "; ".join(missing)))
                     if progress:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -50,19 +50,30 @@ class DescriptorSet:
     dropped: list[str] = field(default_factory=list)  # images missing from some store
     #: in-memory unit descriptors replacing the stores' (query expansion, database augmentation)
     arrays: list[np.ndarray] | None = None
+    #: images in the stores but not in the dataset (a feature folder shared by several datasets)
+    foreign: list[str] = field(default_factory=list)
 
     @classmethod
-    def align(cls, stores: list[Store]) -> "DescriptorSet":
+    def align(cls, stores: list[Store], images: Iterable[str] | None = None) -> "DescriptorSet":
+        """The images every store has; with ``images`` (the dataset's records), only those: a
+        store may hold descriptors of images of another dataset, which must not be retrieved."""
         common = set(stores[0].names)
         for s in stores[1:]:
             common &= set(s.names)
+        everything = set().union(*(set(s.names) for s in stores))
+        foreign: set[str] = set()
+        if images is not None:
+            known = set(images)
+            foreign = everything - known
+            common &= known
+            everything &= known
         names = [n for n in stores[0].names if n in common]
-        dropped = sorted(set().union(*(set(s.names) for s in stores)) - common)
+        dropped = sorted(everything - common)
         rows = [np.array([s.index(n) for n in names], dtype=np.int64) for s in stores]
-        return cls(stores, names, rows, dropped)
+        return cls(stores, names, rows, dropped, foreign=sorted(foreign))
 
     def with_arrays(self, arrays: list[np.ndarray]) -> "DescriptorSet":
-        return DescriptorSet(self.stores, self.names, self.rows, self.dropped, arrays)
+        return DescriptorSet(self.stores, self.names, self.rows, self.dropped, arrays, self.foreign)
 
     @property
     def dims(self) -> list[int]:
