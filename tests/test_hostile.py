@@ -353,6 +353,25 @@ def test_matches_are_used_only_with_the_features_they_were_made_on(sample_datase
     assert result.exit_code == 1 and "made on another configuration of 'sample'" in " ".join(result.output.split())
 
 
+def test_string_datasets_whose_names_hold_a_separator_read_back(tmp_path):
+    """Names holding '\\n' come back from the reader's child as a list, not joined bytes: the
+    store and the map readers decode both forms the same way."""
+    from cbir.io.map_store import PointMap, read_map, write_map
+
+    names = ["a\nb.jpg", "c.jpg"]
+    with StoreWriter(tmp_path / "g.h5", "global-features", {"name": "g"}):
+        pass  # an empty store, its names replaced below
+    rewrite(tmp_path / "g.h5", names=np.array(names, dtype=object), keys_blob=None,
+            descriptors=np.ones((2, 4), np.float32) / 2)
+    with open_store(tmp_path / "g.h5") as s:
+        assert s.keys == names
+    m = PointMap(images=names, points=np.zeros((1, 3)), colors=np.zeros((1, 3), np.uint8),
+                 errors=np.zeros(1, np.float32), track_offsets=np.array([0, 2]),
+                 track_images=np.array([0, 1], np.int32), track_keypoints=np.array([0, 0], np.int32))
+    write_map(tmp_path / "m.h5", m)
+    assert read_map(tmp_path / "m.h5").images == names
+
+
 def test_closing_a_store_while_its_memory_map_is_viewed(sample_dataset):
     s = open_store(sample_dataset / "cbir/global/sample.h5")
     view = s._views["descriptors"]  # e.g. held by a traceback frame

@@ -6,12 +6,11 @@ never import torch, pycolmap or faiss (see ``COMMANDS``).
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
 import threading
-
-import importlib
 
 import click
 
@@ -38,6 +37,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "import": ("interchange_cmds", "import_group", "Make cbir datasets and stores from other tools' files."),
     "export": ("interchange_cmds", "export_group", "Write cbir datasets and stores in other tools' formats."),
 }
+
+
+#: what an interrupted command says last (its stores resume from what was written)
+RESUME_HINT = "finished batches are kept; re-run to resume"
 
 
 class Terminated(KeyboardInterrupt):
@@ -74,7 +77,7 @@ def handle_termination() -> None:
             data = os.read(read_fd, 64)
             if signal.SIGTERM in data:
                 threading.Event().wait(TERMINATION_GRACE_S)
-                sys.stderr.write("terminated: finished batches are kept; re-run to resume\n")
+                sys.stderr.write(f"terminated: {RESUME_HINT}\n")
                 sys.stderr.flush()
                 os._exit(143)
 
@@ -102,8 +105,7 @@ class CbirGroup(click.Group):
         if name not in COMMANDS:
             return None
         module, attr, _ = COMMANDS[name]
-        command = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
-        return command if command.name == name else _renamed(command, name)
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):  # from the table: listing imports nothing
@@ -118,10 +120,10 @@ class CbirGroup(click.Group):
             console_err().print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             sys.exit(1)
         except Terminated:
-            console_err().print("[yellow]terminated[/]: finished batches are kept; re-run to resume")
+            console_err().print(f"[yellow]terminated[/]: {RESUME_HINT}")
             sys.exit(143)
         except KeyboardInterrupt:
-            console_err().print("[yellow]interrupted[/]: finished batches are kept; re-run to resume")
+            console_err().print(f"[yellow]interrupted[/]: {RESUME_HINT}")
             sys.exit(130)
         except OSError as e:
             if is_no_space(e):
@@ -149,10 +151,3 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
     handle_termination()
 
 
-
-def _renamed(command: click.Command, name: str) -> click.Command:
-    import copy
-
-    renamed = copy.copy(command)
-    renamed.name = name
-    return renamed

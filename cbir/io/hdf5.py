@@ -9,8 +9,8 @@ a child that does not answer in time is killed and the file reported corrupt.
 What the parent reads afterwards is numeric data at known offsets (memory maps)
 or datasets whose headers the child already parsed.
 
-The limit is ``CBIR_HDF5_TIMEOUT`` seconds (default 30) plus one second per
-100,000 strings.
+The limit is ``CBIR_HDF5_TIMEOUT`` seconds (default 30; a million names take about
+a second to read).
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from ..errors import CbirError, FormatError
 
 DEFAULT_TIMEOUT_S = 30.0
 TIMEOUT_ENV = "CBIR_HDF5_TIMEOUT"
-#: extra seconds per string read (a million names take about a second to decode)
-TIMEOUT_PER_STRING_S = 1e-5
 
 
 @dataclass(frozen=True)
@@ -59,6 +57,15 @@ class Metadata:
     #: requested string datasets, items in row-major order (a pair's two names in turn): their
     #: UTF-8 bytes joined by b"\\n", or a list of str when a name holds a separator
     strings: dict[str, bytes | list]
+
+    def string_items(self, name: str) -> list[str]:
+        """The items of a requested string dataset, row-major, decoded; a :class:`ValueError`
+        when one is not UTF-8."""
+        raw = self.strings.get(name)
+        if isinstance(raw, bytes):
+            info = self.datasets[name]
+            return raw.decode("utf-8").split("\n") if info.shape and info.shape[0] else []
+        return list(raw or [])
 
 
 def attr_value(v: Any) -> Any:
@@ -131,26 +138,26 @@ def _warm_up() -> None:
         f.create_dataset("pairs", data=np.array([["a", "b"]], dtype=object), dtype=strings)
         f.create_dataset("numbers", data=np.zeros(2))
         f.create_group("group")
-        attrs = {k: attr_value(f.attrs[k]) for k in f.attrs}
+        for key in f.attrs:
+            attr_value(f.attrs[key])
         for name in f:
             obj = f[name]
             if isinstance(obj, h5py.Dataset):
                 h5py.check_string_dtype(obj.dtype)
                 obj.id.get_offset()
                 obj[()]
-    _warm = bool(attrs)
+    _warm = True
 
 
-def timeout_s(n_strings: int = 0) -> float:
+def timeout_s() -> float:
+    """``$CBIR_HDF5_TIMEOUT`` when it is a number, else :data:`DEFAULT_TIMEOUT_S`."""
     try:
-        base = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
     except ValueError:
-        base = DEFAULT_TIMEOUT_S
-    return base + TIMEOUT_PER_STRING_S * n_strings
+        return DEFAULT_TIMEOUT_S
 
 
-def read_metadata(path: str | os.PathLike, strings: Sequence[str] = (), *,
-                  expected_strings: int = 0) -> Metadata:
+def read_metadata(path: str | os.PathLike, strings: Sequence[str] = ()) -> Metadata:
     """The metadata of an HDF5 file, read in a child process that is killed after
     :func:`timeout_s`. A missing file, a file HDF5 cannot open, undecodable strings and a
     read that does not finish in time are one-line :class:`CbirError`\\ s naming the file."""
@@ -159,7 +166,7 @@ def read_metadata(path: str | os.PathLike, strings: Sequence[str] = (), *,
         raise CbirError("file not found", path)
     if not path.is_file():
         raise CbirError("not a file", path)
-    limit = timeout_s(expected_strings)
+    limit = timeout_s()
     _warm_up()
     status, payload = _in_child(_read, (str(path), tuple(strings)), limit)
     if status == "ok":

@@ -114,10 +114,8 @@ def read_map(path: str | os.PathLike) -> PointMap:
     info = meta.datasets.get("images")
     if info is None or not info.is_string or len(info.shape) != 1:
         raise FormatError("'images' must be a 1-D dataset of strings", path)
-    raw = meta.strings.get("images", b"")
     try:
-        images = ([] if info.shape[0] == 0 else raw.decode("utf-8").split("\n")) if isinstance(raw, bytes) \
-            else [row[0] for row in raw]
+        images = meta.string_items("images")
     except UnicodeDecodeError:
         raise FormatError("'images' holds a name that is not UTF-8", path) from None
     numeric = {"points": 2, "colors": 2, "errors": 1, "track_offsets": 1, "track_images": 1, "track_keypoints": 1}

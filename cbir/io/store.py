@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import json
 import mmap
-import time
-import zlib
 import os
 import shutil
+import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -402,11 +402,9 @@ class Store:
                 problems.append(f"'{name}' is {'not recorded in' if name in present else 'missing but in'} "
                                 "the checksums")
                 continue
-            total = self._infos[name].shape[0]
             crc = 0
-            for b in range(0, total, _COPY_BLOCK_ROWS):
-                crc = zlib.crc32(np.ascontiguousarray(self._read(name, slice(b, min(total, b + _COPY_BLOCK_ROWS)))).data,
-                                 crc)
+            for span in _row_blocks(self._infos[name].shape[0]):
+                crc = zlib.crc32(np.ascontiguousarray(self._read(name, span)).data, crc)
             if f"{crc:08x}" != columns[name]:
                 problems.append(f"'{name}' changed since the store was written (checksum)")
         return problems
@@ -476,19 +474,15 @@ def _decode_keys(meta: Metadata, schema: Schema, path: Path) -> tuple[list[Key],
         raise FormatError(f"'{schema.key}' must hold strings, got {info.dtype}", path)
     if (schema.key == "pairs") != (len(info.shape) == 2) or info.shape[1:] not in ((), (2,)):
         raise FormatError(f"'{schema.key}' has shape {info.shape}, expected {expected}", path)
-    raw = meta.strings.get(schema.key)
     n = info.shape[0]
     if n == 0:
         return [], b""
-    blob = None
-    if isinstance(raw, bytes):
-        try:
-            items = raw.decode("utf-8").split("\n")
-        except UnicodeDecodeError:
-            raise FormatError(f"'{schema.key}' holds a name that is not UTF-8", path) from None
-        blob = raw if schema.key == "names" else None
-    else:
-        items = list(raw or [])
+    try:
+        items = meta.string_items(schema.key)
+    except UnicodeDecodeError:
+        raise FormatError(f"'{schema.key}' holds a name that is not UTF-8", path) from None
+    raw = meta.strings.get(schema.key)
+    blob = raw if schema.key == "names" and isinstance(raw, bytes) else None
     if len(items) != n * (2 if schema.key == "pairs" else 1):
         raise FormatError(f"'{schema.key}' could not be read ({len(items)} names for {n} items)", path)
     if schema.key == "pairs":
@@ -839,9 +833,9 @@ def merge_stores(parts: Sequence[Path], out: Path, schema: Schema, attrs: dict[s
                 for name, ds in out_ds.items():
                     total = rows if name in schema.ragged else n
                     start = r0 if name in schema.ragged else i0
-                    for b in range(0, total, _COPY_BLOCK_ROWS):
-                        block = src[name][b:min(total, b + _COPY_BLOCK_ROWS)]
-                        ds[start + b:start + b + len(block)] = block
+                    for span in _row_blocks(total):
+                        block = src[name][span]
+                        ds[start + span.start:start + span.stop] = block
                         crcs[name] = zlib.crc32(np.ascontiguousarray(block).data, crcs[name])
             i0 += n
             r0 += rows
@@ -853,8 +847,14 @@ def merge_stores(parts: Sequence[Path], out: Path, schema: Schema, attrs: dict[s
                                         sort_keys=True)
 
 
-#: rows copied (and checksummed) at a time when merging
+#: rows copied (and checksummed) at a time when merging or verifying
 _COPY_BLOCK_ROWS = 1 << 20
+
+
+def _row_blocks(total: int) -> Iterator[slice]:
+    """Consecutive row ranges of at most :data:`_COPY_BLOCK_ROWS` covering ``total`` rows."""
+    for start in range(0, total, _COPY_BLOCK_ROWS):
+        yield slice(start, min(total, start + _COPY_BLOCK_ROWS))
 #: attribute holding the CRC-32 of the keys and of every column (format 1.2, optional)
 CHECKSUMS = "checksums"
 
