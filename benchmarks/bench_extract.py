@@ -115,7 +115,7 @@ def run_global(variant: str, args: argparse.Namespace, paths: list[Path]) -> dic
     from cbir.io.images import read_image
 
     if variant == "densevlad":
-        ex = build_extractor("densevlad", {}, "global")
+        ex = build_extractor("densevlad", {"learn": True}, "global")
         ex.prepare(args.work / "densevlad.h5", [str(p) for p in paths],
                    lambda p: read_image(p, grayscale=True, max_size=ex.loader_max_size))
     else:

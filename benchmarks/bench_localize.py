@@ -43,9 +43,9 @@ def run_setting(root: Path, local: str, local_conf: dict, globals_: list[str], c
                     + (f'weights = "{weights}"\n' if weights else "")
                     + f'[retrieve]\ntopk = {topk}\nmap_pairs = 0\n[match]\nratio = {0.8 if "sift" in local else 0.0}\n'
                     f'[localize]\nconfig = "{config}"\n')
-    conf = pipeline.load_config(toml)
+    plan = pipeline.plan(pipeline.load_config(toml), toml)
     t = time.perf_counter()
-    result = pipeline.run(conf)
+    result = pipeline.run(plan, overwrite=True)  # a work folder of an older configuration is redone
     total = time.perf_counter() - t
     ev = result.evaluation["all"]
     return {"local": local, "global": "+".join(globals_), "config": config, "within": ev["within"],
@@ -67,7 +67,8 @@ def localization_scaling(root: Path, local: str, matches: str, pairs_file: Path,
         times = []
         for _ in range(repeat):
             t = time.perf_counter()
-            rep = localize_mod.main(q, m, pairs, local, matches, config="config2", name=f"scaling-{k}", num_workers=1)
+            rep = localize_mod.main(q, m, pairs, local, matches, config="config2", name=f"scaling-{k}", num_workers=1,
+                                    overwrite=True)  # computed every time, not reused
             times.append(time.perf_counter() - t)
         ev = summarize(pose_errors({r.name: r.pose for r in rep.results if r.success}, gt))
         out.append({"topk": k, "queries_per_s": len(rep.results) / min(times), "within": ev["within"]})

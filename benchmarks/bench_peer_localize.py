@@ -93,13 +93,13 @@ def main() -> None:
     t = time.perf_counter()
     match_mod.main(m, m, read_pairs(map_pairs), "sift", name="peer-cmp-map", matcher=matcher, verify=verify,
                    overwrite=True)
-    mapping.main(m, "sift", "peer-cmp-map", name="peer-cmp", overwrite=True)
+    mapping.main(m, "sift", "peer-cmp-map", name="peer-cmp", overwrite=True)  # computed, never reused
     t_map = time.perf_counter() - t
     t = time.perf_counter()
     qpairs = read_pairs(query_pairs)
     match_mod.main(q, m, qpairs, "sift", name="peer-cmp-query", matcher=matcher, verify=verify, overwrite=True)
     rep = localize_mod.main(q, m, qpairs, "sift", "peer-cmp-query", map_name="peer-cmp", config="config1",
-                            name="peer-cmp")
+                            name="peer-cmp", overwrite=True)
     t_loc = time.perf_counter() - t
     ours_ev = evaluate({r.name: r.pose for r in rep.results if r.success}, args.data / "query_gt")
     for label, tm, tl, ev in (("kapture-localization", t_peer_map, t_peer_loc, peer_ev),

@@ -179,7 +179,7 @@ def _extract_pass(extractors: list[Extractor], store_names: list[str | None], da
         out = dataset.store_path(kind, store_name)
         out.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(extractor, GlobalExtractor):  # e.g. DenseVLAD learns its vocabulary on the map first
-            extractor.prepare(out, names, load)
+            extractor.prepare(out, names, load, overwrite=overwrite)
         outs.append(out)
         reports.append(ExtractReport(out))
     with ExitStack() as stack:

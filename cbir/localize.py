@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,13 +31,15 @@ from .errors import CbirError
 from .geometry.cameras import CAMERA_MODELS, Camera
 from .geometry.colmap_options import paper_config, set_dotted
 from .geometry.poses import Pose, rotmat_to_qvec
-from .io.atomic import atomic_write_text
+from .io.atomic import atomic_output
 from .io.colmap import COLMAP_PIXEL_OFFSET
 from .io.dataset import Dataset, check_store_name
 from .io.kapture_text import format_trajectories
 from .io.map_store import read_map
-from .io.pairs import Pair
+from .io.pairs import Pair, pairs_digest, read_pairs_record
+from .io.provenance import differences, digest
 from .io.store import check_match_indices, check_matches_provenance, open_store
+from .validate import check_bool, check_integer
 
 
 @dataclass
@@ -58,10 +60,33 @@ class QueryResult:
         return Pose(tuple(self.qvec), tuple(self.tvec)) if self.qvec is not None else None
 
 
+@dataclass(frozen=True)
+class PostprocessConf:
+    """Poses for the queries that fail: from a localized camera of their rig (``rig``,
+    partners up to ``rig_max_gap`` apart in time), then interpolated within their sequence
+    (``sequence``; a larger timestamp gap than ``sequence_max_gap`` starts a new one)."""
+
+    rig: bool = False
+    rig_max_gap: int = 0
+    sequence: bool = False
+    sequence_max_gap: int = 1
+
+    def __post_init__(self) -> None:
+        check_bool("rig", self.rig)
+        check_bool("sequence", self.sequence)
+        check_integer("rig_max_gap", self.rig_max_gap, 0)
+        check_integer("sequence_max_gap", self.sequence_max_gap, 0)
+
+
+#: what made a localization result (configuration and inputs), beside its poses
+RECORD_FILE = "run.json"
+
+
 @dataclass
 class LocalizeReport:
     directory: Path
     results: list[QueryResult] = field(default_factory=list)
+    status: str = "new"  # new, reused (same configuration and inputs), redone (inputs changed), replaced
 
     @property
     def localized(self) -> int:
@@ -161,12 +186,9 @@ def _estimate(task: dict[str, Any]) -> QueryResult:
     return res
 
 
-def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: str, *, map_name: str | None = None,
-         config: str = "config2", overrides: dict[str, Any] | None = None, name: str | None = None,
-         num_workers: int = 2, use_unverified: bool = False, refine_unknown_focal: bool = True,
-         progress: Callable[[int, int], None] | None = None) -> LocalizeReport:
-    """Localize every query image of ``pairs``; results in ``QUERY/cbir/localization/<name>/``."""
-    overrides = dict(overrides or {})
+def localization_options(config: str, overrides: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """The paper config with its overrides, and the pycolmap estimation / refinement options
+    (``estimation.X``, ``refinement.X``), checked: unknown keys and bad values are refused."""
     conf = paper_config(config, overrides)
     est_over = {k.removeprefix("estimation."): v for k, v in overrides.items() if k.startswith("estimation.")}
     ref_over = {k.removeprefix("refinement."): v for k, v in overrides.items() if k.startswith("refinement.")}
@@ -174,68 +196,70 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
     if unknown:
         raise CbirError(f"unknown localization option(s) {sorted(unknown)} (paper options: {', '.join(conf)}; "
                         "pycolmap options as estimation.X or refinement.X)")
+    set_dotted(pycolmap.AbsolutePoseEstimationOptions(), est_over)  # bad values fail now, not in a worker
+    set_dotted(pycolmap.AbsolutePoseRefinementOptions(), ref_over)
+    return conf, est_over, ref_over
+
+
+def localization_config(local: str, matches: str, map_name: str, config: str, overrides: dict[str, Any],
+                        use_unverified: bool, refine_unknown_focal: bool, post: PostprocessConf,
+                        pairs: dict[str, Any]) -> dict[str, Any]:
+    """The configuration a localization result records (``run.json``); ``pairs`` names the
+    pairs file and the retrieval that made it (its ``# cbir:`` record), when known."""
+    return {"local_features": local, "matches": matches, "map": map_name, "config": config, "overrides": overrides,
+            "use_unverified": use_unverified, "refine_unknown_focal": refine_unknown_focal,
+            "postprocess": asdict(post), "pairs": pairs}
+
+
+def pairs_source(path: str | Path, query: Dataset) -> dict[str, Any]:
+    """How a localization names its pairs file: the path (relative to the query dataset
+    when inside it, so that moving the dataset keeps it) and the retrieval record it holds."""
+    if str(path) == "-":
+        return {"file": "-", "retrieval": None}
+    resolved = Path(path).resolve()
+    try:
+        name = resolved.relative_to(query.root.resolve()).as_posix()
+    except ValueError:
+        name = str(resolved)
+    record = read_pairs_record(resolved)
+    return {"file": name, "retrieval": record.get("config") if record else None}
+
+
+def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: str, *, map_name: str | None = None,
+         config: str = "config2", overrides: dict[str, Any] | None = None, name: str | None = None,
+         num_workers: int = 2, use_unverified: bool = False, refine_unknown_focal: bool = True,
+         post: PostprocessConf = PostprocessConf(), pairs_source: dict[str, Any] | None = None,
+         overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> LocalizeReport:
+    """Localize every query image of ``pairs`` (then post-process the failures as ``post``
+    says); results in ``QUERY/cbir/localization/<name>/``.
+
+    The result records its configuration and inputs (``run.json``): a result of the same
+    configuration made from the same inputs is reused, one made from changed inputs is
+    redone, one of another configuration is replaced only with ``overwrite``.
+    ``pairs_source``: where the pairs come from (file, retrieval record), part of the
+    configuration."""
+    overrides = dict(overrides or {})
+    conf, est_over, ref_over = localization_options(config, overrides)
     name = name or f"{local}-{config}"
     check_store_name(name)  # it names QUERY/cbir/localization/<name>/
-    point_map = read_map(map_.store_path("map", map_name or local))
-    lookup = point_map.keypoint_to_point()
-    by_query: dict[str, list[str]] = {}
-    for p in pairs:
-        by_query.setdefault(p.query, []).append(p.map)
-    # every image of the query dataset (one without pairs fails as "no retrieved map image"),
-    # then the names of the pairs file that are not in it (reported, not localized)
-    queries = sorted(query.sensors.image_names()) + sorted(set(by_query) - set(query.sensors.image_names()))
-    records = query.sensors.record_by_name()
-    tasks = []
+    directory = query.root / "cbir" / "localization" / name
+    map_path = map_.store_path("map", map_name or local)
+    point_map = read_map(map_path)
+    record_config = localization_config(local, matches, map_name or local, config, overrides, use_unverified,
+                                        refine_unknown_focal, post, pairs_source or {})
     with open_store(query.store_path("matches", matches), "matches") as mstore, \
             open_store(query.store_path("local", local), "local-features") as qfeats:
         check_matches_provenance(mstore, local, qfeats)
         if point_map.local_features not in ("", local, qfeats.config.get("keypoints_type")):
             raise CbirError(f"the map was triangulated from the local features {point_map.local_features!r}, "
-                            f"not {local!r}: pass --local {point_map.local_features}",
-                            map_.store_path("map", map_name or local))
-        verified = "inliers" in mstore.columns and not use_unverified
-        for q in queries:
-            task: dict[str, Any] = {"name": q, "conf": conf, "num_map_images": 0, "points2D": np.zeros((0, 2)),
-                                    "points3D": np.zeros((0, 3)), "estimation_overrides": est_over,
-                                    "refinement_overrides": ref_over, "refine_unknown": refine_unknown_focal,
-                                    "focal_known": True, "camera": None}
-            if q not in records:
-                task["reason"] = "not an image of the query dataset"
-                tasks.append(task)
-                continue
-            if q not in qfeats:
-                task["reason"] = f"no {local} features"
-                tasks.append(task)
-                continue
-            item = qfeats.get(q, ["keypoints", "image_sizes"] if "image_sizes" in qfeats.columns else ["keypoints"])
-            kps = item["keypoints"]
-            cam = query.sensors.cameras.get(records[q].camera_id)
-            w, h = (int(v) for v in item["image_sizes"]) if "image_sizes" in item else (cam.width, cam.height)
-            camera, known = query_camera(cam, w, h, query.image_path(q))
-            task["camera"] = (camera.model, camera.width, camera.height, camera.params)
-            task["focal_known"] = known
-            lists = []
-            for m in by_query.get(q, []):
-                if (q, m) not in mstore or m not in lookup:
-                    continue
-                it = mstore.get((q, m), ["matches", "inliers"] if verified else ["matches"])
-                check_match_indices(it["matches"], (len(kps), None), mstore.path, (q, m))
-                mm = it["matches"][it["inliers"]] if verified else it["matches"]
-                if len(mm) < conf["min_num_matches"]:
-                    continue
-                task["num_map_images"] += 1
-                kp_sorted, pts = lookup[m]
-                pos = np.searchsorted(kp_sorted, mm[:, 1])
-                ok = pos < len(kp_sorted)
-                ok[ok] &= kp_sorted[pos[ok]] == mm[ok, 1]
-                lists.append((mm[ok, 0].astype(np.int64), pts[pos[ok]]))
-            if not task["num_map_images"]:
-                task["reason"] = "no retrieved map image with enough matches" if q in by_query else \
-                    "no retrieved map image"
-            qi, pi = correspondences(lists)
-            task["points2D"] = kps[qi].astype(np.float64) + COLMAP_PIXEL_OFFSET
-            task["points3D"] = point_map.points[pi]
-            tasks.append(task)
+                            f"not {local!r}: pass --local {point_map.local_features}", map_path)
+        inputs = {"pairs": pairs_digest(pairs), "map": digest(point_map.config), "matches": mstore.fingerprint(),
+                  "local": qfeats.fingerprint()}
+        status = _prior_result(directory, record_config, inputs, overwrite)
+        if status == "reused":
+            return LocalizeReport(directory, read_results(directory), status)
+        tasks = _tasks(query, pairs, local, point_map, mstore, qfeats, conf, est_over, ref_over,
+                       refine_unknown_focal, use_unverified)
     results: list[QueryResult] = []
     if num_workers > 1 and len(tasks) > 1:
         with ProcessPoolExecutor(num_workers) as pool:
@@ -248,38 +272,121 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
             results.append(_estimate(t))
             if progress:
                 progress(1, len(tasks))
-    report = LocalizeReport(query.root / "cbir" / "localization" / name, results)
-    write_results(report, query)
+    report = LocalizeReport(directory, _postprocess(results, query, post), status)
+    write_results(report, query, {"config": record_config, "inputs": inputs})
     return report
 
 
-def postprocess(report: LocalizeReport, query: Dataset, *, rig: bool = False, rig_max_gap: int = 0,
-                sequence: bool = False, sequence_max_gap: int = 1) -> LocalizeReport:
-    """Rig propagation then sequence interpolation of the failed queries (when asked), with
-    the results written again."""
+def _prior_result(directory: Path, config: dict[str, Any], inputs: dict[str, Any], overwrite: bool) -> str:
+    """What to do with what ``directory`` holds: ``new`` (nothing), ``reused``, ``redone``
+    (same configuration, changed inputs) or ``replaced`` (``overwrite``); a result of another
+    configuration, or one without a record, is refused without ``overwrite``."""
+    if not (directory / "report.json").exists() and not (directory / RECORD_FILE).exists():
+        return "new"
+    if overwrite:
+        return "replaced"
+    try:
+        record = json.loads((directory / RECORD_FILE).read_text(encoding="utf-8"))
+        found, found_inputs = record["config"], record["inputs"]
+    except FileNotFoundError:
+        raise CbirError(f"holds a localization result without a record of its configuration ({RECORD_FILE}, "
+                        "written by an earlier cbir): pass --overwrite to replace it, or --name to keep both",
+                        directory) from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CbirError(f"unreadable {RECORD_FILE} ({e}): pass --overwrite to replace the result, or --name "
+                        "to keep both", directory) from None
+    diffs = differences(found, config)
+    if diffs:
+        raise CbirError(f"holds a localization of another configuration ({'; '.join(diffs)}): pass --overwrite "
+                        "to replace it, or --name to keep both", directory)
+    if found_inputs == inputs and (directory / "report.json").exists():
+        return "reused"
+    return "redone"
+
+
+def _tasks(query: Dataset, pairs: list[Pair], local: str, point_map: Any, mstore: Any, qfeats: Any,
+           conf: dict[str, Any], est_over: dict[str, Any], ref_over: dict[str, Any], refine_unknown_focal: bool,
+           use_unverified: bool) -> list[dict[str, Any]]:
+    """One task per query: its camera and its 2D-3D correspondences (see the module's rule)."""
+    lookup = point_map.keypoint_to_point()
+    by_query: dict[str, list[str]] = {}
+    for p in pairs:
+        by_query.setdefault(p.query, []).append(p.map)
+    # every image of the query dataset (one without pairs fails as "no retrieved map image"),
+    # then the names of the pairs file that are not in it (reported, not localized)
+    queries = sorted(query.sensors.image_names()) + sorted(set(by_query) - set(query.sensors.image_names()))
+    records = query.sensors.record_by_name()
+    verified = "inliers" in mstore.columns and not use_unverified
+    tasks = []
+    for q in queries:
+        task: dict[str, Any] = {"name": q, "conf": conf, "num_map_images": 0, "points2D": np.zeros((0, 2)),
+                                "points3D": np.zeros((0, 3)), "estimation_overrides": est_over,
+                                "refinement_overrides": ref_over, "refine_unknown": refine_unknown_focal,
+                                "focal_known": True, "camera": None}
+        if q not in records:
+            task["reason"] = "not an image of the query dataset"
+            tasks.append(task)
+            continue
+        if q not in qfeats:
+            task["reason"] = f"no {local} features"
+            tasks.append(task)
+            continue
+        item = qfeats.get(q, ["keypoints", "image_sizes"] if "image_sizes" in qfeats.columns else ["keypoints"])
+        kps = item["keypoints"]
+        cam = query.sensors.cameras.get(records[q].camera_id)
+        w, h = (int(v) for v in item["image_sizes"]) if "image_sizes" in item else (cam.width, cam.height)
+        camera, known = query_camera(cam, w, h, query.image_path(q))
+        task["camera"] = (camera.model, camera.width, camera.height, camera.params)
+        task["focal_known"] = known
+        lists = []
+        for m in by_query.get(q, []):
+            if (q, m) not in mstore or m not in lookup:
+                continue
+            it = mstore.get((q, m), ["matches", "inliers"] if verified else ["matches"])
+            check_match_indices(it["matches"], (len(kps), None), mstore.path, (q, m))
+            mm = it["matches"][it["inliers"]] if verified else it["matches"]
+            if len(mm) < conf["min_num_matches"]:
+                continue
+            task["num_map_images"] += 1
+            kp_sorted, pts = lookup[m]
+            pos = np.searchsorted(kp_sorted, mm[:, 1])
+            ok = pos < len(kp_sorted)
+            ok[ok] &= kp_sorted[pos[ok]] == mm[ok, 1]
+            lists.append((mm[ok, 0].astype(np.int64), pts[pos[ok]]))
+        if not task["num_map_images"]:
+            task["reason"] = "no retrieved map image with enough matches" if q in by_query else \
+                "no retrieved map image"
+        qi, pi = correspondences(lists)
+        task["points2D"] = kps[qi].astype(np.float64) + COLMAP_PIXEL_OFFSET
+        task["points3D"] = point_map.points[pi]
+        tasks.append(task)
+    return tasks
+
+
+def _postprocess(results: list[QueryResult], query: Dataset, post: PostprocessConf) -> list[QueryResult]:
+    """Rig propagation then sequence interpolation of the failed queries, when asked."""
     from .geometry.postprocess import interpolate_sequences, propagate_rigs
 
-    if not (rig or sequence):
-        return report
-    results = report.results
-    if rig:
-        results = propagate_rigs(results, query.sensors, rig_max_gap)
-    if sequence:
-        results = interpolate_sequences(results, query.sensors, sequence_max_gap)
-    report = replace(report, results=results)
-    write_results(report, query)
-    return report
+    if post.rig:
+        results = propagate_rigs(results, query.sensors, post.rig_max_gap)
+    if post.sequence:
+        results = interpolate_sequences(results, query.sensors, post.sequence_max_gap)
+    return results
 
 
-def write_results(report: LocalizeReport, query: Dataset) -> None:
-    """kapture trajectories.txt of the localized queries and report.json, atomically."""
-    report.directory.mkdir(parents=True, exist_ok=True)
+def write_results(report: LocalizeReport, query: Dataset, record: dict[str, Any]) -> None:
+    """The result directory at once (built beside it, then swapped in): kapture
+    ``trajectories.txt`` of the localized queries, ``report.json`` (every query) and
+    ``run.json`` (``record``: configuration and inputs)."""
     records = query.sensors.record_by_name()
     trajectories = {(records[r.name].timestamp, records[r.name].camera_id): r.pose
                     for r in report.results if r.success and r.name in records}
-    atomic_write_text(report.directory / "trajectories.txt", format_trajectories(trajectories))
-    atomic_write_text(report.directory / "report.json",
-                      json.dumps([asdict(r) for r in report.results], indent=1, default=list) + "\n")
+    with atomic_output(report.directory) as tmp:
+        tmp.mkdir()
+        (tmp / "trajectories.txt").write_text(format_trajectories(trajectories), encoding="utf-8")
+        (tmp / "report.json").write_text(json.dumps([asdict(r) for r in report.results], indent=1, default=list)
+                                         + "\n", encoding="utf-8")
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def read_results(directory: Path) -> list[QueryResult]:

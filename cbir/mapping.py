@@ -24,6 +24,7 @@ from .io.colmap import COLMAP_PIXEL_OFFSET, export_colmap, reconstruction_to_map
 from .io.dataset import Dataset
 from .io.map_store import PointMap, read_map, write_map
 from .io.sensors import SensorData
+from .io.provenance import differences
 from .io.store import check_match_indices, check_matches_provenance, open_store
 
 MAPPING_CONFIG = "config1"  # the paper maps with config1 always
@@ -40,6 +41,7 @@ class MapReport:
     pairs_used: int = 0
     skipped: list[str] = field(default_factory=list)  # images or pairs left out, with the reason
     colmap_dir: Path | None = None
+    status: str = "new"  # new, reused (same configuration and inputs), redone (inputs changed), replaced
 
 
 def triangulation_options(overrides: dict[str, Any]) -> pycolmap.IncrementalPipelineOptions:
@@ -90,6 +92,13 @@ def _write_database(path: Path, rec: pycolmap.Reconstruction, keypoints: dict[st
         db.close()
 
 
+def map_config(local: str, matches: str, matches_config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The configuration a map records: its features, its matches (by name and by the
+    configuration they record, which holds the features'), the paper's settings."""
+    return {"local_features": local, "matches": matches, "matches_config": matches_config,
+            "config": MAPPING_CONFIG, "overrides": overrides}
+
+
 def main(dataset: Dataset, local: str, matches: str, *, name: str | None = None,
          overrides: dict[str, Any] | None = None, overwrite: bool = False, colmap_dir: Path | None = None,
          verbose: bool = False) -> MapReport:
@@ -98,16 +107,25 @@ def main(dataset: Dataset, local: str, matches: str, *, name: str | None = None,
     name = name or local
     out = dataset.store_path("map", name)
     report = MapReport(out)
-    config = {"local_features": local, "matches": matches, "config": MAPPING_CONFIG, "overrides": overrides}
     matches_path = dataset.store_path("matches", matches)
     with open_store(dataset.store_path("local", local), "local-features") as feats, \
             open_store(matches_path, "matches") as mstore:  # inputs first: a typo is "not found"
         check_matches_provenance(mstore, local, feats)
-    if out.exists() and not overwrite:
+        config = map_config(local, matches, mstore.config, overrides)
+        inputs = {"local": feats.fingerprint(), "matches": mstore.fingerprint()}
+    if out.exists():
         existing = read_map(out)
-        if existing.config == config:  # already done: resume
+        found = dict(existing.config)
+        found_inputs = found.pop("inputs", None)
+        diffs = differences(found, config)
+        if diffs and not overwrite:
+            raise CbirError(f"exists with another configuration ({'; '.join(diffs)}): pass --overwrite to replace "
+                            "it, or --name to keep both", out)
+        if not diffs and found_inputs == inputs and not overwrite:  # already done: reuse
+            report.status = "reused"
             return _export(dataset, report, existing, local, colmap_dir)
-        raise CbirError("exists with another configuration: use --overwrite to replace it", out)
+        # the same configuration made from features or matches that changed since: stale
+        report.status = "replaced" if diffs or overwrite else "redone"
     poses = dataset.sensors.image_poses()
     if not poses:
         raise CbirError("the map dataset has no pose (trajectories.txt): cbir map triangulates from known poses",
@@ -130,7 +148,7 @@ def main(dataset: Dataset, local: str, matches: str, *, name: str | None = None,
                                              clear_points=True, options=opts, refine_intrinsics=False)
     _check_poses_kept(rec, result)
     point_map = reconstruction_to_map(result, local)
-    point_map.config = config
+    point_map.config = {**config, "inputs": inputs}
     out.parent.mkdir(parents=True, exist_ok=True)
     write_map(out, point_map)
     return _export(dataset, report, point_map, local, colmap_dir)

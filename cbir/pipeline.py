@@ -2,8 +2,18 @@
 verify -> map -> localize -> post-process -> evaluate, from one TOML configuration.
 
 Every step is the library's own step function, so the pipeline does exactly what the
-separate commands do; each step resumes (stores skip what they hold, a map of the same
-configuration is kept), so a re-run after an interruption continues where it stopped.
+separate commands do. Re-runs work as a build tool's:
+
+- the whole configuration is checked (every option's type and range, every name, the
+  weights present) before any step runs, with the rules of the commands;
+- every output records the configuration it came from (stores and maps: ``config``;
+  pairs files: their ``# cbir:`` line; localization: ``run.json``). A re-run compares them
+  with the configuration first: unchanged steps are reused (stores resume where an
+  interrupted run stopped; a map or a localization made from changed inputs is redone);
+- a step whose configuration changed is refused, before anything runs, unless
+  ``overwrite``: then it and every step after it are redone and **their outputs replaced**
+  (the names stay; keep a result by copying it, or by pointing the configuration at copies
+  of the datasets). ``from_step`` redoes a step and the ones after it in any case.
 
 Configuration (every key optional except the datasets; ``--set a.b=value`` overrides)::
 
@@ -15,7 +25,8 @@ Configuration (every key optional except the datasets; ``--set a.b=value`` overr
     local = "sift"               # sift, rootsift, r2d2, delg
     global = ["densevlad"]       # apgem, netvlad, densevlad, delg; several: late fusion
                                  # (local and global delg with the same max_size and
-                                 # scales run the network once for both)
+                                 # scales run the network once for both; DenseVLAD learns
+                                 # its vocabulary on the map, the queries use it)
     weights = "path/to/weights"  # directory or file, for the networks
     local_conf = {}              # extractor options
     global_conf = {}
@@ -26,12 +37,15 @@ Configuration (every key optional except the datasets; ``--set a.b=value`` overr
     [match]
     ratio = 0.0                  # 0: off
     mutual = true
+    max_error = 4.0              # verification (px)
+    min_inliers = 15
     [map]
     conf = {}                    # config1 overrides / pycolmap options
     [localize]
     config = "config2"
     conf = {}
     rig = false
+    rig_max_gap = 0
     sequence = false
     sequence_max_gap = 1
     [evaluate]
@@ -40,27 +54,34 @@ Configuration (every key optional except the datasets; ``--set a.b=value`` overr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
-from contextlib import ExitStack
 import tomllib
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager, Iterator
 
 from . import extract as extract_mod
 from . import localize as localize_mod
 from . import mapping
 from .errors import CbirError
-from .evaluation.localization import DEFAULT_THRESHOLDS, pose_errors, summarize
+from .evaluation.localization import DEFAULT_THRESHOLDS, check_thresholds, pose_errors, summarize
+from .io.atomic import atomic_write_text
 from .io.dataset import Dataset
-from .io.pairs import exhaustive_pairs, write_pairs
+from .io.pairs import Pair, exhaustive_pairs, read_pairs, read_pairs_record, write_pairs
+from .io.provenance import UNKNOWN, differences, digest
 from .io.store import open_store
-from .matching import MatcherConf, VerifyConf
-from .models.densevlad import MODEL_SUFFIX as DENSEVLAD_MODEL_SUFFIX
-from .matching import match as match_mod
-from .retrieval import DescriptorSet, FusionConf, RetrievalConf, retrieve
 from .io.textfile import read_utf8
+from .matching import MatcherConf, VerifyConf
+from .matching import match as match_mod
+from .models.base import Extractor
+from .models.densevlad import MODEL_SUFFIX as DENSEVLAD_MODEL_SUFFIX
+from .retrieval import DescriptorSet, FusionConf, RetrievalConf, pairs_record, retrieve
+from .validate import check_bool, check_integer, check_number
+
+STEPS = ("extract", "retrieve", "match", "map", "localize", "evaluate")
 
 DEFAULTS: dict[str, Any] = {
     "datasets": {"map": None, "query": None, "query_gt": None},
@@ -74,6 +95,14 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "num_workers": 2,
 }
+
+#: ``progress(label)`` gives a context manager yielding ``update(advance, total)``
+ProgressFactory = Callable[[str], ContextManager[Callable[[int, int], None]]]
+
+
+@contextlib.contextmanager
+def no_progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    yield lambda advance, total: None
 
 
 @dataclass
@@ -103,15 +132,23 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
             parsed = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             parsed = value  # a bare string
-        *parents, leaf = key.split(".")
-        target = conf
-        for p in parents:
-            target = target.setdefault(p, {})
-        if leaf not in target and parents and parents[0] in DEFAULTS and not parents[-1].endswith("conf"):
+        parts = key.split(".")
+        # inside a free-form table (local_conf, conf, ...) the rest of the key is one dotted key
+        cut = next((i + 1 for i, part in enumerate(parts[:-1]) if part.endswith("conf")), len(parts) - 1)
+        *parents, leaf = parts[:cut] + [".".join(parts[cut:])]
+        target: Any = conf
+        for part in parents:
+            if not isinstance(target, dict) or part not in target:
+                raise CbirError(f"unknown option {key!r}")
+            target = target[part]
+        free = bool(parents) and parents[-1].endswith("conf")
+        if not isinstance(target, dict) or (leaf not in target and not free):
             raise CbirError(f"unknown option {key!r}")
         target[leaf] = parsed
     for key in ("map", "query", "query_gt"):  # dataset paths are relative to the configuration file
         v = conf["datasets"].get(key)
+        if v is not None and not isinstance(v, str):
+            raise CbirError(f"datasets.{key} must be a path (a string), got {v!r}")
         if v is not None and not Path(v).is_absolute():
             conf["datasets"][key] = str(base / v)
     if not conf["datasets"]["map"] or not conf["datasets"]["query"]:
@@ -123,92 +160,366 @@ def _merge(into: dict, data: dict, where: str) -> None:
     for k, v in data.items():
         if k not in into:
             raise CbirError(f"unknown key {k!r}", where)
-        if isinstance(into[k], dict) and isinstance(v, dict) and not k.endswith("conf"):
+        if isinstance(into[k], dict) and not k.endswith("conf"):
+            if not isinstance(v, dict):
+                raise CbirError(f"{k!r} must be a table", where)
             _merge(into[k], v, where)
         else:
             into[k] = v
 
 
-def run(conf: dict[str, Any], log: Callable[[str], None] = lambda s: None) -> PipelineResult:
+@dataclass
+class Plan:
+    """A checked configuration: the step objects the run uses and the names of its outputs."""
+
+    conf: dict[str, Any]
+    map: Dataset
+    query: Dataset
+    query_gt: Dataset | None
+    local: Extractor
+    globals_: list[Extractor]  # the map's (DenseVLAD learns there)
+    global_names: list[str]
+    query_retrieval: RetrievalConf
+    map_retrieval: RetrievalConf | None  # None: every map pair
+    matcher: MatcherConf
+    verify: VerifyConf
+    map_overrides: dict[str, Any]
+    localize_config: str
+    localize_overrides: dict[str, Any]
+    post: localize_mod.PostprocessConf
+    thresholds: tuple[tuple[float, float], ...]
+    device: str
+    num_workers: int
+
+    @property
+    def local_name(self) -> str:
+        return self.local.default_store_name()
+
+    @property
+    def tag(self) -> str:
+        return "+".join(self.global_names)
+
+    @property
+    def query_pairs_path(self) -> Path:
+        return self.query.store_path("pairs", f"{self.tag}_top{self.query_retrieval.topk}")
+
+    @property
+    def map_pairs_path(self) -> Path:
+        return self.map.store_path("pairs", f"{self.tag}_map")
+
+    @property
+    def map_matches(self) -> str:
+        return f"{self.local_name}-map"
+
+    @property
+    def query_matches(self) -> str:
+        return f"{self.local_name}-query"
+
+    @property
+    def localization_name(self) -> str:
+        return f"{self.local_name}-{self.tag}-{self.localize_config}"
+
+    @property
+    def localization_dir(self) -> Path:
+        return self.query.root / "cbir" / "localization" / self.localization_name
+
+
+def plan(conf: dict[str, Any], source: str | Path | None = None) -> Plan:
+    """Check the whole configuration before anything runs: datasets, every option's type and
+    range, every name (extractors, fusion, paper config, pycolmap options), weights present.
+    Errors name ``source`` (the configuration file) and the section."""
+    from .models.base import resolve_device
+
+    def section(name: str, make: Callable[[], Any]) -> Any:
+        try:
+            return make()
+        except CbirError as e:
+            where = f"[{name}] " if name else ""
+            if e.path is not None:  # a file the option names (weights, a dataset)
+                raise CbirError(f"{where}{e.message} (configuration {source or 'option'})", e.path) from None
+            raise CbirError(f"{where}{e.message}", source) from None
+
+    ds = conf["datasets"]
+    m = section("datasets", lambda: Dataset(ds["map"]))
+    q = section("datasets", lambda: Dataset(ds["query"]))
+    gt = section("datasets", lambda: Dataset(ds["query_gt"])) if ds.get("query_gt") else None
+    section("", lambda: check_integer("num_workers", conf["num_workers"], 0))
+    if not isinstance(conf["device"], str):
+        raise CbirError(f"device must be a string, got {conf['device']!r}", source)
+    section("", lambda: resolve_device(conf["device"]))
+    ex = conf["extract"]
+    local, globals_ = section("extract", lambda: _extractors(ex, conf["device"]))
+    rt = conf["retrieve"]
+    fusion = section("retrieve", lambda: FusionConf(rt["fusion"]) if isinstance(rt["fusion"], str) else
+                     _fail(f"fusion must be a name, got {rt['fusion']!r}"))
+    query_retrieval = section("retrieve", lambda: RetrievalConf(topk=rt["topk"], fusion=fusion))
+    section("retrieve", lambda: check_integer("map_pairs", rt["map_pairs"], 0))
+    map_retrieval = RetrievalConf(topk=rt["map_pairs"], fusion=fusion, exclude_self=True) if rt["map_pairs"] else None
+    mt = conf["match"]
+    section("match", lambda: check_number("ratio", mt["ratio"], 0.0, 1.0))
+    matcher = section("match", lambda: MatcherConf(mutual=mt["mutual"], ratio=float(mt["ratio"]) or None))
+    verify = section("match", lambda: VerifyConf(max_error=mt["max_error"], min_inliers=mt["min_inliers"]))
+    map_overrides = section("map", lambda: _table("conf", conf["map"]["conf"]))
+    section("map", lambda: mapping.triangulation_options(map_overrides))
+    lz = conf["localize"]
+    if not isinstance(lz["config"], str):
+        raise CbirError(f"[localize] config must be a name, got {lz['config']!r}", source)
+    loc_overrides = section("localize", lambda: _table("conf", lz["conf"]))
+    section("localize", lambda: localize_mod.localization_options(lz["config"], loc_overrides))
+    post = section("localize", lambda: localize_mod.PostprocessConf(
+        rig=lz["rig"], rig_max_gap=lz["rig_max_gap"], sequence=lz["sequence"], sequence_max_gap=lz["sequence_max_gap"]))
+    thresholds = section("evaluate", lambda: check_thresholds(conf["evaluate"]["thresholds"]))
+    return Plan(conf, m, q, gt, local, globals_, [g.default_store_name() for g in globals_], query_retrieval,
+                map_retrieval, matcher, verify, map_overrides, lz["config"], loc_overrides, post, thresholds,
+                conf["device"], conf["num_workers"])
+
+
+def _fail(message: str) -> Any:
+    raise CbirError(message)
+
+
+def _table(name: str, value: Any) -> dict[str, Any]:
+    """An options table, nested tables flattened to dotted keys (``{a = {b = 1}}``: ``a.b``)."""
+    if not isinstance(value, dict):
+        raise CbirError(f"{name} must be a table, got {value!r}")
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in _table(name, v).items()})
+        else:
+            out[k] = v
+    return out
+
+
+def _extractors(ex: dict[str, Any], device: str) -> tuple[Extractor, list[Extractor]]:
+    """The local extractor and the map's global ones, built (weights found and loaded)."""
+    if not isinstance(ex["local"], str):
+        raise CbirError(f"local must be an extractor name, got {ex['local']!r}")
+    names = ex["global"]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise CbirError(f"global must be a non-empty list of extractor names, got {names!r}")
+    if len(set(names)) != len(names):
+        raise CbirError(f"global names an extractor twice: {names}")
+    if ex["weights"] is not None and not isinstance(ex["weights"], str):
+        raise CbirError(f"weights must be a path, got {ex['weights']!r}")
+    if ex["weights"] is not None and not Path(ex["weights"]).exists():
+        raise CbirError("weights: no such file or directory", ex["weights"])
+    local_conf, global_conf = _table("local_conf", ex["local_conf"]), _table("global_conf", ex["global_conf"])
+    for key, kind, conf, which in (("local_conf", "local", local_conf, [ex["local"]]),
+                                   ("global_conf", "global", global_conf, names)):
+        known = set().union(*(extract_mod.extractor_class(n, kind).default_conf for n in which))
+        unknown = set(conf) - known - {"model", "learn"}
+        if unknown:
+            raise CbirError(f"{key}: unknown option(s) {', '.join(sorted(unknown))} for {', '.join(which)}")
+        if {"model", "learn"} & set(conf):
+            raise CbirError(f"{key}: the pipeline sets DenseVLAD's model and learn itself (learned on the map)")
+    local = _build("local", ex["local"], local_conf, ex["weights"], device)
+    globals_ = [_build("global", g, {**global_conf, **({"learn": True} if g == "densevlad" else {})},
+                       ex["weights"], device) for g in names]
+    return local, globals_
+
+
+def _build(kind: str, name: str, conf: dict, weights: str | None, device: str) -> Extractor:
+    options = {k: v for k, v in conf.items() if k in extract_mod.extractor_class(name, kind).default_conf}
+    return extract_mod.build_extractor(name, extract_mod.extractor_conf(kind, name, options, weights, device), kind)
+
+
+# -------------------------------------------------------------------------------- re-runs
+@dataclass
+class Change:
+    step: str
+    path: Path
+    differences: list[str]
+
+    def __str__(self) -> str:
+        return f"{self.step}: {self.path} ({'; '.join(self.differences)})"
+
+
+def changes(p: Plan) -> list[Change]:
+    """The outputs on disk made with another configuration than ``p`` asks for, by step;
+    values only a run determines (a vocabulary to learn) are not compared."""
+    out: list[Change] = []
+
+    def compare(step: str, path: Path, found: dict[str, Any] | None, wanted: dict[str, Any]) -> None:
+        if found is None:
+            out.append(Change(step, path, ["no record of the configuration it was made with"]))
+            return
+        diffs = differences({k: found.get(k) for k in wanted}, wanted)
+        if diffs:
+            out.append(Change(step, path, diffs))
+
+    for ds in (p.map, p.query):
+        for kind, e, name in [("local", p.local, p.local_name), *(("global", g, n) for g, n in
+                                                                    zip(p.globals_, p.global_names))]:
+            path = ds.store_path(kind, name)
+            if path.exists():
+                with open_store(path) as s:
+                    compare("extract", path, s.config, _expected_store_config(e))
+    for path, wanted in ((p.query_pairs_path, _pairs_config(p, p.query_retrieval)),
+                         (p.map_pairs_path, _pairs_config(p, p.map_retrieval))):
+        if path.exists():
+            record = read_pairs_record(path)
+            compare("retrieve", path, record.get("config") if record else None, wanted)
+    for ds, name in ((p.map, p.map_matches), (p.query, p.query_matches)):
+        path = ds.store_path("matches", name)
+        if path.exists():
+            with open_store(path) as s:
+                compare("match", path, s.config, _match_config(p))
+    map_path = p.map.store_path("map", p.local_name)
+    if map_path.exists():
+        from .io.map_store import read_map
+
+        compare("map", map_path, read_map(map_path).config,
+                {"local_features": p.local_name, "matches": p.map_matches, "overrides": p.map_overrides,
+                 "config": mapping.MAPPING_CONFIG})
+    run_json = p.localization_dir / localize_mod.RECORD_FILE
+    if run_json.exists() or (p.localization_dir / "report.json").exists():
+        try:
+            found = json.loads(run_json.read_text(encoding="utf-8"))["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            found = None
+        wanted = localize_mod.localization_config(p.local_name, p.query_matches, p.local_name, p.localize_config,
+                                                  p.localize_overrides, False, True, p.post, {})
+        wanted.pop("pairs")  # the retrieval is compared with the pairs file
+        compare("localize", p.localization_dir, found, wanted)
+    return out
+
+
+def _expected_store_config(e: Extractor) -> dict[str, Any]:
+    config = e.store_config()
+    if "model_digest" in config:  # learned on the map by the run
+        config["model_digest"] = UNKNOWN
+    return config
+
+
+def _pairs_config(p: Plan, conf: RetrievalConf | None) -> dict[str, Any]:
+    if conf is None:
+        return {"exhaustive": True}
+    return {**conf.record(), "stores": p.global_names}
+
+
+def _match_config(p: Plan) -> dict[str, Any]:
+    config = match_mod.match_config(p.local_name, {}, p.matcher, p.verify)
+    config.pop("features_config")  # compared with the features stores (extract)
+    return config
+
+
+def run(p: Plan, *, overwrite: bool = False, from_step: str | None = None,
+        log: Callable[[str], None] = lambda s: None, progress: ProgressFactory = no_progress) -> PipelineResult:
+    """Run the steps of ``p``, reusing what is done (see the module's rules on re-runs)."""
+    if from_step is not None and from_step not in STEPS:
+        raise CbirError(f"unknown step {from_step!r} (steps: {', '.join(STEPS)})")
+    start = STEPS.index(from_step) if from_step else len(STEPS)
+    found = changes(p)
+    if found:
+        first = min(STEPS.index(c.step) for c in found)
+        if first < start and not overwrite:
+            more = f" (and {len(found) - 1} more output(s))" if len(found) > 1 else ""
+            raise CbirError(f"the configuration changed since {found[0]}{more}: pass --overwrite to redo "
+                            f"{STEPS[first]} and the steps after it, replacing their outputs, or --from STEP")
+        start = min(start, first)
+    redo = {s: STEPS.index(s) >= start for s in STEPS}
     result = PipelineResult()
 
     def step(msg: str) -> None:
         result.steps.append(msg)
         log(msg)
 
-    m, q = Dataset(conf["datasets"]["map"]), Dataset(conf["datasets"]["query"])
-    ex, dev, workers = conf["extract"], conf["device"], int(conf["num_workers"])
-    weights = ex["weights"]
-    # -- extract: local and global in one pass per dataset (one network for both: DELG)
-    lx = _build("local", ex["local"], dict(ex["local_conf"]), weights, dev)
-    local = lx.default_store_name()
-    gxs = [_build("global", g, dict(ex["global_conf"]), weights, dev) for g in ex["global"]]
-    rm = extract_mod.extract_all([lx, *gxs], m, num_workers=workers)
-    gqs = []
-    for g, gx, r in zip(ex["global"], gxs, rm[1:]):
-        if g == "densevlad":  # queries with the map's vocabulary and PCA
-            model = r.path.with_name(r.path.stem + DENSEVLAD_MODEL_SUFFIX)
-            gx = _build("global", g, {**ex["global_conf"], "model": str(model)}, weights, dev)
-        gqs.append(gx)
-    rq = extract_mod.extract_all([lx, *gqs], q, num_workers=workers)
-    for ds, r in ((m, rm[0]), (q, rq[0])):
-        step(f"extract {ex['local']} {ds.root.name}: {r.extracted} new, {r.already_present} present, "
-             f"{len(r.failed)} skipped")
-    global_names = [r.path.stem for r in rm[1:]]
-    for g, r, r_q in zip(ex["global"], rm[1:], rq[1:]):
-        step(f"extract {g}: map {r.extracted} new / {r.already_present} present, query {r_q.extracted} new")
-    # -- retrieve
-    rt = conf["retrieve"]
-    fusion = FusionConf(rt["fusion"])
-    with ExitStack() as stack:
-        mset = DescriptorSet.align([stack.enter_context(open_store(m.store_path("global", n))) for n in global_names],
-                                   m.sensors.image_names())
-        qset = DescriptorSet.align([stack.enter_context(open_store(q.store_path("global", n))) for n in global_names],
-                                   q.sensors.image_names())
-        query_pairs = retrieve(qset, mset, RetrievalConf(topk=int(rt["topk"]), fusion=fusion))
-        if int(rt["map_pairs"]) > 0:
-            map_pairs = retrieve(mset, mset, RetrievalConf(topk=int(rt["map_pairs"]), fusion=fusion,
-                                                           exclude_self=True))
-        else:
-            map_pairs = exhaustive_pairs(m.sensors.image_names())
-    tag = "+".join(global_names)
-    qp_path, mp_path = q.store_path("pairs", f"{tag}_top{rt['topk']}"), m.store_path("pairs", f"{tag}_map")
-    for path, pairs in ((qp_path, query_pairs), (mp_path, map_pairs)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_pairs(path, pairs)
-    step(f"retrieve ({fusion.name} of {tag}): {len(query_pairs)} query pairs, {len(map_pairs)} map pairs")
-    # -- match + verify
-    mt = conf["match"]
-    matcher = MatcherConf(mutual=bool(mt["mutual"]), ratio=float(mt["ratio"]) or None)
-    verify = VerifyConf(max_error=float(mt["max_error"]), min_inliers=int(mt["min_inliers"]))
-    mm = match_mod.main(m, m, map_pairs, local, name=f"{local}-map", matcher=matcher, verify=verify, device=dev,
-                        num_workers=workers)
-    qm = match_mod.main(q, m, query_pairs, local, name=f"{local}-query", matcher=matcher, verify=verify,
-                        device=dev, num_workers=workers)
-    step(f"match + verify: map {mm.matched} new pairs ({mm.already_present} present), "
-         f"query {qm.matched} new pairs ({qm.already_present} present)")
-    # -- map
-    mr = mapping.main(m, local, f"{local}-map", overrides=conf["map"]["conf"])
+    for c in found:
+        if redo[c.step]:
+            step(f"{c.step}: redone, replacing {c.path} ({'; '.join(c.differences)})")
+    _extract(p, redo["extract"], step, progress)
+    query_pairs, map_pairs = _retrieve(p, redo["retrieve"], step, progress)
+    _match(p, query_pairs, map_pairs, redo["match"], step, progress)
+    mr = mapping.main(p.map, p.local_name, p.map_matches, overrides=p.map_overrides, overwrite=redo["map"])
     step(f"map: {mr.points} points, mean track length {mr.mean_track_length:.2f}, "
-         f"mean reprojection error {mr.mean_reprojection_error:.2f} px")
-    # -- localize + post-process
-    lz = conf["localize"]
-    report = localize_mod.main(q, m, query_pairs, local, f"{local}-query", config=lz["config"],
-                               overrides=lz["conf"], name=f"{local}-{tag}-{lz['config']}", num_workers=workers)
-    report = localize_mod.postprocess(report, q, rig=bool(lz["rig"]), rig_max_gap=int(lz["rig_max_gap"]),
-                                      sequence=bool(lz["sequence"]), sequence_max_gap=int(lz["sequence_max_gap"]))
-    results = report.results
+         f"mean reprojection error {mr.mean_reprojection_error:.2f} px{_status(mr.status)}")
+    with progress("localize") as update:
+        report = localize_mod.main(
+            p.query, p.map, query_pairs, p.local_name, p.query_matches, config=p.localize_config,
+            overrides=p.localize_overrides, name=p.localization_name, num_workers=max(1, p.num_workers), post=p.post,
+            pairs_source=localize_mod.pairs_source(p.query_pairs_path, p.query), overwrite=redo["localize"],
+            progress=update)
     result.localization = report
-    step(f"localize ({lz['config']}): {report.localized}/{len(results)} queries -> {report.directory}")
-    # -- evaluate
-    if conf["datasets"].get("query_gt"):
-        gt = Dataset(conf["datasets"]["query_gt"]).sensors.image_poses()
-        errors = pose_errors({r.name: r.pose for r in results if r.success}, gt)
-        th = tuple(tuple(float(v) for v in t) for t in conf["evaluate"]["thresholds"])
-        result.evaluation = {"all": summarize(errors, th)}
-        (report.directory / "evaluation.json").write_text(json.dumps(result.evaluation, indent=1) + "\n")
+    step(f"localize ({p.localize_config}): {report.localized}/{len(report.results)} queries -> "
+         f"{report.directory}{_status(report.status)}")
+    if p.query_gt is not None:
+        gt = p.query_gt.sensors.image_poses()
+        errors = pose_errors({r.name: r.pose for r in report.results if r.success}, gt)
+        result.evaluation = {"all": summarize(errors, p.thresholds)}
+        atomic_write_text(report.directory / "evaluation.json", json.dumps(result.evaluation, indent=1) + "\n")
     return result
 
 
-def _build(kind: str, name: str, conf: dict, weights: str | None, device: str):
-    return extract_mod.build_extractor(name, extract_mod.extractor_conf(kind, name, conf, weights, device), kind)
+def _status(status: str) -> str:
+    return {"reused": " (reused: same configuration and inputs)", "redone": " (redone: its inputs changed)",
+            "replaced": " (replaced)"}.get(status, "")
+
+
+def _extract(p: Plan, replace: bool, step: Callable[[str], None], progress: ProgressFactory) -> None:
+    """Local and global features of both datasets, one pass per dataset (one network for
+    both: DELG); the queries' DenseVLAD with the map's vocabulary."""
+    workers = p.num_workers
+    with progress(f"extract {p.map.root.name}") as update:
+        rm = extract_mod.extract_all([p.local, *p.globals_], p.map, num_workers=workers, overwrite=replace,
+                                     progress=update)
+    query_globals = []
+    for g, r in zip(p.globals_, rm[1:]):
+        if g.name == "densevlad":
+            model = r.path.with_name(r.path.stem + DENSEVLAD_MODEL_SUFFIX)
+            conf = {**{k: v for k, v in g.conf.items() if k != "learn"}, "model": str(model)}
+            g = extract_mod.build_extractor(g.name, conf, "global")
+        query_globals.append(g)
+    with progress(f"extract {p.query.root.name}") as update:
+        rq = extract_mod.extract_all([p.local, *query_globals], p.query, num_workers=workers, overwrite=replace,
+                                     progress=update)
+    for ds, r in ((p.map, rm[0]), (p.query, rq[0])):
+        step(f"extract {p.local.name} {ds.root.name}: {r.extracted} new, {r.already_present} present, "
+             f"{len(r.failed)} skipped")
+    for g, r, r_q in zip(p.globals_, rm[1:], rq[1:]):
+        step(f"extract {g.name}: map {r.extracted} new / {r.already_present} present, query {r_q.extracted} new")
+
+
+def _retrieve(p: Plan, replace: bool, step: Callable[[str], None],
+              progress: ProgressFactory) -> tuple[list[Pair], list[Pair]]:
+    """Query x map and map x map pairs; a pairs file of the same configuration and inputs is
+    reused."""
+    m, q = p.map, p.query
+    with ExitStack() as stack:
+        mstores = [stack.enter_context(open_store(m.store_path("global", n), "global-features")) for n in p.global_names]
+        qstores = [stack.enter_context(open_store(q.store_path("global", n), "global-features")) for n in p.global_names]
+        mset = DescriptorSet.align(mstores, m.sensors.image_names())
+        qset = DescriptorSet.align(qstores, q.sensors.image_names())
+        out = []
+        for path, conf, query_set in ((p.query_pairs_path, p.query_retrieval, qset),
+                                      (p.map_pairs_path, p.map_retrieval, mset)):
+            if conf is None:
+                names = sorted(m.sensors.image_names())
+                record = {"step": "pairs", "config": {"exhaustive": True}, "inputs": {"images": digest(names)}}
+            else:
+                record = pairs_record(conf, query_set, mset)
+            if not replace and read_pairs_record(path) == record:
+                out.append((read_pairs(path), "reused"))
+                continue
+            with progress(f"retrieve {path.stem}") as update:
+                pairs = exhaustive_pairs(names) if conf is None else retrieve(query_set, mset, conf, progress=update)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_pairs(path, pairs, record)
+            out.append((pairs, "new"))
+    (query_pairs, qs), (map_pairs, ms) = out
+    step(f"retrieve ({p.query_retrieval.fusion.name} of {p.tag}): {len(query_pairs)} query pairs"
+         f"{' (reused)' if qs == 'reused' else ''}, {len(map_pairs)} map pairs{' (reused)' if ms == 'reused' else ''}")
+    return query_pairs, map_pairs
+
+
+def _match(p: Plan, query_pairs: list[Pair], map_pairs: list[Pair], replace: bool, step: Callable[[str], None],
+           progress: ProgressFactory) -> None:
+    common = {"matcher": p.matcher, "verify": p.verify, "device": p.device, "num_workers": p.num_workers,
+              "overwrite": replace}
+    with progress("match map pairs") as update:
+        mm = match_mod.main(p.map, p.map, map_pairs, p.local_name, name=p.map_matches, progress=update, **common)
+    with progress("match query pairs") as update:
+        qm = match_mod.main(p.query, p.map, query_pairs, p.local_name, name=p.query_matches, progress=update,
+                            **common)
+    step(f"match + verify: map {mm.matched} new pairs ({mm.already_present} present), "
+         f"query {qm.matched} new pairs ({qm.already_present} present)")

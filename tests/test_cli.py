@@ -57,6 +57,47 @@ def test_check_fails_on_errors(sample_dataset):
     assert r.exit_code == 1 and "image file is missing" in r.output
 
 
+def test_check_prints_findings_and_verdict_on_one_stream(sample_dataset):
+    (sample_dataset / "sensors/records_data/left/000.png").unlink()
+    proc = subprocess.run([sys.executable, "-m", "cbir", "check", str(sample_dataset)], capture_output=True,
+                          text=True)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 1 and "image file is missing" in lines[0]
+    assert lines[-1] == f"{sample_dataset}: invalid (1 error, 0 warnings)"
+
+
+def test_tables_keep_whole_headers_in_80_columns_and_are_never_cut_when_piped(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from cbir.cli import _common
+    from cbir.cli.evaluate_cmds import pose_table
+
+    thresholds = ((0.1, 1.0), (0.25, 2.0), (0.5, 5.0), (5.0, 10.0))
+    summary = {"queries": 1234, "within": [0.5, 0.61234, 0.9, 1.0], "median_translation": 0.123456,
+               "median_rotation_deg": 12.3456, "not_localized": 7}
+    out = io.StringIO()
+    Console(file=out, width=80).print(pose_table("localization", {"all": summary, "night": summary}, thresholds))
+    lines = out.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in out.getvalue()
+    header = " ".join(lines[1:3])
+    for word in ("condition", "queries", "≤0.25 m", "≤10°", "median", "t (m)", "R (°)", "failed"):
+        assert word in header
+    assert "61.2%" in out.getvalue() and "0.123" in out.getvalue() and "12.3" in out.getvalue()
+    assert "0.123456" not in out.getvalue() and "12.3456" not in out.getvalue()  # rounded
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert _common._console(stderr=False).width == _common.PIPED_WIDTH  # pytest's stdout is no terminal
+
+
+def test_data_in_messages_is_not_read_as_markup(sample_dataset):
+    (sample_dataset / "sensors/records_data/left/000.png").write_bytes(b"not a picture")
+    r = CliRunner().invoke(main, ["extract", str(sample_dataset), "--local", "sift", "--name", "x"])
+    assert "left/000.png" in r.output  # a skipped image is named as it is
+    r = run("info", sample_dataset / "[red]x[/red]")
+    assert r.exit_code == 1 and r.output.strip() == f"error: {sample_dataset / '[red]x[/red]'}: dataset directory not found"
+
+
 def test_check_strict_fails_on_warnings(sample_dataset):
     import h5py
     with h5py.File(sample_dataset / "cbir/global/sample.h5", "a") as f:

@@ -139,6 +139,13 @@ def test_show_matches_draws_a_picture(sift_map, tmp_path):
     assert img.shape[1] == 2048 and img.shape[0] == 769
     green = (img[:, :, 1] > 150) & (img[:, :, 0] < 100) & (img[:, :, 2] < 100)
     assert green.sum() > 1000  # inlier lines are drawn
+    # dense matches: a sample of lines, said so, so that the images stay visible
+    _, _, err = cbir("show", "matches", sift_map, "--pair", "100_7101.jpg", "100_7100.jpg", "-o", tmp_path / "s.png",
+                     "--max-lines", "20")
+    assert "(20 drawn)" in err
+    sparse = cv2.imread(str(tmp_path / "s.png"))
+    sparse_green = (sparse[:, :, 1] > 150) & (sparse[:, :, 0] < 100) & (sparse[:, :, 2] < 100)
+    assert 0 < sparse_green.sum() < green.sum() / 5
 
 
 @pytest.mark.slow

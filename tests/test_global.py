@@ -43,11 +43,13 @@ def test_vlad_is_intra_normalized_residual_sums():
 
 def test_densevlad_needs_a_model_and_refuses_another_configuration(tmp_path):
     ex = DenseVLAD()
-    with pytest.raises(CbirError, match="extract the map first"):
+    with pytest.raises(CbirError, match="extract the map with --learn first"):
         ex.descriptor_dim
     images = {f"{i}.png": LoadedImage((np.random.default_rng(i).random((120, 160)) * 255).astype(np.uint8),
                                       (160, 120), (1.0, 1.0)) for i in range(3)}
-    ex = DenseVLAD({"clusters": 8, "step": 8})
+    with pytest.raises(CbirError, match="pass --model .*or --learn"):  # a model is learned only when asked
+        DenseVLAD({"clusters": 8, "step": 8}).prepare(tmp_path / "dv.h5", sorted(images), images.__getitem__)
+    ex = DenseVLAD({"clusters": 8, "step": 8, "learn": True})
     ex.prepare(tmp_path / "dv.h5", sorted(images), images.__getitem__)
     model = tmp_path / "dv.model.h5"
     assert model.exists() and ex.descriptor_dim == 8 * 128  # 3 images < pca_dim: no PCA
@@ -105,8 +107,8 @@ def test_densevlad_fusion_retrieval_on_real_photos(sceaux, tmp_path):
     for p in [root, *root.rglob("*")]:
         p.chmod(p.stat().st_mode | 0o200)
     m, q = root / "mapping", root / "query"
-    cbir("extract", m, "--global", "densevlad")
-    cbir("extract", m, "--global", "densevlad", "--name", "densevlad32", "--conf", "clusters=32")
+    cbir("extract", m, "--global", "densevlad", "--learn")
+    cbir("extract", m, "--global", "densevlad", "--name", "densevlad32", "--conf", "clusters=32", "--learn")
     cbir("check", m)  # the DenseVLAD models beside the stores are not taken for stores
     cbir("extract", q, "--global", "densevlad", "--model", m / "cbir/global/densevlad.model.h5")
     cbir("extract", q, "--global", "densevlad", "--name", "densevlad32", "--conf", "clusters=32",

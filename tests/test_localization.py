@@ -3,6 +3,7 @@ with known answers, and the whole pipeline on the real sceaux_castle photos."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ import pycolmap
 import pytest
 from click.testing import CliRunner
 
+from cbir import pipeline
 from cbir.cli import main
 from cbir.errors import CbirError
 from cbir.evaluation.localization import pose_errors, summarize
@@ -20,6 +22,7 @@ from cbir.geometry.colmap_options import paper_config
 from cbir.geometry.postprocess import estimate_rig, interpolate, interpolate_sequences, propagate_rigs
 from cbir.geometry.poses import Pose
 from cbir.io.sensors import ImageRecord, SensorData
+from cbir.io.store import open_store
 from cbir.localize import QueryResult, _estimate, correspondences, query_camera
 
 
@@ -238,8 +241,9 @@ def test_step_commands_and_bad_queries(sceaux_run):
     assert reasons["ghost.jpg"] == "not an image of the query dataset"
     assert reasons["100_7105.jpg"] == "no retrieved map image"
     assert len((sceaux_run / "submission.txt").read_text().splitlines()) == 2
-    _, out, _ = cbir("evaluate", "--query", q, "--results", "partial", "--gt", sceaux_run / "query_gt", "--json",
-                     "--plot", sceaux_run / "curves.png", "--condition", "second=7105")
+    _, out, err = cbir("evaluate", "--query", q, "--results", "partial", "--gt", sceaux_run / "query_gt", "--json",
+                       "--plot", sceaux_run / "curves.png", "--condition", "second=7105")
+    assert f"wrote {sceaux_run / 'curves.png'}" in err
     ev = json.loads(out)["conditions"]
     assert ev["all"]["not_localized"] == 1 and ev["second"]["not_localized"] == 1
     assert (sceaux_run / "curves.png").stat().st_size > 1000
@@ -258,3 +262,67 @@ def test_step_commands_and_bad_queries(sceaux_run):
     code, _, err = cbir("localize", "--query", q, "--map", m, "--pairs", sceaux_run / "partial.txt", "--local",
                         "sift", "--matches", "sift-query", "--conf", "nonsense=1", ok=False)
     assert code == 1 and "unknown localization option" in err
+
+
+@pytest.mark.slow
+def test_pipeline_reruns_like_a_build_tool(sceaux_run):
+    toml = sceaux_run / "pipe.toml"
+    q, m = sceaux_run / "query", sceaux_run / "mapping"
+    result_dir = q / "cbir" / "localization" / "sift-densevlad-config1"
+    cbir("pipeline", toml, "--json")
+    kept = {p.name: p.read_bytes() for p in result_dir.iterdir()}
+    # unchanged: every step reused, nothing recomputed
+    _, out, _ = cbir("pipeline", toml, "--json")
+    steps = " ".join(json.loads(out)["steps"])
+    assert "(reused)" in steps and "reused: same configuration and inputs" in steps
+    assert {p.name: p.read_bytes() for p in result_dir.iterdir()} == kept
+    # a bad value is refused before anything runs; the finished result stays as it was
+    code, _, err = cbir("pipeline", toml, "--set", "retrieve.topk=0", ok=False)
+    assert code == 1 and "topk must be >= 1, got 0" in err
+    # a changed step is refused until asked, naming the output and the changed key
+    code, _, err = cbir("pipeline", toml, "--set", "match.ratio=0.9", ok=False)
+    assert code == 1 and "sift-map.h5 (matcher.ratio: 0.8 -> 0.9)" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in result_dir.iterdir()} == kept
+    _, out, _ = cbir("pipeline", toml, "--set", "match.ratio=0.9", "--check", "--json")
+    assert {c["step"] for c in json.loads(out)["changes"]} == {"match"}
+    # --overwrite: that step and every step after it redone, the steps before reused
+    _, out, _ = cbir("pipeline", toml, "--set", "match.ratio=0.9", "--overwrite", "--json")
+    steps = json.loads(out)["steps"]
+    assert any(s.startswith("match: redone, replacing") for s in steps)
+    assert any("extract sift mapping: 0 new, 8 present" in s for s in steps)
+    assert any("match + verify: map 28 new pairs" in s for s in steps)
+    assert any(s.startswith("map: ") and "(replaced)" in s for s in steps)
+    with open_store(m / "cbir" / "matches" / "sift-map.h5") as s:
+        assert s.config["matcher"]["ratio"] == 0.9
+    record = json.loads((result_dir / "run.json").read_text())
+    assert record["inputs"]["matches"] != json.loads(kept["run.json"])["inputs"]["matches"]
+    assert json.loads(out)["evaluation"]["all"]["localized"] == 3
+    # the map records the matches it came from: matches changed behind its back make it stale
+    _, out, _ = cbir("map", m, "--local", "sift", "--matches", "sift-map", "--json")
+    assert json.loads(out)["status"] == "reused"
+    subset = sceaux_run / "map_subset.txt"
+    subset.write_text("\n".join((m / "cbir" / "pairs" / "densevlad_map.txt").read_text().splitlines()[:20]) + "\n")
+    cbir("match", "--query", m, "--pairs", subset, "--local", "sift", "--name", "sift-map", "--ratio", "0.9",
+         "--verify", "--overwrite")  # the same configuration, fewer pairs
+    _, out, _ = cbir("map", m, "--local", "sift", "--matches", "sift-map", "--json")
+    assert json.loads(out)["status"] == "redone"
+    # --from: that step and the later ones, whatever their configuration
+    _, out, _ = cbir("pipeline", toml, "--set", "match.ratio=0.9", "--from", "localize", "--json")
+    assert any("(replaced)" in s and s.startswith("localize") for s in json.loads(out)["steps"])
+    # the running step's progress reaches the caller (the command draws it as a bar)
+    updates: dict[str, list[tuple[int, int]]] = {}
+
+    @contextlib.contextmanager
+    def recorder(label):
+        yield lambda advance, total: updates.setdefault(label, []).append((advance, total))
+
+    plan = pipeline.plan(pipeline.load_config(toml, ["match.ratio=0.9"]), toml)
+    pipeline.run(plan, from_step="localize", progress=recorder)
+    assert sum(a for a, _ in updates["localize"]) == 3 and {t for _, t in updates["localize"]} == {3}
+    assert sum(a for a, _ in updates["match query pairs"]) == 15  # reused pairs count as done
+    assert {label.split()[0] for label in updates} == {"extract", "match", "localize"}
+    # a standalone localization into the pipeline's result of another configuration is refused
+    code, _, err = cbir("localize", "--query", q, "--map", m, "--pairs", q / "cbir" / "pairs" / "densevlad_top5.txt",
+                        "--local", "sift", "--matches", "sift-query", "--config", "config2",
+                        "--name", "sift-densevlad-config1", ok=False)
+    assert code == 1 and "another configuration (config: \"config1\" -> \"config2\"" in err

@@ -86,7 +86,7 @@ def test_other_configuration_is_refused_unless_overwrite(tmp_path):
     _write(path, 5)
     before = path.read_bytes()
     other = {"name": "toy", "config": {"max_keypoints": 200, "resize": 1024}}
-    with pytest.raises(CbirError, match=r"max_keypoints=100 != 200.*--overwrite"):
+    with pytest.raises(CbirError, match=r"config.max_keypoints: 100 -> 200.*--overwrite"):
         StoreWriter(path, "local-features", other)
     assert path.read_bytes() == before
     with StoreWriter(path, "local-features", other, overwrite=True) as w:

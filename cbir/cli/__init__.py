@@ -17,6 +17,8 @@ import click
 from .. import __version__
 from ..errors import CbirError
 from ..io.atomic import is_no_space
+from rich.markup import escape
+
 from ._common import console_err
 
 #: command name -> (module of cbir.cli, attribute, one-line help shown by ``cbir --help``)
@@ -117,7 +119,7 @@ class CbirGroup(click.Group):
         except CbirError as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            console_err().print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            console_err().print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             sys.exit(1)
         except Terminated:
             console_err().print(f"[yellow]terminated[/]: {RESUME_HINT}")
@@ -129,7 +131,7 @@ class CbirGroup(click.Group):
             if is_no_space(e):
                 if ctx.obj and ctx.obj.get("debug"):
                     raise
-                where = f" on {e.filename}" if e.filename else ""
+                where = f" on {escape(str(e.filename))}" if e.filename else ""
                 console_err().print(f"[bold red]error:[/] no space left{where}: free some and re-run "
                                     "(finished batches are kept)", highlight=False, soft_wrap=True)
                 sys.exit(1)

@@ -3,26 +3,56 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 
 from ..io.dataset import Dataset
 
+if TYPE_CHECKING:
+    from rich.table import Table
+
+
+#: the width of output that is not a terminal (a pipe, a log): wide enough that no line is
+#: wrapped and no table is cut (``$COLUMNS`` sets another)
+PIPED_WIDTH = 1000
+
+
+def _console(stderr: bool) -> Console:
+    # soft_wrap: a message is one line, never broken by rich (a terminal folds it on screen)
+    console = Console(stderr=stderr, soft_wrap=True)
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console = Console(stderr=stderr, soft_wrap=True, width=PIPED_WIDTH)
+    return console
+
 
 @lru_cache(maxsize=None)
 def console_err() -> Console:
     """Messages and progress go to stderr, so stdout stays clean for data (pairs, JSON)."""
-    return Console(stderr=True)
+    return _console(stderr=True)
 
 
 @lru_cache(maxsize=None)
 def console_out() -> Console:
-    return Console()
+    return _console(stderr=False)
+
+
+def table(title: str, columns: list[tuple[str, str]]) -> "Table":
+    """A table whose headers are never cut: columns fold (wrap) their text instead of
+    ending it with an ellipsis when the terminal is narrow. ``columns``: (header, justify)."""
+    from rich import box
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+              collapse_padding=True)
+    for header, justify in columns:
+        t.add_column(header, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    return t
 
 
 def dataset_argument(name: str = "dataset"):
@@ -36,6 +66,14 @@ follow_symlinks_option = click.option(
 
 def open_dataset(path: Path, follow_symlinks: bool = False) -> Dataset:
     return Dataset(path, follow_symlinks=follow_symlinks)
+
+
+#: what a step did with an output it found (the ``status`` of its report)
+STATUS_NOTES = {
+    "reused": "kept the {what} of the same configuration and inputs (--overwrite recomputes it)",
+    "redone": "recomputed the {what}: its inputs changed since it was made",
+    "replaced": "replaced the {what} (--overwrite)",
+}
 
 
 def report_written(paths: list[Path], quiet: bool = False) -> None:

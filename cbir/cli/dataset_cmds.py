@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 import click
-from rich.table import Table
+from rich.markup import escape
 
 from ..io.check import check_dataset, dataset_info, problems_as_dicts
 from ._common import (console_err, console_out, dataset_argument, follow_symlinks_option, is_quiet,
-                      open_dataset, print_json)
+                      open_dataset, print_json, table)
 
 
 @click.command()
@@ -24,11 +24,10 @@ def info(dataset: Path, follow_symlinks: bool, as_json: bool) -> None:
         print_json(summary)
         return
     out = console_out()
-    out.print(f"[bold]{summary['root']}[/]: {summary['images']} images, {summary['images_with_pose']} with a pose, "
+    out.print(f"[bold]{escape(str(summary['root']))}[/]: {summary['images']} images, {summary['images_with_pose']} with a pose, "
               f"{len(summary['rigs'])} rigs, {summary['trajectories']} trajectory entries")
-    cams = Table(title="cameras", title_justify="left")
-    for col in ("id", "model", "size", "params", "images"):
-        cams.add_column(col)
+    cams = table("cameras", [("id", "left"), ("model", "left"), ("size", "left"), ("params", "left"),
+                             ("images", "right")])
     for c in summary["cameras"]:
         cams.add_row(c["id"], c["model"], f"{c['width']}x{c['height']}",
                      ", ".join(f"{v:.6g}" for v in c["params"]), str(c["images"]))
@@ -38,16 +37,19 @@ def info(dataset: Path, follow_symlinks: bool, as_json: bool) -> None:
     for r in summary["rigs"]:
         out.print(f"rig {r['id']}: {', '.join(r['sensors'])}")
     if summary["stores"]:
-        stores = Table(title="stores", title_justify="left")
-        for col in ("kind", "name", "items", "rows", "dim", "dtype", "size", "details"):
-            stores.add_column(col)
+        stores = table("stores", [("kind", "left"), ("name", "left"), ("items", "right"), ("rows", "right"),
+                                  ("dim", "right"), ("dtype", "left"), ("size", "right"), ("details", "left")])
         for s in summary["stores"]:
             details = s.get("error") or ", ".join(
-                f"{k}={s[k]}" for k in ("local_features", "verified", "images", "mean_track_length", "queries")
+                f"{k}={_short(s[k])}" for k in ("local_features", "verified", "images", "mean_track_length", "queries")
                 if k in s and s[k] not in ("", None))
             stores.add_row(s["kind"], s["name"], str(s.get("items", "?")), str(s.get("rows", "")),
                            str(s.get("dim", "")), s.get("dtype", ""), _size(s["bytes"]), details)
         out.print(stores)
+
+
+def _short(value: object) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
 def _size(n: int) -> str:
@@ -81,14 +83,20 @@ def check(ctx: click.Context, dataset: Path, follow_symlinks: bool, images: str,
     if as_json:
         print_json({"dataset": str(dataset), "ok": not errors, "problems": problems_as_dicts(problems)})
     else:
+        out = console_out()  # findings and verdict on one stream: `cbir check D > report.txt` keeps both
         for p in problems:
             colour = "red" if p.level == "error" else "yellow"
-            console_out().print(f"[{colour}]{p.level}[/]: {p.path}{'' if p.line is None else f':{p.line}'}: "
-                                f"{p.message}", highlight=False, soft_wrap=True)
+            where = escape(f"{p.path}{'' if p.line is None else f':{p.line}'}")
+            out.print(f"[{colour}]{p.level}[/]: {where}: {escape(p.message)}", highlight=False, soft_wrap=True)
         verdict = "[green]ok[/]" if not errors else "[red]invalid[/]"
-        console_err().print(f"{dataset}: {verdict} ({len(errors)} errors, {len(warnings)} warnings)")
+        out.print(f"{escape(str(dataset))}: {verdict} ({_count(len(errors), 'error')}, "
+                  f"{_count(len(warnings), 'warning')})", highlight=False)
     if errors or (strict and warnings):
         sys.exit(1)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 class _null:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.table import Table
 
+from ..errors import CbirError
+from ..evaluation.localization import check_thresholds
 from ..evaluation.retrieval import (REVISITED_PROTOCOLS, evaluate_rankings, ground_truth_from_poses,
                                     read_ground_truth, revisited_ground_truth)
 from ..io.pairs import read_pairs
-from ._common import console_out, open_dataset, print_json
+from ._common import console_err, console_out, open_dataset, print_json, table
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 @click.command()
@@ -94,28 +99,25 @@ def evaluate(retrieval: bool, query: Path | None, results_name: str | None, pose
     if as_json:
         print_json(result)
         return
-    table = Table(title=f"retrieval: {result['queries']} queries, ground truth {source}", title_justify="left")
-    table.add_column("mAP", justify="right")
-    for k in k_values:
-        table.add_column(f"R@{k}", justify="right")
-    for k in k_values:
-        table.add_column(f"P@{k}", justify="right")
-    table.add_row(f"{100 * result['mAP']:.1f}", *(f"{100 * result['recall@k'][k]:.1f}" for k in k_values),
-                  *(f"{100 * result['precision@k'][k]:.1f}" for k in k_values))
+    t = table(f"retrieval: {result['queries']} queries, ground truth {source}",
+              [("mAP", "right"), *((f"R@{k}", "right") for k in k_values), *((f"P@{k}", "right") for k in k_values)])
+    t.add_row(f"{100 * result['mAP']:.1f}%", *(f"{100 * result['recall@k'][k]:.1f}%" for k in k_values),
+              *(f"{100 * result['precision@k'][k]:.1f}%" for k in k_values))
     out = console_out()
-    out.print(table)
+    out.print(t)
     if result["queries_without_pairs"]:
         out.print(f"[yellow]{len(result['queries_without_pairs'])} ground-truth queries have no pair[/]")
 
 
 def _parse_thresholds(text: str) -> tuple[tuple[float, float], ...]:
     try:
-        out = tuple((float(a), float(b)) for a, b in (t.split(",") for t in text.split()))
-    except ValueError:
-        raise click.BadParameter(f"expected 't,r t,r ...', got {text!r}", param_hint="--thresholds") from None
-    if not out:
-        raise click.BadParameter("no threshold", param_hint="--thresholds")
-    return out
+        pairs = [t.split(",") for t in text.split()]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError
+        return check_thresholds(pairs)
+    except (ValueError, CbirError) as e:
+        raise click.BadParameter(getattr(e, "message", f"expected 't,r t,r ...', got {text!r}"),
+                                 param_hint="--thresholds") from None
 
 
 def _evaluate_poses(query: Path | None, results_name: str | None, poses: Path | None, gt_dataset: Path | None,
@@ -162,23 +164,28 @@ def _evaluate_poses(query: Path | None, results_name: str | None, poses: Path | 
         groups[label] = read_condition_list(path)
     result = {label: summarize(errors, th, names) for label, names in groups.items()}
     if plot:
-        plot_cumulative(errors, plot, f"{results_name or poses}: {len(errors)} queries")
+        plot_cumulative(errors, plot, str(results_name or poses), th)
+        console_err().print(f"wrote {plot} (cumulative errors)", highlight=False)
     if as_json:
         print_json({"conditions": result, "errors": {n: list(e) for n, e in errors.items()}})
         return
     console_out().print(pose_table(f"localization: {results_name or poses}", result, th))
 
 
-def pose_table(title: str, result: dict[str, dict], thresholds: tuple[tuple[float, float], ...]) -> Table:
-    """The threshold table of the paper, one row per condition."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("condition", no_wrap=True)
-    table.add_column("queries", justify="right", no_wrap=True)
-    for t, r in thresholds:
-        table.add_column(f"{t:g}m,{r:g}°", justify="right", no_wrap=True)
-    for col in ("median t", "median R°", "failed"):
-        table.add_column(col, justify="right", no_wrap=True)
+def pose_table(title: str, result: dict[str, dict], thresholds: tuple[tuple[float, float], ...]) -> "Table":
+    """The threshold table of the paper, one row per condition: the percentage of queries
+    within each (meters, degrees) threshold, the median errors, the queries not localized."""
+    t = table(title, [("condition", "left"), ("queries", "right"),
+                      *((f"≤{m:g} m\n≤{r:g}°", "right") for m, r in thresholds),
+                      ("median\nt (m)", "right"), ("median\nR (°)", "right"), ("failed", "right")])
     for label, s in result.items():
-        table.add_row(label, str(s["queries"]), *(f"{100 * v:.1f}" for v in s["within"]),
-                      f"{s['median_translation']:.3f}", f"{s['median_rotation_deg']:.3f}", str(s["not_localized"]))
-    return table
+        t.add_row(label, str(s["queries"]), *(f"{100 * v:.1f}%" for v in s["within"]),
+                  _rounded(s["median_translation"]), _rounded(s["median_rotation_deg"]), str(s["not_localized"]))
+    return t
+
+
+def _rounded(value: float) -> str:
+    """Three significant digits, at most 3 decimals: 0.0234 -> 0.023, 12.345 -> 12.3."""
+    if value != value:
+        return "-"
+    return f"{value:.3f}" if abs(value) < 1 else f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import click
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .. import extract as extract_mod
@@ -62,6 +63,8 @@ def parse_conf(items: tuple[str, ...]) -> dict[str, Any]:
               help="Weight file, or a directory holding it (also searched: $CBIR_WEIGHTS, ~/.cache/cbir/weights).")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="DenseVLAD: the map's .model.h5 (vocabulary and PCA) to extract queries with.")
+@click.option("--learn", is_flag=True,
+              help="DenseVLAD: learn the vocabulary and PCA on DATASET (the map); queries take the map's --model.")
 @click.option("--name", help="Store name (one extractor only; default: the extractor, or its weight file's name).")
 @click.option("--max-keypoints", type=click.IntRange(0), help="Keep the N best keypoints (0: all).")
 @click.option("--max-size", type=click.IntRange(1), help="Longest image edge processed.")
@@ -81,7 +84,7 @@ def parse_conf(items: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.pass_context
 def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str | None, weights: Path | None,
-            model: Path | None, name: str | None, max_keypoints: int | None, max_size: int | None,
+            model: Path | None, learn: bool, name: str | None, max_keypoints: int | None, max_size: int | None,
             conf_items: tuple[str, ...], image_list: Path | None, device: str, num_workers: int, overwrite: bool,
             follow_symlinks: bool, apply_exif: bool, max_image_pixels: int | None, as_json: bool) -> None:
     """Extract local features (DATASET/cbir/local/) and global descriptors (DATASET/cbir/global/).
@@ -98,7 +101,10 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
         if kind == "global" and n not in GLOBAL_EXTRACTORS:
             raise click.BadParameter(f"{n!r} (known: {', '.join(sorted(GLOBAL_EXTRACTORS))})", param_hint="--global")
     common = parse_conf(conf_items)
-    for key, value in (("max_keypoints", max_keypoints), ("max_size", max_size), ("model", model)):
+    if learn and model:
+        raise click.UsageError("--learn learns a model on DATASET; --model uses the map's: give one of them")
+    for key, value in (("max_keypoints", max_keypoints), ("max_size", max_size), ("model", model),
+                       ("learn", learn or None)):
         if value is not None:
             common[key] = str(value) if isinstance(value, Path) else value
     classes = [extract_mod.extractor_class(n, kind) for kind, n in jobs]
@@ -120,9 +126,9 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
     summaries = []
     for extractor, report in zip(extractors, reports):
         for image, reason in report.failed:
-            console_err().print(f"[yellow]skipped[/] {image}: {reason}", highlight=False)
+            console_err().print(f"[yellow]skipped[/] {escape(image)}: {escape(reason)}", highlight=False)
         for image in report.empty:
-            console_err().print(f"[yellow]no keypoint[/] in {image}", highlight=False)
+            console_err().print(f"[yellow]no keypoint[/] in {escape(image)}", highlight=False)
         summaries.append({"store": str(report.path), "extracted": report.extracted,
                           "already_present": report.already_present, "keypoints": report.keypoints,
                           "failed": [{"image": i, "reason": r} for i, r in report.failed], "empty": report.empty})
@@ -204,7 +210,7 @@ def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, l
         report = match_mod.main(q, m, pairs, local, name=name, matcher=matcher, verify=verify_conf, device=device,
                                 overwrite=overwrite, num_workers=num_workers, progress=update)
     for pair, reason in report.missing_features:
-        console_err().print(f"[yellow]skipped pair[/] {pair}: {reason}", highlight=False)
+        console_err().print(f"[yellow]skipped pair[/] {escape(pair)}: {escape(reason)}", highlight=False)
     if as_json:
         print_json({"store": str(report.path), "matched": report.matched, "already_present": report.already_present,
                     "matches": report.matches, "inliers": report.inliers, "duplicates": report.duplicates,
@@ -231,16 +237,19 @@ def show_group() -> None:
 @click.option("--map", "map_", type=click.Path(file_okay=False, path_type=Path),
               help="Map dataset of IMAGE1 (query x map matches).")
 @click.option("--inliers-only", is_flag=True, help="Draw verified matches only.")
+@click.option("--max-lines", type=click.IntRange(0), default=500, show_default=True,
+              help="Draw at most N matches, a uniform sample (0: all), so that the images stay visible.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG file.")
 @click.pass_context
 def show_matches(ctx: click.Context, dataset: Path, pair: tuple[str, str], matches_name: str | None,
-                 map_: Path | None, inliers_only: bool, output: Path) -> None:
-    """Draw the matches of one pair of DATASET: inliers green, outliers red."""
+                 map_: Path | None, inliers_only: bool, max_lines: int, output: Path) -> None:
+    """Draw the matches of one pair of DATASET: inliers green, outliers red (unverified: blue)."""
     from ..matching.draw import draw_pair_matches
 
     q = open_dataset(dataset)
     stats = draw_pair_matches(q, open_dataset(map_) if map_ else q, pair, output, matches_name=matches_name,
-                              inliers_only=inliers_only)
+                              inliers_only=inliers_only, max_lines=max_lines)
     if not is_quiet(ctx):
-        console_err().print(f"{stats['matches']} matches, {stats['inliers']} inliers", highlight=False)
+        sample = f" ({stats['drawn']} drawn)" if stats["drawn"] < stats["matches"] else ""
+        console_err().print(f"{stats['matches']} matches, {stats['inliers']} inliers{sample}", highlight=False)
     report_written([output], is_quiet(ctx))

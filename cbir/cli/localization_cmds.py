@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.table import Table
+from rich.markup import escape
 
 from .. import localize as localize_mod
 from .. import mapping
@@ -15,7 +15,8 @@ from ..io.atomic import atomic_write_text
 from ..io.kapture_text import format_rigs
 from ..io.pairs import read_pairs
 from ..io.vlnet import write_vlnet
-from ._common import console_err, console_out, is_quiet, open_dataset, print_json, report_written
+from ._common import (STATUS_NOTES, console_err, console_out, is_quiet, open_dataset, print_json, report_written,
+                      table)
 from .features_cmds import parse_conf, progress_bar
 
 
@@ -29,7 +30,8 @@ from .features_cmds import parse_conf, progress_bar
                    "IncrementalPipelineOptions by dotted path (triangulation.min_angle=2).")
 @click.option("--colmap", "colmap_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also write the map as a COLMAP model (binary) here.")
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True,
+              help="Recompute, replacing a map of the same NAME (also one of another configuration).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def map_cmd(ctx: click.Context, dataset: Path, local: str, matches: str, name: str | None,
@@ -37,19 +39,22 @@ def map_cmd(ctx: click.Context, dataset: Path, local: str, matches: str, name: s
     """Triangulate the 3D points of DATASET's map from its known poses (COLMAP point triangulator)."""
     report = mapping.main(open_dataset(dataset), local, matches, name=name, overrides=parse_conf(conf_items),
                           overwrite=overwrite, colmap_dir=colmap_dir, verbose=bool(ctx.obj.get("debug")))
-    summary = {"map": str(report.path), "points": report.points, "mean_track_length": report.mean_track_length,
+    if report.status != "new" and not (is_quiet(ctx) or as_json):
+        console_err().print(STATUS_NOTES[report.status].format(what="map"), highlight=False)
+    summary = {"map": str(report.path), "status": report.status, "points": report.points, "mean_track_length": report.mean_track_length,
                "mean_reprojection_error": report.mean_reprojection_error, "images": report.images,
                "images_with_points": report.images_with_points, "pairs_used": report.pairs_used,
                "skipped": report.skipped, "colmap": str(report.colmap_dir) if report.colmap_dir else None}
     for s in report.skipped:
-        console_err().print(f"[yellow]skipped[/] {s}", highlight=False)
+        console_err().print(f"[yellow]skipped[/] {escape(s)}", highlight=False)
     if as_json:
         print_json(summary)
     elif not is_quiet(ctx):
         console_err().print(f"{report.points} points, mean track length {report.mean_track_length:.2f}, "
                             f"mean reprojection error {report.mean_reprojection_error:.2f} px, "
                             f"{report.images_with_points}/{report.images} images with points", highlight=False)
-    report_written([report.path] + ([report.colmap_dir] if report.colmap_dir else []), is_quiet(ctx) or as_json)
+    report_written(([report.path] if report.status != "reused" else []) +
+                   ([report.colmap_dir] if report.colmap_dir else []), is_quiet(ctx) or as_json)
 
 
 @click.command("localize")
@@ -75,40 +80,51 @@ def map_cmd(ctx: click.Context, dataset: Path, local: str, matches: str, name: s
               help="Also write the poses in the visuallocalization.net submission format.")
 @click.option("--num-workers", type=click.IntRange(1), default=localize_mod.default_workers(), show_default=True,
               help="Processes estimating poses in parallel.")
+@click.option("--overwrite", is_flag=True,
+              help="Recompute, replacing a result of the same NAME (also one of another configuration).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def localize_cmd(ctx: click.Context, query: Path, map_: Path, pairs_file: str, local: str, matches: str,
                  map_name: str | None, config: str, conf_items: tuple[str, ...], name: str | None,
                  use_unverified: bool, rig: bool, rig_max_gap: int, sequence: bool, sequence_max_gap: int,
-                 vlnet: Path | None, num_workers: int, as_json: bool) -> None:
-    """Estimate the pose of every query of a pairs file against a triangulated map."""
+                 vlnet: Path | None, num_workers: int, overwrite: bool, as_json: bool) -> None:
+    """Estimate the pose of every query of a pairs file against a triangulated map.
+
+    The result records its configuration and inputs (run.json): re-running with the same
+    ones reuses it, with changed inputs (pairs, matches, map) redoes it, and a result of
+    another configuration is replaced only with --overwrite.
+    """
     q, m = open_dataset(query), open_dataset(map_)
     quiet = is_quiet(ctx)
+    post = localize_mod.PostprocessConf(rig=rig, rig_max_gap=rig_max_gap, sequence=sequence,
+                                        sequence_max_gap=sequence_max_gap)
     with progress_bar("localize", quiet or as_json) as update:
         report = localize_mod.main(q, m, read_pairs(pairs_file), local, matches, map_name=map_name, config=config,
                                    overrides=parse_conf(conf_items), name=name, num_workers=num_workers,
-                                   use_unverified=use_unverified, progress=update)
-    report = localize_mod.postprocess(report, q, rig=rig, rig_max_gap=rig_max_gap, sequence=sequence,
-                                      sequence_max_gap=sequence_max_gap)
+                                   use_unverified=use_unverified, post=post,
+                                   pairs_source=localize_mod.pairs_source(pairs_file, q), overwrite=overwrite,
+                                   progress=update)
     results = report.results
-    written = [report.directory / "trajectories.txt", report.directory / "report.json"]
+    if report.status != "new" and not (quiet or as_json):
+        console_err().print(STATUS_NOTES[report.status].format(what="result"), highlight=False)
+    written = [report.directory / "trajectories.txt", report.directory / "report.json",
+               report.directory / localize_mod.RECORD_FILE] if report.status != "reused" else []
     if vlnet:
         poses = {r.name: r.pose for r in results if r.success}
         write_vlnet(vlnet, poses)
         written.append(vlnet)
     if as_json:
-        print_json({"directory": str(report.directory), "queries": len(results),
+        print_json({"directory": str(report.directory), "status": report.status, "queries": len(results),
                     "localized": sum(r.success for r in results),
                     "by_method": {k: sum(r.method == k for r in results) for k in ("pnp", "rig", "sequence")},
                     "failed": [{"image": r.name, "reason": r.reason} for r in results if not r.success]})
     elif not quiet:
-        table = Table(title=f"localization ({config})", title_justify="left")
-        for col in ("query", "result", "map images", "2D-3D", "inliers", "note"):
-            table.add_column(col)
+        t = table(f"localization ({config})", [("query", "left"), ("result", "left"), ("map\nimages", "right"),
+                                               ("2D-3D", "right"), ("inliers", "right"), ("note", "left")])
         for r in results:
-            table.add_row(r.name, r.method if r.success else "[red]failed[/]", str(r.num_map_images),
-                          str(r.num_2d3d), str(r.num_inliers), r.reason)
-        console_err().print(table)
+            t.add_row(escape(r.name), r.method if r.success else "[red]failed[/]", str(r.num_map_images),
+                      str(r.num_2d3d), str(r.num_inliers), escape(r.reason))
+        console_err().print(t)
         console_err().print(f"{sum(r.success for r in results)}/{len(results)} queries localized")
     report_written(written, quiet or as_json)
 

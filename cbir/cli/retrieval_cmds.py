@@ -6,11 +6,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from ..io.pairs import write_pairs
 from ..io.store import open_store
 from ..models.base import resolve_device
-from ..retrieval import ALIASES, METHODS, DescriptorSet, FusionConf, RetrievalConf
+from ..retrieval import ALIASES, METHODS, DescriptorSet, FusionConf, RetrievalConf, pairs_record
 from ..retrieval.index import INDEX_KINDS, IndexConf, build_indexes, recall_against_exact, retrieve_indexed
 from ..retrieval.rerank import retrieve_with_expansion
 from ._common import console_err, is_quiet, open_dataset, print_json, report_written
@@ -79,7 +80,6 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
     same = q.root.resolve() == m.root.resolve()
     conf = RetrievalConf(topk=topk, fusion=FusionConf(fusion, _floats(weights), gamma=gamma, alpha=alpha),
                          exclude_self=same, exclude_same_name=exclude_same_name)
-    conf.fusion.name  # unknown names fail before any work
     quiet = is_quiet(ctx)
     with ExitStack() as stack:
         qstores = [stack.enter_context(open_store(q.store_path("global", n), "global-features")) for n in names]
@@ -93,7 +93,7 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
                                     "records_camera.txt and are left out", highlight=False)
             if dset.dropped:
                 console_err().print(f"[yellow]{len(dset.dropped)} {label} images lack some descriptor and are "
-                                    f"left out[/]: {', '.join(dset.dropped[:5])}{' ...' if len(dset.dropped) > 5 else ''}",
+                                    f"left out[/]: {escape(', '.join(dset.dropped[:5]))}{' ...' if len(dset.dropped) > 5 else ''}",
                                     highlight=False)
         if topk > len(mset.names) - int(same):
             console_err().print(f"[yellow]top-k {topk} is more than the map has: every map image is returned[/]")
@@ -110,10 +110,15 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
                 pairs = retrieve_indexed(qset, mset, conf, iconf, dev, indexes, progress=update)
                 if recall_sample:
                     recall = recall_against_exact(qset, mset, conf, iconf, recall_sample, dev, indexes)
+        index_options = {"index": index_kind} if index_kind == "exact" else \
+            {"index": index_kind, "candidates": candidates, "nlist": nlist, "nprobe": nprobe, "pq_m": pq_m,
+             "lsh_bits": lsh_bits}
+        record = pairs_record(conf, qset, mset, qe=qe, qe_alpha=qe_alpha, dba=dba, dba_alpha=dba_alpha,
+                              **index_options)
     out = output or str(q.store_path("pairs", f"{'+'.join(names)}_top{topk}"))
     if out != "-":
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_pairs(out, pairs)
+    write_pairs(out, pairs, record)
     nan_pairs = sum(1 for p in pairs if p.score != p.score)
     if nan_pairs and not quiet:
         console_err().print(f"[yellow]{nan_pairs} pairs have a NaN fused score[/] ({conf.fusion.name} of a negative "

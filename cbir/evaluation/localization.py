@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +19,21 @@ from ..geometry.poses import Pose, rotation_error_deg
 from ..io.textfile import read_utf8
 
 DEFAULT_THRESHOLDS: tuple[tuple[float, float], ...] = ((0.25, 2.0), (0.5, 5.0), (5.0, 10.0))
+
+
+def check_thresholds(thresholds: Any) -> tuple[tuple[float, float], ...]:
+    """(meters, degrees) pairs, each positive and finite, degrees at most 180; at least one."""
+    try:
+        out = tuple((float(t), float(r)) for t, r in thresholds)
+    except (TypeError, ValueError):
+        raise CbirError(f"thresholds must be (meters, degrees) pairs, got {thresholds!r}") from None
+    if not out:
+        raise CbirError("no threshold")
+    for t, r in out:
+        if not (0 < t < float("inf")) or not (0 < r <= 180):
+            raise CbirError(f"threshold ({t:g} m, {r:g} deg): meters must be positive and finite, "
+                            "degrees in (0, 180]")
+    return out
 
 
 def pose_errors(estimated: dict[str, Pose], ground_truth: dict[str, Pose]) -> dict[str, tuple[float, float]]:
@@ -69,30 +85,52 @@ def summarize(errors: dict[str, tuple[float, float]], thresholds=DEFAULT_THRESHO
     }
 
 
-def plot_cumulative(errors: dict[str, tuple[float, float]], path: str | Path, title: str = "") -> None:
-    """Cumulative distributions of translation and rotation errors, as a PNG."""
+def plot_cumulative(errors: dict[str, tuple[float, float]], path: str | Path, title: str = "",
+                    thresholds: tuple[tuple[float, float], ...] = DEFAULT_THRESHOLDS,
+                    queries: int | None = None) -> None:
+    """Cumulative distributions of the translation (m) and rotation (degrees) errors as a PNG:
+    the share of the ``queries`` (default: those in ``errors``; failed ones never count)
+    within each error, on log axes with plain-number ticks, the thresholds of the
+    evaluation marked with the share within each."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, LogLocator
     except ImportError:
         raise CbirError("--plot needs matplotlib: pip install matplotlib") from None
     e = np.array(list(errors.values()), np.float64).reshape(-1, 2)
-    n = len(e)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, col, label in ((axes[0], 0, "translation error"), (axes[1], 1, "rotation error (deg)")):
+    n = max(queries if queries is not None else len(e), 1)
+    failed = n - int(np.isfinite(e[:, 0]).sum())
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    axes_spec = ((axes[0], 0, "translation error (m)", "m"), (axes[1], 1, "rotation error (°)", "°"))
+    for ax, col, label, unit in axes_spec:
         v = np.sort(e[np.isfinite(e[:, col]), col])
-        ax.step(np.r_[0, v], np.arange(len(v) + 1) / max(n, 1) * 100, where="post")
-        ax.set_xscale("symlog", linthresh=0.01)
+        marks = sorted({t[col] for t in thresholds})
+        lo = min([m / 10 for m in marks] + ([float(v[v > 0].min())] if (v > 0).any() else []))
+        hi = max(marks + ([float(v.max())] if len(v) else [])) * 2
+        x = np.clip(v, lo, None)  # an error of 0 sits at the left edge of the log axis
+        ax.step(np.r_[lo, x, hi], np.r_[0, np.arange(1, len(v) + 1), len(v)] / n * 100, where="post",
+                color="tab:blue", linewidth=2)
+        for m in marks:
+            share = 100 * float(np.sum(v <= m)) / n
+            ax.axvline(m, color="tab:red", linestyle="--", linewidth=1)
+            ax.text(m, 2, f"{share:.0f}% ≤ {m:g} {unit} ", rotation=90, ha="right", va="bottom", fontsize=8,
+                    color="tab:red")
+        ax.set_xscale("log")
+        ax.set_xlim(lo, hi)
+        ax.xaxis.set_major_locator(LogLocator(base=10))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda t, _: f"{t:g}"))
         ax.set_xlabel(label)
-        ax.set_ylabel("% of queries")
+        ax.set_ylabel("queries within the error (%)")
         ax.set_ylim(0, 100)
-        ax.grid(True, alpha=0.3)
-    fig.suptitle(title or f"{n} queries")
+        ax.set_yticks(range(0, 101, 20))
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle((title + ": " if title else "") + f"{n} queries" + (f", {failed} not localized" if failed else ""))
     fig.tight_layout()
     from ..io.atomic import atomic_output
 
     with atomic_output(Path(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)

@@ -37,7 +37,15 @@ def paper_config(name: str, overrides: dict[str, Any] | None = None) -> dict[str
     conf: dict[str, Any] = dict(PAPER_CONFIGS[name])
     for key, value in (overrides or {}).items():
         if key in conf:
-            conf[key] = type(conf[key])(value)
+            kind = type(conf[key])
+            try:
+                if kind is bool and not isinstance(value, bool) or isinstance(value, (dict, list)):
+                    raise TypeError
+                conf[key] = kind(value)
+            except (TypeError, ValueError, OverflowError):
+                raise CbirError(f"option {key}={value!r}: expected a {kind.__name__}") from None
+            if kind is float and conf[key] != conf[key]:
+                raise CbirError(f"option {key} is NaN")
     return conf
 
 

@@ -2,19 +2,24 @@
 
 The layout of kapture-localization's pairs files (``# query_image, map_image, score``),
 so files pass between the two tools unchanged. ``-`` reads stdin or writes stdout.
+cbir adds a comment line ``# cbir: {json}`` recording what made the pairs (retrieval
+options, descriptor stores); readers of the layout skip it as any comment.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
 
 from ..errors import FormatError
 from .atomic import atomic_write_text
+from .provenance import digest
 from .textfile import read_utf8
 
 PAIRS_HEADER = "# query_image, map_image, score"
+RECORD_PREFIX = "# cbir: "
 
 
 @dataclass(frozen=True)
@@ -52,13 +57,35 @@ def read_pairs(path: str | os.PathLike) -> list[Pair]:
     return parse_pairs(read_utf8(path, "pairs file"), str(path))
 
 
-def format_pairs(pairs: list[Pair]) -> str:
-    lines = [PAIRS_HEADER] + [f"{p.query}, {p.map}, {p.score:.6f}" for p in pairs]
+def format_pairs(pairs: list[Pair], record: dict | None = None) -> str:
+    lines = [PAIRS_HEADER] + ([RECORD_PREFIX + json.dumps(record, sort_keys=True)] if record is not None else []) + \
+        [f"{p.query}, {p.map}, {p.score:.6f}" for p in pairs]
     return "\n".join(lines) + "\n"
 
 
-def write_pairs(path: str | os.PathLike, pairs: list[Pair]) -> None:
-    text = format_pairs(pairs)
+def read_pairs_record(path: str | os.PathLike) -> dict | None:
+    """The ``# cbir:`` record of a pairs file (what made it), or None: no such file, no
+    record (another tool's file), or a record that does not parse."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.startswith("#"):
+                    return None
+                if line.startswith(RECORD_PREFIX):
+                    record = json.loads(line[len(RECORD_PREFIX):])
+                    return record if isinstance(record, dict) else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return None
+
+
+def pairs_digest(pairs: list[Pair]) -> str:
+    """A digest of the pairs (names and order, not scores): what a localization used."""
+    return digest([[p.query, p.map] for p in pairs])
+
+
+def write_pairs(path: str | os.PathLike, pairs: list[Pair], record: dict | None = None) -> None:
+    text = format_pairs(pairs, record)
     if str(path) == "-":
         sys.stdout.write(text)
         sys.stdout.flush()

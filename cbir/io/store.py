@@ -33,6 +33,7 @@ import numpy as np
 from .. import __version__
 from ..errors import CbirError, FormatError, VersionError
 from .atomic import WriteLock, atomic_output, atomic_write_text
+from .provenance import differences, digest
 from .hdf5 import DatasetInfo, Metadata, read_metadata
 from .paths import check_relative_name
 
@@ -379,6 +380,16 @@ class Store:
             yield keys[start:stop], out, offsets
             start = stop
 
+    def fingerprint(self) -> str:
+        """A digest of what the store holds: kind, name, configuration and the checksums
+        of its keys and columns (a store without checksums: its keys and offsets). Outputs
+        made from a store record it, so that they are redone when the store changes."""
+        raw = self.attrs.get(CHECKSUMS)
+        content = raw if raw is not None else \
+            f"{zlib.crc32(_keys_bytes(self._keys)):08x}:" + \
+            (f"{zlib.crc32(np.ascontiguousarray(self._offsets).data):08x}" if self.schema.ragged else str(self._n))
+        return digest({"kind": self.kind, "name": self.attrs.get("name"), "config": self.config, "content": content})
+
     def verify_checksums(self) -> list[str]:
         """Recompute the CRC-32 of the keys and of every column (one streaming pass) and
         return what disagrees with the ``checksums`` attribute; a store written before
@@ -516,9 +527,9 @@ def check_matches_provenance(matches: Store, local: str, features: Store) -> Non
                         f"pass --local {made_on}, or match {local!r} again", matches.path)
     recorded = matches.config.get("features_config")
     if recorded is not None and recorded != features.config:
-        diffs = sorted(k for k in set(recorded) | set(features.config) if recorded.get(k) != features.config.get(k))
-        raise CbirError(f"these matches were made on another configuration of {local!r} (differs in "
-                        f"{', '.join(diffs)}): match {local!r} again", matches.path)
+        diffs = differences(recorded, features.config)
+        raise CbirError(f"these matches were made on another configuration of {local!r} ({'; '.join(diffs)}): "
+                        f"match {local!r} again (cbir match ... --overwrite)", matches.path)
 
 
 def open_store(path: str | os.PathLike, kind: str | None = None) -> Store:
@@ -765,16 +776,9 @@ class StoreWriter:
 
 
 def _mismatch(found: dict[str, Any], wanted: dict[str, Any]) -> str:
-    diffs = []
-    for k in ("cbir_format", "name"):
-        if found.get(k) != wanted.get(k):
-            diffs.append(f"{k} {found.get(k)!r} != {wanted.get(k)!r}")
-    fc, wc = found.get("config") or {}, wanted.get("config") or {}
-    for k in sorted(set(fc) | set(wc)):
-        if fc.get(k) != wc.get(k):
-            diffs.append(f"{k}={fc.get(k)!r} != {wc.get(k)!r}")
+    diffs = differences(found, wanted)
     return ("exists with another configuration (" + "; ".join(diffs) +
-            "): use --overwrite to replace it, or write to another name")
+            "): pass --overwrite to replace it, or write to another name (--name)")
 
 
 def merge_stores(parts: Sequence[Path], out: Path, schema: Schema, attrs: dict[str, Any]) -> None:

@@ -16,6 +16,8 @@ from ..io.store import check_match_indices, open_store
 INLIER = (40, 200, 40)  # BGR
 OUTLIER = (40, 40, 220)
 UNVERIFIED = (220, 160, 40)
+#: lines drawn at most by default: more hide the images
+DEFAULT_MAX_LINES = 500
 
 
 def _only_store(dataset: Dataset, kind: str) -> str:
@@ -28,8 +30,11 @@ def _only_store(dataset: Dataset, kind: str) -> str:
 
 def draw_pair_matches(query: Dataset, map_: Dataset, pair: tuple[str, str], out: Path, *,
                       matches_name: str | None = None, inliers_only: bool = False,
-                      max_edge: int = 1200) -> dict[str, int]:
-    """Write a PNG of ``pair``'s matches; returns the counts drawn."""
+                      max_edge: int = 1200, max_lines: int = DEFAULT_MAX_LINES, seed: int = 0) -> dict[str, int]:
+    """Write a PNG of ``pair``'s matches; returns the counts (``drawn``: the lines drawn).
+
+    At most ``max_lines`` matches are drawn (0: all), a uniform sample (``seed``) of those
+    to draw, so that dense matches do not hide the images; the label gives the counts."""
     name = matches_name or _only_store(query, "matches")
     with open_store(query.store_path("matches", name), "matches") as store:
         key = tuple(pair)
@@ -63,8 +68,10 @@ def draw_pair_matches(query: Dataset, map_: Dataset, pair: tuple[str, str], out:
     p0 = (kps[0][matches[:, 0]] + 0.5) * scales[0] - 0.5
     p1 = (kps[1][matches[:, 1]] + 0.5) * scales[1] - 0.5
     p1[:, 0] += tiles[0].shape[1]
-    keep = inliers if (inliers_only and inliers is not None) else np.ones(len(matches), bool)
-    for i in np.flatnonzero(keep):
+    keep = np.flatnonzero(inliers if (inliers_only and inliers is not None) else np.ones(len(matches), bool))
+    if max_lines and len(keep) > max_lines:
+        keep = np.sort(np.random.default_rng(seed).choice(keep, max_lines, replace=False))
+    for i in keep:
         color = UNVERIFIED if inliers is None else (INLIER if inliers[i] else OUTLIER)
         a = tuple(int(round(v)) for v in p0[i])
         b = tuple(int(round(v)) for v in p1[i])
@@ -72,11 +79,12 @@ def draw_pair_matches(query: Dataset, map_: Dataset, pair: tuple[str, str], out:
         cv2.circle(canvas, a, 2, color, -1, cv2.LINE_AA)
         cv2.circle(canvas, b, 2, color, -1, cv2.LINE_AA)
     n_in = int(inliers.sum()) if inliers is not None else 0
-    label = f"{len(matches)} matches" + (f", {n_in} inliers" if inliers is not None else "")
+    label = f"{len(matches)} matches" + (f", {n_in} inliers" if inliers is not None else "") + \
+        (f" ({len(keep)} drawn)" if len(keep) < len(matches) else "")
     cv2.putText(canvas, label, (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.9, (255, 255, 255), 2, cv2.LINE_AA)
     ok, png = cv2.imencode(".png", canvas)
     if not ok:
         raise CbirError("cannot encode the picture", out)
     with atomic_output(out) as tmp:
         Path(tmp).write_bytes(png.tobytes())
-    return {"matches": len(matches), "inliers": n_in}
+    return {"matches": len(matches), "inliers": n_in, "drawn": len(keep)}

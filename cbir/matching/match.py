@@ -98,6 +98,17 @@ def plan_pairs(pairs: list[Pair], same_dataset: bool) -> tuple[list[tuple[str, s
     return out, duplicates, self_pairs
 
 
+def match_config(local: str, features_config: dict[str, Any], matcher: MatcherConf,
+                 verify: VerifyConf | None) -> dict[str, Any]:
+    """The configuration a matches store records: the features (by name and by their
+    configuration), the matcher, the verification (None: matches not verified)."""
+    config: dict[str, Any] = {"local_features": local, "features_config": features_config,
+                              "matcher": asdict(matcher), "verify": asdict(verify) if verify else None}
+    for key in ("block_rows", "block_cols"):  # speed only, not the result
+        config["matcher"].pop(key)
+    return config
+
+
 def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: str | None = None,
          matcher: MatcherConf = MatcherConf(), verify: VerifyConf | None = None, device: str = "auto",
          overwrite: bool = False, num_workers: int = 2,
@@ -115,10 +126,7 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
     with open_store(query.store_path("local", local), "local-features") as qstore, \
             (open_store(map_.store_path("local", local), "local-features") if not same else nullcontext(qstore)) as mstore:
         check_compatible(qstore, mstore)
-        config: dict[str, Any] = {"local_features": local, "features_config": qstore.config,
-                                  "matcher": asdict(matcher), "verify": asdict(verify) if verify else None}
-        for key in ("block_rows", "block_cols"):  # speed only, not the result
-            config["matcher"].pop(key)
+        config = match_config(local, qstore.config, matcher, verify)
         attrs = {"name": name, "config": config, "local_features": local}
         qcache = FeatureCache(qstore, dev)
         mcache = qcache if same else FeatureCache(mstore, dev)

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import CbirError
+from ..validate import check_number
+
 
 @dataclass(frozen=True)
 class MatcherConf:
@@ -28,6 +31,12 @@ class MatcherConf:
     # the reductions while the matrix product runs at full speed (measured: benchmarks/)
     block_rows: int = 1024
     block_cols: int = 2048
+
+    def __post_init__(self) -> None:  # the rules of `cbir match` and the pipeline alike
+        if not isinstance(self.mutual, bool):
+            raise CbirError(f"mutual must be true or false, got {self.mutual!r}")
+        check_number("ratio", self.ratio, 0.0, 1.0, low_open=True, optional=True)
+        check_number("max_distance", self.max_distance, 0.0, 2.0, optional=True)
 
 
 def as_unit_tensor(desc: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pycolmap
 
+from ..validate import check_integer, check_number
 from ..geometry.cameras import CAMERA_MODELS, Camera
 from ..io.colmap import COLMAP_PIXEL_OFFSET, pycolmap_camera
 
@@ -32,6 +33,14 @@ class VerifyConf:
     min_inlier_ratio: float = 0.25
     max_trials: int = 10000
     seed: int = 0  # RANSAC seed, so that a re-run gives the same inliers
+
+    def __post_init__(self) -> None:  # the rules of `cbir match --verify` and the pipeline alike
+        check_number("max_error", self.max_error, 0.0, None, low_open=True)
+        check_number("confidence", self.confidence, 0.0, 1.0)
+        check_number("min_inlier_ratio", self.min_inlier_ratio, 0.0, 1.0)
+        check_integer("min_inliers", self.min_inliers, 0)
+        check_integer("max_trials", self.max_trials, 1)
+        check_integer("seed", self.seed, 0)
 
     def options(self) -> pycolmap.TwoViewGeometryOptions:
         opts = pycolmap.TwoViewGeometryOptions()

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import CbirError
 from ..io.images import LoadedImage
+from ..validate import check_integer
 
 LOCAL_EXTRACTORS: dict[str, type["LocalExtractor"]] = {}
 GLOBAL_EXTRACTORS: dict[str, type["GlobalExtractor"]] = {}
@@ -95,6 +96,15 @@ class Extractor:
             raise CbirError(f"unknown option(s) for {self.name}: {', '.join(sorted(unknown))} "
                             f"(known: {', '.join(self.default_conf)})")
         self.conf = {**self.default_conf, **conf}
+        # the options most extractors share, with the rules of the command line
+        if self.conf.get("max_size") is not None:
+            check_integer(f"{self.name} max_size", self.conf["max_size"], 1)
+        if self.conf.get("max_keypoints") is not None:
+            check_integer(f"{self.name} max_keypoints", self.conf["max_keypoints"], 0)
+
+    def store_config(self) -> dict[str, Any]:
+        """The ``config`` its stores record."""
+        return {"extractor": self.name, **self.identity()}
 
     def default_store_name(self) -> str:
         return self.name
@@ -118,7 +128,7 @@ class Extractor:
         return None
 
     def store_attrs(self, store_name: str) -> dict[str, Any]:
-        return {"name": store_name, "config": {"extractor": self.name, **self.identity()},
+        return {"name": store_name, "config": self.store_config(),
                 "descriptor_dim": int(self.descriptor_dim), "descriptor_dtype": self.descriptor_dtype}
 
 
@@ -145,7 +155,7 @@ class GlobalExtractor(Extractor):
     map (DenseVLAD's vocabulary and PCA) do it there.
     """
 
-    def prepare(self, store_path: Path, images: list[str], load: Any) -> None:
+    def prepare(self, store_path: Path, images: list[str], load: Any, *, overwrite: bool = False) -> None:
         return None
 
     def extract(self, image: LoadedImage) -> np.ndarray:

@@ -10,11 +10,14 @@ the VLAD (``clusters x 128`` dims) is intra-normalized (each centre's residual s
 L2), L2-normalized, then PCA-whitened to ``pca_dim`` dims (at most the number of training
 images minus one: the centred training VLADs span no more) and L2-normalized again.
 
-The vocabulary and PCA ("the model") are learned once, on the dataset the first
-extraction runs on (the map), and stored beside the descriptors as
-``cbir/global/<name>.model.h5``; extracting queries with ``model=<that file>`` reuses
-them. The model's digest is part of the store's configuration, so retrieval refuses to
-compare descriptors made with different models.
+The vocabulary and PCA ("the model") are learned on the map when asked (``learn=True``:
+``cbir extract MAP --global densevlad --learn``; the pipeline does it for its map) and
+stored beside the descriptors as ``cbir/global/<name>.model.h5``; extracting queries with
+``model=<that file>`` reuses them. Without either, extraction stops before any image is
+read and says so: a vocabulary learned on the queries alone would make descriptors that
+do not compare with the map's. A model already beside the store (an earlier run on this
+dataset) is reused. The model's digest is part of the store's configuration, so retrieval
+refuses to compare descriptors made with different models.
 """
 
 from __future__ import annotations
@@ -77,11 +80,12 @@ class DenseVLAD(GlobalExtractor):
         "samples_per_image": 2000,
         "kmeans_iters": 20,
         "seed": 0,
-        "model": None,  # a model file to reuse (queries); default: learn on this dataset
+        "model": None,  # the map's model file, to extract queries with
+        "learn": False,  # learn the model on this dataset (the map) when it has none yet
     }
     grayscale = True
     loader_max_size_key = "max_size"
-    runtime_keys = ("model",)
+    runtime_keys = ("model", "learn")
 
     def __init__(self, conf: dict[str, Any] | None = None):
         super().__init__(conf)
@@ -93,8 +97,8 @@ class DenseVLAD(GlobalExtractor):
     @property
     def descriptor_dim(self) -> int:  # type: ignore[override]
         if self.model is None:
-            raise CbirError("DenseVLAD has no model yet: extract the map first (it learns the vocabulary and "
-                            "PCA), then pass the map's .model.h5 for queries")
+            raise CbirError("DenseVLAD has no model yet: extract the map with --learn first (it learns the "
+                            "vocabulary and PCA), then pass the map's .model.h5 for queries (--model)")
         return int(self.model["pca_components"].shape[0] or self.model["centroids"].size)
 
     def identity(self) -> dict[str, Any]:
@@ -110,14 +114,20 @@ class DenseVLAD(GlobalExtractor):
         _, desc = self._sift.compute(image.array, kps)
         return np.zeros((0, 128), np.float32) if desc is None else rootsift(desc)
 
-    def prepare(self, store_path: Path, images: list[str], load: Callable[[str], LoadedImage]) -> None:
-        """Learn (or load) the model of ``store_path`` from ``images`` of this dataset."""
+    def prepare(self, store_path: Path, images: list[str], load: Callable[[str], LoadedImage], *,
+                overwrite: bool = False) -> None:
+        """Load the model of ``store_path``, or learn it from ``images`` of this dataset when
+        ``learn`` is set (again with ``overwrite``)."""
         path = store_path.with_name(store_path.stem + MODEL_SUFFIX)
         if self.model is not None:
             return
-        if path.exists():
+        if path.exists() and not (overwrite and self.conf["learn"]):
             self.model = read_model(path, self)
             return
+        if not self.conf["learn"]:
+            raise CbirError("DenseVLAD needs its vocabulary and PCA learned on the map: pass --model "
+                            f"MAP/cbir/global/{store_path.stem}{MODEL_SUFFIX} (the map's) to extract queries, or "
+                            "--learn to learn them on this dataset (the map)", store_path.parent.parent.parent)
         if not images:
             raise CbirError("no image to learn the DenseVLAD vocabulary from", store_path.parent)
         rng = np.random.default_rng(self.conf["seed"])
@@ -193,7 +203,8 @@ def read_model(path: Path, ex: DenseVLAD) -> dict[str, np.ndarray]:
             raise FormatError(f"the model lacks its {key!r} attribute", path)
         if not np.array_equal(np.asarray(attrs[key]), np.asarray(ex.conf[key])):
             raise CbirError(f"the model was learned with {key}={np.asarray(attrs[key]).tolist()}, "
-                            f"not {ex.conf[key]}: use the same options as for the map", path)
+                            f"not {ex.conf[key]}: use the map's options (--conf {key}=...), or learn it again on "
+                            "the map (--learn --overwrite)", path)
     try:
         with h5py.File(path, "r") as f:
             return {key: f[key][()] for key in ("centroids", "pca_mean", "pca_components", "pca_eigvals")}

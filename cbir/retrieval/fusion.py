@@ -43,9 +43,26 @@ class FusionConf:
     gamma: float | None = None  # gharm, mean_and_power, mean_and_min (default 0.5)
     alpha: float | None = None  # min_and_max, villena_roman (default 0.5)
 
+    def __post_init__(self) -> None:  # the rules of `cbir retrieve` and the pipeline alike
+        canonical_method(self.method)
+        if not isinstance(self.weights, (tuple, list)) or not all(_is_number(w) for w in self.weights):
+            raise CbirError(f"fusion weights must be numbers, got {self.weights!r}")
+        for key in ("gamma", "alpha"):
+            value = getattr(self, key)
+            if value is not None and not _is_number(value):
+                raise CbirError(f"fusion parameter {key} must be a number, got {value!r}")
+
     @property
     def name(self) -> str:
         return canonical_method(self.method)
+
+    def record(self) -> dict:
+        """What the fused scores depend on (recorded with the pairs)."""
+        return {"method": self.name, "weights": list(self.weights), "gamma": self.gamma, "alpha": self.alpha}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 def canonical_method(method: str) -> str:

@@ -18,6 +18,9 @@ import numpy as np
 import torch
 
 from ..errors import CbirError
+from ..validate import check_integer
+from ..io.dataset import MODEL_SUFFIX
+from ..io.provenance import differences
 from ..io.pairs import Pair
 from ..io.store import Store
 from .fusion import FusionConf, fuse, nan_last, restore_nan
@@ -38,6 +41,42 @@ class RetrievalConf:
     query_block: int = 1024
     map_chunk: int = 16384
     cache_bytes: int = 512 << 20  # keep the map in memory across query blocks below this size
+
+    def __post_init__(self) -> None:  # the rules of `cbir retrieve` and the pipeline alike
+        check_integer("topk", self.topk, 1)
+        if not isinstance(self.fusion, FusionConf):
+            raise TypeError("fusion must be a FusionConf")
+
+    def record(self) -> dict:
+        """The options the pairs depend on (recorded with them)."""
+        return {"topk": self.topk, "fusion": self.fusion.record(), "exclude_self": self.exclude_self,
+                "exclude_same_name": self.exclude_same_name}
+
+
+def mismatch_message(query_store: Store, map_store: Store) -> str:
+    """Why descriptors of two stores do not compare, and the command that fixes it."""
+    diffs = differences(query_store.config, map_store.config)
+    extractor = map_store.config.get("extractor", query_store.attrs.get("name"))
+    if "model_digest" in map_store.config:  # a model learned on the map (DenseVLAD)
+        model = map_store.path.with_name(f"{map_store.path.stem}{MODEL_SUFFIX}.h5")
+        fix = f"re-extract the queries with the map's model: cbir extract QUERY --global {extractor} --model {model} " \
+              "--overwrite"
+    else:
+        fix = f"re-extract the queries (or the map) with the same options: cbir extract ... --global {extractor} " \
+              "--conf KEY=VALUE --overwrite"
+    return (f"extracted with another configuration than {map_store.path} ({'; '.join(diffs)}): descriptors of "
+            f"different models cannot be compared; {fix}")
+
+
+def pairs_record(conf: RetrievalConf, query: "DescriptorSet", database: "DescriptorSet",
+                 **options: object) -> dict:
+    """What made a pairs file: the retrieval options (``options``: expansion, index), the
+    descriptor stores by name and configuration, and the digests of their contents."""
+    return {"step": "retrieve",
+            "config": {**conf.record(), **options, "stores": [s.attrs.get("name") for s in database.stores],
+                       "descriptors": [s.config for s in database.stores]},
+            "inputs": {"query": [s.fingerprint() for s in query.stores],
+                       "map": [s.fingerprint() for s in database.stores]}}
 
 
 @dataclass
@@ -126,8 +165,7 @@ def retrieve(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf 
         if dq != dm:
             raise CbirError(f"descriptor dimension {dq} differs from the map's {dm} ({ms.path})", qs.path)
         if qs.config != ms.config:
-            raise CbirError(f"extracted with another configuration than {ms.path}: "
-                            "descriptors of different models cannot be compared", qs.path)
+            raise CbirError(mismatch_message(qs, ms), qs.path)
     k = min(conf.topk, nm - (1 if conf.excludes_names else 0))
     if k <= 0:
         return []
