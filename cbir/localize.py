@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,6 +88,7 @@ class LocalizeReport:
     directory: Path
     results: list[QueryResult] = field(default_factory=list)
     status: str = "new"  # new, reused (same configuration and inputs), redone (inputs changed), replaced
+    seconds: dict[str, float] = field(default_factory=dict)  # 2D-3D correspondences, pose estimation
 
     @property
     def localized(self) -> int:
@@ -258,8 +260,10 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
         status = _prior_result(directory, record_config, inputs, overwrite)
         if status == "reused":
             return LocalizeReport(directory, read_results(directory), status)
+        t0 = time.perf_counter()
         tasks = _tasks(query, pairs, local, point_map, mstore, qfeats, conf, est_over, ref_over,
                        refine_unknown_focal, use_unverified)
+    t1 = time.perf_counter()
     results: list[QueryResult] = []
     if num_workers > 1 and len(tasks) > 1:
         with ProcessPoolExecutor(num_workers) as pool:
@@ -272,7 +276,8 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
             results.append(_estimate(t))
             if progress:
                 progress(1, len(tasks))
-    report = LocalizeReport(directory, _postprocess(results, query, post), status)
+    report = LocalizeReport(directory, _postprocess(results, query, post), status,
+                            {"correspondences": t1 - t0, "pose": time.perf_counter() - t1})
     write_results(report, query, {"config": record_config, "inputs": inputs})
     return report
 

@@ -11,6 +11,7 @@ colours, errors, tracks) and optionally written as a COLMAP model.
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ class MapReport:
     skipped: list[str] = field(default_factory=list)  # images or pairs left out, with the reason
     colmap_dir: Path | None = None
     status: str = "new"  # new, reused (same configuration and inputs), redone (inputs changed), replaced
+    seconds: dict[str, float] = field(default_factory=dict)  # COLMAP database, triangulation
 
 
 def triangulation_options(overrides: dict[str, Any]) -> pycolmap.IncrementalPipelineOptions:
@@ -143,9 +145,12 @@ def main(dataset: Dataset, local: str, matches: str, *, name: str | None = None,
     opts = triangulation_options(overrides)
     with tempfile.TemporaryDirectory(prefix="cbir-map-") as tmp, quiet_colmap(verbose):
         db_path = Path(tmp) / "database.db"
+        t0 = time.perf_counter()
         _write_database(db_path, rec, keypoints, dataset.store_path("matches", matches), report)
+        t1 = time.perf_counter()
         result = pycolmap.triangulate_points(rec, db_path, dataset.records_dir, Path(tmp) / "model",
                                              clear_points=True, options=opts, refine_intrinsics=False)
+        report.seconds = {"database": t1 - t0, "triangulation": time.perf_counter() - t1}
     _check_poses_kept(rec, result)
     point_map = reconstruction_to_map(result, local)
     point_map.config = {**config, "inputs": inputs}

@@ -39,6 +39,8 @@ Configuration (every key optional except the datasets; ``--set a.b=value`` overr
     mutual = true
     max_error = 4.0              # verification (px)
     min_inliers = 15
+    map_verify = "poses"         # map x map pairs: "poses" (their known epipolar geometry;
+                                 # RANSAC for a pair without) or "ransac"; queries: RANSAC
     [map]
     conf = {}                    # config1 overrides / pycolmap options
     [localize]
@@ -87,7 +89,7 @@ DEFAULTS: dict[str, Any] = {
     "datasets": {"map": None, "query": None, "query_gt": None},
     "extract": {"local": "sift", "global": ["densevlad"], "weights": None, "local_conf": {}, "global_conf": {}},
     "retrieve": {"fusion": "gharm", "topk": 20, "map_pairs": 20},
-    "match": {"ratio": 0.0, "mutual": True, "max_error": 4.0, "min_inliers": 15},
+    "match": {"ratio": 0.0, "mutual": True, "max_error": 4.0, "min_inliers": 15, "map_verify": "poses"},
     "map": {"conf": {}},
     "localize": {"config": "config2", "conf": {}, "rig": False, "rig_max_gap": 0, "sequence": False,
                  "sequence_max_gap": 1},
@@ -182,7 +184,8 @@ class Plan:
     query_retrieval: RetrievalConf
     map_retrieval: RetrievalConf | None  # None: every map pair
     matcher: MatcherConf
-    verify: VerifyConf
+    map_verify: VerifyConf
+    query_verify: VerifyConf
     map_overrides: dict[str, Any]
     localize_config: str
     localize_overrides: dict[str, Any]
@@ -258,7 +261,9 @@ def plan(conf: dict[str, Any], source: str | Path | None = None) -> Plan:
     mt = conf["match"]
     section("match", lambda: check_number("ratio", mt["ratio"], 0.0, 1.0))
     matcher = section("match", lambda: MatcherConf(mutual=mt["mutual"], ratio=float(mt["ratio"]) or None))
-    verify = section("match", lambda: VerifyConf(max_error=mt["max_error"], min_inliers=mt["min_inliers"]))
+    query_verify = section("match", lambda: VerifyConf(max_error=mt["max_error"], min_inliers=mt["min_inliers"]))
+    map_verify = section("match", lambda: VerifyConf(method=mt["map_verify"], max_error=mt["max_error"],
+                                                     min_inliers=mt["min_inliers"]))
     map_overrides = section("map", lambda: _table("conf", conf["map"]["conf"]))
     section("map", lambda: mapping.triangulation_options(map_overrides))
     lz = conf["localize"]
@@ -270,8 +275,8 @@ def plan(conf: dict[str, Any], source: str | Path | None = None) -> Plan:
         rig=lz["rig"], rig_max_gap=lz["rig_max_gap"], sequence=lz["sequence"], sequence_max_gap=lz["sequence_max_gap"]))
     thresholds = section("evaluate", lambda: check_thresholds(conf["evaluate"]["thresholds"]))
     return Plan(conf, m, q, gt, local, globals_, [g.default_store_name() for g in globals_], query_retrieval,
-                map_retrieval, matcher, verify, map_overrides, lz["config"], loc_overrides, post, thresholds,
-                conf["device"], conf["num_workers"])
+                map_retrieval, matcher, map_verify, query_verify, map_overrides, lz["config"], loc_overrides, post,
+                thresholds, conf["device"], conf["num_workers"])
 
 
 def _fail(message: str) -> Any:
@@ -360,11 +365,11 @@ def changes(p: Plan) -> list[Change]:
         if path.exists():
             record = read_pairs_record(path)
             compare("retrieve", path, record.get("config") if record else None, wanted)
-    for ds, name in ((p.map, p.map_matches), (p.query, p.query_matches)):
+    for ds, name, verify in ((p.map, p.map_matches, p.map_verify), (p.query, p.query_matches, p.query_verify)):
         path = ds.store_path("matches", name)
         if path.exists():
             with open_store(path) as s:
-                compare("match", path, s.config, _match_config(p))
+                compare("match", path, s.config, _match_config(p, verify))
     map_path = p.map.store_path("map", p.local_name)
     if map_path.exists():
         from .io.map_store import read_map
@@ -398,8 +403,8 @@ def _pairs_config(p: Plan, conf: RetrievalConf | None) -> dict[str, Any]:
     return {**conf.record(), "stores": p.global_names}
 
 
-def _match_config(p: Plan) -> dict[str, Any]:
-    config = match_mod.match_config(p.local_name, {}, p.matcher, p.verify)
+def _match_config(p: Plan, verify: VerifyConf) -> dict[str, Any]:
+    config = match_mod.match_config(p.local_name, {}, p.matcher, verify)
     config.pop("features_config")  # compared with the features stores (extract)
     return config
 
@@ -514,12 +519,15 @@ def _retrieve(p: Plan, replace: bool, step: Callable[[str], None],
 
 def _match(p: Plan, query_pairs: list[Pair], map_pairs: list[Pair], replace: bool, step: Callable[[str], None],
            progress: ProgressFactory) -> None:
-    common = {"matcher": p.matcher, "verify": p.verify, "device": p.device, "num_workers": p.num_workers,
-              "overwrite": replace}
+    common = {"matcher": p.matcher, "device": p.device, "num_workers": p.num_workers, "overwrite": replace}
     with progress("match map pairs") as update:
-        mm = match_mod.main(p.map, p.map, map_pairs, p.local_name, name=p.map_matches, progress=update, **common)
+        mm = match_mod.main(p.map, p.map, map_pairs, p.local_name, name=p.map_matches, verify=p.map_verify,
+                            progress=update, **common)
     with progress("match query pairs") as update:
-        qm = match_mod.main(p.query, p.map, query_pairs, p.local_name, name=p.query_matches, progress=update,
-                            **common)
-    step(f"match + verify: map {mm.matched} new pairs ({mm.already_present} present), "
+        qm = match_mod.main(p.query, p.map, query_pairs, p.local_name, name=p.query_matches, verify=p.query_verify,
+                            progress=update, **common)
+    by_poses = f", {mm.verified_with_poses} verified with their poses" if p.map_verify.method == "poses" else ""
+    fallbacks = f", {len(mm.ransac_fallbacks)} by RANSAC ({'; '.join(sorted({r for _, r in mm.ransac_fallbacks}))})" \
+        if mm.ransac_fallbacks else ""
+    step(f"match + verify: map {mm.matched} new pairs ({mm.already_present} present{by_poses}{fallbacks}), "
          f"query {qm.matched} new pairs ({qm.already_present} present)")

@@ -303,7 +303,7 @@ def test_pipeline_reruns_like_a_build_tool(sceaux_run):
     subset = sceaux_run / "map_subset.txt"
     subset.write_text("\n".join((m / "cbir" / "pairs" / "densevlad_map.txt").read_text().splitlines()[:20]) + "\n")
     cbir("match", "--query", m, "--pairs", subset, "--local", "sift", "--name", "sift-map", "--ratio", "0.9",
-         "--verify", "--overwrite")  # the same configuration, fewer pairs
+         "--verify", "poses", "--overwrite")  # the same configuration (the pipeline's), fewer pairs
     _, out, _ = cbir("map", m, "--local", "sift", "--matches", "sift-map", "--json")
     assert json.loads(out)["status"] == "redone"
     # --from: that step and the later ones, whatever their configuration

@@ -15,6 +15,7 @@ from .. import extract as extract_mod
 from ..errors import CbirError
 from ..io.pairs import exhaustive_pairs, read_pairs, write_pairs
 from ..matching import MatcherConf, VerifyConf
+from ..matching.verify import VERIFY_METHODS
 from ..matching import match as match_mod
 from ..models import GLOBAL_EXTRACTORS, LOCAL_EXTRACTORS
 from ._common import (console_err, dataset_argument, follow_symlinks_option, is_quiet, open_dataset, print_json,
@@ -182,9 +183,11 @@ def pairs_exhaustive(ctx: click.Context, map_: Path, query: Path | None, output:
 @click.option("--mutual/--no-mutual", default=True, show_default=True, help="Keep mutual nearest neighbours only.")
 @click.option("--ratio", type=click.FloatRange(0, 1, min_open=True), help="Lowe's ratio test threshold.")
 @click.option("--max-distance", type=click.FloatRange(0, 2), help="Largest L2 distance of unit descriptors.")
-@click.option("--verify", is_flag=True, help="Geometric verification (pycolmap two-view geometry).")
+@click.option("--verify", type=click.Choice(VERIFY_METHODS), is_flag=False, flag_value="ransac", default=None,
+              help="Geometric verification: ransac (--verify alone; pycolmap's two-view geometry) or poses (the "
+                   "known epipolar geometry of posed images, map x map; RANSAC for pairs without poses).")
 @click.option("--max-error", type=click.FloatRange(0, min_open=True), default=4.0, show_default=True,
-              help="RANSAC error bound (px).")
+              help="Error bound (px): RANSAC's, or the distance to the known epipolar line.")
 @click.option("--confidence", type=click.FloatRange(0, 1), default=0.999, show_default=True)
 @click.option("--min-inliers", type=click.IntRange(0), default=15, show_default=True,
               help="A pair with fewer inliers keeps none.")
@@ -194,7 +197,7 @@ def pairs_exhaustive(ctx: click.Context, map_: Path, query: Path | None, output:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.pass_context
 def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, local: str, name: str | None,
-          mutual: bool, ratio: float | None, max_distance: float | None, verify: bool, max_error: float,
+          mutual: bool, ratio: float | None, max_distance: float | None, verify: str | None, max_error: float,
           confidence: float, min_inliers: int, device: str, num_workers: int, overwrite: bool,
           as_json: bool) -> None:
     """Match the local features of the image pairs of a pairs file."""
@@ -204,7 +207,8 @@ def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, l
     if name is None:
         name = local if pairs_file == "-" else f"{local}-{Path(pairs_file).stem}"
     matcher = MatcherConf(mutual=mutual, ratio=ratio, max_distance=max_distance)
-    verify_conf = VerifyConf(max_error=max_error, confidence=confidence, min_inliers=min_inliers) if verify else None
+    verify_conf = VerifyConf(method=verify, max_error=max_error, confidence=confidence,
+                             min_inliers=min_inliers) if verify else None
     quiet = is_quiet(ctx)
     with progress_bar("match", quiet or as_json) as update:
         report = match_mod.main(q, m, pairs, local, name=name, matcher=matcher, verify=verify_conf, device=device,
@@ -214,6 +218,8 @@ def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, l
     if as_json:
         print_json({"store": str(report.path), "matched": report.matched, "already_present": report.already_present,
                     "matches": report.matches, "inliers": report.inliers, "duplicates": report.duplicates,
+                    "verified_with_poses": report.verified_with_poses,
+                    "ransac_fallbacks": [{"pair": p, "reason": r} for p, r in report.ransac_fallbacks],
                     "skipped": [{"pair": p, "reason": r} for p, r in report.missing_features]})
     elif not quiet:
         per = report.matches / report.matched if report.matched else 0
@@ -222,6 +228,11 @@ def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, l
             msg += f", {report.inliers / report.matched if report.matched else 0:.0f} verified"
         console_err().print(msg + f"), {report.already_present} already present, "
                             f"{len(report.missing_features)} skipped, {report.duplicates} duplicates")
+        if verify == "poses":
+            reasons = sorted({r for _, r in report.ransac_fallbacks})
+            console_err().print(f"{report.verified_with_poses} pairs verified with their known poses, "
+                                f"{len(report.ransac_fallbacks)} by RANSAC" +
+                                (f" ({'; '.join(reasons)})" if reasons else ""), highlight=False)
     report_written([report.path], quiet or as_json)
 
 

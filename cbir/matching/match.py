@@ -10,6 +10,7 @@ the matching of the next chunk (overlapping both would oversubscribe the CPU).
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from contextlib import nullcontext
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,8 @@ from ..io.dataset import Dataset
 from ..io.pairs import Pair
 from ..io.store import Store, StoreWriter, open_store
 from .nearest_neighbor import MatcherConf, as_unit_tensor, match_descriptors
+from ..geometry.poses import Pose
+from .known_poses import CALIBRATED, PosedPair, has_baseline, verify_with_poses
 from .verify import Verified, VerifyConf, verification_camera, verify_pair
 
 
@@ -40,6 +43,11 @@ class MatchReport:
     inliers: int = 0
     missing_features: list[tuple[str, str]] = field(default_factory=list)  # (pair "a b", reason)
     duplicates: int = 0
+    verified_with_poses: int = 0  # --verify poses: pairs checked against their known geometry
+    ransac_fallbacks: list[tuple[str, str]] = field(default_factory=list)  # (pair "a b", why RANSAC)
+    #: wall-clock seconds by phase: features (reading), matching, verification, writing
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("features", "matching", "verification",
+                                                                            "writing"), 0.0))
 
 
 class FeatureCache:
@@ -133,6 +141,9 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
         cameras = _Cameras() if verify else None
         qnames = set(query.sensors.image_names())
         mnames = qnames if same else set(map_.sensors.image_names())
+        with_poses = verify is not None and verify.method == "poses"
+        qposes = query.sensors.image_poses() if with_poses else {}
+        mposes = qposes if same or not with_poses else map_.sensors.image_poses()
         with StoreWriter(out, "matches", attrs, overwrite=overwrite) as writer, \
                 ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="cbir-verify") as pool:
             # matching (torch, all cores) and verification (pycolmap, one core per worker) alternate
@@ -152,12 +163,21 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
                     if progress:
                         progress(1, len(todo))
                     continue
+                t0 = time.perf_counter()
                 kp0, d0, size0 = qcache.get(a)
                 kp1, d1, size1 = mcache.get(b)
+                t1 = time.perf_counter()
                 m, s = match_descriptors(d0, d1, matcher)
+                report.seconds["features"] += t1 - t0
+                report.seconds["matching"] += time.perf_counter() - t1
                 job = None
                 if verify is not None:
-                    job = (cameras.get(query, a, size0), kp0, cameras.get(map_, b, size1), kp1, m, verify)
+                    cam0, cam1 = cameras.get(query, a, size0), cameras.get(map_, b, size1)
+                    job = _VerifyJob(cam0, kp0, cam1, kp1, m, verify)
+                    if with_poses:
+                        job.posed, why = _posed(job, qposes.get(a), mposes.get(b))
+                        if job.posed is None:
+                            report.ransac_fallbacks.append((f"{a} {b}", why))
                 pending.append(((a, b), m, s, job))
                 if len(pending) >= VERIFY_CHUNK:
                     _drain(pending, pool, writer, report, progress, len(todo))
@@ -165,13 +185,51 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
     return report
 
 
+@dataclass
+class _VerifyJob:
+    camera0: Any
+    keypoints0: np.ndarray
+    camera1: Any
+    keypoints1: np.ndarray
+    matches: np.ndarray
+    conf: VerifyConf
+    posed: PosedPair | None = None  # checked against the known poses, else by RANSAC
+
+
+def _posed(job: _VerifyJob, pose0: Pose | None, pose1: Pose | None) -> tuple[PosedPair | None, str]:
+    """The pair for the known-pose check, or None and why RANSAC verifies it instead."""
+    if pose0 is None or pose1 is None:
+        return None, "an image without pose"
+    if not (job.camera0.has_prior_focal_length and job.camera1.has_prior_focal_length):
+        return None, "a camera without known intrinsics"
+    if not has_baseline(pose0, pose1):
+        return None, "no baseline (the camera centres coincide)"
+    return PosedPair(job.camera0, pose0, job.keypoints0, job.camera1, pose1, job.keypoints1, job.matches), ""
+
+
 def _drain(pending: list, pool: ThreadPoolExecutor, writer: StoreWriter, report: MatchReport,
            progress: Callable[[int, int], None] | None, total: int) -> None:
-    futures = [pool.submit(verify_pair, *job) if job is not None else None for *_, job in pending]
-    for (key, m, s, _), fut in zip(pending, futures):
+    t0 = time.perf_counter()
+    jobs = [job for *_, job in pending]
+    posed = [i for i, job in enumerate(jobs) if job is not None and job.posed is not None]
+    known = dict(zip(posed, verify_with_poses([jobs[i].posed for i in posed], jobs[posed[0]].conf.max_error,
+                                              jobs[posed[0]].conf.min_inliers))) if posed else {}
+    futures = {i: pool.submit(verify_pair, job.camera0, job.keypoints0, job.camera1, job.keypoints1, job.matches,
+                              job.conf)
+               for i, job in enumerate(jobs) if job is not None and i not in known}
+    nan = np.full((3, 3), np.nan)
+    results = {i: f.result() for i, f in futures.items()}
+    t1 = time.perf_counter()
+    report.seconds["verification"] += t1 - t0
+    for i, (key, m, s, _) in enumerate(pending):
         cols: dict[str, np.ndarray] = {"matches": m, "scores": s}
-        if fut is not None:
-            v: Verified = fut.result()
+        if i in known:
+            inliers, essential = known[i]
+            v = Verified(inliers, CALIBRATED, nan, essential, nan)
+            report.verified_with_poses += 1
+        else:
+            v = results.get(i)
+        if v is not None:
             cols.update(inliers=v.inliers, geometry_config=np.int8(v.config), F=v.F, E=v.E, H=v.H)
             report.inliers += int(v.inliers.sum())
         writer.add(key, **cols)
@@ -179,6 +237,7 @@ def _drain(pending: list, pool: ThreadPoolExecutor, writer: StoreWriter, report:
         report.matches += len(m)
         if progress:
             progress(1, total)
+    report.seconds["writing"] += time.perf_counter() - t1
     pending.clear()
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pycolmap
 
+from ..errors import CbirError
 from ..validate import check_integer, check_number
 from ..geometry.cameras import CAMERA_MODELS, Camera
 from ..io.colmap import COLMAP_PIXEL_OFFSET, pycolmap_camera
@@ -22,11 +23,18 @@ UNDEFINED = int(pycolmap.TwoViewGeometryConfiguration.UNDEFINED)
 MIN_MATCHES_FOR_MODEL = 5
 
 
+#: how matches are verified: RANSAC over E, F and H (pycolmap's two-view geometry), or the
+#: known epipolar geometry of two posed images (``known_poses``; RANSAC for pairs without)
+VERIFY_METHODS = ("ransac", "poses")
+
+
 @dataclass(frozen=True)
 class VerifyConf:
-    """RANSAC error bound (px), confidence, trial bounds; ``min_inliers``: fewer inliers
-    make the pair unverified (no inlier kept)."""
+    """``method`` (``VERIFY_METHODS``); ``max_error``: the error bound in pixels (RANSAC's,
+    or the distance to the known epipolar line); RANSAC's confidence and trial bounds;
+    ``min_inliers``: fewer inliers make the pair unverified (no inlier kept)."""
 
+    method: str = "ransac"
     max_error: float = 4.0
     confidence: float = 0.999
     min_inliers: int = 15
@@ -35,6 +43,8 @@ class VerifyConf:
     seed: int = 0  # RANSAC seed, so that a re-run gives the same inliers
 
     def __post_init__(self) -> None:  # the rules of `cbir match --verify` and the pipeline alike
+        if self.method not in VERIFY_METHODS:
+            raise CbirError(f"unknown verification {self.method!r} (known: {', '.join(VERIFY_METHODS)})")
         check_number("max_error", self.max_error, 0.0, None, low_open=True)
         check_number("confidence", self.confidence, 0.0, 1.0)
         check_number("min_inlier_ratio", self.min_inlier_ratio, 0.0, 1.0)
