@@ -71,7 +71,12 @@ def test_tutorial_queries_localized_with_its_precomputed_features(tutorial, tmp_
         assert (out / "cbir/local/r2d2_500.h5").is_file() and (out / "cbir/global/AP-GeM-LM18.h5").is_file()
     run("retrieve", "--map", m, "--query", q, "--global", "AP-GeM-LM18", "--topk", "5", "-o", tmp_path / "q.txt")
     run("pairs", "exhaustive", "--map", m, "-o", tmp_path / "m.txt")
-    run("match", "--query", m, "--pairs", tmp_path / "m.txt", "--local", "r2d2_500", "--verify", "--name", "map")
+    # map pairs verified with their known poses: the images' poses come through the rig
+    # (trajectories.txt holds the rig's), so a wrong composition would lose the inliers
+    out = json.loads(run("match", "--query", m, "--pairs", tmp_path / "m.txt", "--local", "r2d2_500", "--verify",
+                         "poses", "--name", "map", "--json"))
+    assert out["verified_with_poses"] == out["matched"] == 66 and out["ransac_fallbacks"] == []
+    assert out["inliers"] > 0.5 * out["matches"]
     run("map", m, "--local", "r2d2_500", "--matches", "map")
     run("match", "--query", q, "--map", m, "--pairs", tmp_path / "q.txt", "--local", "r2d2_500", "--verify",
         "--name", "query")
