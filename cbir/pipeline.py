@@ -52,6 +52,10 @@ Configuration (every key optional except the datasets; ``--set a.b=value`` overr
     sequence_max_gap = 1
     [evaluate]
     thresholds = [[0.25, 2.0], [0.5, 5.0], [5.0, 10.0]]
+    [report]                     # QUERY/cbir/localization/<name>/report.html (cbir report)
+    write = true
+    max_points = 100000          # 3D points shown at most
+    thumb_size = 160
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ from typing import Any, Callable, ContextManager, Iterator
 from . import extract as extract_mod
 from . import localize as localize_mod
 from . import mapping
+from . import report as report_mod
 from .errors import CbirError
 from .evaluation.localization import DEFAULT_THRESHOLDS, check_thresholds, pose_errors, summarize
 from .io.atomic import atomic_write_text
@@ -80,6 +85,7 @@ from .matching import MatcherConf, VerifyConf
 from .matching import match as match_mod
 from .models.base import Extractor
 from .models.densevlad import MODEL_SUFFIX as DENSEVLAD_MODEL_SUFFIX
+from .report import ReportConf
 from .retrieval import DescriptorSet, FusionConf, RetrievalConf, pairs_record, retrieve
 from .validate import check_bool, check_integer, check_number
 
@@ -94,6 +100,7 @@ DEFAULTS: dict[str, Any] = {
     "localize": {"config": "config2", "conf": {}, "rig": False, "rig_max_gap": 0, "sequence": False,
                  "sequence_max_gap": 1},
     "evaluate": {"thresholds": [list(t) for t in DEFAULT_THRESHOLDS]},
+    "report": {"write": True, "max_points": 100_000, "thumb_size": 160},
     "device": "auto",
     "num_workers": 2,
 }
@@ -191,6 +198,7 @@ class Plan:
     localize_overrides: dict[str, Any]
     post: localize_mod.PostprocessConf
     thresholds: tuple[tuple[float, float], ...]
+    report: ReportConf | None  # None: no report
     device: str
     num_workers: int
 
@@ -274,9 +282,13 @@ def plan(conf: dict[str, Any], source: str | Path | None = None) -> Plan:
     post = section("localize", lambda: localize_mod.PostprocessConf(
         rig=lz["rig"], rig_max_gap=lz["rig_max_gap"], sequence=lz["sequence"], sequence_max_gap=lz["sequence_max_gap"]))
     thresholds = section("evaluate", lambda: check_thresholds(conf["evaluate"]["thresholds"]))
+    rp = conf["report"]
+    section("report", lambda: check_bool("write", rp["write"]))
+    report = section("report", lambda: ReportConf(max_points=rp["max_points"], thumb_size=rp["thumb_size"],
+                                                  topk=query_retrieval.topk, thresholds=thresholds))
     return Plan(conf, m, q, gt, local, globals_, [g.default_store_name() for g in globals_], query_retrieval,
                 map_retrieval, matcher, map_verify, query_verify, map_overrides, lz["config"], loc_overrides, post,
-                thresholds, conf["device"], conf["num_workers"])
+                thresholds, report if rp["write"] else None, conf["device"], conf["num_workers"])
 
 
 def _fail(message: str) -> Any:
@@ -453,6 +465,13 @@ def run(p: Plan, *, overwrite: bool = False, from_step: str | None = None,
         errors = pose_errors({r.name: r.pose for r in report.results if r.success}, gt)
         result.evaluation = {"all": summarize(errors, p.thresholds)}
         atomic_write_text(report.directory / "evaluation.json", json.dumps(result.evaluation, indent=1) + "\n")
+    page = report.directory / "report.html"
+    if p.report is not None and (redo["evaluate"] or report.status != "reused" or not page.exists()):
+        with progress("report") as update:
+            data = report_mod.collect(p.query, p.map, results=report.directory, pairs=query_pairs,
+                                      ground_truth=p.query_gt, conf=p.report, progress=update)
+        report_mod.write(data, page)
+        step(f"report: {page}")
     return result
 
 

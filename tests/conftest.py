@@ -41,3 +41,33 @@ def sample_dataset(tmp_path: Path) -> Path:
     dst = tmp_path / "sample"
     shutil.copytree(SAMPLES, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium driven by Selenium (Debian's chromium and chromium-driver; `.ci/run`
+    installs them). Without them the browser tests are skipped, unless CBIR_REQUIRE_BROWSER=1
+    (CI) makes that a failure."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        message = "headless Chromium not installed (apt-get install chromium chromium-driver)"
+        if os.environ.get("CBIR_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
+                "--enable-unsafe-swiftshader", "--use-angle=swiftshader",  # WebGL without a GPU
+                "--host-resolver-rules=MAP * ~NOTFOUND"):  # no network: a page that needs one fails
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()

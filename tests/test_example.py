@@ -35,17 +35,41 @@ def test_rendered_views_follow_their_poses(tmp_path):
     assert abs(above - below) > 5  # an edge (rocket photo above, gravel below)
 
 
-@pytest.mark.slow
-def test_example_pipeline_localizes_every_query(tmp_path):
+@pytest.fixture(scope="module")
+def example_run(tmp_path_factory) -> tuple[Path, dict]:
+    """The README's example: rendered, then `cbir pipeline examples/scene.toml`."""
+    tmp_path = tmp_path_factory.mktemp("example")
     ms = load_make_scene()
     scene = tmp_path / "scene"
     ms.main(scene)
-    assert len(Dataset(scene / "mapping").sensors.image_poses()) == 12
-    assert not Dataset(scene / "query").sensors.image_poses()
     config = (EXAMPLES / "scene.toml").read_text().replace("_out/scene", str(scene))
     (tmp_path / "scene.toml").write_text(config)
     r = CliRunner().invoke(main, ["pipeline", str(tmp_path / "scene.toml"), "--json"])
     assert r.exit_code == 0, r.output + r.stderr
-    ev = json.loads(r.stdout)["evaluation"]["all"]
+    return scene, json.loads(r.stdout)
+
+
+@pytest.mark.slow
+def test_example_pipeline_localizes_every_query(example_run):
+    scene, result = example_run
+    assert len(Dataset(scene / "mapping").sensors.image_poses()) == 12
+    assert not Dataset(scene / "query").sensors.image_poses()
+    ev = result["evaluation"]["all"]
     assert ev["queries"] == 5 and ev["localized"] == 5
     assert ev["within"] == [1.0, 1.0, 1.0] and ev["median_translation"] < 0.05
+
+
+@pytest.mark.slow
+def test_example_report_opens_in_a_browser(example_run, browser):
+    """The pipeline's report of the example, in headless Chromium with no network: no console
+    error, the 3D view drawn, one card per query with its retrieved images and matches."""
+    from .test_report import canvas_pixels, open_report
+
+    [page] = (example_run[0] / "query" / "cbir" / "localization").glob("*/report.html")
+    opened = open_report(browser, page)
+    assert [m for m in opened["log"] if m["level"] == "SEVERE"] == []
+    assert opened["cards"] == 5
+    assert browser.execute_script("return document.querySelectorAll('.card .matches img').length") == 5
+    assert browser.execute_script("return document.querySelectorAll('.retrieved figure.yes').length") >= 5
+    assert canvas_pixels(browser, "scene3d") > 5000
+    assert canvas_pixels(browser, "curve-t") > 2000

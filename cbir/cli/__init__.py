@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "map": ("localization_cmds", "map_cmd", "Triangulate a map's 3D points from its known poses."),
     "localize": ("localization_cmds", "localize_cmd", "Estimate the pose of every query against a map."),
     "evaluate": ("evaluate_cmds", "evaluate", "Localization accuracy, or retrieval metrics of a pairs file."),
+    "report": ("report_cmds", "report_cmd", "A self-contained HTML page of a run: summary, curves, 3D view, queries."),
     "pipeline": ("pipeline_cmds", "pipeline_cmd", "The whole chain, extraction to evaluation, from one TOML file."),
     "pairs": ("features_cmds", "pairs_group", "Make image pair lists (retrieval makes them too)."),
     "show": ("features_cmds", "show_group", "Pictures for a person to check the data."),

@@ -36,7 +36,22 @@ def draw_pair_matches(query: Dataset, map_: Dataset, pair: tuple[str, str], out:
     At most ``max_lines`` matches are drawn (0: all), a uniform sample (``seed``) of those
     to draw, so that dense matches do not hide the images; the label gives the counts."""
     name = matches_name or _only_store(query, "matches")
-    with open_store(query.store_path("matches", name), "matches") as store:
+    canvas, stats = render_pair_matches(query, map_, pair, name, inliers_only=inliers_only, max_edge=max_edge,
+                                        max_lines=max_lines, seed=seed)
+    ok, png = cv2.imencode(".png", canvas)
+    if not ok:
+        raise CbirError("cannot encode the picture", out)
+    with atomic_output(out) as tmp:
+        Path(tmp).write_bytes(png.tobytes())
+    return stats
+
+
+def render_pair_matches(query: Dataset, map_: Dataset, pair: tuple[str, str], matches_name: str, *,
+                        inliers_only: bool = False, max_edge: int = 1200, max_lines: int = DEFAULT_MAX_LINES,
+                        seed: int = 0, label: bool = True) -> tuple[np.ndarray, dict[str, int]]:
+    """The two images side by side (BGR, each at most ``max_edge`` px) with ``pair``'s
+    matches drawn (see :func:`draw_pair_matches`), and the counts."""
+    with open_store(query.store_path("matches", matches_name), "matches") as store:
         key = tuple(pair)
         swapped = False
         if key not in store and key[::-1] in store:
@@ -71,20 +86,17 @@ def draw_pair_matches(query: Dataset, map_: Dataset, pair: tuple[str, str], out:
     keep = np.flatnonzero(inliers if (inliers_only and inliers is not None) else np.ones(len(matches), bool))
     if max_lines and len(keep) > max_lines:
         keep = np.sort(np.random.default_rng(seed).choice(keep, max_lines, replace=False))
+    radius = 2 if max_edge >= 600 else 1
     for i in keep:
         color = UNVERIFIED if inliers is None else (INLIER if inliers[i] else OUTLIER)
         a = tuple(int(round(v)) for v in p0[i])
         b = tuple(int(round(v)) for v in p1[i])
         cv2.line(canvas, a, b, color, 1, cv2.LINE_AA)
-        cv2.circle(canvas, a, 2, color, -1, cv2.LINE_AA)
-        cv2.circle(canvas, b, 2, color, -1, cv2.LINE_AA)
+        cv2.circle(canvas, a, radius, color, -1, cv2.LINE_AA)
+        cv2.circle(canvas, b, radius, color, -1, cv2.LINE_AA)
     n_in = int(inliers.sum()) if inliers is not None else 0
-    label = f"{len(matches)} matches" + (f", {n_in} inliers" if inliers is not None else "") + \
-        (f" ({len(keep)} drawn)" if len(keep) < len(matches) else "")
-    cv2.putText(canvas, label, (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.9, (255, 255, 255), 2, cv2.LINE_AA)
-    ok, png = cv2.imencode(".png", canvas)
-    if not ok:
-        raise CbirError("cannot encode the picture", out)
-    with atomic_output(out) as tmp:
-        Path(tmp).write_bytes(png.tobytes())
-    return {"matches": len(matches), "inliers": n_in, "drawn": len(keep)}
+    if label:
+        text = f"{len(matches)} matches" + (f", {n_in} inliers" if inliers is not None else "") + \
+            (f" ({len(keep)} drawn)" if len(keep) < len(matches) else "")
+        cv2.putText(canvas, text, (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.9, (255, 255, 255), 2, cv2.LINE_AA)
+    return canvas, {"matches": len(matches), "inliers": n_in, "drawn": len(keep)}
