@@ -278,7 +278,8 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
                 progress(1, len(tasks))
     report = LocalizeReport(directory, _postprocess(results, query, post), status,
                             {"correspondences": t1 - t0, "pose": time.perf_counter() - t1})
-    write_results(report, query, {"config": record_config, "inputs": inputs})
+    write_results(report, query, {"config": record_config, "inputs": inputs,
+                                  "seconds": {k: round(v, 3) for k, v in report.seconds.items()}})
     return report
 
 
@@ -292,7 +293,7 @@ def _prior_result(directory: Path, config: dict[str, Any], inputs: dict[str, Any
         return "replaced"
     try:
         record = json.loads((directory / RECORD_FILE).read_text(encoding="utf-8"))
-        found, found_inputs = record["config"], record["inputs"]
+        found, found_inputs = record["config"], record["inputs"]  # "seconds": what it took, not compared
     except FileNotFoundError:
         raise CbirError(f"holds a localization result without a record of its configuration ({RECORD_FILE}, "
                         "written by an earlier cbir): pass --overwrite to replace it, or --name to keep both",

@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from .errors import CbirError
-from .evaluation.localization import DEFAULT_THRESHOLDS, pose_errors, summarize
+from .evaluation.localization import DEFAULT_THRESHOLDS, conditions_from, pose_errors, summarize
 from .evaluation.retrieval import GroundTruth, evaluate_rankings, ground_truth_from_poses
 from .io.atomic import atomic_output
 from .io.dataset import Dataset
@@ -51,6 +51,8 @@ class ReportConf:
     max_angle: float = 45.0
     match_lines: int = 100
     thresholds: tuple[tuple[float, float], ...] = DEFAULT_THRESHOLDS
+    #: label -> regular expression on query names: a summary row per condition (day, night, ...)
+    conditions: tuple[tuple[str, str], ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -95,13 +97,16 @@ def collect(query: Dataset, map_: Dataset, *, results: Path | None = None, pairs
     relevant = ground_truth_from_poses(gt_poses, map_poses, max_distance=conf.max_distance,
                                        max_angle_deg=conf.max_angle).relevant if gt_poses and map_poses else {}
     data: dict[str, Any] = {"title": title or f"{query.root.name} against {map_.root.name}",
-                            "config": record.get("config"), "thresholds": [list(t) for t in conf.thresholds]}
+                            "config": record.get("config"), "seconds": record.get("seconds"),
+                            "thresholds": [list(t) for t in conf.thresholds]}
     errors: dict[str, tuple[float, float]] = {}
     if loc is not None:
         estimated = {n: r.pose for n, r in loc.items() if r.success}
         if gt_poses:
             errors = pose_errors(estimated, gt_poses)
             data["evaluation"] = summarize(errors, conf.thresholds)
+            data["conditions"] = {label: summarize(errors, conf.thresholds, group) for label, group in
+                                  conditions_from(dict(conf.conditions), list(errors)).items()}
         data["localized"] = sum(r.success for r in loc.values())
         data["queries"] = len(loc)
         data["failed"] = [{"name": n, "reason": r.reason} for n, r in sorted(loc.items()) if not r.success]

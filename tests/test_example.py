@@ -63,7 +63,7 @@ def test_example_pipeline_localizes_every_query(example_run):
 def test_example_report_opens_in_a_browser(example_run, browser):
     """The pipeline's report of the example, in headless Chromium with no network: no console
     error, the 3D view drawn, one card per query with its retrieved images and matches."""
-    from .test_report import canvas_pixels, open_report
+    from .test_report import ESTIMATE_GREEN, TRUTH_BLUE, canvas_pixels, open_report
 
     [page] = (example_run[0] / "query" / "cbir" / "localization").glob("*/report.html")
     opened = open_report(browser, page)
@@ -71,5 +71,19 @@ def test_example_report_opens_in_a_browser(example_run, browser):
     assert opened["cards"] == 5
     assert browser.execute_script("return document.querySelectorAll('.card .matches img').length") == 5
     assert browser.execute_script("return document.querySelectorAll('.retrieved figure.yes').length") >= 5
-    assert canvas_pixels(browser, "scene3d") > 5000
+    assert canvas_pixels(browser, "scene3d") > 2000  # drawn: grid, points, cameras
+    # the query cameras in it (estimates and ground truth millimetres apart: one hides the other);
+    # the legend's two symbols alone are about 16 pixels
+    assert canvas_pixels(browser, "scene3d", ESTIMATE_GREEN) + canvas_pixels(browser, "scene3d", TRUTH_BLUE) > 100
     assert canvas_pixels(browser, "curve-t") > 2000
+    # a summary row per condition; the run's timings beside its configuration
+    scene = example_run[0]
+    r = CliRunner().invoke(main, ["report", "--query", str(scene / "query"), "--map", str(scene / "mapping"),
+                                  "--gt", str(scene / "query_gt"), "--condition", "odd=query_00[13]",
+                                  "-o", str(scene / "conditions.html")])
+    assert r.exit_code == 0, r.output
+    open_report(browser, scene / "conditions.html")
+    rows = browser.execute_script("return Array.from(document.querySelectorAll('#summary table')[0].rows)"
+                                  ".slice(1).map(r => [r.cells[0].textContent, r.cells[1].textContent])")
+    assert rows == [["all", "5"], ["odd", "2"]]
+    assert "localization time (s)" in browser.execute_script("return document.getElementById('config').textContent")

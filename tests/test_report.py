@@ -28,19 +28,27 @@ def open_report(browser, path: Path) -> dict:
     return {"log": browser.get_log("browser"), **browser.execute_script("return window.cbirReport")}
 
 
-def canvas_pixels(browser, element_id: str) -> int:
-    """Pixels of an element's screenshot that are not the page's white background, once the
-    3D view (drawn after the rest of the page) is done."""
+def canvas_pixels(browser, element_id: str, colour: tuple[int, int, int] | None = None) -> int:
+    """Pixels of an element's screenshot that are not the page's white background (or that
+    are close to ``colour``, RGB), once the 3D view (drawn after the rest of the page) is done."""
     from selenium.webdriver.common.by import By
 
     deadline = time.time() + 60
     while browser.execute_script("return document.body.getAttribute('data-scene')") != "ready":
         assert time.time() < deadline, "the 3D view was never drawn"
         time.sleep(0.1)
+    element = browser.find_element(By.ID, element_id)
+    browser.execute_script("arguments[0].scrollIntoView({block: 'start'})", element)
+    time.sleep(0.5)  # the view repaints where it scrolled to
+    png = element.screenshot_as_png
+    img = cv2.cvtColor(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(int)
+    reference = np.array(colour if colour is not None else (255, 255, 255))
+    distance = np.abs(img - reference).sum(axis=2)
+    return int((distance < 60).sum() if colour is not None else (distance > 60).sum())
 
-    png = browser.find_element(By.ID, element_id).screenshot_as_png
-    img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
-    return int((np.abs(img.astype(int) - 255).sum(axis=2) > 60).sum())
+
+#: the page's colours of the estimated and ground-truth query cameras
+ESTIMATE_GREEN, TRUTH_BLUE = (0x2e, 0x9e, 0x5b), (0x25, 0x63, 0xeb)
 
 
 def _thumbnails(shared: Path, n: int) -> list[str]:

@@ -24,6 +24,8 @@ from .features_cmds import progress_bar
 @click.option("--gt", "gt_dataset", type=click.Path(file_okay=False, path_type=Path),
               help="Dataset with the queries' ground-truth poses (errors, correct retrieved images).")
 @click.option("--thresholds", default="0.25,2 0.5,5 5,10", show_default=True, help="(meters,degrees) pairs.")
+@click.option("--condition", "conditions", multiple=True, metavar="LABEL=REGEX",
+              help="A summary row for the queries whose name matches REGEX (e.g. night=night/).")
 @click.option("--max-points", type=click.IntRange(0), default=100_000, show_default=True,
               help="3D points shown at most (a uniform sample of the map's).")
 @click.option("--thumb-size", type=click.IntRange(16, 2048), default=160, show_default=True,
@@ -33,16 +35,19 @@ from .features_cmds import progress_bar
               help="HTML file (default: report.html in the result's directory, or beside the pairs file).")
 @click.pass_context
 def report_cmd(ctx: click.Context, query: Path, map_: Path, results_name: str | None, pairs_file: Path | None,
-               gt_dataset: Path | None, thresholds: str, max_points: int, thumb_size: int, topk: int,
-               output: Path | None) -> None:
+               gt_dataset: Path | None, thresholds: str, conditions: tuple[str, ...], max_points: int,
+               thumb_size: int, topk: int, output: Path | None) -> None:
     """Write one HTML file that opens without a network: the summary, cumulative errors, a 3D
     view of the map and the queries, and one card per query (retrieved images, matches)."""
     q, m = open_dataset(query), open_dataset(map_)
     results = None
     if pairs_file is None or results_name is not None:
         results = _results_dir(q, results_name)
+    if any("=" not in c for c in conditions):
+        raise click.BadParameter("expected LABEL=REGEX", param_hint="--condition")
     conf = report_mod.ReportConf(max_points=max_points, thumb_size=thumb_size, topk=topk,
-                                 thresholds=_parse_thresholds(thresholds))
+                                 thresholds=_parse_thresholds(thresholds),
+                                 conditions=tuple(tuple(c.split("=", 1)) for c in conditions))
     quiet = is_quiet(ctx)
     with progress_bar("report", quiet) as update:
         data = report_mod.collect(q, m, results=results, pairs=read_pairs(pairs_file) if pairs_file else None,
