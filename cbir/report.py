@@ -115,6 +115,7 @@ def collect(query: Dataset, map_: Dataset, *, results: Path | None = None, pairs
                                               tuple(sorted({1, conf.topk} - {0})))
     data["scene"] = _scene(map_, map_name, loc, gt_poses, conf)
     cards, map_thumbs = [], {}
+    query_images, map_images = set(query.sensors.image_names()), set(map_.sensors.image_names())
     for i, name in enumerate(names):
         r = loc.get(name) if loc else None
         retrieved = [{"name": p.map, "score": _finite(p.score),
@@ -122,8 +123,8 @@ def collect(query: Dataset, map_: Dataset, *, results: Path | None = None, pairs
                      for p in ranked.get(name, [])[:conf.topk]]
         for item in retrieved:
             if item["name"] not in map_thumbs:
-                map_thumbs[item["name"]] = _thumbnail(map_, item["name"], conf.thumb_size)
-        card: dict[str, Any] = {"name": name, "thumb": _thumbnail(query, name, conf.thumb_size),
+                map_thumbs[item["name"]] = _thumbnail(map_, item["name"], conf.thumb_size, map_images)
+        card: dict[str, Any] = {"name": name, "thumb": _thumbnail(query, name, conf.thumb_size, query_images),
                                 "retrieved": retrieved}
         if r is not None:
             e = errors.get(name, (float("nan"), float("nan")))
@@ -180,9 +181,10 @@ def _pairs_of_record(query: Dataset, file: str | None) -> list[Pair] | None:
     return read_pairs(path) if path.is_file() else None
 
 
-def _thumbnail(dataset: Dataset, name: str, size: int) -> str | None:
-    """A JPEG data URI of the image (longest edge ``size``), or None when it cannot be read."""
-    if name not in dataset.sensors.record_by_name():
+def _thumbnail(dataset: Dataset, name: str, size: int, images: set[str]) -> str | None:
+    """A JPEG data URI of the image (longest edge ``size``), or None when it is not one of
+    the dataset's ``images`` or cannot be read."""
+    if name not in images:
         return None
     try:
         image = read_image(dataset.image_path(name), max_size=size)

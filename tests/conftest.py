@@ -23,6 +23,27 @@ def shared(request: pytest.FixtureRequest) -> Path:
     return path
 
 
+def writable_copy(src: Path, dst: Path) -> Path:
+    """A copy of a dataset the test may write into (../shared is read-only)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    for p in [dst, *dst.rglob("*")]:
+        p.chmod(p.stat().st_mode | 0o200)
+    return dst
+
+
+def render_example(dst: Path) -> Path:
+    """The README's example dataset, rendered by examples/make_scene.py."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_scene", REPO / "examples" / "make_scene.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(dst)
+    return dst
+
+
 @pytest.fixture(scope="session")
 def maupertuis(shared: Path) -> Path:
     return shared / "data" / "kapture_maupertuis"

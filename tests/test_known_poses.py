@@ -17,6 +17,8 @@ from cbir.io.store import open_store
 from cbir.matching.known_poses import (PosedPair, essential_matrix, has_baseline, relative_pose, sampson_errors,
                                        verify_with_poses)
 
+from .conftest import render_example, writable_copy
+
 
 def look_at(center, target=(0.0, 0.0, 10.0)) -> Pose:
     """World-to-camera pose of a camera at ``center`` looking at ``target`` (y down)."""
@@ -116,12 +118,7 @@ def test_a_pair_without_baseline_is_detected():
 
 @pytest.mark.slow
 def test_cli_verifies_map_pairs_with_poses_and_queries_with_ransac(sceaux, tmp_path):
-    import shutil
-
-    root = tmp_path / "sceaux"
-    shutil.copytree(sceaux, root)
-    for p in [root, *root.rglob("*")]:
-        p.chmod(p.stat().st_mode | 0o200)
+    root = writable_copy(sceaux, tmp_path / "sceaux")
     m, q = root / "mapping", root / "query"
 
     def run(*args):
@@ -177,24 +174,11 @@ def test_known_pose_maps_localize_as_well_as_ransac_maps(dataset, shared, tmp_pa
     """Accuracy unchanged: the same queries localized as precisely, a map as precise (track
     length, reprojection error) and nearly as large (RANSAC's F and E models also keep a
     few matches more than 4 px off the known epipolar geometry: 1-3% more points)."""
-    import importlib.util
-    import shutil
-    from pathlib import Path
-
     from cbir import extract as extract_mod
     from cbir.io.dataset import Dataset
 
-    root = tmp_path / dataset
-    if dataset == "rendered_example":
-        spec = importlib.util.spec_from_file_location(
-            "make_scene", Path(__file__).resolve().parents[1] / "examples" / "make_scene.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.main(root)
-    else:
-        shutil.copytree(shared / "data" / dataset, root)
-        for p in [root, *root.rglob("*")]:
-            p.chmod(p.stat().st_mode | 0o200)
+    root = render_example(tmp_path / dataset) if dataset == "rendered_example" else \
+        writable_copy(shared / "data" / dataset, tmp_path / dataset)
     sift = extract_mod.build_extractor("sift", {"max_keypoints": 4000}, "local")
     for part in ("mapping", "query"):
         extract_mod.extract_all([sift], Dataset(root / part))

@@ -16,6 +16,8 @@ import pytest
 from cbir import report as report_mod
 from cbir.errors import CbirError
 
+from .conftest import writable_copy
+
 
 def open_report(browser, path: Path) -> dict:
     """Open ``path``, wait for the page to be built; its console messages and timings."""
@@ -142,16 +144,11 @@ def test_a_1000_query_report_opens_quickly_and_stays_small(browser, shared, tmp_
 def test_a_report_of_real_photos(browser, sceaux, tmp_path):
     """A retrieval-only report (no localization): retrieval cards alone, marked against
     pose-based ground truth, and no curves or failure list."""
-    import shutil
-
     from click.testing import CliRunner
 
     from cbir.cli import main
 
-    root = tmp_path / "sceaux"
-    shutil.copytree(sceaux, root)
-    for p in [root, *root.rglob("*")]:
-        p.chmod(p.stat().st_mode | 0o200)
+    root = writable_copy(sceaux, tmp_path / "sceaux")
     m, q = root / "mapping", root / "query"
     pairs = tmp_path / "pairs.txt"
     pairs.write_text("100_7102.jpg, 100_7101.jpg, 0.9\n100_7102.jpg, 100_7110.jpg, 0.8\n"
