@@ -320,7 +320,7 @@ def test_pipeline_reruns_like_a_build_tool(sceaux_run):
     pipeline.run(plan, from_step="localize", progress=recorder)
     assert sum(a for a, _ in updates["localize"]) == 3 and {t for _, t in updates["localize"]} == {3}
     assert sum(a for a, _ in updates["match query pairs"]) == 15  # reused pairs count as done
-    assert {label.split()[0] for label in updates} == {"extract", "match", "localize"}
+    assert {label.split()[0] for label in updates} == {"extract", "match", "localize", "report"}
     # a standalone localization into the pipeline's result of another configuration is refused
     code, _, err = cbir("localize", "--query", q, "--map", m, "--pairs", q / "cbir" / "pairs" / "densevlad_top5.txt",
                         "--local", "sift", "--matches", "sift-query", "--config", "config2",
