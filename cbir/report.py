@@ -92,6 +92,9 @@ def collect(query: Dataset, map_: Dataset, *, results: Path | None = None, pairs
     for p in pairs or []:
         ranked.setdefault(p.query, []).append(p)
     names = sorted(set(loc or {}) | set(ranked))
+    if not names:  # an empty page would look like a report of nothing wrong
+        raise CbirError("nothing to report: the results and the pairs name no query",
+                        results if results is not None else None)
     gt_poses = ground_truth.sensors.image_poses() if ground_truth is not None else {}
     map_poses = map_.sensors.image_poses()
     relevant = ground_truth_from_poses(gt_poses, map_poses, max_distance=conf.max_distance,

@@ -111,6 +111,17 @@ def test_page_data_never_ends_its_script_element_and_has_no_nan(tmp_path):
     assert not re.search(r"<(script|link|img)[^>]+(src|href)=", page)  # nothing to fetch: all inline
 
 
+def test_an_empty_run_gives_no_page(sample_dataset, tmp_path):
+    from click.testing import CliRunner
+
+    from cbir.cli import main
+
+    (tmp_path / "empty.txt").write_text("# query_image, map_image, score\n")
+    r = CliRunner().invoke(main, ["report", "--query", str(sample_dataset), "--map", str(sample_dataset),
+                                  "--pairs", str(tmp_path / "empty.txt")])
+    assert r.exit_code == 1 and "nothing to report" in r.output and not (tmp_path / "empty.html").exists()
+
+
 def test_report_conf_checks_its_values():
     with pytest.raises(CbirError, match="thumb_size"):
         report_mod.ReportConf(thumb_size=4)
