@@ -190,3 +190,18 @@ def test_known_pose_maps_localize_as_well_as_ransac_maps(dataset, shared, tmp_pa
     assert poses["reprojection"] <= ransac["reprojection"] + 0.005
     assert poses["track"] >= ransac["track"] - 0.02
     assert poses["points"] >= 0.96 * ransac["points"]
+
+
+def test_pairs_the_poses_cannot_verify_go_to_ransac_with_their_reason(scene):
+    from cbir.matching.match import _posed, _VerifyJob
+    from cbir.matching.verify import VerifyConf, verification_camera
+
+    camera, pose0, pose1, kp0, kp1, _ = scene
+    m = np.stack([np.arange(10), np.arange(10)], 1)
+    job = _VerifyJob(camera, kp0, camera, kp1, m, VerifyConf(method="poses"))
+    assert _posed(job, pose0, pose1)[0] is not None
+    assert _posed(job, pose0, None) == (None, "an image without pose")
+    assert _posed(job, pose0, pose0) == (None, "no baseline (the camera centres coincide)")
+    guessed = verification_camera(None, 1000, 800)  # no calibration: COLMAP's focal prior, not a calibration
+    job = _VerifyJob(camera, kp0, guessed, kp1, m, VerifyConf(method="poses"))
+    assert _posed(job, pose0, pose1) == (None, "a camera without known intrinsics")
