@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "match": ("features_cmds", "match", "Match local features of image pairs, and verify them."),
     "map": ("localization_cmds", "map_cmd", "Triangulate a map's 3D points from its known poses."),
     "localize": ("localization_cmds", "localize_cmd", "Estimate the pose of every query against a map."),
+    "index": ("index_cmds", "index_group", "Faiss indexes of a map's global descriptors, built once and kept."),
     "evaluate": ("evaluate_cmds", "evaluate", "Localization accuracy, or retrieval metrics of a pairs file."),
     "report": ("report_cmds", "report_cmd", "A self-contained HTML page of a run: summary, curves, 3D view, queries."),
     "pipeline": ("pipeline_cmds", "pipeline_cmd", "The whole chain, extraction to evaluation, from one TOML file."),

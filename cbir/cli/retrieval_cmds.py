@@ -12,7 +12,9 @@ from ..io.pairs import write_pairs
 from ..io.store import open_store
 from ..models.base import resolve_device
 from ..retrieval import ALIASES, METHODS, DescriptorSet, FusionConf, RetrievalConf, pairs_record
-from ..retrieval.index import INDEX_KINDS, IndexConf, build_indexes, recall_against_exact, retrieve_indexed
+from ..io.index_file import index_path
+from ..retrieval.index import (INDEX_KINDS, IndexConf, build_indexes, index_record, load_indexes,
+                               recall_against_exact, retrieve_indexed)
 from ..retrieval.rerank import retrieve_with_expansion
 from ._common import console_err, is_quiet, open_dataset, print_json, report_written
 from .features_cmds import progress_bar
@@ -106,7 +108,15 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
             else:
                 iconf = IndexConf(index_kind, candidates=candidates, nlist=nlist, nprobe=nprobe, pq_m=pq_m or 0,
                                   lsh_bits=lsh_bits or 0)
-                indexes = build_indexes(mset, iconf, dev)
+                kept = index_path(m, names, index_kind)
+                if kept.exists():  # built once by `cbir index build`; refused when the stores changed since
+                    indexes = load_indexes(kept, index_record(mset, iconf), nprobe)
+                else:
+                    indexes = build_indexes(mset, iconf, dev)
+                    if not quiet:
+                        console_err().print(f"built the {index_kind} index for this call only: `cbir index build "
+                                            f"{m.root} --global {','.join(names)} --index {index_kind}` keeps it",
+                                            highlight=False)
                 pairs = retrieve_indexed(qset, mset, conf, iconf, dev, indexes, progress=update)
                 if recall_sample:
                     recall = recall_against_exact(qset, mset, conf, iconf, recall_sample, dev, indexes)

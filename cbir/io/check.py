@@ -17,6 +17,7 @@ from ..errors import CbirError
 from ..geometry.cameras import Camera
 from .dataset import Dataset
 from .images import read_image
+from .index_file import read_index_record
 from .map_store import read_map
 from .pairs import read_pairs
 from .store import Store, check_matches_provenance, open_store
@@ -93,7 +94,26 @@ def check_dataset(dataset: Dataset, *, images: ImageCheck = "decode", deep: bool
                                 (report.warning if message.startswith("no checksums") else report.error)(path, message)
             except CbirError as e:
                 report.from_exception(e)
+    for path in sorted((dataset.root / "cbir" / "index").glob("*.h5")):
+        try:
+            _check_index(dataset, path, report)
+        except CbirError as e:
+            report.from_exception(e)
     return report.problems
+
+
+def _check_index(dataset: Dataset, path: Path, report: _Report) -> None:
+    """A kept faiss index must have been built from the global stores as they are now."""
+    record = read_index_record(path)
+    for name, fingerprint in zip(record["stores"], record["fingerprints"]):
+        store_path = dataset.store_path("global", str(name))
+        if not store_path.exists():
+            report.warning(path, f"built from the global store {name!r}, which is gone: rebuild or delete it")
+            continue
+        with open_store(store_path, "global-features") as store:
+            if store.fingerprint() != fingerprint:
+                report.warning(path, f"built from {name!r} as it was before it changed: cbir retrieve refuses it; "
+                                     "rebuild it (cbir index build ... --overwrite)")
 
 
 def _check_images(dataset: Dataset, mode: ImageCheck, report: _Report,

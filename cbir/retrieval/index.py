@@ -7,19 +7,29 @@ Every query takes the top ``candidates`` of each index; the union is rescored ex
 (true cosine similarities of every descriptor, fused with the chosen operator), so only
 images missing from every index's candidates are lost: :func:`recall_against_exact`
 measures how many.
+
+Indexes are built once and kept (``cbir index build``): ``MAP/cbir/index/<stores>.<kind>.h5``
+holds the serialized faiss indexes and a record of what they were built from (the index
+options, the stores by name and fingerprint, the digest of the aligned image names).
+``cbir retrieve --index KIND`` uses the file when its record matches, refuses it when the
+stores or options changed since (rebuild with ``--overwrite``), and builds the indexes in
+memory for this call only when there is none.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import faiss
 import numpy as np
 import torch
 
-from ..errors import CbirError
+from ..errors import CbirError, FormatError
+from ..io.index_file import read_index_blobs, read_index_record, write_index_file
 from ..io.pairs import Pair
+from ..io.provenance import differences, digest
 from .fusion import fuse, nan_last, restore_nan
 from .search import DescriptorSet, RetrievalConf, _round_robin, retrieve
 
@@ -37,6 +47,39 @@ class IndexConf:
     train_size: int = 100_000
     chunk: int = 16384
     seed: int = 0
+
+
+def index_record(database: DescriptorSet, conf: IndexConf) -> dict[str, Any]:
+    """What an index is built from: its options (not the query-time ones), the stores by
+    name and fingerprint, and the image names it holds, in order."""
+    return {"config": {"kind": conf.kind, "nlist": conf.nlist, "pq_m": conf.pq_m, "lsh_bits": conf.lsh_bits,
+                       "train_size": conf.train_size, "seed": conf.seed},
+            "stores": [s.attrs.get("name") for s in database.stores],
+            "fingerprints": [s.fingerprint() for s in database.stores],
+            "images": len(database.names), "names": digest(database.names)}
+
+
+def save_indexes(path: Path, indexes: list[faiss.Index], record: dict[str, Any]) -> None:
+    write_index_file(path, [faiss.serialize_index(index) for index in indexes], record)
+
+
+def load_indexes(path: Path, record: dict[str, Any], nprobe: int) -> list[faiss.Index]:
+    """The kept indexes of ``path``, refused unless they were built from ``record``."""
+    diffs = differences(read_index_record(path), record)
+    if diffs:
+        stores = ",".join(record["stores"])
+        raise CbirError(f"built from other stores or options than asked ({'; '.join(diffs)}): rebuild it with "
+                        f"cbir index build MAP --global {stores} --index {record['config']['kind']} --overwrite", path)
+    try:
+        indexes = [faiss.deserialize_index(blob) for blob in read_index_blobs(path, len(record["stores"]))]
+    except RuntimeError as e:
+        raise FormatError(f"cannot read the indexes ({e}): the file is corrupt", path) from None
+    for index in indexes:
+        if index.ntotal != record["images"]:
+            raise FormatError(f"an index holds {index.ntotal} images, its record {record['images']}", path)
+        if hasattr(index, "nprobe"):
+            index.nprobe = nprobe
+    return indexes
 
 
 def _factory(kind: str, dim: int, n: int, conf: IndexConf) -> faiss.Index:

@@ -1,0 +1,130 @@
+"""Kept faiss indexes (``cbir index build``) against exact search, on clustered synthetic
+descriptors: build once, then query; each phase in its own process for its peak memory.
+
+* build: train and fill the index from the store (streamed), write it (time, peak RSS, size);
+* query: load the kept index, retrieve the top-20 of every query with exact rescoring of
+  the candidates (time, peak RSS);
+* exact: the exact fused top-20 over the whole map (time, peak RSS);
+* recall@20 of the indexed search against the exact one, over every query.
+
+    python benchmarks/bench_index.py [--map-size 200000] [--queries 1000] [--dim 2048] [--index ivfpq]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cbir.io.pairs import read_pairs, write_pairs
+from cbir.io.store import StoreWriter, open_store
+from cbir.retrieval import DescriptorSet, RetrievalConf, retrieve
+
+HERE = Path(__file__).resolve().parent
+
+
+def clustered(n: int, dim: int, rng: np.random.Generator, centres: np.ndarray, noise: float) -> np.ndarray:
+    """Unit vectors around random cluster centres (the shape of real global descriptors:
+    places seen from several views)."""
+    x = centres[rng.integers(0, len(centres), n)] + noise * rng.standard_normal((n, dim), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_store(path: Path, prefix: str, n: int, dim: int, rng, centres, noise: float, chunk: int = 20_000) -> None:
+    if path.exists():
+        return
+    attrs = {"name": path.stem, "config": {"synthetic": True, "dim": dim}, "descriptor_dim": dim,
+             "descriptor_dtype": "float32"}
+    with StoreWriter(path, "global-features", attrs, batch_size=chunk) as w:
+        for s in range(0, n, chunk):
+            block = clustered(min(chunk, n - s), dim, rng, centres, noise)
+            for i, d in enumerate(block):
+                w.add(f"{prefix}/{s + i:07d}.jpg", descriptors=d)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def phase(args: argparse.Namespace) -> dict:
+    """One phase, in this process: its result and peak memory."""
+    import torch
+
+    from cbir.retrieval.index import IndexConf, build_indexes, index_record, load_indexes, retrieve_indexed, \
+        save_indexes
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    work = args.work
+    index_file = work / f"map.{args.index}.h5"
+    with open_store(work / "map.h5") as ms, open_store(work / "query.h5") as qs:
+        mset, qset = DescriptorSet.align([ms]), DescriptorSet.align([qs])
+        conf = RetrievalConf(topk=20)
+        iconf = IndexConf(args.index, candidates=args.candidates, nprobe=args.nprobe)
+        t = time.perf_counter()
+        if args.phase == "build":
+            save_indexes(index_file, build_indexes(mset, iconf, torch.device("cpu")), index_record(mset, iconf))
+            out = {"size_mb": index_file.stat().st_size / 2 ** 20}
+        elif args.phase == "query":
+            indexes = load_indexes(index_file, index_record(mset, iconf), args.nprobe)
+            t_load = time.perf_counter() - t
+            write_pairs(work / "indexed.txt", retrieve_indexed(qset, mset, conf, iconf, indexes=indexes))
+            out = {"load_s": t_load}
+        else:
+            write_pairs(work / "exact.txt", retrieve(qset, mset, conf))
+            out = {}
+        out.update(seconds=time.perf_counter() - t, peak_rss_mb=peak_rss_mb())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--map-size", type=int, default=200_000)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--dim", type=int, default=2048)
+    ap.add_argument("--index", default="ivfpq")
+    ap.add_argument("--candidates", type=int, default=100)
+    ap.add_argument("--nprobe", type=int, default=16)
+    ap.add_argument("--noise", type=float, default=0.05)
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--phase", choices=["build", "query", "exact"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.work = args.work or HERE / "_work" / f"index-{args.map_size}-{args.dim}"
+    if args.phase:
+        print(json.dumps(phase(args)))
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((max(10, args.map_size // 100), args.dim), dtype=np.float32)
+    t = time.perf_counter()
+    write_store(args.work / "map.h5", "map", args.map_size, args.dim, rng, centres, args.noise)
+    write_store(args.work / "query.h5", "query", args.queries, args.dim, rng, centres, args.noise)
+    print(f"stores: {args.map_size} map x {args.queries} queries x {args.dim}-D ({time.perf_counter() - t:.0f} s)",
+          flush=True)
+    results = {}
+    for name in ("build", "query", "exact"):
+        cmd = [sys.executable, __file__, "--phase", name, "--work", str(args.work), "--index", args.index,
+               "--candidates", str(args.candidates), "--nprobe", str(args.nprobe)]
+        results[name] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        print(name, results[name], flush=True)
+    exact, indexed = {}, {}
+    for p in read_pairs(args.work / "exact.txt"):
+        exact.setdefault(p.query, set()).add(p.map)
+    for p in read_pairs(args.work / "indexed.txt"):
+        indexed.setdefault(p.query, set()).add(p.map)
+    recall = float(np.mean([len(exact[q] & indexed.get(q, set())) / len(exact[q]) for q in exact]))
+    speed = results["exact"]["seconds"] / results["query"]["seconds"]
+    print(f"{args.index} at {args.map_size} x {args.queries} x {args.dim}-D: build {results['build']['seconds']:.0f} s "
+          f"({results['build']['size_mb']:.0f} MB, peak {results['build']['peak_rss_mb']:.0f} MB); query "
+          f"{results['query']['seconds']:.1f} s (load {results['query']['load_s']:.2f} s, peak "
+          f"{results['query']['peak_rss_mb']:.0f} MB) vs exact {results['exact']['seconds']:.1f} s (peak "
+          f"{results['exact']['peak_rss_mb']:.0f} MB): x{speed:.1f}, recall@20 {recall:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

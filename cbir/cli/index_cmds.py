@@ -1,0 +1,79 @@
+"""``cbir index build``: faiss indexes of a map's global descriptors, built once and kept."""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import click
+
+from ..errors import CbirError
+from ..io.provenance import differences
+from ..io.store import open_store
+from ..retrieval import DescriptorSet
+from ..io.index_file import index_path, read_index_record
+from ..retrieval.index import INDEX_KINDS, IndexConf, build_indexes, index_record, save_indexes
+from ._common import console_err, dataset_argument, is_quiet, open_dataset, print_json, report_written
+
+
+@click.group("index")
+def index_group() -> None:
+    """Faiss indexes of a map's global descriptors, built once (`cbir retrieve --index` uses them)."""
+
+
+@index_group.command("build")
+@dataset_argument("map_")
+@click.option("--global", "global_", required=True, metavar="NAME[,NAME...]",
+              help="Global stores of MAP, as `cbir retrieve --global` will name them (one index each).")
+@click.option("--index", "kind", type=click.Choice(INDEX_KINDS), default="ivfpq", show_default=True)
+@click.option("--nlist", type=click.IntRange(1), help="ivf, ivfpq: inverted lists (default 4 sqrt(N)).")
+@click.option("--pq-m", type=click.IntRange(1), help="ivfpq: sub-quantizers (default dim/16).")
+@click.option("--lsh-bits", type=click.IntRange(1), help="lsh: bits per code (default 2 x dim).")
+@click.option("--train-size", type=click.IntRange(1), default=100_000, show_default=True,
+              help="Map images the quantizers are trained on (a seeded sample).")
+@click.option("--overwrite", is_flag=True, help="Rebuild an index built from other stores or options.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def index_build(ctx: click.Context, map_: Path, global_: str, kind: str, nlist: int | None, pq_m: int | None,
+                lsh_bits: int | None, train_size: int, overwrite: bool, as_json: bool) -> None:
+    """Train and fill the indexes of MAP's global stores (streaming them), and keep them in
+    MAP/cbir/index/ with a record of the stores and options (written atomically)."""
+    import torch
+
+    names = [n.strip() for n in global_.split(",") if n.strip()]
+    m = open_dataset(map_)
+    iconf = IndexConf(kind, nlist=nlist, pq_m=pq_m or 0, lsh_bits=lsh_bits or 0, train_size=train_size)
+    path = index_path(m, names, kind)
+    with ExitStack() as stack:
+        stores = [stack.enter_context(open_store(m.store_path("global", n), "global-features")) for n in names]
+        mset = DescriptorSet.align(stores, m.sensors.image_names())
+        if not mset.names:
+            raise CbirError("no map image has every descriptor", m.root)
+        record = index_record(mset, iconf)
+        status = "new"
+        if path.exists():
+            diffs = differences(read_index_record(path), record)
+            if not diffs:
+                status = "kept"
+            elif not overwrite:
+                raise CbirError(f"exists, built from other stores or options ({'; '.join(diffs)}): pass --overwrite "
+                                "to rebuild it", path)
+            else:
+                status = "rebuilt"
+        if status != "kept":
+            t = time.perf_counter()
+            indexes = build_indexes(mset, iconf, torch.device("cpu"))
+            save_indexes(path, indexes, record)
+            seconds = time.perf_counter() - t
+    summary = {"index": str(path), "status": status, "images": len(mset.names), "stores": names, "kind": kind,
+               "bytes": path.stat().st_size, "build_seconds": None if status == "kept" else round(seconds, 3)}
+    if as_json:
+        print_json(summary)
+    elif not is_quiet(ctx):
+        what = "already built from these stores and options" if status == "kept" else \
+            f"built in {seconds:.1f} s"
+        console_err().print(f"{kind} index of {len(mset.names)} images ({', '.join(names)}): {what}, "
+                            f"{path.stat().st_size / 2 ** 20:.1f} MB", highlight=False)
+    if status != "kept":
+        report_written([path], is_quiet(ctx) or as_json)

@@ -1,0 +1,75 @@
+"""Kept faiss indexes (`cbir index build`): built once, used by `cbir retrieve --index`,
+refused once their stores or options change, flagged by `cbir check`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from click.testing import CliRunner
+
+from cbir.cli import main
+from cbir.io.pairs import read_pairs
+from cbir.io.store import StoreWriter, open_store
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def rewrite_store(path, seed: int) -> None:
+    """The store re-extracted with other values (new checksums), as a changed model would."""
+    with open_store(path) as s:
+        names, attrs = list(s.keys), {k: s.attrs[k] for k in ("name", "descriptor_dim", "descriptor_dtype")}
+        attrs["config"] = s.config
+        dim = s.read_all("descriptors").shape[1]
+    rng = np.random.default_rng(seed)
+    with StoreWriter(path, "global-features", attrs, overwrite=True) as w:
+        for n in names:
+            d = rng.random(dim).astype(np.float32)
+            w.add(n, descriptors=d / np.linalg.norm(d))
+
+
+def test_built_once_then_used_with_the_results_of_an_index_built_for_the_call(sample_dataset, tmp_path):
+    r = run("retrieve", "--map", sample_dataset, "--global", "sample", "--index", "flat", "--topk", "2",
+            "-o", tmp_path / "in_memory.txt")
+    assert r.exit_code == 0 and "for this call only" in r.output
+    r = run("index", "build", sample_dataset, "--global", "sample", "--index", "flat", "--json")
+    assert r.exit_code == 0, r.output
+    built = json.loads(r.stdout)
+    assert built["status"] == "new" and built["images"] == 3
+    index_file = sample_dataset / "cbir" / "index" / "sample.flat.h5"
+    assert index_file.is_file()
+    again = json.loads(run("index", "build", sample_dataset, "--global", "sample", "--index", "flat", "--json").stdout)
+    assert again["status"] == "kept" and index_file.stat().st_mtime_ns == index_file.stat().st_mtime_ns
+    r = run("retrieve", "--map", sample_dataset, "--global", "sample", "--index", "flat", "--topk", "2",
+            "-o", tmp_path / "indexed.txt")
+    assert r.exit_code == 0 and "for this call only" not in r.output
+    assert read_pairs(tmp_path / "indexed.txt") == read_pairs(tmp_path / "in_memory.txt")
+
+
+def test_an_index_of_stores_that_changed_is_refused_and_flagged(sample_dataset, tmp_path):
+    assert run("index", "build", sample_dataset, "--global", "sample", "--index", "flat").exit_code == 0
+    rewrite_store(sample_dataset / "cbir" / "global" / "sample.h5", seed=1)
+    r = run("retrieve", "--map", sample_dataset, "--global", "sample", "--index", "flat", "-o", tmp_path / "p.txt")
+    assert r.exit_code == 1 and "built from other stores or options" in r.output and "cbir index build" in r.output
+    assert not (tmp_path / "p.txt").exists()
+    r = run("check", sample_dataset, "--images", "skip")
+    assert "sample.flat.h5" in r.output and "rebuild it" in r.output
+    r = run("index", "build", sample_dataset, "--global", "sample", "--index", "flat")
+    assert r.exit_code == 1 and "--overwrite" in r.output
+    r = run("index", "build", sample_dataset, "--global", "sample", "--index", "flat", "--overwrite", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["status"] == "rebuilt"
+    assert run("retrieve", "--map", sample_dataset, "--global", "sample", "--index", "flat", "-o",
+               tmp_path / "p.txt").exit_code == 0
+
+
+def test_other_options_and_corrupt_files_are_one_line_errors(sample_dataset, tmp_path):
+    assert run("index", "build", sample_dataset, "--global", "sample", "--index", "ivf", "--nlist", "1").exit_code == 0
+    r = run("retrieve", "--map", sample_dataset, "--global", "sample", "--index", "ivf", "-o", "-")
+    assert r.exit_code == 1 and "config.nlist: 1 -> null" in r.output
+    index_file = sample_dataset / "cbir" / "index" / "sample.ivf.h5"
+    index_file.write_bytes(index_file.read_bytes()[:200])
+    r = run("retrieve", "--map", sample_dataset, "--global", "sample", "--index", "ivf", "--nlist", "1", "--topk", "1",
+            "-o", "-")
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and "sample.ivf.h5" in r.output
