@@ -144,6 +144,7 @@ class Store:
     def __init__(self, path: str | os.PathLike, expected_kind: str | None = None):
         self.path = Path(path)
         self._views: dict[str, np.ndarray] = {}
+        self._fd: int | None = None  # raw reads of scattered rows (_gather)
         self._mmap: mmap.mmap | None = None
         self._file: h5py.File | None = None
         meta = read_metadata(self.path, ("names", "pairs"))
@@ -259,6 +260,7 @@ class Store:
             if self._mmap is None:
                 with open(self.path, "rb") as fh:
                     self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+
             count = int(np.prod(info.shape, dtype=np.int64))
             self._views[name] = np.frombuffer(self._mmap, info.dtype, count, info.offset).reshape(info.shape)
 
@@ -333,18 +335,15 @@ class Store:
     def read_rows(self, column: str, rows: np.ndarray) -> np.ndarray:
         """Rows of a per-item column in the given order. A contiguous range is read through
         HDF5, so that streaming over a large store keeps none of its pages resident; scattered
-        rows (the candidates of an index, say) are gathered from the memory map when the
-        column is contiguous on disk (an HDF5 selection costs about 90 us a row)."""
+        rows (the candidates of an index, say) are read row by row into place when the column
+        is contiguous on disk (:meth:`_gather`)."""
         rows = np.asarray(rows, dtype=np.int64)
         ds = self._datasets[column]
         try:
             if len(rows) and rows[-1] - rows[0] + 1 == len(rows) and np.all(np.diff(rows) == 1):
                 return ds[int(rows[0]):int(rows[-1]) + 1]
-            view = self._views.get(column)
-            if view is not None:
-                if len(rows) and (rows.min() < 0 or rows.max() >= len(view)):
-                    raise IndexError(f"rows beyond the {len(view)} of '{column}'")
-                return view[rows]  # fancy indexing copies: nothing keeps the map alive
+            if column in self._views:  # contiguous on disk
+                return self._gather(column, rows)
             order = np.argsort(rows, kind="stable")
             out = np.empty((len(rows),) + ds.shape[1:], ds.dtype)
             if len(rows):
@@ -352,6 +351,26 @@ class Store:
             return out
         except (OSError, RuntimeError, TypeError) as e:
             raise FormatError(f"cannot read dataset '{column}' ({e}): the file is corrupt", self.path) from None
+
+    def _gather(self, column: str, rows: np.ndarray) -> np.ndarray:
+        """Scattered rows of a contiguous column, each read into place with one ``preadv``
+        (in file order). Neither an HDF5 selection per row (about 90 us each) nor the memory
+        map (whose page faults map the cached neighbourhood of every row: 4.9 GB of resident
+        pages for 100k rows of an 8 GB store)."""
+        info = self._infos[column]
+        out = np.empty((len(rows),) + tuple(info.shape[1:]), info.dtype)
+        if not len(rows):
+            return out
+        if rows.min() < 0 or rows.max() >= info.shape[0]:
+            raise IndexError(f"rows beyond the {info.shape[0]} of '{column}'")
+        row_bytes = out[0].nbytes
+        raw = out.reshape(len(rows), -1).view(np.uint8)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        for i in np.argsort(rows, kind="stable"):
+            if os.preadv(self._fd, [raw[i]], info.offset + int(rows[i]) * row_bytes) != row_bytes:
+                raise OSError(f"short read of '{column}'")
+        return out
 
     def read_all(self, column: str) -> np.ndarray:
         """A whole column at once (the N x D matrix of a global store, say)."""
@@ -435,6 +454,9 @@ class Store:
             except BufferError:
                 pass  # an array still views the map (e.g. held by a traceback): unmapped when it dies
             self._mmap = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._file is not None and self._file.id.valid:
             self._file.close()
 
