@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from cbir import extract as extract_mod
-from cbir.io.dataset import Dataset
+from cbir.io.dataset import Dataset, model_path
 from cbir.io.pairs import exhaustive_pairs, write_pairs
 from cbir.io.store import open_store
 from cbir.retrieval import DescriptorSet, RetrievalConf, retrieve
@@ -42,7 +42,7 @@ def prepare(root: Path) -> tuple[Dataset, Dataset, Path, Path]:
     m, q = Dataset(root / "mapping"), Dataset(root / "query")
     sift = extract_mod.build_extractor("sift", {}, "local")
     extract_mod.extract_all([sift, extract_mod.build_extractor("densevlad", {"learn": True}, "global")], m)
-    model = m.store_path("global", "densevlad").with_name("densevlad.model.h5")
+    model = model_path(m.store_path("global", "densevlad"))
     extract_mod.extract_all([sift, extract_mod.build_extractor("densevlad", {"model": str(model)}, "global")], q)
     with open_store(m.store_path("global", "densevlad")) as ms, open_store(q.store_path("global", "densevlad")) as qs:
         query_pairs = retrieve(DescriptorSet.align([qs]), DescriptorSet.align([ms]), RetrievalConf(topk=5))

@@ -76,7 +76,7 @@ from . import report as report_mod
 from .errors import CbirError
 from .evaluation.localization import DEFAULT_THRESHOLDS, check_thresholds, pose_errors, summarize
 from .io.atomic import atomic_write_text
-from .io.dataset import Dataset
+from .io.dataset import Dataset, model_path
 from .io.pairs import Pair, exhaustive_pairs, read_pairs, read_pairs_record, write_pairs
 from .io.provenance import UNKNOWN, differences, digest
 from .io.store import open_store
@@ -84,7 +84,6 @@ from .io.textfile import read_utf8
 from .matching import MatcherConf, VerifyConf
 from .matching import match as match_mod
 from .models.base import Extractor
-from .models.densevlad import MODEL_SUFFIX as DENSEVLAD_MODEL_SUFFIX
 from .report import ReportConf
 from .retrieval import DescriptorSet, FusionConf, RetrievalConf, pairs_record, retrieve
 from .validate import check_bool, check_integer, check_number
@@ -337,8 +336,8 @@ def _extractors(ex: dict[str, Any], device: str) -> tuple[Extractor, list[Extrac
 
 
 def _build(kind: str, name: str, conf: dict, weights: str | None, device: str) -> Extractor:
-    options = {k: v for k, v in conf.items() if k in extract_mod.extractor_class(name, kind).default_conf}
-    return extract_mod.build_extractor(name, extract_mod.extractor_conf(kind, name, options, weights, device), kind)
+    # extractor_conf keeps the options this extractor knows (global_conf serves several)
+    return extract_mod.build_extractor(name, extract_mod.extractor_conf(kind, name, conf, weights, device), kind)
 
 
 # -------------------------------------------------------------------------------- re-runs
@@ -490,7 +489,7 @@ def _extract(p: Plan, replace: bool, step: Callable[[str], None], progress: Prog
     query_globals = []
     for g, r in zip(p.globals_, rm[1:]):
         if g.name == "densevlad":
-            model = r.path.with_name(r.path.stem + DENSEVLAD_MODEL_SUFFIX)
+            model = model_path(r.path)
             conf = {**{k: v for k, v in g.conf.items() if k != "learn"}, "model": str(model)}
             g = extract_mod.build_extractor(g.name, conf, "global")
         query_globals.append(g)

@@ -27,6 +27,11 @@ _STORE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 MODEL_SUFFIX = ".model"
 
 
+def model_path(store_path: Path) -> Path:
+    """The learned model beside a global store: ``cbir/global/<name>.model.h5``."""
+    return store_path.with_name(f"{store_path.stem}{MODEL_SUFFIX}.h5")
+
+
 def check_store_name(name: str) -> None:
     if not _STORE_NAME_RE.match(name) or name.endswith((".h5", ".partial", MODEL_SUFFIX)):
         raise CbirError(f"invalid store name {name!r}: use letters, digits, '_', '-', '+', '.' "

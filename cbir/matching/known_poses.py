@@ -50,9 +50,8 @@ class PosedPair:
 
 def relative_pose(pose0: Pose, pose1: Pose) -> tuple[np.ndarray, np.ndarray]:
     """``(R, t)`` of camera 1 from camera 0 (world-to-camera poses)."""
-    r0, r1 = pose0.rotation_matrix, pose1.rotation_matrix
-    rot = r1 @ r0.T
-    return rot, np.asarray(pose1.tvec, np.float64) - rot @ np.asarray(pose0.tvec, np.float64)
+    relative = pose1 * pose0.inverse()
+    return relative.rotation_matrix, np.asarray(relative.tvec, np.float64)
 
 
 def essential_matrix(pose0: Pose, pose1: Pose) -> np.ndarray:

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import CbirError
-from ..validate import check_number
+from ..validate import check_bool, check_number
 
 
 @dataclass(frozen=True)
@@ -33,8 +32,7 @@ class MatcherConf:
     block_cols: int = 2048
 
     def __post_init__(self) -> None:  # the rules of `cbir match` and the pipeline alike
-        if not isinstance(self.mutual, bool):
-            raise CbirError(f"mutual must be true or false, got {self.mutual!r}")
+        check_bool("mutual", self.mutual)
         check_number("ratio", self.ratio, 0.0, 1.0, low_open=True, optional=True)
         check_number("max_distance", self.max_distance, 0.0, 2.0, optional=True)
 

@@ -34,12 +34,11 @@ import numpy as np
 from ..errors import CbirError, FormatError
 from ..io.hdf5 import read_metadata
 from ..io.atomic import atomic_output
-from ..io.dataset import MODEL_SUFFIX as STORE_MODEL_SUFFIX
+from ..io.dataset import model_path
 from ..io.images import LoadedImage
 from .base import GlobalExtractor, register
 from .sift import rootsift
 
-MODEL_SUFFIX = f"{STORE_MODEL_SUFFIX}.h5"
 TRAIN_CACHE_BYTES = 1 << 30  # dense descriptors of training images kept between the two training passes
 
 
@@ -118,7 +117,7 @@ class DenseVLAD(GlobalExtractor):
                 overwrite: bool = False) -> None:
         """Load the model of ``store_path``, or learn it from ``images`` of this dataset when
         ``learn`` is set (again with ``overwrite``)."""
-        path = store_path.with_name(store_path.stem + MODEL_SUFFIX)
+        path = model_path(store_path)
         if self.model is not None:
             return
         if path.exists() and not (overwrite and self.conf["learn"]):
@@ -126,7 +125,7 @@ class DenseVLAD(GlobalExtractor):
             return
         if not self.conf["learn"]:
             raise CbirError("DenseVLAD needs its vocabulary and PCA learned on the map: pass --model "
-                            f"MAP/cbir/global/{store_path.stem}{MODEL_SUFFIX} (the map's) to extract queries, or "
+                            f"MAP/cbir/global/{path.name} (the map's) to extract queries, or "
                             "--learn to learn them on this dataset (the map)", store_path.parent.parent.parent)
         if not images:
             raise CbirError("no image to learn the DenseVLAD vocabulary from", store_path.parent)

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import CbirError
 from ..validate import check_integer
-from ..io.dataset import MODEL_SUFFIX
+from ..io.dataset import model_path
 from ..io.provenance import differences
 from ..io.pairs import Pair
 from ..io.store import Store
@@ -58,7 +58,7 @@ def mismatch_message(query_store: Store, map_store: Store) -> str:
     diffs = differences(query_store.config, map_store.config)
     extractor = map_store.config.get("extractor", query_store.attrs.get("name"))
     if "model_digest" in map_store.config:  # a model learned on the map (DenseVLAD)
-        model = map_store.path.with_name(f"{map_store.path.stem}{MODEL_SUFFIX}.h5")
+        model = model_path(map_store.path)
         fix = f"re-extract the queries with the map's model: cbir extract QUERY --global {extractor} --model {model} " \
               "--overwrite"
     else:
