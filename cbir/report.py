@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import base64
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import cv2
 import numpy as np
@@ -34,6 +35,9 @@ from .io.dataset import Dataset
 from .io.images import read_image
 from .io.pairs import Pair
 from .validate import check_integer, check_number
+
+if TYPE_CHECKING:  # the drawing imports the matching package (torch): only where a page has matches
+    from .matching.draw import PairDrawer
 
 
 @dataclass(frozen=True)
@@ -119,26 +123,28 @@ def collect(query: Dataset, map_: Dataset, *, results: Path | None = None, pairs
     data["scene"] = _scene(map_, map_name, loc, gt_poses, conf)
     cards, map_thumbs = [], {}
     query_images, map_images = set(query.sensors.image_names()), set(map_.sensors.image_names())
-    for i, name in enumerate(names):
-        r = loc.get(name) if loc else None
-        retrieved = [{"name": p.map, "score": _finite(p.score),
-                      "correct": (p.map in relevant[name]) if name in relevant else None}
-                     for p in ranked.get(name, [])[:conf.topk]]
-        for item in retrieved:
-            if item["name"] not in map_thumbs:
-                map_thumbs[item["name"]] = _thumbnail(map_, item["name"], conf.thumb_size, map_images)
-        card: dict[str, Any] = {"name": name, "thumb": _thumbnail(query, name, conf.thumb_size, query_images),
-                                "retrieved": retrieved}
-        if r is not None:
-            e = errors.get(name, (float("nan"), float("nan")))
-            card.update(success=r.success, method=r.method, reason=r.reason, map_images=r.num_map_images,
-                        correspondences=r.num_2d3d, inliers=r.num_inliers, error_t=_finite(e[0]),
-                        error_R=_finite(e[1]))
-            if matches and r.success:
-                card["matches"] = _best_matches(query, map_, name, [x["name"] for x in retrieved], matches, conf)
-        cards.append(card)
-        if progress:
-            progress(1, len(names))
+    with ExitStack() as stack:  # the matches and local-feature stores, opened once for every card
+        drawer = _drawer(stack, query, map_, matches) if matches and loc else None
+        for name in names:
+            r = loc.get(name) if loc else None
+            retrieved = [{"name": p.map, "score": _finite(p.score),
+                          "correct": (p.map in relevant[name]) if name in relevant else None}
+                         for p in ranked.get(name, [])[:conf.topk]]
+            for item in retrieved:
+                if item["name"] not in map_thumbs:
+                    map_thumbs[item["name"]] = _thumbnail(map_, item["name"], conf.thumb_size, map_images)
+            card: dict[str, Any] = {"name": name, "thumb": _thumbnail(query, name, conf.thumb_size, query_images),
+                                    "retrieved": retrieved}
+            if r is not None:
+                e = errors.get(name, (float("nan"), float("nan")))
+                card.update(success=r.success, method=r.method, reason=r.reason, map_images=r.num_map_images,
+                            correspondences=r.num_2d3d, inliers=r.num_inliers, error_t=_finite(e[0]),
+                            error_R=_finite(e[1]))
+                if drawer is not None and r.success:
+                    card["matches"] = _best_matches(drawer, name, [x["name"] for x in retrieved], conf)
+            cards.append(card)
+            if progress:
+                progress(1, len(names))
     data["cards"] = cards
     data["map_thumbs"] = map_thumbs
     return data
@@ -203,23 +209,29 @@ def _jpeg(bgr: np.ndarray, quality: int = 80) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode("ascii")
 
 
-def _best_matches(query: Dataset, map_: Dataset, name: str, retrieved: list[str], matches: str,
-                  conf: ReportConf) -> dict[str, Any] | None:
-    """The inlier matches of the query with the retrieved map image that has the most."""
-    from .io.store import open_store
-    from .matching.draw import render_pair_matches
+def _drawer(stack: ExitStack, query: Dataset, map_: Dataset, matches: str) -> "PairDrawer | None":
+    """The pair drawer of the query x map matches, or None when they cannot be read (the
+    cards then go without a matches picture, as a pair that cannot be drawn does)."""
+    from .matching.draw import PairDrawer
 
     try:
-        with open_store(query.store_path("matches", matches), "matches") as store:
-            counts = {m: int(store.get((name, m), ["inliers"])["inliers"].sum()) if "inliers" in store.columns
-                      else len(store.get((name, m), ["matches"])["matches"])
-                      for m in retrieved if (name, m) in store}
+        return stack.enter_context(PairDrawer(query, map_, matches))
+    except CbirError:
+        return None
+
+
+def _best_matches(drawer: "PairDrawer", name: str, retrieved: list[str], conf: ReportConf) -> dict[str, Any] | None:
+    """The inlier matches of the query with the retrieved map image that has the most."""
+    store = drawer.store
+    try:
+        counts = {m: int(store.get((name, m), ["inliers"])["inliers"].sum()) if "inliers" in store.columns
+                  else len(store.get((name, m), ["matches"])["matches"])
+                  for m in retrieved if (name, m) in store}
         if not counts:
             return None
         best = max(counts, key=lambda m: (counts[m], m))
-        canvas, stats = render_pair_matches(query, map_, (name, best), matches, inliers_only=True,
-                                            max_edge=2 * conf.thumb_size, max_lines=conf.match_lines,
-                                            seed=conf.seed, label=False)
+        canvas, stats = drawer.render((name, best), inliers_only=True, max_edge=2 * conf.thumb_size,
+                                      max_lines=conf.match_lines, seed=conf.seed, label=False)
     except CbirError:
         return None
     return {"map": best, "inliers": stats["inliers"], "image": _jpeg(canvas, 75)}
