@@ -84,7 +84,6 @@ from .io.textfile import read_utf8
 from .matching import MatcherConf, VerifyConf
 from .matching import match as match_mod
 from .models.base import Extractor
-from .report import ReportConf
 from .retrieval import DescriptorSet, FusionConf, RetrievalConf, pairs_record, retrieve
 from .validate import check_bool, check_integer, check_number
 
@@ -197,7 +196,7 @@ class Plan:
     localize_overrides: dict[str, Any]
     post: localize_mod.PostprocessConf
     thresholds: tuple[tuple[float, float], ...]
-    report: ReportConf | None  # None: no report
+    report: report_mod.ReportConf | None  # None: no report
     device: str
     num_workers: int
 
@@ -283,8 +282,8 @@ def plan(conf: dict[str, Any], source: str | Path | None = None) -> Plan:
     thresholds = section("evaluate", lambda: check_thresholds(conf["evaluate"]["thresholds"]))
     rp = conf["report"]
     section("report", lambda: check_bool("write", rp["write"]))
-    report = section("report", lambda: ReportConf(max_points=rp["max_points"], thumb_size=rp["thumb_size"],
-                                                  topk=query_retrieval.topk, thresholds=thresholds))
+    report = section("report", lambda: report_mod.ReportConf(
+        max_points=rp["max_points"], thumb_size=rp["thumb_size"], topk=query_retrieval.topk, thresholds=thresholds))
     return Plan(conf, m, q, gt, local, globals_, [g.default_store_name() for g in globals_], query_retrieval,
                 map_retrieval, matcher, map_verify, query_verify, map_overrides, lz["config"], loc_overrides, post,
                 thresholds, report if rp["write"] else None, conf["device"], conf["num_workers"])

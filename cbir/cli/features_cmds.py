@@ -187,7 +187,7 @@ def pairs_exhaustive(ctx: click.Context, map_: Path, query: Path | None, output:
               help="Geometric verification: ransac (--verify alone; pycolmap's two-view geometry) or poses (the "
                    "known epipolar geometry of posed images, map x map; RANSAC for pairs without poses).")
 @click.option("--max-error", type=click.FloatRange(0, min_open=True), default=4.0, show_default=True,
-              help="Error bound (px): RANSAC's, or the distance to the known epipolar line.")
+              help="Error bound (px): RANSAC's, or the Sampson error under the known poses.")
 @click.option("--confidence", type=click.FloatRange(0, 1), default=0.999, show_default=True)
 @click.option("--min-inliers", type=click.IntRange(0), default=15, show_default=True,
               help="A pair with fewer inliers keeps none.")

@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
+from ..io.index_file import index_path
 from ..io.pairs import write_pairs
 from ..io.store import open_store
 from ..models.base import resolve_device
 from ..retrieval import ALIASES, METHODS, DescriptorSet, FusionConf, RetrievalConf, pairs_record
-from ..io.index_file import index_path
 from ..retrieval.index import (INDEX_KINDS, IndexConf, build_indexes, index_record, load_indexes,
                                recall_against_exact, retrieve_indexed)
 from ..retrieval.rerank import retrieve_with_expansion

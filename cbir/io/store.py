@@ -33,9 +33,9 @@ import numpy as np
 from .. import __version__
 from ..errors import CbirError, FormatError, VersionError
 from .atomic import WriteLock, atomic_output, atomic_write_text
-from .provenance import differences, digest
 from .hdf5 import DatasetInfo, Metadata, read_metadata
 from .paths import check_relative_name
+from .provenance import differences, digest
 
 FORMAT_VERSION = "1.2"
 FORMAT_MAJOR = 1
@@ -260,7 +260,6 @@ class Store:
             if self._mmap is None:
                 with open(self.path, "rb") as fh:
                     self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-
             count = int(np.prod(info.shape, dtype=np.int64))
             self._views[name] = np.frombuffer(self._mmap, info.dtype, count, info.offset).reshape(info.shape)
 
@@ -888,6 +887,8 @@ def _row_blocks(total: int) -> Iterator[slice]:
     """Consecutive row ranges of at most :data:`_COPY_BLOCK_ROWS` covering ``total`` rows."""
     for start in range(0, total, _COPY_BLOCK_ROWS):
         yield slice(start, min(total, start + _COPY_BLOCK_ROWS))
+
+
 #: attribute holding the CRC-32 of the keys and of every column (format 1.2, optional)
 CHECKSUMS = "checksums"
 

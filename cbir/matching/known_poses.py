@@ -7,9 +7,10 @@ total displacement of its two keypoints that puts each on the epipolar line of t
 the normalized image plane, after undoing each camera's distortion (pycolmap's
 ``cam_from_img``), with each camera's pixels per normalized unit (``cam_from_img_threshold``),
 as hloc checks known-pose maps (hloc bounds the distance to each epipolar line instead, a
-stricter test: about 3% fewer points on sceaux_castle, for 0.03 px less reprojection error). The relative pose comes from the two world-to-camera poses (rigs resolved by the
-dataset), ``E = [t]x R`` with ``R = R1 R0^T`` and ``t = t1 - R t0``. All matches of a chunk
-of pairs are checked in one vectorized pass.
+stricter test: about 3% fewer points on sceaux_castle, for 0.03 px less reprojection error).
+The relative pose comes from the two world-to-camera poses (rigs resolved by the dataset),
+``E = [t]x R`` with ``R = R1 R0^T`` and ``t = t1 - R t0``. All matches of a chunk of pairs
+are checked in one vectorized pass.
 
 A pair whose two camera centres coincide has no epipolar geometry (``E = 0``): it is
 verified by RANSAC instead, as is a pair with an image without pose. Near a pure rotation

@@ -14,9 +14,9 @@ import numpy as np
 import pycolmap
 
 from ..errors import CbirError
-from ..validate import check_integer, check_number
 from ..geometry.cameras import CAMERA_MODELS, Camera
 from ..io.colmap import COLMAP_PIXEL_OFFSET, pycolmap_camera
+from ..validate import check_integer, check_number
 
 UNDEFINED = int(pycolmap.TwoViewGeometryConfiguration.UNDEFINED)
 #: fewer matches than this cannot define any two-view model (the 5-point solver needs 5)
@@ -31,7 +31,7 @@ VERIFY_METHODS = ("ransac", "poses")
 @dataclass(frozen=True)
 class VerifyConf:
     """``method`` (``VERIFY_METHODS``); ``max_error``: the error bound in pixels (RANSAC's,
-    or the distance to the known epipolar line); RANSAC's confidence and trial bounds;
+    or the Sampson error under the known poses); RANSAC's confidence and trial bounds;
     ``min_inliers``: fewer inliers make the pair unverified (no inlier kept)."""
 
     method: str = "ransac"

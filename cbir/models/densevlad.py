@@ -32,9 +32,9 @@ import h5py
 import numpy as np
 
 from ..errors import CbirError, FormatError
-from ..io.hdf5 import read_metadata
 from ..io.atomic import atomic_output
 from ..io.dataset import model_path
+from ..io.hdf5 import read_metadata
 from ..io.images import LoadedImage
 from .base import GlobalExtractor, register
 from .sift import rootsift

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from ..errors import CbirError
-from ..validate import check_integer
 from ..io.dataset import model_path
-from ..io.provenance import differences
 from ..io.pairs import Pair
+from ..io.provenance import differences
 from ..io.store import Store
+from ..validate import check_integer
 from .fusion import FusionConf, fuse, nan_last, restore_nan
 
 
