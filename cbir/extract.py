@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .devices import default_workers
 from .errors import CbirError
 from .io.dataset import Dataset
 from .io.images import LoadedImage, read_image
@@ -115,7 +116,7 @@ class ImageOptions:
 
 
 def main(extractor: Extractor, dataset: Dataset, *, store_name: str | None = None,
-         images: list[str] | None = None, overwrite: bool = False, num_workers: int = 2,
+         images: list[str] | None = None, overwrite: bool = False, num_workers: int | None = None,
          progress: Callable[[int, int], None] | None = None,
          image_options: ImageOptions = ImageOptions()) -> ExtractReport:
     """Extract ``images`` (default: every image of records_camera.txt) of ``dataset`` into its
@@ -126,7 +127,7 @@ def main(extractor: Extractor, dataset: Dataset, *, store_name: str | None = Non
 
 def extract_all(extractors: Sequence[Extractor], dataset: Dataset, *,
                 store_names: Sequence[str | None] | None = None, images: list[str] | None = None,
-                overwrite: bool = False, num_workers: int = 2,
+                overwrite: bool = False, num_workers: int | None = None,
                 progress: Callable[[int, int], None] | None = None,
                 image_options: ImageOptions = ImageOptions()) -> list[ExtractReport]:
     """Run several extractors over ``dataset``, one report each (in order).
@@ -157,7 +158,7 @@ def extract_all(extractors: Sequence[Extractor], dataset: Dataset, *,
 
 
 def _extract_pass(extractors: list[Extractor], store_names: list[str | None], dataset: Dataset,
-                  images: list[str] | None, overwrite: bool, num_workers: int,
+                  images: list[str] | None, overwrite: bool, num_workers: int | None,
                   progress: Callable[[int, int], None] | None, image_options: ImageOptions) -> list[ExtractReport]:
     names = images if images is not None else sorted(dataset.sensors.image_names())
     first = extractors[0]
@@ -192,7 +193,8 @@ def _extract_pass(extractors: list[Extractor], store_names: list[str | None], da
         todo = [n for n in names if any(n in m for m in missing)]
         if progress:
             progress(len(names) - len(todo), len(names))
-        for name, image in _prefetch(load, todo, num_workers):
+        workers = default_workers() if num_workers is None else num_workers
+        for name, image in _prefetch(load, todo, workers):
             wanted = [i for i, m in enumerate(missing) if name in m]
             if isinstance(image, CbirError):
                 for i in wanted:

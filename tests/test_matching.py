@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cbir.geometry.cameras import Camera
-from cbir.matching import MatcherConf, VerifyConf, match_descriptors, verify_pair
+from cbir.matching import MatcherConf, PairBatch, VerifyConf, match_descriptors, verify_pair
 from cbir.matching.nearest_neighbor import as_unit_tensor
 from cbir.matching.verify import UNDEFINED, verification_camera
 
@@ -75,6 +75,57 @@ def test_raw_descriptors_are_normalized_before_matching():
     raw = np.random.default_rng(3).integers(0, 255, (20, 128)).astype(np.uint8)  # SIFT as kapture stores it
     t = as_unit_tensor(raw, torch.device("cpu"))
     assert torch.allclose(t.norm(dim=1), torch.ones(20))
+
+
+CONFS = [MatcherConf(), MatcherConf(ratio=0.8), MatcherConf(mutual=False, max_distance=1.0),
+         MatcherConf(ratio=0.9, max_distance=1.2)]
+
+
+def both_paths(pairs, conf, tile_bytes):
+    """The GPU's path (whole-row tiles, queued, one copy back) and the CPU's (cache tiles),
+    both run here on the CPU."""
+    out = []
+    for path, c in (("rows", MatcherConf(**{**conf.__dict__, "device_tile_bytes": tile_bytes})), ("tiled", conf)):
+        batch = PairBatch(c, path=path)
+        for d0, d1 in pairs:
+            batch.add(torch.from_numpy(d0), torch.from_numpy(d1))
+        out.append(batch.results())
+    return out
+
+
+@pytest.mark.parametrize("conf", CONFS, ids=["mutual", "ratio", "distance", "ratio+distance"])
+@pytest.mark.parametrize("tile_bytes", [1 << 30, 4 * 70 * 550, 1])  # whole matrix, 70 rows, one row
+def test_device_path_equals_cpu_path(conf, tile_bytes):
+    """The GPU's row tiles give the CPU path's matches, pair by pair and in order, exact
+    ties included (a column tied between rows goes to the first row), and its scores up to
+    the rounding of another product shape."""
+    rng = np.random.default_rng(4)
+    base = unit(rng, 400)
+    d0 = base + 0.1 * rng.standard_normal(base.shape).astype(np.float32)
+    d0 /= np.linalg.norm(d0, axis=1, keepdims=True)
+    d1 = np.concatenate([base[::-1], unit(rng, 150)])
+    tied = np.concatenate([d0[:50], d0[:50]])  # every column tied between two rows
+    pairs = [(d0, d1), (d1, d0), (d0[:0], d1), (tied, d0[:60]), (d0, d1[:1]), (unit(rng, 3), unit(rng, 900))]
+    rows, tiled = both_paths(pairs, conf, tile_bytes)
+    assert len(rows) == len(tiled) == len(pairs)
+    for (m0, s0), (m1, s1) in zip(rows, tiled):
+        np.testing.assert_array_equal(m0, m1)
+        np.testing.assert_allclose(s0, s1, rtol=0, atol=1e-6)
+    assert len(rows[0][0]) > 300 and len(rows[2][0]) == 0
+
+
+@pytest.mark.parametrize("conf", CONFS, ids=["mutual", "ratio", "distance", "ratio+distance"])
+def test_device_path_equals_cpu_path_on_real_sift(shared, conf):
+    """Real SIFT of kapture's maupertuis sample (about 6k features an image), every pair."""
+    root = shared / "data" / "kapture_maupertuis" / "reconstruction" / "descriptors" / "SIFT"
+    descs = [np.fromfile(f, np.uint8).reshape(-1, 128).astype(np.float32) for f in sorted(root.glob("*.desc"))]
+    descs = [d / np.linalg.norm(d, axis=1, keepdims=True) for d in descs]
+    pairs = [(a, b) for i, a in enumerate(descs) for b in descs[i + 1:]]
+    rows, tiled = both_paths(pairs, conf, 16 << 20)
+    for (m0, s0), (m1, s1) in zip(rows, tiled):
+        np.testing.assert_array_equal(m0, m1)
+        np.testing.assert_allclose(s0, s1, rtol=0, atol=1e-6)
+    assert sum(len(m) for m, _ in rows) > 1000
 
 
 # ---------------------------------------------------------------- verification

@@ -23,8 +23,9 @@ from ._common import (console_err, dataset_argument, follow_symlinks_option, is_
 
 device_option = click.option("--device", default="auto", show_default=True,
                              help="cpu, cuda, cuda:N, or auto (cuda when present).")
-workers_option = click.option("--num-workers", type=click.IntRange(0), default=2, show_default=True,
-                              help="Threads for image decoding / verification.")
+workers_option = click.option("--num-workers", type=click.IntRange(0), default=None,
+                              help="Threads for image decoding, feature reading and verification "
+                                   "[default: the usable cores, at most 16].")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an output of another configuration.")
 
 
@@ -220,7 +221,9 @@ def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, l
                     "matches": report.matches, "inliers": report.inliers, "duplicates": report.duplicates,
                     "verified_with_poses": report.verified_with_poses,
                     "ransac_fallbacks": [{"pair": p, "reason": r} for p, r in report.ransac_fallbacks],
-                    "skipped": [{"pair": p, "reason": r} for p, r in report.missing_features]})
+                    "skipped": [{"pair": p, "reason": r} for p, r in report.missing_features],
+                    "device": report.device, "seconds": {k: round(v, 3) for k, v in report.seconds.items()},
+                    "bound_by": report.bound_by})
     elif not quiet:
         per = report.matches / report.matched if report.matched else 0
         msg = f"{report.matched} pairs matched ({per:.0f} matches on average"
@@ -233,6 +236,9 @@ def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, l
             console_err().print(f"{report.verified_with_poses} pairs verified with their known poses, "
                                 f"{len(report.ransac_fallbacks)} by RANSAC" +
                                 (f" ({'; '.join(reasons)})" if reasons else ""), highlight=False)
+        if report.matched:
+            phases = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
+            console_err().print(f"on {report.device}: {phases} (bound by {report.bound_by})", highlight=False)
     report_written([report.path], quiet or as_json)
 
 

@@ -4,8 +4,9 @@ Pairs are ``(query image, map image)``: the query's features come from the query
 dataset, the map image's from the map dataset (the same dataset for map x map pairs).
 The store is written in the query dataset, ``cbir/matches/<name>.h5``. Pairs already
 in the store are skipped (resume); pairs whose images lack features are reported.
-Verification (optional) runs in a thread pool, by chunks of pairs that alternate with
-the matching of the next chunk (overlapping both would oversubscribe the CPU).
+Pairs go by chunks (:func:`main`): features read by a thread pool, pairs matched (on a
+GPU, queued and copied back once per chunk), then verified (optional) by the same pool;
+on a GPU the verification of one chunk overlaps the reading and matching of the next.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +26,8 @@ from ..errors import CbirError, FormatError
 from ..io.dataset import Dataset
 from ..io.pairs import Pair
 from ..io.store import Store, StoreWriter, open_store
-from .nearest_neighbor import MatcherConf, as_unit_tensor, match_descriptors
+from ..devices import Uploader, default_workers
+from .nearest_neighbor import MatcherConf, PairBatch, as_unit_tensor
 from ..geometry.poses import Pose
 from .known_poses import CALIBRATED, PosedPair, has_baseline, verify_with_poses
 from .verify import Verified, VerifyConf, verification_camera, verify_pair
@@ -45,22 +47,29 @@ class MatchReport:
     duplicates: int = 0
     verified_with_poses: int = 0  # --verify poses: pairs checked against their known geometry
     ransac_fallbacks: list[tuple[str, str]] = field(default_factory=list)  # (pair "a b", why RANSAC)
-    #: wall-clock seconds by phase: features (reading), matching, verification, writing
+    #: wall-clock seconds of the main thread by phase: features (reading and uploading), matching
+    #: (on a GPU: waiting for its results), verification (waiting for the verification threads),
+    #: writing. On a GPU, matching and verification overlap: the larger wait says which bounds the run.
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("features", "matching", "verification",
                                                                             "writing"), 0.0))
+    device: str = "cpu"
+
+    @property
+    def bound_by(self) -> str:
+        """The phase the run spent most of its time in (waiting for)."""
+        return max(self.seconds, key=self.seconds.__getitem__)
 
 
 class FeatureCache:
-    """Keypoints and unit descriptors (on the matching device) of recently used images."""
+    """Keypoints and unit descriptors (on the matching device) of recently used images.
+    Images missing from the cache are read together by a thread pool (:meth:`load`)."""
 
     def __init__(self, store: Store, device: torch.device, capacity: int = 256):
         self.store, self.device, self.capacity = store, device, capacity
         self._items: OrderedDict[str, tuple[np.ndarray, torch.Tensor, tuple[int, int] | None]] = OrderedDict()
+        self._upload = Uploader(device)
 
-    def get(self, name: str) -> tuple[np.ndarray, torch.Tensor, tuple[int, int] | None]:
-        if name in self._items:
-            self._items.move_to_end(name)
-            return self._items[name]
+    def _read(self, name: str) -> tuple[np.ndarray, np.ndarray, tuple[int, int] | None]:
         cols = ["keypoints", "descriptors"] + (["image_sizes"] if "image_sizes" in self.store.columns else [])
         item = self.store.get(name, cols)
         for col in ("keypoints", "descriptors"):  # an edited store must not match garbage silently
@@ -69,11 +78,29 @@ class FeatureCache:
         size = tuple(int(v) for v in item["image_sizes"]) if "image_sizes" in item else None
         if size is not None and min(size) <= 0:
             size = None  # unknown (kapture imports without a camera): the camera's size is used
-        value = (item["keypoints"], as_unit_tensor(item["descriptors"], self.device), size)
-        self._items[name] = value
+        return item["keypoints"], item["descriptors"], size
+
+    def _put(self, name: str, read: tuple[np.ndarray, np.ndarray, tuple[int, int] | None]) -> None:
+        kp, desc, size = read
+        # raw descriptors travel (uint8 SIFT: a quarter of the bytes); normalized on the device
+        self._items[name] = (kp, as_unit_tensor(self._upload(desc), self.device), size)
         if len(self._items) > self.capacity:
             self._items.popitem(last=False)
-        return value
+
+    def load(self, names: list[str], pool: ThreadPoolExecutor | None = None) -> None:
+        """Read the images of ``names`` not cached yet, in parallel on ``pool``."""
+        todo = list(dict.fromkeys(n for n in names if n not in self._items))
+        if todo:
+            self.store.index(todo[0])  # build the name index before threads look names up
+        reads = pool.map(self._read, todo) if pool is not None and len(todo) > 1 else map(self._read, todo)
+        for name, read in zip(todo, reads):
+            self._put(name, read)
+
+    def get(self, name: str) -> tuple[np.ndarray, torch.Tensor, tuple[int, int] | None]:
+        if name not in self._items:
+            self._put(name, self._read(name))
+        self._items.move_to_end(name)
+        return self._items[name]
 
 
 def check_compatible(a: Store, b: Store) -> None:
@@ -112,24 +139,32 @@ def match_config(local: str, features_config: dict[str, Any], matcher: MatcherCo
     configuration), the matcher, the verification (None: matches not verified)."""
     config: dict[str, Any] = {"local_features": local, "features_config": features_config,
                               "matcher": asdict(matcher), "verify": asdict(verify) if verify else None}
-    for key in ("block_rows", "block_cols"):  # speed only, not the result
+    for key in ("block_rows", "block_cols", "device_tile_bytes"):  # speed only, not the result
         config["matcher"].pop(key)
     return config
 
 
 def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: str | None = None,
          matcher: MatcherConf = MatcherConf(), verify: VerifyConf | None = None, device: str = "auto",
-         overwrite: bool = False, num_workers: int = 2,
+         overwrite: bool = False, num_workers: int | None = None,
          progress: Callable[[int, int], None] | None = None) -> MatchReport:
+    """Match ``pairs`` into the query dataset's matches store ``name`` (default ``local``).
+
+    Pairs go by chunks: the features of a chunk are read by the worker threads, its pairs
+    matched (on a GPU: queued, then copied back once), then verified by the worker threads.
+    On a GPU the verification of a chunk runs while the next chunk is read and matched; on
+    the CPU they alternate, since both would compete for the same cores.
+    """
     from ..models.base import resolve_device
 
     dev = resolve_device(device)
+    workers = default_workers() if num_workers is None else max(1, num_workers)
     name = name or local
     same = query.root.resolve() == map_.root.resolve()
     todo, duplicates, self_pairs = plan_pairs(pairs, same)
     out = query.store_path("matches", name)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = MatchReport(out, duplicates=duplicates)
+    report = MatchReport(out, duplicates=duplicates, device=str(dev))
     report.missing_features += [(f"{a} {b}", "an image paired with itself") for a, b in self_pairs]
     with open_store(query.store_path("local", local), "local-features") as qstore, \
             (open_store(map_.store_path("local", local), "local-features") if not same else nullcontext(qstore)) as mstore:
@@ -138,51 +173,139 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
         attrs = {"name": name, "config": config, "local_features": local}
         qcache = FeatureCache(qstore, dev)
         mcache = qcache if same else FeatureCache(mstore, dev)
-        cameras = _Cameras() if verify else None
         qnames = set(query.sensors.image_names())
         mnames = qnames if same else set(map_.sensors.image_names())
         with_poses = verify is not None and verify.method == "poses"
         qposes = query.sensors.image_poses() if with_poses else {}
         mposes = qposes if same or not with_poses else map_.sensors.image_poses()
         with StoreWriter(out, "matches", attrs, overwrite=overwrite) as writer, \
-                ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="cbir-verify") as pool:
-            # matching (torch, all cores) and verification (pycolmap, one core per worker) alternate
-            # by chunks of pairs instead of overlapping: together they would oversubscribe the CPU
-            pending: list[tuple[tuple[str, str], np.ndarray, np.ndarray, tuple | None]] = []
+                ThreadPoolExecutor(workers, thread_name_prefix="cbir-match") as pool:
+            run = _Run(query, map_, qcache, mcache, PairBatch(matcher), verify, _Cameras() if verify else None,
+                       (qposes, mposes), pool, writer, report, progress, len(todo), overlap=dev.type == "cuda")
+            chunk: list[tuple[str, str]] = []
             for a, b in todo:
                 if (a, b) in writer:
                     report.already_present += 1
-                    if progress:
-                        progress(1, len(todo))
+                    run.advance()
                     continue
                 missing = [f"{n} is not an image of {d.root}" for n, d, known in ((a, query, qnames), (b, map_, mnames))
                            if n not in known] or \
                           [f"{n} has no features in {s.path}" for n, s in ((a, qstore), (b, mstore)) if n not in s]
                 if missing:
                     report.missing_features.append((f"{a} {b}", "; ".join(missing)))
-                    if progress:
-                        progress(1, len(todo))
+                    run.advance()
                     continue
-                t0 = time.perf_counter()
-                kp0, d0, size0 = qcache.get(a)
-                kp1, d1, size1 = mcache.get(b)
-                t1 = time.perf_counter()
-                m, s = match_descriptors(d0, d1, matcher)
-                report.seconds["features"] += t1 - t0
-                report.seconds["matching"] += time.perf_counter() - t1
-                job = None
-                if verify is not None:
-                    cam0, cam1 = cameras.get(query, a, size0), cameras.get(map_, b, size1)
-                    job = _VerifyJob(cam0, kp0, cam1, kp1, m, verify)
-                    if with_poses:
-                        job.posed, why = _posed(job, qposes.get(a), mposes.get(b))
-                        if job.posed is None:
-                            report.ransac_fallbacks.append((f"{a} {b}", why))
-                pending.append(((a, b), m, s, job))
-                if len(pending) >= VERIFY_CHUNK:
-                    _drain(pending, pool, writer, report, progress, len(todo))
-            _drain(pending, pool, writer, report, progress, len(todo))
+                chunk.append((a, b))
+                if len(chunk) >= VERIFY_CHUNK:
+                    run.chunk(chunk)
+                    chunk = []
+            run.chunk(chunk)
+            run.finish()
     return report
+
+
+class _Run:
+    """One `cbir match` run: chunks of pairs read, matched, verified, written."""
+
+    def __init__(self, query: Dataset, map_: Dataset, qcache: FeatureCache, mcache: FeatureCache, batch: PairBatch,
+                 verify: VerifyConf | None, cameras: "_Cameras | None", poses: tuple[dict, dict],
+                 pool: ThreadPoolExecutor, writer: StoreWriter, report: MatchReport,
+                 progress: Callable[[int, int], None] | None, total: int, overlap: bool):
+        self.query, self.map, self.qcache, self.mcache, self.batch = query, map_, qcache, mcache, batch
+        self.verify, self.cameras, self.poses, self.pool = verify, cameras, poses, pool
+        self.writer, self.report, self.progress, self.total, self.overlap = writer, report, progress, total, overlap
+        self._inflight: tuple[list, dict[int, Future]] | None = None  # a chunk being verified
+
+    def advance(self) -> None:
+        if self.progress:
+            self.progress(1, self.total)
+
+    def chunk(self, keys: list[tuple[str, str]]) -> None:
+        if not keys:
+            return
+        seconds = self.report.seconds
+        t0 = time.perf_counter()
+        self.qcache.load([a for a, _ in keys], self.pool)
+        self.mcache.load([b for _, b in keys], self.pool)
+        feats = [(self.qcache.get(a), self.mcache.get(b)) for a, b in keys]
+        t1 = time.perf_counter()
+        for (_, d0, _), (_, d1, _) in feats:
+            self.batch.add(d0, d1)
+        results = self.batch.results()
+        t2 = time.perf_counter()
+        seconds["features"] += t1 - t0
+        seconds["matching"] += t2 - t1
+        pending = []
+        for key, ((kp0, _, size0), (kp1, _, size1)), (m, s) in zip(keys, feats, results):
+            job = None
+            if self.verify is not None:
+                cam0, cam1 = self.cameras.get(self.query, key[0], size0), self.cameras.get(self.map, key[1], size1)
+                job = _VerifyJob(cam0, kp0, cam1, kp1, m, self.verify)
+                if self.verify.method == "poses":
+                    job.posed, why = _posed(job, self.poses[0].get(key[0]), self.poses[1].get(key[1]))
+                    if job.posed is None:
+                        self.report.ransac_fallbacks.append((f"{key[0]} {key[1]}", why))
+            pending.append((key, m, s, job))
+        self._write_inflight()  # the previous chunk, verified while this one was read and matched
+        self._inflight = (pending, _submit(pending, self.pool))
+        if not self.overlap:
+            self._write_inflight()
+
+    def finish(self) -> None:
+        self._write_inflight()
+
+    def _write_inflight(self) -> None:
+        if self._inflight is None:
+            return
+        pending, futures = self._inflight
+        self._inflight = None
+        t0 = time.perf_counter()
+        results = {i: f.result() for i, f in futures.items()}
+        t1 = time.perf_counter()
+        self.report.seconds["verification"] += t1 - t0
+        nan = np.full((3, 3), np.nan)
+        for i, (key, m, s, job) in enumerate(pending):
+            cols: dict[str, np.ndarray] = {"matches": m, "scores": s}
+            v = results.get(i)
+            if isinstance(v, tuple):  # (inliers, E) from the known poses
+                v = Verified(v[0], CALIBRATED, nan, v[1], nan)
+                self.report.verified_with_poses += 1
+            if v is not None:
+                cols.update(inliers=v.inliers, geometry_config=np.int8(v.config), F=v.F, E=v.E, H=v.H)
+                self.report.inliers += int(v.inliers.sum())
+            self.writer.add(key, **cols)
+            self.report.matched += 1
+            self.report.matches += len(m)
+            self.advance()
+        self.report.seconds["writing"] += time.perf_counter() - t1
+
+
+def _submit(pending: list, pool: ThreadPoolExecutor) -> dict[int, Future]:
+    """Verification of a chunk on the pool: RANSAC one task per pair, the known-pose check
+    one vectorized task for all its pairs (its results split back per pair)."""
+    jobs = [job for *_, job in pending]
+    posed = [i for i, job in enumerate(jobs) if job is not None and job.posed is not None]
+    futures: dict[int, Future] = {}
+    if posed:
+        conf = jobs[posed[0]].conf
+        together = pool.submit(verify_with_poses, [jobs[i].posed for i in posed], conf.max_error, conf.min_inliers)
+        for n, i in enumerate(posed):
+            futures[i] = _Part(together, n)
+    for i, job in enumerate(jobs):
+        if job is not None and i not in futures:
+            futures[i] = pool.submit(verify_pair, job.camera0, job.keypoints0, job.camera1, job.keypoints1,
+                                     job.matches, job.conf)
+    return futures
+
+
+class _Part:
+    """Item ``n`` of the list a future gives, as a future of its own."""
+
+    def __init__(self, whole: Future, n: int):
+        self.whole, self.n = whole, n
+
+    def result(self):
+        return self.whole.result()[self.n]
 
 
 @dataclass
@@ -205,40 +328,6 @@ def _posed(job: _VerifyJob, pose0: Pose | None, pose1: Pose | None) -> tuple[Pos
     if not has_baseline(pose0, pose1):
         return None, "no baseline (the camera centres coincide)"
     return PosedPair(job.camera0, pose0, job.keypoints0, job.camera1, pose1, job.keypoints1, job.matches), ""
-
-
-def _drain(pending: list, pool: ThreadPoolExecutor, writer: StoreWriter, report: MatchReport,
-           progress: Callable[[int, int], None] | None, total: int) -> None:
-    t0 = time.perf_counter()
-    jobs = [job for *_, job in pending]
-    posed = [i for i, job in enumerate(jobs) if job is not None and job.posed is not None]
-    known = dict(zip(posed, verify_with_poses([jobs[i].posed for i in posed], jobs[posed[0]].conf.max_error,
-                                              jobs[posed[0]].conf.min_inliers))) if posed else {}
-    futures = {i: pool.submit(verify_pair, job.camera0, job.keypoints0, job.camera1, job.keypoints1, job.matches,
-                              job.conf)
-               for i, job in enumerate(jobs) if job is not None and i not in known}
-    nan = np.full((3, 3), np.nan)
-    results = {i: f.result() for i, f in futures.items()}
-    t1 = time.perf_counter()
-    report.seconds["verification"] += t1 - t0
-    for i, (key, m, s, _) in enumerate(pending):
-        cols: dict[str, np.ndarray] = {"matches": m, "scores": s}
-        if i in known:
-            inliers, essential = known[i]
-            v = Verified(inliers, CALIBRATED, nan, essential, nan)
-            report.verified_with_poses += 1
-        else:
-            v = results.get(i)
-        if v is not None:
-            cols.update(inliers=v.inliers, geometry_config=np.int8(v.config), F=v.F, E=v.E, H=v.H)
-            report.inliers += int(v.inliers.sum())
-        writer.add(key, **cols)
-        report.matched += 1
-        report.matches += len(m)
-        if progress:
-            progress(1, total)
-    report.seconds["writing"] += time.perf_counter() - t1
-    pending.clear()
 
 
 class _Cameras:

@@ -1,11 +1,15 @@
 """Mutual nearest-neighbour matching of L2-normalized descriptors, on torch.
 
-The similarity of a pair is computed once, in cache-sized tiles, so a 20k x 20k pair
-never holds more than ``block_rows x block_cols`` similarities: each tile updates the
-running row-wise nearest neighbour (and the ratio test's second best) and the running
-column-wise maximum. A row's nearest neighbour is mutual when its
-similarity equals that column maximum, so the reverse nearest-neighbour indices are
-never materialized (index-tracking reductions along columns are the slow part).
+The similarity of a pair is computed once, in tiles, so a 20k x 20k pair never holds
+the whole matrix: each tile updates the running row-wise nearest neighbour (and the
+ratio test's second best) and the running column-wise maximum. A row's nearest
+neighbour is mutual when its similarity equals that column maximum, so the reverse
+nearest-neighbour indices are never materialized (index-tracking reductions along
+columns are the slow part).
+
+Two paths compute the same result: on the CPU, tiles of ``block_rows x block_cols``
+that stay in cache and NumPy's argmax; on a GPU, tiles of whole rows (one large matrix
+product each), queued pair after pair with no host synchronisation (:class:`PairBatch`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..devices import exact_float32
 from ..validate import check_bool, check_number
 
 
@@ -30,6 +35,8 @@ class MatcherConf:
     # the reductions while the matrix product runs at full speed (measured: benchmarks/)
     block_rows: int = 1024
     block_cols: int = 2048
+    # on a GPU: tiles of whole rows, at most this many bytes of similarities each
+    device_tile_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:  # the rules of `cbir match` and the pipeline alike
         check_bool("mutual", self.mutual)
@@ -47,16 +54,114 @@ def as_unit_tensor(desc: np.ndarray | torch.Tensor, device: torch.device) -> tor
 @torch.inference_mode()
 def match_descriptors(d0: torch.Tensor, d1: torch.Tensor,
                       conf: MatcherConf = MatcherConf()) -> tuple[np.ndarray, np.ndarray]:
-    """Match unit descriptors ``d0`` (K0 x D) to ``d1`` (K1 x D).
+    """Match unit descriptors ``d0`` (K0 x D) to ``d1`` (K1 x D), on their device.
 
     Returns ``matches`` (M, 2) int32 (index in d0, index in d1), sorted by the index in
-    d0, and ``scores`` (M,) float32 cosine similarities.
+    d0, and ``scores`` (M,) float32 cosine similarities. To match many pairs on a GPU,
+    :class:`PairBatch` queues them and copies the results back once.
     """
+    batch = PairBatch(conf)
+    batch.add(d0, d1)
+    return batch.results()[0]
+
+
+class PairBatch:
+    """Pairs matched together. On the CPU each pair is matched when added (cache-sized
+    tiles, NumPy argmax). On a CUDA device ``add`` only queues the pair's kernels (no host
+    synchronisation), and :meth:`results` copies every pair's nearest neighbours back in
+    one transfer: the host queues the next pairs while the device works. ``path`` forces
+    one of the two ("tiled", "rows"; default "auto": by the descriptors' device), so that
+    tests can compare them on the CPU."""
+
+    def __init__(self, conf: MatcherConf = MatcherConf(), path: str = "auto"):
+        if path not in ("auto", "tiled", "rows"):
+            raise ValueError(f"unknown matching path {path!r}")
+        self.conf, self.path = conf, path
+        self._items: list[tuple | None] = []  # per pair: device tensors (nn, keep, best), or a finished result
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @torch.inference_mode()
+    def add(self, d0: torch.Tensor, d1: torch.Tensor) -> None:
+        n0, n1 = d0.shape[0], d1.shape[0]
+        if n0 == 0 or n1 == 0 or (self.conf.ratio is not None and n1 < 2):
+            self._items.append(("done", _EMPTY))
+            return
+        if d0.shape[1] != d1.shape[1]:
+            raise ValueError(f"descriptor dimensions differ: {d0.shape[1]} and {d1.shape[1]}")
+        if self.path == "tiled" or (self.path == "auto" and d0.device.type == "cpu"):
+            nn01, keep, best = nearest_neighbors_tiled(d0, d1, self.conf)
+            self._items.append(("done", select(nn01.numpy(), keep.numpy(), best.numpy(), self.conf.mutual)))
+        else:
+            with exact_float32():
+                self._items.append(("queued", nearest_neighbors(d0, d1, self.conf)))
+
+    @torch.inference_mode()
+    def results(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(matches, scores)`` of every pair, in the order added; the batch is emptied."""
+        queued = [item for state, item in self._items if state == "queued"]
+        host: list[np.ndarray] = []
+        packed = [torch.cat([q[c] for q in queued]) for c in range(3)] if queued else []
+        if packed and packed[0].device.type == "cpu":
+            host = [p.numpy() for p in packed]
+        elif packed:  # one copy per column into pinned memory, then a single wait
+            host_t = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in packed]
+            for h, p in zip(host_t, packed):
+                h.copy_(p, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            done.synchronize()
+            host = [h.numpy() for h in host_t]
+        out, start = [], 0
+        for state, item in self._items:
+            if state == "done":
+                out.append(item)
+                continue
+            stop = start + item[0].shape[0]
+            out.append(select(host[0][start:stop], host[1][start:stop], host[2][start:stop], self.conf.mutual))
+            start = stop
+        self._items = []
+        return out
+
+
+_EMPTY = (np.zeros((0, 2), np.int32), np.zeros((0,), np.float32))
+
+
+def nearest_neighbors(d0: torch.Tensor, d1: torch.Tensor,
+                      conf: MatcherConf = MatcherConf()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The device path, without any host synchronisation: ``(nn01 int32, keep bool, best
+    float32)`` per row of ``d0``, from tiles of whole rows of at most ``conf.device_tile_bytes``
+    similarities (one large matrix product each; the row and column reductions read a tile
+    while the cache still holds it)."""
     n0, n1 = d0.shape[0], d1.shape[0]
-    if n0 == 0 or n1 == 0 or (conf.ratio is not None and n1 < 2):
-        return np.zeros((0, 2), np.int32), np.zeros((0,), np.float32)
-    if d0.shape[1] != d1.shape[1]:
-        raise ValueError(f"descriptor dimensions differ: {d0.shape[1]} and {d1.shape[1]}")
+    ratio = conf.ratio is not None
+    rows = max(1, min(n0, conf.device_tile_bytes // (4 * n1)))
+    nn01 = torch.empty((n0,), dtype=torch.int64, device=d0.device)
+    best = torch.empty((n0, 2 if ratio else 1), dtype=torch.float32, device=d0.device)
+    col_best = None
+    d1t = d1.t()
+    for r0 in range(0, n0, rows):
+        r1 = min(n0, r0 + rows)
+        sim = torch.mm(d0[r0:r1], d1t)
+        if ratio:  # a tie of the best two fails the (strict) ratio test, whichever index topk gives
+            top = torch.topk(sim, 2, dim=1, sorted=True)
+            best[r0:r1], nn01[r0:r1] = top.values, top.indices[:, 0]
+        else:  # the first column of a tie, as argmax
+            top = torch.max(sim, dim=1)
+            best[r0:r1, 0], nn01[r0:r1] = top.values, top.indices
+        if conf.mutual:
+            col = torch.amax(sim, dim=0)
+            col_best = col if col_best is None else torch.maximum(col_best, col, out=col_best)
+        del sim
+    return nn01.int(), keep_mask(best, nn01, col_best, conf), best[:, 0]
+
+
+def nearest_neighbors_tiled(d0: torch.Tensor, d1: torch.Tensor,
+                            conf: MatcherConf = MatcherConf()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CPU path: ``(nn01, keep, best)`` as :func:`nearest_neighbors`, from tiles of
+    ``block_rows x block_cols`` similarities that stay in the CPU's cache."""
+    n0, n1 = d0.shape[0], d1.shape[0]
     k = 2 if conf.ratio is not None else 1
     dev = d0.device
     best = torch.full((n0, k), -torch.inf, dtype=torch.float32, device=dev)
@@ -84,8 +189,16 @@ def match_descriptors(d0: torch.Tensor, d1: torch.Tensor,
             better = top > b[:, 0]  # strict: the first column wins ties, as argmax does
             nn01[r0:r1] = torch.where(better, idx + c0, nn01[r0:r1])
             b[:, 0] = torch.where(better, top, b[:, 0])
-    keep = torch.ones(n0, dtype=torch.bool, device=dev)
-    if conf.mutual:
+    return nn01.int(), keep_mask(best, nn01, col_best if conf.mutual else None, conf), best[:, 0]
+
+
+def keep_mask(best: torch.Tensor, nn01: torch.Tensor, col_best: torch.Tensor | None,
+              conf: MatcherConf) -> torch.Tensor:
+    """Rows whose nearest neighbour passes the mutual check, the ratio test and the distance
+    bound. ``best``: each row's best (and second best) similarity; ``col_best``: each
+    column's best similarity (None: no mutual check)."""
+    keep = torch.ones(best.shape[0], dtype=torch.bool, device=best.device)
+    if conf.mutual and col_best is not None:
         # row i is its column's nearest neighbour iff its best similarity is the column's maximum
         keep &= best[:, 0] >= col_best[nn01]
     if conf.ratio is not None:
@@ -93,16 +206,20 @@ def match_descriptors(d0: torch.Tensor, d1: torch.Tensor,
         keep &= (2 - 2 * best[:, 0]) < conf.ratio ** 2 * (2 - 2 * best[:, 1])
     if conf.max_distance is not None:
         keep &= (2 - 2 * best[:, 0]) <= conf.max_distance ** 2
-    i0 = keep.nonzero()[:, 0].cpu().numpy()
-    j = nn01.cpu().numpy()[i0]
-    if conf.mutual and len(i0):
-        # exact ties: one row per column, the first (as argmax would pick)
+    return keep
+
+
+def select(nn01: np.ndarray, keep: np.ndarray, best: np.ndarray, mutual: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(matches, scores)`` of the kept rows; with ``mutual``, a column tied between rows
+    goes to the first row (as argmax would pick)."""
+    i0 = np.flatnonzero(keep)
+    j = nn01[i0]
+    if mutual and len(i0):
         _, first = np.unique(j, return_index=True)
         if len(first) < len(i0):
             first.sort()
             i0, j = i0[first], j[first]
-    matches = np.stack([i0, j], axis=1).astype(np.int32)
-    return matches, best[:, 0].cpu().numpy()[i0]
+    return np.stack([i0, j], axis=1).astype(np.int32), best[i0].astype(np.float32, copy=False)
 
 
 def _row_argmax(sim: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,72 @@
+"""What the hot paths share to run well on a CUDA device (and unchanged on the CPU).
+
+* :class:`Uploader`: host arrays to the device through pinned memory on a copy stream, so
+  the next item's transfer overlaps the kernels of this one and the host never waits;
+* :func:`exact_float32`: float32 products computed in float32 (not TF32) whatever the
+  process-wide settings, since the results must equal the CPU path's;
+* :func:`memory_budget`: how many bytes a step may keep resident on the device.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import torch
+
+
+class Uploader:
+    """Copies host arrays to ``device``. On CUDA the copy runs on its own stream from pinned
+    memory (non-blocking); the compute stream waits for it on the device, not the host."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __call__(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
+        host = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
+        if self._stream is None:
+            return host.to(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        pinned = host if host.is_pinned() else host.pin_memory()
+        with torch.cuda.stream(self._stream):
+            out = pinned.to(self.device, non_blocking=True)
+        compute.wait_stream(self._stream)
+        out.record_stream(compute)  # its memory is not reused before the compute stream is done with it
+        return out
+
+
+@contextmanager
+def exact_float32() -> Iterator[None]:
+    """float32 matrix products in full float32 precision (TF32 off, no reduced-precision
+    reductions) for the duration; the previous settings are restored after."""
+    m = torch.backends.cuda.matmul
+    saved = (m.allow_tf32, m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction)
+    m.allow_tf32 = False
+    m.allow_fp16_reduced_precision_reduction = False
+    m.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        m.allow_tf32, m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = saved
+
+
+def memory_budget(device: torch.device, fraction: float = 0.5) -> int:
+    """Bytes a step may keep resident: ``fraction`` of the device's free memory (CUDA),
+    0 elsewhere (the host keeps its own, smaller caches)."""
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * fraction)
+
+
+def default_workers(limit: int = 16) -> int:
+    """Worker threads for decoding, reading and verification: the cores this process may
+    use, at most ``limit``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(limit, cores))
