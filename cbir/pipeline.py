@@ -83,7 +83,7 @@ from .io.store import open_store
 from .io.textfile import read_utf8
 from .matching import MatcherConf, VerifyConf
 from .matching import match as match_mod
-from .models.base import Extractor
+from .models.base import Extractor, resolve_device
 from .retrieval import DescriptorSet, FusionConf, RetrievalConf, pairs_record, retrieve
 from .validate import check_bool, check_integer, check_number
 
@@ -92,7 +92,7 @@ STEPS = ("extract", "retrieve", "match", "map", "localize", "evaluate")
 DEFAULTS: dict[str, Any] = {
     "datasets": {"map": None, "query": None, "query_gt": None},
     "extract": {"local": "sift", "global": ["densevlad"], "weights": None, "local_conf": {}, "global_conf": {}},
-    "retrieve": {"fusion": "gharm", "topk": 20, "map_pairs": 20},
+    "retrieve": {"fusion": "gharm", "topk": 20, "map_pairs": 20, "precision": "fp32"},
     "match": {"ratio": 0.0, "mutual": True, "max_error": 4.0, "min_inliers": 15, "map_verify": "poses"},
     "map": {"conf": {}},
     "localize": {"config": "config2", "conf": {}, "rig": False, "rig_max_gap": 0, "sequence": False,
@@ -237,7 +237,6 @@ def plan(conf: dict[str, Any], source: str | Path | None = None) -> Plan:
     """Check the whole configuration before anything runs: datasets, every option's type and
     range, every name (extractors, fusion, paper config, pycolmap options), weights present.
     Errors name ``source`` (the configuration file) and the section."""
-    from .models.base import resolve_device
 
     def section(name: str, make: Callable[[], Any]) -> Any:
         try:
@@ -261,9 +260,11 @@ def plan(conf: dict[str, Any], source: str | Path | None = None) -> Plan:
     rt = conf["retrieve"]
     fusion = section("retrieve", lambda: FusionConf(rt["fusion"]) if isinstance(rt["fusion"], str) else
                      _fail(f"fusion must be a name, got {rt['fusion']!r}"))
-    query_retrieval = section("retrieve", lambda: RetrievalConf(topk=rt["topk"], fusion=fusion))
+    query_retrieval = section("retrieve", lambda: RetrievalConf(topk=rt["topk"], fusion=fusion,
+                                                               precision=rt["precision"]))
     section("retrieve", lambda: check_integer("map_pairs", rt["map_pairs"], 0))
-    map_retrieval = RetrievalConf(topk=rt["map_pairs"], fusion=fusion, exclude_self=True) if rt["map_pairs"] else None
+    map_retrieval = RetrievalConf(topk=rt["map_pairs"], fusion=fusion, exclude_self=True,
+                                  precision=rt["precision"]) if rt["map_pairs"] else None
     mt = conf["match"]
     section("match", lambda: check_number("ratio", mt["ratio"], 0.0, 1.0))
     matcher = section("match", lambda: MatcherConf(mutual=mt["mutual"], ratio=float(mt["ratio"]) or None))
@@ -524,7 +525,8 @@ def _retrieve(p: Plan, replace: bool, step: Callable[[str], None],
                 out.append((read_pairs(path), "reused"))
                 continue
             with progress(f"retrieve {path.stem}") as update:
-                pairs = exhaustive_pairs(names) if conf is None else retrieve(query_set, mset, conf, progress=update)
+                pairs = exhaustive_pairs(names) if conf is None else \
+                    retrieve(query_set, mset, conf, device=resolve_device(p.device), progress=update)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_pairs(path, pairs, record)
             out.append((pairs, "new"))

@@ -261,3 +261,103 @@ def test_same_names_in_two_datasets_are_kept_unless_asked(tmp_path):
     theirs = peer_pairs(qset, mset, "generalized_harmonic_mean", {"weights": [], "gamma": 0.5}, 10)
     assert [(p.query, p.map) for p in dropped] == [(a, b) for a, b, _ in theirs]
     assert not any(p.query == p.map for p in dropped)
+
+
+# ---------------------------------------------------------------- half precision, resident maps
+
+def names_of(pairs):
+    return [(p.query, p.map) for p in pairs]
+
+
+def ranked(pairs):
+    """Each query's ranking as (score, images of that score): images of exactly equal
+    scores come in any order, from exact search as from any other."""
+    out: dict = {}
+    for p in pairs:
+        groups = out.setdefault(p.query, [])
+        if groups and groups[-1][0] == p.score:
+            groups[-1][1].add(p.map)
+        else:
+            groups.append((p.score, {p.map}))
+    return out
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("method", ["gharm", "mean", "min", "max", "mean_and_min", "min_and_max"])
+def test_half_precision_gives_the_exact_topk(stores, precision, method):
+    """Half-precision search with float32 rescoring returns exact search's pairs, in order,
+    map x map with self excluded too, streamed or kept whole."""
+    q, m = stores
+    qset, mset = load(q), load(m)
+    for query, exclude, cache in ((qset, False, 512 << 20), (mset, True, 0)):
+        exact = retrieve(query, mset, RetrievalConf(topk=20, fusion=FusionConf(method), exclude_self=exclude))
+        timings: dict = {}
+        half = retrieve(query, mset, RetrievalConf(topk=20, fusion=FusionConf(method), exclude_self=exclude,
+                                                   precision=precision, cache_bytes=cache, map_chunk=64),
+                        timings=timings)
+        assert ranked(half) == ranked(exact)
+
+
+def near_ties(tmp_path, gaps: float, tied: int, n_map: int = 500, dim: int = 256):
+    """One query; ``tied`` map images at similarities 1 - 1e-3 - i * gaps (closer than half
+    precision resolves), the rest far below."""
+    rng = np.random.default_rng(7)
+    qv = rng.standard_normal(dim)
+    qv /= np.linalg.norm(qv)
+    ortho = rng.standard_normal((n_map, dim))
+    ortho -= np.outer(ortho @ qv, qv)
+    ortho /= np.linalg.norm(ortho, axis=1, keepdims=True)
+    sims = np.concatenate([1 - 1e-3 - gaps * rng.permutation(tied), rng.uniform(0.0, 0.5, n_map - tied)])
+    mv = sims[:, None] * qv + np.sqrt(1 - sims ** 2)[:, None] * ortho
+    qs = write_global(tmp_path / "q.h5", ["q.jpg"], qv[None].astype(np.float32))
+    ms = write_global(tmp_path / "m.h5", [f"m{i:03d}.jpg" for i in range(n_map)], mv.astype(np.float32))
+    return load([qs]), load([ms])
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_orders_near_ties_exactly(tmp_path, precision):
+    """20 images 1e-5 apart (below fp16's 5e-4 and bf16's 4e-3 steps), then a wide gap: the
+    candidates settle the top-k by the bound alone, in the exact order."""
+    qset, mset = near_ties(tmp_path, 1e-5, 20)
+    exact = retrieve(qset, mset, RetrievalConf(topk=10))
+    timings: dict = {}
+    half = retrieve(qset, mset, RetrievalConf(topk=10, precision=precision), timings=timings)
+    assert names_of(half) == names_of(exact)
+    assert timings["fallback_queries"] == 0
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_falls_back_when_the_bound_cannot_decide(tmp_path, precision):
+    """More near-tied images than candidates: the bound cannot exclude the others, so the
+    query is searched again in float32, and the result is still exact."""
+    qset, mset = near_ties(tmp_path, 1e-6, 120)
+    exact = retrieve(qset, mset, RetrievalConf(topk=10))
+    timings: dict = {}
+    half = retrieve(qset, mset, RetrievalConf(topk=10, precision=precision, candidates=40), timings=timings)
+    assert names_of(half) == names_of(exact)
+    assert timings["fallback_queries"] == 1
+
+
+def test_half_precision_is_refused_for_fusions_it_cannot_bound():
+    for method in ("round_robin", "power", "harmonic_mean", "villena_roman", "mean_and_power"):
+        with pytest.raises(CbirError, match="precision fp16 needs a fusion"):
+            RetrievalConf(fusion=FusionConf(method), precision="fp16")
+    with pytest.raises(CbirError, match="unknown precision"):
+        RetrievalConf(precision="fp8")
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_error_bound_holds(precision):
+    """The measured error of half-precision similarities stays within the bound, for unit
+    vectors with tiny components (fp16 subnormals) too."""
+    from cbir.retrieval.search import _half_product, error_bound
+
+    rng = np.random.default_rng(3)
+    for dim in (128, 2048, 4096):
+        a = rng.standard_normal((64, dim)) * rng.uniform(0, 1, (64, dim)) ** 8  # many tiny components
+        b = a[::-1] + 0.05 * rng.standard_normal((64, dim))
+        a, b = (torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True)) for x in (a, b))
+        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        approx = _half_product(a.float().to(dtype), b.float().to(dtype)).double()
+        err = (approx - a @ b.t()).abs().max().item()
+        assert 0 < err <= error_bound(precision, dim)

@@ -16,6 +16,7 @@ from ..retrieval import ALIASES, METHODS, DescriptorSet, FusionConf, RetrievalCo
 from ..retrieval.index import (INDEX_KINDS, IndexConf, build_indexes, index_record, load_indexes,
                                recall_against_exact, retrieve_indexed)
 from ..retrieval.rerank import retrieve_with_expansion
+from ..retrieval.search import PRECISIONS
 from ._common import console_err, is_quiet, open_dataset, print_json, report_written
 from .features_cmds import progress_bar
 
@@ -61,6 +62,9 @@ def _floats(value: str | None) -> tuple[float, ...]:
 @click.option("--exclude-same-name", is_flag=True,
               help="Drop a map image named as the query even in another dataset (kapture-localization's pairs).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="Exact search: fp32 everywhere, or fp16/bf16 search with the candidates rescored in fp32 "
+                   "(the same pairs, faster on GPUs; gharm, mean, min, max, mean_and_min, min_and_max).")
 @click.option("-o", "--output", help="Pairs file, or - for stdout (default: QUERY/cbir/pairs/<stores>_top<k>.txt).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary (on stderr with -o -).")
 @click.pass_context
@@ -68,7 +72,7 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
                  weights: str | None, gamma: float | None, alpha: float | None, qe: int, qe_alpha: float, dba: int,
                  dba_alpha: float, index_kind: str, candidates: int, nlist: int | None, nprobe: int,
                  pq_m: int | None, lsh_bits: int | None, recall_sample: int, exclude_same_name: bool, device: str,
-                 output: str | None, as_json: bool) -> None:
+                 precision: str, output: str | None, as_json: bool) -> None:
     """The TOPK most similar map images of each query, as a pairs file.
 
     Several descriptors (--global a,b,c) are fused per (query, map image) with --fusion;
@@ -81,7 +85,7 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
     q = open_dataset(query) if query else m
     same = q.root.resolve() == m.root.resolve()
     conf = RetrievalConf(topk=topk, fusion=FusionConf(fusion, _floats(weights), gamma=gamma, alpha=alpha),
-                         exclude_self=same, exclude_same_name=exclude_same_name)
+                         exclude_self=same, exclude_same_name=exclude_same_name, precision=precision)
     quiet = is_quiet(ctx)
     with ExitStack() as stack:
         qstores = [stack.enter_context(open_store(q.store_path("global", n), "global-features")) for n in names]

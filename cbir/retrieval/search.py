@@ -6,13 +6,18 @@ and a top-k of the chunk is merged into the block's running top-k. Memory is bou
 one map chunk and ``n + 1`` similarity blocks, whatever the size of the map; nothing is
 ever fully sorted. round_robin keeps a running top-k per descriptor instead and merges
 the rankings at the end, as kapture-localization does.
+
+On a GPU the map stays resident in device memory when it fits (:class:`MapChunks`), and
+the search may run in half precision with an exact float32 rescoring of candidates whose
+result is provably the exact top-k (:func:`_half_topk`).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -22,8 +27,14 @@ from ..io.dataset import model_path
 from ..io.pairs import Pair
 from ..io.provenance import differences
 from ..io.store import Store
-from ..validate import check_integer
-from .fusion import FusionConf, fuse, nan_last, restore_nan
+from ..devices import Uploader, exact_float32, memory_budget
+from ..validate import check_integer, check_number
+from .fusion import FusionConf, fuse, nan_last, normalized_weights, restore_nan
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+#: fusions that never decrease when one similarity grows (on their domain): an upper bound of
+#: every similarity then bounds the fused score, which half precision's exactness rests on
+MONOTONE = frozenset({"gharm", "mean", "min", "max", "mean_and_min", "min_and_max"})
 
 
 @dataclass(frozen=True)
@@ -35,17 +46,39 @@ class RetrievalConf:
     #: does (off by default: in separate datasets a shared name is a different image)
     exclude_same_name: bool = False
 
+    # speed only, not the result (not recorded with the pairs):
+    query_block: int | None = None  # queries per block (None: 1024 on the CPU, 4096 on a GPU)
+    map_chunk: int | None = None  # map images per chunk (None: 16384 on the CPU, 32768 on a GPU)
+    cache_bytes: int = 512 << 20  # CPU: keep the map in memory across query blocks below this size
+    device_memory: float = 0.5  # GPU: keep the map resident when it fits this share of the free memory
+    #: "fp32" (exact search), or "fp16" / "bf16": search in half precision for candidates, then
+    #: rescore them in float32; provably the exact top-k (see :func:`error_bound`), queries
+    #: the bound cannot settle are searched again in float32
+    precision: str = "fp32"
+    candidates: int | None = None  # half precision: candidates rescored per query (None: 4 x topk)
+
     @property
     def excludes_names(self) -> bool:
         return self.exclude_self or self.exclude_same_name
-    query_block: int = 1024
-    map_chunk: int = 16384
-    cache_bytes: int = 512 << 20  # keep the map in memory across query blocks below this size
 
     def __post_init__(self) -> None:  # the rules of `cbir retrieve` and the pipeline alike
         check_integer("topk", self.topk, 1)
         if not isinstance(self.fusion, FusionConf):
             raise TypeError("fusion must be a FusionConf")
+        for key in ("query_block", "map_chunk", "candidates"):
+            if getattr(self, key) is not None:
+                check_integer(key, getattr(self, key), 1)
+        check_number("device_memory", self.device_memory, 0.0, 1.0)
+        if self.precision not in PRECISIONS:
+            raise CbirError(f"unknown precision {self.precision!r} (known: {', '.join(PRECISIONS)})")
+        if self.precision != "fp32" and self.fusion.name not in MONOTONE:
+            raise CbirError(f"precision {self.precision} needs a fusion that never decreases when a similarity "
+                            f"grows ({', '.join(sorted(MONOTONE))}), not {self.fusion.name}: use --precision fp32")
+
+    def blocks(self, device: torch.device) -> tuple[int, int]:
+        """``(query_block, map_chunk)`` for ``device``: large blocks feed a GPU, cache-sized ones a CPU."""
+        gpu = device.type == "cuda"
+        return self.query_block or (4096 if gpu else 1024), self.map_chunk or (32768 if gpu else 16384)
 
     def record(self) -> dict:
         """The options the pairs depend on (recorded with them)."""
@@ -124,8 +157,12 @@ class DescriptorSet:
 
     def take(self, index: np.ndarray, device: torch.device) -> list[torch.Tensor]:
         """Unit-L2 float32 descriptors of the images at ``index``, one tensor per store."""
+        return [t.to(device) for t in self.take_host(index)]
+
+    def take_host(self, index: np.ndarray) -> list[torch.Tensor]:
+        """:meth:`take` in host memory; a zero or non-finite descriptor is an error."""
         if self.arrays is not None:
-            return [torch.from_numpy(a[index]).to(device) for a in self.arrays]
+            return [torch.as_tensor(a[index]) for a in self.arrays]
         out = []
         for store, rows in zip(self.stores, self.rows):
             d = torch.from_numpy(store.read_rows("descriptors", rows[index]).astype(np.float32, copy=False))
@@ -136,8 +173,71 @@ class DescriptorSet:
                 what = "zero descriptor" if norms[i] == 0 else "non-finite descriptor"
                 hint = ": it cannot be compared" if norms[i] == 0 else ""
                 raise CbirError(f"{what} for image {self.names[int(index[i])]!r}{hint}", store.path)
-            out.append(d.div_(norms[:, None]).to(device))
+            out.append(d.div_(norms[:, None]))
         return out
+
+
+class MapChunks:
+    """The map's descriptors chunk by chunk, for every query block.
+
+    Kept whole where they fit: on a GPU resident in device memory when they fit
+    ``conf.device_memory`` of its free memory (with their half-precision copies when
+    searching in half precision), on the CPU in host memory below ``conf.cache_bytes``.
+    Otherwise streamed: the next chunk is read (and normalized) by a thread while the
+    device works on this one, and uploaded from pinned memory.
+    """
+
+    def __init__(self, database: DescriptorSet, device: torch.device, chunk: int, conf: RetrievalConf,
+                 clock: "_Clock"):
+        self.database, self.device, self.chunk, self.clock = database, device, chunk, clock
+        self.n = len(database.names)
+        self.half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(conf.precision)
+        per_image = sum(database.dims) * (4 + (2 if self.half else 0))
+        budget = memory_budget(device, conf.device_memory) if device.type == "cuda" else conf.cache_bytes
+        self.resident = self.n * per_image <= budget
+        self._full: list[torch.Tensor] | None = None  # resident: one (n x dim) tensor per descriptor
+        self._full_half: list[torch.Tensor] | None = None
+        self._upload = Uploader(device)
+
+    def __iter__(self) -> Iterator[tuple[int, list[torch.Tensor], list[torch.Tensor] | None]]:
+        """``(start, float32 chunks, half-precision chunks or None)``."""
+        if self.resident:
+            if self._full is None:
+                self._load()
+            for m0 in range(0, self.n, self.chunk):
+                m1 = min(self.n, m0 + self.chunk)
+                yield m0, [f[m0:m1] for f in self._full], \
+                    [f[m0:m1] for f in self._full_half] if self._full_half is not None else None
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="cbir-read") as reader:
+            ahead = reader.submit(self.database.take_host, np.arange(0, min(self.n, self.chunk)))
+            for m0 in range(0, self.n, self.chunk):
+                with self.clock("read"):
+                    host = ahead.result()
+                    if m0 + self.chunk < self.n:
+                        ahead = reader.submit(self.database.take_host,
+                                              np.arange(m0 + self.chunk, min(self.n, m0 + 2 * self.chunk)))
+                    chunk = [self._upload(h) for h in host]
+                yield m0, chunk, [c.to(self.half) for c in chunk] if self.half else None
+
+    def _load(self) -> None:
+        with self.clock("read"):
+            self._full = [torch.empty((self.n, d), dtype=torch.float32, device=self.device)
+                          for d in self.database.dims]
+            for m0 in range(0, self.n, self.chunk):
+                m1 = min(self.n, m0 + self.chunk)
+                for f, h in zip(self._full, self.database.take_host(np.arange(m0, m1))):
+                    f[m0:m1] = self._upload(h)
+            if self.half:
+                self._full_half = [f.to(self.half) for f in self._full]
+
+    def gather(self, index: torch.Tensor) -> list[torch.Tensor]:
+        """Float32 descriptors of the map images at ``index`` (any shape), one tensor per
+        descriptor of shape ``index.shape + (dim,)``."""
+        if self._full is not None:
+            return [f[index] for f in self._full]
+        unique, inverse = torch.unique(index, return_inverse=True)
+        return [t[inverse] for t in self.database.take(unique.cpu().numpy(), self.device)]
 
 
 def _merge_topk(vals: torch.Tensor, idx: torch.Tensor, new_vals: torch.Tensor, new_idx: torch.Tensor,
@@ -154,7 +254,8 @@ def retrieve(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf 
              timings: dict[str, float] | None = None) -> list[Pair]:
     """The top-k database images of every query, best first, as pairs with their fused score
     (round_robin: the peer's rank score ``topk - position``). ``timings`` (optional) is
-    filled with the seconds spent reading, in the matrix products, and fusing + selecting."""
+    filled with the seconds spent reading, in the matrix products, fusing + selecting, and
+    (half precision) rescoring the candidates."""
     clock = _Clock(timings, device)
     if len(query.stores) != len(database.stores):
         raise ValueError("query and database need the same descriptors")
@@ -170,39 +271,20 @@ def retrieve(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf 
     if k <= 0:
         return []
     round_robin = conf.fusion.name == "round_robin"
-    n_desc = len(query.stores)
     map_index = {n: i for i, n in enumerate(database.names)} if conf.excludes_names else {}
-    cache: dict[int, list[torch.Tensor]] | None = {} if nm * sum(database.dims) * 4 <= conf.cache_bytes else None
+    query_block, map_chunk = conf.blocks(device)
+    chunks = MapChunks(database, device, map_chunk, conf, clock)
     pairs: list[Pair] = []
-    with torch.inference_mode():
-        for q0 in range(0, nq, conf.query_block):
-            q1 = min(nq, q0 + conf.query_block)
+    with torch.inference_mode(), exact_float32():
+        for q0 in range(0, nq, query_block):
+            q1 = min(nq, q0 + query_block)
             with clock("read"):
                 qd = query.read(q0, q1, device)
             self_idx = torch.tensor([map_index.get(n, -1) for n in query.names[q0:q1]], device=device)
-            lists = n_desc if round_robin else 1
-            vals = [torch.full((q1 - q0, 0), -torch.inf, device=device) for _ in range(lists)]
-            idxs = [torch.zeros((q1 - q0, 0), dtype=torch.int64, device=device) for _ in range(lists)]
-            for m0 in range(0, nm, conf.map_chunk):
-                m1 = min(nm, m0 + conf.map_chunk)
-                md = cache.get(m0) if cache is not None else None
-                if md is None:
-                    with clock("read"):
-                        md = database.read(m0, m1, device)
-                    if cache is not None:
-                        cache[m0] = md
-                with clock("similarity"):
-                    sims = [torch.mm(a, b.t()) for a, b in zip(qd, md)]
-                with clock("fuse_topk"):
-                    scores = sims if round_robin else [nan_last(fuse(sims, conf.fusion))]
-                    mask = (self_idx >= m0) & (self_idx < m1) if conf.excludes_names else None
-                    for j, s in enumerate(scores):
-                        if mask is not None and mask.any():
-                            rows = mask.nonzero()[:, 0]
-                            s[rows, self_idx[rows] - m0] = -torch.inf
-                        top = torch.topk(s, min(k, s.shape[1]), dim=1, sorted=False)
-                        vals[j], idxs[j] = _merge_topk(vals[j], idxs[j], top.values, top.indices + m0, k)
-                del sims, scores
+            if conf.precision == "fp32":
+                vals, idxs = _exact_topk(qd, self_idx, chunks, conf, k, clock)
+            else:
+                vals, idxs = _half_topk(qd, self_idx, chunks, conf, k, clock)
             names = query.names[q0:q1]
             if round_robin:
                 pairs += _round_robin(names, [i.cpu().numpy() for i in idxs], database.names, k)
@@ -213,6 +295,123 @@ def retrieve(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf 
             if progress:
                 progress(q1 - q0, nq)
     return pairs
+
+
+def _exclude(scores: torch.Tensor, self_idx: torch.Tensor, m0: int) -> None:
+    """Drop (``-inf``, in place) each query's own image from a chunk starting at ``m0``."""
+    # a scatter, not a boolean index: no host synchronisation on a GPU
+    width = scores.shape[1]
+    inside = ((self_idx >= m0) & (self_idx < m0 + width))[:, None]
+    cols = (self_idx - m0).clamp(0, width - 1)[:, None]
+    scores.scatter_(1, cols, torch.where(inside, -torch.inf, scores.gather(1, cols)))
+
+
+def _exact_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChunks, conf: RetrievalConf, k: int,
+                clock: "_Clock") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Exact float32 top-k of a query block: ``(values, indices)``, one list entry per
+    descriptor (round_robin) or one for the fused score, best first."""
+    round_robin = conf.fusion.name == "round_robin"
+    nq, dev = qd[0].shape[0], qd[0].device
+    lists = len(qd) if round_robin else 1
+    vals = [torch.full((nq, 0), -torch.inf, device=dev) for _ in range(lists)]
+    idxs = [torch.zeros((nq, 0), dtype=torch.int64, device=dev) for _ in range(lists)]
+    for m0, md, _ in chunks:
+        with clock("similarity"):
+            sims = [torch.mm(a, b.t()) for a, b in zip(qd, md)]
+        with clock("fuse_topk"):
+            scores = sims if round_robin else [nan_last(fuse(sims, conf.fusion))]
+            for j, s in enumerate(scores):
+                if conf.excludes_names:
+                    _exclude(s, self_idx, m0)
+                top = torch.topk(s, min(k, s.shape[1]), dim=1, sorted=False)
+                vals[j], idxs[j] = _merge_topk(vals[j], idxs[j], top.values, top.indices + m0, k)
+        del sims, scores
+    return vals, idxs
+
+
+def error_bound(precision: str, dim: int) -> float:
+    """A bound on ``|s~ - s|``, the error of the similarity of two unit vectors of ``dim``
+    components computed in ``precision`` (inputs rounded, float32 accumulation, output
+    rounded to ``precision``), against the exact similarity ``s``.
+
+    Rounding a unit vector moves it by at most ``u + d`` (``u`` the unit roundoff: 2^-11
+    for fp16, 2^-8 for bf16; ``d = sqrt(dim) 2^-25`` for fp16's subnormals), so the product
+    of two moves by at most ``2(u + d) + (u + d)^2``; a float32 sum of ``dim`` terms adds
+    ``dim 2^-24`` of the norms' product (counted 4 times over, for accumulators that
+    truncate); the rounded output adds ``u`` of a value at most ``1 + 2(u + d)``.
+    """
+    u = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8}[precision]
+    d = (dim ** 0.5) * 2.0 ** -25 if precision == "fp16" else 0.0
+    move = u + d
+    return 2 * move + move ** 2 + 4 * dim * 2.0 ** -24 * (1 + move) ** 2 + u * (1 + 2 * move)
+
+
+def _half_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Similarities of half-precision unit vectors, as float32. On the CPU the rounded
+    inputs are multiplied in float32 (what a GPU's matrix units compute, without their
+    speed): the same bound holds, so the CPU tests check the GPU's logic."""
+    if a.device.type == "cpu":
+        return torch.mm(a.float(), b.float().t())
+    return torch.mm(a, b.t()).float()
+
+
+def _half_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChunks, conf: RetrievalConf, k: int,
+               clock: "_Clock") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The exact top-k of a query block, found in half precision.
+
+    Each half-precision similarity plus its :func:`error_bound` is an upper bound of the
+    exact one, so (the fusion being monotone) the fused bound ``U`` of an image is at
+    least its exact fused score. The ``candidates`` images of largest ``U`` are rescored
+    in float32; every other image scores at most ``T``, the smallest ``U`` among the
+    candidates. Where the k-th exact score of the candidates is above ``T``, the top-k of
+    the candidates is the exact top-k; the other queries are searched again in float32.
+    """
+    nq, dev, n = qd[0].shape[0], qd[0].device, len(qd)
+    eligible = chunks.n - (1 if conf.excludes_names else 0)
+    kc = min(eligible, max(k, conf.candidates or 4 * k))
+    bounds = [error_bound(conf.precision, q.shape[1]) for q in qd]
+    qh = [q.to(chunks.half) for q in qd]
+    # gharm is monotone where every gamma + w_i s_i > 0: certain when gamma > max(w_i) (s >= -1),
+    # else checked on the smallest similarities seen
+    gamma, weights = 0.5 if conf.fusion.gamma is None else conf.fusion.gamma, normalized_weights(conf.fusion.weights, n)
+    check_domain = conf.fusion.name == "gharm" and n > 1 and not gamma > max(weights)
+    lowest = [torch.full((nq,), torch.inf, device=dev) for _ in range(n)] if check_domain else []
+    vals = torch.full((nq, 0), -torch.inf, device=dev)
+    idxs = torch.zeros((nq, 0), dtype=torch.int64, device=dev)
+    for m0, _, mh in chunks:
+        with clock("similarity"):
+            sims = [_half_product(a, b).add_(e) for a, b, e in zip(qh, mh, bounds)]
+        with clock("fuse_topk"):
+            for j, (s, e) in enumerate(zip(sims, bounds) if check_domain else ()):
+                torch.minimum(lowest[j], s.amin(dim=1) - 2 * e, out=lowest[j])
+            upper = nan_last(fuse(sims, conf.fusion))
+            if conf.excludes_names:
+                _exclude(upper, self_idx, m0)
+            top = torch.topk(upper, min(kc, upper.shape[1]), dim=1, sorted=False)
+            vals, idxs = _merge_topk(vals, idxs, top.values, top.indices + m0, kc)
+        del sims, upper
+    with clock("rescore"):
+        exact = torch.empty_like(vals)
+        step = max(1, (256 << 20) // (kc * sum(q.shape[1] for q in qd) * 4))  # bounded gathers
+        for r0 in range(0, nq, step):
+            r1 = min(nq, r0 + step)
+            gathered = chunks.gather(idxs[r0:r1])
+            sims = [torch.bmm(g, q[r0:r1, :, None])[:, :, 0] for g, q in zip(gathered, qd)]
+            exact[r0:r1] = nan_last(fuse(sims, conf.fusion))
+        exact = torch.where(vals == -torch.inf, -torch.inf, exact)  # excluded images stay excluded
+        top = torch.topk(exact, k, dim=1, sorted=True)
+        values, indices = top.values, torch.gather(idxs, 1, top.indices)
+        settled = top.values[:, -1] > vals.amin(dim=1) if kc < eligible else torch.ones(nq, dtype=torch.bool,
+                                                                                          device=dev)
+        for low, w in zip(lowest, weights):
+            settled &= gamma + w * low > 0
+        unsettled = (~settled).nonzero()[:, 0]
+    if len(unsettled):
+        again_v, again_i = _exact_topk([q[unsettled] for q in qd], self_idx[unsettled], chunks, conf, k, clock)
+        values[unsettled], indices[unsettled] = again_v[0], again_i[0]
+    if clock.timings is not None:
+        clock.timings["fallback_queries"] = clock.timings.get("fallback_queries", 0) + len(unsettled)
+    return [values], [indices]
 
 
 class _Clock:
