@@ -1,9 +1,11 @@
 """Run local and global extractors over a dataset into stores (``cbir extract``).
 
-Images are decoded ahead in a small thread pool (OpenCV releases the GIL) while the
-extractor works on the current one; results are appended to the store in batches, so
-an interrupted run resumes where it stopped and memory stays bounded by the prefetch
-window and one batch. Unreadable images are reported and skipped, never fatal.
+Images are decoded ahead by a thread pool (OpenCV and Pillow release the GIL) while the
+extractor works on the current one, and a writer thread checks and stores each output
+while the next image is extracted, so a GPU does not wait on decoding or writing.
+Results are appended to the store in batches, so an interrupted run resumes where it
+stopped and memory stays bounded by the prefetch window, the writer's queue and one
+batch. Unreadable images are reported and skipped, never fatal.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from .io.store import StoreWriter
 from .models import GLOBAL_EXTRACTORS, LOCAL_EXTRACTORS
 from .models.base import Extractor, GlobalExtractor
 from .io.textfile import read_utf8
+
+
+WRITE_AHEAD = 8  # outputs waiting for the writer thread at most (bounds memory)
 
 
 @dataclass
@@ -194,38 +199,46 @@ def _extract_pass(extractors: list[Extractor], store_names: list[str | None], da
         if progress:
             progress(len(names) - len(todo), len(names))
         workers = default_workers() if num_workers is None else num_workers
-        for name, image in _prefetch(load, todo, workers):
-            wanted = [i for i, m in enumerate(missing) if name in m]
-            if isinstance(image, CbirError):
-                for i in wanted:
-                    reports[i].failed.append((name, image.message))
-            else:
-                for i in wanted:
-                    extractors[i].begin_image([extractors[j] for j in wanted])
-                for i in wanted:
-                    _extract_one(extractors[i], writers[i], reports[i], name, image)
-            if progress:
-                progress(1, len(names))
+        # the stores are written by one thread (in order) while the next image is extracted
+        with ThreadPoolExecutor(1, thread_name_prefix="cbir-write") as write_pool:
+            writing: deque[Future] = deque()
+            for name, image in _prefetch(load, todo, workers):
+                wanted = [i for i, m in enumerate(missing) if name in m]
+                if isinstance(image, CbirError):
+                    for i in wanted:
+                        reports[i].failed.append((name, image.message))
+                else:
+                    for i in wanted:
+                        extractors[i].begin_image([extractors[j] for j in wanted])
+                    for i in wanted:
+                        out = extractors[i].extract(image)
+                        writing.append(write_pool.submit(_store_one, extractors[i], writers[i], reports[i], name,
+                                                         out, image.original_size))
+                while len(writing) > WRITE_AHEAD or (writing and writing[0].done()):
+                    writing.popleft().result()  # an error in the writer stops the run here
+                if progress:
+                    progress(1, len(names))
+            while writing:
+                writing.popleft().result()
     return reports
 
 
-def _extract_one(extractor: Extractor, writer: StoreWriter, report: ExtractReport, name: str,
-                 image: LoadedImage) -> None:
+def _store_one(extractor: Extractor, writer: StoreWriter, report: ExtractReport, name: str,
+               out: np.ndarray | dict[str, np.ndarray], original_size: tuple[int, int]) -> None:
+    """Check and write one image's output (in the writer thread)."""
     if isinstance(extractor, GlobalExtractor):
-        desc = extractor.extract(image)
-        _check_features({"descriptors": desc}, name)
-        if not np.any(desc):  # nothing to aggregate (e.g. smaller than DenseVLAD's grid)
+        _check_features({"descriptors": out}, name)
+        if not np.any(out):  # nothing to aggregate (e.g. smaller than DenseVLAD's grid)
             report.failed.append((name, "no descriptor could be computed (image too small or blank?)"))
             return
-        writer.add(name, descriptors=desc)
+        writer.add(name, descriptors=out)
         report.extracted += 1
         return
-    feats = extractor.extract(image)
-    _check_features(feats, name)
-    n = len(feats["keypoints"])
+    _check_features(out, name)
+    n = len(out["keypoints"])
     if n == 0:
         report.empty.append(name)
-    writer.add(name, image_sizes=np.array(image.original_size, np.int32), **feats)
+    writer.add(name, image_sizes=np.array(original_size, np.int32), **out)
     report.extracted += 1
     report.keypoints += n
 

@@ -187,8 +187,6 @@ class APGeM(WithWeights, GlobalExtractor):
                                                 self.conf["whitenv"], self.conf["whitenm"])
         self.descriptor_dim = len(self.whitening["components"]) if self.whitening else self.net.out_dim
 
-
-
     @torch.inference_mode()
     def extract(self, image: LoadedImage) -> np.ndarray:
         descs = []

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import cv2
-import faiss
 import h5py
 import numpy as np
 
@@ -54,6 +53,8 @@ def vlad(desc: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     k, d = centroids.shape
     if len(desc) == 0:
         return np.zeros(k * d, np.float32)
+    import faiss  # imported where used: only DenseVLAD needs it among the extractors
+
     index = faiss.IndexFlatL2(d)
     index.add(centroids)
     _, assign = index.search(np.ascontiguousarray(desc, np.float32), 1)
@@ -142,6 +143,8 @@ class DenseVLAD(GlobalExtractor):
         k = self.conf["clusters"]
         if len(data) < k:
             raise CbirError(f"{len(data)} descriptors are too few to learn {k} clusters", store_path.parent)
+        import faiss
+
         km = faiss.Kmeans(128, k, niter=self.conf["kmeans_iters"], seed=self.conf["seed"], verbose=False)
         km.train(data)
         centroids = km.centroids.astype(np.float32)

@@ -19,8 +19,8 @@ round_robin        not a score: each descriptor's ranking in turn (see ``search`
 =================  ===============================================================
 
 villena_roman follows the peer's code, whose first term is the maximum (its description
-text says minimum). Every operator works in place on the first similarity block where it
-can, so fusing ``n`` blocks needs no more than one extra block of memory.
+text says minimum). Operators work in place on the similarity blocks where they can, so
+fusing ``n`` blocks needs no more than one extra block of memory.
 """
 
 from __future__ import annotations
@@ -119,8 +119,8 @@ def _gharm(sims: list[torch.Tensor], conf: FusionConf, gamma: float | None = Non
     w = normalized_weights(conf.weights, n)
     g = _param(conf.gamma, "gamma", 0.0, None) if gamma is None else gamma
     acc = torch.zeros_like(sims[0])
-    for s, wi in zip(sims, w):
-        acc.add_(torch.reciprocal(s * wi + g), alpha=1.0 / n)
+    for s, wi in zip(sims, w):  # in place: the same operations in the same order, no temporaries
+        acc.add_(s.mul_(wi).add_(g).reciprocal_(), alpha=1.0 / n)
     return acc.reciprocal_().sub_(g)
 
 
@@ -161,7 +161,8 @@ METHODS: dict[str, Callable[[list[torch.Tensor], FusionConf], torch.Tensor] | No
 
 
 def fuse(sims: list[torch.Tensor], conf: FusionConf) -> torch.Tensor:
-    """Fused scores of a block of similarities (one tensor per descriptor, same shape)."""
+    """Fused scores of a block of similarities (one tensor per descriptor, same shape).
+    The blocks are scratch: an operator may overwrite them."""
     fn = METHODS[conf.name]
     if fn is None:
         raise ValueError("round_robin fuses rankings, not scores")

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import faiss
 import numpy as np
 import torch
 
@@ -32,6 +31,9 @@ from ..io.pairs import Pair
 from ..io.provenance import differences, digest
 from .fusion import fuse, nan_last, restore_nan
 from .search import DescriptorSet, RetrievalConf, _round_robin, retrieve
+
+if TYPE_CHECKING:
+    import faiss
 
 INDEX_KINDS = ("flat", "ivf", "ivfpq", "lsh")
 
@@ -60,11 +62,13 @@ def index_record(database: DescriptorSet, conf: IndexConf) -> dict[str, Any]:
 
 
 def save_indexes(path: Path, indexes: list[faiss.Index], record: dict[str, Any]) -> None:
+    import faiss  # imported where used: commands that never build an index start without it
     write_index_file(path, [faiss.serialize_index(index) for index in indexes], record)
 
 
 def load_indexes(path: Path, record: dict[str, Any], nprobe: int) -> list[faiss.Index]:
     """The kept indexes of ``path``, refused unless they were built from ``record``."""
+    import faiss
     diffs = differences(read_index_record(path), record)
     if diffs:
         stores = ",".join(record["stores"])
@@ -83,6 +87,7 @@ def load_indexes(path: Path, record: dict[str, Any], nprobe: int) -> list[faiss.
 
 
 def _factory(kind: str, dim: int, n: int, conf: IndexConf) -> faiss.Index:
+    import faiss
     nlist = conf.nlist or max(1, min(n // 39, int(4 * np.sqrt(n))))
     if kind == "flat":
         return faiss.IndexFlatIP(dim)
