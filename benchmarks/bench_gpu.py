@@ -131,6 +131,22 @@ def match_kernel(args, device) -> dict:
 
             row["cbir"][f"{tile >> 20}MB"] = per_run / timed(ours, device)
         best = max(row["cbir"], key=row["cbir"].get)
+        conf = MatcherConf(device_tile_bytes=int(best.removesuffix("MB")) << 20)
+
+        def pipelined(batches: int = 4):
+            """As cbir match runs: batch b+1 queued before the matches of batch b are taken."""
+            previous = None
+            for _ in range(batches):
+                batch = PairBatch(conf)
+                for d0, d1 in work:
+                    batch.add(d0, d1)
+                batch.finish()
+                if previous is not None:
+                    previous.results()
+                previous = batch
+            previous.results()
+
+        row["cbir_pipelined"] = 4 * per_run / timed(pipelined, device)
         # the same pairs on the CPU path: the same matches
         d0, d1 = distinct[0]
         batch = PairBatch(MatcherConf(device_tile_bytes=int(best.removesuffix("MB")) << 20))
@@ -143,9 +159,12 @@ def match_kernel(args, device) -> dict:
         row["matches_differing_from_cpu"] = len(set(map(tuple, gpu_matches)) ^ set(map(tuple, cpu_matches)))
         row["best_tile"] = best
         row["share_of_product"] = row["cbir"][best] / row["product_pairs_per_s"]
+        row["pipelined_share_of_product"] = row["cbir_pipelined"] / row["product_pairs_per_s"]
         out[str(k)] = row
         print(f"match {k} x {k}: product {row['product_pairs_per_s']:.0f} pairs/s, naive {row['naive_pairs_per_s']:.0f}, "
               f"cbir {row['cbir'][best]:.0f} ({best} tiles; {100 * row['share_of_product']:.0f}% of the product; "
+              f"pipelined as cbir match runs {row['cbir_pipelined']:.0f}, "
+              f"{100 * row['pipelined_share_of_product']:.0f}%; "
               f"all tiles: {', '.join(f'{t} {v:.0f}' for t, v in row['cbir'].items())}); "
               f"same matches as the CPU: {row['same_matches_as_cpu']} ({row['matches_differing_from_cpu']} differ)",
               flush=True)
@@ -220,20 +239,26 @@ def retrieval(args, device) -> dict:
     stores_m = [open_store(root / f"m{j}.h5") for j in range(len(dims))]
     qset, mset = DescriptorSet.align(stores_q), DescriptorSet.align(stores_m)
     results = {}
-    for precision in ("fp32", "fp16", "bf16"):
+    variants = [("fp32", None, None), ("fp16", None, None), ("bf16", None, None)]
+    if not args.quick:
+        variants += [("fp32", 4096, 65536), ("fp32", 8192, 32768)]
+    for precision, block, chunk_size in variants:
         timings: dict = {}
         t = time.perf_counter()
-        pairs = retrieve(qset, mset, RetrievalConf(topk=20, precision=precision), device=device, timings=timings)
+        pairs = retrieve(qset, mset, RetrievalConf(topk=20, precision=precision, query_block=block,
+                                                   map_chunk=chunk_size), device=device, timings=timings)
         total = time.perf_counter() - t
-        results[precision] = pairs
+        label = precision if block is None else f"{precision}-{block}x{chunk_size}"
+        results[label] = pairs
         search = total - timings.get("read", 0.0)
-        out[precision] = {"total_s": total, "read_s": timings.get("read", 0.0), "search_s": search,
-                          "timings": timings, "vs_fp32_floor": search / out["floor_fp32_s"]}
-        same = [(p.query, p.map) for p in pairs] == [(p.query, p.map) for p in results["fp32"]]
-        out[precision]["same_pairs_as_fp32"] = same
-        print(f"retrieval {precision}: {total:.2f} s = read {timings.get('read', 0):.2f} s + search {search:.3f} s "
-              f"({search / out['floor_fp32_s']:.2f}x the fp32 floor {out['floor_fp32_s']:.3f} s); fallback queries "
-              f"{timings.get('fallback_queries', 0)}; same pairs as fp32: {same}", flush=True)
+        row = {"total_s": total, "read_s": timings.get("read", 0.0), "search_s": search, "timings": timings,
+               "vs_fp32_floor": search / out["floor_fp32_s"], **compare_pairs(pairs, results["fp32"])}
+        out[label] = row
+        print(f"retrieval {label}: {total:.2f} s = read {timings.get('read', 0):.2f} s + search {search:.3f} s "
+              f"({search / out['floor_fp32_s']:.2f}x the fp32 floor {out['floor_fp32_s']:.3f} s; making the pairs "
+              f"{timings.get('pairs', 0):.3f} s); fallback queries {timings.get('fallback_queries', 0)}; "
+              f"vs fp32: {row['queries_differing']} queries differ, largest score difference at a rank "
+              f"{row['largest_rank_score_difference']:.1e}", flush=True)
     if device.type == "cuda":
         sample = 64
         sub = DescriptorSet(qset.stores, qset.names[:sample], [r[:sample] for r in qset.rows])
@@ -247,6 +272,23 @@ def retrieval(args, device) -> dict:
           (f", tf32 {out['floor_tf32_s']:.3f} s, fp16 {out['floor_fp16_s']:.3f} s" if "floor_tf32_s" in out else ""),
           flush=True)
     return out
+
+
+def compare_pairs(pairs: list, reference: list) -> dict:
+    """Queries whose ranked list differs from the reference's, and the largest difference of
+    the scores at the same rank: lists that differ only by the order of scores equal to
+    float32 rounding have a tiny one."""
+    def by_query(ps):
+        out: dict = {}
+        for p in ps:
+            out.setdefault(p.query, []).append(p)
+        return out
+
+    a, b = by_query(pairs), by_query(reference)
+    differ = [q for q in b if [p.map for p in a.get(q, [])] != [p.map for p in b[q]]]
+    largest = max((abs(x.score - y.score) for q in b for x, y in zip(a.get(q, []), b[q])), default=0.0)
+    return {"queries_differing": len(differ), "largest_rank_score_difference": largest,
+            "same_sets": all({p.map for p in a.get(q, [])} == {p.map for p in b[q]} for q in differ)}
 
 
 # ---------------------------------------------------------------- extraction
@@ -269,6 +311,10 @@ def _make_image(task) -> None:
     cv2.imwrite(str(out / f"{i:05d}.jpg"), crop, [cv2.IMWRITE_JPEG_QUALITY, 92])
 
 
+def source_photos(args) -> list[Path]:
+    return sorted(p for name in ("sceaux_castle", "strecha_fountain_p11") for p in (args.shared / "data" / name).rglob("*.jpg"))
+
+
 def make_dataset(args, n: int) -> Path:
     """``n`` JPEGs of 1024 x 768 (one pinhole camera) from the shared photos."""
     from cbir.geometry.cameras import Camera
@@ -279,8 +325,7 @@ def make_dataset(args, n: int) -> Path:
     if root.exists():
         return root
     size = (1024, 768)
-    sources = sorted(p for name in ("sceaux_castle", "strecha_fountain_p11")
-                     for p in (args.shared / "data" / name).rglob("*.jpg"))
+    sources = source_photos(args)
     images = root / "sensors" / "records_data"
     images.mkdir(parents=True)
     with Pool(os.cpu_count()) as pool:
@@ -371,9 +416,16 @@ def extract(args, device) -> dict:
     for name, options in (("r2d2", ["--local", "r2d2", "--weights", str(weights), "--max-keypoints", "5000"]),
                           ("apgem", ["--global", "apgem", "--weights", str(apgem_weights(args.work))])):
         r = cli_extract(root, options, device)
+        out[f"{name}_command_seconds"] = r["summary"].get("seconds")
+        out[f"{name}_command_bound_by"] = r["summary"].get("bound_by")
         out[f"{name}_command_s"] = r["wall_s"]
         out[f"{name}_command_images_per_s"] = n / r["wall_s"]
         out[f"{name}_command_share_of_model"] = out[f"{name}_command_images_per_s"] / out[f"{name}_model_images_per_s"]
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", f"import torch, cbir.cli; torch.zeros(1, device='{device.type}')"],
+                   check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+                       str(HERE.parent), os.environ.get("PYTHONPATH")]))})
+    out["start_s"] = time.perf_counter() - t
     official_rate = out.get("r2d2_official_images_per_s")
     print(f"extract R2D2 (top 5k): command {out['r2d2_command_images_per_s']:.1f} images/s, model alone "
           f"{out['r2d2_model_images_per_s']:.1f} ({100 * out['r2d2_command_share_of_model']:.0f}%)" +
@@ -382,6 +434,9 @@ def extract(args, device) -> dict:
           flush=True)
     print(f"extract AP-GeM: command {out['apgem_command_images_per_s']:.1f} images/s, model alone "
           f"{out['apgem_model_images_per_s']:.1f} ({100 * out['apgem_command_share_of_model']:.0f}%)", flush=True)
+    for name in ("r2d2", "apgem"):
+        print(f"extract {name} command: {out[f'{name}_command_s']:.1f} s = start {out['start_s']:.1f} s + "
+              f"{out[f'{name}_command_seconds']} (bound by {out[f'{name}_command_bound_by']})", flush=True)
     return out
 
 
@@ -397,7 +452,8 @@ def match_e2e(args, device) -> dict:
     root = args.work / f"images{n}"
     ds = Dataset(root)
     names = sorted(ds.sensors.image_names())
-    pairs = [Pair(a, names[(i + j) % n]) for i, a in enumerate(names) for j in range(1, 6)]
+    sources = len(source_photos(args))  # image i is a crop of photo i % sources: pair crops of one photo
+    pairs = [Pair(a, names[(i + j * sources) % n]) for i, a in enumerate(names) for j in range(1, 6)]
     out: dict = {"pairs": len(pairs), "threads": os.cpu_count()}
     for label, verify in (("no_verify", None), ("ransac", VerifyConf())):
         t = time.perf_counter()
@@ -409,6 +465,33 @@ def match_e2e(args, device) -> dict:
         print(f"cbir match ({label}): {r.matched} pairs in {wall:.1f} s = {r.matched / wall:.0f} pairs/s, "
               f"{r.matches / max(1, r.matched):.0f} matches/pair; " +
               ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()) + f"; bound by {r.bound_by}", flush=True)
+    out["verification_scaling"] = verification_scaling(ds, f"bench-ransac", 16 if args.quick else 256)
+    return out
+
+
+def verification_scaling(ds, matches: str, count: int) -> dict:
+    """pycolmap verification of the same pairs on 1 thread and on every core: how far the
+    threads scale (the GIL, or the library's own threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cbir.io.store import open_store
+    from cbir.matching import VerifyConf, verify_pair
+    from cbir.matching.match import _Cameras
+
+    cameras = _Cameras()
+    with open_store(ds.store_path("matches", matches)) as ms, open_store(ds.store_path("local", "r2d2_WASF_N16")) as fs:
+        jobs = []
+        for a, b in ms.keys[:count]:
+            kp0, kp1 = fs.get(a, ["keypoints"])["keypoints"], fs.get(b, ["keypoints"])["keypoints"]
+            jobs.append((cameras.get(ds, a, None), kp0, cameras.get(ds, b, None), kp1, ms.get((a, b))["matches"]))
+    out = {}
+    for threads in (1, os.cpu_count()):
+        with ThreadPoolExecutor(threads) as pool:
+            t = time.perf_counter()
+            list(pool.map(lambda j: verify_pair(*j, VerifyConf()), jobs))
+            out[f"{threads}_threads_pairs_per_s"] = len(jobs) / (time.perf_counter() - t)
+    print(f"verification alone: " + ", ".join(f"{k.split('_')[0]} threads {v:.0f} pairs/s" for k, v in out.items()),
+          flush=True)
     return out
 
 

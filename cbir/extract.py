@@ -10,6 +10,7 @@ batch. Unreadable images are reported and skipped, never fatal.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from contextlib import ExitStack
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +41,15 @@ class ExtractReport:
     keypoints: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (image, reason)
     empty: list[str] = field(default_factory=list)  # images with no keypoint
+    #: wall-clock seconds of the main thread: waiting for decoded images, extracting, waiting
+    #: for the writer thread (shared by the extractors of one pass, except extracting)
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("decoding", "extraction",
+                                                                            "writing"), 0.0))
+
+    @property
+    def bound_by(self) -> str:
+        """The phase the run spent most of its time in (waiting for)."""
+        return max(self.seconds, key=self.seconds.__getitem__)
 
 
 def extractor_class(name: str, kind: str = "local") -> type[Extractor]:
@@ -200,9 +210,16 @@ def _extract_pass(extractors: list[Extractor], store_names: list[str | None], da
             progress(len(names) - len(todo), len(names))
         workers = default_workers() if num_workers is None else num_workers
         # the stores are written by one thread (in order) while the next image is extracted
+        waits = {"decoding": 0.0, "writing": 0.0}
         with ThreadPoolExecutor(1, thread_name_prefix="cbir-write") as write_pool:
             writing: deque[Future] = deque()
-            for name, image in _prefetch(load, todo, workers):
+            images = _prefetch(load, todo, workers)
+            while True:
+                t0 = time.perf_counter()
+                name, image = next(images, (None, None))
+                waits["decoding"] += time.perf_counter() - t0
+                if name is None:
+                    break
                 wanted = [i for i, m in enumerate(missing) if name in m]
                 if isinstance(image, CbirError):
                     for i in wanted:
@@ -211,15 +228,23 @@ def _extract_pass(extractors: list[Extractor], store_names: list[str | None], da
                     for i in wanted:
                         extractors[i].begin_image([extractors[j] for j in wanted])
                     for i in wanted:
+                        t0 = time.perf_counter()
                         out = extractors[i].extract(image)
+                        reports[i].seconds["extraction"] += time.perf_counter() - t0
                         writing.append(write_pool.submit(_store_one, extractors[i], writers[i], reports[i], name,
                                                          out, image.original_size))
+                t0 = time.perf_counter()
                 while len(writing) > WRITE_AHEAD or (writing and writing[0].done()):
                     writing.popleft().result()  # an error in the writer stops the run here
+                waits["writing"] += time.perf_counter() - t0
                 if progress:
                     progress(1, len(names))
+            t_end = time.perf_counter()
             while writing:
                 writing.popleft().result()
+    waits["writing"] += time.perf_counter() - t_end  # the last outputs and the stores' merge
+    for report in reports:
+        report.seconds.update(waits)
     return reports
 
 

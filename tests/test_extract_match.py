@@ -107,6 +107,30 @@ def test_sift_matches_verify_on_overlapping_pairs(sift_map):
 
 
 @pytest.mark.slow
+def test_overlapped_verification_writes_the_same_store(sift_map, tmp_path, monkeypatch):
+    """A GPU's schedule (chunks queued, read back and verified while the next is matched),
+    run here on the CPU with chunks of 5 pairs: the same matches and inliers as the CPU's
+    schedule, pair for pair."""
+    from cbir.io.pairs import read_pairs
+    from cbir.matching import MatcherConf, VerifyConf
+    from cbir.matching import match as match_mod
+
+    monkeypatch.setattr(match_mod, "VERIFY_CHUNK", 5)
+    root = writable_copy(sift_map, tmp_path / "mapping")
+    ds = Dataset(root)
+    pairs = read_pairs(root / "pairs.txt")
+    reports = [match_mod.main(ds, ds, pairs, "sift", name=f"sched-{o}", matcher=MatcherConf(ratio=0.8),
+                              verify=VerifyConf(), device="cpu", num_workers=2, overlap=o) for o in (False, True)]
+    assert [r.matched for r in reports] == [28, 28]
+    with open_store(ds.store_path("matches", "sched-False")) as a, open_store(ds.store_path("matches", "sched-True")) as b:
+        assert sorted(a.keys) == sorted(b.keys)
+        for key in a.keys:
+            x, y = a.get(key), b.get(key)
+            np.testing.assert_array_equal(x["matches"], y["matches"])
+            assert x["inliers"].sum() == y["inliers"].sum() > 0
+
+
+@pytest.mark.slow
 def test_unrelated_scenes_do_not_verify(sift_map, maupertuis, tmp_path):
     other = writable_copy(maupertuis, tmp_path / "maupertuis")
     cbir("extract", other, "--local", "sift", "--max-keypoints", "4000")

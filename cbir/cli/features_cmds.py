@@ -133,7 +133,8 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
             console_err().print(f"[yellow]no keypoint[/] in {escape(image)}", highlight=False)
         summaries.append({"store": str(report.path), "extracted": report.extracted,
                           "already_present": report.already_present, "keypoints": report.keypoints,
-                          "failed": [{"image": i, "reason": r} for i, r in report.failed], "empty": report.empty})
+                          "failed": [{"image": i, "reason": r} for i, r in report.failed], "empty": report.empty,
+                          "seconds": {k: round(v, 3) for k, v in report.seconds.items()}, "bound_by": report.bound_by})
         note = getattr(extractor, "weights_note", "")
         if note:
             summaries[-1]["weights_source"] = note

@@ -22,7 +22,7 @@ PAIRS_HEADER = "# query_image, map_image, score"
 RECORD_PREFIX = "# cbir: "
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Pair:
     query: str
     map: str

@@ -147,13 +147,14 @@ def match_config(local: str, features_config: dict[str, Any], matcher: MatcherCo
 def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: str | None = None,
          matcher: MatcherConf = MatcherConf(), verify: VerifyConf | None = None, device: str = "auto",
          overwrite: bool = False, num_workers: int | None = None,
-         progress: Callable[[int, int], None] | None = None) -> MatchReport:
+         progress: Callable[[int, int], None] | None = None, overlap: bool | None = None) -> MatchReport:
     """Match ``pairs`` into the query dataset's matches store ``name`` (default ``local``).
 
     Pairs go by chunks: the features of a chunk are read by the worker threads, its pairs
     matched (on a GPU: queued, then copied back once), then verified by the worker threads.
-    On a GPU the verification of a chunk runs while the next chunk is read and matched; on
-    the CPU they alternate, since both would compete for the same cores.
+    With ``overlap`` (default: on a GPU) the verification of a chunk runs while the next
+    chunk is read and matched; without (the CPU's default) they alternate, since both would
+    compete for the same cores. The result is the same.
     """
     from ..models.base import resolve_device
 
@@ -179,9 +180,11 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
         qposes = query.sensors.image_poses() if with_poses else {}
         mposes = qposes if same or not with_poses else map_.sensors.image_poses()
         with StoreWriter(out, "matches", attrs, overwrite=overwrite) as writer, \
-                ThreadPoolExecutor(workers, thread_name_prefix="cbir-match") as pool:
-            run = _Run(query, map_, qcache, mcache, PairBatch(matcher), verify, _Cameras() if verify else None,
-                       (qposes, mposes), pool, writer, report, progress, len(todo), overlap=dev.type == "cuda")
+                ThreadPoolExecutor(workers, thread_name_prefix="cbir-verify") as pool, \
+                ThreadPoolExecutor(min(4, workers), thread_name_prefix="cbir-read") as read_pool:
+            run = _Run(query, map_, qcache, mcache, matcher, verify, _Cameras() if verify else None,
+                       (qposes, mposes), pool, read_pool, writer, report, progress, len(todo),
+                       overlap=dev.type == "cuda" if overlap is None else overlap)
             chunk: list[tuple[str, str]] = []
             for a, b in todo:
                 if (a, b) in writer:
@@ -205,15 +208,23 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
 
 
 class _Run:
-    """One `cbir match` run: chunks of pairs read, matched, verified, written."""
+    """One `cbir match` run: chunks of pairs read, matched, verified, written.
 
-    def __init__(self, query: Dataset, map_: Dataset, qcache: FeatureCache, mcache: FeatureCache, batch: PairBatch,
-                 verify: VerifyConf | None, cameras: "_Cameras | None", poses: tuple[dict, dict],
-                 pool: ThreadPoolExecutor, writer: StoreWriter, report: MatchReport,
-                 progress: Callable[[int, int], None] | None, total: int, overlap: bool):
-        self.query, self.map, self.qcache, self.mcache, self.batch = query, map_, qcache, mcache, batch
-        self.verify, self.cameras, self.poses, self.pool = verify, cameras, poses, pool
+    On a GPU three chunks are in flight: chunk N+2 is read and queued on the device while
+    the host selects the matches of chunk N+1 (copied back as soon as its kernels ended)
+    and the verification threads work on chunk N. On the CPU each chunk is matched and
+    verified before the next (both would compete for the same cores)."""
+
+    def __init__(self, query: Dataset, map_: Dataset, qcache: FeatureCache, mcache: FeatureCache,
+                 matcher: MatcherConf, verify: VerifyConf | None, cameras: "_Cameras | None",
+                 poses: tuple[dict, dict], pool: ThreadPoolExecutor, read_pool: ThreadPoolExecutor,
+                 writer: StoreWriter, report: MatchReport, progress: Callable[[int, int], None] | None, total: int,
+                 overlap: bool):
+        self.query, self.map, self.qcache, self.mcache = query, map_, qcache, mcache
+        self.verify, self.cameras, self.poses, self.pool, self.read_pool = verify, cameras, poses, pool, read_pool
         self.writer, self.report, self.progress, self.total, self.overlap = writer, report, progress, total, overlap
+        self._batches = [PairBatch(matcher), PairBatch(matcher)]  # alternate: one queued while one is read back
+        self._matching: tuple[list, list, PairBatch] | None = None  # a chunk queued on the device
         self._inflight: tuple[list, dict[int, Future]] | None = None  # a chunk being verified
 
     def advance(self) -> None:
@@ -223,18 +234,36 @@ class _Run:
     def chunk(self, keys: list[tuple[str, str]]) -> None:
         if not keys:
             return
-        seconds = self.report.seconds
         t0 = time.perf_counter()
-        self.qcache.load([a for a, _ in keys], self.pool)
-        self.mcache.load([b for _, b in keys], self.pool)
+        self.qcache.load([a for a, _ in keys], self.read_pool)
+        self.mcache.load([b for _, b in keys], self.read_pool)
         feats = [(self.qcache.get(a), self.mcache.get(b)) for a, b in keys]
         t1 = time.perf_counter()
+        batch = self._batches.pop(0)
+        self._batches.append(batch)
         for (_, d0, _), (_, d1, _) in feats:
-            self.batch.add(d0, d1)
-        results = self.batch.results()
-        t2 = time.perf_counter()
-        seconds["features"] += t1 - t0
-        seconds["matching"] += t2 - t1
+            batch.add(d0, d1)
+        batch.finish()
+        self.report.seconds["features"] += t1 - t0
+        self.report.seconds["matching"] += time.perf_counter() - t1
+        previous, self._matching = self._matching, (keys, feats, batch)
+        if previous is not None:
+            self._verify(*previous)
+        if not self.overlap:
+            self.finish()
+
+    def finish(self) -> None:
+        """Every chunk still matching or verifying, written."""
+        if self._matching is not None:
+            previous, self._matching = self._matching, None
+            self._verify(*previous)
+        self._write_inflight()
+
+    def _verify(self, keys: list[tuple[str, str]], feats: list, batch: PairBatch) -> None:
+        """Take a chunk's matches from the device and hand them to the verification threads."""
+        t0 = time.perf_counter()
+        results = batch.results()
+        self.report.seconds["matching"] += time.perf_counter() - t0
         pending = []
         for key, ((kp0, _, size0), (kp1, _, size1)), (m, s) in zip(keys, feats, results):
             job = None
@@ -246,13 +275,10 @@ class _Run:
                     if job.posed is None:
                         self.report.ransac_fallbacks.append((f"{key[0]} {key[1]}", why))
             pending.append((key, m, s, job))
-        self._write_inflight()  # the previous chunk, verified while this one was read and matched
+        self._write_inflight()  # the previous chunk, verified while this one was matched
         self._inflight = (pending, _submit(pending, self.pool))
         if not self.overlap:
             self._write_inflight()
-
-    def finish(self) -> None:
-        self._write_inflight()
 
     def _write_inflight(self) -> None:
         if self._inflight is None:

@@ -77,13 +77,16 @@ class PairBatch:
         if path not in ("auto", "tiled", "rows"):
             raise ValueError(f"unknown matching path {path!r}")
         self.conf, self.path = conf, path
-        self._items: list[tuple | None] = []  # per pair: device tensors (nn, keep, best), or a finished result
+        self._items: list[tuple] = []  # per pair: ("queued", device tensors (nn, keep, best)) or ("done", result)
+        self._copied: tuple[list[torch.Tensor], torch.cuda.Event | None] | None = None
 
     def __len__(self) -> int:
         return len(self._items)
 
     @torch.inference_mode()
     def add(self, d0: torch.Tensor, d1: torch.Tensor) -> None:
+        if self._copied is not None:
+            raise RuntimeError("pairs added after finish(): take the results first")
         n0, n1 = d0.shape[0], d1.shape[0]
         if n0 == 0 or n1 == 0 or (self.conf.ratio is not None and n1 < 2):
             self._items.append(("done", _EMPTY))
@@ -92,36 +95,50 @@ class PairBatch:
             raise ValueError(f"descriptor dimensions differ: {d0.shape[1]} and {d1.shape[1]}")
         if self.path == "tiled" or (self.path == "auto" and d0.device.type == "cpu"):
             nn01, keep, best = nearest_neighbors_tiled(d0, d1, self.conf)
-            self._items.append(("done", select(nn01.numpy(), keep.numpy(), best.numpy(), self.conf.mutual)))
+            self._items.append(("done", select(nn01.numpy(), keep.numpy(), best.numpy())))
         else:
             with exact_float32():
                 self._items.append(("queued", nearest_neighbors(d0, d1, self.conf)))
 
     @torch.inference_mode()
+    def finish(self) -> None:
+        """Queue the copy of every queued pair's results to the host (no wait): call it right
+        after the last :meth:`add`, so that :meth:`results` waits for these pairs only, not
+        for pairs another batch queues after them."""
+        if self._copied is not None:
+            return
+        queued = [item for state, item in self._items if state == "queued"]
+        if not queued:
+            self._copied = ([], None)
+            return
+        packed = [torch.cat([q[c] for q in queued]) for c in range(3)]
+        if packed[0].device.type == "cpu":
+            self._copied = (packed, None)
+            return
+        host = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in packed]
+        for h, p in zip(host, packed):
+            h.copy_(p, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._copied = (host, done)
+
+    @torch.inference_mode()
     def results(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(matches, scores)`` of every pair, in the order added; the batch is emptied."""
-        queued = [item for state, item in self._items if state == "queued"]
-        host: list[np.ndarray] = []
-        packed = [torch.cat([q[c] for q in queued]) for c in range(3)] if queued else []
-        if packed and packed[0].device.type == "cpu":
-            host = [p.numpy() for p in packed]
-        elif packed:  # one copy per column into pinned memory, then a single wait
-            host_t = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in packed]
-            for h, p in zip(host_t, packed):
-                h.copy_(p, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
+        self.finish()
+        copied, done = self._copied
+        if done is not None:
             done.synchronize()
-            host = [h.numpy() for h in host_t]
+        host = [c.numpy() for c in copied]
         out, start = [], 0
         for state, item in self._items:
             if state == "done":
                 out.append(item)
                 continue
             stop = start + item[0].shape[0]
-            out.append(select(host[0][start:stop], host[1][start:stop], host[2][start:stop], self.conf.mutual))
+            out.append(select(host[0][start:stop], host[1][start:stop], host[2][start:stop]))
             start = stop
-        self._items = []
+        self._items, self._copied = [], None
         return out
 
 
@@ -137,6 +154,16 @@ def nearest_neighbors(d0: torch.Tensor, d1: torch.Tensor,
     n0, n1 = d0.shape[0], d1.shape[0]
     ratio = conf.ratio is not None
     rows = max(1, min(n0, conf.device_tile_bytes // (4 * n1)))
+    if rows == n0:  # one tile: the fewest kernel launches
+        sim = torch.mm(d0, d1.t())
+        if ratio:  # a tie of the best two fails the (strict) ratio test, whichever index topk gives
+            top = torch.topk(sim, 2, dim=1, sorted=True)
+            best, nn01 = top.values, top.indices[:, 0]
+        else:  # the first column of a tie, as argmax
+            top = torch.max(sim, dim=1)
+            best, nn01 = top.values[:, None], top.indices
+        col_best = torch.amax(sim, dim=0) if conf.mutual else None
+        return nn01.int(), keep_mask(best, nn01, col_best, conf), best[:, 0]
     nn01 = torch.empty((n0,), dtype=torch.int64, device=d0.device)
     best = torch.empty((n0, 2 if ratio else 1), dtype=torch.float32, device=d0.device)
     col_best = None
@@ -144,10 +171,10 @@ def nearest_neighbors(d0: torch.Tensor, d1: torch.Tensor,
     for r0 in range(0, n0, rows):
         r1 = min(n0, r0 + rows)
         sim = torch.mm(d0[r0:r1], d1t)
-        if ratio:  # a tie of the best two fails the (strict) ratio test, whichever index topk gives
+        if ratio:
             top = torch.topk(sim, 2, dim=1, sorted=True)
             best[r0:r1], nn01[r0:r1] = top.values, top.indices[:, 0]
-        else:  # the first column of a tie, as argmax
+        else:
             top = torch.max(sim, dim=1)
             best[r0:r1, 0], nn01[r0:r1] = top.values, top.indices
         if conf.mutual:
@@ -196,30 +223,30 @@ def keep_mask(best: torch.Tensor, nn01: torch.Tensor, col_best: torch.Tensor | N
               conf: MatcherConf) -> torch.Tensor:
     """Rows whose nearest neighbour passes the mutual check, the ratio test and the distance
     bound. ``best``: each row's best (and second best) similarity; ``col_best``: each
-    column's best similarity (None: no mutual check)."""
-    keep = torch.ones(best.shape[0], dtype=torch.bool, device=best.device)
-    if conf.mutual and col_best is not None:
-        # row i is its column's nearest neighbour iff its best similarity is the column's maximum
-        keep &= best[:, 0] >= col_best[nn01]
+    column's best similarity (None: no mutual check). Computed on the device, no host
+    synchronisation."""
+    n0 = best.shape[0]
+    keep = torch.ones(n0, dtype=torch.bool, device=best.device)
     if conf.ratio is not None:
         # squared L2 distances of unit vectors: 2 - 2 cos
         keep &= (2 - 2 * best[:, 0]) < conf.ratio ** 2 * (2 - 2 * best[:, 1])
     if conf.max_distance is not None:
         keep &= (2 - 2 * best[:, 0]) <= conf.max_distance ** 2
+    if conf.mutual and col_best is not None:
+        # row i is its column's nearest neighbour iff its best similarity is the column's maximum
+        keep &= best[:, 0] >= col_best[nn01]
+        # exact ties: a column kept by several rows goes to the first (as argmax would pick)
+        rows = torch.arange(n0, device=best.device)
+        first = torch.full((col_best.shape[0],), n0, dtype=torch.int64, device=best.device)
+        first.scatter_reduce_(0, nn01, torch.where(keep, rows, n0), reduce="amin")
+        keep &= first[nn01] == rows
     return keep
 
 
-def select(nn01: np.ndarray, keep: np.ndarray, best: np.ndarray, mutual: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``(matches, scores)`` of the kept rows; with ``mutual``, a column tied between rows
-    goes to the first row (as argmax would pick)."""
+def select(nn01: np.ndarray, keep: np.ndarray, best: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(matches, scores)`` of the kept rows, from the host copies of the device results."""
     i0 = np.flatnonzero(keep)
-    j = nn01[i0]
-    if mutual and len(i0):
-        _, first = np.unique(j, return_index=True)
-        if len(first) < len(i0):
-            first.sort()
-            i0, j = i0[first], j[first]
-    return np.stack([i0, j], axis=1).astype(np.int32), best[i0].astype(np.float32, copy=False)
+    return np.stack([i0, nn01[i0]], axis=1).astype(np.int32), best[i0].astype(np.float32, copy=False)
 
 
 def _row_argmax(sim: torch.Tensor) -> torch.Tensor:
