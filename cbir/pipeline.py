@@ -34,6 +34,7 @@ Configuration (every key optional except the datasets; ``--set a.b=value`` overr
     fusion = "gharm"
     topk = 20                    # query x map pairs
     map_pairs = 20               # map x map pairs by retrieval; 0: every pair
+    precision = "fp32"           # "fp16": half-precision search, candidates rescored (same pairs)
     [match]
     ratio = 0.0                  # 0: off
     mutual = true

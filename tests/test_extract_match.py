@@ -122,6 +122,8 @@ def test_overlapped_verification_writes_the_same_store(sift_map, tmp_path, monke
     reports = [match_mod.main(ds, ds, pairs, "sift", name=f"sched-{o}", matcher=MatcherConf(ratio=0.8),
                               verify=VerifyConf(), device="cpu", num_workers=2, overlap=o) for o in (False, True)]
     assert [r.matched for r in reports] == [28, 28]
+    assert all(set(r.seconds) == {"features", "matching", "verification", "writing"} and r.bound_by in r.seconds
+               and r.seconds["verification"] > 0 for r in reports)
     with open_store(ds.store_path("matches", "sched-False")) as a, open_store(ds.store_path("matches", "sched-True")) as b:
         assert sorted(a.keys) == sorted(b.keys)
         for key in a.keys:
@@ -148,6 +150,7 @@ def test_unrelated_scenes_do_not_verify(sift_map, maupertuis, tmp_path):
 def test_resume_skips_what_is_done(sift_map):
     _, out, _ = cbir("extract", sift_map, "--local", "sift", "--max-keypoints", "4000", "--json")
     assert json.loads(out)["already_present"] == 8 and json.loads(out)["extracted"] == 0
+    assert set(json.loads(out)["seconds"]) == {"decoding", "extraction", "writing"}
     _, out, _ = cbir("match", "--query", sift_map, "--pairs", sift_map / "pairs.txt", "--local", "sift",
                      "--verify", "--ratio", "0.8", "--json")
     assert json.loads(out)["already_present"] == 28 and json.loads(out)["matched"] == 0
@@ -241,3 +244,33 @@ def test_extract_errors_are_one_line(sample_dataset, tmp_path):
     assert code == 1 and "list.txt:2" in err and "missing.png" in err
     code, _, err = cbir("extract", sample_dataset, "--local", "sift", "--conf", "nope=1", ok=False)
     assert code == 1 and "unknown option" in err
+
+
+def test_an_error_in_the_writer_thread_stops_the_run_and_keeps_what_was_written(sceaux, tmp_path):
+    """Outputs are checked and stored by the writer thread: a non-finite output stops the
+    run with a one-line error naming the image, nothing of it is stored, the images written
+    before stay in the store's batches (a re-run resumes), and nothing hangs."""
+    from cbir import extract as extract_mod
+    from cbir.errors import CbirError
+    from cbir.models.sift import SIFT
+
+    class PoisonedSIFT(SIFT):  # real SIFT, except on the second image (images go in name order)
+        calls = 0
+
+        def extract(self, image):
+            out = super().extract(image)
+            PoisonedSIFT.calls += 1
+            if PoisonedSIFT.calls == 2:
+                out["descriptors"] = out["descriptors"].astype(np.float32) * np.nan
+            return out
+
+    ds = Dataset(writable_copy(sceaux / "mapping", tmp_path / "mapping"))
+    names = sorted(ds.sensors.image_names())[:3]
+    with pytest.raises(CbirError, match=f"non-finite descriptors for image '{names[1]}'"):
+        extract_mod.main(PoisonedSIFT({"max_keypoints": 500}), ds, images=names, num_workers=2)
+    report = extract_mod.main(SIFT({"max_keypoints": 500}), ds, images=names, num_workers=2)  # resumes
+    # the images written before the error stay (the one after it too, if the writer was late)
+    assert 1 <= report.already_present <= 2 and report.extracted == 3 - report.already_present
+    with open_store(report.path) as store:
+        assert sorted(store.names) == names
+        assert all(np.isfinite(store.get(n)["descriptors"]).all() for n in names)

@@ -96,6 +96,8 @@ def _toml(tmp_path: Path, sample: Path, extra: str = "") -> Path:
     ("retrieve.topk=0", "[retrieve] topk must be >= 1, got 0"),
     ("retrieve.map_pairs=-1", "[retrieve] map_pairs must be >= 0"),
     ('retrieve.fusion="pow"', "[retrieve] unknown fusion 'pow'"),
+    ('retrieve.precision="fp8"', "[retrieve] unknown precision 'fp8'"),
+    ("retrieve.precision=16", "[retrieve] unknown precision 16"),
     ("match.ratio=2", "[match] ratio must be <= 1.0"),
     ("match.min_inliers=1.5", "[match] min_inliers must be an integer"),
     ('extract.global=["densevlad", "nope"]', "[extract] unknown global extractor 'nope'"),

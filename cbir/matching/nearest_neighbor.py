@@ -36,7 +36,7 @@ class MatcherConf:
     block_rows: int = 1024
     block_cols: int = 2048
     # on a GPU: tiles of whole rows, at most this many bytes of similarities each
-    device_tile_bytes: int = 256 << 20
+    device_tile_bytes: int = 2 << 30  # measured on an H200: one tile for 20k x 20k (bench_gpu.py)
 
     def __post_init__(self) -> None:  # the rules of `cbir match` and the pipeline alike
         check_bool("mutual", self.mutual)
