@@ -95,7 +95,7 @@ class PairBatch:
             raise ValueError(f"descriptor dimensions differ: {d0.shape[1]} and {d1.shape[1]}")
         if self.path == "tiled" or (self.path == "auto" and d0.device.type == "cpu"):
             nn01, keep, best = nearest_neighbors_tiled(d0, d1, self.conf)
-            self._items.append(("done", select(nn01.numpy(), keep.numpy(), best.numpy())))
+            self._items.append(("done", select(nn01.numpy(), keep.numpy(), best.numpy(), self.conf.mutual)))
         else:
             with exact_float32():
                 self._items.append(("queued", nearest_neighbors(d0, d1, self.conf)))
@@ -136,7 +136,7 @@ class PairBatch:
                 out.append(item)
                 continue
             stop = start + item[0].shape[0]
-            out.append(select(host[0][start:stop], host[1][start:stop], host[2][start:stop]))
+            out.append(select(host[0][start:stop], host[1][start:stop], host[2][start:stop], self.conf.mutual))
             start = stop
         self._items, self._copied = [], None
         return out
@@ -224,7 +224,7 @@ def keep_mask(best: torch.Tensor, nn01: torch.Tensor, col_best: torch.Tensor | N
     """Rows whose nearest neighbour passes the mutual check, the ratio test and the distance
     bound. ``best``: each row's best (and second best) similarity; ``col_best``: each
     column's best similarity (None: no mutual check). Computed on the device, no host
-    synchronisation."""
+    synchronisation; exact ties are resolved by :func:`select`."""
     n0 = best.shape[0]
     keep = torch.ones(n0, dtype=torch.bool, device=best.device)
     if conf.ratio is not None:
@@ -235,18 +235,20 @@ def keep_mask(best: torch.Tensor, nn01: torch.Tensor, col_best: torch.Tensor | N
     if conf.mutual and col_best is not None:
         # row i is its column's nearest neighbour iff its best similarity is the column's maximum
         keep &= best[:, 0] >= col_best[nn01]
-        # exact ties: a column kept by several rows goes to the first (as argmax would pick)
-        rows = torch.arange(n0, device=best.device)
-        first = torch.full((col_best.shape[0],), n0, dtype=torch.int64, device=best.device)
-        first.scatter_reduce_(0, nn01, torch.where(keep, rows, n0), reduce="amin")
-        keep &= first[nn01] == rows
     return keep
 
 
-def select(nn01: np.ndarray, keep: np.ndarray, best: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(matches, scores)`` of the kept rows, from the host copies of the device results."""
+def select(nn01: np.ndarray, keep: np.ndarray, best: np.ndarray, mutual: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(matches, scores)`` of the kept rows, from host copies of the results. With
+    ``mutual``, a column kept by several rows (exact ties) goes to the first row, as argmax
+    would pick; on a GPU this runs on the host while the device matches the next chunk."""
     i0 = np.flatnonzero(keep)
-    return np.stack([i0, nn01[i0]], axis=1).astype(np.int32), best[i0].astype(np.float32, copy=False)
+    j = nn01[i0]
+    if mutual and len(j) and np.bincount(j).max() > 1:
+        _, first = np.unique(j, return_index=True)
+        first.sort()
+        i0, j = i0[first], j[first]
+    return np.stack([i0, j], axis=1).astype(np.int32), best[i0].astype(np.float32, copy=False)
 
 
 def _row_argmax(sim: torch.Tensor) -> torch.Tensor:
