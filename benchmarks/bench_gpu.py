@@ -43,7 +43,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from cbir.devices import cudnn_autotune, exact_float32  # noqa: E402
+from cbir.devices import exact_float32  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -381,16 +381,13 @@ def extract(args, device) -> dict:
     r2d2 = R2D2({"weights": str(weights), "max_keypoints": 5000, "device": device.type})
     apgem = APGeM({"weights": str(apgem_weights(args.work)), "device": device.type})
     for name, ex in (("r2d2", r2d2), ("apgem", apgem)):
-        for autotune in (False, True):  # cuDNN's algorithm search, as `cbir extract --autotune` sets it
-            with cudnn_autotune(autotune):
-                ex.extract(decoded[0])
-                sync(device)
-                t = time.perf_counter()
-                for im in decoded:
-                    ex.extract(im)
-                sync(device)
-            rate = len(decoded) / (time.perf_counter() - t)
-            out[f"{name}_model_images_per_s" + ("" if autotune else "_no_autotune")] = rate
+        ex.extract(decoded[0])
+        sync(device)
+        t = time.perf_counter()
+        for im in decoded:
+            ex.extract(im)
+        sync(device)
+        out[f"{name}_model_images_per_s"] = len(decoded) / (time.perf_counter() - t)
     # the official R2D2 code on the same images and GPU
     if args.official_repo:
         sys.path.insert(0, str(args.official_repo))
@@ -422,9 +419,6 @@ def extract(args, device) -> dict:
         out["r2d2_keypoints_shared_with_official"] = len(a & b) / max(1, len(b))
     # the whole command, 1,000 images decoded, extracted and written
     r2d2_options = ["--local", "r2d2", "--weights", str(weights), "--max-keypoints", "5000"]
-    r = cli_extract(root, [*r2d2_options, "--no-autotune", "--name", "r2d2-no-autotune"], device)
-    out["r2d2_command_no_autotune_images_per_s"] = n / r["wall_s"]
-    out["r2d2_command_no_autotune_seconds"] = r["summary"].get("seconds")
     for name, options in (("r2d2", r2d2_options),
                           ("apgem", ["--global", "apgem", "--weights", str(apgem_weights(args.work))])):
         r = cli_extract(root, options, device)
@@ -446,9 +440,6 @@ def extract(args, device) -> dict:
           flush=True)
     print(f"extract AP-GeM: command {out['apgem_command_images_per_s']:.1f} images/s, model alone "
           f"{out['apgem_model_images_per_s']:.1f} ({100 * out['apgem_command_share_of_model']:.0f}%)", flush=True)
-    print(f"without autotuning: R2D2 command {out['r2d2_command_no_autotune_images_per_s']:.1f} images/s "
-          f"{out['r2d2_command_no_autotune_seconds']}, model alone {out['r2d2_model_images_per_s_no_autotune']:.1f}; "
-          f"AP-GeM model alone {out['apgem_model_images_per_s_no_autotune']:.1f}", flush=True)
     for name in ("r2d2", "apgem"):
         print(f"extract {name} command: {out[f'{name}_command_s']:.1f} s = start {out['start_s']:.1f} s + "
               f"{out[f'{name}_command_seconds']} (bound by {out[f'{name}_command_bound_by']})", flush=True)

@@ -4,7 +4,6 @@
   the next item's transfer overlaps the kernels of this one and the host never waits;
 * :func:`exact_float32`: float32 products computed in float32 (not TF32) whatever the
   process-wide settings, since the results must equal the CPU path's;
-* :func:`cudnn_autotune`: cuDNN's per-shape algorithm search, scoped to a step;
 * :func:`memory_budget`: how many bytes a step may keep resident on the device.
 """
 
@@ -52,18 +51,6 @@ def exact_float32() -> Iterator[None]:
         yield
     finally:
         m.allow_tf32, m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = saved
-
-
-@contextmanager
-def cudnn_autotune(enabled: bool) -> Iterator[None]:
-    """cuDNN's algorithm search (``torch.backends.cudnn.benchmark``) on or off for the
-    duration; the previous setting is restored after."""
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = saved
 
 
 def memory_budget(device: torch.device, fraction: float = 0.5) -> int:

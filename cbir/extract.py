@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .devices import cudnn_autotune, default_workers
+from .devices import default_workers
 from .errors import CbirError
 from .io.dataset import Dataset
 from .io.images import LoadedImage, read_image
@@ -144,16 +144,13 @@ def extract_all(extractors: Sequence[Extractor], dataset: Dataset, *,
                 store_names: Sequence[str | None] | None = None, images: list[str] | None = None,
                 overwrite: bool = False, num_workers: int | None = None,
                 progress: Callable[[int, int], None] | None = None,
-                image_options: ImageOptions = ImageOptions(), autotune: bool | None = None) -> list[ExtractReport]:
+                image_options: ImageOptions = ImageOptions()) -> list[ExtractReport]:
     """Run several extractors over ``dataset``, one report each (in order).
 
     Extractors that read images the same way run in one pass: each image is decoded once,
     and extractors of one network (DELG local and global) compute it once
     (:meth:`Extractor.share_pass`). Each store resumes on its own: an image is processed
-    for the extractors whose store lacks it. ``autotune`` (default: when a network runs on
-    a GPU) lets cuDNN time its convolution algorithms once per input shape and keep the
-    fastest: a gain where images share their size, a delay of a few tenths of a second per
-    new size; the outputs change by float rounding only.
+    for the extractors whose store lacks it.
     """
     extractors = list(extractors)
     names_ = list(store_names) if store_names is not None else [None] * len(extractors)
@@ -168,13 +165,10 @@ def extract_all(extractors: Sequence[Extractor], dataset: Dataset, *,
     reports: dict[int, ExtractReport] = {}
     n_passes = len(passes)
     step = (lambda advance, total: progress(advance, total * n_passes)) if progress else None
-    if autotune is None:
-        autotune = any(getattr(e, "device", None) is not None and e.device.type == "cuda" for e in extractors)
-    with cudnn_autotune(autotune):
-        for members in passes.values():
-            done = _extract_pass([extractors[i] for i in members], [names_[i] for i in members], dataset,
-                                 images, overwrite, num_workers, step, image_options)
-            reports.update(zip(members, done))
+    for members in passes.values():
+        done = _extract_pass([extractors[i] for i in members], [names_[i] for i in members], dataset, images,
+                             overwrite, num_workers, step, image_options)
+        reports.update(zip(members, done))
     return [reports[i] for i in range(len(extractors))]
 
 

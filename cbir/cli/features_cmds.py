@@ -83,16 +83,12 @@ def parse_conf(items: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--max-image-pixels", type=click.IntRange(1), default=None,
               help="Refuse (skip and report) larger images before decoding [default: $CBIR_MAX_IMAGE_PIXELS "
                    "or 268435456].")
-@click.option("--autotune/--no-autotune", default=None,
-              help="Let cuDNN time its convolution algorithms once per image size and keep the fastest (faster "
-                   "where images share their size; outputs change by float rounding only) [default: on a GPU].")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.pass_context
 def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str | None, weights: Path | None,
             model: Path | None, learn: bool, name: str | None, max_keypoints: int | None, max_size: int | None,
             conf_items: tuple[str, ...], image_list: Path | None, device: str, num_workers: int, overwrite: bool,
-            follow_symlinks: bool, apply_exif: bool, max_image_pixels: int | None, autotune: bool | None,
-            as_json: bool) -> None:
+            follow_symlinks: bool, apply_exif: bool, max_image_pixels: int | None, as_json: bool) -> None:
     """Extract local features (DATASET/cbir/local/) and global descriptors (DATASET/cbir/global/).
 
     Resumes where an interrupted run stopped; unreadable images are skipped and reported.
@@ -128,8 +124,7 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
     with progress_bar(f"extract {label}", quiet or as_json) as update:
         reports = extract_mod.extract_all(extractors, ds, store_names=[name] * len(extractors), images=images,
                                           overwrite=overwrite, num_workers=num_workers, progress=update,
-                                          image_options=extract_mod.ImageOptions(apply_exif, max_image_pixels),
-                                          autotune=autotune)
+                                          image_options=extract_mod.ImageOptions(apply_exif, max_image_pixels))
     summaries = []
     for extractor, report in zip(extractors, reports):
         for image, reason in report.failed:
