@@ -144,13 +144,15 @@ def extract_all(extractors: Sequence[Extractor], dataset: Dataset, *,
                 store_names: Sequence[str | None] | None = None, images: list[str] | None = None,
                 overwrite: bool = False, num_workers: int | None = None,
                 progress: Callable[[int, int], None] | None = None,
-                image_options: ImageOptions = ImageOptions()) -> list[ExtractReport]:
+                image_options: ImageOptions = ImageOptions(), store_dir: Path | None = None) -> list[ExtractReport]:
     """Run several extractors over ``dataset``, one report each (in order).
 
     Extractors that read images the same way run in one pass: each image is decoded once,
     and extractors of one network (DELG local and global) compute it once
     (:meth:`Extractor.share_pass`). Each store resumes on its own: an image is processed
-    for the extractors whose store lacks it.
+    for the extractors whose store lacks it. ``store_dir`` (default: the dataset's
+    ``cbir/``) holds the stores as ``<store_dir>/<local|global>/<name>.h5`` (a cluster's
+    shards, :mod:`cbir.distributed`).
     """
     extractors = list(extractors)
     names_ = list(store_names) if store_names is not None else [None] * len(extractors)
@@ -167,14 +169,28 @@ def extract_all(extractors: Sequence[Extractor], dataset: Dataset, *,
     step = (lambda advance, total: progress(advance, total * n_passes)) if progress else None
     for members in passes.values():
         done = _extract_pass([extractors[i] for i in members], [names_[i] for i in members], dataset, images,
-                             overwrite, num_workers, step, image_options)
+                             overwrite, num_workers, step, image_options, store_dir)
         reports.update(zip(members, done))
     return [reports[i] for i in range(len(extractors))]
 
 
+def store_kind(extractor: Extractor) -> str:
+    """``local`` or ``global``: the folder of the extractor's stores."""
+    return "global" if isinstance(extractor, GlobalExtractor) else "local"
+
+
+def store_attributes(extractor: Extractor, store_name: str, image_options: ImageOptions) -> dict[str, Any]:
+    """The attributes (name, config, ...) of the store ``extractor`` writes."""
+    out = extractor.store_attrs(store_name)
+    if image_options.apply_exif:  # only then: stores of the default stay comparable across versions
+        out["config"] = {**out["config"], "exif_orientation": "apply"}
+    return out
+
+
 def _extract_pass(extractors: list[Extractor], store_names: list[str | None], dataset: Dataset,
                   images: list[str] | None, overwrite: bool, num_workers: int | None,
-                  progress: Callable[[int, int], None] | None, image_options: ImageOptions) -> list[ExtractReport]:
+                  progress: Callable[[int, int], None] | None, image_options: ImageOptions,
+                  store_dir: Path | None) -> list[ExtractReport]:
     names = images if images is not None else sorted(dataset.sensors.image_names())
     first = extractors[0]
 
@@ -183,16 +199,13 @@ def _extract_pass(extractors: list[Extractor], store_names: list[str | None], da
                           apply_exif=image_options.apply_exif, max_pixels=image_options.max_pixels)
 
     def attrs(extractor: Extractor, store_name: str) -> dict[str, Any]:
-        out = extractor.store_attrs(store_name)
-        if image_options.apply_exif:  # only then: stores of the default stay comparable across versions
-            out["config"] = {**out["config"], "exif_orientation": "apply"}
-        return out
+        return store_attributes(extractor, store_name, image_options)
 
     outs, reports = [], []
     store_names = [n or e.default_store_name() for e, n in zip(extractors, store_names)]
     for extractor, store_name in zip(extractors, store_names):
-        kind = "global" if isinstance(extractor, GlobalExtractor) else "local"
-        out = dataset.store_path(kind, store_name)
+        kind = store_kind(extractor)
+        out = store_dir / kind / f"{store_name}.h5" if store_dir is not None else dataset.store_path(kind, store_name)
         out.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(extractor, GlobalExtractor):  # e.g. DenseVLAD learns its vocabulary on the map first
             extractor.prepare(out, names, load, overwrite=overwrite)

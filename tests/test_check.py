@@ -118,3 +118,11 @@ def test_info_counts(sample_dataset):
 def test_not_a_dataset(tmp_path):
     with pytest.raises(CbirError, match="sensors/sensors.txt is missing"):
         Dataset(tmp_path)
+
+
+def test_unmerged_ray_shards_are_reported(sample_dataset):
+    """Shards left by an interrupted `cbir extract --executor ray` are a warning that says
+    how to finish them."""
+    (sample_dataset / "cbir" / "shards" / "0123456789abcdef" / "000000" / "local").mkdir(parents=True)
+    problems = _problems(sample_dataset)
+    assert len(problems) == 1 and problems[0].startswith("warning") and "run the same command again" in problems[0]

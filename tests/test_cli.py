@@ -162,3 +162,14 @@ def test_light_commands_import_no_heavy_library(argv):
     assert proc.returncode == 0, proc.stderr
     heavy = proc.stdout.strip().splitlines()[-1]
     assert heavy == "[]", heavy
+
+
+def test_local_extraction_does_not_import_ray(sample_dataset):
+    """The local executor (the default) never imports Ray, installed or not (issue 14)."""
+    code = ("import sys\nfrom cbir.cli import main\n"
+            f"try:\n    main(['extract', {str(sample_dataset)!r}, '--local', 'sift'])\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('ray' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"

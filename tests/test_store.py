@@ -157,6 +157,22 @@ def test_interrupt_inside_add_leaves_only_whole_items(tmp_path):
         assert sorted(s.keys) == sorted([items[0][0], items[1][0]])
 
 
+def test_a_writer_killed_before_its_first_batch_leaves_nothing_to_refuse(tmp_path):
+    """A process killed between creating the batch folder and writing its identity (a Ray
+    worker killed mid-shard did) leaves an empty folder: the next writer starts afresh;
+    batches of unknown identity are still refused."""
+    path = tmp_path / "f.h5"
+    (tmp_path / "f.h5.batches").mkdir()
+    with StoreWriter(path, "local-features", ATTRS) as w:
+        for name, cols in _items(3):
+            w.add(name, **cols)
+    assert len(open_store(path)) == 3
+    (tmp_path / "g.h5.batches").mkdir()
+    (tmp_path / "g.h5.batches" / "batch-000000.h5").write_bytes(b"")
+    with pytest.raises(CbirError, match="unfinished batches"):
+        StoreWriter(tmp_path / "g.h5", "local-features", ATTRS)
+
+
 def test_killed_writer_loses_at_most_the_batch_in_flight(tmp_path):
     """SIGKILL a real writer process in the middle of a run; a re-run resumes."""
     path = tmp_path / "f.h5"

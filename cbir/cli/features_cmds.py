@@ -83,12 +83,19 @@ def parse_conf(items: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--max-image-pixels", type=click.IntRange(1), default=None,
               help="Refuse (skip and report) larger images before decoding [default: $CBIR_MAX_IMAGE_PIXELS "
                    "or 268435456].")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where to run: this process, or a Ray cluster (shards of --shard-size images as tasks; the "
+                   "dataset on a file system every node sees). Needs cbir[ray].")
+@click.option("--ray-address", help="Ray cluster to join [default: $RAY_ADDRESS, else a local instance].")
+@click.option("--shard-size", type=click.IntRange(1), default=64, show_default=True,
+              help="--executor ray: images a task.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.pass_context
 def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str | None, weights: Path | None,
             model: Path | None, learn: bool, name: str | None, max_keypoints: int | None, max_size: int | None,
             conf_items: tuple[str, ...], image_list: Path | None, device: str, num_workers: int, overwrite: bool,
-            follow_symlinks: bool, apply_exif: bool, max_image_pixels: int | None, as_json: bool) -> None:
+            follow_symlinks: bool, apply_exif: bool, max_image_pixels: int | None, executor: str,
+            ray_address: str | None, shard_size: int, as_json: bool) -> None:
     """Extract local features (DATASET/cbir/local/) and global descriptors (DATASET/cbir/global/).
 
     Resumes where an interrupted run stopped; unreadable images are skipped and reported.
@@ -115,16 +122,28 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
         raise CbirError(f"unknown option(s) {', '.join(sorted(unknown))} for {', '.join(n for _, n in jobs)}")
     if weights is not None and not any("weights" in c.default_conf for c in classes):
         raise CbirError(f"{', '.join(n for _, n in jobs)} use(s) no weights: drop --weights")
-    extractors = [extract_mod.build_extractor(n, extract_mod.extractor_conf(kind, n, common, weights, device), kind)
-                  for kind, n in jobs]
+    specs = [(kind, n, extract_mod.extractor_conf(kind, n, common, weights, device)) for kind, n in jobs]
     ds = open_dataset(dataset, follow_symlinks)
     images = extract_mod.read_image_list(image_list, ds.sensors.image_names()) if image_list else None
     quiet = is_quiet(ctx)
     label = ", ".join(f"{kind} {n}" for kind, n in jobs)
-    with progress_bar(f"extract {label}", quiet or as_json) as update:
-        reports = extract_mod.extract_all(extractors, ds, store_names=[name] * len(extractors), images=images,
-                                          overwrite=overwrite, num_workers=num_workers, progress=update,
-                                          image_options=extract_mod.ImageOptions(apply_exif, max_image_pixels))
+    image_options = extract_mod.ImageOptions(apply_exif, max_image_pixels)
+    if executor == "ray":
+        try:
+            from ..distributed import RayConf, extract_on_ray
+        except ImportError as e:
+            raise CbirError(f"--executor ray needs Ray: pip install 'cbir[ray]' ({e})") from None
+        with progress_bar(f"extract {label} (ray)", quiet or as_json) as update:
+            reports = extract_on_ray(specs, ds, store_names=[name] * len(specs), images=images, overwrite=overwrite,
+                                     image_options=image_options,
+                                     conf=RayConf(address=ray_address, shard_size=shard_size), progress=update)
+        extractors = [extract_mod.extractor_class(n, kind) for kind, n, _ in specs]
+    else:
+        extractors = [extract_mod.build_extractor(n, c, kind) for kind, n, c in specs]
+        with progress_bar(f"extract {label}", quiet or as_json) as update:
+            reports = extract_mod.extract_all(extractors, ds, store_names=[name] * len(extractors), images=images,
+                                              overwrite=overwrite, num_workers=num_workers, progress=update,
+                                              image_options=image_options)
     summaries = []
     for extractor, report in zip(extractors, reports):
         for image, reason in report.failed:

@@ -99,6 +99,10 @@ def check_dataset(dataset: Dataset, *, images: ImageCheck = "decode", deep: bool
             _check_index(dataset, path, report)
         except CbirError as e:
             report.from_exception(e)
+    for plan in sorted(p for p in (dataset.root / "cbir" / "shards").glob("*") if p.is_dir()):
+        done = len(list(plan.glob("*/*/*.h5")))
+        report.warning(plan, f"shards of an unfinished `cbir extract --executor ray` ({done} shard stores written): "
+                             "run the same command again to finish and merge them, or delete the folder")
     return report.problems
 
 

@@ -668,7 +668,8 @@ class StoreWriter:
             try:
                 found = json.loads(meta.read_text())
             except (OSError, json.JSONDecodeError):
-                pass
+                if not self._batches():  # left by a process killed before it wrote anything: nothing to keep
+                    found = identity
             if found != identity:
                 if not overwrite:
                     raise CbirError(f"unfinished batches in {self.batch_dir.name} were written with another "

@@ -1,0 +1,129 @@
+"""`cbir extract --executor ray` on Ray's own multi-node test cluster (two nodes of one CPU
+each, started here): the final store equals a local run's, a re-run does nothing, a worker
+killed in the middle of its shard is replaced and the result is still the local one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from cbir import extract as extract_mod
+from cbir.distributed import RayConf, extract_on_ray
+from cbir.io.dataset import Dataset
+from cbir.io.store import open_store
+from cbir.models.sift import SIFT
+from tests.conftest import writable_copy
+
+pytestmark = pytest.mark.slow
+SIFT_CONF = {"max_keypoints": 1000}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    c.add_node(num_cpus=1)
+    ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_store(sceaux, tmp_path_factory) -> Path:
+    """SIFT of sceaux_castle's map, extracted by this process."""
+    root = writable_copy(sceaux / "mapping", tmp_path_factory.mktemp("local") / "mapping")
+    return extract_mod.main(SIFT(SIFT_CONF), Dataset(root), num_workers=1).path
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    with open_store(a) as x, open_store(b) as y:
+        assert x.names == y.names and x.config == y.config and x.columns == y.columns
+        for name in x.names:
+            for col, value in x.get(name).items():
+                np.testing.assert_array_equal(value, y.get(name)[col], err_msg=f"{name} {col}")
+
+
+def test_shards_on_two_nodes_make_the_local_store(cluster, sceaux, tmp_path, local_store):
+    ds = Dataset(writable_copy(sceaux / "mapping", tmp_path / "mapping"))
+    progress = []
+    [report] = extract_on_ray([("local", "sift", SIFT_CONF)], ds, store_names=[None], conf=RayConf(shard_size=3),
+                              progress=lambda advance, total: progress.append((advance, total)))
+    assert report.extracted == 8 and report.already_present == 0 and not report.failed
+    assert sum(a for a, _ in progress) == 8 and all(t == 8 for _, t in progress)
+    assert_same_store(report.path, local_store)
+    assert not (ds.root / "cbir" / "shards").exists()  # merged, then removed
+    assert len({n["NodeID"] for n in ray.nodes() if n["Alive"]}) == 2
+    [again] = extract_on_ray([("local", "sift", SIFT_CONF)], ds, store_names=[None], conf=RayConf(shard_size=3))
+    assert again.extracted == 0 and again.already_present == 8
+    assert_same_store(again.path, local_store)
+
+
+def _kill_first_shard_worker(stop: threading.Event, killed: list[int]) -> None:
+    """SIGKILL the first process Ray titles ``ray::_run_shard`` (a worker inside a shard)."""
+    while not stop.is_set() and not killed:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(b"ray::_run_shard"):
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+                return
+        time.sleep(0.05)
+
+
+def test_a_worker_killed_in_its_shard_is_replaced(cluster, sceaux, tmp_path, local_store):
+    ds = Dataset(writable_copy(sceaux / "mapping", tmp_path / "mapping"))
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_first_shard_worker, args=(stop, killed))
+    killer.start()
+    try:
+        [report] = extract_on_ray([("local", "sift", SIFT_CONF)], ds, store_names=[None], conf=RayConf(shard_size=4))
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no shard worker was seen running"
+    assert report.extracted == 8
+    assert_same_store(report.path, local_store)
+
+
+def test_a_store_of_another_configuration_is_refused(cluster, sceaux, tmp_path, local_store):
+    from cbir.errors import CbirError
+
+    root = writable_copy(sceaux / "mapping", tmp_path / "mapping")
+    target = Dataset(root).store_path("local", "sift")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(local_store.read_bytes())
+    with pytest.raises(CbirError, match="another configuration"):
+        extract_on_ray([("local", "sift", {"max_keypoints": 50})], Dataset(root), store_names=[None])
+    with pytest.raises(CbirError, match="learns its model on one machine"):
+        extract_on_ray([("global", "densevlad", {"learn": True})], Dataset(root), store_names=[None])
+
+
+def test_the_command_runs_on_the_cluster(cluster, sceaux, tmp_path, local_store):
+    """`cbir extract --executor ray --ray-address ADDRESS`: the same store, the usual summary."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cbir.cli import main
+
+    root = writable_copy(sceaux / "mapping", tmp_path / "mapping")
+    result = CliRunner().invoke(main, ["extract", str(root), "--local", "sift", "--max-keypoints", "1000",
+                                       "--executor", "ray", "--ray-address", cluster.address, "--shard-size", "5",
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["extracted"] == 8 and summary["already_present"] == 0
+    assert_same_store(Path(summary["store"]), local_store)
