@@ -1,12 +1,12 @@
-"""Extraction on a Ray cluster (``cbir extract --executor ray``).
+"""Extraction and matching on a Ray cluster (``cbir extract|match --executor ray``).
 
-The images still to extract are cut into deterministic shards (runs of ``shard_size``
-names in order). Each shard is a Ray task: it builds the extractors from their
-configuration, extracts its images with the local code and writes its own stores,
-atomically, under ``DATASET/cbir/shards/<plan>/<shard>/``; a shard whose stores exist is
-done. When every shard is done the driver merges them, in order, after what the final
-stores already held, into the final stores (atomically), and removes the shards. The
-result is the store a local run writes, key for key and byte for byte in every column.
+The images (pairs) still to do are cut into deterministic shards (runs of ``shard_size``
+in the order a local run takes them). Each shard is a Ray task: it runs the local code on
+its images (pairs) and writes its own stores, atomically, under
+``DATASET/cbir/shards/<plan>/<shard>/``; a shard whose stores exist is done. When every
+shard is done the driver merges them, in order, after what the final stores already held,
+into the final stores (atomically), and removes the shards. The result is the store a
+local run writes, key for key and value for value in every column.
 
 A worker that dies (killed, out of memory, its node lost) has its task run again by Ray
 (``max_retries``); the shard's stores resume from the batches it had written. A re-run
@@ -21,7 +21,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import CbirError
 from .io.atomic import WriteLock, atomic_output
@@ -57,8 +57,6 @@ def extract_on_ray(specs: list[ExtractorSpec], dataset: Dataset, *, store_names:
                    images: list[str] | None = None, overwrite: bool = False, image_options: Any = None,
                    conf: RayConf = RayConf(), progress: Callable[[int, int], None] | None = None) -> list:
     """What :func:`cbir.extract.extract_all` does, on a Ray cluster; one report a store."""
-    import ray
-
     from . import extract as extract_mod
 
     image_options = image_options or extract_mod.ImageOptions()
@@ -86,41 +84,19 @@ def extract_on_ray(specs: list[ExtractorSpec], dataset: Dataset, *, store_names:
     if progress:
         progress(total - len(todo), total)
     run = [i for i, outs in enumerate(outputs) if not all(o.exists() for o in outs)]
-    if run:
-        if not ray.is_initialized():
-            ray.init(address=conf.address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                     log_to_driver=False)
-        gpus = conf.num_gpus
-        if gpus is None:
-            on_gpu = any(str(c.get("device", "cpu")) in ("auto",) or str(c.get("device", "")).startswith("cuda")
-                         for _, _, c in specs)
-            gpus = 1 if on_gpu and ray.cluster_resources().get("GPU", 0) > 0 else 0
-        task = ray.remote(_run_shard).options(num_cpus=conf.cpus, num_gpus=gpus, max_retries=conf.max_retries,
-                                              retry_exceptions=False)
-        futures = {task.remote(specs, str(dataset.root), names, shards[i], str(shard_dirs[i]), image_options,
-                               conf.cpus): i for i in run}
-        pending = list(futures)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            i = futures[done[0]]
-            try:
-                shard_reports = ray.get(done[0])
-            except ray.exceptions.RayTaskError as e:
-                cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
-                if isinstance(cause, CbirError):
-                    raise cause from None
-                raise CbirError(f"shard {i} (from {shards[i][0]}) failed: {type(cause).__name__}: {cause}") from None
-            except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as e:
-                raise CbirError(f"shard {i} (from {shards[i][0]}) failed: its worker died {conf.max_retries + 1} "
-                                f"times ({type(e).__name__}); run the command again to resume") from None
-            for report, r in zip(reports, shard_reports):
-                _add(report, r)
-            if progress:
-                progress(len(shards[i]), total)
+    on_gpu = any(str(c.get("device", "cpu")) == "auto" or str(c.get("device", "")).startswith("cuda")
+                 for _, _, c in specs)
+    for i, shard_reports in run_shards(_extract_shard, {i: (specs, str(dataset.root), names, shards[i],
+                                                             str(shard_dirs[i]), image_options, conf.cpus)
+                                                         for i in run},
+                                       [s[0] for s in shards], conf, on_gpu):
+        for report, r in zip(reports, shard_reports):
+            _add(report, r)
+        if progress:
+            progress(len(shards[i]), total)
     for j, (final, a) in enumerate(zip(finals, attrs)):
-        parts = ([final] if final.exists() and present[j] is not _NOTHING else []) + [o[j] for o in outputs]
-        with WriteLock(final), atomic_output(final) as tmp:
-            merge_stores(parts, tmp, SCHEMAS[f"{extract_mod.store_kind(local[j])}-features"], a)
+        merge_into(final, [o[j] for o in outputs], f"{extract_mod.store_kind(local[j])}-features", a,
+                   keep=present[j] is not _NOTHING)
     for j, report in enumerate(reports):  # images of shards written by an earlier run count as extracted now
         report.extracted = _count(finals[j]) - report.already_present
     shutil.rmtree(plan, ignore_errors=True)
@@ -129,6 +105,51 @@ def extract_on_ray(specs: list[ExtractorSpec], dataset: Dataset, *, store_names:
 
 
 _NOTHING: frozenset = frozenset()
+
+
+def run_shards(task: Callable, arguments: dict[int, tuple], labels: list[str], conf: RayConf,
+               on_gpu: bool) -> Iterator[tuple[int, Any]]:
+    """Run ``task(*arguments[i])`` for every shard ``i`` as Ray tasks; yield ``(i, result)``
+    as they finish. An error of cbir's in a task is raised as it is (one line); a task whose
+    worker died more than ``max_retries`` times is an error that says how to resume."""
+    import ray
+
+    if not arguments:
+        return
+    if not ray.is_initialized():
+        ray.init(address=conf.address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+                 log_to_driver=False)
+    gpus = conf.num_gpus
+    if gpus is None:
+        gpus = 1 if on_gpu and ray.cluster_resources().get("GPU", 0) > 0 else 0
+    remote = ray.remote(task).options(num_cpus=conf.cpus, num_gpus=gpus, max_retries=conf.max_retries,
+                                      retry_exceptions=False)
+    futures = {remote.remote(*args): i for i, args in arguments.items()}
+    pending = list(futures)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        i = futures[done[0]]
+        try:
+            result = ray.get(done[0])
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
+            if isinstance(cause, CbirError):
+                raise cause from None
+            raise CbirError(f"shard {i} (from {labels[i]}) failed: {type(cause).__name__}: {cause}") from None
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as e:
+            raise CbirError(f"shard {i} (from {labels[i]}) failed: its worker died {conf.max_retries + 1} times "
+                            f"({type(e).__name__}); run the command again to resume") from None
+        yield i, result
+
+
+def merge_into(final: Path, shards: list[Path], kind: str, attrs: dict[str, Any], keep: bool) -> None:
+    """The final store: what it held (``keep``), then the shards in order, written atomically."""
+    written = [s for s in shards if s.exists()]
+    if keep and final.exists() and not written:
+        return  # nothing new: the store stays as it is
+    parts = ([final] if keep and final.exists() else []) + written
+    with WriteLock(final), atomic_output(final) as tmp:
+        merge_stores(parts, tmp, SCHEMAS[kind], attrs)
 
 
 def _present(final: Path, attrs: dict[str, Any], overwrite: bool) -> frozenset:
@@ -162,8 +183,70 @@ def _remove_if_empty(path: Path) -> None:
         pass
 
 
-def _run_shard(specs: list[ExtractorSpec], root: str, store_names: list[str], images: list[str], shard_dir: str,
-               image_options: Any, threads: int) -> list:
+def match_on_ray(query: Dataset, map_: Dataset, pairs: list, local: str, *, name: str | None = None,
+                 matcher: Any = None, verify: Any = None, device: str = "auto", overwrite: bool = False,
+                 conf: RayConf = RayConf(shard_size=1000), progress: Callable[[int, int], None] | None = None) -> Any:
+    """What :func:`cbir.matching.match.main` does, on a Ray cluster: shards of ``shard_size``
+    pairs (in the order a local run writes them) matched and verified by Ray tasks."""
+    from .matching import match as match_mod
+    from .matching.nearest_neighbor import MatcherConf
+
+    matcher = matcher or MatcherConf()
+    name = name or local
+    same = query.root.resolve() == map_.root.resolve()
+    planned, duplicates, self_pairs = match_mod.plan_pairs(pairs, same)
+    final = query.store_path("matches", name)
+    with open_store(query.store_path("local", local), "local-features") as qstore, \
+            open_store(map_.store_path("local", local), "local-features") as mstore:
+        match_mod.check_compatible(qstore, mstore)
+        attrs = match_mod.store_attributes(name, local, qstore.config, matcher, verify)
+    present = _present(final, attrs, overwrite)
+    todo = [p for p in planned if p not in present]
+    shards = [todo[i:i + conf.shard_size] for i in range(0, len(todo), conf.shard_size)]
+    plan = query.root / "cbir" / "shards" / digest({"store": str(final), "config": attrs, "map": str(map_.root),
+                                                    "pairs": todo})
+    outputs = [plan / f"{i:06d}" / "matches" / f"{name}.h5" for i in range(len(shards))]
+    report = match_mod.MatchReport(final, already_present=len(planned) - len(todo), duplicates=duplicates)
+    report.missing_features += [(f"{a} {b}", "an image paired with itself") for a, b in self_pairs]
+    if progress:
+        progress(report.already_present, len(planned))
+    run = [i for i, out in enumerate(outputs) if not out.exists()]
+    arguments = {i: (str(query.root), str(map_.root), shards[i], local, name, matcher, verify, device, str(outputs[i]),
+                     conf.cpus) for i in run}
+    for i, shard in run_shards(_match_shard, arguments, [f"{a} {b}" for a, b in (s[0] for s in shards)], conf,
+                               device == "auto" or device.startswith("cuda")):
+        for key in ("matched", "matches", "inliers", "verified_with_poses"):
+            setattr(report, key, getattr(report, key) + getattr(shard, key))
+        report.missing_features += shard.missing_features
+        report.ransac_fallbacks += shard.ransac_fallbacks
+        for key, value in shard.seconds.items():
+            report.seconds[key] += value
+        report.device = shard.device
+        if progress:
+            progress(len(shards[i]), len(planned))
+    merge_into(final, outputs, "matches", attrs, keep=present is not _NOTHING)
+    report.matched = _count(final) - report.already_present  # shards of an earlier run count as matched now
+    shutil.rmtree(plan, ignore_errors=True)
+    _remove_if_empty(plan.parent)
+    return report
+
+
+def _match_shard(query_root: str, map_root: str, pairs: list[tuple[str, str]], local: str, name: str, matcher: Any,
+                 verify: Any, device: str, out: str, threads: int) -> Any:
+    """One shard of pairs, in a Ray worker: the local matching, into the shard's own store."""
+    import torch
+
+    from .io.pairs import Pair
+    from .matching import match as match_mod
+
+    torch.set_num_threads(threads)
+    return match_mod.main(Dataset(Path(query_root)), Dataset(Path(map_root)), [Pair(a, b) for a, b in pairs], local,
+                          name=name, matcher=matcher, verify=verify, device=device, num_workers=threads,
+                          store_path=Path(out))
+
+
+def _extract_shard(specs: list[ExtractorSpec], root: str, store_names: list[str], images: list[str],
+                   shard_dir: str, image_options: Any, threads: int) -> list:
     """One shard, in a Ray worker: the local extraction, into the shard's own stores."""
     import torch
 

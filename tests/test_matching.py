@@ -185,3 +185,15 @@ def test_pure_noise_is_not_verified():
     pc = verification_camera(cam, 640, 480)
     v = verify_pair(pc, kp0, pc, kp1, m, VerifyConf())
     assert v.inliers.sum() < 30
+
+
+def test_models_pycolmap_did_not_estimate_are_nan_matrices():
+    """pycolmap gives None for a model it did not estimate (a default TwoViewGeometry has
+    F None; a sceaux pair verified in tests/test_ray.py returned one): the store still gets
+    a 3x3 NaN matrix, as its columns require, and zeros mean "none" too."""
+    from cbir.matching.verify import _matrix
+
+    assert pycolmap.TwoViewGeometry().F is None
+    for missing in (None, np.zeros((3, 3)), np.float64(np.nan)):
+        assert _matrix(missing).shape == (3, 3) and np.isnan(_matrix(missing)).all()
+    np.testing.assert_array_equal(_matrix(np.eye(3)), np.eye(3))

@@ -1,6 +1,6 @@
-"""`cbir extract --executor ray` on Ray's own multi-node test cluster (two nodes of one CPU
-each, started here): the final store equals a local run's, a re-run does nothing, a worker
-killed in the middle of its shard is replaced and the result is still the local one."""
+"""`cbir extract|match --executor ray` on Ray's own multi-node test cluster (two nodes of one
+CPU each, started here): the final stores equal a local run's, a re-run does nothing, a
+worker killed in the middle of its shard is replaced and the result is still the local one."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def test_shards_on_two_nodes_make_the_local_store(cluster, sceaux, tmp_path, loc
 
 
 def _kill_first_shard_worker(stop: threading.Event, killed: list[int]) -> None:
-    """SIGKILL the first process Ray titles ``ray::_run_shard`` (a worker inside a shard)."""
+    """SIGKILL the first process Ray titles ``ray::_extract_shard`` (a worker inside a shard)."""
     while not stop.is_set() and not killed:
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
@@ -76,7 +76,7 @@ def _kill_first_shard_worker(stop: threading.Event, killed: list[int]) -> None:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if cmdline.startswith(b"ray::_run_shard"):
+            if cmdline.startswith(b"ray::_extract_shard"):
                 os.kill(int(pid), signal.SIGKILL)
                 killed.append(int(pid))
                 return
@@ -127,3 +127,31 @@ def test_the_command_runs_on_the_cluster(cluster, sceaux, tmp_path, local_store)
     summary = json.loads(result.stdout)
     assert summary["extracted"] == 8 and summary["already_present"] == 0
     assert_same_store(Path(summary["store"]), local_store)
+
+
+def test_matching_shards_make_the_local_store(cluster, sceaux, tmp_path, local_store):
+    """Every map pair of sceaux_castle, verified by RANSAC: shards of 10 pairs on the cluster
+    give the local run's store; a re-run has nothing to do."""
+    from cbir.io.pairs import exhaustive_pairs
+    from cbir.matching import MatcherConf, VerifyConf
+    from cbir.matching import match as match_mod
+    from cbir.distributed import match_on_ray
+
+    stores = []
+    for label in ("local", "ray"):
+        root = writable_copy(sceaux / "mapping", tmp_path / label)
+        target = Dataset(root).store_path("local", "sift")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(local_store.read_bytes())
+        ds = Dataset(root)
+        pairs = exhaustive_pairs(ds.sensors.image_names())
+        options = {"name": "m", "matcher": MatcherConf(ratio=0.8), "verify": VerifyConf(), "device": "cpu"}
+        if label == "local":
+            report = match_mod.main(ds, ds, pairs, "sift", num_workers=1, **options)
+        else:
+            report = match_on_ray(ds, ds, pairs, "sift", conf=RayConf(shard_size=10), **options)
+            again = match_on_ray(ds, ds, pairs, "sift", conf=RayConf(shard_size=10), **options)
+            assert again.matched == 0 and again.already_present == 28
+        assert report.matched == 28 and report.inliers > 0
+        stores.append(report.path)
+    assert_same_store(*stores)

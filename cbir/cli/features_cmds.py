@@ -29,6 +29,34 @@ workers_option = click.option("--num-workers", type=click.IntRange(0), default=N
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an output of another configuration.")
 
 
+def executor_options(shard_size: int, unit: str) -> Callable:
+    """``--executor``, ``--ray-address`` and ``--shard-size`` (``shard_size`` ``unit`` a task)."""
+    options = [
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help=f"Where to run: this process, or a Ray cluster (shards of --shard-size {unit} as tasks; "
+                          "the datasets on a file system every node sees at the same path). Needs cbir[ray]."),
+        click.option("--ray-address", help="Ray cluster to join [default: $RAY_ADDRESS, else a local instance]."),
+        click.option("--shard-size", type=click.IntRange(1), default=shard_size, show_default=True,
+                     help=f"--executor ray: {unit} a task."),
+    ]
+
+    def decorate(fn: Callable) -> Callable:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
+def ray_executor() -> Any:
+    """cbir.distributed, or the error that says how to install Ray."""
+    try:
+        from .. import distributed
+        import ray  # noqa: F401
+    except ImportError as e:
+        raise CbirError(f"--executor ray needs Ray: pip install 'cbir[ray]' ({e})") from None
+    return distributed
+
+
 @contextmanager
 def progress_bar(description: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
     """A rich bar on a terminal (nothing in logs and CI); ``update(advance, total)``."""
@@ -83,12 +111,7 @@ def parse_conf(items: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--max-image-pixels", type=click.IntRange(1), default=None,
               help="Refuse (skip and report) larger images before decoding [default: $CBIR_MAX_IMAGE_PIXELS "
                    "or 268435456].")
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="Where to run: this process, or a Ray cluster (shards of --shard-size images as tasks; the "
-                   "dataset on a file system every node sees). Needs cbir[ray].")
-@click.option("--ray-address", help="Ray cluster to join [default: $RAY_ADDRESS, else a local instance].")
-@click.option("--shard-size", type=click.IntRange(1), default=64, show_default=True,
-              help="--executor ray: images a task.")
+@executor_options(64, "images")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.pass_context
 def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str | None, weights: Path | None,
@@ -129,14 +152,12 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
     label = ", ".join(f"{kind} {n}" for kind, n in jobs)
     image_options = extract_mod.ImageOptions(apply_exif, max_image_pixels)
     if executor == "ray":
-        try:
-            from ..distributed import RayConf, extract_on_ray
-        except ImportError as e:
-            raise CbirError(f"--executor ray needs Ray: pip install 'cbir[ray]' ({e})") from None
+        distributed = ray_executor()
         with progress_bar(f"extract {label} (ray)", quiet or as_json) as update:
-            reports = extract_on_ray(specs, ds, store_names=[name] * len(specs), images=images, overwrite=overwrite,
-                                     image_options=image_options,
-                                     conf=RayConf(address=ray_address, shard_size=shard_size), progress=update)
+            reports = distributed.extract_on_ray(
+                specs, ds, store_names=[name] * len(specs), images=images, overwrite=overwrite,
+                image_options=image_options, conf=distributed.RayConf(address=ray_address, shard_size=shard_size),
+                progress=update)
         extractors = [extract_mod.extractor_class(n, kind) for kind, n, _ in specs]
     else:
         extractors = [extract_mod.build_extractor(n, c, kind) for kind, n, c in specs]
@@ -215,12 +236,13 @@ def pairs_exhaustive(ctx: click.Context, map_: Path, query: Path | None, output:
 @device_option
 @workers_option
 @overwrite_option
+@executor_options(1000, "pairs")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.pass_context
 def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, local: str, name: str | None,
           mutual: bool, ratio: float | None, max_distance: float | None, verify: str | None, max_error: float,
-          confidence: float, min_inliers: int, device: str, num_workers: int, overwrite: bool,
-          as_json: bool) -> None:
+          confidence: float, min_inliers: int, device: str, num_workers: int, overwrite: bool, executor: str,
+          ray_address: str | None, shard_size: int, as_json: bool) -> None:
     """Match the local features of the image pairs of a pairs file."""
     q = open_dataset(query)
     m = open_dataset(map_) if map_ else q
@@ -231,9 +253,16 @@ def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, l
     verify_conf = VerifyConf(method=verify, max_error=max_error, confidence=confidence,
                              min_inliers=min_inliers) if verify else None
     quiet = is_quiet(ctx)
-    with progress_bar("match", quiet or as_json) as update:
-        report = match_mod.main(q, m, pairs, local, name=name, matcher=matcher, verify=verify_conf, device=device,
-                                overwrite=overwrite, num_workers=num_workers, progress=update)
+    if executor == "ray":
+        distributed = ray_executor()
+        with progress_bar("match (ray)", quiet or as_json) as update:
+            report = distributed.match_on_ray(q, m, pairs, local, name=name, matcher=matcher, verify=verify_conf,
+                                              device=device, overwrite=overwrite, progress=update,
+                                              conf=distributed.RayConf(address=ray_address, shard_size=shard_size))
+    else:
+        with progress_bar("match", quiet or as_json) as update:
+            report = match_mod.main(q, m, pairs, local, name=name, matcher=matcher, verify=verify_conf,
+                                    device=device, overwrite=overwrite, num_workers=num_workers, progress=update)
     for pair, reason in report.missing_features:
         console_err().print(f"[yellow]skipped pair[/] {escape(pair)}: {escape(reason)}", highlight=False)
     if as_json:

@@ -144,11 +144,19 @@ def match_config(local: str, features_config: dict[str, Any], matcher: MatcherCo
     return config
 
 
+def store_attributes(name: str, local: str, features_config: dict[str, Any], matcher: MatcherConf,
+                     verify: VerifyConf | None) -> dict[str, Any]:
+    """The attributes (name, config, local features) of a matches store."""
+    return {"name": name, "config": match_config(local, features_config, matcher, verify), "local_features": local}
+
+
 def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: str | None = None,
          matcher: MatcherConf = MatcherConf(), verify: VerifyConf | None = None, device: str = "auto",
          overwrite: bool = False, num_workers: int | None = None,
-         progress: Callable[[int, int], None] | None = None, overlap: bool | None = None) -> MatchReport:
-    """Match ``pairs`` into the query dataset's matches store ``name`` (default ``local``).
+         progress: Callable[[int, int], None] | None = None, overlap: bool | None = None,
+         store_path: Path | None = None) -> MatchReport:
+    """Match ``pairs`` into the query dataset's matches store ``name`` (default ``local``),
+    or into ``store_path`` (a cluster's shard, :mod:`cbir.distributed`).
 
     Pairs go by chunks: the features of a chunk are read by the worker threads, its pairs
     matched (on a GPU: queued, then copied back once), then verified by the worker threads.
@@ -163,15 +171,14 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
     name = name or local
     same = query.root.resolve() == map_.root.resolve()
     todo, duplicates, self_pairs = plan_pairs(pairs, same)
-    out = query.store_path("matches", name)
+    out = store_path or query.store_path("matches", name)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = MatchReport(out, duplicates=duplicates, device=str(dev))
     report.missing_features += [(f"{a} {b}", "an image paired with itself") for a, b in self_pairs]
     with open_store(query.store_path("local", local), "local-features") as qstore, \
             (open_store(map_.store_path("local", local), "local-features") if not same else nullcontext(qstore)) as mstore:
         check_compatible(qstore, mstore)
-        config = match_config(local, qstore.config, matcher, verify)
-        attrs = {"name": name, "config": config, "local_features": local}
+        attrs = store_attributes(name, local, qstore.config, matcher, verify)
         qcache = FeatureCache(qstore, dev)
         mcache = qcache if same else FeatureCache(mstore, dev)
         qnames = set(query.sensors.image_names())

@@ -84,9 +84,10 @@ def verification_camera(cam: Camera | None, width: int, height: int) -> pycolmap
     return camera
 
 
-def _matrix(m: np.ndarray) -> np.ndarray:
-    m = np.asarray(m, dtype=np.float64)
-    return m if np.any(m) else np.full((3, 3), np.nan)
+def _matrix(m: np.ndarray | None) -> np.ndarray:
+    """A 3x3 model as pycolmap gave it, or NaN where it gave none (None, or zeros)."""
+    m = np.asarray(m if m is not None else np.nan, dtype=np.float64)
+    return m if m.shape == (3, 3) and np.any(m) else np.full((3, 3), np.nan)
 
 
 def verify_pair(cam0: pycolmap.Camera, kp0: np.ndarray, cam1: pycolmap.Camera, kp1: np.ndarray,
