@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 from .errors import CbirError
 from .io.atomic import WriteLock, atomic_output
-from .io.dataset import Dataset
+from .io.dataset import Dataset, model_path
 from .io.provenance import digest
 from .io.store import SCHEMAS, merge_stores, open_store
 from .validate import check_integer
@@ -63,15 +63,19 @@ def extract_on_ray(specs: list[ExtractorSpec], dataset: Dataset, *, store_names:
     # built here too (on the CPU): every option, weight file and name is checked before the cluster works
     local = [extract_mod.build_extractor(name, {**c, "device": "cpu"} if "device" in c else c, kind)
              for kind, name, c in specs]
-    for e in local:
-        if e.conf.get("learn"):
-            raise CbirError(f"{e.name} learns its model on one machine: run `cbir extract DATASET --global {e.name} "
-                            "--learn` without --executor ray first, then give --model")
     names = [n or e.default_store_name() for e, n in zip(local, store_names)]
     finals = [dataset.store_path(extract_mod.store_kind(e), n) for e, n in zip(local, names)]
+    wanted = images if images is not None else sorted(dataset.sensors.image_names())
+    specs = list(specs)
+    for j, (e, final) in enumerate(zip(local, finals)):
+        if isinstance(e, extract_mod.GlobalExtractor):  # DenseVLAD learns its model here, once, beside the store
+            final.parent.mkdir(parents=True, exist_ok=True)
+            e.prepare(final, wanted, _loader(dataset, e, image_options), overwrite=overwrite)
+            if e.conf.get("learn"):  # the tasks read the model learned here
+                kind, name, c = specs[j]
+                specs[j] = (kind, name, {**c, "learn": False, "model": str(model_path(final))})
     attrs = [extract_mod.store_attributes(e, n, image_options) for e, n in zip(local, names)]
     present = [_present(final, a, overwrite) for final, a in zip(finals, attrs)]
-    wanted = images if images is not None else sorted(dataset.sensors.image_names())
     todo = [n for n in wanted if any(n not in p for p in present)]
     shards = [todo[i:i + conf.shard_size] for i in range(0, len(todo), conf.shard_size)]
     plan = dataset.root / "cbir" / "shards" / digest({"stores": [str(f) for f in finals], "config": attrs,
@@ -161,6 +165,16 @@ def _present(final: Path, attrs: dict[str, Any], overwrite: bool) -> frozenset:
             raise CbirError("extracted with another configuration: pass --overwrite to replace the store, or --name "
                             "to write another one", final)
         return frozenset(store.names)
+
+
+def _loader(dataset: Dataset, extractor: Any, image_options: Any) -> Callable:
+    from .io.images import read_image
+
+    def load(name: str) -> Any:
+        return read_image(dataset.image_path(name), grayscale=extractor.grayscale,
+                          max_size=extractor.loader_max_size, apply_exif=image_options.apply_exif,
+                          max_pixels=image_options.max_pixels)
+    return load
 
 
 def _count(path: Path) -> int:

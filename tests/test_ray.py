@@ -107,8 +107,26 @@ def test_a_store_of_another_configuration_is_refused(cluster, sceaux, tmp_path, 
     target.write_bytes(local_store.read_bytes())
     with pytest.raises(CbirError, match="another configuration"):
         extract_on_ray([("local", "sift", {"max_keypoints": 50})], Dataset(root), store_names=[None])
-    with pytest.raises(CbirError, match="learns its model on one machine"):
-        extract_on_ray([("global", "densevlad", {"learn": True})], Dataset(root), store_names=[None])
+
+
+def test_densevlad_learns_once_then_the_shards_use_its_model(cluster, sceaux, tmp_path):
+    """DenseVLAD with --learn: the driver learns the model beside the store, the tasks read
+    it; the store equals a local run's."""
+    from cbir.models.densevlad import DenseVLAD
+
+    paths = []
+    for label in ("local", "ray"):
+        ds = Dataset(writable_copy(sceaux / "mapping", tmp_path / label))
+        images = sorted(ds.sensors.image_names())[:4]
+        conf = {"learn": True, "clusters": 16}
+        if label == "local":
+            paths.append(extract_mod.main(DenseVLAD(conf), ds, images=images, num_workers=1).path)
+        else:
+            [report] = extract_on_ray([("global", "densevlad", conf)], ds, store_names=[None], images=images,
+                                      conf=RayConf(shard_size=2))
+            assert report.extracted == 4
+            paths.append(report.path)
+    assert_same_store(*paths)
 
 
 def test_the_command_runs_on_the_cluster(cluster, sceaux, tmp_path, local_store):
