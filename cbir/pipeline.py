@@ -57,6 +57,11 @@ Configuration (every key optional except the datasets; ``--set a.b=value`` overr
     write = true
     max_points = 100000          # 3D points shown at most
     thumb_size = 160
+    [executor]                   # where extraction and matching run
+    kind = "local"               # or "ray": tasks on a Ray cluster (cbir[ray]; datasets on a shared file system)
+    address = ""                 # the cluster ("": $RAY_ADDRESS, else a local Ray instance)
+    images_per_task = 64
+    pairs_per_task = 1000
 """
 
 from __future__ import annotations
@@ -100,6 +105,7 @@ DEFAULTS: dict[str, Any] = {
                  "sequence_max_gap": 1},
     "evaluate": {"thresholds": [list(t) for t in DEFAULT_THRESHOLDS]},
     "report": {"write": True, "max_points": 100_000, "thumb_size": 160},
+    "executor": {"kind": "local", "address": "", "images_per_task": 64, "pairs_per_task": 1000},
     "device": "auto",
     "num_workers": 2,
 }
@@ -200,6 +206,9 @@ class Plan:
     report: report_mod.ReportConf | None  # None: no report
     device: str
     num_workers: int
+    #: ``[executor] kind = "ray"``: extraction and matching on a Ray cluster, tasks of
+    #: (images, pairs); None: in this process
+    ray: tuple[Any, Any] | None = None
 
     @property
     def local_name(self) -> str:
@@ -286,9 +295,30 @@ def plan(conf: dict[str, Any], source: str | Path | None = None) -> Plan:
     section("report", lambda: check_bool("write", rp["write"]))
     report = section("report", lambda: report_mod.ReportConf(
         max_points=rp["max_points"], thumb_size=rp["thumb_size"], topk=query_retrieval.topk, thresholds=thresholds))
+    ray = section("executor", lambda: _ray_confs(conf["executor"]))
     return Plan(conf, m, q, gt, local, globals_, [g.default_store_name() for g in globals_], query_retrieval,
                 map_retrieval, matcher, map_verify, query_verify, map_overrides, lz["config"], loc_overrides, post,
-                thresholds, report if rp["write"] else None, conf["device"], conf["num_workers"])
+                thresholds, report if rp["write"] else None, conf["device"], conf["num_workers"], ray)
+
+
+def _ray_confs(ex: dict[str, Any]) -> tuple[Any, Any] | None:
+    """The Ray configurations of extraction and matching, or None for the local executor."""
+    if ex["kind"] not in ("local", "ray"):
+        raise CbirError(f"unknown executor {ex['kind']!r} (local or ray)")
+    check_integer("images_per_task", ex["images_per_task"], 1)
+    check_integer("pairs_per_task", ex["pairs_per_task"], 1)
+    if ex["kind"] == "local":
+        return None
+    try:
+        from .distributed import RayConf
+        import ray  # noqa: F401
+    except ImportError as e:
+        raise CbirError(f"executor ray needs Ray: pip install 'cbir[ray]' ({e})") from None
+    if not isinstance(ex["address"], str):
+        raise CbirError(f"address must be a string, got {ex['address']!r}")
+    address = ex["address"] or None
+    return (RayConf(address=address, shard_size=ex["images_per_task"]),
+            RayConf(address=address, shard_size=ex["pairs_per_task"]))
 
 
 def _fail(message: str) -> Any:
@@ -484,9 +514,19 @@ def _extract(p: Plan, replace: bool, step: Callable[[str], None], progress: Prog
     """Local and global features of both datasets, one pass per dataset (one network for
     both: DELG); the queries' DenseVLAD with the map's vocabulary."""
     workers = p.num_workers
+
+    def extract(extractors: list[Extractor], dataset: Dataset, update: Callable[[int, int], None]) -> list:
+        if p.ray is None:
+            return extract_mod.extract_all(extractors, dataset, num_workers=workers, overwrite=replace,
+                                           progress=update)
+        from .distributed import extract_on_ray
+
+        specs = [(extract_mod.store_kind(e), e.name, dict(e.conf)) for e in extractors]
+        return extract_on_ray(specs, dataset, store_names=[None] * len(specs), overwrite=replace, conf=p.ray[0],
+                              progress=update)
+
     with progress(f"extract {p.map.root.name}") as update:
-        rm = extract_mod.extract_all([p.local, *p.globals_], p.map, num_workers=workers, overwrite=replace,
-                                     progress=update)
+        rm = extract([p.local, *p.globals_], p.map, update)
     query_globals = []
     for g, r in zip(p.globals_, rm[1:]):
         if g.name == "densevlad":
@@ -495,8 +535,7 @@ def _extract(p: Plan, replace: bool, step: Callable[[str], None], progress: Prog
             g = extract_mod.build_extractor(g.name, conf, "global")
         query_globals.append(g)
     with progress(f"extract {p.query.root.name}") as update:
-        rq = extract_mod.extract_all([p.local, *query_globals], p.query, num_workers=workers, overwrite=replace,
-                                     progress=update)
+        rq = extract([p.local, *query_globals], p.query, update)
     for ds, r in ((p.map, rm[0]), (p.query, rq[0])):
         step(f"extract {p.local.name} {ds.root.name}: {r.extracted} new, {r.already_present} present, "
              f"{len(r.failed)} skipped")
@@ -539,13 +578,19 @@ def _retrieve(p: Plan, replace: bool, step: Callable[[str], None],
 
 def _match(p: Plan, query_pairs: list[Pair], map_pairs: list[Pair], replace: bool, step: Callable[[str], None],
            progress: ProgressFactory) -> None:
-    common = {"matcher": p.matcher, "device": p.device, "num_workers": p.num_workers, "overwrite": replace}
+    common = {"matcher": p.matcher, "device": p.device, "overwrite": replace}
+    if p.ray is None:
+        run, common = match_mod.main, {**common, "num_workers": p.num_workers}
+    else:
+        from .distributed import match_on_ray
+
+        run, common = match_on_ray, {**common, "conf": p.ray[1]}
     with progress("match map pairs") as update:
-        mm = match_mod.main(p.map, p.map, map_pairs, p.local_name, name=p.map_matches, verify=p.map_verify,
-                            progress=update, **common)
+        mm = run(p.map, p.map, map_pairs, p.local_name, name=p.map_matches, verify=p.map_verify, progress=update,
+                 **common)
     with progress("match query pairs") as update:
-        qm = match_mod.main(p.query, p.map, query_pairs, p.local_name, name=p.query_matches, verify=p.query_verify,
-                            progress=update, **common)
+        qm = run(p.query, p.map, query_pairs, p.local_name, name=p.query_matches, verify=p.query_verify,
+                 progress=update, **common)
     by_poses = f", {mm.verified_with_poses} verified with their poses" if p.map_verify.method == "poses" else ""
     fallbacks = f", {len(mm.ransac_fallbacks)} by RANSAC ({'; '.join(sorted({r for _, r in mm.ransac_fallbacks}))})" \
         if mm.ransac_fallbacks else ""

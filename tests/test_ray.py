@@ -173,3 +173,36 @@ def test_matching_shards_make_the_local_store(cluster, sceaux, tmp_path, local_s
         assert report.matched == 28 and report.inliers > 0
         stores.append(report.path)
     assert_same_store(*stores)
+
+
+def test_the_pipeline_runs_its_extraction_and_matching_on_the_cluster(cluster, sceaux, tmp_path):
+    """`[executor] kind = "ray"`: the pipeline's stores and localization equal a local run's."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from cbir.cli import main
+
+    runs = []
+    for label in ("local", "ray"):
+        root = tmp_path / label
+        shutil.copytree(sceaux, root, ignore=shutil.ignore_patterns("reconstruction"))
+        for p in [root, *root.rglob("*")]:
+            p.chmod(p.stat().st_mode | 0o200)
+        toml = root / "pipe.toml"
+        toml.write_text('[datasets]\nmap = "mapping"\nquery = "query"\nquery_gt = "query_gt"\n'
+                        '[extract]\nlocal = "sift"\nglobal = ["densevlad"]\nlocal_conf = {max_keypoints = 2000}\n'
+                        'global_conf = {clusters = 16}\n[retrieve]\ntopk = 3\nmap_pairs = 0\n[match]\nratio = 0.8\n'
+                        '[report]\nwrite = false\n' +
+                        (f'[executor]\nkind = "ray"\naddress = "{cluster.address}"\nimages_per_task = 3\n'
+                         'pairs_per_task = 10\n' if label == "ray" else ""))
+        result = CliRunner().invoke(main, ["pipeline", str(toml), "--json"])
+        assert result.exit_code == 0, result.output
+        runs.append((root, json.loads(result.stdout)))
+    (a, ra), (b, rb) = runs
+    assert ra["evaluation"] == rb["evaluation"] and rb["evaluation"]["all"]["localized"] == 3
+    for rel in ("mapping/cbir/local/sift.h5", "query/cbir/local/sift.h5", "mapping/cbir/global/densevlad.h5",
+                "query/cbir/global/densevlad.h5", "mapping/cbir/matches/sift-map.h5"):
+        assert_same_store(a / rel, b / rel)
+    assert not (b / "mapping" / "cbir" / "shards").exists() and not (b / "query" / "cbir" / "shards").exists()

@@ -98,6 +98,8 @@ def _toml(tmp_path: Path, sample: Path, extra: str = "") -> Path:
     ('retrieve.fusion="pow"', "[retrieve] unknown fusion 'pow'"),
     ('retrieve.precision="fp8"', "[retrieve] unknown precision 'fp8'"),
     ("retrieve.precision=16", "[retrieve] unknown precision 16"),
+    ('executor.kind="spark"', "[executor] unknown executor 'spark'"),
+    ("executor.images_per_task=0", "[executor] images_per_task must be >= 1"),
     ("match.ratio=2", "[match] ratio must be <= 1.0"),
     ("match.min_inliers=1.5", "[match] min_inliers must be an integer"),
     ('extract.global=["densevlad", "nope"]', "[extract] unknown global extractor 'nope'"),
