@@ -245,6 +245,84 @@ def match_on_ray(query: Dataset, map_: Dataset, pairs: list, local: str, *, name
     return report
 
 
+def retrieve_on_ray(query: Dataset, map_: Dataset, store_names: list[str], conf: Any, *, device: str = "auto",
+                    ray_conf: RayConf = RayConf(shard_size=100_000),
+                    progress: Callable[[int, int], None] | None = None) -> list:
+    """What :func:`cbir.retrieval.retrieve` does, on a Ray cluster: the map cut into shards of
+    ``shard_size`` images, each searched for every query by a task (its own top-k), the
+    top-k of the shards' top-k's merged here: the exact top-k."""
+    import numpy as np
+
+    from .retrieval.search import pairs_from_topk
+
+    qset, mset, stores = _descriptor_sets(query, map_, store_names)
+    try:
+        n = len(mset.names)
+        shards = [(m0, min(n, m0 + ray_conf.shard_size)) for m0 in range(0, n, ray_conf.shard_size)]
+        arguments = {i: (str(query.root), str(map_.root), store_names, m0, m1, conf, device, ray_conf.cpus)
+                     for i, (m0, m1) in enumerate(shards)}
+        found: dict[int, tuple[list, list]] = {}
+        for i, result in run_shards(_retrieve_shard, arguments, [mset.names[m0] for m0, _ in shards], ray_conf,
+                                    device == "auto" or device.startswith("cuda")):
+            found[i] = result
+            if progress:
+                progress(shards[i][1] - shards[i][0], n)
+        lists = len(found[0][0]) if found else 0
+        values, indices = [], []
+        for j in range(lists):  # the exact top-k of every query: the best of the shards' own top-k's
+            v = np.concatenate([found[i][0][j] for i in sorted(found)], axis=1)
+            ix = np.concatenate([found[i][1][j] for i in sorted(found)], axis=1)
+            order = np.argsort(-v, axis=1, kind="stable")
+            values.append(np.take_along_axis(v, order, axis=1))
+            indices.append(np.take_along_axis(ix, order, axis=1))
+        if not lists or values[0].shape[1] == 0:
+            return []
+        return pairs_from_topk(qset.names, mset.names, values, indices, conf)
+    finally:
+        for store in stores:
+            store.close()
+
+
+def _descriptor_sets(query: Dataset, map_: Dataset, store_names: list[str]) -> tuple[Any, Any, list]:
+    """The aligned query and map descriptor sets (as ``cbir retrieve`` makes them), and the
+    stores to close."""
+    from .retrieval import DescriptorSet
+
+    same = query.root.resolve() == map_.root.resolve()
+    qstores = [open_store(query.store_path("global", n), "global-features") for n in store_names]
+    mstores = qstores if same else [open_store(map_.store_path("global", n), "global-features") for n in store_names]
+    return (DescriptorSet.align(qstores, query.sensors.image_names()),
+            DescriptorSet.align(mstores, map_.sensors.image_names()), qstores + (mstores if not same else []))
+
+
+def _retrieve_shard(query_root: str, map_root: str, store_names: list[str], m0: int, m1: int, conf: Any, device: str,
+                    threads: int) -> tuple[list, list]:
+    """One map shard, in a Ray worker: every query's top-k among map images ``m0:m1``
+    (indices into the whole map)."""
+    import numpy as np
+    import torch
+
+    from .models.base import resolve_device
+    from .retrieval import DescriptorSet
+    from .retrieval.search import search_topk
+
+    torch.set_num_threads(threads)
+    qset, mset, stores = _descriptor_sets(Dataset(Path(query_root)), Dataset(Path(map_root)), store_names)
+    try:
+        shard = DescriptorSet(mset.stores, mset.names[m0:m1], [r[m0:m1] for r in mset.rows])
+        blocks = list(search_topk(qset, shard, conf, resolve_device(device), width=conf.topk))
+    finally:
+        for store in stores:
+            store.close()
+    if not blocks:  # nothing to rank here
+        lists = len(store_names) if conf.fusion.name == "round_robin" else 1
+        empty = np.zeros((len(qset.names), 0))
+        return [empty.astype(np.float32)] * lists, [empty.astype(np.int64)] * lists
+    lists = len(blocks[0][2])
+    return ([np.concatenate([b[2][j] for b in blocks]) for j in range(lists)],
+            [np.concatenate([b[3][j] for b in blocks]) + m0 for j in range(lists)])
+
+
 def _match_shard(query_root: str, map_root: str, pairs: list[tuple[str, str]], local: str, name: str, matcher: Any,
                  verify: Any, device: str, out: str, threads: int) -> Any:
     """One shard of pairs, in a Ray worker: the local matching, into the shard's own store."""

@@ -206,3 +206,36 @@ def test_the_pipeline_runs_its_extraction_and_matching_on_the_cluster(cluster, s
                 "query/cbir/global/densevlad.h5", "mapping/cbir/matches/sift-map.h5"):
         assert_same_store(a / rel, b / rel)
     assert not (b / "mapping" / "cbir" / "shards").exists() and not (b / "query" / "cbir" / "shards").exists()
+
+
+@pytest.fixture(scope="module")
+def densevlad_map(sceaux, tmp_path_factory) -> Path:
+    """sceaux_castle's map with two DenseVLAD stores (16 and 8 clusters)."""
+    from cbir.models.densevlad import DenseVLAD
+
+    root = writable_copy(sceaux / "mapping", tmp_path_factory.mktemp("dv") / "mapping")
+    extract_mod.extract_all([DenseVLAD({"learn": True, "clusters": 16}), DenseVLAD({"learn": True, "clusters": 8})],
+                            Dataset(root), store_names=["dv16", "dv8"], num_workers=1)
+    return root
+
+
+@pytest.mark.parametrize("fusion", ["gharm", "round_robin"])
+def test_retrieval_over_map_shards_is_the_exact_topk(cluster, densevlad_map, tmp_path, fusion):
+    """`cbir retrieve --executor ray`: every map shard's top-k on a task, merged on the driver:
+    the pairs of a local retrieval (map x map, self excluded; two descriptors, fused or in turn)."""
+    from click.testing import CliRunner
+
+    from cbir.cli import main
+    from cbir.io.pairs import read_pairs
+
+    outs = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / f"{executor}.txt"
+        args = ["retrieve", "--map", str(densevlad_map), "--global", "dv16,dv8", "--fusion", fusion, "--topk", "5",
+                "-o", str(out), "--executor", executor, "--shard-size", "3"]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        outs[executor] = read_pairs(out)
+    assert len(outs["local"]) == 8 * 5
+    assert [(p.query, p.map) for p in outs["ray"]] == [(p.query, p.map) for p in outs["local"]]
+    np.testing.assert_allclose([p.score for p in outs["ray"]], [p.score for p in outs["local"]], rtol=0, atol=1e-6)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
+from ..errors import CbirError
 from ..io.index_file import index_path
 from ..io.pairs import write_pairs
 from ..io.store import open_store
@@ -18,7 +19,7 @@ from ..retrieval.index import (INDEX_KINDS, IndexConf, build_indexes, index_reco
 from ..retrieval.rerank import retrieve_with_expansion
 from ..retrieval.search import PRECISIONS
 from ._common import console_err, is_quiet, open_dataset, print_json, report_written
-from .features_cmds import progress_bar
+from .features_cmds import executor_options, progress_bar, ray_executor
 
 
 def _floats(value: str | None) -> tuple[float, ...]:
@@ -65,6 +66,7 @@ def _floats(value: str | None) -> tuple[float, ...]:
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Exact search: fp32 everywhere, or fp16/bf16 search with the candidates rescored in fp32 "
                    "(the same pairs, faster on GPUs; gharm, mean, min, max, mean_and_min, min_and_max).")
+@executor_options(100_000, "map images")
 @click.option("-o", "--output", help="Pairs file, or - for stdout (default: QUERY/cbir/pairs/<stores>_top<k>.txt).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary (on stderr with -o -).")
 @click.pass_context
@@ -72,7 +74,7 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
                  weights: str | None, gamma: float | None, alpha: float | None, qe: int, qe_alpha: float, dba: int,
                  dba_alpha: float, index_kind: str, candidates: int, nlist: int | None, nprobe: int,
                  pq_m: int | None, lsh_bits: int | None, recall_sample: int, exclude_same_name: bool, device: str,
-                 precision: str, output: str | None, as_json: bool) -> None:
+                 precision: str, executor: str, ray_address: str | None, shard_size: int, output: str | None, as_json: bool) -> None:
     """The TOPK most similar map images of each query, as a pairs file.
 
     Several descriptors (--global a,b,c) are fused per (query, map image) with --fusion;
@@ -106,7 +108,15 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
         dev = resolve_device(device)
         recall = None
         with progress_bar("retrieve", quiet or output == "-") as update:
-            if index_kind == "exact":
+            if executor == "ray":
+                if index_kind != "exact" or qe or dba:
+                    raise CbirError("--executor ray searches exactly, without --qe or --dba: drop those, or run "
+                                    "with --executor local")
+                distributed = ray_executor()
+                pairs = distributed.retrieve_on_ray(q, m, names, conf, device=device, progress=update,
+                                                    ray_conf=distributed.RayConf(address=ray_address,
+                                                                                 shard_size=shard_size))
+            elif index_kind == "exact":
                 pairs = retrieve_with_expansion(qset, mset, conf, qe=qe, qe_alpha=qe_alpha, dba=dba,
                                                 dba_alpha=dba_alpha, device=dev, progress=update)
             else:

@@ -259,6 +259,25 @@ def retrieve(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf 
     filled with the seconds spent reading, in the matrix products, fusing + selecting,
     (half precision) rescoring the candidates, and making the pairs."""
     clock = _Clock(timings, device)
+    pairs: list[Pair] = []
+    for q0, q1, values, indices in search_topk(query, database, conf, device, clock):
+        with clock("pairs"):
+            pairs += pairs_from_topk(query.names[q0:q1], database.names, values, indices, conf)
+        if progress:
+            progress(q1 - q0, len(query.names))
+    return pairs
+
+
+def search_topk(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf, device: torch.device,
+                clock: "_Clock | None" = None,
+                width: int | None = None) -> Iterator[tuple[int, int, list[np.ndarray], list[np.ndarray]]]:
+    """The top-k of each block of queries ``q0:q1``: ``(q0, q1, values, indices)``, one
+    array (block x k, best first) per ranking (round_robin: one a descriptor; else the
+    fused score, NaN ranked as :data:`~.fusion.NAN_RANK`, an excluded image ``-inf``),
+    indices into ``database``. ``k`` is ``conf.topk``, less the excluded image where
+    there is one, or ``width`` when given (a shard of the map: its excluded image, if any,
+    comes last at ``-inf``)."""
+    clock = clock or _Clock(None, device)
     if len(query.stores) != len(database.stores):
         raise ValueError("query and database need the same descriptors")
     nq, nm = len(query.names), len(database.names)
@@ -269,15 +288,12 @@ def retrieve(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf 
             raise CbirError(f"descriptor dimension {dq} differs from the map's {dm} ({ms.path})", qs.path)
         if qs.config != ms.config:
             raise CbirError(mismatch_message(qs, ms), qs.path)
-    k = min(conf.topk, nm - (1 if conf.excludes_names else 0))
+    k = min(conf.topk, nm - (1 if conf.excludes_names else 0)) if width is None else min(width, nm)
     if k <= 0:
-        return []
-    round_robin = conf.fusion.name == "round_robin"
+        return
     map_index = {n: i for i, n in enumerate(database.names)} if conf.excludes_names else {}
     query_block, map_chunk = conf.blocks(device)
     chunks = MapChunks(database, device, map_chunk, conf, clock)
-    map_names = np.array(database.names, dtype=object)
-    pairs: list[Pair] = []
     with torch.inference_mode(), exact_float32():
         for q0 in range(0, nq, query_block):
             q1 = min(nq, q0 + query_block)
@@ -288,15 +304,18 @@ def retrieve(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf 
                 vals, idxs = _exact_topk(qd, self_idx, chunks, conf, k, clock)
             else:
                 vals, idxs = _half_topk(qd, self_idx, chunks, conf, k, clock)
-            names = query.names[q0:q1]
-            with clock("pairs"), gc_paused():
-                if round_robin:
-                    pairs += _round_robin(names, [i.cpu().numpy() for i in idxs], database.names, k)
-                else:
-                    pairs += _pairs(names, map_names, idxs[0].cpu().numpy(), restore_nan(vals[0].cpu().numpy()))
-            if progress:
-                progress(q1 - q0, nq)
-    return pairs
+            yield q0, q1, [v.cpu().numpy() for v in vals], [i.cpu().numpy() for i in idxs]
+
+
+def pairs_from_topk(queries: list[str], map_names: list[str], values: list[np.ndarray], indices: list[np.ndarray],
+                    conf: RetrievalConf) -> list[Pair]:
+    """The pairs of :func:`search_topk`'s rankings: ``conf.topk`` a query at most, never an
+    excluded image."""
+    k = min([conf.topk, len(map_names) - (1 if conf.excludes_names else 0)] + [i.shape[1] for i in indices])
+    with gc_paused():
+        if conf.fusion.name == "round_robin":
+            return _round_robin(queries, indices, map_names, k)
+        return _pairs(queries, np.asarray(map_names, dtype=object), indices[0][:, :k], restore_nan(values[0][:, :k]))
 
 
 @contextmanager
