@@ -323,6 +323,29 @@ def _retrieve_shard(query_root: str, map_root: str, store_names: list[str], m0: 
             [np.concatenate([b[3][j] for b in blocks]) + m0 for j in range(lists)])
 
 
+def ray_estimator(conf: RayConf = RayConf(shard_size=100)) -> Callable[[list, Callable | None], list]:
+    """A pose estimator for :func:`cbir.localize.main`: the queries' tasks in shards of
+    ``shard_size`` queries, each estimated by a Ray task (CPU); the results in order."""
+
+    def estimate(tasks: list, progress: Callable[[int, int], None] | None) -> list:
+        shards = [tasks[i:i + conf.shard_size] for i in range(0, len(tasks), conf.shard_size)]
+        results: dict[int, list] = {}
+        for i, shard in run_shards(_estimate_shard, {i: (s,) for i, s in enumerate(shards)},
+                                   [s[0]["name"] for s in shards], conf, False):
+            results[i] = shard
+            if progress:
+                progress(len(shard), len(tasks))
+        return [r for i in range(len(shards)) for r in results[i]]
+    return estimate
+
+
+def _estimate_shard(tasks: list) -> list:
+    """One shard of queries, in a Ray worker: their poses, in order."""
+    from .localize import estimate_one
+
+    return [estimate_one(t) for t in tasks]
+
+
 def _match_shard(query_root: str, map_root: str, pairs: list[tuple[str, str]], local: str, name: str, matcher: Any,
                  verify: Any, device: str, out: str, threads: int) -> Any:
     """One shard of pairs, in a Ray worker: the local matching, into the shard's own store."""

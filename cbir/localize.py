@@ -143,7 +143,7 @@ def correspondences(match_lists: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
     return pairs[:, 0], pairs[:, 1]
 
 
-def _estimate(task: dict[str, Any]) -> QueryResult:
+def estimate_one(task: dict[str, Any]) -> QueryResult:
     """One query's pose (runs in a worker process)."""
     res = QueryResult(task["name"], num_map_images=task["num_map_images"], num_2d3d=len(task["points2D"]))
     conf = task["conf"]
@@ -231,7 +231,8 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
          config: str = "config2", overrides: dict[str, Any] | None = None, name: str | None = None,
          num_workers: int = 2, use_unverified: bool = False, refine_unknown_focal: bool = True,
          post: PostprocessConf = PostprocessConf(), pairs_source: dict[str, Any] | None = None,
-         overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> LocalizeReport:
+         overwrite: bool = False, progress: Callable[[int, int], None] | None = None,
+         estimate: Callable[[list, Callable[[int, int], None] | None], list] | None = None) -> LocalizeReport:
     """Localize every query image of ``pairs`` (then post-process the failures as ``post``
     says); results in ``QUERY/cbir/localization/<name>/``.
 
@@ -239,7 +240,9 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
     configuration made from the same inputs is reused, one made from changed inputs is
     redone, one of another configuration is replaced only with ``overwrite``.
     ``pairs_source``: where the pairs come from (file, retrieval record), part of the
-    configuration."""
+    configuration. ``estimate(tasks, progress)`` estimates the poses of the queries' tasks,
+    in order (default: ``num_workers`` processes of this machine; a Ray cluster's tasks:
+    :func:`cbir.distributed.ray_estimator`)."""
     overrides = dict(overrides or {})
     conf, est_over, ref_over = localization_options(config, overrides)
     name = name or f"{local}-{config}"
@@ -264,23 +267,32 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
         tasks = _tasks(query, pairs, local, point_map, mstore, qfeats, conf, est_over, ref_over,
                        refine_unknown_focal, use_unverified)
     t1 = time.perf_counter()
-    results: list[QueryResult] = []
-    if num_workers > 1 and len(tasks) > 1:
-        with ProcessPoolExecutor(num_workers) as pool:
-            for r in pool.map(_estimate, tasks, chunksize=max(1, len(tasks) // (4 * num_workers))):
-                results.append(r)
-                if progress:
-                    progress(1, len(tasks))
+    if estimate is not None:
+        results = estimate(tasks, progress)
     else:
-        for t in tasks:
-            results.append(_estimate(t))
-            if progress:
-                progress(1, len(tasks))
+        results = estimate_locally(tasks, num_workers, progress)
     report = LocalizeReport(directory, _postprocess(results, query, post), status,
                             {"correspondences": t1 - t0, "pose": time.perf_counter() - t1})
     write_results(report, query, {"config": record_config, "inputs": inputs,
                                   "seconds": {k: round(v, 3) for k, v in report.seconds.items()}})
     return report
+
+
+def estimate_locally(tasks: list, num_workers: int, progress: Callable[[int, int], None] | None) -> list[QueryResult]:
+    """The poses of the queries' tasks, in order, on ``num_workers`` processes of this machine."""
+    results: list[QueryResult] = []
+    if num_workers > 1 and len(tasks) > 1:
+        with ProcessPoolExecutor(num_workers) as pool:
+            for r in pool.map(estimate_one, tasks, chunksize=max(1, len(tasks) // (4 * num_workers))):
+                results.append(r)
+                if progress:
+                    progress(1, len(tasks))
+    else:
+        for t in tasks:
+            results.append(estimate_one(t))
+            if progress:
+                progress(1, len(tasks))
+    return results
 
 
 def _prior_result(directory: Path, config: dict[str, Any], inputs: dict[str, Any], overwrite: bool) -> str:

@@ -57,11 +57,12 @@ Configuration (every key optional except the datasets; ``--set a.b=value`` overr
     write = true
     max_points = 100000          # 3D points shown at most
     thumb_size = 160
-    [executor]                   # where extraction and matching run
+    [executor]                   # where extraction, matching and pose estimation run
     kind = "local"               # or "ray": tasks on a Ray cluster (cbir[ray]; datasets on a shared file system)
     address = ""                 # the cluster ("": $RAY_ADDRESS, else a local Ray instance)
     images_per_task = 64
     pairs_per_task = 1000
+    queries_per_task = 100
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ DEFAULTS: dict[str, Any] = {
                  "sequence_max_gap": 1},
     "evaluate": {"thresholds": [list(t) for t in DEFAULT_THRESHOLDS]},
     "report": {"write": True, "max_points": 100_000, "thumb_size": 160},
-    "executor": {"kind": "local", "address": "", "images_per_task": 64, "pairs_per_task": 1000},
+    "executor": {"kind": "local", "address": "", "images_per_task": 64, "pairs_per_task": 1000,
+                 "queries_per_task": 100},
     "device": "auto",
     "num_workers": 2,
 }
@@ -206,9 +208,9 @@ class Plan:
     report: report_mod.ReportConf | None  # None: no report
     device: str
     num_workers: int
-    #: ``[executor] kind = "ray"``: extraction and matching on a Ray cluster, tasks of
-    #: (images, pairs); None: in this process
-    ray: tuple[Any, Any] | None = None
+    #: ``[executor] kind = "ray"``: extraction, matching and pose estimation on a Ray cluster,
+    #: tasks of (images, pairs, queries); None: in this process
+    ray: tuple[Any, Any, Any] | None = None
 
     @property
     def local_name(self) -> str:
@@ -301,12 +303,13 @@ def plan(conf: dict[str, Any], source: str | Path | None = None) -> Plan:
                 thresholds, report if rp["write"] else None, conf["device"], conf["num_workers"], ray)
 
 
-def _ray_confs(ex: dict[str, Any]) -> tuple[Any, Any] | None:
-    """The Ray configurations of extraction and matching, or None for the local executor."""
+def _ray_confs(ex: dict[str, Any]) -> tuple[Any, Any, Any] | None:
+    """The Ray configurations of extraction, matching and localization, or None for the
+    local executor."""
     if ex["kind"] not in ("local", "ray"):
         raise CbirError(f"unknown executor {ex['kind']!r} (local or ray)")
-    check_integer("images_per_task", ex["images_per_task"], 1)
-    check_integer("pairs_per_task", ex["pairs_per_task"], 1)
+    for key in ("images_per_task", "pairs_per_task", "queries_per_task"):
+        check_integer(key, ex[key], 1)
     if ex["kind"] == "local":
         return None
     try:
@@ -318,7 +321,14 @@ def _ray_confs(ex: dict[str, Any]) -> tuple[Any, Any] | None:
         raise CbirError(f"address must be a string, got {ex['address']!r}")
     address = ex["address"] or None
     return (RayConf(address=address, shard_size=ex["images_per_task"]),
-            RayConf(address=address, shard_size=ex["pairs_per_task"]))
+            RayConf(address=address, shard_size=ex["pairs_per_task"]),
+            RayConf(address=address, shard_size=ex["queries_per_task"]))
+
+
+def _ray_estimator(conf: Any) -> Callable:
+    from .distributed import ray_estimator
+
+    return ray_estimator(conf)
 
 
 def _fail(message: str) -> Any:
@@ -486,7 +496,7 @@ def run(p: Plan, *, overwrite: bool = False, from_step: str | None = None,
             p.query, p.map, query_pairs, p.local_name, p.query_matches, config=p.localize_config,
             overrides=p.localize_overrides, name=p.localization_name, num_workers=max(1, p.num_workers), post=p.post,
             pairs_source=localize_mod.pairs_source(p.query_pairs_path, p.query), overwrite=redo["localize"],
-            progress=update)
+            progress=update, estimate=_ray_estimator(p.ray[2]) if p.ray else None)
     result.localization = report
     step(f"localize ({p.localize_config}): {report.localized}/{len(report.results)} queries -> "
          f"{report.directory}{_status(report.status)}")

@@ -23,7 +23,7 @@ from cbir.geometry.postprocess import estimate_rig, interpolate, interpolate_seq
 from cbir.geometry.poses import Pose
 from cbir.io.sensors import ImageRecord, SensorData
 from cbir.io.store import open_store
-from cbir.localize import QueryResult, _estimate, correspondences, query_camera
+from cbir.localize import QueryResult, correspondences, estimate_one, query_camera
 
 
 def cbir(*args, ok: bool = True):
@@ -73,7 +73,7 @@ def synthetic_task(n=200, collinear=False, outliers=0.3, seed=0, conf="config2")
 
 def test_pose_is_recovered_with_outliers():
     task, gt = synthetic_task()
-    r = _estimate(task)
+    r = estimate_one(task)
     assert r.success and r.method == "pnp" and r.num_inliers >= 120
     dt, dr = pose_errors({"q": r.pose}, {"q": gt})["q"]
     assert dt < 1e-3 and dr < 1e-3
@@ -81,13 +81,13 @@ def test_pose_is_recovered_with_outliers():
 
 def test_failures_are_reported_not_raised():
     task, _ = synthetic_task(n=2)
-    r = _estimate(task)
+    r = estimate_one(task)
     assert not r.success and "2 2D-3D correspondences" in r.reason
     task, _ = synthetic_task(collinear=True, outliers=0.0)
-    r = _estimate(task)
+    r = estimate_one(task)
     assert not r.success and r.reason
     task, _ = synthetic_task(outliers=0.97, conf="config1")  # too few inliers for config1's 30
-    r = _estimate(task)
+    r = estimate_one(task)
     assert not r.success and ("inliers" in r.reason or "RANSAC" in r.reason)
 
 

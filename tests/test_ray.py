@@ -175,8 +175,9 @@ def test_matching_shards_make_the_local_store(cluster, sceaux, tmp_path, local_s
     assert_same_store(*stores)
 
 
-def test_the_pipeline_runs_its_extraction_and_matching_on_the_cluster(cluster, sceaux, tmp_path):
-    """`[executor] kind = "ray"`: the pipeline's stores and localization equal a local run's."""
+def test_the_pipeline_runs_its_extraction_matching_and_localization_on_the_cluster(cluster, sceaux, tmp_path):
+    """`[executor] kind = "ray"`: the pipeline's stores, poses and evaluation equal a local run's
+    (extraction, matching and pose estimation on the cluster)."""
     import json
     import shutil
 
@@ -196,7 +197,7 @@ def test_the_pipeline_runs_its_extraction_and_matching_on_the_cluster(cluster, s
                         'global_conf = {clusters = 16}\n[retrieve]\ntopk = 3\nmap_pairs = 0\n[match]\nratio = 0.8\n'
                         '[report]\nwrite = false\n' +
                         (f'[executor]\nkind = "ray"\naddress = "{cluster.address}"\nimages_per_task = 3\n'
-                         'pairs_per_task = 10\n' if label == "ray" else ""))
+                         'pairs_per_task = 10\nqueries_per_task = 2\n' if label == "ray" else ""))
         result = CliRunner().invoke(main, ["pipeline", str(toml), "--json"])
         assert result.exit_code == 0, result.output
         runs.append((root, json.loads(result.stdout)))
@@ -206,6 +207,8 @@ def test_the_pipeline_runs_its_extraction_and_matching_on_the_cluster(cluster, s
                 "query/cbir/global/densevlad.h5", "mapping/cbir/matches/sift-map.h5"):
         assert_same_store(a / rel, b / rel)
     assert not (b / "mapping" / "cbir" / "shards").exists() and not (b / "query" / "cbir" / "shards").exists()
+    result = "query/cbir/localization/sift-densevlad-config2"
+    assert (a / result / "trajectories.txt").read_text() == (b / result / "trajectories.txt").read_text()
 
 
 @pytest.fixture(scope="module")

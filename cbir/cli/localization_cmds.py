@@ -17,7 +17,7 @@ from ..io.pairs import read_pairs
 from ..io.vlnet import write_vlnet
 from ._common import (STATUS_NOTES, console_err, console_out, is_quiet, open_dataset, print_json, report_written,
                       table)
-from .features_cmds import parse_conf, progress_bar
+from .features_cmds import executor_options, parse_conf, progress_bar, ray_executor
 
 
 @click.command("map")
@@ -82,12 +82,14 @@ def map_cmd(ctx: click.Context, dataset: Path, local: str, matches: str, name: s
               help="Processes estimating poses in parallel.")
 @click.option("--overwrite", is_flag=True,
               help="Recompute, replacing a result of the same NAME (also one of another configuration).")
+@executor_options(100, "queries")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def localize_cmd(ctx: click.Context, query: Path, map_: Path, pairs_file: str, local: str, matches: str,
                  map_name: str | None, config: str, conf_items: tuple[str, ...], name: str | None,
                  use_unverified: bool, rig: bool, rig_max_gap: int, sequence: bool, sequence_max_gap: int,
-                 vlnet: Path | None, num_workers: int, overwrite: bool, as_json: bool) -> None:
+                 vlnet: Path | None, num_workers: int, overwrite: bool, executor: str, ray_address: str | None,
+                 shard_size: int, as_json: bool) -> None:
     """Estimate the pose of every query of a pairs file against a triangulated map.
 
     The result records its configuration and inputs (run.json): re-running with the same
@@ -98,12 +100,16 @@ def localize_cmd(ctx: click.Context, query: Path, map_: Path, pairs_file: str, l
     quiet = is_quiet(ctx)
     post = localize_mod.PostprocessConf(rig=rig, rig_max_gap=rig_max_gap, sequence=sequence,
                                         sequence_max_gap=sequence_max_gap)
+    estimate = None
+    if executor == "ray":
+        distributed = ray_executor()
+        estimate = distributed.ray_estimator(distributed.RayConf(address=ray_address, shard_size=shard_size))
     with progress_bar("localize", quiet or as_json) as update:
         report = localize_mod.main(q, m, read_pairs(pairs_file), local, matches, map_name=map_name, config=config,
                                    overrides=parse_conf(conf_items), name=name, num_workers=num_workers,
                                    use_unverified=use_unverified, post=post,
                                    pairs_source=localize_mod.pairs_source(pairs_file, q), overwrite=overwrite,
-                                   progress=update)
+                                   progress=update, estimate=estimate)
     results = report.results
     if report.status != "new" and not (quiet or as_json):
         console_err().print(STATUS_NOTES[report.status].format(what="result"), highlight=False)
