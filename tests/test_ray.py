@@ -1,6 +1,8 @@
-"""`cbir extract|match --executor ray` on Ray's own multi-node test cluster (two nodes of one
-CPU each, started here): the final stores equal a local run's, a re-run does nothing, a
-worker killed in the middle of its shard is replaced and the result is still the local one."""
+"""`--executor ray` on Ray's own multi-node test cluster (two nodes of one CPU each, started
+here), on the real photos of sceaux_castle and the README's rendered example: extraction,
+matching, retrieval and the pipeline give a local run's stores, pairs and poses; a re-run
+does nothing; a worker killed in the middle of its shard is replaced and the result is still
+the local one."""
 
 from __future__ import annotations
 
@@ -109,26 +111,6 @@ def test_a_store_of_another_configuration_is_refused(cluster, sceaux, tmp_path, 
         extract_on_ray([("local", "sift", {"max_keypoints": 50})], Dataset(root), store_names=[None])
 
 
-def test_densevlad_learns_once_then_the_shards_use_its_model(cluster, sceaux, tmp_path):
-    """DenseVLAD with --learn: the driver learns the model beside the store, the tasks read
-    it; the store equals a local run's."""
-    from cbir.models.densevlad import DenseVLAD
-
-    paths = []
-    for label in ("local", "ray"):
-        ds = Dataset(writable_copy(sceaux / "mapping", tmp_path / label))
-        images = sorted(ds.sensors.image_names())[:4]
-        conf = {"learn": True, "clusters": 16}
-        if label == "local":
-            paths.append(extract_mod.main(DenseVLAD(conf), ds, images=images, num_workers=1).path)
-        else:
-            [report] = extract_on_ray([("global", "densevlad", conf)], ds, store_names=[None], images=images,
-                                      conf=RayConf(shard_size=2))
-            assert report.extracted == 4
-            paths.append(report.path)
-    assert_same_store(*paths)
-
-
 def test_the_command_runs_on_the_cluster(cluster, sceaux, tmp_path, local_store):
     """`cbir extract --executor ray --ray-address ADDRESS`: the same store, the usual summary."""
     import json
@@ -175,39 +157,40 @@ def test_matching_shards_make_the_local_store(cluster, sceaux, tmp_path, local_s
     assert_same_store(*stores)
 
 
-def test_the_pipeline_runs_its_extraction_matching_and_localization_on_the_cluster(cluster, sceaux, tmp_path):
-    """`[executor] kind = "ray"`: the pipeline's stores, poses and evaluation equal a local run's
-    (extraction, matching and pose estimation on the cluster)."""
+def test_the_pipeline_runs_its_extraction_matching_and_localization_on_the_cluster(cluster, tmp_path):
+    """The README's rendered example through `cbir pipeline` with `[executor] kind = "ray"`:
+    its stores, poses and evaluation equal a local run's (extraction, DenseVLAD learned once
+    on the driver, matching and pose estimation on the cluster)."""
     import json
     import shutil
 
     from click.testing import CliRunner
 
     from cbir.cli import main
+    from tests.conftest import render_example
 
+    scene = render_example(tmp_path / "scene")
     runs = []
     for label in ("local", "ray"):
         root = tmp_path / label
-        shutil.copytree(sceaux, root, ignore=shutil.ignore_patterns("reconstruction"))
-        for p in [root, *root.rglob("*")]:
-            p.chmod(p.stat().st_mode | 0o200)
+        shutil.copytree(scene, root)
         toml = root / "pipe.toml"
         toml.write_text('[datasets]\nmap = "mapping"\nquery = "query"\nquery_gt = "query_gt"\n'
                         '[extract]\nlocal = "sift"\nglobal = ["densevlad"]\nlocal_conf = {max_keypoints = 2000}\n'
-                        'global_conf = {clusters = 16}\n[retrieve]\ntopk = 3\nmap_pairs = 0\n[match]\nratio = 0.8\n'
-                        '[report]\nwrite = false\n' +
-                        (f'[executor]\nkind = "ray"\naddress = "{cluster.address}"\nimages_per_task = 3\n'
-                         'pairs_per_task = 10\nqueries_per_task = 2\n' if label == "ray" else ""))
+                        '[retrieve]\ntopk = 5\nmap_pairs = 0\n[match]\nratio = 0.8\n'
+                        '[localize]\nconfig = "config1"\nsequence = true\n[report]\nwrite = false\n' +
+                        (f'[executor]\nkind = "ray"\naddress = "{cluster.address}"\nimages_per_task = 4\n'
+                         'pairs_per_task = 20\nqueries_per_task = 2\n' if label == "ray" else ""))
         result = CliRunner().invoke(main, ["pipeline", str(toml), "--json"])
         assert result.exit_code == 0, result.output
         runs.append((root, json.loads(result.stdout)))
     (a, ra), (b, rb) = runs
-    assert ra["evaluation"] == rb["evaluation"] and rb["evaluation"]["all"]["localized"] == 3
+    assert ra["evaluation"] == rb["evaluation"] and rb["evaluation"]["all"]["localized"] == 5
     for rel in ("mapping/cbir/local/sift.h5", "query/cbir/local/sift.h5", "mapping/cbir/global/densevlad.h5",
                 "query/cbir/global/densevlad.h5", "mapping/cbir/matches/sift-map.h5"):
         assert_same_store(a / rel, b / rel)
     assert not (b / "mapping" / "cbir" / "shards").exists() and not (b / "query" / "cbir" / "shards").exists()
-    result = "query/cbir/localization/sift-densevlad-config2"
+    result = "query/cbir/localization/sift-densevlad-config1"
     assert (a / result / "trajectories.txt").read_text() == (b / result / "trajectories.txt").read_text()
 
 
