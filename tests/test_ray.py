@@ -68,8 +68,8 @@ def test_shards_on_two_nodes_make_the_local_store(cluster, sceaux, tmp_path, loc
     assert_same_store(again.path, local_store)
 
 
-def _kill_first_shard_worker(stop: threading.Event, killed: list[int]) -> None:
-    """SIGKILL the first process Ray titles ``ray::_extract_shard`` (a worker inside a shard)."""
+def _kill_first_shard_worker(stop: threading.Event, killed: list[int], title: bytes = b"ray::_extract_shard") -> None:
+    """SIGKILL the first process Ray titles ``title`` (a worker inside a shard's task)."""
     while not stop.is_set() and not killed:
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
@@ -78,7 +78,7 @@ def _kill_first_shard_worker(stop: threading.Event, killed: list[int]) -> None:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if cmdline.startswith(b"ray::_extract_shard"):
+            if cmdline.startswith(title):
                 os.kill(int(pid), signal.SIGKILL)
                 killed.append(int(pid))
                 return
@@ -131,7 +131,8 @@ def test_the_command_runs_on_the_cluster(cluster, sceaux, tmp_path, local_store)
 
 def test_matching_shards_make_the_local_store(cluster, sceaux, tmp_path, local_store):
     """Every map pair of sceaux_castle, verified by RANSAC: shards of 10 pairs on the cluster
-    give the local run's store; a re-run has nothing to do."""
+    give the local run's store; a re-run has nothing to do; a worker killed inside its shard
+    changes nothing."""
     from cbir.io.pairs import exhaustive_pairs
     from cbir.matching import MatcherConf, VerifyConf
     from cbir.matching import match as match_mod
@@ -155,6 +156,24 @@ def test_matching_shards_make_the_local_store(cluster, sceaux, tmp_path, local_s
         assert report.matched == 28 and report.inliers > 0
         stores.append(report.path)
     assert_same_store(*stores)
+    # a worker killed inside its shard of pairs: the task runs again, the store is the same
+    root = writable_copy(sceaux / "mapping", tmp_path / "killed")
+    target = Dataset(root).store_path("local", "sift")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(local_store.read_bytes())
+    ds = Dataset(root)
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_first_shard_worker, args=(stop, killed, b"ray::_match_shard"))
+    killer.start()
+    try:
+        report = match_on_ray(ds, ds, exhaustive_pairs(ds.sensors.image_names()), "sift", conf=RayConf(shard_size=10),
+                              **options)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no matching worker was seen running"
+    assert report.matched == 28
+    assert_same_store(report.path, stores[0])
 
 
 def test_the_pipeline_runs_its_extraction_matching_and_localization_on_the_cluster(cluster, tmp_path):
