@@ -1,7 +1,8 @@
 """What the hot paths share to run well on a CUDA device (and unchanged on the CPU).
 
-* :class:`Uploader`: host arrays to the device through pinned memory on a copy stream, so
-  the next item's transfer overlaps the kernels of this one and the host never waits;
+* :func:`to_device`: a host array to the device from pinned memory, without blocking the
+  host; :class:`Uploader` does it on a copy stream of its own, so that the next item's
+  transfer overlaps the kernels of this one;
 * :func:`exact_float32`: float32 products computed in float32 (not TF32) whatever the
   process-wide settings, since the results must equal the CPU path's;
 * :func:`memory_budget`: how many bytes a step may keep resident on the device.
@@ -17,6 +18,15 @@ import numpy as np
 import torch
 
 
+def to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``; to a GPU from pinned memory, queued on the current stream
+    without blocking the host."""
+    host = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return host.to(device)
+    return (host if host.is_pinned() else host.pin_memory()).to(device, non_blocking=True)
+
+
 class Uploader:
     """Copies host arrays to ``device``. On CUDA the copy runs on its own stream from pinned
     memory (non-blocking); the compute stream waits for it on the device, not the host."""
@@ -26,13 +36,11 @@ class Uploader:
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def __call__(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
-        host = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
         if self._stream is None:
-            return host.to(self.device)
+            return to_device(array, self.device)
         compute = torch.cuda.current_stream(self.device)
-        pinned = host if host.is_pinned() else host.pin_memory()
         with torch.cuda.stream(self._stream):
-            out = pinned.to(self.device, non_blocking=True)
+            out = to_device(array, self.device)
         compute.wait_stream(self._stream)
         out.record_stream(compute)  # its memory is not reused before the compute stream is done with it
         return out

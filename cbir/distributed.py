@@ -70,7 +70,7 @@ def extract_on_ray(specs: list[ExtractorSpec], dataset: Dataset, *, store_names:
     for j, (e, final) in enumerate(zip(local, finals)):
         if isinstance(e, extract_mod.GlobalExtractor):  # DenseVLAD learns its model here, once, beside the store
             final.parent.mkdir(parents=True, exist_ok=True)
-            e.prepare(final, wanted, _loader(dataset, e, image_options), overwrite=overwrite)
+            e.prepare(final, wanted, extract_mod.image_loader(dataset, e, image_options), overwrite=overwrite)
             if e.conf.get("learn"):  # the tasks read the model learned here
                 kind, name, c = specs[j]
                 specs[j] = (kind, name, {**c, "learn": False, "model": str(model_path(final))})
@@ -167,16 +167,6 @@ def _present(final: Path, attrs: dict[str, Any], overwrite: bool) -> frozenset:
         return frozenset(store.names)
 
 
-def _loader(dataset: Dataset, extractor: Any, image_options: Any) -> Callable:
-    from .io.images import read_image
-
-    def load(name: str) -> Any:
-        return read_image(dataset.image_path(name), grayscale=extractor.grayscale,
-                          max_size=extractor.loader_max_size, apply_exif=image_options.apply_exif,
-                          max_pixels=image_options.max_pixels)
-    return load
-
-
 def _count(path: Path) -> int:
     with open_store(path) as store:
         return len(store)
@@ -253,10 +243,9 @@ def retrieve_on_ray(query: Dataset, map_: Dataset, store_names: list[str], conf:
     top-k of the shards' top-k's merged here: the exact top-k."""
     import numpy as np
 
-    from .retrieval.search import pairs_from_topk
+    from .retrieval.search import open_descriptor_sets, pairs_from_topk
 
-    qset, mset, stores = _descriptor_sets(query, map_, store_names)
-    try:
+    with open_descriptor_sets(query, map_, store_names) as (qset, mset):
         n = len(mset.names)
         shards = [(m0, min(n, m0 + ray_conf.shard_size)) for m0 in range(0, n, ray_conf.shard_size)]
         arguments = {i: (str(query.root), str(map_.root), store_names, m0, m1, conf, device, ray_conf.cpus)
@@ -278,21 +267,6 @@ def retrieve_on_ray(query: Dataset, map_: Dataset, store_names: list[str], conf:
         if not lists or values[0].shape[1] == 0:
             return []
         return pairs_from_topk(qset.names, mset.names, values, indices, conf)
-    finally:
-        for store in stores:
-            store.close()
-
-
-def _descriptor_sets(query: Dataset, map_: Dataset, store_names: list[str]) -> tuple[Any, Any, list]:
-    """The aligned query and map descriptor sets (as ``cbir retrieve`` makes them), and the
-    stores to close."""
-    from .retrieval import DescriptorSet
-
-    same = query.root.resolve() == map_.root.resolve()
-    qstores = [open_store(query.store_path("global", n), "global-features") for n in store_names]
-    mstores = qstores if same else [open_store(map_.store_path("global", n), "global-features") for n in store_names]
-    return (DescriptorSet.align(qstores, query.sensors.image_names()),
-            DescriptorSet.align(mstores, map_.sensors.image_names()), qstores + (mstores if not same else []))
 
 
 def _retrieve_shard(query_root: str, map_root: str, store_names: list[str], m0: int, m1: int, conf: Any, device: str,
@@ -304,16 +278,12 @@ def _retrieve_shard(query_root: str, map_root: str, store_names: list[str], m0: 
 
     from .models.base import resolve_device
     from .retrieval import DescriptorSet
-    from .retrieval.search import search_topk
+    from .retrieval.search import open_descriptor_sets, search_topk
 
     torch.set_num_threads(threads)
-    qset, mset, stores = _descriptor_sets(Dataset(Path(query_root)), Dataset(Path(map_root)), store_names)
-    try:
+    with open_descriptor_sets(Dataset(Path(query_root)), Dataset(Path(map_root)), store_names) as (qset, mset):
         shard = DescriptorSet(mset.stores, mset.names[m0:m1], [r[m0:m1] for r in mset.rows])
         blocks = list(search_topk(qset, shard, conf, resolve_device(device), width=conf.topk))
-    finally:
-        for store in stores:
-            store.close()
     if not blocks:  # nothing to rank here
         lists = len(store_names) if conf.fusion.name == "round_robin" else 1
         empty = np.zeros((len(qset.names), 0))

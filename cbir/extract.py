@@ -174,6 +174,15 @@ def extract_all(extractors: Sequence[Extractor], dataset: Dataset, *,
     return [reports[i] for i in range(len(extractors))]
 
 
+def image_loader(dataset: Dataset, extractor: Extractor, image_options: ImageOptions) -> Callable[[str], LoadedImage]:
+    """``load(name)``: an image of ``dataset`` as ``extractor`` reads it (gray or colour, its
+    loader's size limit) with ``image_options``."""
+    def load(name: str) -> LoadedImage:
+        return read_image(dataset.image_path(name), grayscale=extractor.grayscale, max_size=extractor.loader_max_size,
+                          apply_exif=image_options.apply_exif, max_pixels=image_options.max_pixels)
+    return load
+
+
 def store_kind(extractor: Extractor) -> str:
     """``local`` or ``global``: the folder of the extractor's stores."""
     return "global" if isinstance(extractor, GlobalExtractor) else "local"
@@ -192,11 +201,7 @@ def _extract_pass(extractors: list[Extractor], store_names: list[str | None], da
                   progress: Callable[[int, int], None] | None, image_options: ImageOptions,
                   store_dir: Path | None) -> list[ExtractReport]:
     names = images if images is not None else sorted(dataset.sensors.image_names())
-    first = extractors[0]
-
-    def load(name: str) -> LoadedImage:
-        return read_image(dataset.image_path(name), grayscale=first.grayscale, max_size=first.loader_max_size,
-                          apply_exif=image_options.apply_exif, max_pixels=image_options.max_pixels)
+    load = image_loader(dataset, extractors[0], image_options)
 
     def attrs(extractor: Extractor, store_name: str) -> dict[str, Any]:
         return store_attributes(extractor, store_name, image_options)

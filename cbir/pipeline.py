@@ -71,7 +71,6 @@ import contextlib
 import copy
 import json
 import tomllib
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
@@ -91,7 +90,8 @@ from .io.textfile import read_utf8
 from .matching import MatcherConf, VerifyConf
 from .matching import match as match_mod
 from .models.base import Extractor, resolve_device
-from .retrieval import DescriptorSet, FusionConf, RetrievalConf, pairs_record, retrieve
+from .retrieval import FusionConf, RetrievalConf, pairs_record, retrieve
+from .retrieval.search import open_descriptor_sets
 from .validate import check_bool, check_integer, check_number
 
 STEPS = ("extract", "retrieve", "match", "map", "localize", "evaluate")
@@ -558,11 +558,7 @@ def _retrieve(p: Plan, replace: bool, step: Callable[[str], None],
     """Query x map and map x map pairs; a pairs file of the same configuration and inputs is
     reused."""
     m, q = p.map, p.query
-    with ExitStack() as stack:
-        mstores = [stack.enter_context(open_store(m.store_path("global", n), "global-features")) for n in p.global_names]
-        qstores = [stack.enter_context(open_store(q.store_path("global", n), "global-features")) for n in p.global_names]
-        mset = DescriptorSet.align(mstores, m.sensors.image_names())
-        qset = DescriptorSet.align(qstores, q.sensors.image_names())
+    with open_descriptor_sets(q, m, p.global_names) as (qset, mset):
         out = []
         for path, conf, query_set in ((p.query_pairs_path, p.query_retrieval, qset),
                                       (p.map_pairs_path, p.map_retrieval, mset)):

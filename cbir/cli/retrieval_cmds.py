@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from pathlib import Path
 
 import click
@@ -11,13 +10,12 @@ from rich.markup import escape
 from ..errors import CbirError
 from ..io.index_file import index_path
 from ..io.pairs import write_pairs
-from ..io.store import open_store
 from ..models.base import resolve_device
-from ..retrieval import ALIASES, METHODS, DescriptorSet, FusionConf, RetrievalConf, pairs_record
+from ..retrieval import ALIASES, METHODS, FusionConf, RetrievalConf, pairs_record
 from ..retrieval.index import (INDEX_KINDS, IndexConf, build_indexes, index_record, load_indexes,
                                recall_against_exact, retrieve_indexed)
 from ..retrieval.rerank import retrieve_with_expansion
-from ..retrieval.search import PRECISIONS
+from ..retrieval.search import PRECISIONS, open_descriptor_sets
 from ._common import console_err, is_quiet, open_dataset, print_json, report_written
 from .features_cmds import executor_options, progress_bar, ray_executor
 
@@ -89,12 +87,7 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
     conf = RetrievalConf(topk=topk, fusion=FusionConf(fusion, _floats(weights), gamma=gamma, alpha=alpha),
                          exclude_self=same, exclude_same_name=exclude_same_name, precision=precision)
     quiet = is_quiet(ctx)
-    with ExitStack() as stack:
-        qstores = [stack.enter_context(open_store(q.store_path("global", n), "global-features")) for n in names]
-        mstores = qstores if same else \
-            [stack.enter_context(open_store(m.store_path("global", n), "global-features")) for n in names]
-        qset = DescriptorSet.align(qstores, q.sensors.image_names())
-        mset = DescriptorSet.align(mstores, m.sensors.image_names())
+    with open_descriptor_sets(q, m, names) as (qset, mset):
         for label, dset in (("query", qset), ("map", mset)):
             if dset.foreign:
                 console_err().print(f"{len(dset.foreign)} images of the {label} stores are not in its "

@@ -296,12 +296,10 @@ class _Run:
         results = {i: f.result() for i, f in futures.items()}
         t1 = time.perf_counter()
         self.report.seconds["verification"] += t1 - t0
-        nan = np.full((3, 3), np.nan)
         for i, (key, m, s, job) in enumerate(pending):
             cols: dict[str, np.ndarray] = {"matches": m, "scores": s}
             v = results.get(i)
-            if isinstance(v, tuple):  # (inliers, E) from the known poses
-                v = Verified(v[0], CALIBRATED, nan, v[1], nan)
+            if job is not None and job.posed is not None:
                 self.report.verified_with_poses += 1
             if v is not None:
                 cols.update(inliers=v.inliers, geometry_config=np.int8(v.config), F=v.F, E=v.E, H=v.H)
@@ -332,13 +330,16 @@ def _submit(pending: list, pool: ThreadPoolExecutor) -> dict[int, Future]:
 
 
 class _Part:
-    """Item ``n`` of the list a future gives, as a future of its own."""
+    """Pair ``n`` of a known-pose check of several pairs, as a future of its own giving the
+    pair's :class:`Verified` (calibrated: E from the poses; F and H not estimated)."""
 
     def __init__(self, whole: Future, n: int):
         self.whole, self.n = whole, n
 
-    def result(self):
-        return self.whole.result()[self.n]
+    def result(self) -> Verified:
+        inliers, essential = self.whole.result()[self.n]
+        nan = np.full((3, 3), np.nan)
+        return Verified(inliers, CALIBRATED, nan, essential, nan.copy())
 
 
 @dataclass

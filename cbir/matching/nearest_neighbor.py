@@ -80,9 +80,6 @@ class PairBatch:
         self._items: list[tuple] = []  # per pair: ("queued", device tensors (nn, keep, best)) or ("done", result)
         self._copied: tuple[list[torch.Tensor], torch.cuda.Event | None] | None = None
 
-    def __len__(self) -> int:
-        return len(self._items)
-
     @torch.inference_mode()
     def add(self, d0: torch.Tensor, d1: torch.Tensor) -> None:
         if self._copied is not None:
@@ -156,12 +153,7 @@ def nearest_neighbors(d0: torch.Tensor, d1: torch.Tensor,
     rows = max(1, min(n0, conf.device_tile_bytes // (4 * n1)))
     if rows == n0:  # one tile: the fewest kernel launches
         sim = torch.mm(d0, d1.t())
-        if ratio:  # a tie of the best two fails the (strict) ratio test, whichever index topk gives
-            top = torch.topk(sim, 2, dim=1, sorted=True)
-            best, nn01 = top.values, top.indices[:, 0]
-        else:  # the first column of a tie, as argmax
-            top = torch.max(sim, dim=1)
-            best, nn01 = top.values[:, None], top.indices
+        best, nn01 = _row_best(sim, ratio)
         col_best = torch.amax(sim, dim=0) if conf.mutual else None
         return nn01.int(), keep_mask(best, nn01, col_best, conf), best[:, 0]
     nn01 = torch.empty((n0,), dtype=torch.int64, device=d0.device)
@@ -171,17 +163,22 @@ def nearest_neighbors(d0: torch.Tensor, d1: torch.Tensor,
     for r0 in range(0, n0, rows):
         r1 = min(n0, r0 + rows)
         sim = torch.mm(d0[r0:r1], d1t)
-        if ratio:
-            top = torch.topk(sim, 2, dim=1, sorted=True)
-            best[r0:r1], nn01[r0:r1] = top.values, top.indices[:, 0]
-        else:
-            top = torch.max(sim, dim=1)
-            best[r0:r1, 0], nn01[r0:r1] = top.values, top.indices
+        best[r0:r1], nn01[r0:r1] = _row_best(sim, ratio)
         if conf.mutual:
             col = torch.amax(sim, dim=0)
             col_best = col if col_best is None else torch.maximum(col_best, col, out=col_best)
         del sim
     return nn01.int(), keep_mask(best, nn01, col_best, conf), best[:, 0]
+
+
+def _row_best(sim: torch.Tensor, ratio: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's best similarity (and second best, for the ratio test), rows x 1 or 2, and
+    the column of the best."""
+    if ratio:  # a tie of the best two fails the (strict) ratio test, whichever index topk gives
+        top = torch.topk(sim, 2, dim=1, sorted=True)
+        return top.values, top.indices[:, 0]
+    top = torch.max(sim, dim=1)  # the first column of a tie, as argmax
+    return top.values[:, None], top.indices
 
 
 def nearest_neighbors_tiled(d0: torch.Tensor, d1: torch.Tensor,

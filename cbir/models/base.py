@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..devices import to_device
 from ..errors import CbirError
 from ..io.images import LoadedImage
 from ..validate import check_integer
@@ -38,19 +39,10 @@ def to_tensor(image: np.ndarray, device: torch.device, mean: tuple[float, ...] =
               std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
     """uint8 H x W x 3 RGB -> 1 x 3 x H x W float, as torchvision's ToTensor + Normalize
     compute it (same operations, same order: bit-identical)."""
-    x = upload_image(image, device).permute(2, 0, 1).float().div(255)
+    x = to_device(image, device).permute(2, 0, 1).float().div(255)  # the uint8 pixels travel
     m = torch.tensor(mean, device=device)[:, None, None]
     s = torch.tensor(std, device=device)[:, None, None]
     return x.sub_(m).div_(s)[None]
-
-
-def upload_image(image: np.ndarray, device: torch.device) -> torch.Tensor:
-    """An image array on ``device``; to a GPU from pinned memory without blocking the host
-    (the uint8 pixels travel, a quarter of the float bytes)."""
-    host = torch.from_numpy(np.ascontiguousarray(image))
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -43,12 +43,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from ..devices import to_device
 from ..errors import CbirError
 from ..io.atomic import atomic_output
 from ..io.images import LoadedImage
 from .backbones import RESNET_STYLES, ResNet, fold_batchnorm
-from .base import (Extractor, GlobalExtractor, LocalExtractor, WithWeights, find_weights, register, resolve_device,
-                   upload_image)
+from .base import Extractor, GlobalExtractor, LocalExtractor, WithWeights, find_weights, register, resolve_device
 
 WEIGHTS_SOURCE = ("https://storage.googleapis.com/delf/r50delg_gld_20200814.tar.gz (linked from tensorflow/models "
                   "research/delf/delf/python/delg/DELG_INSTRUCTIONS.md); convert it once with "
@@ -338,7 +338,7 @@ class DelgEngine:
         if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:
             return DelgOutput({} if want_local else None,
                               np.zeros(self.global_dim, np.float32) if want_global else None)
-        x = upload_image(image, self.device).permute(2, 0, 1)[None].float()
+        x = to_device(image, self.device).permute(2, 0, 1)[None].float()
         x = x.sub_(128.0).div_(128.0)
         global_idx = set(self.global_conf.get("global_scale_indices", ())) if want_global else set()
         boxes_c, feats, scores, scales, globals_ = [], [], [], [], []

@@ -17,7 +17,7 @@ from __future__ import annotations
 import gc
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from ..errors import CbirError
-from ..io.dataset import model_path
+from ..io.dataset import Dataset, model_path
 from ..io.pairs import Pair
 from ..io.provenance import differences
-from ..io.store import Store
+from ..io.store import Store, open_store
 from ..devices import Uploader, exact_float32, memory_budget
 from ..validate import check_integer, check_number
 from .fusion import FusionConf, fuse, nan_last, normalized_weights, restore_nan
@@ -86,6 +86,20 @@ class RetrievalConf:
         """The options the pairs depend on (recorded with them)."""
         return {"topk": self.topk, "fusion": self.fusion.record(), "exclude_self": self.exclude_self,
                 "exclude_same_name": self.exclude_same_name}
+
+
+@contextmanager
+def open_descriptor_sets(query: Dataset, map_: Dataset,
+                         names: list[str]) -> Iterator[tuple["DescriptorSet", "DescriptorSet"]]:
+    """The global stores ``names`` of the query and the map, each aligned on the images its
+    dataset records (one set of stores when both are one dataset); closed after."""
+    same = query.root.resolve() == map_.root.resolve()
+    with ExitStack() as stack:
+        qstores = [stack.enter_context(open_store(query.store_path("global", n), "global-features")) for n in names]
+        mstores = qstores if same else \
+            [stack.enter_context(open_store(map_.store_path("global", n), "global-features")) for n in names]
+        yield (DescriptorSet.align(qstores, query.sensors.image_names()),
+               DescriptorSet.align(mstores, map_.sensors.image_names()))
 
 
 def mismatch_message(query_store: Store, map_store: Store) -> str:
