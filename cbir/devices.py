@@ -10,12 +10,13 @@
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
 import torch
+
+from .cores import usable_cores
 
 
 def to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -73,8 +74,4 @@ def memory_budget(device: torch.device, fraction: float = 0.5) -> int:
 def default_workers(limit: int = 16) -> int:
     """Worker threads for decoding, reading and verification: the cores this process may
     use, at most ``limit``."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(limit, cores))
+    return max(1, min(limit, usable_cores()))

@@ -361,3 +361,24 @@ def test_names_with_separators_get_no_blob(tmp_path):
 
     assert encode_keys_blob(["a", "b\nc"]) is None and encode_keys_blob([("a", "b\x00")]) is None
     assert encode_keys_blob([("a", "b"), ("c", "d")]).tobytes() == b"a\x00b\nc\x00d"
+
+
+@pytest.mark.parametrize("rows_per_thread", [2048, 7])
+def test_scattered_rows_are_read_in_the_order_asked(tmp_path, monkeypatch, rows_per_thread):
+    """``read_rows`` of scattered (repeated, unsorted) rows returns them in the order asked,
+    read by one thread or split over several."""
+    import cbir.io.store as store_mod
+    monkeypatch.setattr(store_mod, "GATHER_ROWS_PER_THREAD", rows_per_thread)
+    rng = np.random.default_rng(0)
+    desc = rng.standard_normal((300, 24)).astype(np.float32)
+    path = tmp_path / "g.h5"
+    with StoreWriter(path, "global-features", {"name": "g", "config": {}, "descriptor_dim": 24,
+                                               "descriptor_dtype": "float32"}) as w:
+        for i, d in enumerate(desc):
+            w.add(f"{i:03d}.jpg", descriptors=d)
+    rows = rng.integers(0, 300, 100)
+    with open_store(path) as s:
+        np.testing.assert_array_equal(s.read_rows("descriptors", rows), desc[rows])
+        np.testing.assert_array_equal(s.read_rows("descriptors", np.arange(40, 60)), desc[40:60])
+        with pytest.raises(IndexError, match="beyond"):  # a caller's error, not the file's
+            s.read_rows("descriptors", np.array([3, 300]))

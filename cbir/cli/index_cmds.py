@@ -28,7 +28,7 @@ def index_group() -> None:
               help="Global stores of MAP, as `cbir retrieve --global` will name them (one index each).")
 @click.option("--index", "kind", type=click.Choice(INDEX_KINDS), default="ivfpq", show_default=True)
 @click.option("--nlist", type=click.IntRange(1), help="ivf, ivfpq: inverted lists (default 4 sqrt(N)).")
-@click.option("--pq-m", type=click.IntRange(1), help="ivfpq: sub-quantizers (default dim/16).")
+@click.option("--pq-m", type=click.IntRange(1), help="ivfpq: 4-bit sub-quantizers (default dim/8).")
 @click.option("--lsh-bits", type=click.IntRange(1), help="lsh: bits per code (default 2 x dim).")
 @click.option("--train-size", type=click.IntRange(1), default=100_000, show_default=True,
               help="Map images the quantizers are trained on (a seeded sample).")

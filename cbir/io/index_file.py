@@ -53,9 +53,21 @@ def read_index_record(path: Path) -> dict[str, Any]:
     return record
 
 
-def read_index_blobs(path: Path, count: int) -> list[np.ndarray]:
+def index_extents(path: Path, count: int) -> list[tuple[int, int]]:
+    """``(offset, size)`` in ``path`` of each serialized index, so that faiss reads it straight
+    from the file (one copy, not three: 0.06 s instead of 0.2-0.5 s for 170 MB). Written
+    contiguous; anything else, or an extent beyond the file, is a corrupt file."""
     try:
+        size = path.stat().st_size
         with h5py.File(path, "r") as f:
-            return [np.asarray(f[f"index_{j}"][()], np.uint8) for j in range(count)]
+            extents = []
+            for j in range(count):
+                ds = f[f"index_{j}"]
+                offset = ds.id.get_offset()
+                if ds.dtype != np.uint8 or ds.ndim != 1 or ds.chunks is not None or offset is None \
+                        or offset + ds.shape[0] > size:
+                    raise ValueError(f"index_{j} is not a contiguous byte array inside the file")
+                extents.append((int(offset), int(ds.shape[0])))
+            return extents
     except (OSError, KeyError, ValueError) as e:
         raise FormatError(f"cannot read the indexes ({e}): the file is corrupt", path) from None

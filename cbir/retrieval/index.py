@@ -18,15 +18,16 @@ memory for this call only when there is none.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from ..errors import CbirError, FormatError
-from ..io.index_file import read_index_blobs, read_index_record, write_index_file
+from ..io.index_file import index_extents, read_index_record, write_index_file
 from ..io.pairs import Pair
 from ..io.provenance import differences, digest
 from .fusion import fuse, nan_last, restore_nan
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
     import faiss
 
 INDEX_KINDS = ("flat", "ivf", "ivfpq", "lsh")
+#: ivfpq: maps of this many images get 4-bit fast-scan codes (39 training points for each
+#: of 16 centroids); smaller ones fewer-bit classic codes
+FAST_SCAN_MIN_IMAGES = 16 * 39
+READ_PIECE = 1 << 24  # bytes read at once when loading a kept index
 
 
 @dataclass(frozen=True)
@@ -44,21 +49,33 @@ class IndexConf:
     candidates: int = 100  # per descriptor and query, rescored exactly
     nlist: int | None = None  # ivf, ivfpq: default 4 * sqrt(map size)
     nprobe: int = 16
-    pq_m: int = 0  # ivfpq: sub-quantizers (default: dim / 16, dividing dim)
+    pq_m: int = 0  # ivfpq: sub-quantizers of 4 bits (default: dim / 8, dividing dim)
     lsh_bits: int = 0  # lsh: code length (default: 2 * dim)
     train_size: int = 100_000
     chunk: int = 16384
     seed: int = 0
+    search_block: int = 4096  # queries per faiss call (query time)
 
 
 def index_record(database: DescriptorSet, conf: IndexConf) -> dict[str, Any]:
     """What an index is built from: its options (not the query-time ones), the stores by
     name and fingerprint, and the image names it holds, in order."""
     return {"config": {"kind": conf.kind, "nlist": conf.nlist, "pq_m": conf.pq_m, "lsh_bits": conf.lsh_bits,
-                       "train_size": conf.train_size, "seed": conf.seed},
+                       "train_size": conf.train_size, "seed": conf.seed,
+                       "pq_layout": pq_layout(len(database.names)) if conf.kind == "ivfpq" else None},
             "stores": [s.attrs.get("name") for s in database.stores],
             "fingerprints": [s.fingerprint() for s in database.stores],
             "images": len(database.names), "names": digest(database.names)}
+
+
+def pq_layout(n: int) -> str:
+    """The codes of an ``ivfpq`` index of ``n`` images (in its record: a file kept from an
+    earlier layout is rebuilt, not reused)."""
+    return "4-bit fast-scan" if n >= FAST_SCAN_MIN_IMAGES else f"{_small_map_bits(n)}-bit"
+
+
+def _small_map_bits(n: int) -> int:
+    return max(1, int(np.log2(max(n // 39, 2))))  # a small map trains fewer centroids
 
 
 def save_indexes(path: Path, indexes: list[faiss.Index], record: dict[str, Any]) -> None:
@@ -74,16 +91,39 @@ def load_indexes(path: Path, record: dict[str, Any], nprobe: int) -> list[faiss.
         stores = ",".join(record["stores"])
         raise CbirError(f"built from other stores or options than asked ({'; '.join(diffs)}): rebuild it with "
                         f"cbir index build MAP --global {stores} --index {record['config']['kind']} --overwrite", path)
-    try:
-        indexes = [faiss.deserialize_index(blob) for blob in read_index_blobs(path, len(record["stores"]))]
-    except RuntimeError as e:
-        raise FormatError(f"cannot read the indexes ({e}): the file is corrupt", path) from None
+    indexes = [_read_index(path, offset, size) for offset, size in index_extents(path, len(record["stores"]))]
     for index in indexes:
         if index.ntotal != record["images"]:
             raise FormatError(f"an index holds {index.ntotal} images, its record {record['images']}", path)
         if hasattr(index, "nprobe"):
             index.nprobe = nprobe
     return indexes
+
+
+def _read_index(path: Path, offset: int, size: int) -> faiss.Index:
+    """The index serialized at ``offset`` of ``path``. faiss asks for each inverted list
+    separately (16k small reads at 1M images): they are served from 16 MB pieces."""
+    import faiss
+    end, window, at = offset + size, b"", 0  # window: the file from ``at - len(window)`` to ``at``
+    start = offset  # next byte faiss reads
+
+    with open(path, "rb", buffering=0) as f:
+        def read(n: int) -> bytes:  # never past the index's own bytes
+            nonlocal window, at, start
+            if start + n > at:
+                keep = window[len(window) - (at - start):] if at > start else b""
+                piece = os.pread(f.fileno(), min(max(n - len(keep), READ_PIECE), end - max(at, start)), max(at, start))
+                window, at = keep + piece, max(at, start) + len(piece)
+            lo = len(window) - (at - start)
+            data = window[lo:lo + n]
+            start += len(data)
+            return data
+
+        try:
+            return faiss.read_index(faiss.PyCallbackIOReader(read, READ_PIECE))
+        except RuntimeError as e:
+            raise FormatError(f"cannot read the indexes ({str(e).splitlines()[0]}): the file is corrupt",
+                              path) from None
 
 
 def _factory(kind: str, dim: int, n: int, conf: IndexConf) -> faiss.Index:
@@ -94,11 +134,14 @@ def _factory(kind: str, dim: int, n: int, conf: IndexConf) -> faiss.Index:
     if kind == "ivf":
         return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     if kind == "ivfpq":
-        m = conf.pq_m or next(d for d in (dim // 16, dim // 8, dim // 4, dim // 2, dim) if dim % max(d, 1) == 0)
+        m = conf.pq_m or next(d for d in (dim // 8, dim // 4, dim // 2, dim) if d and dim % d == 0)
         if dim % m:
             raise CbirError(f"--pq-m {m} does not divide the descriptor dimension {dim}")
-        bits = 8 if n >= 256 * 39 else max(1, int(np.log2(max(n // 39, 2))))
-        return faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, bits, faiss.METRIC_INNER_PRODUCT)
+        if n >= FAST_SCAN_MIN_IMAGES:
+            # 4-bit codes scanned from SIMD registers: 3-4x faster to search and to fill than
+            # 8-bit codes of the same size (dim/8 half-bytes = dim/16 bytes), same recall
+            return faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(dim), dim, nlist, m, 4, faiss.METRIC_INNER_PRODUCT)
+        return faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, _small_map_bits(n), faiss.METRIC_INNER_PRODUCT)
     if kind == "lsh":
         return faiss.IndexLSH(dim, conf.lsh_bits or 2 * dim, True, True)
     raise CbirError(f"unknown index {kind!r} (known: {', '.join(INDEX_KINDS)})")
@@ -134,10 +177,7 @@ def retrieve_indexed(query: DescriptorSet, database: DescriptorSet, rconf: Retri
     round_robin = rconf.fusion.name == "round_robin"
     pairs: list[Pair] = []
     nq = len(query.names)
-    for q0 in range(0, nq, query_block):
-        q1 = min(nq, q0 + query_block)
-        qd = query.read(q0, q1, device)
-        cands = np.concatenate([idx.search(q.cpu().numpy(), kc)[1] for idx, q in zip(indexes, qd)], axis=1)
+    for q0, q1, qd, cands in _candidates(query, indexes, kc, iconf.search_block, query_block, device):
         self_idx = np.array([map_index.get(n, -1) for n in query.names[q0:q1]])
         cands[(cands == self_idx[:, None]) | (cands < 0)] = -1
         unique = np.unique(cands[cands >= 0])
@@ -169,6 +209,22 @@ def retrieve_indexed(query: DescriptorSet, database: DescriptorSet, rconf: Retri
         if progress:
             progress(q1 - q0, nq)
     return pairs
+
+
+def _candidates(query: DescriptorSet, indexes: list[faiss.Index], kc: int, search_block: int, query_block: int,
+                device: torch.device) -> Iterator[tuple[int, int, list[torch.Tensor], np.ndarray]]:
+    """``(q0, q1, descriptors, candidates)`` per block of queries: each index's top ``kc`` map
+    rows of every query, side by side. faiss is asked for many queries at once: per call it
+    costs as much as 64 queries' scan (0.58 s for 1,000 queries in blocks of 64, 0.085 s in one
+    call, 1M map images)."""
+    nq = len(query.names)
+    for s0 in range(0, nq, search_block):
+        s1 = min(nq, s0 + search_block)
+        descriptors = query.read(s0, s1, device)
+        cands = np.concatenate([index.search(d.cpu().numpy(), kc)[1] for index, d in zip(indexes, descriptors)], axis=1)
+        for q0 in range(s0, s1, query_block):
+            q1 = min(s1, q0 + query_block)
+            yield q0, q1, [d[q0 - s0:q1 - s0] for d in descriptors], cands[q0 - s0:q1 - s0].copy()
 
 
 def _first_occurrence(cands: np.ndarray) -> np.ndarray:
