@@ -1,15 +1,17 @@
-"""Extraction and matching on a Ray cluster (``cbir extract|match --executor ray``).
+"""Extraction, matching, retrieval and localization on a Ray cluster (``--executor ray``).
 
 The images (pairs) still to do are cut into deterministic shards (runs of ``shard_size``
-in the order a local run takes them). Each shard is a Ray task: it runs the local code on
-its images (pairs) and writes its own stores, atomically, under
+in the order a local run takes them). Extraction runs its shards on long-lived actors
+(one per GPU, or per ``cpus`` CPUs, each loading the networks once); matching, retrieval
+and pose estimation run each shard as a Ray task. A shard runs the local code on its
+images (pairs) and writes its own stores, atomically, under
 ``DATASET/cbir/shards/<plan>/<shard>/``; a shard whose stores exist is done. When every
 shard is done the driver merges them, in order, after what the final stores already held,
 into the final stores (atomically), and removes the shards. The result is the store a
 local run writes, key for key and value for value in every column.
 
-A worker that dies (killed, out of memory, its node lost) has its task run again by Ray
-(``max_retries``); the shard's stores resume from the batches it had written. A re-run
+A worker that dies (killed, out of memory, its node lost) has its task run again by Ray, or
+its actor restarted and the shard run again (``max_retries``); the shard's stores resume from the batches it had written. A re-run
 after an interruption skips the shards already written. The dataset must be on a file
 system every node sees at the same path (NFS, a cluster file system). Ray is imported here
 only: the local executor never needs it.
@@ -90,10 +92,10 @@ def extract_on_ray(specs: list[ExtractorSpec], dataset: Dataset, *, store_names:
     run = [i for i, outs in enumerate(outputs) if not all(o.exists() for o in outs)]
     on_gpu = any(str(c.get("device", "cpu")) == "auto" or str(c.get("device", "")).startswith("cuda")
                  for _, _, c in specs)
-    for i, shard_reports in run_shards(_extract_shard, {i: (specs, str(dataset.root), names, shards[i],
-                                                             str(shard_dirs[i]), image_options, conf.cpus)
-                                                         for i in run},
-                                       [s[0] for s in shards], conf, on_gpu):
+    for i, shard_reports in run_shards(_extract_shard, {i: (str(dataset.root), names, shards[i], str(shard_dirs[i]),
+                                                             image_options, conf.cpus) for i in run},
+                                       [s[0] for s in shards], conf, on_gpu, setup=(_build_extractors,
+                                                                                    (specs, conf.cpus))):
         for report, r in zip(reports, shard_reports):
             _add(report, r)
         if progress:
@@ -112,10 +114,17 @@ _NOTHING: frozenset = frozenset()
 
 
 def run_shards(task: Callable, arguments: dict[int, tuple], labels: list[str], conf: RayConf,
-               on_gpu: bool) -> Iterator[tuple[int, Any]]:
-    """Run ``task(*arguments[i])`` for every shard ``i`` as Ray tasks; yield ``(i, result)``
-    as they finish. An error of cbir's in a task is raised as it is (one line); a task whose
-    worker died more than ``max_retries`` times is an error that says how to resume."""
+               on_gpu: bool, setup: tuple[Callable, tuple] | None = None) -> Iterator[tuple[int, Any]]:
+    """Run ``task(*arguments[i])`` for every shard ``i`` on the cluster; yield ``(i, result)``
+    as they finish.
+
+    Without ``setup``, each shard is a Ray task. With ``setup = (build, args)``, the shards
+    run on long-lived actors, as many as the cluster has room for (a GPU each where it has
+    GPUs and ``on_gpu``, else ``conf.cpus`` CPUs each): each calls ``build(*args)`` once (load
+    a network's weights, say) and runs ``task(state, *arguments[i])`` for shard after shard.
+    An error of cbir's in a shard is raised as it is (one line); a shard whose worker died
+    more than ``max_retries`` times (Ray restarts the actor, or runs the task again) is an
+    error that says how to resume."""
     import ray
 
     if not arguments:
@@ -123,27 +132,82 @@ def run_shards(task: Callable, arguments: dict[int, tuple], labels: list[str], c
     if not ray.is_initialized():
         ray.init(address=conf.address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
                  log_to_driver=False)
+    _ray_notices_to_stderr()
     gpus = conf.num_gpus
     if gpus is None:
         gpus = 1 if on_gpu and ray.cluster_resources().get("GPU", 0) > 0 else 0
-    remote = ray.remote(task).options(num_cpus=conf.cpus, num_gpus=gpus, max_retries=conf.max_retries,
-                                      retry_exceptions=False)
-    futures = {remote.remote(*args): i for i, args in arguments.items()}
-    pending = list(futures)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        i = futures[done[0]]
-        try:
-            result = ray.get(done[0])
-        except ray.exceptions.RayTaskError as e:
-            cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
-            if isinstance(cause, CbirError):
-                raise cause from None
-            raise CbirError(f"shard {i} (from {labels[i]}) failed: {type(cause).__name__}: {cause}") from None
-        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as e:
-            raise CbirError(f"shard {i} (from {labels[i]}) failed: its worker died {conf.max_retries + 1} times "
-                            f"({type(e).__name__}); run the command again to resume") from None
-        yield i, result
+    if setup is None:
+        remote = ray.remote(task).options(num_cpus=conf.cpus, num_gpus=gpus, max_retries=conf.max_retries,
+                                          retry_exceptions=False)
+        futures = {remote.remote(*args): i for i, args in arguments.items()}
+        pending = list(futures)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            i = futures[done[0]]
+            yield i, _result(ray, done[0], i, labels, conf)
+        return
+    resources = ray.cluster_resources()
+    room = int(resources.get("GPU", 0) // gpus) if gpus else int(resources.get("CPU", 1) // conf.cpus)
+    actor = ray.remote(ShardActor).options(num_cpus=conf.cpus, num_gpus=gpus, max_restarts=conf.max_retries,
+                                           max_task_retries=conf.max_retries)
+    actors = [actor.remote(*setup) for _ in range(max(1, min(room, len(arguments))))]
+    queue, running, idle = list(arguments.items()), {}, list(actors)
+    try:
+        while queue or running:
+            while idle and queue:  # one shard per actor at a time: a slow one holds back no other
+                worker = idle.pop()
+                i, args = queue.pop(0)
+                running[worker.run.remote(task, *args)] = (i, worker)
+            [done], _ = ray.wait(list(running), num_returns=1)
+            i, worker = running.pop(done)
+            idle.append(worker)
+            yield i, _result(ray, done, i, labels, conf)
+    finally:
+        for worker in actors:  # their CPUs and GPUs go back to the cluster for the next step
+            ray.kill(worker)
+
+
+def _ray_notices_to_stderr() -> None:
+    """Ray's driver prints the raylet's notices ("A worker died or was killed ...", about a
+    worker it then replaces) to stdout, whatever ``log_to_driver`` says; stdout is cbir's
+    results (``--json``, pairs in a pipe), so they go to stderr. Ray has no option for it: its
+    printing function is wrapped, where it exists."""
+    from ray._private import worker
+
+    printer = getattr(worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "cbir_to_stderr", False):
+        return
+
+    def to_stderr(data: dict, *args: Any, **kwargs: Any) -> Any:
+        return printer({**data, "is_err": True}, *args, **kwargs)
+
+    to_stderr.cbir_to_stderr = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = to_stderr
+
+
+class ShardActor:
+    """A Ray actor that builds its state once (``build(*args)``: networks with their
+    weights) and runs shard after shard on it."""
+
+    def __init__(self, build: Callable, args: tuple) -> None:
+        self.state = build(*args)
+
+    def run(self, task: Callable, *args: Any) -> Any:
+        return task(self.state, *args)
+
+
+def _result(ray: Any, future: Any, i: int, labels: list[str], conf: RayConf) -> Any:
+    """A shard's result, or its error as one line."""
+    try:
+        return ray.get(future)
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
+        if isinstance(cause, CbirError):
+            raise cause from None
+        raise CbirError(f"shard {i} (from {labels[i]}) failed: {type(cause).__name__}: {cause}") from None
+    except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.RayActorError) as e:
+        raise CbirError(f"shard {i} (from {labels[i]}) failed: its worker died {conf.max_retries + 1} times "
+                        f"({type(e).__name__}); run the command again to resume") from None
 
 
 def merge_into(final: Path, shards: list[Path], kind: str, attrs: dict[str, Any], keep: bool) -> None:
@@ -330,14 +394,20 @@ def _match_shard(query_root: str, map_root: str, pairs: list[tuple[str, str]], l
                           store_path=Path(out))
 
 
-def _extract_shard(specs: list[ExtractorSpec], root: str, store_names: list[str], images: list[str],
-                   shard_dir: str, image_options: Any, threads: int) -> list:
-    """One shard, in a Ray worker: the local extraction, into the shard's own stores."""
+def _build_extractors(specs: list[ExtractorSpec], threads: int) -> list:
+    """An extraction actor's state: its extractors, weights loaded once for all its shards."""
     import torch
 
     from . import extract as extract_mod
 
     torch.set_num_threads(threads)
-    extractors = [extract_mod.build_extractor(name, conf, kind) for kind, name, conf in specs]
+    return [extract_mod.build_extractor(name, conf, kind) for kind, name, conf in specs]
+
+
+def _extract_shard(extractors: list, root: str, store_names: list[str], images: list[str], shard_dir: str,
+                   image_options: Any, threads: int) -> list:
+    """One shard, on an extraction actor: the local extraction, into the shard's own stores."""
+    from . import extract as extract_mod
+
     return extract_mod.extract_all(extractors, Dataset(Path(root)), store_names=store_names, images=images,
                                    num_workers=threads, image_options=image_options, store_dir=Path(shard_dir))

@@ -57,10 +57,11 @@ Configuration (every key optional except the datasets; ``--set a.b=value`` overr
     write = true
     max_points = 100000          # 3D points shown at most
     thumb_size = 160
-    [executor]                   # where extraction, matching and pose estimation run
+    [executor]                   # where extraction, retrieval, matching and pose estimation run
     kind = "local"               # or "ray": tasks on a Ray cluster (cbir[ray]; datasets on a shared file system)
     address = ""                 # the cluster ("": $RAY_ADDRESS, else a local Ray instance)
     images_per_task = 64
+    map_images_per_task = 100000 # retrieval: map images a task searches for every query
     pairs_per_task = 1000
     queries_per_task = 100
 """
@@ -106,8 +107,8 @@ DEFAULTS: dict[str, Any] = {
                  "sequence_max_gap": 1},
     "evaluate": {"thresholds": [list(t) for t in DEFAULT_THRESHOLDS]},
     "report": {"write": True, "max_points": 100_000, "thumb_size": 160},
-    "executor": {"kind": "local", "address": "", "images_per_task": 64, "pairs_per_task": 1000,
-                 "queries_per_task": 100},
+    "executor": {"kind": "local", "address": "", "images_per_task": 64, "map_images_per_task": 100_000,
+                 "pairs_per_task": 1000, "queries_per_task": 100},
     "device": "auto",
     "num_workers": 2,
 }
@@ -208,9 +209,9 @@ class Plan:
     report: report_mod.ReportConf | None  # None: no report
     device: str
     num_workers: int
-    #: ``[executor] kind = "ray"``: extraction, matching and pose estimation on a Ray cluster,
-    #: tasks of (images, pairs, queries); None: in this process
-    ray: tuple[Any, Any, Any] | None = None
+    #: ``[executor] kind = "ray"``: extraction, matching, pose estimation and retrieval on a Ray
+    #: cluster, tasks of (images, pairs, queries, map images); None: in this process
+    ray: tuple[Any, Any, Any, Any] | None = None
 
     @property
     def local_name(self) -> str:
@@ -303,12 +304,12 @@ def plan(conf: dict[str, Any], source: str | Path | None = None) -> Plan:
                 thresholds, report if rp["write"] else None, conf["device"], conf["num_workers"], ray)
 
 
-def _ray_confs(ex: dict[str, Any]) -> tuple[Any, Any, Any] | None:
-    """The Ray configurations of extraction, matching and localization, or None for the
-    local executor."""
+def _ray_confs(ex: dict[str, Any]) -> tuple[Any, Any, Any, Any] | None:
+    """The Ray configurations of extraction, matching, localization and retrieval, or None
+    for the local executor."""
     if ex["kind"] not in ("local", "ray"):
         raise CbirError(f"unknown executor {ex['kind']!r} (local or ray)")
-    for key in ("images_per_task", "pairs_per_task", "queries_per_task"):
+    for key in ("images_per_task", "map_images_per_task", "pairs_per_task", "queries_per_task"):
         check_integer(key, ex[key], 1)
     if ex["kind"] == "local":
         return None
@@ -322,7 +323,8 @@ def _ray_confs(ex: dict[str, Any]) -> tuple[Any, Any, Any] | None:
     address = ex["address"] or None
     return (RayConf(address=address, shard_size=ex["images_per_task"]),
             RayConf(address=address, shard_size=ex["pairs_per_task"]),
-            RayConf(address=address, shard_size=ex["queries_per_task"]))
+            RayConf(address=address, shard_size=ex["queries_per_task"]),
+            RayConf(address=address, shard_size=ex["map_images_per_task"]))
 
 
 def _ray_estimator(conf: Any) -> Callable:
@@ -571,8 +573,15 @@ def _retrieve(p: Plan, replace: bool, step: Callable[[str], None],
                 out.append((read_pairs(path), "reused"))
                 continue
             with progress(f"retrieve {path.stem}") as update:
-                pairs = exhaustive_pairs(names) if conf is None else \
-                    retrieve(query_set, mset, conf, device=resolve_device(p.device), progress=update)
+                if conf is None:
+                    pairs = exhaustive_pairs(names)
+                elif p.ray is None:
+                    pairs = retrieve(query_set, mset, conf, device=resolve_device(p.device), progress=update)
+                else:
+                    from .distributed import retrieve_on_ray
+
+                    pairs = retrieve_on_ray(q if query_set is qset else m, m, p.global_names, conf, device=p.device,
+                                            ray_conf=p.ray[3], progress=update)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_pairs(path, pairs, record)
             out.append((pairs, "new"))

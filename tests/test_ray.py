@@ -31,7 +31,7 @@ SIFT_CONF = {"max_keypoints": 1000}
 @pytest.fixture(scope="module")
 def cluster():
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    c.add_node(num_cpus=1)
+    c.add_node(num_cpus=1, num_gpus=1)  # a GPU by name only: where GPU actors and tasks go
     ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
     yield c
     ray.shutdown()
@@ -68,21 +68,63 @@ def test_shards_on_two_nodes_make_the_local_store(cluster, sceaux, tmp_path, loc
     assert_same_store(again.path, local_store)
 
 
-def _kill_first_shard_worker(stop: threading.Event, killed: list[int], title: bytes = b"ray::_extract_shard") -> None:
-    """SIGKILL the first process Ray titles ``title`` (a worker inside a shard's task)."""
-    while not stop.is_set() and not killed:
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if cmdline.startswith(title):
-                os.kill(int(pid), signal.SIGKILL)
-                killed.append(int(pid))
-                return
-        time.sleep(0.05)
+def _count_build(log: str) -> int:
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return os.getpid()
+
+
+def _where(pid: int, i: int) -> tuple[int, int, list]:
+    return pid, i, [str(g) for g in ray.get_gpu_ids()]
+
+
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_networks_are_loaded_once_per_actor(cluster, tmp_path, on_gpu):
+    """Shards with a setup run on long-lived actors: one per CPU of the cluster (two), or one
+    per GPU (one) when the work wants a GPU; each builds its state once for all its shards."""
+    from cbir.distributed import run_shards
+
+    log = tmp_path / "builds.txt"
+    results = dict(run_shards(_where, {i: (i,) for i in range(8)}, [str(i) for i in range(8)], RayConf(), on_gpu,
+                              setup=(_count_build, (str(log),))))
+    assert sorted(results) == list(range(8)) and all(r[1] == i for i, r in results.items())
+    builds = log.read_text().split()
+    assert len(builds) == (1 if on_gpu else 2) and {r[0] for r in results.values()} <= {int(b) for b in builds}
+    assert all(r[2] == (["0"] if on_gpu else []) for r in results.values())
+    deadline = time.monotonic() + 30  # ray.kill is asynchronous: the actors' CPUs come back
+    while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray.available_resources().get("CPU") == 2
+
+
+def _kill_first_shard_worker(stop: threading.Event, killed: list[bytes],
+                             titles: tuple[bytes, ...] = (b"ray::ShardActor.run",)) -> None:
+    """SIGKILL the first process Ray titles with each of ``titles`` (a worker inside a shard).
+    Ray's worker processes (titled ``ray::``) are looked for every 0.2 s and watched every
+    millisecond, so that a shard of a few milliseconds is caught too."""
+    workers: set[str] = set()
+    next_scan = 0.0
+    while not stop.is_set() and len(killed) < len(titles):
+        if time.monotonic() >= next_scan:
+            workers |= {pid for pid in os.listdir("/proc") if pid.isdigit() and _title(pid).startswith(b"ray::")}
+            next_scan = time.monotonic() + 0.2
+        for pid in list(workers):
+            title = _title(pid)
+            if not title:
+                workers.discard(pid)
+            for wanted in titles:
+                if wanted not in killed and title.startswith(wanted):
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed.append(wanted)
+                    workers.discard(pid)
+        time.sleep(0.001)
+
+
+def _title(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def test_a_worker_killed_in_its_shard_is_replaced(cluster, sceaux, tmp_path, local_store):
@@ -163,7 +205,7 @@ def test_matching_shards_make_the_local_store(cluster, sceaux, tmp_path, local_s
     target.write_bytes(local_store.read_bytes())
     ds = Dataset(root)
     stop, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_first_shard_worker, args=(stop, killed, b"ray::_match_shard"))
+    killer = threading.Thread(target=_kill_first_shard_worker, args=(stop, killed, (b"ray::_match_shard",)))
     killer.start()
     try:
         report = match_on_ray(ds, ds, exhaustive_pairs(ds.sensors.image_names()), "sift", conf=RayConf(shard_size=10),
@@ -176,10 +218,12 @@ def test_matching_shards_make_the_local_store(cluster, sceaux, tmp_path, local_s
     assert_same_store(report.path, stores[0])
 
 
-def test_the_pipeline_runs_its_extraction_matching_and_localization_on_the_cluster(cluster, tmp_path):
+def test_the_pipeline_runs_on_the_cluster(cluster, tmp_path):
     """The README's rendered example through `cbir pipeline` with `[executor] kind = "ray"`:
-    its stores, poses and evaluation equal a local run's (extraction, DenseVLAD learned once
-    on the driver, matching and pose estimation on the cluster)."""
+    its stores, pairs, poses and evaluation equal a local run's (extraction, DenseVLAD
+    learned once on the driver, retrieval over map shards of 3 images, matching and pose
+    estimation on the cluster), also when a worker is killed inside a shard of retrieval and
+    inside one of pose estimation."""
     import json
     import shutil
 
@@ -199,9 +243,20 @@ def test_the_pipeline_runs_its_extraction_matching_and_localization_on_the_clust
                         '[retrieve]\ntopk = 5\nmap_pairs = 0\n[match]\nratio = 0.8\n'
                         '[localize]\nconfig = "config1"\nsequence = true\n[report]\nwrite = false\n' +
                         (f'[executor]\nkind = "ray"\naddress = "{cluster.address}"\nimages_per_task = 4\n'
-                         'pairs_per_task = 20\nqueries_per_task = 2\n' if label == "ray" else ""))
-        result = CliRunner().invoke(main, ["pipeline", str(toml), "--json"])
+                         'map_images_per_task = 3\npairs_per_task = 20\nqueries_per_task = 2\n' if label == "ray" else ""))
+        stop, killed = threading.Event(), []
+        killer = threading.Thread(target=_kill_first_shard_worker,
+                                  args=(stop, killed, (b"ray::_retrieve_shard", b"ray::_estimate_shard")))
+        if label == "ray":  # a worker killed in a shard of retrieval and in one of pose estimation
+            killer.start()
+        try:
+            result = CliRunner().invoke(main, ["pipeline", str(toml), "--json"])
+        finally:
+            stop.set()
+            if label == "ray":
+                killer.join()
         assert result.exit_code == 0, result.output
+        assert len(killed) == (2 if label == "ray" else 0), killed
         runs.append((root, json.loads(result.stdout)))
     (a, ra), (b, rb) = runs
     assert ra["evaluation"] == rb["evaluation"] and rb["evaluation"]["all"]["localized"] == 5
@@ -209,6 +264,8 @@ def test_the_pipeline_runs_its_extraction_matching_and_localization_on_the_clust
                 "query/cbir/global/densevlad.h5", "mapping/cbir/matches/sift-map.h5"):
         assert_same_store(a / rel, b / rel)
     assert not (b / "mapping" / "cbir" / "shards").exists() and not (b / "query" / "cbir" / "shards").exists()
+    pairs = sorted((a / "query").rglob("pairs/*.txt"))
+    assert pairs and all(f.read_text() == (b / f.relative_to(a)).read_text() for f in pairs)
     result = "query/cbir/localization/sift-densevlad-config1"
     assert (a / result / "trajectories.txt").read_text() == (b / result / "trajectories.txt").read_text()
 
