@@ -301,3 +301,53 @@ def test_retrieval_over_map_shards_is_the_exact_topk(cluster, densevlad_map, tmp
     assert len(outs["local"]) == 8 * 5
     assert [(p.query, p.map) for p in outs["ray"]] == [(p.query, p.map) for p in outs["local"]]
     np.testing.assert_allclose([p.score for p in outs["ray"]], [p.score for p in outs["local"]], rtol=0, atol=1e-6)
+
+
+def _synthetic_dataset(root: Path, n: int) -> Dataset:
+    """``n`` small images (100 x 80): shifted, noisy crops of one texture, so that
+    neighbours share keypoints."""
+    import cv2
+
+    from cbir.geometry.cameras import Camera
+    from cbir.io.kapture_text import write_sensor_data
+    from cbir.io.sensors import ImageRecord, SensorData
+
+    images = root / "sensors" / "records_data"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    texture = cv2.GaussianBlur(cv2.resize(rng.random((60, 80), np.float32), (200, 160)), (0, 0), 1.5) * 255
+    for i in range(n):
+        y, x = int(rng.integers(0, 80)), int(rng.integers(0, 100))
+        crop = texture[y:y + 80, x:x + 100] + rng.normal(0, 4, (80, 100))
+        cv2.imwrite(str(images / f"{i:05d}.png"), np.clip(crop, 0, 255).astype(np.uint8))
+    data = SensorData(sensors={"cam0": Camera("PINHOLE", 100, 80, (90.0, 90.0, 50.0, 40.0))})
+    data.records = [ImageRecord(i, "cam0", f"{i:05d}.png") for i in range(n)]
+    write_sensor_data(root, data)
+    return Dataset(root)
+
+
+def test_thousands_of_synthetic_images(cluster, tmp_path):
+    """2,000 synthetic images: extraction on the cluster's actors (32 shards) and matching of
+    1,999 pairs on its tasks (8 shards) give a local run's stores."""
+    import shutil
+
+    from cbir.distributed import match_on_ray
+    from cbir.io.pairs import Pair
+    from cbir.matching import MatcherConf
+    from cbir.matching import match as match_mod
+
+    n, conf = 2000, {"max_keypoints": 200}
+    local = _synthetic_dataset(tmp_path / "local", n)
+    shutil.copytree(local.root / "sensors", tmp_path / "ray" / "sensors")
+    on_ray = Dataset(tmp_path / "ray")
+    mine = extract_mod.main(SIFT(conf), local, num_workers=1)
+    [theirs] = extract_on_ray([("local", "sift", conf)], on_ray, store_names=[None], conf=RayConf(shard_size=64))
+    assert mine.extracted == theirs.extracted == n and not theirs.failed
+    assert_same_store(mine.path, theirs.path)
+    names = sorted(local.sensors.image_names())
+    pairs = [Pair(a, b) for a, b in zip(names, names[1:])]
+    options = {"name": "m", "matcher": MatcherConf(ratio=0.9), "device": "cpu"}
+    mine = match_mod.main(local, local, pairs, "sift", num_workers=1, **options)
+    theirs = match_on_ray(on_ray, on_ray, pairs, "sift", conf=RayConf(shard_size=250), **options)
+    assert mine.matched == theirs.matched == n - 1 and theirs.matches == mine.matches > 10 * n
+    assert_same_store(mine.path, theirs.path)
