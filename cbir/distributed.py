@@ -300,26 +300,33 @@ def match_on_ray(query: Dataset, map_: Dataset, pairs: list, local: str, *, name
 
 
 def retrieve_on_ray(query: Dataset, map_: Dataset, store_names: list[str], conf: Any, *, device: str = "auto",
-                    ray_conf: RayConf = RayConf(shard_size=100_000),
+                    ray_conf: RayConf = RayConf(shard_size=100_000), index: Any = None, stats: dict | None = None,
                     progress: Callable[[int, int], None] | None = None) -> list:
     """What :func:`cbir.retrieval.retrieve` does, on a Ray cluster: the map cut into shards of
     ``shard_size`` images, each searched for every query by a task (its own top-k), the
-    top-k of the shards' top-k's merged here: the exact top-k."""
+    top-k of the shards' top-k's merged here: the exact top-k. With ``index`` (an
+    :class:`~cbir.retrieval.index.IndexConf`) each shard is searched through its own faiss
+    indexes, kept by :func:`build_index_on_ray` or built by the task for this call
+    (``stats["indexes_built"]`` counts those), its candidates rescored exactly."""
     import numpy as np
 
     from .retrieval.search import open_descriptor_sets, pairs_from_topk
 
     with open_descriptor_sets(query, map_, store_names) as (qset, mset):
         n = len(mset.names)
-        shards = [(m0, min(n, m0 + ray_conf.shard_size)) for m0 in range(0, n, ray_conf.shard_size)]
-        arguments = {i: (str(query.root), str(map_.root), store_names, m0, m1, conf, device, ray_conf.cpus)
+        shards = _map_shards(n, ray_conf.shard_size)
+        arguments = {i: (str(query.root), str(map_.root), store_names, m0, m1, conf, device, ray_conf.cpus, index)
                      for i, (m0, m1) in enumerate(shards)}
         found: dict[int, tuple[list, list]] = {}
-        for i, result in run_shards(_retrieve_shard, arguments, [mset.names[m0] for m0, _ in shards], ray_conf,
-                                    device == "auto" or device.startswith("cuda")):
-            found[i] = result
+        built = 0
+        for i, (values, indices, built_now) in run_shards(_retrieve_shard, arguments, [mset.names[m0] for m0, _ in shards],
+                                                          ray_conf, device == "auto" or device.startswith("cuda")):
+            found[i] = values, indices
+            built += built_now
             if progress:
                 progress(shards[i][1] - shards[i][0], n)
+        if stats is not None:
+            stats["indexes_built"] = built
         lists = len(found[0][0]) if found else 0
         values, indices = [], []
         for j in range(lists):  # the exact top-k of every query: the best of the shards' own top-k's
@@ -333,28 +340,102 @@ def retrieve_on_ray(query: Dataset, map_: Dataset, store_names: list[str], conf:
         return pairs_from_topk(qset.names, mset.names, values, indices, conf)
 
 
+def build_index_on_ray(map_: Dataset, store_names: list[str], conf: Any, *, overwrite: bool = False,
+                       ray_conf: RayConf = RayConf(shard_size=100_000),
+                       progress: Callable[[int, int], None] | None = None) -> list[tuple[Path, str]]:
+    """What ``cbir index build`` does, per map shard of ``shard_size`` images, on Ray tasks:
+    each shard's indexes written atomically to their own file (``index_path(..., rows=)``),
+    which ``cbir retrieve --index --executor ray`` with the same shard size uses. A shard whose
+    file was built from the same stores and options is kept. ``(path, status)`` per shard."""
+    from .retrieval.search import open_descriptor_sets
+
+    with open_descriptor_sets(map_, map_, store_names) as (_, mset):
+        n = len(mset.names)
+        if not n:
+            raise CbirError("no map image has every descriptor", map_.root)
+        shards = _map_shards(n, ray_conf.shard_size)
+        arguments = {i: (str(map_.root), store_names, m0, m1, conf, overwrite) for i, (m0, m1) in enumerate(shards)}
+        done: dict[int, tuple[Path, str]] = {}
+        for i, result in run_shards(_index_shard, arguments, [mset.names[m0] for m0, _ in shards], ray_conf, False):
+            done[i] = Path(result[0]), result[1]
+            if progress:
+                progress(shards[i][1] - shards[i][0], n)
+        return [done[i] for i in range(len(shards))]
+
+
+def _map_shards(n: int, size: int) -> list[tuple[int, int]]:
+    return [(m0, min(n, m0 + size)) for m0 in range(0, n, size)]
+
+
+def _index_shard(map_root: str, store_names: list[str], m0: int, m1: int, conf: Any,
+                 overwrite: bool) -> tuple[str, str]:
+    """One map shard's indexes, in a Ray worker: built and written unless kept."""
+    import torch
+
+    from .io.index_file import index_path, read_index_record
+    from .io.provenance import differences
+    from .retrieval.index import build_indexes, index_record, save_indexes
+    from .retrieval.search import open_descriptor_sets
+
+    dataset = Dataset(Path(map_root))
+    path = index_path(dataset, store_names, conf.kind, rows=(m0, m1))
+    with open_descriptor_sets(dataset, dataset, store_names) as (_, mset):
+        shard = _shard(mset, m0, m1)
+        record = index_record(shard, conf)
+        status = "new"
+        if path.exists():
+            diffs = differences(read_index_record(path), record)
+            if not diffs:
+                return str(path), "kept"
+            if not overwrite:
+                raise CbirError(f"exists, built from other stores or options ({'; '.join(diffs)}): pass --overwrite "
+                                "to rebuild it", path)
+            status = "rebuilt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_indexes(path, build_indexes(shard, conf, torch.device("cpu")), record)
+    return str(path), status
+
+
+def _shard(mset: Any, m0: int, m1: int) -> Any:
+    """The map images ``m0:m1`` of a descriptor set."""
+    from .retrieval import DescriptorSet
+
+    return DescriptorSet(mset.stores, mset.names[m0:m1], [r[m0:m1] for r in mset.rows])
+
+
 def _retrieve_shard(query_root: str, map_root: str, store_names: list[str], m0: int, m1: int, conf: Any, device: str,
-                    threads: int) -> tuple[list, list]:
+                    threads: int, index: Any = None) -> tuple[list, list, bool]:
     """One map shard, in a Ray worker: every query's top-k among map images ``m0:m1``
-    (indices into the whole map)."""
+    (indices into the whole map; -1 where an indexed search has fewer candidates), and
+    whether its indexes were built for this call."""
     import numpy as np
     import torch
 
+    from .io.index_file import index_path
     from .models.base import resolve_device
-    from .retrieval import DescriptorSet
+    from .retrieval.index import indexed_topk, kept_or_built
     from .retrieval.search import open_descriptor_sets, search_topk
 
     torch.set_num_threads(threads)
-    with open_descriptor_sets(Dataset(Path(query_root)), Dataset(Path(map_root)), store_names) as (qset, mset):
-        shard = DescriptorSet(mset.stores, mset.names[m0:m1], [r[m0:m1] for r in mset.rows])
-        blocks = list(search_topk(qset, shard, conf, resolve_device(device), width=conf.topk))
+    dev = resolve_device(device)
+    built = False
+    map_dataset = Dataset(Path(map_root))
+    with open_descriptor_sets(Dataset(Path(query_root)), map_dataset, store_names) as (qset, mset):
+        shard = _shard(mset, m0, m1)
+        if index is None:
+            blocks = list(search_topk(qset, shard, conf, dev, width=conf.topk))
+        else:
+            indexes, built = kept_or_built(index_path(map_dataset, store_names, index.kind, rows=(m0, m1)), shard,
+                                           index, dev)
+            blocks = list(indexed_topk(qset, shard, conf, index, dev, indexes, width=conf.topk))
     if not blocks:  # nothing to rank here
         lists = len(store_names) if conf.fusion.name == "round_robin" else 1
         empty = np.zeros((len(qset.names), 0))
-        return [empty.astype(np.float32)] * lists, [empty.astype(np.int64)] * lists
+        return [empty.astype(np.float32)] * lists, [empty.astype(np.int64)] * lists, built
     lists = len(blocks[0][2])
+    indices = [np.concatenate([b[3][j] for b in blocks]) for j in range(lists)]
     return ([np.concatenate([b[2][j] for b in blocks]) for j in range(lists)],
-            [np.concatenate([b[3][j] for b in blocks]) + m0 for j in range(lists)])
+            [np.where(ix >= 0, ix + m0, -1) for ix in indices], built)
 
 
 def ray_estimator(conf: RayConf = RayConf(shard_size=100)) -> Callable[[list, Callable | None], list]:

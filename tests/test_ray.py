@@ -351,3 +351,41 @@ def test_thousands_of_synthetic_images(cluster, tmp_path):
     theirs = match_on_ray(on_ray, on_ray, pairs, "sift", conf=RayConf(shard_size=250), **options)
     assert mine.matched == theirs.matched == n - 1 and theirs.matches == mine.matches > 10 * n
     assert_same_store(mine.path, theirs.path)
+
+
+@pytest.mark.parametrize("fusion", ["gharm", "round_robin"])
+def test_indexes_kept_per_map_shard(cluster, densevlad_map, tmp_path, fusion):
+    """`cbir index build --executor ray` writes one index file per map shard on the cluster, and
+    keeps them on a re-run; `cbir retrieve --index --executor ray` searches each shard through
+    its own file (nothing built for the call) and, every shard image being a candidate (flat),
+    returns the exact pairs; shards of another size have no files: built for the call, said so."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from cbir.cli import main
+    from cbir.io.pairs import read_pairs
+
+    root = tmp_path / "map"
+    shutil.copytree(densevlad_map, root)
+    common = ["--map", str(root), "--global", "dv16,dv8", "--fusion", fusion, "--topk", "5"]
+    runner = CliRunner()
+    assert runner.invoke(main, ["retrieve", *common, "-o", str(tmp_path / "exact.txt")]).exit_code == 0
+    exact = [(p.query, p.map) for p in read_pairs(tmp_path / "exact.txt")]
+    build = ["index", "build", str(root), "--global", "dv16,dv8", "--index", "flat", "--executor", "ray",
+             "--shard-size", "3", "--json"]
+    first = runner.invoke(main, build)
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["shards"] == 3 and json.loads(first.stdout)["built"] == 3
+    assert sorted(p.name for p in (root / "cbir" / "index" / "dv16+dv8.flat.shards").iterdir()) == \
+        ["000000000-000000003.h5", "000000003-000000006.h5", "000000006-000000008.h5"]
+    assert json.loads(runner.invoke(main, build).stdout)["kept"] == 3
+    for size, built in (("3", False), ("4", True)):
+        out = tmp_path / f"indexed{size}.txt"
+        result = runner.invoke(main, ["retrieve", *common, "--index", "flat", "--candidates", "8", "--executor", "ray",
+                                      "--shard-size", size, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        assert ("for this call only" in result.stderr) == built
+        assert [(p.query, p.map) for p in read_pairs(out)] == exact
+    assert runner.invoke(main, ["check", str(root)]).exit_code == 0

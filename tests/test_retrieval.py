@@ -361,3 +361,24 @@ def test_error_bound_holds(precision):
         approx = _half_product(a.float().to(dtype), b.float().to(dtype)).double()
         err = (approx - a @ b.t()).abs().max().item()
         assert 0 < err <= error_bound(precision, dim)
+
+
+@pytest.mark.parametrize("fusion", ["gharm", "round_robin"])
+def test_queries_with_fewer_candidates_than_topk_get_only_real_pairs(tmp_path, fusion):
+    """One inverted list probed of 16 holds about 125 of 2,000 images: asked for the top 300,
+    each query gets its candidates only (no padding, no repeated image), scored exactly."""
+    rng = np.random.default_rng(5)
+    m = unit_positive(rng, 2000, 32)
+    q = unit_positive(rng, 10, 32)
+    mnames = [f"m{i}" for i in range(2000)]
+    qset = load([write_global(tmp_path / "q.h5", [f"q{i}" for i in range(10)], q)])
+    mset = load([write_global(tmp_path / "m.h5", mnames, m)])
+    pairs = retrieve_indexed(qset, mset, RetrievalConf(topk=300, fusion=FusionConf(fusion)),
+                             IndexConf("ivf", candidates=300, nlist=16, nprobe=1))
+    for i in range(10):
+        mine = [p for p in pairs if p.query == f"q{i}"]
+        assert 0 < len(mine) < 300 and len({p.map for p in mine}) == len(mine)
+        if fusion == "gharm":
+            exact = np.array([q[i] @ m[int(p.map[1:])] for p in mine])
+            np.testing.assert_allclose([p.score for p in mine], exact, rtol=1e-5)
+            assert all(a.score >= b.score for a, b in zip(mine, mine[1:]))

@@ -15,6 +15,7 @@ from ..retrieval import DescriptorSet
 from ..io.index_file import index_path, read_index_record
 from ..retrieval.index import INDEX_KINDS, IndexConf, build_indexes, index_record, save_indexes
 from ._common import console_err, dataset_argument, is_quiet, open_dataset, print_json, report_written
+from .features_cmds import executor_options, progress_bar, ray_executor
 
 
 @click.group("index")
@@ -33,10 +34,13 @@ def index_group() -> None:
 @click.option("--train-size", type=click.IntRange(1), default=100_000, show_default=True,
               help="Map images the quantizers are trained on (a seeded sample).")
 @click.option("--overwrite", is_flag=True, help="Rebuild an index built from other stores or options.")
+@executor_options(100_000, "map images (one index file a shard, for `cbir retrieve --executor ray` with the same "
+                           "--shard-size)")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def index_build(ctx: click.Context, map_: Path, global_: str, kind: str, nlist: int | None, pq_m: int | None,
-                lsh_bits: int | None, train_size: int, overwrite: bool, as_json: bool) -> None:
+                lsh_bits: int | None, train_size: int, overwrite: bool, executor: str, ray_address: str | None,
+                shard_size: int, as_json: bool) -> None:
     """Train and fill the indexes of MAP's global stores (streaming them), and keep them in
     MAP/cbir/index/ with a record of the stores and options (written atomically)."""
     import torch
@@ -44,6 +48,25 @@ def index_build(ctx: click.Context, map_: Path, global_: str, kind: str, nlist: 
     names = [n.strip() for n in global_.split(",") if n.strip()]
     m = open_dataset(map_)
     iconf = IndexConf(kind, nlist=nlist, pq_m=pq_m or 0, lsh_bits=lsh_bits or 0, train_size=train_size)
+    if executor == "ray":
+        distributed = ray_executor()
+        t = time.perf_counter()
+        with progress_bar("index", is_quiet(ctx) or as_json) as update:
+            shards = distributed.build_index_on_ray(m, names, iconf, overwrite=overwrite, progress=update,
+                                                    ray_conf=distributed.RayConf(address=ray_address,
+                                                                                 shard_size=shard_size))
+        seconds = time.perf_counter() - t
+        written = [p for p, status in shards if status != "kept"]
+        summary = {"index": str(shards[0][0].parent), "shards": len(shards), "built": len(written),
+                   "kept": len(shards) - len(written), "stores": names, "kind": kind, "shard_size": shard_size,
+                   "bytes": sum(p.stat().st_size for p, _ in shards), "build_seconds": round(seconds, 3)}
+        if as_json:
+            print_json(summary)
+        elif not is_quiet(ctx):
+            console_err().print(f"{kind} indexes of {len(shards)} map shards ({', '.join(names)}): {len(written)} "
+                                f"built, {len(shards) - len(written)} kept, in {seconds:.1f} s", highlight=False)
+        report_written(written, is_quiet(ctx) or as_json)
+        return
     path = index_path(m, names, kind)
     with ExitStack() as stack:
         stores = [stack.enter_context(open_store(m.store_path("global", n), "global-features")) for n in names]

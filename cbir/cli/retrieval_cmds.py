@@ -12,8 +12,7 @@ from ..io.index_file import index_path
 from ..io.pairs import write_pairs
 from ..models.base import resolve_device
 from ..retrieval import ALIASES, METHODS, FusionConf, RetrievalConf, pairs_record
-from ..retrieval.index import (INDEX_KINDS, IndexConf, build_indexes, index_record, load_indexes,
-                               recall_against_exact, retrieve_indexed)
+from ..retrieval.index import INDEX_KINDS, IndexConf, kept_or_built, recall_against_exact, retrieve_indexed
 from ..retrieval.rerank import retrieve_with_expansion
 from ..retrieval.search import PRECISIONS, open_descriptor_sets
 from ._common import console_err, is_quiet, open_dataset, print_json, report_written
@@ -101,35 +100,38 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
         dev = resolve_device(device)
         recall = None
         with progress_bar("retrieve", quiet or output == "-") as update:
+            iconf = None if index_kind == "exact" else \
+                IndexConf(index_kind, candidates=candidates, nlist=nlist, nprobe=nprobe, pq_m=pq_m or 0,
+                          lsh_bits=lsh_bits or 0)
+            keep_hint = f"cbir index build {m.root} --global {','.join(names)} --index {index_kind}"
             if executor == "ray":
-                if index_kind != "exact" or qe or dba:
-                    raise CbirError("--executor ray searches exactly, without --qe or --dba: drop those, or run "
+                if qe or dba or recall_sample:
+                    raise CbirError("--executor ray runs without --qe, --dba or --recall-sample: drop those, or run "
                                     "with --executor local")
                 distributed = ray_executor()
-                pairs = distributed.retrieve_on_ray(q, m, names, conf, device=device, progress=update,
-                                                    ray_conf=distributed.RayConf(address=ray_address,
-                                                                                 shard_size=shard_size))
-            elif index_kind == "exact":
+                stats: dict = {}
+                pairs = distributed.retrieve_on_ray(q, m, names, conf, device=device, progress=update, index=iconf,
+                                                    stats=stats, ray_conf=distributed.RayConf(address=ray_address,
+                                                                                              shard_size=shard_size))
+                if stats.get("indexes_built") and not quiet:
+                    console_err().print(f"built the {index_kind} indexes of {stats['indexes_built']} map shards for "
+                                        f"this call only: `{keep_hint} --executor ray --shard-size {shard_size}` "
+                                        "keeps them", highlight=False)
+            elif iconf is None:
                 pairs = retrieve_with_expansion(qset, mset, conf, qe=qe, qe_alpha=qe_alpha, dba=dba,
                                                 dba_alpha=dba_alpha, device=dev, progress=update)
             else:
-                iconf = IndexConf(index_kind, candidates=candidates, nlist=nlist, nprobe=nprobe, pq_m=pq_m or 0,
-                                  lsh_bits=lsh_bits or 0)
-                kept = index_path(m, names, index_kind)
-                if kept.exists():  # built once by `cbir index build`; refused when the stores changed since
-                    indexes = load_indexes(kept, index_record(mset, iconf), nprobe)
-                else:
-                    indexes = build_indexes(mset, iconf, dev)
-                    if not quiet:
-                        console_err().print(f"built the {index_kind} index for this call only: `cbir index build "
-                                            f"{m.root} --global {','.join(names)} --index {index_kind}` keeps it",
-                                            highlight=False)
+                # built once by `cbir index build`; refused when the stores changed since
+                indexes, built = kept_or_built(index_path(m, names, index_kind), mset, iconf, dev)
+                if built and not quiet:
+                    console_err().print(f"built the {index_kind} index for this call only: `{keep_hint}` keeps it",
+                                        highlight=False)
                 pairs = retrieve_indexed(qset, mset, conf, iconf, dev, indexes, progress=update)
                 if recall_sample:
                     recall = recall_against_exact(qset, mset, conf, iconf, recall_sample, dev, indexes)
         index_options = {"index": index_kind} if index_kind == "exact" else \
             {"index": index_kind, "candidates": candidates, "nlist": nlist, "nprobe": nprobe, "pq_m": pq_m,
-             "lsh_bits": lsh_bits}
+             "lsh_bits": lsh_bits, **({"index_shard_size": shard_size} if executor == "ray" else {})}
         record = pairs_record(conf, qset, mset, qe=qe, qe_alpha=qe_alpha, dba=dba, dba_alpha=dba_alpha,
                               **index_options)
     out = output or str(q.store_path("pairs", f"{'+'.join(names)}_top{topk}"))

@@ -94,7 +94,7 @@ def check_dataset(dataset: Dataset, *, images: ImageCheck = "decode", deep: bool
                                 (report.warning if message.startswith("no checksums") else report.error)(path, message)
             except CbirError as e:
                 report.from_exception(e)
-    for path in sorted((dataset.root / "cbir" / "index").glob("*.h5")):
+    for path in sorted((dataset.root / "cbir" / "index").rglob("*.h5")):  # shards of --executor ray too
         try:
             _check_index(dataset, path, report)
         except CbirError as e:

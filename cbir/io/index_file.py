@@ -20,11 +20,14 @@ from .hdf5 import read_metadata
 INDEX_FORMAT, INDEX_FORMAT_VERSION = "faiss-index", "1.0"
 
 
-def index_path(dataset: Dataset, stores: list[str], kind: str) -> Path:
-    """Where the kept indexes of ``stores`` (fused in this order) of ``dataset`` live."""
+def index_path(dataset: Dataset, stores: list[str], kind: str, rows: tuple[int, int] | None = None) -> Path:
+    """Where the kept indexes of ``stores`` (fused in this order) of ``dataset`` live; with
+    ``rows``, those of the map images ``rows[0]:rows[1]`` (a shard, ``--executor ray``)."""
     for name in stores:
         dataset.store_path("global", name)  # checks the name
-    return dataset.root / "cbir" / "index" / f"{'+'.join(stores)}.{kind}.h5"
+    base = dataset.root / "cbir" / "index" / f"{'+'.join(stores)}.{kind}"
+    return base.with_name(base.name + ".h5") if rows is None else \
+        base.with_name(base.name + ".shards") / f"{rows[0]:09d}-{rows[1]:09d}.h5"
 
 
 def write_index_file(path: Path, blobs: list[np.ndarray], record: dict[str, Any]) -> None:

@@ -30,8 +30,8 @@ from ..errors import CbirError, FormatError
 from ..io.index_file import index_extents, read_index_record, write_index_file
 from ..io.pairs import Pair
 from ..io.provenance import differences, digest
-from .fusion import fuse, nan_last, restore_nan
-from .search import DescriptorSet, RetrievalConf, _round_robin, retrieve
+from .fusion import fuse, nan_last
+from .search import DescriptorSet, RetrievalConf, pairs_from_topk, retrieve
 
 if TYPE_CHECKING:
     import faiss
@@ -98,6 +98,15 @@ def load_indexes(path: Path, record: dict[str, Any], nprobe: int) -> list[faiss.
         if hasattr(index, "nprobe"):
             index.nprobe = nprobe
     return indexes
+
+
+def kept_or_built(path: Path, database: DescriptorSet, conf: IndexConf,
+                  device: torch.device = torch.device("cpu")) -> tuple[list[faiss.Index], bool]:
+    """The indexes kept at ``path`` (refused unless built from ``database`` with ``conf``),
+    else built for this call: ``(indexes, built_now)``."""
+    if path.exists():
+        return load_indexes(path, index_record(database, conf), conf.nprobe), False
+    return build_indexes(database, conf, device), True
 
 
 def _read_index(path: Path, offset: int, size: int) -> faiss.Index:
@@ -169,46 +178,63 @@ def retrieve_indexed(query: DescriptorSet, database: DescriptorSet, rconf: Retri
                      device: torch.device = torch.device("cpu"), indexes: list[faiss.Index] | None = None,
                      progress: Callable[[int, int], None] | None = None, query_block: int = 64) -> list[Pair]:
     """Fused top-k over the union of each index's candidates, rescored exactly."""
+    blocks = []
+    for q0, q1, values, indices in indexed_topk(query, database, rconf, iconf, device, indexes,
+                                                query_block=query_block):
+        blocks.append((values, indices))
+        if progress:
+            progress(q1 - q0, len(query.names))
+    if not blocks:
+        return []
+    lists = len(blocks[0][0])
+    return pairs_from_topk(query.names, database.names, [np.concatenate([b[0][j] for b in blocks]) for j in range(lists)],
+                           [np.concatenate([b[1][j] for b in blocks]) for j in range(lists)], rconf)
+
+
+def indexed_topk(query: DescriptorSet, database: DescriptorSet, rconf: RetrievalConf, iconf: IndexConf,
+                 device: torch.device = torch.device("cpu"), indexes: list[faiss.Index] | None = None,
+                 width: int | None = None,
+                 query_block: int = 64) -> Iterator[tuple[int, int, list[np.ndarray], list[np.ndarray]]]:
+    """:func:`~.search.search_topk` over the indexes' candidates: ``(q0, q1, values,
+    indices)`` per block of queries, the candidates of every index rescored exactly; an
+    index ``-1`` (value ``-inf``) where a query has fewer candidates than ``k``. ``k`` is
+    ``rconf.topk`` (less the excluded image), or ``width`` for a shard of the map."""
     indexes = indexes or build_indexes(database, iconf, device)
     nm = len(database.names)
-    k = min(rconf.topk, nm - (1 if rconf.excludes_names else 0))
+    k = min(rconf.topk, nm - (1 if rconf.excludes_names else 0)) if width is None else min(width, nm)
+    if k <= 0:
+        return
     kc = min(nm, max(iconf.candidates, k + 1))
     map_index = {n: i for i, n in enumerate(database.names)} if rconf.excludes_names else {}
     round_robin = rconf.fusion.name == "round_robin"
-    pairs: list[Pair] = []
-    nq = len(query.names)
+    lists = len(indexes) if round_robin else 1
     for q0, q1, qd, cands in _candidates(query, indexes, kc, iconf.search_block, query_block, device):
         self_idx = np.array([map_index.get(n, -1) for n in query.names[q0:q1]])
         cands[(cands == self_idx[:, None]) | (cands < 0)] = -1
         unique = np.unique(cands[cands >= 0])
         if len(unique) == 0:
+            yield q0, q1, [np.full((q1 - q0, k), -np.inf, np.float32)] * lists, [np.full((q1 - q0, k), -1)] * lists
             continue
         pos = torch.from_numpy(np.searchsorted(unique, np.where(cands >= 0, cands, unique[0]))).to(device)
         md = database.take(unique, device)
         sims = [torch.gather(a @ b.t(), 1, pos) for a, b in zip(qd, md)]
         invalid = torch.from_numpy(cands < 0).to(device)
-        # a candidate found by several indexes appears several times: keep its first occurrence
-        first = torch.from_numpy(_first_occurrence(cands)).to(device)
-        drop = invalid | ~first
-        if round_robin:
-            rankings = []
-            width = cands.shape[1] // len(indexes)
-            for j, s in enumerate(sims):
-                s = s.masked_fill(invalid, -torch.inf)[:, j * width:(j + 1) * width]
-                order = torch.topk(s, min(k, width), dim=1).indices.cpu().numpy()
-                rankings.append(np.take_along_axis(cands[:, j * width:(j + 1) * width], order, axis=1))
-            pairs += _round_robin(query.names[q0:q1], rankings, database.names, k)
+        if round_robin:  # each index's own candidates, ranked by its own descriptor
+            scored = [(s.masked_fill(invalid, -torch.inf)[:, j * kc:(j + 1) * kc], cands[:, j * kc:(j + 1) * kc])
+                      for j, s in enumerate(sims)]
         else:
-            fused = nan_last(fuse(sims, rconf.fusion)).masked_fill(drop, -torch.inf)
-            top = torch.topk(fused, min(k, fused.shape[1]), dim=1)
-            ids = np.take_along_axis(cands, top.indices.cpu().numpy(), axis=1)
-            vals = restore_nan(top.values.cpu().numpy())
-            for r, qname in enumerate(query.names[q0:q1]):
-                pairs += [Pair(qname, database.names[m], float(v)) for m, v in zip(ids[r], vals[r])
-                          if m >= 0 and (np.isfinite(v) or np.isnan(v))]
-        if progress:
-            progress(q1 - q0, nq)
-    return pairs
+            # a candidate found by several indexes appears several times: keep its first occurrence
+            drop = invalid | ~torch.from_numpy(_first_occurrence(cands)).to(device)
+            scored = [(nan_last(fuse(sims, rconf.fusion)).masked_fill(drop, -torch.inf), cands)]
+        values, indices = [], []
+        for score, ids in scored:
+            top = torch.topk(score, k, dim=1)
+            v = top.values.cpu().numpy()
+            ix = np.take_along_axis(ids, top.indices.cpu().numpy(), axis=1)
+            ix[v == -np.inf] = -1
+            values.append(v)
+            indices.append(ix)
+        yield q0, q1, values, indices
 
 
 def _candidates(query: DescriptorSet, indexes: list[faiss.Index], kc: int, search_block: int, query_block: int,

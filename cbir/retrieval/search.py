@@ -348,10 +348,14 @@ def gc_paused() -> Iterator[None]:
 
 def _pairs(queries: list[str], map_names: np.ndarray, index: np.ndarray, scores: np.ndarray) -> list[Pair]:
     """Each query's row of map images and scores as pairs, built column-wise (at 4,096 queries
-    x top 20 a loop per pair costs more than the search on a GPU)."""
+    x top 20 a loop per pair costs more than the search on a GPU); an index -1 is no pair."""
     k = index.shape[1]
-    return list(map(Pair, np.repeat(np.array(queries, dtype=object), k).tolist(), map_names[index].ravel().tolist(),
-                    scores.ravel().tolist()))
+    query_names = np.repeat(np.array(queries, dtype=object), k)
+    if (index < 0).any():  # fewer than k candidates (an indexed search): no pair there
+        keep = (index >= 0).ravel()
+        return list(map(Pair, query_names[keep].tolist(), map_names[index.ravel()[keep]].tolist(),
+                        scores.ravel()[keep].tolist()))
+    return list(map(Pair, query_names.tolist(), map_names[index].ravel().tolist(), scores.ravel().tolist()))
 
 
 def _exclude(scores: torch.Tensor, self_idx: torch.Tensor, m0: int) -> None:
