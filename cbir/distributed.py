@@ -94,8 +94,8 @@ def extract_on_ray(specs: list[ExtractorSpec], dataset: Dataset, *, store_names:
                  for _, _, c in specs)
     for i, shard_reports in run_shards(_extract_shard, {i: (str(dataset.root), names, shards[i], str(shard_dirs[i]),
                                                              image_options, conf.cpus) for i in run},
-                                       [s[0] for s in shards], conf, on_gpu, setup=(_build_extractors,
-                                                                                    (specs, conf.cpus))):
+                                       [s[0] for s in shards], conf, on_gpu,
+                                       setup=(_build_extractors, (specs, conf.cpus)), actor=ExtractionActor):
         for report, r in zip(reports, shard_reports):
             _add(report, r)
         if progress:
@@ -114,14 +114,16 @@ _NOTHING: frozenset = frozenset()
 
 
 def run_shards(task: Callable, arguments: dict[int, tuple], labels: list[str], conf: RayConf,
-               on_gpu: bool, setup: tuple[Callable, tuple] | None = None) -> Iterator[tuple[int, Any]]:
+               on_gpu: bool, setup: tuple[Callable, tuple] | None = None,
+               actor: type | None = None) -> Iterator[tuple[int, Any]]:
     """Run ``task(*arguments[i])`` for every shard ``i`` on the cluster; yield ``(i, result)``
     as they finish.
 
     Without ``setup``, each shard is a Ray task. With ``setup = (build, args)``, the shards
     run on long-lived actors, as many as the cluster has room for (a GPU each where it has
-    GPUs and ``on_gpu``, else ``conf.cpus`` CPUs each): each calls ``build(*args)`` once (load
-    a network's weights, say) and runs ``task(state, *arguments[i])`` for shard after shard.
+    GPUs and ``on_gpu``, else ``conf.cpus`` CPUs each), of class ``actor`` (a
+    :class:`ShardActor`): each calls ``build(*args)`` once (load a network's weights, say) and
+    runs ``task(state, *arguments[i])`` for shard after shard.
     An error of cbir's in a shard is raised as it is (one line); a shard whose worker died
     more than ``max_retries`` times (Ray restarts the actor, or runs the task again) is an
     error that says how to resume."""
@@ -148,9 +150,10 @@ def run_shards(task: Callable, arguments: dict[int, tuple], labels: list[str], c
         return
     resources = ray.cluster_resources()
     room = int(resources.get("GPU", 0) // gpus) if gpus else int(resources.get("CPU", 1) // conf.cpus)
-    actor = ray.remote(ShardActor).options(num_cpus=conf.cpus, num_gpus=gpus, max_restarts=conf.max_retries,
-                                           max_task_retries=conf.max_retries)
-    actors = [actor.remote(*setup) for _ in range(max(1, min(room, len(arguments))))]
+    remote_actor = ray.remote(actor or ShardActor).options(num_cpus=conf.cpus, num_gpus=gpus,
+                                                           max_restarts=conf.max_retries,
+                                                           max_task_retries=conf.max_retries)
+    actors = [remote_actor.remote(*setup) for _ in range(max(1, min(room, len(arguments))))]
     queue, running, idle = list(arguments.items()), {}, list(actors)
     try:
         while queue or running:
@@ -186,14 +189,22 @@ def _ray_notices_to_stderr() -> None:
 
 
 class ShardActor:
-    """A Ray actor that builds its state once (``build(*args)``: networks with their
-    weights) and runs shard after shard on it."""
+    """A Ray actor that builds its state once (``build(*args)``) and runs shard after shard
+    on it. Ray names its process ``ray::<class>.run`` while it runs a shard."""
 
     def __init__(self, build: Callable, args: tuple) -> None:
         self.state = build(*args)
 
     def run(self, task: Callable, *args: Any) -> Any:
         return task(self.state, *args)
+
+
+class ExtractionActor(ShardActor):
+    """Extraction: its networks, weights loaded once."""
+
+
+class LocalizationActor(ShardActor):
+    """Pose estimation: the map read once, the query stores open."""
 
 
 def _result(ray: Any, future: Any, i: int, labels: list[str], conf: RayConf) -> Any:
@@ -438,27 +449,37 @@ def _retrieve_shard(query_root: str, map_root: str, store_names: list[str], m0: 
             [np.where(ix >= 0, ix + m0, -1) for ix in indices], built)
 
 
-def ray_estimator(conf: RayConf = RayConf(shard_size=100)) -> Callable[[list, Callable | None], list]:
-    """A pose estimator for :func:`cbir.localize.main`: the queries' tasks in shards of
-    ``shard_size`` queries, each estimated by a Ray task (CPU); the results in order."""
+def ray_estimator(conf: RayConf = RayConf(shard_size=100)) -> Callable[..., list]:
+    """A pose estimator for :func:`cbir.localize.main`: shards of ``shard_size`` queries on
+    Ray actors that read the map once each, make the queries' 2D-3D correspondences and
+    estimate their poses (CPU); the results in order."""
 
-    def estimate(tasks: list, progress: Callable[[int, int], None] | None) -> list:
-        shards = [tasks[i:i + conf.shard_size] for i in range(0, len(tasks), conf.shard_size)]
+    def estimate(source: Any, queries: list[str], by_query: dict[str, list[str]],
+                 progress: Callable[[int, int], None] | None) -> list:
+        shards = [queries[i:i + conf.shard_size] for i in range(0, len(queries), conf.shard_size)]
+        arguments = {i: (names, {q: by_query[q] for q in names if q in by_query}) for i, names in enumerate(shards)}
         results: dict[int, list] = {}
-        for i, shard in run_shards(_estimate_shard, {i: (s,) for i, s in enumerate(shards)},
-                                   [s[0]["name"] for s in shards], conf, False):
+        for i, shard in run_shards(_localize_shard, arguments, [s[0] for s in shards], conf, False,
+                                   setup=(_open_tasks, (source,)), actor=LocalizationActor):
             results[i] = shard
             if progress:
-                progress(len(shard), len(tasks))
+                progress(len(shard), len(queries))
         return [r for i in range(len(shards)) for r in results[i]]
     return estimate
 
 
-def _estimate_shard(tasks: list) -> list:
-    """One shard of queries, in a Ray worker: their poses, in order."""
+def _open_tasks(source: Any) -> Any:
+    """A localization actor's state: the map and the query stores, open once."""
+    from .localize import TaskMaker
+
+    return TaskMaker(source)
+
+
+def _localize_shard(maker: Any, queries: list[str], by_query: dict[str, list[str]]) -> list:
+    """One shard of queries, on a localization actor: their tasks, then their poses, in order."""
     from .localize import estimate_one
 
-    return [estimate_one(t) for t in tasks]
+    return [estimate_one(t) for t in maker.tasks(queries, by_query)]
 
 
 def _match_shard(query_root: str, map_root: str, pairs: list[tuple[str, str]], local: str, name: str, matcher: Any,

@@ -232,7 +232,7 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
          num_workers: int = 2, use_unverified: bool = False, refine_unknown_focal: bool = True,
          post: PostprocessConf = PostprocessConf(), pairs_source: dict[str, Any] | None = None,
          overwrite: bool = False, progress: Callable[[int, int], None] | None = None,
-         estimate: Callable[[list, Callable[[int, int], None] | None], list] | None = None) -> LocalizeReport:
+         estimate: Callable[..., list[QueryResult]] | None = None) -> LocalizeReport:
     """Localize every query image of ``pairs`` (then post-process the failures as ``post``
     says); results in ``QUERY/cbir/localization/<name>/``.
 
@@ -240,9 +240,10 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
     configuration made from the same inputs is reused, one made from changed inputs is
     redone, one of another configuration is replaced only with ``overwrite``.
     ``pairs_source``: where the pairs come from (file, retrieval record), part of the
-    configuration. ``estimate(tasks, progress)`` estimates the poses of the queries' tasks,
-    in order (default: ``num_workers`` processes of this machine; a Ray cluster's tasks:
-    :func:`cbir.distributed.ray_estimator`)."""
+    configuration. ``estimate(source, queries, by_query, progress)`` makes the tasks of the
+    queries from ``source`` (a :class:`TaskSource`) and estimates their poses, in order
+    (default: the tasks made here, estimated on ``num_workers`` processes of this machine;
+    on a Ray cluster's actors: :func:`cbir.distributed.ray_estimator`)."""
     overrides = dict(overrides or {})
     conf, est_over, ref_over = localization_options(config, overrides)
     name = name or f"{local}-{config}"
@@ -264,11 +265,19 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
         if status == "reused":
             return LocalizeReport(directory, read_results(directory), status)
         t0 = time.perf_counter()
-        tasks = _tasks(query, pairs, local, point_map, mstore, qfeats, conf, est_over, ref_over,
-                       refine_unknown_focal, use_unverified)
+        source = TaskSource(str(query.root), str(map_path), str(mstore.path), str(qfeats.path), local, conf, est_over,
+                            ref_over, refine_unknown_focal, use_unverified)
+        by_query: dict[str, list[str]] = {}
+        for p in pairs:
+            by_query.setdefault(p.query, []).append(p.map)
+        # every image of the query dataset (one without pairs fails as "no retrieved map image"),
+        # then the names of the pairs file that are not in it (reported, not localized)
+        queries = sorted(query.sensors.image_names()) + sorted(set(by_query) - set(query.sensors.image_names()))
+        if estimate is None:
+            tasks = TaskMaker(source, point_map, mstore, qfeats).tasks(queries, by_query)
     t1 = time.perf_counter()
-    if estimate is not None:
-        results = estimate(tasks, progress)
+    if estimate is not None:  # the tasks are made where they run
+        results = estimate(source, queries, by_query, progress)
     else:
         results = estimate_locally(tasks, num_workers, progress)
     report = LocalizeReport(directory, _postprocess(results, query, post), status,
@@ -322,51 +331,72 @@ def _prior_result(directory: Path, config: dict[str, Any], inputs: dict[str, Any
     return "redone"
 
 
-def _tasks(query: Dataset, pairs: list[Pair], local: str, point_map: Any, mstore: Any, qfeats: Any,
-           conf: dict[str, Any], est_over: dict[str, Any], ref_over: dict[str, Any], refine_unknown_focal: bool,
-           use_unverified: bool) -> list[dict[str, Any]]:
-    """One task per query: its camera and its 2D-3D correspondences (see the module's rule)."""
-    lookup = point_map.keypoint_to_point()
-    by_query: dict[str, list[str]] = {}
-    for p in pairs:
-        by_query.setdefault(p.query, []).append(p.map)
-    # every image of the query dataset (one without pairs fails as "no retrieved map image"),
-    # then the names of the pairs file that are not in it (reported, not localized)
-    queries = sorted(query.sensors.image_names()) + sorted(set(by_query) - set(query.sensors.image_names()))
-    records = query.sensors.record_by_name()
-    verified = "inliers" in mstore.columns and not use_unverified
-    tasks = []
-    for q in queries:
+@dataclass(frozen=True)
+class TaskSource:
+    """What the queries' tasks are made from, by path: any process (a Ray actor, say) opens it
+    once with :class:`TaskMaker` and makes the tasks of the queries it is given."""
+
+    query_root: str
+    map_path: str
+    matches_path: str
+    local_path: str
+    local: str
+    conf: dict[str, Any]
+    estimation_overrides: dict[str, Any]
+    refinement_overrides: dict[str, Any]
+    refine_unknown_focal: bool
+    use_unverified: bool
+
+
+class TaskMaker:
+    """The map (its keypoint-to-point lookup), the query matches and features of a
+    :class:`TaskSource`, open; :meth:`tasks` makes queries' tasks from them."""
+
+    def __init__(self, source: TaskSource, point_map: Any = None, mstore: Any = None, qfeats: Any = None) -> None:
+        self.source = source
+        self.query = Dataset(Path(source.query_root))
+        self.point_map = point_map if point_map is not None else read_map(Path(source.map_path))
+        self.lookup = self.point_map.keypoint_to_point()
+        self.mstore = mstore if mstore is not None else open_store(source.matches_path, "matches")
+        self.qfeats = qfeats if qfeats is not None else open_store(source.local_path, "local-features")
+        self.records = self.query.sensors.record_by_name()
+        self.verified = "inliers" in self.mstore.columns and not source.use_unverified
+
+    def tasks(self, queries: list[str], by_query: dict[str, list[str]]) -> list[dict[str, Any]]:
+        """One task per query: its camera and its 2D-3D correspondences (see the module's rule)."""
+        return [self._task(q, by_query) for q in queries]
+
+    def _task(self, q: str, by_query: dict[str, list[str]]) -> dict[str, Any]:
+        src, qfeats, mstore = self.source, self.qfeats, self.mstore
+        conf = src.conf
         task: dict[str, Any] = {"name": q, "conf": conf, "num_map_images": 0, "points2D": np.zeros((0, 2)),
-                                "points3D": np.zeros((0, 3)), "estimation_overrides": est_over,
-                                "refinement_overrides": ref_over, "refine_unknown": refine_unknown_focal,
-                                "focal_known": True, "camera": None}
-        if q not in records:
+                                "points3D": np.zeros((0, 3)), "estimation_overrides": src.estimation_overrides,
+                                "refinement_overrides": src.refinement_overrides,
+                                "refine_unknown": src.refine_unknown_focal, "focal_known": True, "camera": None}
+        if q not in self.records:
             task["reason"] = "not an image of the query dataset"
-            tasks.append(task)
-            continue
+            return task
         if q not in qfeats:
-            task["reason"] = f"no {local} features"
-            tasks.append(task)
-            continue
+            task["reason"] = f"no {src.local} features"
+            return task
         item = qfeats.get(q, ["keypoints", "image_sizes"] if "image_sizes" in qfeats.columns else ["keypoints"])
         kps = item["keypoints"]
-        cam = query.sensors.cameras.get(records[q].camera_id)
+        cam = self.query.sensors.cameras.get(self.records[q].camera_id)
         w, h = (int(v) for v in item["image_sizes"]) if "image_sizes" in item else (cam.width, cam.height)
-        camera, known = query_camera(cam, w, h, query.image_path(q))
+        camera, known = query_camera(cam, w, h, self.query.image_path(q))
         task["camera"] = (camera.model, camera.width, camera.height, camera.params)
         task["focal_known"] = known
         lists = []
         for m in by_query.get(q, []):
-            if (q, m) not in mstore or m not in lookup:
+            if (q, m) not in mstore or m not in self.lookup:
                 continue
-            it = mstore.get((q, m), ["matches", "inliers"] if verified else ["matches"])
+            it = mstore.get((q, m), ["matches", "inliers"] if self.verified else ["matches"])
             check_match_indices(it["matches"], (len(kps), None), mstore.path, (q, m))
-            mm = it["matches"][it["inliers"]] if verified else it["matches"]
+            mm = it["matches"][it["inliers"]] if self.verified else it["matches"]
             if len(mm) < conf["min_num_matches"]:
                 continue
             task["num_map_images"] += 1
-            kp_sorted, pts = lookup[m]
+            kp_sorted, pts = self.lookup[m]
             pos = np.searchsorted(kp_sorted, mm[:, 1])
             ok = pos < len(kp_sorted)
             ok[ok] &= kp_sorted[pos[ok]] == mm[ok, 1]
@@ -376,9 +406,8 @@ def _tasks(query: Dataset, pairs: list[Pair], local: str, point_map: Any, mstore
                 "no retrieved map image"
         qi, pi = correspondences(lists)
         task["points2D"] = kps[qi].astype(np.float64) + COLMAP_PIXEL_OFFSET
-        task["points3D"] = point_map.points[pi]
-        tasks.append(task)
-    return tasks
+        task["points3D"] = self.point_map.points[pi]
+        return task
 
 
 def _postprocess(results: list[QueryResult], query: Dataset, post: PostprocessConf) -> list[QueryResult]:

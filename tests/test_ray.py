@@ -98,7 +98,7 @@ def test_networks_are_loaded_once_per_actor(cluster, tmp_path, on_gpu):
 
 
 def _kill_first_shard_worker(stop: threading.Event, killed: list[bytes],
-                             titles: tuple[bytes, ...] = (b"ray::ShardActor.run",)) -> None:
+                             titles: tuple[bytes, ...] = (b"ray::ExtractionActor.run",)) -> None:
     """SIGKILL the first process Ray titles with each of ``titles`` (a worker inside a shard).
     Ray's worker processes (titled ``ray::``) are looked for every 0.2 s and watched every
     millisecond, so that a shard of a few milliseconds is caught too."""
@@ -246,7 +246,7 @@ def test_the_pipeline_runs_on_the_cluster(cluster, tmp_path):
                          'map_images_per_task = 3\npairs_per_task = 20\nqueries_per_task = 2\n' if label == "ray" else ""))
         stop, killed = threading.Event(), []
         killer = threading.Thread(target=_kill_first_shard_worker,
-                                  args=(stop, killed, (b"ray::_retrieve_shard", b"ray::_estimate_shard")))
+                                  args=(stop, killed, (b"ray::_retrieve_shard", b"ray::LocalizationActor.run")))
         if label == "ray":  # a worker killed in a shard of retrieval and in one of pose estimation
             killer.start()
         try:
