@@ -40,18 +40,20 @@ ExtractorSpec = tuple[str, str, dict[str, Any]]
 class RayConf:
     """``address``: the cluster (None: ``$RAY_ADDRESS``, else a local instance);
     ``shard_size``: images a task; ``num_gpus``: GPUs a task (None: 1 where the cluster has
-    GPUs and the extractors run on a GPU or ``auto``, else 0); ``cpus``: CPUs a task;
+    GPUs and the extractors run on a GPU or ``auto``, else 0); ``cpus``: CPUs a task or actor
+    (its threads; None: 1, and for GPU work the cluster's CPUs per GPU, to decode and verify);
     ``max_retries``: runs of a task after its worker died."""
 
     address: str | None = None
     shard_size: int = 64
     num_gpus: float | None = None
-    cpus: int = 1
+    cpus: int | None = None
     max_retries: int = 3
 
     def __post_init__(self) -> None:
         check_integer("shard_size", self.shard_size, 1)
-        check_integer("cpus", self.cpus, 1)
+        if self.cpus is not None:
+            check_integer("cpus", self.cpus, 1)
         check_integer("max_retries", self.max_retries, 0)
 
 
@@ -121,7 +123,7 @@ def run_shards(task: Callable, arguments: dict[int, tuple], labels: list[str], c
 
     Without ``setup``, each shard is a Ray task. With ``setup = (build, args)``, the shards
     run on long-lived actors, as many as the cluster has room for (a GPU each where it has
-    GPUs and ``on_gpu``, else ``conf.cpus`` CPUs each), of class ``actor`` (a
+    GPUs and ``on_gpu``, else ``conf.cpus`` CPUs, default 1, each), of class ``actor`` (a
     :class:`ShardActor`): each calls ``build(*args)`` once (load a network's weights, say) and
     runs ``task(state, *arguments[i])`` for shard after shard.
     An error of cbir's in a shard is raised as it is (one line); a shard whose worker died
@@ -136,10 +138,21 @@ def run_shards(task: Callable, arguments: dict[int, tuple], labels: list[str], c
                  log_to_driver=False)
     _ray_notices_to_stderr()
     gpus = conf.num_gpus
+    resources = ray.cluster_resources()
     if gpus is None:
-        gpus = 1 if on_gpu and ray.cluster_resources().get("GPU", 0) > 0 else 0
+        gpus = 1 if on_gpu and resources.get("GPU", 0) > 0 else 0
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if conf.cpus:
+        cpus = conf.cpus
+    else:  # a GPU's share of its node's CPUs (decoding, verification), else one
+        shares = [int(n.get("CPU", 0) * gpus // n["GPU"]) for n in nodes if gpus and n.get("GPU")]
+        cpus = max(1, min(shares)) if shares else 1
+    if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+        # Ray would wait for such a node for ever
+        raise CbirError(f"no node of the Ray cluster has {cpus} CPUs{f' and {gpus} GPUs' if gpus else ''} for a "
+                        "shard: lower cpus or num_gpus")
     if setup is None:
-        remote = ray.remote(task).options(num_cpus=conf.cpus, num_gpus=gpus, max_retries=conf.max_retries,
+        remote = ray.remote(task).options(num_cpus=cpus, num_gpus=gpus, max_retries=conf.max_retries,
                                           retry_exceptions=False)
         futures = {remote.remote(*args): i for i, args in arguments.items()}
         pending = list(futures)
@@ -148,9 +161,8 @@ def run_shards(task: Callable, arguments: dict[int, tuple], labels: list[str], c
             i = futures[done[0]]
             yield i, _result(ray, done[0], i, labels, conf)
         return
-    resources = ray.cluster_resources()
-    room = int(resources.get("GPU", 0) // gpus) if gpus else int(resources.get("CPU", 1) // conf.cpus)
-    remote_actor = ray.remote(actor or ShardActor).options(num_cpus=conf.cpus, num_gpus=gpus,
+    room = int(resources.get("GPU", 0) // gpus) if gpus else int(resources.get("CPU", 1) // cpus)
+    remote_actor = ray.remote(actor or ShardActor).options(num_cpus=cpus, num_gpus=gpus,
                                                            max_restarts=conf.max_retries,
                                                            max_task_retries=conf.max_retries)
     actors = [remote_actor.remote(*setup) for _ in range(max(1, min(room, len(arguments))))]
@@ -415,7 +427,7 @@ def _shard(mset: Any, m0: int, m1: int) -> Any:
 
 
 def _retrieve_shard(query_root: str, map_root: str, store_names: list[str], m0: int, m1: int, conf: Any, device: str,
-                    threads: int, index: Any = None) -> tuple[list, list, bool]:
+                    threads: int | None, index: Any = None) -> tuple[list, list, bool]:
     """One map shard, in a Ray worker: every query's top-k among map images ``m0:m1``
     (indices into the whole map; -1 where an indexed search has fewer candidates), and
     whether its indexes were built for this call."""
@@ -427,7 +439,7 @@ def _retrieve_shard(query_root: str, map_root: str, store_names: list[str], m0: 
     from .retrieval.index import indexed_topk, kept_or_built
     from .retrieval.search import open_descriptor_sets, search_topk
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or assigned_cpus())
     dev = resolve_device(device)
     built = False
     map_dataset = Dataset(Path(map_root))
@@ -483,33 +495,43 @@ def _localize_shard(maker: Any, queries: list[str], by_query: dict[str, list[str
 
 
 def _match_shard(query_root: str, map_root: str, pairs: list[tuple[str, str]], local: str, name: str, matcher: Any,
-                 verify: Any, device: str, out: str, threads: int) -> Any:
+                 verify: Any, device: str, out: str, threads: int | None) -> Any:
     """One shard of pairs, in a Ray worker: the local matching, into the shard's own store."""
     import torch
 
     from .io.pairs import Pair
     from .matching import match as match_mod
 
+    threads = threads or assigned_cpus()
     torch.set_num_threads(threads)
     return match_mod.main(Dataset(Path(query_root)), Dataset(Path(map_root)), [Pair(a, b) for a, b in pairs], local,
                           name=name, matcher=matcher, verify=verify, device=device, num_workers=threads,
                           store_path=Path(out))
 
 
-def _build_extractors(specs: list[ExtractorSpec], threads: int) -> list:
+def assigned_cpus() -> int:
+    """The CPUs Ray gave the task or actor this runs in: its threads for decoding, reading
+    and verification."""
+    import ray
+
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+
+
+def _build_extractors(specs: list[ExtractorSpec], threads: int | None) -> list:
     """An extraction actor's state: its extractors, weights loaded once for all its shards."""
     import torch
 
     from . import extract as extract_mod
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or assigned_cpus())
     return [extract_mod.build_extractor(name, conf, kind) for kind, name, conf in specs]
 
 
 def _extract_shard(extractors: list, root: str, store_names: list[str], images: list[str], shard_dir: str,
-                   image_options: Any, threads: int) -> list:
+                   image_options: Any, threads: int | None) -> list:
     """One shard, on an extraction actor: the local extraction, into the shard's own stores."""
     from . import extract as extract_mod
 
     return extract_mod.extract_all(extractors, Dataset(Path(root)), store_names=store_names, images=images,
-                                   num_workers=threads, image_options=image_options, store_dir=Path(shard_dir))
+                                   num_workers=threads or assigned_cpus(), image_options=image_options,
+                                   store_dir=Path(shard_dir))

@@ -74,8 +74,10 @@ def _count_build(log: str) -> int:
     return os.getpid()
 
 
-def _where(pid: int, i: int) -> tuple[int, int, list]:
-    return pid, i, [str(g) for g in ray.get_gpu_ids()]
+def _where(pid: int, i: int) -> tuple[int, int, list, int]:
+    from cbir.distributed import assigned_cpus
+
+    return pid, i, [str(g) for g in ray.get_gpu_ids()], assigned_cpus()
 
 
 @pytest.mark.parametrize("on_gpu", [False, True])
@@ -91,10 +93,20 @@ def test_networks_are_loaded_once_per_actor(cluster, tmp_path, on_gpu):
     builds = log.read_text().split()
     assert len(builds) == (1 if on_gpu else 2) and {r[0] for r in results.values()} <= {int(b) for b in builds}
     assert all(r[2] == (["0"] if on_gpu else []) for r in results.values())
+    assert all(r[3] == 1 for r in results.values())  # one CPU a node: the CPUs per GPU, or the default
     deadline = time.monotonic() + 30  # ray.kill is asynchronous: the actors' CPUs come back
     while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert ray.available_resources().get("CPU") == 2
+
+
+def test_a_shard_no_node_can_hold_is_refused(cluster, tmp_path):
+    """A shard asking for more CPUs than any node has would wait for ever: refused at once."""
+    from cbir.distributed import run_shards
+    from cbir.errors import CbirError
+
+    with pytest.raises(CbirError, match="no node of the Ray cluster has 2 CPUs"):
+        list(run_shards(_where, {0: (0,)}, ["0"], RayConf(cpus=2), False, setup=(_count_build, (str(tmp_path / "b"),))))
 
 
 def _kill_first_shard_worker(stop: threading.Event, killed: list[bytes],
