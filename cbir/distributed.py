@@ -324,22 +324,24 @@ def match_on_ray(query: Dataset, map_: Dataset, pairs: list, local: str, *, name
 
 def retrieve_on_ray(query: Dataset, map_: Dataset, store_names: list[str], conf: Any, *, device: str = "auto",
                     ray_conf: RayConf = RayConf(shard_size=100_000), index: Any = None, stats: dict | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> list:
+                    queries: list[str] | None = None, progress: Callable[[int, int], None] | None = None) -> list:
     """What :func:`cbir.retrieval.retrieve` does, on a Ray cluster: the map cut into shards of
     ``shard_size`` images, each searched for every query by a task (its own top-k), the
     top-k of the shards' top-k's merged here: the exact top-k. With ``index`` (an
     :class:`~cbir.retrieval.index.IndexConf`) each shard is searched through its own faiss
     indexes, kept by :func:`build_index_on_ray` or built by the task for this call
-    (``stats["indexes_built"]`` counts those), its candidates rescored exactly."""
+    (``stats["indexes_built"]`` counts those), its candidates rescored exactly. ``queries``:
+    only these query images (a sample), in the query set's order."""
     import numpy as np
 
     from .retrieval.search import open_descriptor_sets, pairs_from_topk
 
     with open_descriptor_sets(query, map_, store_names) as (qset, mset):
+        qset = _only(qset, queries)
         n = len(mset.names)
         shards = _map_shards(n, ray_conf.shard_size)
-        arguments = {i: (str(query.root), str(map_.root), store_names, m0, m1, conf, device, ray_conf.cpus, index)
-                     for i, (m0, m1) in enumerate(shards)}
+        arguments = {i: (str(query.root), str(map_.root), store_names, m0, m1, conf, device, ray_conf.cpus, index,
+                         queries) for i, (m0, m1) in enumerate(shards)}
         found: dict[int, tuple[list, list]] = {}
         built = 0
         for i, (values, indices, built_now) in run_shards(_retrieve_shard, arguments, [mset.names[m0] for m0, _ in shards],
@@ -426,8 +428,21 @@ def _shard(mset: Any, m0: int, m1: int) -> Any:
     return DescriptorSet(mset.stores, mset.names[m0:m1], [r[m0:m1] for r in mset.rows])
 
 
+def _only(qset: Any, queries: list[str] | None) -> Any:
+    """The images ``queries`` of a descriptor set (all of them for None), in its order."""
+    if queries is None:
+        return qset
+    import numpy as np
+
+    from .retrieval import DescriptorSet
+
+    wanted = set(queries)
+    rows = np.array([i for i, n in enumerate(qset.names) if n in wanted], dtype=np.int64)
+    return DescriptorSet(qset.stores, [qset.names[i] for i in rows], [r[rows] for r in qset.rows])
+
+
 def _retrieve_shard(query_root: str, map_root: str, store_names: list[str], m0: int, m1: int, conf: Any, device: str,
-                    threads: int | None, index: Any = None) -> tuple[list, list, bool]:
+                    threads: int | None, index: Any = None, queries: list[str] | None = None) -> tuple[list, list, bool]:
     """One map shard, in a Ray worker: every query's top-k among map images ``m0:m1``
     (indices into the whole map; -1 where an indexed search has fewer candidates), and
     whether its indexes were built for this call."""
@@ -444,6 +459,7 @@ def _retrieve_shard(query_root: str, map_root: str, store_names: list[str], m0: 
     built = False
     map_dataset = Dataset(Path(map_root))
     with open_descriptor_sets(Dataset(Path(query_root)), map_dataset, store_names) as (qset, mset):
+        qset = _only(qset, queries)
         shard = _shard(mset, m0, m1)
         if index is None:
             blocks = list(search_topk(qset, shard, conf, dev, width=conf.topk))

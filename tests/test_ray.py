@@ -396,8 +396,15 @@ def test_indexes_kept_per_map_shard(cluster, densevlad_map, tmp_path, fusion):
     for size, built in (("3", False), ("4", True)):
         out = tmp_path / f"indexed{size}.txt"
         result = runner.invoke(main, ["retrieve", *common, "--index", "flat", "--candidates", "8", "--executor", "ray",
-                                      "--shard-size", size, "-o", str(out)])
+                                      "--shard-size", size, "-o", str(out), "--recall-sample", "4", "--json"])
         assert result.exit_code == 0, result.output
         assert ("for this call only" in result.stderr) == built
+        assert json.loads(result.stdout)["recall_vs_exact"] == 1.0
         assert [(p.query, p.map) for p in read_pairs(out)] == exact
+    # one of two inverted lists probed: some of each exact top 5 is never a candidate, and the recall says so
+    result = runner.invoke(main, ["retrieve", *common, "--index", "ivf", "--nlist", "2", "--nprobe", "1",
+                                  "--executor", "ray", "--shard-size", "8", "-o", str(tmp_path / "few.txt"),
+                                  "--recall-sample", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["recall_vs_exact"] < 1
     assert runner.invoke(main, ["check", str(root)]).exit_code == 0

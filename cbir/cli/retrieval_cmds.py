@@ -12,7 +12,9 @@ from ..io.index_file import index_path
 from ..io.pairs import write_pairs
 from ..models.base import resolve_device
 from ..retrieval import ALIASES, METHODS, FusionConf, RetrievalConf, pairs_record
-from ..retrieval.index import INDEX_KINDS, IndexConf, kept_or_built, recall_against_exact, retrieve_indexed
+from ..retrieval.index import (INDEX_KINDS, IndexConf, kept_or_built, recall_against_exact, recall_sample_rows,
+                               retrieve_indexed)
+from ..retrieval.index import recall as recall_of
 from ..retrieval.rerank import retrieve_with_expansion
 from ..retrieval.search import PRECISIONS, open_descriptor_sets
 from ._common import console_err, is_quiet, open_dataset, print_json, report_written
@@ -105,14 +107,20 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
                           lsh_bits=lsh_bits or 0)
             keep_hint = f"cbir index build {m.root} --global {','.join(names)} --index {index_kind}"
             if executor == "ray":
-                if qe or dba or recall_sample:
-                    raise CbirError("--executor ray runs without --qe, --dba or --recall-sample: drop those, or run "
-                                    "with --executor local")
+                if qe or dba:
+                    raise CbirError("--executor ray runs without --qe or --dba: drop those, or run with --executor "
+                                    "local")
                 distributed = ray_executor()
                 stats: dict = {}
+                ray_conf = distributed.RayConf(address=ray_address, shard_size=shard_size)
                 pairs = distributed.retrieve_on_ray(q, m, names, conf, device=device, progress=update, index=iconf,
-                                                    stats=stats, ray_conf=distributed.RayConf(address=ray_address,
-                                                                                              shard_size=shard_size))
+                                                    stats=stats, ray_conf=ray_conf)
+                if recall_sample and iconf is not None:  # the sample searched exactly, on the cluster too
+                    sample = [qset.names[i] for i in recall_sample_rows(len(qset.names), recall_sample, iconf.seed)]
+                    chosen = set(sample)
+                    recall = recall_of(distributed.retrieve_on_ray(q, m, names, conf, device=device, queries=sample,
+                                                                   ray_conf=ray_conf),
+                                       [p for p in pairs if p.query in chosen])
                 if stats.get("indexes_built") and not quiet:
                     console_err().print(f"built the {index_kind} indexes of {stats['indexes_built']} map shards for "
                                         f"this call only: `{keep_hint} --executor ray --shard-size {shard_size}` "

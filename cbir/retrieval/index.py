@@ -267,13 +267,24 @@ def recall_against_exact(query: DescriptorSet, database: DescriptorSet, rconf: R
                          sample: int = 100, device: torch.device = torch.device("cpu"),
                          indexes: list[faiss.Index] | None = None) -> float:
     """Mean share of the exact top-k that the indexed search also returns, over a sample of queries."""
-    rng = np.random.default_rng(iconf.seed)
-    rows = np.sort(rng.choice(len(query.names), min(sample, len(query.names)), replace=False))
+    rows = recall_sample_rows(len(query.names), sample, iconf.seed)
     sub = DescriptorSet(query.stores, [query.names[i] for i in rows], [r[rows] for r in query.rows], [],
                         [a[rows] for a in query.arrays] if query.arrays is not None else None)
-    exact, approx = {}, {}
-    for p in retrieve(sub, database, rconf, device=device):
-        exact.setdefault(p.query, set()).add(p.map)
-    for p in retrieve_indexed(sub, database, rconf, iconf, device, indexes):
-        approx.setdefault(p.query, set()).add(p.map)
-    return float(np.mean([len(exact[q] & approx.get(q, set())) / len(exact[q]) for q in exact])) if exact else 1.0
+    return recall(retrieve(sub, database, rconf, device=device),
+                  retrieve_indexed(sub, database, rconf, iconf, device, indexes))
+
+
+def recall_sample_rows(n: int, sample: int, seed: int) -> np.ndarray:
+    """The queries (rows, sorted) a recall is measured on: a seeded sample of ``sample`` of ``n``."""
+    return np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
+
+
+def recall(exact: list[Pair], approx: list[Pair]) -> float:
+    """Mean share of each query's exact pairs that ``approx`` also holds (1 without any)."""
+    wanted: dict[str, set[str]] = {}
+    found: dict[str, set[str]] = {}
+    for p in exact:
+        wanted.setdefault(p.query, set()).add(p.map)
+    for p in approx:
+        found.setdefault(p.query, set()).add(p.map)
+    return float(np.mean([len(wanted[q] & found.get(q, set())) / len(wanted[q]) for q in wanted])) if wanted else 1.0
