@@ -36,6 +36,15 @@ from .validate import check_integer
 ExtractorSpec = tuple[str, str, dict[str, Any]]
 
 
+def require_ray(what: str) -> None:
+    """Ray importable, else the one-line error that says how to install it (``what``: the
+    option that asked for it)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError as e:
+        raise CbirError(f"{what} needs Ray: pip install 'cbir[ray]' ({e})") from None
+
+
 @dataclass(frozen=True)
 class RayConf:
     """``address``: the cluster (None: ``$RAY_ADDRESS``, else a local instance);
@@ -81,7 +90,7 @@ def extract_on_ray(specs: list[ExtractorSpec], dataset: Dataset, *, store_names:
     attrs = [extract_mod.store_attributes(e, n, image_options) for e, n in zip(local, names)]
     present = [_present(final, a, overwrite) for final, a in zip(finals, attrs)]
     todo = [n for n in wanted if any(n not in p for p in present)]
-    shards = [todo[i:i + conf.shard_size] for i in range(0, len(todo), conf.shard_size)]
+    shards = _cut(todo, conf.shard_size)
     plan = dataset.root / "cbir" / "shards" / digest({"stores": [str(f) for f in finals], "config": attrs,
                                                       "images": todo})
     shard_dirs = [plan / f"{i:06d}" for i in range(len(shards))]
@@ -92,8 +101,7 @@ def extract_on_ray(specs: list[ExtractorSpec], dataset: Dataset, *, store_names:
     if progress:
         progress(total - len(todo), total)
     run = [i for i, outs in enumerate(outputs) if not all(o.exists() for o in outs)]
-    on_gpu = any(str(c.get("device", "cpu")) == "auto" or str(c.get("device", "")).startswith("cuda")
-                 for _, _, c in specs)
+    on_gpu = any(_wants_gpu(c.get("device", "cpu")) for _, _, c in specs)
     for i, shard_reports in run_shards(_extract_shard, {i: (str(dataset.root), names, shards[i], str(shard_dirs[i]),
                                                              image_options, conf.cpus) for i in run},
                                        [s[0] for s in shards], conf, on_gpu,
@@ -113,6 +121,11 @@ def extract_on_ray(specs: list[ExtractorSpec], dataset: Dataset, *, store_names:
 
 
 _NOTHING: frozenset = frozenset()
+
+
+def _wants_gpu(device: Any) -> bool:
+    """Whether work on ``device`` (``cpu``, ``cuda[:N]``, ``auto``) should get a GPU of the cluster."""
+    return str(device) == "auto" or str(device).startswith("cuda")
 
 
 def run_shards(task: Callable, arguments: dict[int, tuple], labels: list[str], conf: RayConf,
@@ -293,7 +306,7 @@ def match_on_ray(query: Dataset, map_: Dataset, pairs: list, local: str, *, name
         attrs = match_mod.store_attributes(name, local, qstore.config, matcher, verify)
     present = _present(final, attrs, overwrite)
     todo = [p for p in planned if p not in present]
-    shards = [todo[i:i + conf.shard_size] for i in range(0, len(todo), conf.shard_size)]
+    shards = _cut(todo, conf.shard_size)
     plan = query.root / "cbir" / "shards" / digest({"store": str(final), "config": attrs, "map": str(map_.root),
                                                     "pairs": todo})
     outputs = [plan / f"{i:06d}" / "matches" / f"{name}.h5" for i in range(len(shards))]
@@ -305,7 +318,7 @@ def match_on_ray(query: Dataset, map_: Dataset, pairs: list, local: str, *, name
     arguments = {i: (str(query.root), str(map_.root), shards[i], local, name, matcher, verify, device, str(outputs[i]),
                      conf.cpus) for i in run}
     for i, shard in run_shards(_match_shard, arguments, [f"{a} {b}" for a, b in (s[0] for s in shards)], conf,
-                               device == "auto" or device.startswith("cuda")):
+                               _wants_gpu(device)):
         for key in ("matched", "matches", "inliers", "verified_with_poses"):
             setattr(report, key, getattr(report, key) + getattr(shard, key))
         report.missing_features += shard.missing_features
@@ -345,7 +358,7 @@ def retrieve_on_ray(query: Dataset, map_: Dataset, store_names: list[str], conf:
         found: dict[int, tuple[list, list]] = {}
         built = 0
         for i, (values, indices, built_now) in run_shards(_retrieve_shard, arguments, [mset.names[m0] for m0, _ in shards],
-                                                          ray_conf, device == "auto" or device.startswith("cuda")):
+                                                          ray_conf, _wants_gpu(device)):
             found[i] = values, indices
             built += built_now
             if progress:
@@ -389,56 +402,34 @@ def build_index_on_ray(map_: Dataset, store_names: list[str], conf: Any, *, over
 
 
 def _map_shards(n: int, size: int) -> list[tuple[int, int]]:
+    """``(m0, m1)`` of each shard of ``size`` of ``n`` map images."""
     return [(m0, min(n, m0 + size)) for m0 in range(0, n, size)]
+
+
+def _cut(items: list, size: int) -> list[list]:
+    """``items`` in runs of ``size`` (the deterministic shards: a re-run cuts them the same)."""
+    return [items[m0:m1] for m0, m1 in _map_shards(len(items), size)]
 
 
 def _index_shard(map_root: str, store_names: list[str], m0: int, m1: int, conf: Any,
                  overwrite: bool) -> tuple[str, str]:
     """One map shard's indexes, in a Ray worker: built and written unless kept."""
-    import torch
-
-    from .io.index_file import index_path, read_index_record
-    from .io.provenance import differences
-    from .retrieval.index import build_indexes, index_record, save_indexes
+    from .io.index_file import index_path
+    from .retrieval.index import keep_indexes
     from .retrieval.search import open_descriptor_sets
 
     dataset = Dataset(Path(map_root))
     path = index_path(dataset, store_names, conf.kind, rows=(m0, m1))
     with open_descriptor_sets(dataset, dataset, store_names) as (_, mset):
-        shard = _shard(mset, m0, m1)
-        record = index_record(shard, conf)
-        status = "new"
-        if path.exists():
-            diffs = differences(read_index_record(path), record)
-            if not diffs:
-                return str(path), "kept"
-            if not overwrite:
-                raise CbirError(f"exists, built from other stores or options ({'; '.join(diffs)}): pass --overwrite "
-                                "to rebuild it", path)
-            status = "rebuilt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_indexes(path, build_indexes(shard, conf, torch.device("cpu")), record)
-    return str(path), status
-
-
-def _shard(mset: Any, m0: int, m1: int) -> Any:
-    """The map images ``m0:m1`` of a descriptor set."""
-    from .retrieval import DescriptorSet
-
-    return DescriptorSet(mset.stores, mset.names[m0:m1], [r[m0:m1] for r in mset.rows])
+        return str(path), keep_indexes(path, mset.subset(range(m0, m1)), conf, overwrite)
 
 
 def _only(qset: Any, queries: list[str] | None) -> Any:
     """The images ``queries`` of a descriptor set (all of them for None), in its order."""
     if queries is None:
         return qset
-    import numpy as np
-
-    from .retrieval import DescriptorSet
-
     wanted = set(queries)
-    rows = np.array([i for i, n in enumerate(qset.names) if n in wanted], dtype=np.int64)
-    return DescriptorSet(qset.stores, [qset.names[i] for i in rows], [r[rows] for r in qset.rows])
+    return qset.subset([i for i, n in enumerate(qset.names) if n in wanted])
 
 
 def _retrieve_shard(query_root: str, map_root: str, store_names: list[str], m0: int, m1: int, conf: Any, device: str,
@@ -460,7 +451,7 @@ def _retrieve_shard(query_root: str, map_root: str, store_names: list[str], m0: 
     map_dataset = Dataset(Path(map_root))
     with open_descriptor_sets(Dataset(Path(query_root)), map_dataset, store_names) as (qset, mset):
         qset = _only(qset, queries)
-        shard = _shard(mset, m0, m1)
+        shard = mset.subset(range(m0, m1))
         if index is None:
             blocks = list(search_topk(qset, shard, conf, dev, width=conf.topk))
         else:
@@ -484,7 +475,7 @@ def ray_estimator(conf: RayConf = RayConf(shard_size=100)) -> Callable[..., list
 
     def estimate(source: Any, queries: list[str], by_query: dict[str, list[str]],
                  progress: Callable[[int, int], None] | None) -> list:
-        shards = [queries[i:i + conf.shard_size] for i in range(0, len(queries), conf.shard_size)]
+        shards = _cut(queries, conf.shard_size)
         arguments = {i: (names, {q: by_query[q] for q in names if q in by_query}) for i, names in enumerate(shards)}
         results: dict[int, list] = {}
         for i, shard in run_shards(_localize_shard, arguments, [s[0] for s in shards], conf, False,

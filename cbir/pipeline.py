@@ -313,11 +313,9 @@ def _ray_confs(ex: dict[str, Any]) -> tuple[Any, Any, Any, Any] | None:
         check_integer(key, ex[key], 1)
     if ex["kind"] == "local":
         return None
-    try:
-        from .distributed import RayConf
-        import ray  # noqa: F401
-    except ImportError as e:
-        raise CbirError(f"executor ray needs Ray: pip install 'cbir[ray]' ({e})") from None
+    from .distributed import RayConf, require_ray
+
+    require_ray("executor ray")
     if not isinstance(ex["address"], str):
         raise CbirError(f"address must be a string, got {ex['address']!r}")
     address = ex["address"] or None

@@ -49,11 +49,9 @@ def executor_options(shard_size: int, unit: str) -> Callable:
 
 def ray_executor() -> Any:
     """cbir.distributed, or the error that says how to install Ray."""
-    try:
-        from .. import distributed
-        import ray  # noqa: F401
-    except ImportError as e:
-        raise CbirError(f"--executor ray needs Ray: pip install 'cbir[ray]' ({e})") from None
+    from .. import distributed
+
+    distributed.require_ray("--executor ray")
     return distributed
 
 

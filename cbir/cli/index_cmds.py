@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 import click
 
 from ..errors import CbirError
-from ..io.provenance import differences
-from ..io.store import open_store
-from ..retrieval import DescriptorSet
-from ..io.index_file import index_path, read_index_record
-from ..retrieval.index import INDEX_KINDS, IndexConf, build_indexes, index_record, save_indexes
+from ..io.index_file import index_path
+from ..retrieval.index import INDEX_KINDS, IndexConf, keep_indexes
+from ..retrieval.search import open_descriptor_sets
 from ._common import console_err, dataset_argument, is_quiet, open_dataset, print_json, report_written
 from .features_cmds import executor_options, progress_bar, ray_executor
 
@@ -43,8 +40,6 @@ def index_build(ctx: click.Context, map_: Path, global_: str, kind: str, nlist: 
                 shard_size: int, as_json: bool) -> None:
     """Train and fill the indexes of MAP's global stores (streaming them), and keep them in
     MAP/cbir/index/ with a record of the stores and options (written atomically)."""
-    import torch
-
     names = [n.strip() for n in global_.split(",") if n.strip()]
     m = open_dataset(map_)
     iconf = IndexConf(kind, nlist=nlist, pq_m=pq_m or 0, lsh_bits=lsh_bits or 0, train_size=train_size)
@@ -68,27 +63,12 @@ def index_build(ctx: click.Context, map_: Path, global_: str, kind: str, nlist: 
         report_written(written, is_quiet(ctx) or as_json)
         return
     path = index_path(m, names, kind)
-    with ExitStack() as stack:
-        stores = [stack.enter_context(open_store(m.store_path("global", n), "global-features")) for n in names]
-        mset = DescriptorSet.align(stores, m.sensors.image_names())
+    with open_descriptor_sets(m, m, names) as (_, mset):
         if not mset.names:
             raise CbirError("no map image has every descriptor", m.root)
-        record = index_record(mset, iconf)
-        status = "new"
-        if path.exists():
-            diffs = differences(read_index_record(path), record)
-            if not diffs:
-                status = "kept"
-            elif not overwrite:
-                raise CbirError(f"exists, built from other stores or options ({'; '.join(diffs)}): pass --overwrite "
-                                "to rebuild it", path)
-            else:
-                status = "rebuilt"
-        if status != "kept":
-            t = time.perf_counter()
-            indexes = build_indexes(mset, iconf, torch.device("cpu"))
-            save_indexes(path, indexes, record)
-            seconds = time.perf_counter() - t
+        t = time.perf_counter()
+        status = keep_indexes(path, mset, iconf, overwrite)
+        seconds = time.perf_counter() - t
     summary = {"index": str(path), "status": status, "images": len(mset.names), "stores": names, "kind": kind,
                "bytes": path.stat().st_size, "build_seconds": None if status == "kept" else round(seconds, 3)}
     if as_json:

@@ -18,7 +18,6 @@ memory for this call only when there is none.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -100,6 +99,26 @@ def load_indexes(path: Path, record: dict[str, Any], nprobe: int) -> list[faiss.
     return indexes
 
 
+def keep_indexes(path: Path, database: DescriptorSet, conf: IndexConf, overwrite: bool = False,
+                 device: torch.device = torch.device("cpu")) -> str:
+    """Build the indexes of ``database`` and write them to ``path`` (atomically), unless the
+    file there was built from the same stores and options: ``new``, ``kept`` or ``rebuilt``.
+    A file built from other stores or options is refused unless ``overwrite``."""
+    record = index_record(database, conf)
+    status = "new"
+    if path.exists():
+        diffs = differences(read_index_record(path), record)
+        if not diffs:
+            return "kept"
+        if not overwrite:
+            raise CbirError(f"exists, built from other stores or options ({'; '.join(diffs)}): pass --overwrite "
+                            "to rebuild it", path)
+        status = "rebuilt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_indexes(path, build_indexes(database, conf, device), record)
+    return status
+
+
 def kept_or_built(path: Path, database: DescriptorSet, conf: IndexConf,
                   device: torch.device = torch.device("cpu")) -> tuple[list[faiss.Index], bool]:
     """The indexes kept at ``path`` (refused unless built from ``database`` with ``conf``),
@@ -111,22 +130,15 @@ def kept_or_built(path: Path, database: DescriptorSet, conf: IndexConf,
 
 def _read_index(path: Path, offset: int, size: int) -> faiss.Index:
     """The index serialized at ``offset`` of ``path``. faiss asks for each inverted list
-    separately (16k small reads at 1M images): they are served from 16 MB pieces."""
+    separately (16k small reads at 1M images): a buffered file serves them from 16 MB reads."""
     import faiss
-    end, window, at = offset + size, b"", 0  # window: the file from ``at - len(window)`` to ``at``
-    start = offset  # next byte faiss reads
 
-    with open(path, "rb", buffering=0) as f:
+    with open(path, "rb", buffering=READ_PIECE) as f:
+        f.seek(offset)
+        end = offset + size
+
         def read(n: int) -> bytes:  # never past the index's own bytes
-            nonlocal window, at, start
-            if start + n > at:
-                keep = window[len(window) - (at - start):] if at > start else b""
-                piece = os.pread(f.fileno(), min(max(n - len(keep), READ_PIECE), end - max(at, start)), max(at, start))
-                window, at = keep + piece, max(at, start) + len(piece)
-            lo = len(window) - (at - start)
-            data = window[lo:lo + n]
-            start += len(data)
-            return data
+            return f.read(min(n, end - f.tell()))
 
         try:
             return faiss.read_index(faiss.PyCallbackIOReader(read, READ_PIECE))
@@ -267,9 +279,7 @@ def recall_against_exact(query: DescriptorSet, database: DescriptorSet, rconf: R
                          sample: int = 100, device: torch.device = torch.device("cpu"),
                          indexes: list[faiss.Index] | None = None) -> float:
     """Mean share of the exact top-k that the indexed search also returns, over a sample of queries."""
-    rows = recall_sample_rows(len(query.names), sample, iconf.seed)
-    sub = DescriptorSet(query.stores, [query.names[i] for i in rows], [r[rows] for r in query.rows], [],
-                        [a[rows] for a in query.arrays] if query.arrays is not None else None)
+    sub = query.subset(recall_sample_rows(len(query.names), sample, iconf.seed))
     return recall(retrieve(sub, database, rconf, device=device),
                   retrieve_indexed(sub, database, rconf, iconf, device, indexes))
 

@@ -163,6 +163,12 @@ class DescriptorSet:
     def with_arrays(self, arrays: list[np.ndarray]) -> "DescriptorSet":
         return DescriptorSet(self.stores, self.names, self.rows, self.dropped, arrays, self.foreign)
 
+    def subset(self, index: np.ndarray) -> "DescriptorSet":
+        """The images at ``index`` (a sample of queries, a shard of the map), in that order."""
+        index = np.asarray(index, dtype=np.int64)
+        return DescriptorSet(self.stores, [self.names[i] for i in index], [r[index] for r in self.rows], [],
+                             [a[index] for a in self.arrays] if self.arrays is not None else None)
+
     @property
     def dims(self) -> list[int]:
         return [s.dataset("descriptors").shape[1] for s in self.stores]
