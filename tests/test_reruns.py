@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from cbir.cli import main
 from cbir.errors import CbirError
 from cbir.io.pairs import Pair, parse_pairs, read_pairs, read_pairs_record, write_pairs
-from cbir.io.provenance import UNKNOWN, differences
+from cbir.io.provenance import UNKNOWN, differences, digest, digest_names
 from cbir.io.store import StoreWriter, open_store
 from cbir.matching import MatcherConf, VerifyConf
 from cbir.pipeline import DEFAULTS, load_config, plan
@@ -32,6 +32,19 @@ def test_differences_name_every_changed_leaf_and_skip_unknown_values():
     wanted = {"matcher": {"ratio": 0.9, "mutual": True}, "verify": {"max_error": 4.0, "seed": 0}, "digest": UNKNOWN}
     assert differences(found, wanted) == ["matcher.ratio: 0.8 -> 0.9", "verify.seed: (none) -> 0"]
     assert differences(found, found) == []
+
+
+def test_names_digest_tells_every_list_of_names_apart():
+    """An index records the digest of its images' names: equal lists agree, any change of a
+    name or of the order differs, and a name holding a newline (ambiguous when joined) is
+    digested as JSON, so ``["a", "b"]`` and ``["a\\nb"]`` differ."""
+    names = [f"map/{i:05d}.jpg" for i in range(3000)]
+    assert digest_names(names) == digest_names(list(names))
+    assert digest_names(names) != digest_names(names[:-1] + ["map/x.jpg"])
+    assert digest_names(names) != digest_names(names[::-1])
+    assert digest_names(["a", "b"]) != digest_names(["a\nb"])
+    assert digest_names(["a\nb"]) == digest(["a\nb"]) and digest_names([]) == digest([])
+    assert digest_names(["[\"a\"]"]) != digest(["a"])  # a name that spells a JSON list
 
 
 def _store(path: Path, values: dict[str, np.ndarray], config: dict) -> None:

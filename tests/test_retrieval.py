@@ -115,6 +115,27 @@ def test_streaming_blocks_do_not_change_the_result(stores):
         assert [(p.query, p.map) for p in small] == [(p.query, p.map) for p in whole]
 
 
+@pytest.mark.parametrize("thread", [True, False])
+def test_read_ahead_keeps_the_order_and_raises_the_readers_error(thread):
+    """``read_ahead`` yields every item with its read in order, on a thread or inline, and a
+    read that fails raises in the caller, after the items before it."""
+    from cbir.retrieval.search import read_ahead
+
+    assert list(read_ahead(lambda x: x * x, range(5), thread=thread)) == [(i, i * i) for i in range(5)]
+    assert list(read_ahead(lambda x: x, [], thread=thread)) == []
+
+    def fails_at_three(x: int) -> int:
+        if x == 3:
+            raise OSError("short read")
+        return x
+
+    got = []
+    with pytest.raises(OSError, match="short read"):
+        for item, _ in read_ahead(fails_at_three, range(5), thread=thread):
+            got.append(item)
+    assert got == [0, 1, 2]
+
+
 def test_topk_larger_than_the_map_is_clamped(stores):
     q, m = stores
     pairs = retrieve(load(q[:1]), load(m[:1]), RetrievalConf(topk=10_000))
@@ -193,6 +214,8 @@ def test_flat_and_full_probe_indexes_equal_exact_search(stores, fusion):
     for iconf in (IndexConf("flat", candidates=301), IndexConf("ivf", candidates=301, nlist=4, nprobe=4)):
         ours = retrieve_indexed(qset, mset, conf, iconf)
         assert [(p.query, p.map) for p in ours] == [(p.query, p.map) for p in exact], iconf.kind
+        # rescored from the stored rows divided by their norms: the exact scores to float32 rounding
+        np.testing.assert_allclose([p.score for p in ours], [p.score for p in exact], rtol=1e-6)
     assert recall_against_exact(qset, mset, conf, IndexConf("flat", candidates=301)) == 1.0
     # fewer candidates: a fused top-10 image may be in no descriptor's own top-10, and the recall says so
     r = recall_against_exact(qset, mset, conf, IndexConf("flat", candidates=10))

@@ -363,12 +363,21 @@ def test_names_with_separators_get_no_blob(tmp_path):
     assert encode_keys_blob([("a", "b"), ("c", "d")]).tobytes() == b"a\x00b\nc\x00d"
 
 
-@pytest.mark.parametrize("rows_per_thread", [2048, 7])
-def test_scattered_rows_are_read_in_the_order_asked(tmp_path, monkeypatch, rows_per_thread):
-    """``read_rows`` of scattered (repeated, unsorted) rows returns them in the order asked,
-    read by one thread or split over several."""
-    import cbir.io.store as store_mod
-    monkeypatch.setattr(store_mod, "GATHER_ROWS_PER_THREAD", rows_per_thread)
+def test_large_columns_start_on_a_page(tmp_path):
+    """Datasets of 1 MiB and more start on a 4 KiB page of the file, so that a row of 8 KiB
+    spans two pages, not three; small ones are packed (formats/SPEC.md, 5)."""
+    path = tmp_path / "g.h5"
+    with StoreWriter(path, "global-features", {"name": "g", "config": {}, "descriptor_dim": 2048,
+                                               "descriptor_dtype": "float32"}) as w:
+        for i in range(200):  # 1.6 MB of descriptors
+            w.add(f"{i:03d}.jpg", descriptors=np.full(2048, i + 1, np.float32))
+    with open_store(path) as s:
+        assert s._infos["descriptors"].offset % 4096 == 0
+        np.testing.assert_array_equal(s.read_rows("descriptors", np.array([150, 3]))[:, 0], [151, 4])
+
+
+def test_scattered_rows_are_read_in_the_order_asked(tmp_path):
+    """``read_rows`` of scattered (repeated, unsorted) rows returns them in the order asked."""
     rng = np.random.default_rng(0)
     desc = rng.standard_normal((300, 24)).astype(np.float32)
     path = tmp_path / "g.h5"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Sequence
 
 #: a value that only running the step determines (a vocabulary learned on the map, say):
 #: comparisons before a run skip it
@@ -25,6 +25,17 @@ def canonical_json(value: Any) -> str:
 def digest(value: Any) -> str:
     """A short content digest (SHA-256, 16 hex digits) of a JSON-able value."""
     return hashlib.sha256(canonical_json(value).encode()).hexdigest()[:16]
+
+
+def digest_names(names: Sequence[str]) -> str:
+    """:func:`digest` of a list of image names, without JSON: the SHA-256 of the names
+    joined by newlines after a ``names`` line (0.06 s for a million names instead of 0.1 s;
+    the JSON of a list starts with ``[``, so the two forms never meet). A list where a name
+    holds a newline would be ambiguous joined: it gets its JSON digest."""
+    text = "\n".join(names)
+    if text.count("\n") != len(names) - 1:
+        return digest(list(names))
+    return hashlib.sha256(("names\n" + text).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def differences(found: Any, wanted: Any, prefix: str = "") -> list[str]:

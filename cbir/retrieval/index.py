@@ -28,9 +28,9 @@ import torch
 from ..errors import CbirError, FormatError
 from ..io.index_file import index_extents, read_index_record, write_index_file
 from ..io.pairs import Pair
-from ..io.provenance import differences, digest
+from ..io.provenance import differences, digest_names
 from .fusion import fuse, nan_last
-from .search import DescriptorSet, RetrievalConf, pairs_from_topk, retrieve
+from .search import DescriptorSet, RetrievalConf, as_float32, pairs_from_topk, read_ahead, retrieve
 
 if TYPE_CHECKING:
     import faiss
@@ -40,6 +40,10 @@ INDEX_KINDS = ("flat", "ivf", "ivfpq", "lsh")
 #: of 16 centroids); smaller ones fewer-bit classic codes
 FAST_SCAN_MIN_IMAGES = 16 * 39
 READ_PIECE = 1 << 24  # bytes read at once when loading a kept index
+#: queries rescored together: each block multiplies its queries by the union of their
+#: candidates, so the wasted products grow with the block (1M map, 1,000 queries of 2048-D,
+#: 100 candidates: 0.115 s of products in blocks of 64, 0.074 s in blocks of 16)
+RESCORE_BLOCK = 16
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ def index_record(database: DescriptorSet, conf: IndexConf) -> dict[str, Any]:
                        "pq_layout": pq_layout(len(database.names)) if conf.kind == "ivfpq" else None},
             "stores": [s.attrs.get("name") for s in database.stores],
             "fingerprints": [s.fingerprint() for s in database.stores],
-            "images": len(database.names), "names": digest(database.names)}
+            "images": len(database.names), "names": digest_names(database.names)}
 
 
 def pq_layout(n: int) -> str:
@@ -188,7 +192,8 @@ def build_indexes(database: DescriptorSet, conf: IndexConf, device: torch.device
 
 def retrieve_indexed(query: DescriptorSet, database: DescriptorSet, rconf: RetrievalConf, iconf: IndexConf,
                      device: torch.device = torch.device("cpu"), indexes: list[faiss.Index] | None = None,
-                     progress: Callable[[int, int], None] | None = None, query_block: int = 64) -> list[Pair]:
+                     progress: Callable[[int, int], None] | None = None,
+                     query_block: int = RESCORE_BLOCK) -> list[Pair]:
     """Fused top-k over the union of each index's candidates, rescored exactly."""
     blocks = []
     for q0, q1, values, indices in indexed_topk(query, database, rconf, iconf, device, indexes,
@@ -205,8 +210,8 @@ def retrieve_indexed(query: DescriptorSet, database: DescriptorSet, rconf: Retri
 
 def indexed_topk(query: DescriptorSet, database: DescriptorSet, rconf: RetrievalConf, iconf: IndexConf,
                  device: torch.device = torch.device("cpu"), indexes: list[faiss.Index] | None = None,
-                 width: int | None = None,
-                 query_block: int = 64) -> Iterator[tuple[int, int, list[np.ndarray], list[np.ndarray]]]:
+                 width: int | None = None, query_block: int = RESCORE_BLOCK
+                 ) -> Iterator[tuple[int, int, list[np.ndarray], list[np.ndarray]]]:
     """:func:`~.search.search_topk` over the indexes' candidates: ``(q0, q1, values,
     indices)`` per block of queries, the candidates of every index rescored exactly; an
     index ``-1`` (value ``-inf``) where a query has fewer candidates than ``k``. ``k`` is
@@ -220,16 +225,27 @@ def indexed_topk(query: DescriptorSet, database: DescriptorSet, rconf: Retrieval
     map_index = {n: i for i, n in enumerate(database.names)} if rconf.excludes_names else {}
     round_robin = rconf.fusion.name == "round_robin"
     lists = len(indexes) if round_robin else 1
-    for q0, q1, qd, cands in _candidates(query, indexes, kc, iconf.search_block, query_block, device):
+
+    def candidate_rows(block: tuple[int, int, list[torch.Tensor], np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The block's candidates (its own map image and faiss's -1 dropped) and their stored
+        descriptors (the bound of the query: 100k scattered rows of 8 KB at 1M images)."""
+        q0, q1, _, cands = block
         self_idx = np.array([map_index.get(n, -1) for n in query.names[q0:q1]])
         cands[(cands == self_idx[:, None]) | (cands < 0)] = -1
-        unique = np.unique(cands[cands >= 0])
+        unique = _sorted_unique(cands[cands >= 0])
+        return unique, database.read_raw(unique) if len(unique) else []
+
+    blocks = _candidates(query, indexes, kc, iconf.search_block, query_block, device)
+    # read ahead while a GPU scores; on the CPU the reads and the products share the cores (on
+    # 2 cores a reading thread made the 1M-image query 0.09 s slower, 0.65 s against 0.56 s)
+    for (q0, q1, qd, cands), (unique, raw) in read_ahead(candidate_rows, blocks, thread=device.type != "cpu"):
         if len(unique) == 0:
             yield q0, q1, [np.full((q1 - q0, k), -np.inf, np.float32)] * lists, [np.full((q1 - q0, k), -1)] * lists
             continue
         pos = torch.from_numpy(np.searchsorted(unique, np.where(cands >= 0, cands, unique[0]))).to(device)
-        md = database.take(unique, device)
-        sims = [torch.gather(a @ b.t(), 1, pos) for a, b in zip(qd, md)]
+        # the products of the stored rows, divided by their norms: the rows are not rescaled
+        sims = [torch.gather(a @ as_float32(r).to(device).t(), 1, pos) / n.to(device)[pos]
+                for a, r, n in zip(qd, raw, database.norms(raw, unique))]
         invalid = torch.from_numpy(cands < 0).to(device)
         if round_robin:  # each index's own candidates, ranked by its own descriptor
             scored = [(s.masked_fill(invalid, -torch.inf)[:, j * kc:(j + 1) * kc], cands[:, j * kc:(j + 1) * kc])
@@ -263,6 +279,12 @@ def _candidates(query: DescriptorSet, indexes: list[faiss.Index], kc: int, searc
         for q0 in range(s0, s1, query_block):
             q1 = min(s1, q0 + query_block)
             yield q0, q1, [d[q0 - s0:q1 - s0] for d in descriptors], cands[q0 - s0:q1 - s0].copy()
+
+
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique`` of a small array, without its per-call cost (0.8 ms for 1,600 values)."""
+    s = np.sort(values)
+    return s[np.concatenate(([True], s[1:] != s[:-1]))] if len(s) else s
 
 
 def _first_occurrence(cands: np.ndarray) -> np.ndarray:
