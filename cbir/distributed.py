@@ -146,10 +146,7 @@ def run_shards(task: Callable, arguments: dict[int, tuple], labels: list[str], c
 
     if not arguments:
         return
-    if not ray.is_initialized():
-        ray.init(address=conf.address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                 log_to_driver=False)
-    _ray_notices_to_stderr()
+    _connect(conf)
     gpus = conf.num_gpus
     resources = ray.cluster_resources()
     if gpus is None:
@@ -193,6 +190,16 @@ def run_shards(task: Callable, arguments: dict[int, tuple], labels: list[str], c
     finally:
         for worker in actors:  # their CPUs and GPUs go back to the cluster for the next step
             ray.kill(worker)
+
+
+def _connect(conf: RayConf) -> None:
+    """Join the cluster at ``conf.address`` (default ``$RAY_ADDRESS``, else a local instance)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=conf.address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+                 log_to_driver=False)
+    _ray_notices_to_stderr()
 
 
 def _ray_notices_to_stderr() -> None:
@@ -337,24 +344,34 @@ def match_on_ray(query: Dataset, map_: Dataset, pairs: list, local: str, *, name
 
 def retrieve_on_ray(query: Dataset, map_: Dataset, store_names: list[str], conf: Any, *, device: str = "auto",
                     ray_conf: RayConf = RayConf(shard_size=100_000), index: Any = None, stats: dict | None = None,
-                    queries: list[str] | None = None, progress: Callable[[int, int], None] | None = None) -> list:
+                    queries: list[str] | None = None, progress: Callable[[int, int], None] | None = None,
+                    query_arrays: list | None = None, map_arrays: list | None = None) -> list:
     """What :func:`cbir.retrieval.retrieve` does, on a Ray cluster: the map cut into shards of
     ``shard_size`` images, each searched for every query by a task (its own top-k), the
     top-k of the shards' top-k's merged here: the exact top-k. With ``index`` (an
     :class:`~cbir.retrieval.index.IndexConf`) each shard is searched through its own faiss
     indexes, kept by :func:`build_index_on_ray` or built by the task for this call
     (``stats["indexes_built"]`` counts those), its candidates rescored exactly. ``queries``:
-    only these query images (a sample), in the query set's order."""
+    only these query images (a sample), in the query set's order. ``query_arrays`` and
+    ``map_arrays``: descriptors that replace the stored ones (expanded queries, an augmented
+    map: :func:`ray_search`), one array per store in the order of the aligned images; they
+    reach the shards through Ray's object store, each shard only its own map rows."""
     import numpy as np
+    import ray
 
     from .retrieval.search import open_descriptor_sets, pairs_from_topk
 
+    if queries is not None and query_arrays is not None:
+        raise ValueError("a query sample is searched with its stored descriptors")
     with open_descriptor_sets(query, map_, store_names) as (qset, mset):
         qset = _only(qset, queries)
         n = len(mset.names)
         shards = _map_shards(n, ray_conf.shard_size)
+        _connect(ray_conf)
+        query_ref = ray.put(query_arrays) if query_arrays is not None else None
         arguments = {i: (str(query.root), str(map_.root), store_names, m0, m1, conf, device, ray_conf.cpus, index,
-                         queries) for i, (m0, m1) in enumerate(shards)}
+                         queries, query_ref, ray.put([a[m0:m1] for a in map_arrays]) if map_arrays is not None else None)
+                     for i, (m0, m1) in enumerate(shards)}
         found: dict[int, tuple[list, list]] = {}
         built = 0
         for i, (values, indices, built_now) in run_shards(_retrieve_shard, arguments, [mset.names[m0] for m0, _ in shards],
@@ -433,10 +450,12 @@ def _only(qset: Any, queries: list[str] | None) -> Any:
 
 
 def _retrieve_shard(query_root: str, map_root: str, store_names: list[str], m0: int, m1: int, conf: Any, device: str,
-                    threads: int | None, index: Any = None, queries: list[str] | None = None) -> tuple[list, list, bool]:
+                    threads: int | None, index: Any = None, queries: list[str] | None = None,
+                    query_arrays: list | None = None, shard_arrays: list | None = None) -> tuple[list, list, bool]:
     """One map shard, in a Ray worker: every query's top-k among map images ``m0:m1``
     (indices into the whole map; -1 where an indexed search has fewer candidates), and
-    whether its indexes were built for this call."""
+    whether its indexes were built for this call. ``query_arrays`` / ``shard_arrays``
+    replace the stored descriptors of the queries / of this shard's map images."""
     import numpy as np
     import torch
 
@@ -452,6 +471,10 @@ def _retrieve_shard(query_root: str, map_root: str, store_names: list[str], m0: 
     with open_descriptor_sets(Dataset(Path(query_root)), map_dataset, store_names) as (qset, mset):
         qset = _only(qset, queries)
         shard = mset.subset(range(m0, m1))
+        if query_arrays is not None:
+            qset = qset.with_arrays(_aligned(query_arrays, len(qset.names)))
+        if shard_arrays is not None:
+            shard = shard.with_arrays(_aligned(shard_arrays, m1 - m0))
         if index is None:
             blocks = list(search_topk(qset, shard, conf, dev, width=conf.topk))
         else:
@@ -466,6 +489,28 @@ def _retrieve_shard(query_root: str, map_root: str, store_names: list[str], m0: 
     indices = [np.concatenate([b[3][j] for b in blocks]) for j in range(lists)]
     return ([np.concatenate([b[2][j] for b in blocks]) for j in range(lists)],
             [np.where(ix >= 0, ix + m0, -1) for ix in indices], built)
+
+
+def _aligned(arrays: list, n: int) -> list:
+    """Descriptors sent with a shard, checked against the images the worker aligned: a store
+    that changed between the driver's read and the worker's would shift every row."""
+    if any(len(a) != n for a in arrays):
+        raise CbirError(f"the stores changed during retrieval ({len(arrays[0])} descriptors sent for {n} images): "
+                        "run it again")
+    return arrays
+
+
+def ray_search(query: Dataset, map_: Dataset, store_names: list[str], *, device: str = "auto",
+               ray_conf: RayConf = RayConf(shard_size=100_000)) -> Callable[..., list]:
+    """A search for :func:`cbir.retrieval.rerank.retrieve_with_expansion` on the cluster:
+    each search is :func:`retrieve_on_ray`, with the expanded queries and the augmented map
+    (made on the driver from the first searches' pairs) sent to the shards."""
+    def search(qset: Any, dset: Any, conf: Any, progress: Callable[[int, int], None] | None = None) -> list:
+        # a map x map search (database augmentation) has the map's images for queries
+        return retrieve_on_ray(map_ if qset is dset else query, map_, store_names, conf, device=device,
+                               ray_conf=ray_conf, progress=progress, query_arrays=qset.arrays,
+                               map_arrays=dset.arrays)
+    return search
 
 
 def ray_estimator(conf: RayConf = RayConf(shard_size=100)) -> Callable[..., list]:

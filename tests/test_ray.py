@@ -315,6 +315,38 @@ def test_retrieval_over_map_shards_is_the_exact_topk(cluster, densevlad_map, tmp
     np.testing.assert_allclose([p.score for p in outs["ray"]], [p.score for p in outs["local"]], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("expansion", [["--qe", "2", "--qe-alpha", "3"], ["--dba", "2"], ["--dba", "2", "--qe", "3"]],
+                         ids=["qe", "dba", "dba+qe"])
+def test_query_expansion_and_augmentation_on_the_cluster(cluster, densevlad_map, tmp_path, expansion):
+    """`cbir retrieve --qe/--dba --executor ray`: every search on map shards, the expanded
+    queries and the augmented map sent to them: the pairs of a local run (map x map, self
+    excluded, so that after augmentation the queries are the augmented map too)."""
+    from click.testing import CliRunner
+
+    from cbir.cli import main
+    from cbir.io.pairs import read_pairs
+
+    outs = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / f"{executor}.txt"
+        args = ["retrieve", "--map", str(densevlad_map), "--global", "dv16,dv8", "--topk", "4", *expansion,
+                "-o", str(out), "--executor", executor, "--shard-size", "3"]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        outs[executor] = read_pairs(out)
+    plain = tmp_path / "plain.txt"
+    assert CliRunner().invoke(main, ["retrieve", "--map", str(densevlad_map), "--global", "dv16,dv8", "--topk", "4",
+                                     "-o", str(plain)]).exit_code == 0
+    assert len(outs["local"]) == 8 * 4
+    assert [p.score for p in outs["local"]] != [p.score for p in read_pairs(plain)]  # the expansion changed it
+    # the same ranking; images of equal score (augmented descriptors can be equal) in any order
+    assert [p.query for p in outs["ray"]] == [p.query for p in outs["local"]]
+    np.testing.assert_allclose([p.score for p in outs["ray"]], [p.score for p in outs["local"]], rtol=0, atol=1e-6)
+    local_score = {(p.query, p.map): p.score for p in outs["local"]}
+    for ours, theirs in zip(outs["ray"], outs["local"]):
+        assert ours.map == theirs.map or abs(local_score.get((ours.query, ours.map), ours.score) - theirs.score) < 1e-6
+
+
 def _synthetic_dataset(root: Path, n: int) -> Dataset:
     """``n`` small images (100 x 80): shifted, noisy crops of one texture, so that
     neighbours share keypoints."""

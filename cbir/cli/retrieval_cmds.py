@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
-from ..errors import CbirError
 from ..io.index_file import index_path
 from ..io.pairs import write_pairs
 from ..models.base import resolve_device
@@ -107,14 +106,17 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
                           lsh_bits=lsh_bits or 0)
             keep_hint = f"cbir index build {m.root} --global {','.join(names)} --index {index_kind}"
             if executor == "ray":
-                if qe or dba:
-                    raise CbirError("--executor ray runs without --qe or --dba: drop those, or run with --executor "
-                                    "local")
                 distributed = ray_executor()
                 stats: dict = {}
                 ray_conf = distributed.RayConf(address=ray_address, shard_size=shard_size)
-                pairs = distributed.retrieve_on_ray(q, m, names, conf, device=device, progress=update, index=iconf,
-                                                    stats=stats, ray_conf=ray_conf)
+                if qe or dba:  # every search on the cluster, the expansions here
+                    pairs = retrieve_with_expansion(qset, mset, conf, qe=qe, qe_alpha=qe_alpha, dba=dba,
+                                                    dba_alpha=dba_alpha, device=dev, progress=update,
+                                                    search=distributed.ray_search(q, m, names, device=device,
+                                                                                  ray_conf=ray_conf))
+                else:
+                    pairs = distributed.retrieve_on_ray(q, m, names, conf, device=device, progress=update,
+                                                        index=iconf, stats=stats, ray_conf=ray_conf)
                 if recall_sample and iconf is not None:  # the sample searched exactly, on the cluster too
                     sample = [qset.names[i] for i in recall_sample_rows(len(qset.names), recall_sample, iconf.seed)]
                     chosen = set(sample)

@@ -13,7 +13,7 @@ search (so its memory grows with the map).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -54,18 +54,25 @@ def expand(target: DescriptorSet, database: DescriptorSet, pairs: list[Pair], n:
     return target.with_arrays(out)
 
 
+#: a search: ``(query, database, conf, progress) -> pairs`` (local exact search, or on a cluster)
+Search = Callable[[DescriptorSet, DescriptorSet, RetrievalConf, Optional[Callable[[int, int], None]]], list[Pair]]
+
+
 def retrieve_with_expansion(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf, *,
                             qe: int = 0, qe_alpha: float = 0.0, dba: int = 0, dba_alpha: float = 0.0,
                             device: torch.device = torch.device("cpu"),
-                            progress: Callable[[int, int], None] | None = None) -> list[Pair]:
+                            progress: Callable[[int, int], None] | None = None,
+                            search: Search | None = None) -> list[Pair]:
     """Retrieval with optional database augmentation (``dba`` neighbours) and query
-    expansion (``qe`` neighbours)."""
+    expansion (``qe`` neighbours). Each search is ``search`` (default: exact search on
+    ``device``); the expansions are made here, from the stores."""
+    search = search or (lambda q, d, c, pr: retrieve(q, d, c, device=device, progress=pr))
     if dba:
-        first = retrieve(database, database, replace(conf, topk=dba, exclude_self=True), device=device)
+        first = search(database, database, replace(conf, topk=dba, exclude_self=True), None)
         database = expand(database, database, first, dba, dba_alpha, device)
         if conf.exclude_self:  # map x map: the queries are the map, augmented too
             query = database
     if qe:
-        first = retrieve(query, database, replace(conf, topk=max(qe, conf.topk)), device=device)
+        first = search(query, database, replace(conf, topk=max(qe, conf.topk)), None)
         query = expand(query, database, first, qe, qe_alpha, device)
-    return retrieve(query, database, conf, device=device, progress=progress)
+    return search(query, database, conf, progress)
