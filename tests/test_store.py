@@ -391,3 +391,87 @@ def test_scattered_rows_are_read_in_the_order_asked(tmp_path):
         np.testing.assert_array_equal(s.read_rows("descriptors", np.arange(40, 60)), desc[40:60])
         with pytest.raises(IndexError, match="beyond"):  # a caller's error, not the file's
             s.read_rows("descriptors", np.array([3, 300]))
+
+
+# ---------------------------------------------------------------- merging
+def test_crc32_combine_equals_the_crc_of_the_concatenation():
+    """``crc32_combine`` gives zlib's CRC-32 of ``a + b`` from the two parts' CRCs (any
+    lengths, empty ones included), which merging records without reading the parts."""
+    import zlib
+
+    from cbir.io.store import crc32_combine
+
+    rng = np.random.default_rng(0)
+    for la, lb in [(0, 0), (0, 5), (7, 0), (1, 1), (1000, 4096), (3, 70_001)]:
+        a, b = rng.bytes(la), rng.bytes(lb)
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), lb) == zlib.crc32(a + b), (la, lb)
+
+
+def _merge_parts(tmp_path: Path) -> tuple[Path, dict]:
+    from cbir.io.store import merge_stores
+
+    first, second = dict(_items(30)), dict(_items(20, seed=1))
+    second = {k.replace("dir/", "other/"): v for k, v in second.items()}
+    for path, items in (("a.h5", first), ("b.h5", second)):
+        with StoreWriter(tmp_path / path, "local-features", ATTRS) as w:
+            for name, cols in items.items():
+                w.add(name, **cols)
+    with open_store(tmp_path / "a.h5") as s:
+        schema = s.schema
+    out = tmp_path / "merged.h5"
+    merge_stores([tmp_path / "a.h5", tmp_path / "b.h5"], out, schema, ATTRS)
+    return out, {**first, **second}
+
+
+@pytest.mark.parametrize("kernel_copy", ["copy_file_range", "refused", "absent"])
+def test_merged_store_holds_every_part_and_checksums_that_verify(tmp_path, monkeypatch, kernel_copy):
+    """Merging copies each part's columns (by the kernel, or through the process where the
+    file system refuses or the OS lacks ``copy_file_range``): the merged store reads back
+    every item of every part, and its combined checksums verify."""
+    import errno
+
+    if kernel_copy == "refused":
+        def refuse(*args):
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    elif kernel_copy == "absent":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    out, items = _merge_parts(tmp_path)
+    with open_store(out) as s:
+        assert s.keys == list(items) and s.verify_checksums() == []
+        for name, cols in items.items():
+            for column, value in cols.items():
+                np.testing.assert_array_equal(s.get(name)[column], value)
+
+
+def test_a_part_whose_checksum_is_wrong_leaves_a_merged_store_that_says_so(tmp_path):
+    """A part's recorded CRC is combined, not recomputed: bytes changed in a part after it
+    was written are reported by the merged store's check, not blessed with a new checksum."""
+    import h5py
+
+    with StoreWriter(tmp_path / "b.h5", "local-features", ATTRS) as w:
+        for name, cols in _items(5, seed=1):
+            w.add(name.replace("dir/", "other/"), **cols)
+    with h5py.File(tmp_path / "b.h5", "r+") as f:
+        f["scores"][0] = f["scores"][0] + 1
+    from cbir.io.store import merge_stores
+
+    with StoreWriter(tmp_path / "a.h5", "local-features", ATTRS) as w:
+        for name, cols in _items(5):
+            w.add(name, **cols)
+    with open_store(tmp_path / "a.h5") as s:
+        schema = s.schema
+    merge_stores([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "m.h5", schema, ATTRS)
+    with open_store(tmp_path / "m.h5") as s:
+        assert s.verify_checksums() == ["'scores' changed since the store was written (checksum)"]
+
+
+def test_copy_blocks_are_bounded_in_bytes():
+    """Merging and verifying read at most 64 MB at a time, whatever the row size (a 2048-D
+    float32 row is 8 KB: a block of a million of them would be 8 GB)."""
+    from cbir.io.store import _COPY_BLOCK_BYTES, _row_blocks
+
+    for total, row_bytes in [(0, 8), (10, 8), (3_000_000, 8192), (5, 200 << 20)]:
+        spans = list(_row_blocks(total, row_bytes))
+        assert sum(s.stop - s.start for s in spans) == total
+        assert all(s.stop - s.start == 1 or (s.stop - s.start) * row_bytes <= _COPY_BLOCK_BYTES for s in spans)

@@ -17,6 +17,7 @@ interrupted one only the item in flight; a re-run resumes from the batches writt
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -446,7 +447,8 @@ class Store:
                                 "the checksums")
                 continue
             crc = 0
-            for span in _row_blocks(self._infos[name].shape[0]):
+            info = self._infos[name]
+            for span in _row_blocks(info.shape[0], info.nbytes // max(1, info.shape[0])):
                 crc = zlib.crc32(np.ascontiguousarray(self._read(name, span)).data, crc)
             if f"{crc:08x}" != columns[name]:
                 problems.append(f"'{name}' changed since the store was written (checksum)")
@@ -826,18 +828,27 @@ def _mismatch(found: dict[str, Any], wanted: dict[str, Any]) -> str:
 
 
 def merge_stores(parts: Sequence[Path], out: Path, schema: Schema, attrs: dict[str, Any]) -> None:
-    """Concatenate stores of one schema into a new contiguous file, streaming part by part,
-    and record the CRC-32 of every column and of the keys (``checksums``, verified by
+    """Concatenate stores of one schema into a new contiguous file, part by part, and record
+    the CRC-32 of every column and of the keys (``checksums``, verified by
     :meth:`Store.verify_checksums`). Parts without items add nothing (their column shapes
-    never block a merge)."""
+    never block a merge).
+
+    The columns are copied as raw bytes into datasets allocated at creation: by the kernel
+    (``copy_file_range``: nothing passes through this process, a reflink where the file
+    system has them) where the part records the column's CRC, which is then combined with
+    the others' (:func:`crc32_combine`); read here in blocks of :data:`_COPY_BLOCK_BYTES` and
+    checksummed where it records none (a writer's batch files). A part whose recorded CRC
+    is wrong thus leaves a merged store whose ``cbir check --deep`` says so, instead of a
+    new checksum over the corrupt bytes. Memory: the keys and offsets."""
     n_items, n_rows = 0, 0
     shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
-    validated: list[tuple[Path, list[Key], np.ndarray | None, list[str]]] = []  # part, keys, offsets, columns
+    validated: list[_Part] = []
     for part in parts:
         with Store(part, schema.kind) as s:  # validated once; the copy below reads numbers only
             if not len(s):
                 continue
-            validated.append((part, s.keys, s.offsets if schema.ragged else None, s.columns))
+            validated.append(_Part(part, s.keys, s.offsets if schema.ragged else None,
+                                   {name: s._infos[name] for name in s.columns}, _recorded_crcs(s)))
             n_items += len(s)
             if schema.ragged:
                 n_rows += int(s.offsets[-1])
@@ -852,57 +863,177 @@ def merge_stores(parts: Sequence[Path], out: Path, schema: Schema, attrs: dict[s
             dim = int(attrs.get("descriptor_dim") or 0) if name == "descriptors" else 0
             shapes[name] = (tuple(dim if c is None else c for c in col.shape),
                             np.dtype(col.dtype or attrs.get("descriptor_dtype") or "float32"))
-    crcs = {name: 0 for name in shapes}
+    for p in validated:
+        missing = set(shapes) - set(p.columns)
+        if missing:
+            raise CbirError(f"lacks columns {sorted(missing)} that other parts have: cannot merge", p.path)
+    all_keys = [k for p in validated for k in p.keys]
+    offsets = None
+    if schema.ragged:
+        offsets = np.zeros(n_items + 1, np.int64)
+        i0, r0 = 0, 0
+        for p in validated:
+            offsets[i0 + 1:i0 + len(p.keys) + 1] = p.offsets[1:] + r0
+            i0, r0 = i0 + len(p.keys), r0 + int(p.offsets[-1])
+    extents: dict[str, int | None] = {}  # where each column's data starts in the new file
     with _create_file(out) as f:
         _set_attrs(f, schema, attrs)
-        key_shape = (n_items, 2) if schema.key == "pairs" else (n_items,)
-        keys_ds = f.create_dataset(schema.key, shape=key_shape, dtype=STR_DTYPE)
-        offsets_ds = f.create_dataset("offsets", shape=(n_items + 1,), dtype=np.int64) if schema.ragged else None
-        out_ds = {}
+        f.create_dataset(schema.key, data=_encode_keys(all_keys, schema), dtype=STR_DTYPE)
+        if offsets is not None:
+            f.create_dataset("offsets", data=offsets)
+        _write_blob(f, all_keys)
+        allocate_now = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        allocate_now.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # its offset known before any write
+        allocate_now.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # every byte is copied below
         for name, (row_shape, dtype) in shapes.items():
             length = n_rows if name in schema.ragged else n_items
-            out_ds[name] = f.create_dataset(name, shape=(length,) + row_shape, dtype=dtype)
-        if offsets_ds is not None:
-            offsets_ds[0] = 0
-        i0, r0 = 0, 0
-        all_keys: list[Key] = []
-        for part, keys, offsets, columns in validated:
-            n = len(keys)
-            missing = set(shapes) - set(columns)
-            if missing:
-                raise CbirError(f"lacks columns {sorted(missing)} that other parts have: cannot merge", part)
-            keys_ds[i0:i0 + n] = _encode_keys(keys, schema)
-            all_keys += keys
-            rows = 0
-            if offsets_ds is not None and offsets is not None:
-                rows = int(offsets[-1])
-                offsets_ds[i0 + 1:i0 + n + 1] = offsets[1:] + r0
-            with h5py.File(part, "r") as src:
-                for name, ds in out_ds.items():
-                    total = rows if name in schema.ragged else n
-                    start = r0 if name in schema.ragged else i0
-                    for span in _row_blocks(total):
-                        block = src[name][span]
-                        ds[start + span.start:start + span.stop] = block
-                        crcs[name] = zlib.crc32(np.ascontiguousarray(block).data, crcs[name])
-            i0 += n
-            r0 += rows
-        _write_blob(f, all_keys)
-        if offsets_ds is not None:
-            crcs["offsets"] = zlib.crc32(offsets_ds[()].data)
+            ds = f.create_dataset(name, shape=(length,) + row_shape, dtype=dtype, dcpl=allocate_now)
+            extents[name] = ds.id.get_offset()
+    crcs = {name: 0 for name in shapes}
+    out_fd = os.open(out, os.O_WRONLY)
+    try:
+        written = dict.fromkeys(shapes, 0)
+        for p in validated:
+            with open(p.path, "rb") as src:
+                for name in shapes:
+                    info = p.columns[name]
+                    if not info.nbytes:
+                        continue
+                    target = extents[name]
+                    if target is None:
+                        raise CbirError(f"column {name!r} was not allocated: cannot merge", out)
+                    at = target + written[name]
+                    recorded = p.crcs.get(name)
+                    if info.offset is None:  # not contiguous (another writer): through HDF5
+                        crcs[name] = _copy_through_hdf5(p.path, name, out_fd, at, crcs[name])
+                    elif recorded is None:
+                        crcs[name] = _copy_bytes(src.fileno(), info.offset, out_fd, at, info.nbytes, crcs[name])
+                    else:
+                        _copy_bytes(src.fileno(), info.offset, out_fd, at, info.nbytes, None)
+                        crcs[name] = crc32_combine(crcs[name], recorded, info.nbytes)
+                    written[name] += info.nbytes
+    finally:
+        os.close(out_fd)
+    if offsets is not None:
+        crcs["offsets"] = zlib.crc32(offsets.data)
+    with h5py.File(out, "r+", libver=("earliest", "v110")) as f:
         f.attrs[CHECKSUMS] = json.dumps({"algorithm": "crc32", "keys": f"{zlib.crc32(_keys_bytes(all_keys)):08x}",
                                          "columns": {k: f"{v:08x}" for k, v in sorted(crcs.items())}},
                                         sort_keys=True)
 
 
-#: rows copied (and checksummed) at a time when merging or verifying
-_COPY_BLOCK_ROWS = 1 << 20
+@dataclass(frozen=True)
+class _Part:
+    """A validated store to merge: its keys, offsets, columns' layout and recorded CRCs."""
+
+    path: Path
+    keys: list[Key]
+    offsets: np.ndarray | None
+    columns: dict[str, DatasetInfo]
+    crcs: dict[str, int]
 
 
-def _row_blocks(total: int) -> Iterator[slice]:
-    """Consecutive row ranges of at most :data:`_COPY_BLOCK_ROWS` covering ``total`` rows."""
-    for start in range(0, total, _COPY_BLOCK_ROWS):
-        yield slice(start, min(total, start + _COPY_BLOCK_ROWS))
+def _recorded_crcs(store: Store) -> dict[str, int]:
+    """The CRC-32 a store records of its columns (none where it records none, or not readably)."""
+    try:
+        recorded = json.loads(store.attrs[CHECKSUMS])
+        if recorded.get("algorithm") != "crc32":
+            return {}
+        return {name: int(value, 16) for name, value in recorded["columns"].items() if name in store.columns}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return {}
+
+
+def _copy_bytes(src: int, src_offset: int, dst: int, dst_offset: int, n: int, crc: int | None) -> int | None:
+    """Copy ``n`` bytes between files at these offsets. With ``crc`` None by the kernel
+    (``copy_file_range``, else ``pread``/``pwrite``); otherwise through this process in
+    blocks, returning the CRC-32 continued over them."""
+    kernel_copy = getattr(os, "copy_file_range", None)
+    done = 0
+    if crc is None and kernel_copy is not None:
+        try:
+            while done < n:
+                k = kernel_copy(src, dst, n - done, src_offset + done, dst_offset + done)
+                if k == 0:
+                    raise OSError(f"short copy ({done} of {n} bytes)")
+                done += k
+            return None
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
+                raise
+            # a file system that cannot copy between these files: through this process
+    while done < n:
+        block = os.pread(src, min(_COPY_BLOCK_BYTES, n - done), src_offset + done)
+        if not block:
+            raise OSError(f"short read ({done} of {n} bytes)")
+        if crc is not None:
+            crc = zlib.crc32(block, crc)
+        _write_all(dst, memoryview(block), dst_offset + done)
+        done += len(block)
+    return crc
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        k = os.pwrite(fd, data, offset)
+        data, offset = data[k:], offset + k
+
+
+def _copy_through_hdf5(part: Path, name: str, dst: int, dst_offset: int, crc: int) -> int:
+    """A column that is not stored contiguously, read through HDF5 in bounded blocks."""
+    with h5py.File(part, "r") as f:
+        ds = f[name]
+        for span in _row_blocks(ds.shape[0], ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64))):
+            block = np.ascontiguousarray(ds[span])
+            crc = zlib.crc32(block.data, crc)
+            _write_all(dst, memoryview(block.reshape(-1).view(np.uint8)), dst_offset)
+            dst_offset += block.nbytes
+    return crc
+
+
+#: bytes copied (and checksummed) at a time when merging or verifying
+_COPY_BLOCK_BYTES = 64 << 20
+
+
+def _row_blocks(total: int, row_bytes: int) -> Iterator[slice]:
+    """Consecutive row ranges of at most :data:`_COPY_BLOCK_BYTES` (one row at least)
+    covering ``total`` rows."""
+    step = max(1, _COPY_BLOCK_BYTES // max(1, row_bytes))
+    for start in range(0, total, step):
+        yield slice(start, min(total, start + step))
+
+
+_POLY = 0xEDB88320  # CRC-32 (zlib), reflected
+
+
+def _multmodp(a: int, b: int) -> int:
+    """``a * b`` modulo the CRC-32 polynomial (reflected bit order)."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+
+
+_X2N = [1 << 30]  # x^(2^k) modulo the polynomial
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC-32 of ``a + b`` from ``crc1`` of ``a``, ``crc2`` of ``b`` and ``len(b)``
+    (zlib's ``crc32_combine``, which Python's zlib does not offer): ``crc1`` shifted by
+    ``len2`` zero bytes, that is multiplied by x^(8 len2), plus ``crc2``."""
+    p, n, k = 1 << 31, len2, 3
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return _multmodp(p, crc1) ^ crc2
 
 
 #: attribute holding the CRC-32 of the keys and of every column (format 1.2, optional)
