@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -29,7 +29,7 @@ from .errors import CbirError
 from .io.atomic import WriteLock, atomic_output
 from .io.dataset import Dataset, model_path
 from .io.provenance import digest
-from .io.store import SCHEMAS, merge_stores, open_store
+from .io.store import SCHEMAS, copy_part, finish_merge, open_store, plan_merge
 from .validate import check_integer
 
 #: (kind, registered name, configuration) of one extractor, as workers rebuild it
@@ -112,7 +112,7 @@ def extract_on_ray(specs: list[ExtractorSpec], dataset: Dataset, *, store_names:
             progress(len(shards[i]), total)
     for j, (final, a) in enumerate(zip(finals, attrs)):
         merge_into(final, [o[j] for o in outputs], f"{extract_mod.store_kind(local[j])}-features", a,
-                   keep=present[j] is not _NOTHING)
+                   keep=present[j] is not _NOTHING, conf=conf)
     for j, report in enumerate(reports):  # images of shards written by an earlier run count as extracted now
         report.extracted = _count(finals[j]) - report.already_present
     shutil.rmtree(plan, ignore_errors=True)
@@ -253,14 +253,26 @@ def _result(ray: Any, future: Any, i: int, labels: list[str], conf: RayConf) -> 
                         f"({type(e).__name__}); run the command again to resume") from None
 
 
-def merge_into(final: Path, shards: list[Path], kind: str, attrs: dict[str, Any], keep: bool) -> None:
-    """The final store: what it held (``keep``), then the shards in order, written atomically."""
+def merge_into(final: Path, shards: list[Path], kind: str, attrs: dict[str, Any], keep: bool,
+               conf: RayConf | None = None) -> None:
+    """The final store: what it held (``keep``), then the shards in order, written atomically.
+    With ``conf``, each part's bytes are copied into the final file by a Ray task of its own
+    (on a shared file system the copies add up the nodes' bandwidth instead of one
+    process's); the keys, offsets and checksums are written here."""
     written = [s for s in shards if s.exists()]
     if keep and final.exists() and not written:
         return  # nothing new: the store stays as it is
     parts = ([final] if keep and final.exists() else []) + written
     with WriteLock(final), atomic_output(final) as tmp:
-        merge_stores(parts, tmp, SCHEMAS[kind], attrs)
+        plan = plan_merge(parts, tmp, SCHEMAS[kind], attrs)
+        if conf is None or len(plan.jobs) < 2:
+            crcs = [copy_part(job) for job in plan.jobs]
+        else:
+            copies = dict(run_shards(copy_part, {i: (job,) for i, job in enumerate(plan.jobs)},
+                                     [job.part.name for job in plan.jobs], replace(conf, cpus=1, num_gpus=0),
+                                     on_gpu=False))
+            crcs = [copies[i] for i in range(len(plan.jobs))]
+        finish_merge(plan, crcs)
 
 
 def _present(final: Path, attrs: dict[str, Any], overwrite: bool) -> frozenset:
@@ -335,7 +347,7 @@ def match_on_ray(query: Dataset, map_: Dataset, pairs: list, local: str, *, name
         report.device = shard.device
         if progress:
             progress(len(shards[i]), len(planned))
-    merge_into(final, outputs, "matches", attrs, keep=present is not _NOTHING)
+    merge_into(final, outputs, "matches", attrs, keep=present is not _NOTHING, conf=conf)
     report.matched = _count(final) - report.already_present  # shards of an earlier run count as matched now
     shutil.rmtree(plan, ignore_errors=True)
     _remove_if_empty(plan.parent)

@@ -154,6 +154,45 @@ def test_a_worker_killed_in_its_shard_is_replaced(cluster, sceaux, tmp_path, loc
     assert_same_store(report.path, local_store)
 
 
+def test_parts_copied_by_tasks_make_the_merged_store_despite_a_kill(cluster, tmp_path):
+    """`merge_into` on the cluster: each part copied into the final file by a task of its own,
+    one of them killed mid-copy and run again (it writes the same bytes): the store a local
+    merge makes, byte for byte, with checksums that verify, a part that records none
+    included (its CRC computed by its task)."""
+    import h5py
+
+    from cbir.distributed import merge_into
+    from cbir.io.store import SCHEMAS, StoreWriter, merge_stores, open_store
+
+    attrs = {"name": "toy", "config": {"k": 1}, "descriptor_dim": 128}
+    rng = np.random.default_rng(0)
+    parts = []
+    for p in range(4):
+        path = tmp_path / f"part{p}.h5"
+        with StoreWriter(path, "local-features", attrs) as w:
+            for i in range(10):
+                k = 2000 + p * 10 + i
+                w.add(f"p{p}/{i:02d}.jpg", keypoints=rng.random((k, 2), dtype=np.float32),
+                      descriptors=rng.standard_normal((k, 128)).astype(np.float32),
+                      scores=rng.random(k, dtype=np.float32), image_sizes=np.array([640, 480]))
+        parts.append(path)
+    with h5py.File(parts[2], "r+") as f:
+        del f.attrs["checksums"]
+    merge_stores(parts, tmp_path / "local.h5", SCHEMAS["local-features"], attrs)
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_first_shard_worker, args=(stop, killed, (b"ray::copy_part",)))
+    killer.start()
+    try:
+        merge_into(tmp_path / "final.h5", parts, "local-features", attrs, keep=False, conf=RayConf())
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no copy task was seen running"
+    assert_same_store(tmp_path / "final.h5", tmp_path / "local.h5")
+    with open_store(tmp_path / "final.h5") as s, open_store(tmp_path / "local.h5") as t:
+        assert s.verify_checksums() == [] and s.attrs["checksums"] == t.attrs["checksums"]
+
+
 def test_a_store_of_another_configuration_is_refused(cluster, sceaux, tmp_path, local_store):
     from cbir.errors import CbirError
 

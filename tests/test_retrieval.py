@@ -161,6 +161,8 @@ def test_bad_descriptors_are_refused(tmp_path, stores):
         retrieve(load([nan]), load(m[:1]))
     with pytest.raises(CbirError, match="zero.h5: zero descriptor for image 'b.jpg'"):
         retrieve(load(q[:1]), load([zero]))
+    with pytest.raises(CbirError, match="zero.h5: zero descriptor for image 'b.jpg'"):  # indexed search too
+        retrieve_indexed(load(q[:1]), load([zero]), RetrievalConf(topk=1), IndexConf("flat", candidates=2))
     with pytest.raises(CbirError, match="dimension 16 differs from the map's 32"):
         retrieve(load(q[:1]), load(m[1:2]))
     empty = write_global(tmp_path / "empty.h5", [], np.zeros((0, 16), np.float32))

@@ -831,24 +831,48 @@ def merge_stores(parts: Sequence[Path], out: Path, schema: Schema, attrs: dict[s
     """Concatenate stores of one schema into a new contiguous file, part by part, and record
     the CRC-32 of every column and of the keys (``checksums``, verified by
     :meth:`Store.verify_checksums`). Parts without items add nothing (their column shapes
-    never block a merge).
+    never block a merge). In three steps, so that the copies may run elsewhere (a Ray
+    cluster copies every part on its own task): :func:`plan_merge`, :func:`copy_part` of
+    each part, :func:`finish_merge`."""
+    plan = plan_merge(parts, out, schema, attrs)
+    finish_merge(plan, [copy_part(job) for job in plan.jobs])
 
-    The columns are copied as raw bytes into datasets allocated at creation: by the kernel
-    (``copy_file_range``: nothing passes through this process, a reflink where the file
-    system has them) where the part records the column's CRC, which is then combined with
-    the others' (:func:`crc32_combine`); read here in blocks of :data:`_COPY_BLOCK_BYTES` and
-    checksummed where it records none (a writer's batch files). A part whose recorded CRC
-    is wrong thus leaves a merged store whose ``cbir check --deep`` says so, instead of a
-    new checksum over the corrupt bytes. Memory: the keys and offsets."""
+
+@dataclass(frozen=True)
+class CopyJob:
+    """One part's columns to copy into a merged file: ``(column, offset in the part or None
+    where it is not contiguous, offset in the merged file, bytes, the CRC the part records
+    or None)`` each."""
+
+    part: Path
+    out: Path
+    columns: tuple[tuple[str, int | None, int, int, int | None], ...]
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """A merged file created with its keys and offsets and its columns allocated, waiting
+    for every part's :class:`CopyJob`."""
+
+    out: Path
+    jobs: tuple[CopyJob, ...]
+    columns: tuple[str, ...]
+    keys_crc: int
+    offsets_crc: int | None
+
+
+def plan_merge(parts: Sequence[Path], out: Path, schema: Schema, attrs: dict[str, Any]) -> MergePlan:
+    """Validate the parts and create ``out``: attributes, keys, offsets and the columns,
+    allocated (contiguous, not filled) so that each part's bytes have a known place."""
     n_items, n_rows = 0, 0
     shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
-    validated: list[_Part] = []
+    validated: list[tuple[Path, list[Key], np.ndarray | None, dict[str, DatasetInfo], dict[str, int]]] = []
     for part in parts:
-        with Store(part, schema.kind) as s:  # validated once; the copy below reads numbers only
+        with Store(part, schema.kind) as s:  # validated once; the copies read numbers only
             if not len(s):
                 continue
-            validated.append(_Part(part, s.keys, s.offsets if schema.ragged else None,
-                                   {name: s._infos[name] for name in s.columns}, _recorded_crcs(s)))
+            validated.append((part, s.keys, s.offsets if schema.ragged else None,
+                              {name: s._infos[name] for name in s.columns}, _recorded_crcs(s)))
             n_items += len(s)
             if schema.ragged:
                 n_rows += int(s.offsets[-1])
@@ -863,19 +887,19 @@ def merge_stores(parts: Sequence[Path], out: Path, schema: Schema, attrs: dict[s
             dim = int(attrs.get("descriptor_dim") or 0) if name == "descriptors" else 0
             shapes[name] = (tuple(dim if c is None else c for c in col.shape),
                             np.dtype(col.dtype or attrs.get("descriptor_dtype") or "float32"))
-    for p in validated:
-        missing = set(shapes) - set(p.columns)
+    for part, _, _, infos, _ in validated:
+        missing = set(shapes) - set(infos)
         if missing:
-            raise CbirError(f"lacks columns {sorted(missing)} that other parts have: cannot merge", p.path)
-    all_keys = [k for p in validated for k in p.keys]
+            raise CbirError(f"lacks columns {sorted(missing)} that other parts have: cannot merge", part)
+    all_keys = [k for _, keys, _, _, _ in validated for k in keys]
     offsets = None
     if schema.ragged:
         offsets = np.zeros(n_items + 1, np.int64)
         i0, r0 = 0, 0
-        for p in validated:
-            offsets[i0 + 1:i0 + len(p.keys) + 1] = p.offsets[1:] + r0
-            i0, r0 = i0 + len(p.keys), r0 + int(p.offsets[-1])
-    extents: dict[str, int | None] = {}  # where each column's data starts in the new file
+        for _, keys, part_offsets, _, _ in validated:
+            offsets[i0 + 1:i0 + len(keys) + 1] = part_offsets[1:] + r0
+            i0, r0 = i0 + len(keys), r0 + int(part_offsets[-1])
+    extents: dict[str, int | None] = {}  # where each column's data starts in the merged file
     with _create_file(out) as f:
         _set_attrs(f, schema, attrs)
         f.create_dataset(schema.key, data=_encode_keys(all_keys, schema), dtype=STR_DTYPE)
@@ -884,53 +908,65 @@ def merge_stores(parts: Sequence[Path], out: Path, schema: Schema, attrs: dict[s
         _write_blob(f, all_keys)
         allocate_now = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         allocate_now.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # its offset known before any write
-        allocate_now.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # every byte is copied below
+        allocate_now.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # every byte is copied
         for name, (row_shape, dtype) in shapes.items():
             length = n_rows if name in schema.ragged else n_items
             ds = f.create_dataset(name, shape=(length,) + row_shape, dtype=dtype, dcpl=allocate_now)
             extents[name] = ds.id.get_offset()
-    crcs = {name: 0 for name in shapes}
-    out_fd = os.open(out, os.O_WRONLY)
+    written = dict.fromkeys(shapes, 0)
+    jobs = []
+    for part, _, _, infos, crcs in validated:
+        columns = []
+        for name in shapes:
+            info = infos[name]
+            if not info.nbytes:
+                continue
+            if extents[name] is None:
+                raise CbirError(f"column {name!r} was not allocated: cannot merge", out)
+            columns.append((name, info.offset, extents[name] + written[name], info.nbytes, crcs.get(name)))
+            written[name] += info.nbytes
+        jobs.append(CopyJob(part, out, tuple(columns)))
+    return MergePlan(out, tuple(jobs), tuple(shapes), zlib.crc32(_keys_bytes(all_keys)),
+                     zlib.crc32(offsets.data) if offsets is not None else None)
+
+
+def copy_part(job: CopyJob) -> dict[str, int]:
+    """Copy one part's columns into the merged file: by the kernel (``copy_file_range``:
+    nothing passes through this process, a reflink where the file system has them) where
+    the part records the column's CRC, else read here in blocks of :data:`_COPY_BLOCK_BYTES`
+    and checksummed; returns each column's CRC-32. Copying again writes the same bytes."""
+    crcs = {}
+    fd = os.open(job.out, os.O_WRONLY)
     try:
-        written = dict.fromkeys(shapes, 0)
-        for p in validated:
-            with open(p.path, "rb") as src:
-                for name in shapes:
-                    info = p.columns[name]
-                    if not info.nbytes:
-                        continue
-                    target = extents[name]
-                    if target is None:
-                        raise CbirError(f"column {name!r} was not allocated: cannot merge", out)
-                    at = target + written[name]
-                    recorded = p.crcs.get(name)
-                    if info.offset is None:  # not contiguous (another writer): through HDF5
-                        crcs[name] = _copy_through_hdf5(p.path, name, out_fd, at, crcs[name])
-                    elif recorded is None:
-                        crcs[name] = _copy_bytes(src.fileno(), info.offset, out_fd, at, info.nbytes, crcs[name])
-                    else:
-                        _copy_bytes(src.fileno(), info.offset, out_fd, at, info.nbytes, None)
-                        crcs[name] = crc32_combine(crcs[name], recorded, info.nbytes)
-                    written[name] += info.nbytes
+        with open(job.part, "rb") as src:
+            for name, src_offset, dst_offset, nbytes, recorded in job.columns:
+                if src_offset is None:  # not contiguous (another writer): through HDF5
+                    crcs[name] = _copy_through_hdf5(job.part, name, fd, dst_offset)
+                elif recorded is None:
+                    crcs[name] = _copy_bytes(src.fileno(), src_offset, fd, dst_offset, nbytes, 0)
+                else:
+                    _copy_bytes(src.fileno(), src_offset, fd, dst_offset, nbytes, None)
+                    crcs[name] = recorded
     finally:
-        os.close(out_fd)
-    if offsets is not None:
-        crcs["offsets"] = zlib.crc32(offsets.data)
-    with h5py.File(out, "r+", libver=("earliest", "v110")) as f:
-        f.attrs[CHECKSUMS] = json.dumps({"algorithm": "crc32", "keys": f"{zlib.crc32(_keys_bytes(all_keys)):08x}",
-                                         "columns": {k: f"{v:08x}" for k, v in sorted(crcs.items())}},
+        os.close(fd)
+    return crcs
+
+
+def finish_merge(plan: MergePlan, crcs: Sequence[dict[str, int]]) -> None:
+    """Record the merged file's checksums, each column's combined from its parts' CRCs in
+    order (:func:`crc32_combine`: the bytes are not read again). A part whose recorded CRC
+    is wrong thus leaves a merged store whose ``cbir check --deep`` says so, instead of a new
+    checksum over the corrupt bytes."""
+    combined = dict.fromkeys(plan.columns, 0)
+    for job, part_crcs in zip(plan.jobs, crcs, strict=True):
+        for name, _, _, nbytes, _ in job.columns:
+            combined[name] = crc32_combine(combined[name], part_crcs[name], nbytes)
+    if plan.offsets_crc is not None:
+        combined["offsets"] = plan.offsets_crc
+    with h5py.File(plan.out, "r+", libver=("earliest", "v110")) as f:
+        f.attrs[CHECKSUMS] = json.dumps({"algorithm": "crc32", "keys": f"{plan.keys_crc:08x}",
+                                         "columns": {k: f"{v:08x}" for k, v in sorted(combined.items())}},
                                         sort_keys=True)
-
-
-@dataclass(frozen=True)
-class _Part:
-    """A validated store to merge: its keys, offsets, columns' layout and recorded CRCs."""
-
-    path: Path
-    keys: list[Key]
-    offsets: np.ndarray | None
-    columns: dict[str, DatasetInfo]
-    crcs: dict[str, int]
 
 
 def _recorded_crcs(store: Store) -> dict[str, int]:
@@ -947,7 +983,7 @@ def _recorded_crcs(store: Store) -> dict[str, int]:
 def _copy_bytes(src: int, src_offset: int, dst: int, dst_offset: int, n: int, crc: int | None) -> int | None:
     """Copy ``n`` bytes between files at these offsets. With ``crc`` None by the kernel
     (``copy_file_range``, else ``pread``/``pwrite``); otherwise through this process in
-    blocks, returning the CRC-32 continued over them."""
+    blocks, returning ``crc`` continued over them."""
     kernel_copy = getattr(os, "copy_file_range", None)
     done = 0
     if crc is None and kernel_copy is not None:
@@ -959,7 +995,7 @@ def _copy_bytes(src: int, src_offset: int, dst: int, dst_offset: int, n: int, cr
                 done += k
             return None
         except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
             # a file system that cannot copy between these files: through this process
     while done < n:
@@ -979,8 +1015,9 @@ def _write_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[k:], offset + k
 
 
-def _copy_through_hdf5(part: Path, name: str, dst: int, dst_offset: int, crc: int) -> int:
-    """A column that is not stored contiguously, read through HDF5 in bounded blocks."""
+def _copy_through_hdf5(part: Path, name: str, dst: int, dst_offset: int) -> int:
+    """A column that is not stored contiguously, read through HDF5 in bounded blocks; its CRC."""
+    crc = 0
     with h5py.File(part, "r") as f:
         ds = f[name]
         for span in _row_blocks(ds.shape[0], ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64))):
