@@ -577,15 +577,21 @@ def open_store(path: str | os.PathLike, kind: str | None = None) -> Store:
 
 def _write_arrays(path: Path, schema: Schema, attrs: dict[str, Any], keys: list[Key],
                   arrays: dict[str, np.ndarray], offsets: np.ndarray | None) -> None:
-    """Write one complete store file (used for batch files)."""
+    """Write one complete store file (used for batch files), with its checksums: merging it
+    then copies its columns without reading them (:func:`copy_part`)."""
+    arrays = {name: np.ascontiguousarray(arr) for name, arr in arrays.items()}
+    crcs = {name: zlib.crc32(arr.data) for name, arr in arrays.items()}
     with _create_file(path) as f:
         _set_attrs(f, schema, attrs)
         f.create_dataset(schema.key, data=_encode_keys(keys, schema), dtype=STR_DTYPE)
         _write_blob(f, keys)
         if offsets is not None:
-            f.create_dataset("offsets", data=offsets.astype(np.int64))
+            offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+            f.create_dataset("offsets", data=offsets)
+            crcs["offsets"] = zlib.crc32(offsets.data)
         for name, arr in arrays.items():
             f.create_dataset(name, data=arr)
+        f.attrs[CHECKSUMS] = _checksums_json(zlib.crc32(_keys_bytes(keys)), crcs)
 
 
 def _create_file(path: Path) -> h5py.File:
@@ -964,9 +970,13 @@ def finish_merge(plan: MergePlan, crcs: Sequence[dict[str, int]]) -> None:
     if plan.offsets_crc is not None:
         combined["offsets"] = plan.offsets_crc
     with h5py.File(plan.out, "r+", libver=("earliest", "v110")) as f:
-        f.attrs[CHECKSUMS] = json.dumps({"algorithm": "crc32", "keys": f"{plan.keys_crc:08x}",
-                                         "columns": {k: f"{v:08x}" for k, v in sorted(combined.items())}},
-                                        sort_keys=True)
+        f.attrs[CHECKSUMS] = _checksums_json(plan.keys_crc, combined)
+
+
+def _checksums_json(keys_crc: int, columns: dict[str, int]) -> str:
+    """The ``checksums`` attribute (formats/SPEC.md 5)."""
+    return json.dumps({"algorithm": "crc32", "keys": f"{keys_crc:08x}",
+                       "columns": {k: f"{v:08x}" for k, v in sorted(columns.items())}}, sort_keys=True)
 
 
 def _recorded_crcs(store: Store) -> dict[str, int]:
@@ -998,14 +1008,15 @@ def _copy_bytes(src: int, src_offset: int, dst: int, dst_offset: int, n: int, cr
             if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
             # a file system that cannot copy between these files: through this process
+    buffer = memoryview(bytearray(min(_COPY_BLOCK_BYTES, n)))  # one block, reused
     while done < n:
-        block = os.pread(src, min(_COPY_BLOCK_BYTES, n - done), src_offset + done)
-        if not block:
+        got = os.preadv(src, [buffer[:min(len(buffer), n - done)]], src_offset + done)
+        if not got:
             raise OSError(f"short read ({done} of {n} bytes)")
         if crc is not None:
-            crc = zlib.crc32(block, crc)
-        _write_all(dst, memoryview(block), dst_offset + done)
-        done += len(block)
+            crc = zlib.crc32(buffer[:got], crc)
+        _write_all(dst, buffer[:got], dst_offset + done)
+        done += got
     return crc
 
 
