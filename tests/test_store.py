@@ -444,6 +444,23 @@ def test_merged_store_holds_every_part_and_checksums_that_verify(tmp_path, monke
                 np.testing.assert_array_equal(s.get(name)[column], value)
 
 
+def test_batch_files_record_checksums_that_verify(tmp_path):
+    """A writer's batch files record their CRCs when written (so that its close copies them
+    without reading them): they verify, and the store they merge into verifies."""
+    w = StoreWriter(tmp_path / "s.h5", "local-features", ATTRS, batch_size=7)
+    for name, cols in _items(20):
+        w.add(name, **cols)
+    w.flush()
+    batches = sorted((tmp_path / "s.h5.batches").glob("batch-*.h5"))
+    assert len(batches) == 3
+    for batch in batches:
+        with open_store(batch) as s:
+            assert s.verify_checksums() == []
+    w.close()
+    with open_store(tmp_path / "s.h5") as s:
+        assert len(s) == 20 and s.verify_checksums() == []
+
+
 def test_a_part_whose_checksum_is_wrong_leaves_a_merged_store_that_says_so(tmp_path):
     """A part's recorded CRC is combined, not recomputed: bytes changed in a part after it
     was written are reported by the merged store's check, not blessed with a new checksum."""
