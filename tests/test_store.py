@@ -408,6 +408,12 @@ def test_crc32_combine_equals_the_crc_of_the_concatenation():
 
 
 def _merge_parts(tmp_path: Path) -> tuple[Path, dict]:
+    out = tmp_path / "merged.h5"
+    return out, _merge_parts_into(tmp_path, out)
+
+
+def _merge_parts_into(tmp_path: Path, out: Path) -> dict:
+    """Two stores written, then merged into ``out``: the items of both, in order."""
     from cbir.io.store import merge_stores
 
     first, second = dict(_items(30)), dict(_items(20, seed=1))
@@ -418,9 +424,8 @@ def _merge_parts(tmp_path: Path) -> tuple[Path, dict]:
                 w.add(name, **cols)
     with open_store(tmp_path / "a.h5") as s:
         schema = s.schema
-    out = tmp_path / "merged.h5"
     merge_stores([tmp_path / "a.h5", tmp_path / "b.h5"], out, schema, ATTRS)
-    return out, {**first, **second}
+    return {**first, **second}
 
 
 @pytest.mark.parametrize("kernel_copy", ["copy_file_range", "refused", "absent"])
@@ -481,6 +486,28 @@ def test_a_part_whose_checksum_is_wrong_leaves_a_merged_store_that_says_so(tmp_p
     merge_stores([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "m.h5", schema, ATTRS)
     with open_store(tmp_path / "m.h5") as s:
         assert s.verify_checksums() == ["'scores' changed since the store was written (checksum)"]
+
+
+def test_a_copy_that_fails_names_the_part_in_one_line(tmp_path, monkeypatch):
+    """An I/O error while copying a part (not a full disk, which says so) is one line naming
+    the part and the column, and leaves no merged file."""
+    import errno
+
+    from cbir.io.atomic import atomic_output
+
+    def fail(*args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    from cbir.io.store import merge_stores
+
+    _write(tmp_path / "a.h5", 10)
+    with open_store(tmp_path / "a.h5") as s:
+        schema = s.schema
+    monkeypatch.setattr(os, "copy_file_range", fail, raising=False)
+    with pytest.raises(CbirError, match=r"a\.h5: cannot copy column '\w+' into merged\.h5\.partial \(.*Input/output"):
+        with atomic_output(tmp_path / "merged.h5") as tmp:
+            merge_stores([tmp_path / "a.h5"], tmp, schema, ATTRS)
+    assert not list(tmp_path.glob("merged*"))
 
 
 def test_copy_blocks_are_bounded_in_bytes():

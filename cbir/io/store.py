@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -33,7 +33,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import CbirError, FormatError, VersionError
-from .atomic import WriteLock, atomic_output, atomic_write_text
+from .atomic import WriteLock, atomic_output, atomic_write_text, is_no_space
 from .hdf5 import DatasetInfo, Metadata, read_metadata
 from .paths import check_relative_name
 from .provenance import differences, digest
@@ -877,8 +877,10 @@ def plan_merge(parts: Sequence[Path], out: Path, schema: Schema, attrs: dict[str
         with Store(part, schema.kind) as s:  # validated once; the copies read numbers only
             if not len(s):
                 continue
-            validated.append((part, s.keys, s.offsets if schema.ragged else None,
-                              {name: s._infos[name] for name in s.columns}, _recorded_crcs(s)))
+            # a column HDF5 stores otherwise than contiguously in the file is copied through it
+            infos = {name: s._infos[name] if name in s._views else replace(s._infos[name], offset=None)
+                     for name in s.columns}
+            validated.append((part, s.keys, s.offsets if schema.ragged else None, infos, _recorded_crcs(s)))
             n_items += len(s)
             if schema.ragged:
                 n_rows += int(s.offsets[-1])
@@ -946,13 +948,18 @@ def copy_part(job: CopyJob) -> dict[str, int]:
     try:
         with open(job.part, "rb") as src:
             for name, src_offset, dst_offset, nbytes, recorded in job.columns:
-                if src_offset is None:  # not contiguous (another writer): through HDF5
-                    crcs[name] = _copy_through_hdf5(job.part, name, fd, dst_offset)
-                elif recorded is None:
-                    crcs[name] = _copy_bytes(src.fileno(), src_offset, fd, dst_offset, nbytes, 0)
-                else:
-                    _copy_bytes(src.fileno(), src_offset, fd, dst_offset, nbytes, None)
-                    crcs[name] = recorded
+                try:
+                    if src_offset is None:  # not contiguous (another writer): through HDF5
+                        crcs[name] = _copy_through_hdf5(job.part, name, fd, dst_offset)
+                    elif recorded is None:
+                        crcs[name] = _copy_bytes(src.fileno(), src_offset, fd, dst_offset, nbytes, 0)
+                    else:
+                        _copy_bytes(src.fileno(), src_offset, fd, dst_offset, nbytes, None)
+                        crcs[name] = recorded
+                except OSError as e:
+                    if is_no_space(e):
+                        raise  # said as such by the atomic output
+                    raise CbirError(f"cannot copy column {name!r} into {job.out.name} ({e})", job.part) from None
     finally:
         os.close(fd)
     return crcs
