@@ -68,8 +68,11 @@ class RayConf:
 
 def extract_on_ray(specs: list[ExtractorSpec], dataset: Dataset, *, store_names: list[str | None],
                    images: list[str] | None = None, overwrite: bool = False, image_options: Any = None,
-                   conf: RayConf = RayConf(), progress: Callable[[int, int], None] | None = None) -> list:
-    """What :func:`cbir.extract.extract_all` does, on a Ray cluster; one report a store."""
+                   conf: RayConf = RayConf(), progress: Callable[[int, int], None] | None = None,
+                   merging: Callable[[int, int], None] | None = None) -> list:
+    """What :func:`cbir.extract.extract_all` does, on a Ray cluster; one report a store.
+    ``progress(images, total)`` as shards finish, then ``merging(parts, total)`` as their
+    stores are copied into the final ones."""
     from . import extract as extract_mod
 
     image_options = image_options or extract_mod.ImageOptions()
@@ -110,9 +113,11 @@ def extract_on_ray(specs: list[ExtractorSpec], dataset: Dataset, *, store_names:
             _add(report, r)
         if progress:
             progress(len(shards[i]), total)
+    merged = _merge_counter(merging, sum(len(merge_parts(final, [o[j] for o in outputs], present[j] is not _NOTHING))
+                                         for j, final in enumerate(finals)))
     for j, (final, a) in enumerate(zip(finals, attrs)):
         merge_into(final, [o[j] for o in outputs], f"{extract_mod.store_kind(local[j])}-features", a,
-                   keep=present[j] is not _NOTHING, conf=conf)
+                   keep=present[j] is not _NOTHING, conf=conf, progress=merged)
     for j, report in enumerate(reports):  # images of shards written by an earlier run count as extracted now
         report.extracted = _count(finals[j]) - report.already_present
     shutil.rmtree(plan, ignore_errors=True)
@@ -253,26 +258,45 @@ def _result(ray: Any, future: Any, i: int, labels: list[str], conf: RayConf) -> 
                         f"({type(e).__name__}); run the command again to resume") from None
 
 
+def _merge_counter(merging: Callable[[int, int], None] | None, total: int) -> Callable[[int], None] | None:
+    """``merging(advance, total)`` as a per-part callback of :func:`merge_into`."""
+    return (lambda advance: merging(advance, total)) if merging else None
+
+
+def merge_parts(final: Path, shards: list[Path], keep: bool) -> list[Path]:
+    """What :func:`merge_into` merges: the final store (``keep``), then the shards written;
+    none where there is nothing new."""
+    written = [s for s in shards if s.exists()]
+    if keep and final.exists() and not written:
+        return []  # nothing new: the store stays as it is
+    return ([final] if keep and final.exists() else []) + written
+
+
 def merge_into(final: Path, shards: list[Path], kind: str, attrs: dict[str, Any], keep: bool,
-               conf: RayConf | None = None) -> None:
+               conf: RayConf | None = None, progress: Callable[[int], None] | None = None) -> None:
     """The final store: what it held (``keep``), then the shards in order, written atomically.
     With ``conf``, each part's bytes are copied into the final file by a Ray task of its own
     (on a shared file system the copies add up the nodes' bandwidth instead of one
-    process's); the keys, offsets and checksums are written here."""
-    written = [s for s in shards if s.exists()]
-    if keep and final.exists() and not written:
-        return  # nothing new: the store stays as it is
-    parts = ([final] if keep and final.exists() else []) + written
+    process's); the keys, offsets and checksums are written here. ``progress(1)`` as each
+    part is copied."""
+    parts = merge_parts(final, shards, keep)
+    if not parts:
+        return
     with WriteLock(final), atomic_output(final) as tmp:
         plan = plan_merge(parts, tmp, SCHEMAS[kind], attrs)
+        crcs: dict[int, dict[str, int]] = {}
         if conf is None or len(plan.jobs) < 2:
-            crcs = [copy_part(job) for job in plan.jobs]
+            copies: Iterator[tuple[int, dict[str, int]]] = ((i, copy_part(job)) for i, job in enumerate(plan.jobs))
         else:
-            copies = dict(run_shards(copy_part, {i: (job,) for i, job in enumerate(plan.jobs)},
-                                     [job.part.name for job in plan.jobs], replace(conf, cpus=1, num_gpus=0),
-                                     on_gpu=False))
-            crcs = [copies[i] for i in range(len(plan.jobs))]
-        finish_merge(plan, crcs)
+            copies = run_shards(copy_part, {i: (job,) for i, job in enumerate(plan.jobs)},
+                                [job.part.name for job in plan.jobs], replace(conf, cpus=1, num_gpus=0), on_gpu=False)
+        for i, part_crcs in copies:
+            crcs[i] = part_crcs
+            if progress:
+                progress(1)
+        if progress and len(parts) > len(plan.jobs):
+            progress(len(parts) - len(plan.jobs))  # parts without items: nothing to copy
+        finish_merge(plan, [crcs[i] for i in range(len(plan.jobs))])
 
 
 def _present(final: Path, attrs: dict[str, Any], overwrite: bool) -> frozenset:
@@ -308,9 +332,12 @@ def _remove_if_empty(path: Path) -> None:
 
 def match_on_ray(query: Dataset, map_: Dataset, pairs: list, local: str, *, name: str | None = None,
                  matcher: Any = None, verify: Any = None, device: str = "auto", overwrite: bool = False,
-                 conf: RayConf = RayConf(shard_size=1000), progress: Callable[[int, int], None] | None = None) -> Any:
+                 conf: RayConf = RayConf(shard_size=1000), progress: Callable[[int, int], None] | None = None,
+                 merging: Callable[[int, int], None] | None = None) -> Any:
     """What :func:`cbir.matching.match.main` does, on a Ray cluster: shards of ``shard_size``
-    pairs (in the order a local run writes them) matched and verified by Ray tasks."""
+    pairs (in the order a local run writes them) matched and verified by Ray tasks;
+    ``progress(pairs, total)`` as shards finish, then ``merging(parts, total)`` as their
+    stores are copied into the final one."""
     from .matching import match as match_mod
     from .matching.nearest_neighbor import MatcherConf
 
@@ -347,7 +374,8 @@ def match_on_ray(query: Dataset, map_: Dataset, pairs: list, local: str, *, name
         report.device = shard.device
         if progress:
             progress(len(shards[i]), len(planned))
-    merge_into(final, outputs, "matches", attrs, keep=present is not _NOTHING, conf=conf)
+    merge_into(final, outputs, "matches", attrs, keep=present is not _NOTHING, conf=conf,
+               progress=_merge_counter(merging, len(merge_parts(final, outputs, present is not _NOTHING))))
     report.matched = _count(final) - report.already_present  # shards of an earlier run count as matched now
     shutil.rmtree(plan, ignore_errors=True)
     _remove_if_empty(plan.parent)

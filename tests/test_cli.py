@@ -173,3 +173,22 @@ def test_local_extraction_does_not_import_ray(sample_dataset):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_progress_bars_show_a_later_phase_from_its_first_update(monkeypatch):
+    """`progress_bars`: the first bar at once, a later phase's (merging a Ray run's shards)
+    only once it starts, then advanced like the first."""
+    from rich.progress import Progress
+
+    from cbir.cli.features_cmds import progress_bars
+
+    added: list[str] = []
+    add_task = Progress.add_task
+    monkeypatch.setattr(Progress, "add_task", lambda self, description, **kw: added.append(description) or
+                        add_task(self, description, **kw))
+    with progress_bars(False, "extract", "merge the shards") as (extract, merging):
+        assert added == ["extract"]
+        extract(4, 8)
+        merging(1, 3)
+        merging(1, 3)
+        assert added == ["extract", "merge the shards"]

@@ -55,11 +55,13 @@ def assert_same_store(a: Path, b: Path) -> None:
 
 def test_shards_on_two_nodes_make_the_local_store(cluster, sceaux, tmp_path, local_store):
     ds = Dataset(writable_copy(sceaux / "mapping", tmp_path / "mapping"))
-    progress = []
+    progress, merging = [], []
     [report] = extract_on_ray([("local", "sift", SIFT_CONF)], ds, store_names=[None], conf=RayConf(shard_size=3),
-                              progress=lambda advance, total: progress.append((advance, total)))
+                              progress=lambda advance, total: progress.append((advance, total)),
+                              merging=lambda advance, total: merging.append((advance, total)))
     assert report.extracted == 8 and report.already_present == 0 and not report.failed
     assert sum(a for a, _ in progress) == 8 and all(t == 8 for _, t in progress)
+    assert merging == [(1, 3)] * 3  # each of the 3 shards' stores copied into the final one
     assert_same_store(report.path, local_store)
     assert not (ds.root / "cbir" / "shards").exists()  # merged, then removed
     assert len({n["NodeID"] for n in ray.nodes() if n["Alive"]}) == 2

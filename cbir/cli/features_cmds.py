@@ -58,14 +58,26 @@ def ray_executor() -> Any:
 @contextmanager
 def progress_bar(description: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
     """A rich bar on a terminal (nothing in logs and CI); ``update(advance, total)``."""
+    with progress_bars(quiet, description) as (update,):
+        yield update
+
+
+@contextmanager
+def progress_bars(quiet: bool, *descriptions: str) -> Iterator[tuple[Callable[[int, int], None], ...]]:
+    """Rich bars on a terminal (nothing in logs and CI), one ``update(advance, total)`` each:
+    the first shown at once, each other from its first update (a later phase)."""
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console_err(), disable=quiet or not console_err().is_terminal) as progress:
-        task = progress.add_task(description, total=None)
+        tasks = {0: progress.add_task(descriptions[0], total=None)}
 
-        def update(advance: int, total: int) -> None:
-            progress.update(task, advance=advance, total=total)
+        def updater(i: int) -> Callable[[int, int], None]:
+            def update(advance: int, total: int) -> None:
+                if i not in tasks:
+                    tasks[i] = progress.add_task(descriptions[i], total=total)
+                progress.update(tasks[i], advance=advance, total=total)
+            return update
 
-        yield update
+        yield tuple(updater(i) for i in range(len(descriptions)))
 
 
 def parse_conf(items: tuple[str, ...]) -> dict[str, Any]:
@@ -151,11 +163,11 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
     image_options = extract_mod.ImageOptions(apply_exif, max_image_pixels)
     if executor == "ray":
         distributed = ray_executor()
-        with progress_bar(f"extract {label} (ray)", quiet or as_json) as update:
+        with progress_bars(quiet or as_json, f"extract {label} (ray)", "merge the shards") as (update, merging):
             reports = distributed.extract_on_ray(
                 specs, ds, store_names=[name] * len(specs), images=images, overwrite=overwrite,
                 image_options=image_options, conf=distributed.RayConf(address=ray_address, shard_size=shard_size),
-                progress=update)
+                progress=update, merging=merging)
         extractors = [extract_mod.extractor_class(n, kind) for kind, n, _ in specs]
     else:
         extractors = [extract_mod.build_extractor(n, c, kind) for kind, n, c in specs]
@@ -253,9 +265,9 @@ def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, l
     quiet = is_quiet(ctx)
     if executor == "ray":
         distributed = ray_executor()
-        with progress_bar("match (ray)", quiet or as_json) as update:
+        with progress_bars(quiet or as_json, "match (ray)", "merge the shards") as (update, merging):
             report = distributed.match_on_ray(q, m, pairs, local, name=name, matcher=matcher, verify=verify_conf,
-                                              device=device, overwrite=overwrite, progress=update,
+                                              device=device, overwrite=overwrite, progress=update, merging=merging,
                                               conf=distributed.RayConf(address=ray_address, shard_size=shard_size))
     else:
         with progress_bar("match", quiet or as_json) as update:
