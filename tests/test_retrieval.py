@@ -152,6 +152,25 @@ def test_stores_with_other_images_are_fused_on_the_intersection(tmp_path, stores
     assert len(mset.names) == 301 - 5 and mset.dropped[-1] == "m/extra.jpg" and len(mset.dropped) == 6
 
 
+def test_stores_of_the_same_images_align_on_their_rows(tmp_path):
+    """Stores holding the same images in the same order (the common case) align without a
+    lookup per image: every image, rows as stored; with the dataset's records, only those,
+    the others reported as foreign, in the order and with the rows the general rule gives."""
+    rng = np.random.default_rng(2)
+    names = [f"img/{i:03d}.jpg" for i in range(50)]
+    a = write_global(tmp_path / "a.h5", names, unit_positive(rng, 50, 8))
+    b = write_global(tmp_path / "b.h5", names, unit_positive(rng, 50, 4))
+    whole = load([a, b])
+    assert whole.names == names and all(np.array_equal(r, np.arange(50)) for r in whole.rows)
+    assert whole.dropped == [] and whole.foreign == []
+    records = names[40:] + names[:30:3] + ["img/other.jpg"]
+    some = DescriptorSet.align(whole.stores, images=records)
+    wanted = [n for n in names if n in set(records)]
+    assert some.names == wanted and some.dropped == []
+    assert all(r.tolist() == [names.index(n) for n in wanted] for r in some.rows)
+    assert some.foreign == sorted(set(names) - set(records))
+
+
 def test_bad_descriptors_are_refused(tmp_path, stores):
     q, m = stores
     names = ["a.jpg", "b.jpg"]

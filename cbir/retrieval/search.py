@@ -146,6 +146,14 @@ class DescriptorSet:
     def align(cls, stores: list[Store], images: Iterable[str] | None = None) -> "DescriptorSet":
         """The images every store has; with ``images`` (the dataset's records), only those: a
         store may hold descriptors of images of another dataset, which must not be retrieved."""
+        first = stores[0].names
+        if all(s.names == first for s in stores[1:]):  # the same images in the same order: rows as stored
+            if images is None:  # 0.04 s instead of 0.8 s for a million images
+                return cls(stores, list(first), [np.arange(len(first)) for _ in stores], [])
+            known = np.fromiter(map(set(images).__contains__, first), bool, len(first))
+            keep = np.flatnonzero(known)
+            return cls(stores, [first[i] for i in keep.tolist()], [keep.copy() for _ in stores], [],
+                       foreign=sorted(first[i] for i in np.flatnonzero(~known).tolist()))
         common = set(stores[0].names)
         for s in stores[1:]:
             common &= set(s.names)
