@@ -113,11 +113,11 @@ def extract_on_ray(specs: list[ExtractorSpec], dataset: Dataset, *, store_names:
             _add(report, r)
         if progress:
             progress(len(shards[i]), total)
-    merged = _merge_counter(merging, sum(len(merge_parts(final, [o[j] for o in outputs], present[j] is not _NOTHING))
-                                         for j, final in enumerate(finals)))
+    parts = [merge_parts(final, [o[j] for o in outputs], keep=present[j] is not _NOTHING)
+             for j, final in enumerate(finals)]
+    merged = _merge_counter(merging, sum(map(len, parts)))
     for j, (final, a) in enumerate(zip(finals, attrs)):
-        merge_into(final, [o[j] for o in outputs], f"{extract_mod.store_kind(local[j])}-features", a,
-                   keep=present[j] is not _NOTHING, conf=conf, progress=merged)
+        merge_into(final, parts[j], f"{extract_mod.store_kind(local[j])}-features", a, conf=conf, progress=merged)
     for j, report in enumerate(reports):  # images of shards written by an earlier run count as extracted now
         report.extracted = _count(finals[j]) - report.already_present
     shutil.rmtree(plan, ignore_errors=True)
@@ -272,14 +272,13 @@ def merge_parts(final: Path, shards: list[Path], keep: bool) -> list[Path]:
     return ([final] if keep and final.exists() else []) + written
 
 
-def merge_into(final: Path, shards: list[Path], kind: str, attrs: dict[str, Any], keep: bool,
+def merge_into(final: Path, parts: list[Path], kind: str, attrs: dict[str, Any],
                conf: RayConf | None = None, progress: Callable[[int], None] | None = None) -> None:
-    """The final store: what it held (``keep``), then the shards in order, written atomically.
-    With ``conf``, each part's bytes are copied into the final file by a Ray task of its own
-    (on a shared file system the copies add up the nodes' bandwidth instead of one
-    process's); the keys, offsets and checksums are written here. ``progress(1)`` as each
-    part is copied."""
-    parts = merge_parts(final, shards, keep)
+    """The final store made of ``parts`` in order (:func:`merge_parts`; none: it stays as it
+    is), written atomically. With ``conf``, each part's bytes are copied into the final file
+    by a Ray task of its own (on a shared file system the copies add up the nodes' bandwidth
+    instead of one process's); the keys, offsets and checksums are written here.
+    ``progress(1)`` as each part is copied."""
     if not parts:
         return
     with WriteLock(final), atomic_output(final) as tmp:
@@ -374,8 +373,8 @@ def match_on_ray(query: Dataset, map_: Dataset, pairs: list, local: str, *, name
         report.device = shard.device
         if progress:
             progress(len(shards[i]), len(planned))
-    merge_into(final, outputs, "matches", attrs, keep=present is not _NOTHING, conf=conf,
-               progress=_merge_counter(merging, len(merge_parts(final, outputs, present is not _NOTHING))))
+    parts = merge_parts(final, outputs, keep=present is not _NOTHING)
+    merge_into(final, parts, "matches", attrs, conf=conf, progress=_merge_counter(merging, len(parts)))
     report.matched = _count(final) - report.already_present  # shards of an earlier run count as matched now
     shutil.rmtree(plan, ignore_errors=True)
     _remove_if_empty(plan.parent)

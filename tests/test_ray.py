@@ -185,7 +185,7 @@ def test_parts_copied_by_tasks_make_the_merged_store_despite_a_kill(cluster, tmp
     killer = threading.Thread(target=_kill_first_shard_worker, args=(stop, killed, (b"ray::copy_part",)))
     killer.start()
     try:
-        merge_into(tmp_path / "final.h5", parts, "local-features", attrs, keep=False, conf=RayConf())
+        merge_into(tmp_path / "final.h5", parts, "local-features", attrs, conf=RayConf())
     finally:
         stop.set()
         killer.join()

@@ -243,6 +243,22 @@ def test_flat_and_full_probe_indexes_equal_exact_search(stores, fusion):
     assert (r == 1.0) if fusion == "round_robin" else (0.5 < r <= 1.0)
 
 
+def test_indexed_search_scores_descriptors_held_in_memory(stores):
+    """A map whose descriptors are held in memory (expanded, augmented) is rescored from those,
+    not from its stores: every map image a candidate, the exact search's pairs over them."""
+    q, m = stores
+    qset, mset = load(q[:1]), load(m[:1])
+    rng = np.random.default_rng(3)
+    held = [a[rng.permutation(len(a))] for a in (t.numpy() for t in mset.take_host(np.arange(len(mset.names))))]
+    moved = mset.with_arrays(held)
+    conf = RetrievalConf(topk=10)
+    exact = retrieve(qset, moved, conf)
+    assert [(p.query, p.map) for p in exact] != [(p.query, p.map) for p in retrieve(qset, mset, conf)]
+    ours = retrieve_indexed(qset, moved, conf, IndexConf("flat", candidates=301))
+    assert [(p.query, p.map) for p in ours] == [(p.query, p.map) for p in exact]
+    np.testing.assert_allclose([p.score for p in ours], [p.score for p in exact], rtol=1e-6)
+
+
 def test_compressed_indexes_report_their_recall(tmp_path):
     rng = np.random.default_rng(4)
     mnames = [f"m{i}" for i in range(2000)]

@@ -197,7 +197,10 @@ class DescriptorSet:
         return self.normalized(self.read_raw(index), index)
 
     def read_raw(self, index: np.ndarray) -> list[np.ndarray]:
-        """The stored descriptors of the images at ``index``, as written (unchecked)."""
+        """The descriptors of the images at ``index`` as stored (unchecked), or as held in
+        memory where they replace the stored ones (expanded, augmented)."""
+        if self.arrays is not None:
+            return [a[index] for a in self.arrays]
         return [store.read_rows("descriptors", rows[index]) for store, rows in zip(self.stores, self.rows)]
 
     def normalized(self, raw: list[np.ndarray], index: np.ndarray) -> list[torch.Tensor]:
@@ -406,9 +409,6 @@ def _pairs(queries: list[str], map_names: list[str], index: np.ndarray, scores: 
     k = index.shape[1]
     query_names = np.repeat(np.array(queries, dtype=object), k)
     keep = (index >= 0).ravel()  # fewer than k candidates (an indexed search): no pair there
-    if keep.all():
-        return list(map(Pair, query_names.tolist(), map(map_names.__getitem__, index.ravel().tolist()),
-                        scores.ravel().tolist()))
     return list(map(Pair, query_names[keep].tolist(), map(map_names.__getitem__, index.ravel()[keep].tolist()),
                     scores.ravel()[keep].tolist()))
 
