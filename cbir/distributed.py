@@ -423,7 +423,9 @@ def retrieve_on_ray(query: Dataset, map_: Dataset, store_names: list[str], conf:
             stats["indexes_built"] = built
         lists = len(found[0][0]) if found else 0
         values, indices = [], []
-        for j in range(lists):  # the exact top-k of every query: the best of the shards' own top-k's
+        # the exact top-k of every query: the best of the shards' own top-k's, each ranked by score
+        # then map index (search.ranked); shards in map order and a stable sort keep that rule
+        for j in range(lists):
             v = np.concatenate([found[i][0][j] for i in sorted(found)], axis=1)
             ix = np.concatenate([found[i][1][j] for i in sorted(found)], axis=1)
             order = np.argsort(-v, axis=1, kind="stable")

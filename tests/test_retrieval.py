@@ -442,3 +442,70 @@ def test_queries_with_fewer_candidates_than_topk_get_only_real_pairs(tmp_path, f
             exact = np.array([q[i] @ m[int(p.map[1:])] for p in mine])
             np.testing.assert_allclose([p.score for p in mine], exact, rtol=1e-5)
             assert all(a.score >= b.score for a, b in zip(mine, mine[1:]))
+
+
+# ---------------------------------------------------------------- equal scores
+
+def exact_ties(tmp_path, n_map: int = 400, n_query: int = 12, dim: int = 16, stores: int = 1):
+    """Descriptors of four components 0.5 (unit norm, so every product is exact whatever the
+    order of its sums): scores are multiples of 0.25 (per descriptor), about 90 map images
+    of each query at 0.5, so the top 20 cuts through a tie. ``(qset, mset, q, m)``."""
+    rng = np.random.default_rng(3)
+
+    def draw(n):
+        x = np.zeros((n, dim), np.float32)
+        for row in x:
+            row[rng.choice(dim, 4, replace=False)] = 0.5
+        return x
+
+    q = [draw(n_query) for _ in range(stores)]
+    m = [draw(n_map) for _ in range(stores)]
+    qnames, mnames = [f"q/{i:02d}.jpg" for i in range(n_query)], [f"m/{i:03d}.jpg" for i in range(n_map)]
+    qset = load([write_global(tmp_path / f"q{j}.h5", qnames, x) for j, x in enumerate(q)])
+    mset = load([write_global(tmp_path / f"m{j}.h5", mnames, x) for j, x in enumerate(m)])
+    return qset, mset, q, m
+
+
+def tie_rule_reference(q, m, names, fusion: FusionConf, topk: int, exclude_self: bool = False):
+    """Each query's top-k by fused score, equal scores by lower map index (numpy's lexsort)."""
+    from cbir.retrieval.fusion import fuse, nan_last
+    scores = nan_last(fuse([torch.from_numpy(a @ b.T) for a, b in zip(q, m)], fusion)).numpy()
+    if exclude_self:
+        np.fill_diagonal(scores, -np.inf)
+    columns = np.arange(scores.shape[1])
+    return [[names[j] for j in np.lexsort((columns, -row))[:topk]] for row in scores]
+
+
+@pytest.mark.parametrize("query_block,map_chunk", [(None, None), (5, 7), (3, 64)])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("stores", [1, 2])
+def test_equal_scores_rank_by_lower_map_index(tmp_path, query_block, map_chunk, precision, stores):
+    """Images of exactly equal score come by map index, whatever cuts the map (chunks, and so
+    shards) or the precision of the first pass: a chunk's top-k that splits a tie is redone."""
+    qset, mset, q, m = exact_ties(tmp_path, stores=stores)
+    conf = RetrievalConf(topk=20, query_block=query_block, map_chunk=map_chunk, precision=precision, cache_bytes=0)
+    pairs = retrieve(qset, mset, conf)
+    wanted = tie_rule_reference(q, m, mset.names, conf.fusion, 20)
+    assert [[p.map for p in pairs if p.query == name] for name in qset.names] == wanted
+    scores = [p.score for p in pairs]
+    assert len(set(scores)) < len(scores) / 4  # the case is made of ties
+
+
+def test_equal_scores_rank_by_lower_map_index_map_by_map(tmp_path):
+    """The same rule with each image's own row excluded (map x map), chunk by chunk."""
+    _, mset, _, m = exact_ties(tmp_path, n_map=150)
+    timings: dict = {}
+    pairs = retrieve(mset, mset, RetrievalConf(topk=20, exclude_self=True, query_block=4, map_chunk=100),
+                     timings=timings)
+    assert timings["tie_queries"] > 0  # chunks split ties: those queries were searched again
+    wanted = tie_rule_reference(m, m, mset.names, FusionConf(), 20, exclude_self=True)
+    assert [[p.map for p in pairs if p.query == name] for name in mset.names] == wanted
+
+
+def test_round_robin_rankings_do_not_depend_on_the_chunks(tmp_path):
+    """round_robin merges one ranking per descriptor: each follows the tie rule, so the
+    merged pairs are the same in one chunk as in many."""
+    qset, mset, _, _ = exact_ties(tmp_path, stores=2)
+    whole = retrieve(qset, mset, RetrievalConf(topk=20, fusion=FusionConf("round_robin")))
+    cut = retrieve(qset, mset, RetrievalConf(topk=20, fusion=FusionConf("round_robin"), query_block=5, map_chunk=7))
+    assert names_of(cut) == names_of(whole)

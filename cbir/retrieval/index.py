@@ -30,7 +30,7 @@ from ..io.index_file import index_extents, read_index_record, write_index_file
 from ..io.pairs import Pair
 from ..io.provenance import differences, digest_names
 from .fusion import fuse, nan_last
-from .search import DescriptorSet, RetrievalConf, as_float32, pairs_from_topk, read_ahead, retrieve
+from .search import DescriptorSet, RetrievalConf, as_float32, pairs_from_topk, ranked, read_ahead, retrieve
 
 if TYPE_CHECKING:
     import faiss
@@ -256,9 +256,8 @@ def indexed_topk(query: DescriptorSet, database: DescriptorSet, rconf: Retrieval
             scored = [(nan_last(fuse(sims, rconf.fusion)).masked_fill(drop, -torch.inf), cands)]
         values, indices = [], []
         for score, ids in scored:
-            top = torch.topk(score, k, dim=1)
-            v = top.values.cpu().numpy()
-            ix = np.take_along_axis(ids, top.indices.cpu().numpy(), axis=1)
+            top_v, top_i = ranked(score, torch.from_numpy(ids).to(device), k)
+            v, ix = top_v.cpu().numpy(), top_i.cpu().numpy()
             ix[v == -np.inf] = -1
             values.append(v)
             indices.append(ix)

@@ -312,12 +312,46 @@ class MapChunks:
         return [t[inverse] for t in self.database.take(unique.cpu().numpy(), self.device)]
 
 
+def ranked(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best of each row, best first: by score, equal scores by lower map index.
+    This tie rule makes a ranking independent of how the map was cut (chunks, shards,
+    devices): images of equal descriptors, say, always come in the same order."""
+    by_index = torch.argsort(indices, dim=1, stable=True)
+    v, i = torch.gather(values, 1, by_index), torch.gather(indices, 1, by_index)
+    order = torch.argsort(v, dim=1, descending=True, stable=True)[:, :k]
+    return torch.gather(v, 1, order), torch.gather(i, 1, order)
+
+
 def _merge_topk(vals: torch.Tensor, idx: torch.Tensor, new_vals: torch.Tensor, new_idx: torch.Tensor,
                 k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    v = torch.cat([vals, new_vals], dim=1)
-    i = torch.cat([idx, new_idx], dim=1)
-    top = torch.topk(v, min(k, v.shape[1]), dim=1, sorted=True)
-    return top.values, torch.gather(i, 1, top.indices)
+    return ranked(torch.cat([vals, new_vals], dim=1), torch.cat([idx, new_idx], dim=1), k)
+
+
+def _chunk_topk(scores: torch.Tensor, k: int, m0: int,
+                exact_ties: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top ``k`` of a chunk of scores (columns: map images ``m0 + j``): ``(values,
+    indices, boundary)``. ``topk`` picks any of the images tied at the k-th score, so
+    ``boundary`` is that score where the chunk has such a tie (the k+1-th score equals the
+    k-th), else ``-inf``: a query whose final k-th score is not above it is searched again
+    with ``exact_ties`` (the chunk fully sorted, equal scores by lower index)."""
+    width = scores.shape[1]
+    if exact_ties:
+        v, i = ranked(scores, torch.arange(m0, m0 + width, device=scores.device).expand(scores.shape[0], -1), k)
+        return v, i, torch.full_like(v[:, 0], -torch.inf)
+    top = torch.topk(scores, min(k + 1, width), dim=1, sorted=True)
+    v, i = top.values[:, :k], top.indices[:, :k] + m0
+    if width <= k:
+        return v, i, torch.full_like(v[:, 0], -torch.inf)
+    tied = top.values[:, k] == top.values[:, k - 1]
+    return v, i, torch.where(tied, top.values[:, k - 1], -torch.inf)
+
+
+def _unsettled_ties(values: torch.Tensor, boundary: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows whose k-th score is not above a tie that a chunk's ``topk`` cut (see
+    :func:`_chunk_topk`): their images of equal score may not be the lowest-indexed."""
+    if values.shape[1] < k:
+        return torch.zeros_like(boundary, dtype=torch.bool)
+    return (boundary > -torch.inf) & (values[:, k - 1] <= boundary)
 
 
 def retrieve(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf = RetrievalConf(),
@@ -423,14 +457,16 @@ def _exclude(scores: torch.Tensor, self_idx: torch.Tensor, m0: int) -> None:
 
 
 def _exact_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChunks, conf: RetrievalConf, k: int,
-                clock: "_Clock") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                clock: "_Clock", exact_ties: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Exact float32 top-k of a query block: ``(values, indices)``, one list entry per
-    descriptor (round_robin) or one for the fused score, best first."""
+    descriptor (round_robin) or one for the fused score, best first, equal scores by lower
+    map index (:func:`ranked`)."""
     round_robin = conf.fusion.name == "round_robin"
     nq, dev = qd[0].shape[0], qd[0].device
     lists = len(qd) if round_robin else 1
     vals = [torch.full((nq, 0), -torch.inf, device=dev) for _ in range(lists)]
     idxs = [torch.zeros((nq, 0), dtype=torch.int64, device=dev) for _ in range(lists)]
+    boundary = [torch.full((nq,), -torch.inf, device=dev) for _ in range(lists)]
     for m0, md, _ in chunks:
         with clock("similarity"):
             sims = [torch.mm(a, b.t()) for a, b in zip(qd, md)]
@@ -439,9 +475,21 @@ def _exact_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChunk
             for j, s in enumerate(scores):
                 if conf.excludes_names:
                     _exclude(s, self_idx, m0)
-                top = torch.topk(s, min(k, s.shape[1]), dim=1, sorted=False)
-                vals[j], idxs[j] = _merge_topk(vals[j], idxs[j], top.values, top.indices + m0, k)
+                v, i, tie = _chunk_topk(s, k, m0, exact_ties)
+                vals[j], idxs[j] = _merge_topk(vals[j], idxs[j], v, i, k)
+                torch.maximum(boundary[j], tie, out=boundary[j])
         del sims, scores
+    if not exact_ties:
+        again = torch.zeros(nq, dtype=torch.bool, device=dev)
+        for v, b in zip(vals, boundary):
+            again |= _unsettled_ties(v, b, k)
+        again = again.nonzero()[:, 0]  # the one host synchronisation of the block (rare ties)
+        if clock.timings is not None:
+            clock.timings["tie_queries"] = clock.timings.get("tie_queries", 0) + len(again)
+        if len(again):
+            redo_v, redo_i = _exact_topk([q[again] for q in qd], self_idx[again], chunks, conf, k, clock, True)
+            for j in range(lists):
+                vals[j][again], idxs[j][again] = redo_v[j], redo_i[j]
     return vals, idxs
 
 
@@ -515,10 +563,10 @@ def _half_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChunks
             sims = [torch.bmm(g, q[r0:r1, :, None])[:, :, 0] for g, q in zip(gathered, qd)]
             exact[r0:r1] = nan_last(fuse(sims, conf.fusion))
         exact = torch.where(vals == -torch.inf, -torch.inf, exact)  # excluded images stay excluded
-        top = torch.topk(exact, k, dim=1, sorted=True)
-        values, indices = top.values, torch.gather(idxs, 1, top.indices)
-        settled = top.values[:, -1] > vals.amin(dim=1) if kc < eligible else torch.ones(nq, dtype=torch.bool,
-                                                                                          device=dev)
+        # every image tied with the k-th is a candidate when settled (its exact score is above
+        # any other image's bound), so the tie rule holds
+        values, indices = ranked(exact, idxs, k)
+        settled = values[:, -1] > vals.amin(dim=1) if kc < eligible else torch.ones(nq, dtype=torch.bool, device=dev)
         for low, w in zip(lowest, weights):
             settled &= gamma + w * low > 0
         unsettled = (~settled).nonzero()[:, 0]
