@@ -122,6 +122,25 @@ def no_progress(label: str) -> Iterator[Callable[[int, int], None]]:
     yield lambda advance, total: None
 
 
+@contextlib.contextmanager
+def phases(progress: ProgressFactory, *labels: str) -> Iterator[tuple[Callable[[int, int], None], ...]]:
+    """One ``update`` per phase of a step whose phases follow each other (a Ray step's work,
+    then the merge of its shards): the first phase's progress opens at once, each later one
+    at its first update, closing the one before (a terminal shows one live display at a time)."""
+    with contextlib.ExitStack() as stack:
+        current = {"phase": 0, "update": stack.enter_context(progress(labels[0]))}
+
+        def updater(i: int) -> Callable[[int, int], None]:
+            def update(advance: int, total: int) -> None:
+                if current["phase"] != i:
+                    stack.close()
+                    current.update(phase=i, update=stack.enter_context(progress(labels[i])))
+                current["update"](advance, total)
+            return update
+
+        yield tuple(updater(i) for i in range(len(labels)))
+
+
 @dataclass
 class PipelineResult:
     steps: list[str] = field(default_factory=list)  # what each step did, one line each
@@ -525,18 +544,20 @@ def _extract(p: Plan, replace: bool, step: Callable[[str], None], progress: Prog
     both: DELG); the queries' DenseVLAD with the map's vocabulary."""
     workers = p.num_workers
 
-    def extract(extractors: list[Extractor], dataset: Dataset, update: Callable[[int, int], None]) -> list:
+    def extract(extractors: list[Extractor], dataset: Dataset) -> list:
+        label = f"extract {dataset.root.name}"
         if p.ray is None:
-            return extract_mod.extract_all(extractors, dataset, num_workers=workers, overwrite=replace,
-                                           progress=update)
+            with progress(label) as update:
+                return extract_mod.extract_all(extractors, dataset, num_workers=workers, overwrite=replace,
+                                               progress=update)
         from .distributed import extract_on_ray
 
         specs = [(extract_mod.store_kind(e), e.name, dict(e.conf)) for e in extractors]
-        return extract_on_ray(specs, dataset, store_names=[None] * len(specs), overwrite=replace, conf=p.ray[0],
-                              progress=update)
+        with phases(progress, label, f"merge the shards of {dataset.root.name}") as (update, merging):
+            return extract_on_ray(specs, dataset, store_names=[None] * len(specs), overwrite=replace,
+                                  conf=p.ray[0], progress=update, merging=merging)
 
-    with progress(f"extract {p.map.root.name}") as update:
-        rm = extract([p.local, *p.globals_], p.map, update)
+    rm = extract([p.local, *p.globals_], p.map)
     query_globals = []
     for g, r in zip(p.globals_, rm[1:]):
         if g.name == "densevlad":
@@ -544,8 +565,7 @@ def _extract(p: Plan, replace: bool, step: Callable[[str], None], progress: Prog
             conf = {**{k: v for k, v in g.conf.items() if k != "learn"}, "model": str(model)}
             g = extract_mod.build_extractor(g.name, conf, "global")
         query_globals.append(g)
-    with progress(f"extract {p.query.root.name}") as update:
-        rq = extract([p.local, *query_globals], p.query, update)
+    rq = extract([p.local, *query_globals], p.query)
     for ds, r in ((p.map, rm[0]), (p.query, rq[0])):
         step(f"extract {p.local.name} {ds.root.name}: {r.extracted} new, {r.already_present} present, "
              f"{len(r.failed)} skipped")
@@ -598,12 +618,12 @@ def _match(p: Plan, query_pairs: list[Pair], map_pairs: list[Pair], replace: boo
         from .distributed import match_on_ray
 
         run, common = match_on_ray, {**common, "conf": p.ray[1]}
-    with progress("match map pairs") as update:
+    with phases(progress, "match map pairs", "merge the shards of the map matches") as (update, merging):
         mm = run(p.map, p.map, map_pairs, p.local_name, name=p.map_matches, verify=p.map_verify, progress=update,
-                 **common)
-    with progress("match query pairs") as update:
+                 **common, **({"merging": merging} if p.ray else {}))
+    with phases(progress, "match query pairs", "merge the shards of the query matches") as (update, merging):
         qm = run(p.query, p.map, query_pairs, p.local_name, name=p.query_matches, verify=p.query_verify,
-                 progress=update, **common)
+                 progress=update, **common, **({"merging": merging} if p.ray else {}))
     by_poses = f", {mm.verified_with_poses} verified with their poses" if p.map_verify.method == "poses" else ""
     fallbacks = f", {len(mm.ransac_fallbacks)} by RANSAC ({'; '.join(sorted({r for _, r in mm.ransac_fallbacks}))})" \
         if mm.ransac_fallbacks else ""

@@ -271,19 +271,30 @@ def test_matching_shards_make_the_local_store(cluster, sceaux, tmp_path, local_s
     assert_same_store(report.path, stores[0])
 
 
-def test_the_pipeline_runs_on_the_cluster(cluster, tmp_path):
+def test_the_pipeline_runs_on_the_cluster(cluster, tmp_path, monkeypatch):
     """The README's rendered example through `cbir pipeline` with `[executor] kind = "ray"`:
     its stores, pairs, poses and evaluation equal a local run's (extraction, DenseVLAD
     learned once on the driver, retrieval over map shards of 3 images, matching and pose
     estimation on the cluster), also when a worker is killed inside a shard of retrieval and
-    inside one of pose estimation."""
+    inside one of pose estimation. Its progress shows the merge of every step's shards."""
     import json
     import shutil
+    from contextlib import contextmanager
 
     from click.testing import CliRunner
 
+    import cbir.cli.pipeline_cmds
     from cbir.cli import main
     from tests.conftest import render_example
+
+    bars: dict[str, list[tuple[int, int]]] = {}
+
+    @contextmanager
+    def recorded_bar(label, quiet):  # the CLI's bars (not shown outside a terminal), recorded
+        bars[label] = []
+        yield lambda advance, total: bars[label].append((advance, total))
+
+    monkeypatch.setattr(cbir.cli.pipeline_cmds, "progress_bar", recorded_bar)
 
     scene = render_example(tmp_path / "scene")
     runs = []
@@ -311,6 +322,14 @@ def test_the_pipeline_runs_on_the_cluster(cluster, tmp_path):
         assert result.exit_code == 0, result.output
         assert len(killed) == (2 if label == "ray" else 0), killed
         runs.append((root, json.loads(result.stdout)))
+        merges = {name: updates for name, updates in bars.items() if name.startswith("merge")}
+        if label == "ray":  # every part of every merged store counted, once
+            assert set(merges) == {"merge the shards of mapping", "merge the shards of query",
+                                   "merge the shards of the map matches", "merge the shards of the query matches"}
+            assert all(updates and sum(a for a, _ in updates) == updates[0][1] for updates in merges.values())
+        else:
+            assert not merges
+        bars.clear()
     (a, ra), (b, rb) = runs
     assert ra["evaluation"] == rb["evaluation"] and rb["evaluation"]["all"]["localized"] == 5
     for rel in ("mapping/cbir/local/sift.h5", "query/cbir/local/sift.h5", "mapping/cbir/global/densevlad.h5",

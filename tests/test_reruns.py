@@ -163,3 +163,38 @@ def test_densevlad_learns_only_when_asked(sample_dataset):
     # another vocabulary size: the message says how to fix it
     r = run("extract", sample_dataset, "--global", "densevlad", "--conf", "clusters=8", "--conf", "pca_dim=0")
     assert r.exit_code == 1 and "--conf clusters=" in r.output and "--learn --overwrite" in r.output
+
+
+def test_pipeline_phases_show_one_progress_at_a_time():
+    """A step's phases (a Ray step's work, then the merge of its shards) each get their own
+    progress, opened at the phase's first update after the previous one closed: a terminal
+    shows one live display at a time."""
+    from contextlib import contextmanager
+
+    from cbir.pipeline import phases
+
+    events, open_ = [], []
+
+    @contextmanager
+    def factory(label):
+        assert not open_, f"{label} opened while {open_} is open"
+        open_.append(label)
+        events.append(("open", label))
+        try:
+            yield lambda advance, total: events.append((label, advance, total))
+        finally:
+            open_.remove(label)
+            events.append(("close", label))
+
+    with phases(factory, "work", "merge") as (work, merge):
+        assert events == [("open", "work")]
+        work(2, 4)
+        work(2, 4)
+        merge(1, 2)
+        merge(1, 2)
+    assert events == [("open", "work"), ("work", 2, 4), ("work", 2, 4), ("close", "work"), ("open", "merge"),
+                      ("merge", 1, 2), ("merge", 1, 2), ("close", "merge")]
+    with pytest.raises(RuntimeError, match="failed"):  # an error closes the phase it happened in
+        with phases(factory, "work", "merge") as (work, merge):
+            raise RuntimeError("failed")
+    assert not open_
