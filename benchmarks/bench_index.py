@@ -71,7 +71,7 @@ def phase(args: argparse.Namespace) -> dict:
             save_indexes(index_file, build_indexes(mset, iconf, torch.device("cpu")), index_record(mset, iconf))
             out = {"size_mb": index_file.stat().st_size / 2 ** 20}
         elif args.phase == "query":
-            indexes = load_indexes(index_file, index_record(mset, iconf), args.nprobe)
+            indexes = load_indexes(index_file, mset, iconf)
             t_load = time.perf_counter() - t
             write_pairs(work / "indexed.txt", retrieve_indexed(qset, mset, conf, iconf, indexes=indexes))
             out = {"load_s": t_load}

@@ -73,3 +73,41 @@ def test_other_options_and_corrupt_files_are_one_line_errors(sample_dataset, tmp
     r = run("retrieve", "--map", sample_dataset, "--global", "sample", "--index", "ivf", "--nlist", "1", "--topk", "1",
             "-o", "-")
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and "sample.ivf.h5" in r.output
+
+
+def test_an_index_of_every_image_of_its_stores_is_known_by_their_fingerprints(tmp_path):
+    """An index of every image of its stores, in stored order, records that instead of a
+    digest of a million names (the fingerprints fix them). A file kept with the digest
+    (written before) is the same index; one of some of the images is another index."""
+    import h5py
+    import pytest
+
+    from cbir.errors import CbirError
+    from cbir.io.index_file import read_index_record
+    from cbir.io.provenance import digest_names
+    from cbir.retrieval.index import WHOLE_STORES, IndexConf, keep_indexes, load_indexes
+    from cbir.retrieval.search import DescriptorSet
+
+    names = [f"m/{i:02d}.jpg" for i in range(30)]
+    rng = np.random.default_rng(0)
+    attrs = {"name": "g", "config": {}, "descriptor_dim": 8, "descriptor_dtype": "float32"}
+    with StoreWriter(tmp_path / "g.h5", "global-features", attrs) as w:
+        for n in names:
+            w.add(n, descriptors=rng.random(8).astype(np.float32))
+    conf, path = IndexConf("flat"), tmp_path / "g.flat.h5"
+    with open_store(tmp_path / "g.h5") as store:
+        whole, some = DescriptorSet.align([store], names), DescriptorSet.align([store], names[:20])
+        assert whole.whole and not some.whole
+        assert keep_indexes(path, whole, conf) == "new"
+        assert read_index_record(path)["names"] == WHOLE_STORES
+        with h5py.File(path, "r+") as f:  # as written before: the digest of the same names
+            record = json.loads(f.attrs["record"])
+            f.attrs["record"] = json.dumps({**record, "names": digest_names(names)}, sort_keys=True)
+        assert keep_indexes(path, whole, conf) == "kept"
+        assert load_indexes(path, whole, conf)[0].ntotal == 30
+        with pytest.raises(CbirError, match="names"):
+            load_indexes(path, some, conf)
+        assert keep_indexes(path, some, conf, overwrite=True) == "rebuilt"
+        assert read_index_record(path)["names"] == digest_names(names[:20])
+        with pytest.raises(CbirError, match="names"):
+            load_indexes(path, whole, conf)

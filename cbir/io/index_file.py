@@ -42,7 +42,7 @@ def write_index_file(path: Path, blobs: list[np.ndarray], record: dict[str, Any]
 
 def read_index_record(path: Path) -> dict[str, Any]:
     """The record of a kept index file: ``config`` (index options), ``stores``,
-    ``fingerprints``, ``images``, ``names`` (digest of the image names, in index order)."""
+    ``fingerprints``, ``images``, ``names`` (the image names in index order: formats/SPEC.md 11a)."""
     attrs = read_metadata(path).attrs  # in a time-limited child: a corrupt file cannot hang
     if attrs.get("cbir_format") != INDEX_FORMAT:
         raise FormatError("not a cbir index file", path)

@@ -179,6 +179,11 @@ class DescriptorSet:
                              [a[index] for a in self.arrays] if self.arrays is not None else None)
 
     @property
+    def whole(self) -> bool:
+        """Whether these are every image of each store, in stored order (the usual case)."""
+        return all(len(r) == len(s.names) and np.array_equal(r, np.arange(len(r))) for s, r in zip(self.stores, self.rows))
+
+    @property
     def dims(self) -> list[int]:
         return [s.dataset("descriptors").shape[1] for s in self.stores]
 
