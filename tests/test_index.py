@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
+import torch
 from click.testing import CliRunner
 
 from cbir.cli import main
@@ -80,7 +82,6 @@ def test_an_index_of_every_image_of_its_stores_is_known_by_their_fingerprints(tm
     digest of a million names (the fingerprints fix them). A file kept with the digest
     (written before) is the same index; one of some of the images is another index."""
     import h5py
-    import pytest
 
     from cbir.errors import CbirError
     from cbir.io.index_file import read_index_record
@@ -111,3 +112,97 @@ def test_an_index_of_every_image_of_its_stores_is_known_by_their_fingerprints(tm
         assert read_index_record(path)["names"] == digest_names(names[:20])
         with pytest.raises(CbirError, match="names"):
             load_indexes(path, whole, conf)
+
+
+def _faiss_files(dataset, stem):
+    return sorted((dataset / "cbir" / "index").glob(f"{stem}.*.faiss"))
+
+
+def test_indexes_live_in_faiss_files_the_record_names_and_checks(sample_dataset, tmp_path):
+    """Each index is a faiss file of its own beside the record (mapped by faiss, not read),
+    named after its build: a rebuild writes new files and removes the old ones. A missing
+    or truncated file is a one-line error naming it; `cbir check` reports it, `--deep` also
+    a corrupt one (its CRC-32), and a faiss file no record names."""
+    assert run("index", "build", sample_dataset, "--global", "sample", "--index", "flat").exit_code == 0
+    record = sample_dataset / "cbir" / "index" / "sample.flat.h5"
+    (first,) = _faiss_files(sample_dataset, "sample.flat")
+    assert run("index", "build", sample_dataset, "--global", "sample", "--index", "flat", "--nlist", "1",
+               "--overwrite").exit_code == 0
+    (second,) = _faiss_files(sample_dataset, "sample.flat")
+    assert second != first and not first.exists()
+    retrieve = ["retrieve", "--map", sample_dataset, "--global", "sample", "--index", "flat", "--nlist", "1",
+                "--topk", "2", "-o", tmp_path / "p.txt"]
+    assert run(*retrieve).exit_code == 0
+    good = second.read_bytes()
+
+    second.write_bytes(good[:-10])
+    r = run(*retrieve)
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and second.name in r.output, r.output
+    assert "truncated" in r.output
+    assert second.name in run("check", sample_dataset, "--images", "skip").output
+
+    second.unlink()
+    r = run(*retrieve)
+    assert r.exit_code == 1 and "missing" in r.output and second.name in r.output and record.name in r.output
+
+    corrupt = bytearray(good)
+    corrupt[len(corrupt) // 2] ^= 0xFF  # same size: only the checksum tells
+    second.write_bytes(bytes(corrupt))
+    assert "CRC-32" not in run("check", sample_dataset, "--images", "skip").output
+    r = run("check", sample_dataset, "--images", "skip", "--deep")
+    assert r.exit_code == 1 and "CRC-32" in r.output and second.name in r.output
+
+    second.write_bytes(good)
+    stray = second.with_name("sample.flat.0123456789ab.0.faiss")
+    stray.write_bytes(good)
+    r = run("check", sample_dataset, "--images", "skip", "--deep")
+    assert "no kept index" in r.output and stray.name in r.output and "CRC-32" not in r.output
+
+
+@pytest.mark.parametrize("kind,size", [("flat", 300), ("ivf", 300), ("ivfpq", 300), ("ivfpq", 2000), ("lsh", 300)])
+def test_every_index_kind_searches_the_same_once_kept(tmp_path, kind, size):
+    """Kept and mapped back by faiss, each kind of index (ivfpq: classic codes on small maps,
+    4-bit fast-scan from 624 images) finds what it found in memory."""
+    from cbir.retrieval.index import IndexConf, build_indexes, index_record, load_indexes, save_indexes
+    from cbir.retrieval.search import DescriptorSet
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((size, 32)).astype(np.float32)
+    attrs = {"name": "g", "config": {}, "descriptor_dim": 32, "descriptor_dtype": "float32"}
+    with StoreWriter(tmp_path / "g.h5", "global-features", attrs) as w:
+        for i, d in enumerate(x / np.linalg.norm(x, axis=1, keepdims=True)):
+            w.add(f"m{i}", descriptors=d)
+    conf = IndexConf(kind, nlist=8, nprobe=4, pq_m=8)
+    with open_store(tmp_path / "g.h5") as store:
+        mset = DescriptorSet.align([store])
+        built = build_indexes(mset, conf, torch.device("cpu"))
+        save_indexes(tmp_path / "g.h5.index.h5", built, index_record(mset, conf))
+        (kept,) = load_indexes(tmp_path / "g.h5.index.h5", mset, conf)
+    queries = x[:20] / np.linalg.norm(x[:20], axis=1, keepdims=True)
+    for a, b in zip(built[0].search(queries, 10), kept.search(queries, 10)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_index_files_of_format_1_0_are_still_read(sample_dataset, tmp_path):
+    """Files kept before the faiss files of their own (the serialized index inside the record
+    file, format 1.0) are read as they are, with the same results."""
+    import faiss
+    import h5py
+
+    from cbir.io.index_file import read_index_record
+
+    assert run("index", "build", sample_dataset, "--global", "sample", "--index", "flat").exit_code == 0
+    record_file = sample_dataset / "cbir" / "index" / "sample.flat.h5"
+    args = ["retrieve", "--map", sample_dataset, "--global", "sample", "--index", "flat", "--topk", "2", "-o"]
+    assert run(*args, tmp_path / "new.txt").exit_code == 0
+    (faiss_file,) = _faiss_files(sample_dataset, "sample.flat")
+    blob = faiss.serialize_index(faiss.read_index(str(faiss_file)))
+    record = read_index_record(record_file)
+    faiss_file.unlink()
+    with h5py.File(record_file, "w") as f:
+        f.attrs.update({"cbir_format": "faiss-index", "format_version": "1.0",
+                        "record": json.dumps(record, sort_keys=True)})
+        f.create_dataset("index_0", data=blob)
+    r = run(*args, tmp_path / "old.txt")
+    assert r.exit_code == 0 and "for this call only" not in r.output, r.output
+    assert read_pairs(tmp_path / "old.txt") == read_pairs(tmp_path / "new.txt")

@@ -479,8 +479,13 @@ def test_indexes_kept_per_map_shard(cluster, densevlad_map, tmp_path, fusion):
     first = runner.invoke(main, build)
     assert first.exit_code == 0, first.output
     assert json.loads(first.stdout)["shards"] == 3 and json.loads(first.stdout)["built"] == 3
-    assert sorted(p.name for p in (root / "cbir" / "index" / "dv16+dv8.flat.shards").iterdir()) == \
-        ["000000000-000000003.h5", "000000003-000000006.h5", "000000006-000000008.h5"]
+    shards = root / "cbir" / "index" / "dv16+dv8.flat.shards"
+    records = ["000000000-000000003", "000000003-000000006", "000000006-000000008"]
+    assert sorted(p.name for p in shards.glob("*.h5")) == [f"{r}.h5" for r in records]
+    # each shard's two indexes (one a store) in faiss files of their own, beside its record
+    assert sorted(p.name.split(".")[0] + p.name[-8:] for p in shards.glob("*.faiss")) == \
+        [f"{r}.{j}.faiss" for r in records for j in (0, 1)] and \
+        len(list(shards.iterdir())) == 9
     assert json.loads(runner.invoke(main, build).stdout)["kept"] == 3
     for size, built in (("3", False), ("4", True)):
         out = tmp_path / f"indexed{size}.txt"

@@ -17,7 +17,7 @@ from ..errors import CbirError
 from ..geometry.cameras import Camera
 from .dataset import Dataset
 from .images import read_image
-from .index_file import read_index_record
+from .index_file import build_files, index_bytes, read_index_record, verify_index_files
 from .map_store import read_map
 from .pairs import read_pairs
 from .store import Store, check_matches_provenance, open_store
@@ -94,11 +94,16 @@ def check_dataset(dataset: Dataset, *, images: ImageCheck = "decode", deep: bool
                                 (report.warning if message.startswith("no checksums") else report.error)(path, message)
             except CbirError as e:
                 report.from_exception(e)
-    for path in sorted((dataset.root / "cbir" / "index").rglob("*.h5")):  # shards of --executor ray too
+    index_dir = dataset.root / "cbir" / "index"
+    named: set[Path] = set()
+    for path in sorted(index_dir.rglob("*.h5")):  # shards of --executor ray too
         try:
-            _check_index(dataset, path, report)
+            named.update(_check_index(dataset, path, report, deep))
         except CbirError as e:
+            named.update(build_files(path))  # a broken record: its files are reported with it
             report.from_exception(e)
+    for orphan in sorted(set(index_dir.rglob("*.faiss")) - named):
+        report.warning(orphan, "a faiss file of no kept index (left by an interrupted cbir index build?): delete it")
     for plan in sorted(p for p in (dataset.root / "cbir" / "shards").glob("*") if p.is_dir()):
         done = len(list(plan.glob("*/*/*.h5")))
         report.warning(plan, f"shards of an unfinished `cbir extract --executor ray` ({done} shard stores written): "
@@ -106,9 +111,15 @@ def check_dataset(dataset: Dataset, *, images: ImageCheck = "decode", deep: bool
     return report.problems
 
 
-def _check_index(dataset: Dataset, path: Path, report: _Report) -> None:
-    """A kept faiss index must have been built from the global stores as they are now."""
+def _check_index(dataset: Dataset, path: Path, report: _Report, deep: bool) -> list[Path]:
+    """A kept faiss index must have been built from the global stores as they are now, and
+    its faiss files must be there (``deep``: with the CRC-32s it recorded): the files it names."""
     record = read_index_record(path)
+    count = len(record["stores"])
+    files = [where.file for where in index_bytes(path, count)]
+    if deep:
+        for message in verify_index_files(path, count):
+            (report.warning if message.startswith("no checksums") else report.error)(path, message)
     for name, fingerprint in zip(record["stores"], record["fingerprints"]):
         store_path = dataset.store_path("global", str(name))
         if not store_path.exists():
@@ -118,6 +129,7 @@ def _check_index(dataset: Dataset, path: Path, report: _Report) -> None:
             if store.fingerprint() != fingerprint:
                 report.warning(path, f"built from {name!r} as it was before it changed: cbir retrieve refuses it; "
                                      "rebuild it (cbir index build ... --overwrite)")
+    return files
 
 
 def _check_images(dataset: Dataset, mode: ImageCheck, report: _Report,

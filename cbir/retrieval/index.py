@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import CbirError, FormatError
-from ..io.index_file import index_extents, read_index_record, write_index_file
+from ..io.index_file import IndexBytes, index_bytes, read_index_attrs, read_index_record, write_index_file
 from ..io.pairs import Pair
 from ..io.provenance import differences, digest_names
 from .fusion import fuse, nan_last
@@ -79,11 +79,11 @@ def index_record(database: DescriptorSet, conf: IndexConf) -> dict[str, Any]:
             "names": WHOLE_STORES if database.whole else digest_names(database.names)}
 
 
-def record_differences(path: Path, database: DescriptorSet, conf: IndexConf) -> tuple[dict[str, Any], list[str]]:
-    """The record of an index of ``database`` with ``conf``, and how the one kept at ``path``
+def record_differences(found: dict[str, Any], database: DescriptorSet,
+                       conf: IndexConf) -> tuple[dict[str, Any], list[str]]:
+    """The record of an index of ``database`` with ``conf``, and how the kept record ``found``
     differs from it (an index kept with the digest of the names its stores fix is the same)."""
     record = index_record(database, conf)
-    found = read_index_record(path)
     wanted = record
     if record["names"] == WHOLE_STORES and found.get("names") != WHOLE_STORES:
         wanted = {**record, "names": digest_names(database.names)}
@@ -101,20 +101,25 @@ def _small_map_bits(n: int) -> int:
 
 
 def save_indexes(path: Path, indexes: list[faiss.Index], record: dict[str, Any]) -> None:
+    """``indexes`` and their record kept at ``path`` (each index in a faiss file of its own)."""
     import faiss  # imported where used: commands that never build an index start without it
-    write_index_file(path, [faiss.serialize_index(index) for index in indexes], record)
+
+    def writer(index: faiss.Index) -> Callable[[Path], None]:
+        return lambda file: faiss.write_index(index, str(file))
+
+    write_index_file(path, [writer(index) for index in indexes], record)
 
 
 def load_indexes(path: Path, database: DescriptorSet, conf: IndexConf) -> list[faiss.Index]:
     """The kept indexes of ``path``, refused unless they were built from ``database`` with
     ``conf``'s options."""
-    import faiss
-    record, diffs = record_differences(path, database, conf)
+    attrs = read_index_attrs(path)
+    record, diffs = record_differences(read_index_record(path, attrs), database, conf)
     if diffs:
         stores = ",".join(record["stores"])
         raise CbirError(f"built from other stores or options than asked ({'; '.join(diffs)}): rebuild it with "
                         f"cbir index build MAP --global {stores} --index {record['config']['kind']} --overwrite", path)
-    indexes = [_read_index(path, offset, size) for offset, size in index_extents(path, len(record["stores"]))]
+    indexes = [_read_index(where) for where in index_bytes(path, len(record["stores"]), attrs)]
     for index in indexes:
         if index.ntotal != record["images"]:
             raise FormatError(f"an index holds {index.ntotal} images, its record {record['images']}", path)
@@ -131,7 +136,7 @@ def keep_indexes(path: Path, database: DescriptorSet, conf: IndexConf, overwrite
     record = index_record(database, conf)
     status = "new"
     if path.exists():
-        _, diffs = record_differences(path, database, conf)
+        _, diffs = record_differences(read_index_record(path), database, conf)
         if not diffs:
             return "kept"
         if not overwrite:
@@ -152,23 +157,27 @@ def kept_or_built(path: Path, database: DescriptorSet, conf: IndexConf,
     return build_indexes(database, conf, device), True
 
 
-def _read_index(path: Path, offset: int, size: int) -> faiss.Index:
-    """The index serialized at ``offset`` of ``path``. faiss asks for each inverted list
-    separately (16k small reads at 1M images): a buffered file serves them from 16 MB reads."""
+def _read_index(where: IndexBytes) -> faiss.Index:
+    """The index serialized at ``where``. A faiss file of its own is mapped into memory, its
+    inverted lists used in place (1M-image ivfpq: 0.08 s instead of 0.1-0.2 s reading and
+    copying 170 MB); one inside a format-1.0 file is read through a buffered file, since
+    faiss asks for each inverted list separately (16k small reads at 1M images)."""
     import faiss
 
-    with open(path, "rb", buffering=READ_PIECE) as f:
-        f.seek(offset)
-        end = offset + size
+    try:
+        if where.offset == 0 and where.file.suffix == ".faiss":
+            return faiss.read_index(str(where.file), faiss.IO_FLAG_MMAP_IFC)
+        with open(where.file, "rb", buffering=READ_PIECE) as f:
+            f.seek(where.offset)
+            end = where.offset + where.size
 
-        def read(n: int) -> bytes:  # never past the index's own bytes
-            return f.read(min(n, end - f.tell()))
+            def read(n: int) -> bytes:  # never past the index's own bytes
+                return f.read(min(n, end - f.tell()))
 
-        try:
             return faiss.read_index(faiss.PyCallbackIOReader(read, READ_PIECE))
-        except RuntimeError as e:
-            raise FormatError(f"cannot read the indexes ({str(e).splitlines()[0]}): the file is corrupt",
-                              path) from None
+    except RuntimeError as e:
+        raise FormatError(f"cannot read the index ({str(e).splitlines()[0]}): the file is corrupt",
+                          where.file) from None
 
 
 def _factory(kind: str, dim: int, n: int, conf: IndexConf) -> faiss.Index:
