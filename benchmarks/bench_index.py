@@ -81,8 +81,9 @@ def phase(args: argparse.Namespace) -> dict:
         elif args.phase == "query":
             indexes = load_indexes(index_file, mset, iconf)
             t_load = time.perf_counter() - t
-            write_pairs(work / "indexed.txt", retrieve_indexed(qset, mset, conf, iconf, indexes=indexes))
-            out = {"load_s": t_load}
+            steps: dict[str, float] = {}
+            write_pairs(work / "indexed.txt", retrieve_indexed(qset, mset, conf, iconf, indexes=indexes, timings=steps))
+            out = {"load_s": t_load, "steps": steps}
         else:
             write_pairs(work / "exact.txt", retrieve(qset, mset, conf))
             out = {}
@@ -143,9 +144,11 @@ def main() -> None:
         if build else "kept index reused; "
     print(f"{args.index} at {args.map_size} x {args.queries} x {args.dim}-D: {built}query {q_s[0]:.2f} s fastest, "
           f"{median(q_s):.2f} s median of {len(q_s)} (load {median([r['load_s'] for r in runs['query']]):.2f} s, peak "
-          f"{max(r['peak_rss_mb'] for r in runs['query']):.0f} MB) vs exact {e_s[0]:.1f} s fastest, {median(e_s):.1f} s "
-          f"median (peak {max(r['peak_rss_mb'] for r in runs['exact']):.0f} MB): x{e_s[0] / q_s[0]:.1f} fastest, "
+          f"{max(r['peak_rss_mb'] for r in runs['query']):.0f} MB) vs exact {e_s[0]:.1f} s fastest, "
+          f"{median(e_s):.1f} s median (peak {max(r['peak_rss_mb'] for r in runs['exact']):.0f} MB): x{e_s[0] / q_s[0]:.1f} fastest, "
           f"x{median(e_s) / median(q_s):.1f} median; recall@20 {recall:.3f}", flush=True)
+    steps = {name: median([r["steps"][name] for r in runs["query"]]) for name in runs["query"][0]["steps"]}
+    print("query, median seconds of each step: " + ", ".join(f"{k} {v:.3f}" for k, v in steps.items()), flush=True)
 
 
 if __name__ == "__main__":

@@ -243,6 +243,17 @@ def test_flat_and_full_probe_indexes_equal_exact_search(stores, fusion):
     assert (r == 1.0) if fusion == "round_robin" else (0.5 < r <= 1.0)
 
 
+def test_indexed_search_reports_the_time_of_its_steps(stores):
+    """`timings` receives the seconds of each step of an indexed search (the benchmark's
+    breakdown): candidates from faiss, reading their rows, scoring them, making the pairs."""
+    q, m = stores
+    timings: dict = {}
+    pairs = retrieve_indexed(load(q), load(m), RetrievalConf(topk=5), IndexConf("flat", candidates=20),
+                             timings=timings)
+    assert len(pairs) == 37 * 5
+    assert set(timings) == {"candidates", "read", "score", "pairs"} and all(t > 0 for t in timings.values())
+
+
 def test_indexed_search_scores_descriptors_held_in_memory(stores):
     """A map whose descriptors are held in memory (expanded, augmented) is rescored from those,
     not from its stores: every map image a candidate, the exact search's pairs over them."""

@@ -30,7 +30,8 @@ from ..io.index_file import IndexBytes, index_bytes, read_index_attrs, read_inde
 from ..io.pairs import Pair
 from ..io.provenance import differences, digest_names
 from .fusion import fuse, nan_last
-from .search import DescriptorSet, RetrievalConf, as_float32, pairs_from_topk, ranked, read_ahead, retrieve
+from .search import DescriptorSet, RetrievalConf, StepClock, as_float32, pairs_from_topk, ranked, read_ahead, \
+    retrieve
 
 if TYPE_CHECKING:
     import faiss
@@ -222,30 +223,37 @@ def build_indexes(database: DescriptorSet, conf: IndexConf, device: torch.device
 def retrieve_indexed(query: DescriptorSet, database: DescriptorSet, rconf: RetrievalConf, iconf: IndexConf,
                      device: torch.device = torch.device("cpu"), indexes: list[faiss.Index] | None = None,
                      progress: Callable[[int, int], None] | None = None,
-                     query_block: int = RESCORE_BLOCK) -> list[Pair]:
-    """Fused top-k over the union of each index's candidates, rescored exactly."""
+                     query_block: int = RESCORE_BLOCK, timings: dict[str, float] | None = None) -> list[Pair]:
+    """Fused top-k over the union of each index's candidates, rescored exactly. ``timings``
+    (optional) is filled with the seconds spent asking the indexes for candidates, reading
+    the candidates' descriptors (on a GPU, while it scores), scoring them (products, norms,
+    fusion, top-k) and making the pairs."""
+    clock = StepClock(timings, device)
     blocks = []
     for q0, q1, values, indices in indexed_topk(query, database, rconf, iconf, device, indexes,
-                                                query_block=query_block):
+                                                query_block=query_block, clock=clock):
         blocks.append((values, indices))
         if progress:
             progress(q1 - q0, len(query.names))
     if not blocks:
         return []
     lists = len(blocks[0][0])
-    return pairs_from_topk(query.names, database.names, [np.concatenate([b[0][j] for b in blocks]) for j in range(lists)],
-                           [np.concatenate([b[1][j] for b in blocks]) for j in range(lists)], rconf)
+    with clock("pairs"):
+        return pairs_from_topk(query.names, database.names,
+                               [np.concatenate([b[0][j] for b in blocks]) for j in range(lists)],
+                               [np.concatenate([b[1][j] for b in blocks]) for j in range(lists)], rconf)
 
 
 def indexed_topk(query: DescriptorSet, database: DescriptorSet, rconf: RetrievalConf, iconf: IndexConf,
                  device: torch.device = torch.device("cpu"), indexes: list[faiss.Index] | None = None,
-                 width: int | None = None, query_block: int = RESCORE_BLOCK
+                 width: int | None = None, query_block: int = RESCORE_BLOCK, clock: StepClock | None = None
                  ) -> Iterator[tuple[int, int, list[np.ndarray], list[np.ndarray]]]:
     """:func:`~.search.search_topk` over the indexes' candidates: ``(q0, q1, values,
     indices)`` per block of queries, the candidates of every index rescored exactly; an
     index ``-1`` (value ``-inf``) where a query has fewer candidates than ``k``. ``k`` is
     ``rconf.topk`` (less the excluded image), or ``width`` for a shard of the map."""
     indexes = indexes or build_indexes(database, iconf, device)
+    clock = clock or StepClock(None, device)
     nm = len(database.names)
     k = min(rconf.topk, nm - (1 if rconf.excludes_names else 0)) if width is None else min(width, nm)
     if k <= 0:
@@ -262,35 +270,46 @@ def indexed_topk(query: DescriptorSet, database: DescriptorSet, rconf: Retrieval
         self_idx = np.array([map_index.get(n, -1) for n in query.names[q0:q1]])
         cands[(cands == self_idx[:, None]) | (cands < 0)] = -1
         unique = _sorted_unique(cands[cands >= 0])
-        return unique, database.read_raw(unique) if len(unique) else []
+        with clock("read"):
+            return unique, database.read_raw(unique) if len(unique) else []
 
-    blocks = _candidates(query, indexes, kc, iconf.search_block, query_block, device)
+    blocks = clock.timed(_candidates(query, indexes, kc, iconf.search_block, query_block, device), "candidates")
     # read ahead while a GPU scores; on the CPU the reads and the products share the cores (on
     # 2 cores a reading thread made the 1M-image query 0.09 s slower, 0.65 s against 0.56 s)
     for (q0, q1, qd, cands), (unique, raw) in read_ahead(candidate_rows, blocks, thread=device.type != "cpu"):
         if len(unique) == 0:
             yield q0, q1, [np.full((q1 - q0, k), -np.inf, np.float32)] * lists, [np.full((q1 - q0, k), -1)] * lists
             continue
-        pos = torch.from_numpy(np.searchsorted(unique, np.where(cands >= 0, cands, unique[0]))).to(device)
-        # the products of the stored rows, divided by their norms: the rows are not rescaled
-        sims = [torch.gather(a @ as_float32(r).to(device).t(), 1, pos) / n.to(device)[pos]
-                for a, r, n in zip(qd, raw, database.norms(raw, unique))]
-        invalid = torch.from_numpy(cands < 0).to(device)
-        if round_robin:  # each index's own candidates, ranked by its own descriptor
-            scored = [(s.masked_fill(invalid, -torch.inf)[:, j * kc:(j + 1) * kc], cands[:, j * kc:(j + 1) * kc])
-                      for j, s in enumerate(sims)]
-        else:
-            # a candidate found by several indexes appears several times: keep its first occurrence
-            drop = invalid | ~torch.from_numpy(_first_occurrence(cands)).to(device)
-            scored = [(nan_last(fuse(sims, rconf.fusion)).masked_fill(drop, -torch.inf), cands)]
-        values, indices = [], []
-        for score, ids in scored:
-            top_v, top_i = ranked(score, torch.from_numpy(ids).to(device), k)
-            v, ix = top_v.cpu().numpy(), top_i.cpu().numpy()
-            ix[v == -np.inf] = -1
-            values.append(v)
-            indices.append(ix)
+        with clock("score"):
+            values, indices = _rescore(qd, raw, unique, cands, database, rconf, k, kc, device)
         yield q0, q1, values, indices
+
+
+def _rescore(qd: list[torch.Tensor], raw: list[np.ndarray], unique: np.ndarray, cands: np.ndarray,
+             database: DescriptorSet, rconf: RetrievalConf, k: int, kc: int,
+             device: torch.device) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The top-k of a block of queries among their candidates ``cands`` (``-1``: none),
+    scored with their stored descriptors ``raw`` (rows of ``unique``, the sorted candidates)."""
+    pos = torch.from_numpy(np.searchsorted(unique, np.where(cands >= 0, cands, unique[0]))).to(device)
+    # the products of the stored rows, divided by their norms: the rows are not rescaled
+    sims = [torch.gather(a @ as_float32(r).to(device).t(), 1, pos) / n.to(device)[pos]
+            for a, r, n in zip(qd, raw, database.norms(raw, unique))]
+    invalid = torch.from_numpy(cands < 0).to(device)
+    if rconf.fusion.name == "round_robin":  # each index's own candidates, ranked by its own descriptor
+        scored = [(s.masked_fill(invalid, -torch.inf)[:, j * kc:(j + 1) * kc], cands[:, j * kc:(j + 1) * kc])
+                  for j, s in enumerate(sims)]
+    else:
+        # a candidate found by several indexes appears several times: keep its first occurrence
+        drop = invalid | ~torch.from_numpy(_first_occurrence(cands)).to(device)
+        scored = [(nan_last(fuse(sims, rconf.fusion)).masked_fill(drop, -torch.inf), cands)]
+    values, indices = [], []
+    for score, ids in scored:
+        top_v, top_i = ranked(score, torch.from_numpy(ids).to(device), k)
+        v, ix = top_v.cpu().numpy(), top_i.cpu().numpy()
+        ix[v == -np.inf] = -1
+        values.append(v)
+        indices.append(ix)
+    return values, indices
 
 
 def _candidates(query: DescriptorSet, indexes: list[faiss.Index], kc: int, search_block: int, query_block: int,

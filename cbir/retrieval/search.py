@@ -15,6 +15,7 @@ result is provably the exact top-k (:func:`_half_topk`).
 from __future__ import annotations
 
 import gc
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -181,7 +182,8 @@ class DescriptorSet:
     @property
     def whole(self) -> bool:
         """Whether these are every image of each store, in stored order (the usual case)."""
-        return all(len(r) == len(s.names) and np.array_equal(r, np.arange(len(r))) for s, r in zip(self.stores, self.rows))
+        return all(len(r) == len(store.names) and np.array_equal(r, np.arange(len(r)))
+                   for store, r in zip(self.stores, self.rows))
 
     @property
     def dims(self) -> list[int]:
@@ -266,7 +268,7 @@ class MapChunks:
     """
 
     def __init__(self, database: DescriptorSet, device: torch.device, chunk: int, conf: RetrievalConf,
-                 clock: "_Clock"):
+                 clock: "StepClock"):
         self.database, self.device, self.chunk, self.clock = database, device, chunk, clock
         self.n = len(database.names)
         self.half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(conf.precision)
@@ -367,7 +369,7 @@ def retrieve(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf 
     (round_robin: the peer's rank score ``topk - position``). ``timings`` (optional) is
     filled with the seconds spent reading, in the matrix products, fusing + selecting,
     (half precision) rescoring the candidates, and making the pairs."""
-    clock = _Clock(timings, device)
+    clock = StepClock(timings, device)
     pairs: list[Pair] = []
     for q0, q1, values, indices in search_topk(query, database, conf, device, clock):
         with clock("pairs"):
@@ -378,7 +380,7 @@ def retrieve(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf 
 
 
 def search_topk(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf, device: torch.device,
-                clock: "_Clock | None" = None,
+                clock: "StepClock | None" = None,
                 width: int | None = None) -> Iterator[tuple[int, int, list[np.ndarray], list[np.ndarray]]]:
     """The top-k of each block of queries ``q0:q1``: ``(q0, q1, values, indices)``, one
     array (block x k, best first) per ranking (round_robin: one a descriptor; else the
@@ -386,7 +388,7 @@ def search_topk(query: DescriptorSet, database: DescriptorSet, conf: RetrievalCo
     indices into ``database``. ``k`` is ``conf.topk``, less the excluded image where
     there is one, or ``width`` when given (a shard of the map: its excluded image, if any,
     comes last at ``-inf``)."""
-    clock = clock or _Clock(None, device)
+    clock = clock or StepClock(None, device)
     if len(query.stores) != len(database.stores):
         raise ValueError("query and database need the same descriptors")
     nq, nm = len(query.names), len(database.names)
@@ -462,7 +464,7 @@ def _exclude(scores: torch.Tensor, self_idx: torch.Tensor, m0: int) -> None:
 
 
 def _exact_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChunks, conf: RetrievalConf, k: int,
-                clock: "_Clock", exact_ties: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                clock: "StepClock", exact_ties: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Exact float32 top-k of a query block: ``(values, indices)``, one list entry per
     descriptor (round_robin) or one for the fused score, best first, equal scores by lower
     map index (:func:`ranked`)."""
@@ -525,7 +527,7 @@ def _half_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _half_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChunks, conf: RetrievalConf, k: int,
-               clock: "_Clock") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+               clock: "StepClock") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The exact top-k of a query block, found in half precision.
 
     Each half-precision similarity plus its :func:`error_bound` is an upper bound of the
@@ -583,25 +585,38 @@ def _half_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChunks
     return [values], [indices]
 
 
-class _Clock:
-    """Accumulates the time of named steps into a dict (nothing when there is none)."""
+class StepClock:
+    """Accumulates the time of named steps into a dict (nothing when there is none):
+    ``with clock("read"): ...``. On a GPU each step ends with a synchronisation, so that its
+    time is its own. Steps may nest and run on several threads (their times then overlap)."""
 
     def __init__(self, timings: dict[str, float] | None, device: torch.device):
-        self.timings, self.device, self._name, self._t = timings, device, "", 0.0
+        self.timings, self.device = timings, device
+        self._lock = threading.Lock()
 
-    def __call__(self, name: str) -> "_Clock":
-        self._name = name
-        return self
-
-    def __enter__(self) -> None:
-        if self.timings is not None:
-            self._t = time.perf_counter()
-
-    def __exit__(self, *exc) -> None:
-        if self.timings is not None:
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.timings is None:
+            yield
+            return
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
-            self.timings[self._name] = self.timings.get(self._name, 0.0) + time.perf_counter() - self._t
+            with self._lock:
+                self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    def timed(self, items: Iterable[T], name: str) -> Iterator[T]:
+        """``items``, the time of making each counted as ``name``."""
+        it = iter(items)
+        while True:
+            with self(name):
+                item = next(it, _END)
+            if item is _END:
+                return
+            yield item
 
 
 def _round_robin(queries: list[str], rankings: list[np.ndarray], names: list[str], k: int) -> list[Pair]:
