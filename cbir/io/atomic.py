@@ -78,6 +78,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file written by another library (faiss, say) to the disk before it is renamed."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class WriteLock:
     """An advisory exclusive lock on ``<path>.lock`` (released by the OS if the holder dies)."""
 

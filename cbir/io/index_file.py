@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from ..errors import FormatError
-from .atomic import atomic_output
+from .atomic import atomic_output, fsync_file
 from .dataset import Dataset
 from .hdf5 import read_metadata
 
@@ -58,6 +58,7 @@ def write_index_file(path: Path, writers: list[Callable[[Path], None]], record: 
         with atomic_output(target) as tmp:
             write(tmp)
             crc = file_crc32(tmp)
+            fsync_file(tmp)  # the record names it only once it is on the disk
         files.append({"file": target.name, "size": target.stat().st_size, "crc32": f"{crc:08x}"})
     with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["cbir_format"] = INDEX_FORMAT
