@@ -206,3 +206,29 @@ def test_index_files_of_format_1_0_are_still_read(sample_dataset, tmp_path):
     r = run(*args, tmp_path / "old.txt")
     assert r.exit_code == 0 and "for this call only" not in r.output, r.output
     assert read_pairs(tmp_path / "old.txt") == read_pairs(tmp_path / "new.txt")
+
+
+def test_an_index_rebuilt_while_it_is_loaded_is_read_from_its_new_build(tmp_path, monkeypatch):
+    """A retrieve that read the record just before a rebuild removed the files it names reads
+    the record again and loads the new build, instead of failing on the missing file."""
+    import cbir.retrieval.index as index_mod
+    from cbir.io.index_file import read_index_attrs
+    from cbir.retrieval.index import IndexConf, build_indexes, index_record, load_indexes, save_indexes
+    from cbir.retrieval.search import DescriptorSet
+
+    rng = np.random.default_rng(2)
+    attrs = {"name": "g", "config": {}, "descriptor_dim": 8, "descriptor_dtype": "float32"}
+    with StoreWriter(tmp_path / "g.h5", "global-features", attrs) as w:
+        for i in range(40):
+            w.add(f"m{i}", descriptors=rng.random(8).astype(np.float32))
+    conf, path = IndexConf("flat"), tmp_path / "g.flat.h5"
+    with open_store(tmp_path / "g.h5") as store:
+        mset = DescriptorSet.align([store])
+        built = build_indexes(mset, conf, torch.device("cpu"))
+        save_indexes(path, built, index_record(mset, conf))
+        stale = read_index_attrs(path)
+        save_indexes(path, built, index_record(mset, conf))  # the rebuild: new files, old ones removed
+        reads = iter([stale])
+        monkeypatch.setattr(index_mod, "read_index_attrs", lambda p: next(reads, None) or read_index_attrs(p))
+        (kept,) = load_indexes(path, mset, conf)
+        assert kept.ntotal == 40

@@ -115,6 +115,16 @@ def load_indexes(path: Path, database: DescriptorSet, conf: IndexConf) -> list[f
     """The kept indexes of ``path``, refused unless they were built from ``database`` with
     ``conf``'s options."""
     attrs = read_index_attrs(path)
+    try:
+        return _load(path, attrs, database, conf)
+    except FormatError:
+        if read_index_attrs(path) == attrs:
+            raise
+        # rebuilt since its record was read, which removed the files it named: the new build
+        return _load(path, read_index_attrs(path), database, conf)
+
+
+def _load(path: Path, attrs: dict[str, Any], database: DescriptorSet, conf: IndexConf) -> list[faiss.Index]:
     record, diffs = record_differences(read_index_record(path, attrs), database, conf)
     if diffs:
         stores = ",".join(record["stores"])
