@@ -4,6 +4,7 @@ refused once their stores or options change, flagged by `cbir check`."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,9 @@ def test_built_once_then_used_with_the_results_of_an_index_built_for_the_call(sa
     assert built["status"] == "new" and built["images"] == 3
     index_file = sample_dataset / "cbir" / "index" / "sample.flat.h5"
     assert index_file.is_file()
+    (faiss_file,) = built["files"]  # the index itself, beside its record, counted in the size
+    assert built["bytes"] == index_file.stat().st_size + Path(faiss_file).stat().st_size
+    assert Path(faiss_file).parent == index_file.parent and Path(faiss_file).stat().st_size > 0
     again = json.loads(run("index", "build", sample_dataset, "--global", "sample", "--index", "flat", "--json").stdout)
     assert again["status"] == "kept" and index_file.stat().st_mtime_ns == index_file.stat().st_mtime_ns
     r = run("retrieve", "--map", sample_dataset, "--global", "sample", "--index", "flat", "--topk", "2",

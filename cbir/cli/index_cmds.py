@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import CbirError
-from ..io.index_file import index_path
+from ..io.index_file import index_bytes, index_path
 from ..retrieval.index import INDEX_KINDS, IndexConf, keep_indexes
 from ..retrieval.search import open_descriptor_sets
 from ._common import console_err, dataset_argument, is_quiet, open_dataset, print_json, report_written
@@ -69,14 +69,17 @@ def index_build(ctx: click.Context, map_: Path, global_: str, kind: str, nlist: 
         t = time.perf_counter()
         status = keep_indexes(path, mset, iconf, overwrite)
         seconds = time.perf_counter() - t
-    summary = {"index": str(path), "status": status, "images": len(mset.names), "stores": names, "kind": kind,
-               "bytes": path.stat().st_size, "build_seconds": None if status == "kept" else round(seconds, 3)}
+    files = [path, *(where.file for where in index_bytes(path, len(names)))]  # the record, its faiss files
+    size = sum(f.stat().st_size for f in files)
+    summary = {"index": str(path), "files": [str(f) for f in files[1:]], "status": status,
+               "images": len(mset.names), "stores": names, "kind": kind, "bytes": size,
+               "build_seconds": None if status == "kept" else round(seconds, 3)}
     if as_json:
         print_json(summary)
     elif not is_quiet(ctx):
         what = "already built from these stores and options" if status == "kept" else \
             f"built in {seconds:.1f} s"
         console_err().print(f"{kind} index of {len(mset.names)} images ({', '.join(names)}): {what}, "
-                            f"{path.stat().st_size / 2 ** 20:.1f} MB", highlight=False)
+                            f"{size / 2 ** 20:.1f} MB", highlight=False)
     if status != "kept":
-        report_written([path], is_quiet(ctx) or as_json)
+        report_written(files, is_quiet(ctx) or as_json)
