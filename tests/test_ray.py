@@ -486,6 +486,7 @@ def test_indexes_kept_per_map_shard(cluster, densevlad_map, tmp_path, fusion):
     assert sorted(p.name.split(".")[0] + p.name[-8:] for p in shards.glob("*.faiss")) == \
         [f"{r}.{j}.faiss" for r in records for j in (0, 1)] and \
         len(list(shards.iterdir())) == 9
+    assert json.loads(first.stdout)["bytes"] == sum(f.stat().st_size for f in shards.iterdir())
     assert json.loads(runner.invoke(main, build).stdout)["kept"] == 3
     for size, built in (("3", False), ("4", True)):
         out = tmp_path / f"indexed{size}.txt"

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import CbirError
-from ..io.index_file import index_bytes, index_path
+from ..io.index_file import index_path, kept_files
 from ..retrieval.index import INDEX_KINDS, IndexConf, keep_indexes
 from ..retrieval.search import open_descriptor_sets
 from ._common import console_err, dataset_argument, is_quiet, open_dataset, print_json, report_written
@@ -54,7 +54,8 @@ def index_build(ctx: click.Context, map_: Path, global_: str, kind: str, nlist: 
         written = [p for p, status in shards if status != "kept"]
         summary = {"index": str(shards[0][0].parent), "shards": len(shards), "built": len(written),
                    "kept": len(shards) - len(written), "stores": names, "kind": kind, "shard_size": shard_size,
-                   "bytes": sum(p.stat().st_size for p, _ in shards), "build_seconds": round(seconds, 3)}
+                   "bytes": sum(f.stat().st_size for p, _ in shards for f in kept_files(p, len(names))),
+                   "build_seconds": round(seconds, 3)}
         if as_json:
             print_json(summary)
         elif not is_quiet(ctx):
@@ -69,7 +70,7 @@ def index_build(ctx: click.Context, map_: Path, global_: str, kind: str, nlist: 
         t = time.perf_counter()
         status = keep_indexes(path, mset, iconf, overwrite)
         seconds = time.perf_counter() - t
-    files = [path, *(where.file for where in index_bytes(path, len(names)))]  # the record, its faiss files
+    files = kept_files(path, len(names))  # the record, then its faiss files
     size = sum(f.stat().st_size for f in files)
     summary = {"index": str(path), "files": [str(f) for f in files[1:]], "status": status,
                "images": len(mset.names), "stores": names, "kind": kind, "bytes": size,

@@ -155,6 +155,11 @@ def index_bytes(path: Path, count: int, attrs: dict[str, Any] | None = None) -> 
     return located
 
 
+def kept_files(path: Path, count: int) -> list[Path]:
+    """The files of a kept index: its record ``path``, then the faiss files it names."""
+    return [path, *dict.fromkeys(where.file for where in index_bytes(path, count) if where.file != path)]
+
+
 def _embedded_extents(path: Path, count: int) -> list[tuple[int, int]]:
     """``(offset, size)`` in ``path`` of each serialized index, so that faiss reads it straight
     from the file (one copy, not three: 0.06 s instead of 0.2-0.5 s for 170 MB). Written
