@@ -17,7 +17,7 @@ from ..errors import CbirError
 from ..geometry.cameras import Camera
 from .dataset import Dataset
 from .images import read_image
-from .index_file import build_files, index_bytes, read_index_record, verify_index_files
+from .index_file import build_files, index_bytes, read_index_attrs, read_index_record, verify_index_files
 from .map_store import read_map
 from .pairs import read_pairs
 from .store import Store, check_matches_provenance, open_store
@@ -114,11 +114,12 @@ def check_dataset(dataset: Dataset, *, images: ImageCheck = "decode", deep: bool
 def _check_index(dataset: Dataset, path: Path, report: _Report, deep: bool) -> list[Path]:
     """A kept faiss index must have been built from the global stores as they are now, and
     its faiss files must be there (``deep``: with the CRC-32s it recorded): the files it names."""
-    record = read_index_record(path)
+    attrs = read_index_attrs(path)  # read once (in a child process), for every check below
+    record = read_index_record(path, attrs)
     count = len(record["stores"])
-    files = [where.file for where in index_bytes(path, count)]
+    files = [where.file for where in index_bytes(path, count, attrs)]
     if deep:
-        for message in verify_index_files(path, count):
+        for message in verify_index_files(path, count, attrs):
             (report.warning if message.startswith("no checksums") else report.error)(path, message)
     for name, fingerprint in zip(record["stores"], record["fingerprints"]):
         store_path = dataset.store_path("global", str(name))

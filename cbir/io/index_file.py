@@ -80,10 +80,10 @@ def file_crc32(path: Path, piece: int = 1 << 24) -> int:
     return crc
 
 
-def verify_index_files(path: Path, count: int) -> list[str]:
+def verify_index_files(path: Path, count: int, attrs: dict[str, Any] | None = None) -> list[str]:
     """What disagrees between the index files of the record ``path`` and the CRC-32s it
     recorded (``cbir check --deep``; a retrieve checks their presence and sizes only)."""
-    attrs = read_index_attrs(path)
+    attrs = read_index_attrs(path) if attrs is None else attrs
     if attrs.get("files") is None:
         return ["no checksums recorded (an index file of format 1.0: rebuild it to have them)"]
     located = index_bytes(path, count, attrs)  # the files exist with their sizes

@@ -80,15 +80,12 @@ def index_record(database: DescriptorSet, conf: IndexConf) -> dict[str, Any]:
             "names": WHOLE_STORES if database.whole else digest_names(database.names)}
 
 
-def record_differences(found: dict[str, Any], database: DescriptorSet,
-                       conf: IndexConf) -> tuple[dict[str, Any], list[str]]:
-    """The record of an index of ``database`` with ``conf``, and how the kept record ``found``
-    differs from it (an index kept with the digest of the names its stores fix is the same)."""
-    record = index_record(database, conf)
-    wanted = record
-    if record["names"] == WHOLE_STORES and found.get("names") != WHOLE_STORES:
-        wanted = {**record, "names": digest_names(database.names)}
-    return record, differences(found, wanted)
+def record_differences(found: dict[str, Any], wanted: dict[str, Any], database: DescriptorSet) -> list[str]:
+    """How the kept record ``found`` differs from ``wanted``, the :func:`index_record` of
+    ``database`` (an index kept with the digest of the names its stores fix is the same)."""
+    if wanted["names"] == WHOLE_STORES and found.get("names") != WHOLE_STORES:
+        wanted = {**wanted, "names": digest_names(database.names)}
+    return differences(found, wanted)
 
 
 def pq_layout(n: int) -> str:
@@ -114,18 +111,21 @@ def save_indexes(path: Path, indexes: list[faiss.Index], record: dict[str, Any])
 def load_indexes(path: Path, database: DescriptorSet, conf: IndexConf) -> list[faiss.Index]:
     """The kept indexes of ``path``, refused unless they were built from ``database`` with
     ``conf``'s options."""
+    record = index_record(database, conf)
     attrs = read_index_attrs(path)
     try:
-        return _load(path, attrs, database, conf)
+        return _load(path, attrs, record, database, conf.nprobe)
     except FormatError:
-        if read_index_attrs(path) == attrs:
+        fresh = read_index_attrs(path)
+        if fresh == attrs:
             raise
         # rebuilt since its record was read, which removed the files it named: the new build
-        return _load(path, read_index_attrs(path), database, conf)
+        return _load(path, fresh, record, database, conf.nprobe)
 
 
-def _load(path: Path, attrs: dict[str, Any], database: DescriptorSet, conf: IndexConf) -> list[faiss.Index]:
-    record, diffs = record_differences(read_index_record(path, attrs), database, conf)
+def _load(path: Path, attrs: dict[str, Any], record: dict[str, Any], database: DescriptorSet,
+          nprobe: int) -> list[faiss.Index]:
+    diffs = record_differences(read_index_record(path, attrs), record, database)
     if diffs:
         stores = ",".join(record["stores"])
         raise CbirError(f"built from other stores or options than asked ({'; '.join(diffs)}): rebuild it with "
@@ -135,7 +135,7 @@ def _load(path: Path, attrs: dict[str, Any], database: DescriptorSet, conf: Inde
         if index.ntotal != record["images"]:
             raise FormatError(f"an index holds {index.ntotal} images, its record {record['images']}", path)
         if hasattr(index, "nprobe"):
-            index.nprobe = conf.nprobe
+            index.nprobe = nprobe
     return indexes
 
 
@@ -147,7 +147,7 @@ def keep_indexes(path: Path, database: DescriptorSet, conf: IndexConf, overwrite
     record = index_record(database, conf)
     status = "new"
     if path.exists():
-        _, diffs = record_differences(read_index_record(path), database, conf)
+        diffs = record_differences(read_index_record(path), record, database)
         if not diffs:
             return "kept"
         if not overwrite:
