@@ -397,8 +397,9 @@ def retrieve_on_ray(query: Dataset, map_: Dataset, store_names: list[str], conf:
     reach the shards through Ray's object store, each shard only its own map rows."""
     import numpy as np
     import ray
+    import torch
 
-    from .retrieval.search import open_descriptor_sets, pairs_from_topk
+    from .retrieval.search import open_descriptor_sets, pairs_from_topk, ranked
 
     if queries is not None and query_arrays is not None:
         raise ValueError("a query sample is searched with its stored descriptors")
@@ -423,14 +424,12 @@ def retrieve_on_ray(query: Dataset, map_: Dataset, store_names: list[str], conf:
             stats["indexes_built"] = built
         lists = len(found[0][0]) if found else 0
         values, indices = [], []
-        # the exact top-k of every query: the best of the shards' own top-k's, each ranked by score
-        # then map index (search.ranked); shards in map order and a stable sort keep that rule
-        for j in range(lists):
-            v = np.concatenate([found[i][0][j] for i in sorted(found)], axis=1)
-            ix = np.concatenate([found[i][1][j] for i in sorted(found)], axis=1)
-            order = np.argsort(-v, axis=1, kind="stable")
-            values.append(np.take_along_axis(v, order, axis=1))
-            indices.append(np.take_along_axis(ix, order, axis=1))
+        for j in range(lists):  # the exact top-k of every query: the best of the shards' own top-k's
+            v = torch.from_numpy(np.concatenate([found[i][0][j] for i in sorted(found)], axis=1))
+            ix = torch.from_numpy(np.concatenate([found[i][1][j] for i in sorted(found)], axis=1))
+            top_v, top_i = ranked(v, ix, v.shape[1])  # the rule of a local search: ties by map index
+            values.append(top_v.numpy())
+            indices.append(top_i.numpy())
         if not lists or values[0].shape[1] == 0:
             return []
         return pairs_from_topk(qset.names, mset.names, values, indices, conf)
