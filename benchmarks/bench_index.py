@@ -72,7 +72,7 @@ def phase(args: argparse.Namespace) -> dict:
     with open_store(work / "map.h5") as ms, open_store(work / "query.h5") as qs:
         mset, qset = DescriptorSet.align([ms]), DescriptorSet.align([qs])
         conf = RetrievalConf(topk=20)
-        iconf = IndexConf(args.index, candidates=args.candidates, nprobe=args.nprobe)
+        iconf = IndexConf(args.index, candidates=args.candidates, nprobe=args.nprobe, pq_m=args.pq_m)
         t = time.perf_counter()
         if args.phase == "build":
             save_indexes(index_file, build_indexes(mset, iconf, torch.device("cpu")), index_record(mset, iconf))
@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--index", default="ivfpq")
     ap.add_argument("--candidates", type=int, default=100)
     ap.add_argument("--nprobe", type=int, default=16)
+    ap.add_argument("--pq-m", type=int, default=0, help="ivfpq sub-quantizers (default: dim / 8)")
     ap.add_argument("--noise", type=float, default=0.05)
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--repeat", type=int, default=3, help="runs of the query and of exact search, alternating")
@@ -122,7 +123,7 @@ def main() -> None:
 
     def run(name: str) -> dict:
         cmd = [sys.executable, __file__, "--phase", name, "--work", str(args.work), "--index", args.index,
-               "--candidates", str(args.candidates), "--nprobe", str(args.nprobe)]
+               "--candidates", str(args.candidates), "--nprobe", str(args.nprobe), "--pq-m", str(args.pq_m)]
         result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         print(name, result, flush=True)
         return result

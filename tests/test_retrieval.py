@@ -3,6 +3,7 @@ descriptors, for every operator; streaming does not change it; bad inputs are re
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +242,26 @@ def test_flat_and_full_probe_indexes_equal_exact_search(stores, fusion):
     # fewer candidates: a fused top-10 image may be in no descriptor's own top-10, and the recall says so
     r = recall_against_exact(qset, mset, conf, IndexConf("flat", candidates=10))
     assert (r == 1.0) if fusion == "round_robin" else (0.5 < r <= 1.0)
+
+
+def test_indexed_search_is_the_same_whatever_its_blocks_calls_and_threads(stores):
+    """Rescoring blocks, faiss calls, reading ahead on a thread and the threads left to the
+    products change nothing in the ranking, and torch's thread count is restored after."""
+    q, m = stores
+    qset, mset = load(q), load(m)
+    conf, iconf = RetrievalConf(topk=10), IndexConf("ivf", candidates=40, nlist=8, nprobe=2)
+    threads = torch.get_num_threads()
+    want = retrieve_indexed(qset, mset, conf, iconf, query_block=37)
+    try:
+        for block, search_block, n in ((1, 4096, 1), (5, 3, 2), (16, 7, 3)):
+            torch.set_num_threads(n)
+            got = retrieve_indexed(qset, mset, conf, replace(iconf, search_block=search_block), query_block=block)
+            assert [(p.query, p.map) for p in got] == [(p.query, p.map) for p in want], (block, search_block, n)
+            # products of other shapes: the same scores to float32 rounding
+            np.testing.assert_allclose([p.score for p in got], [p.score for p in want], rtol=1e-6)
+            assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_indexed_search_reports_the_time_of_its_steps(stores):

@@ -18,6 +18,7 @@ memory for this call only when there is none.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -30,8 +31,8 @@ from ..io.index_file import IndexBytes, index_bytes, read_index_attrs, read_inde
 from ..io.pairs import Pair
 from ..io.provenance import differences, digest_names
 from .fusion import fuse, nan_last
-from .search import DescriptorSet, RetrievalConf, StepClock, as_float32, pairs_from_topk, ranked, read_ahead, \
-    retrieve
+from .search import DescriptorSet, RetrievalConf, StepClock, as_float32, intra_op_threads, pairs_from_topk, ranked, \
+    read_ahead, retrieve
 
 if TYPE_CHECKING:
     import faiss
@@ -239,19 +240,14 @@ def retrieve_indexed(query: DescriptorSet, database: DescriptorSet, rconf: Retri
     the candidates' descriptors (on a GPU, while it scores), scoring them (products, norms,
     fusion, top-k) and making the pairs."""
     clock = StepClock(timings, device)
-    blocks = []
+    pairs: list[Pair] = []
     for q0, q1, values, indices in indexed_topk(query, database, rconf, iconf, device, indexes,
                                                 query_block=query_block, clock=clock):
-        blocks.append((values, indices))
+        with clock("pairs"):  # block by block, while the next block's rows are read
+            pairs += pairs_from_topk(query.names[q0:q1], database.names, values, indices, rconf)
         if progress:
             progress(q1 - q0, len(query.names))
-    if not blocks:
-        return []
-    lists = len(blocks[0][0])
-    with clock("pairs"):
-        return pairs_from_topk(query.names, database.names,
-                               [np.concatenate([b[0][j] for b in blocks]) for j in range(lists)],
-                               [np.concatenate([b[1][j] for b in blocks]) for j in range(lists)], rconf)
+    return pairs
 
 
 def indexed_topk(query: DescriptorSet, database: DescriptorSet, rconf: RetrievalConf, iconf: IndexConf,
@@ -283,16 +279,21 @@ def indexed_topk(query: DescriptorSet, database: DescriptorSet, rconf: Retrieval
         with clock("read"):
             return unique, database.read_raw(unique) if len(unique) else []
 
-    blocks = clock.timed(_candidates(query, indexes, kc, iconf.search_block, query_block, device), "candidates")
-    # read ahead while a GPU scores; on the CPU the reads and the products share the cores (on
-    # 2 cores a reading thread made the 1M-image query 0.09 s slower, 0.65 s against 0.56 s)
-    for (q0, q1, qd, cands), (unique, raw) in read_ahead(candidate_rows, blocks, thread=device.type != "cpu"):
-        if len(unique) == 0:
-            yield q0, q1, [np.full((q1 - q0, k), -np.inf, np.float32)] * lists, [np.full((q1 - q0, k), -1)] * lists
-            continue
-        with clock("score"):
-            values, indices = _rescore(qd, raw, unique, cands, database, rconf, k, kc, device)
-        yield q0, q1, values, indices
+    threads = torch.get_num_threads()
+    blocks = clock.timed(_candidates(query, indexes, kc, iconf.search_block, query_block, device, threads),
+                         "candidates")
+    # the next block's rows are read on a thread while this one is scored: on a GPU, and on
+    # a CPU of several cores, one of them left to the reads (1M map, 1,000 queries, 2 cores:
+    # 0.57-0.65 s against 0.78-1.02 s for reads and products in turn on both)
+    overlap = device.type != "cpu" or threads > 1
+    with intra_op_threads(threads - 1) if device.type == "cpu" and overlap else nullcontext():
+        for (q0, q1, qd, cands), (unique, raw) in read_ahead(candidate_rows, blocks, thread=overlap):
+            if len(unique) == 0:
+                yield q0, q1, [np.full((q1 - q0, k), -np.inf, np.float32)] * lists, [np.full((q1 - q0, k), -1)] * lists
+                continue
+            with clock("score"):
+                values, indices = _rescore(qd, raw, unique, cands, database, rconf, k, kc, device)
+            yield q0, q1, values, indices
 
 
 def _rescore(qd: list[torch.Tensor], raw: list[np.ndarray], unique: np.ndarray, cands: np.ndarray,
@@ -323,16 +324,19 @@ def _rescore(qd: list[torch.Tensor], raw: list[np.ndarray], unique: np.ndarray, 
 
 
 def _candidates(query: DescriptorSet, indexes: list[faiss.Index], kc: int, search_block: int, query_block: int,
-                device: torch.device) -> Iterator[tuple[int, int, list[torch.Tensor], np.ndarray]]:
+                device: torch.device, threads: int) -> Iterator[tuple[int, int, list[torch.Tensor], np.ndarray]]:
     """``(q0, q1, descriptors, candidates)`` per block of queries: each index's top ``kc`` map
-    rows of every query, side by side. faiss is asked for many queries at once: per call it
-    costs as much as 64 queries' scan (0.58 s for 1,000 queries in blocks of 64, 0.085 s in one
-    call, 1M map images)."""
+    rows of every query, side by side, searched on ``threads`` threads. faiss is asked for many
+    queries at once: per call it costs as much as 64 queries' scan (0.58 s for 1,000 queries in
+    blocks of 64, 0.085 s in one call, 1M map images); searching the next queries while the
+    first ones' rows are read was slower still (faiss and the reads share the cores)."""
     nq = len(query.names)
     for s0 in range(0, nq, search_block):
         s1 = min(nq, s0 + search_block)
         descriptors = query.read(s0, s1, device)
-        cands = np.concatenate([index.search(d.cpu().numpy(), kc)[1] for index, d in zip(indexes, descriptors)], axis=1)
+        with intra_op_threads(threads):
+            cands = np.concatenate([index.search(d.cpu().numpy(), kc)[1] for index, d in zip(indexes, descriptors)],
+                                   axis=1)
         for q0 in range(s0, s1, query_block):
             q1 = min(s1, q0 + query_block)
             yield q0, q1, [d[q0 - s0:q1 - s0] for d in descriptors], cands[q0 - s0:q1 - s0].copy()

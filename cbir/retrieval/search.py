@@ -257,6 +257,21 @@ def read_ahead(read: Callable[[T], R], items: Iterable[T], thread: bool = True) 
 _END = object()
 
 
+@contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """torch's (and faiss's) intra-op threads set to ``threads`` inside the block, restored
+    after. While a thread copies rows out of the page cache it holds a core: products on
+    every core beside it wait for each other in OpenMP barriers (1M map, 2 cores: an indexed
+    query's reads and products overlapped took 0.57-0.65 s with one product thread, 0.81-1.0 s
+    with two)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class MapChunks:
     """The map's descriptors chunk by chunk, for every query block.
 
