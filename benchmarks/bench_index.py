@@ -12,8 +12,11 @@ speed-up is reported from the fastest runs and from the medians (on a machine th
 page cache behind the process's back, the candidates' rows are sometimes read from disk).
 ``--reuse`` keeps the stores and the kept index already in ``--work``.
 
+``--real ../shared/data`` takes real descriptors instead (128-D RootSIFT of the sample
+datasets' photos, in the shape of SIFT1M: :func:`write_real_stores`).
+
     python benchmarks/bench_index.py [--map-size 200000] [--queries 1000] [--dim 2048] [--index ivfpq]
-        [--repeat 3] [--reuse]
+        [--repeat 3] [--reuse] [--real DATA]
 """
 
 from __future__ import annotations
@@ -54,7 +57,50 @@ def write_store(path: Path, prefix: str, n: int, dim: int, rng, centres, noise: 
                 w.add(f"{prefix}/{s + i:07d}.jpg", descriptors=d)
 
 
+def write_real_stores(work: Path, data: Path, map_size: int, queries: int, seed: int = 0) -> None:
+    """Real descriptors in the shape of SIFT1M: RootSIFT (cbir's extractor, every keypoint
+    over a low contrast threshold) of the sample datasets' photos, each descriptor a row of
+    a 128-D global store. The map holds those of the mapping photos at four sizes (2262,
+    1600, 1131 and 800 px: about 1.46M), a seeded sample of ``map_size`` of them; the
+    queries a seeded sample of those of the query photos (other views of the same places),
+    so that their neighbours are real matches."""
+    from cbir.io.images import read_image
+    from cbir.models.sift import SIFT
+
+    rng = np.random.default_rng(seed)
+    attrs = {"config": {"real": "rootsift", "data": str(data)}, "descriptor_dim": 128, "descriptor_dtype": "float32"}
+    for split, sizes, want, path in (("mapping", (2262, 1600, 1131, 800), map_size, work / "map.h5"),
+                                     ("query", (1600,), queries, work / "query.h5")):
+        if path.exists():
+            continue
+        extractor = SIFT({"max_keypoints": 0, "max_size": max(sizes), "root": True, "contrast_threshold": 0.005})
+        photos = sorted(f for f in data.glob(f"*/{split}/sensors/records_data/**/*")
+                        if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        names, rows = [], []
+        for photo in photos:
+            for size in sizes:
+                d = extractor.extract(read_image(photo, grayscale=True, max_size=size))["descriptors"]
+                names += [f"{photo.relative_to(data)}@{size}/{i}" for i in range(len(d))]
+                rows.append(d)
+        if len(names) < want:
+            raise SystemExit(f"{data}: {len(names)} {split} descriptors, fewer than the {want} asked")
+        pick = np.sort(rng.choice(len(names), want, replace=False))
+        everything = np.concatenate(rows)
+        with StoreWriter(path, "global-features", {**attrs, "name": path.stem}, batch_size=20_000) as w:
+            for i in pick.tolist():
+                w.add(names[i], descriptors=everything[i])
+
+
 def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started its program: ``VmHWM`` (Linux's
+    ``ru_maxrss`` keeps the peak of the process it was forked from, here the parent that
+    made the stores)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -102,17 +148,28 @@ def main() -> None:
     ap.add_argument("--pq-m", type=int, default=0, help="ivfpq sub-quantizers (default: dim / 8)")
     ap.add_argument("--noise", type=float, default=0.05)
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--real", type=Path, default=None, metavar="DATA",
+                    help="real descriptors instead of synthetic ones: RootSIFT of the photos of the datasets in "
+                         "DATA (../shared/data), 128-D")
     ap.add_argument("--repeat", type=int, default=3, help="runs of the query and of exact search, alternating")
     ap.add_argument("--reuse", action="store_true", help="keep the stores and index already in --work")
     ap.add_argument("--phase", choices=["build", "query", "exact"], help=argparse.SUPPRESS)
     args = ap.parse_args()
-    args.work = args.work or HERE / "_work" / f"index-{args.map_size}-{args.dim}"
+    if args.real:
+        args.dim = 128
+    args.work = args.work or HERE / "_work" / (f"index-real-sift-{args.map_size}" if args.real
+                                               else f"index-{args.map_size}-{args.dim}")
     if args.phase:
         print(json.dumps(phase(args)))
         return
     args.work.mkdir(parents=True, exist_ok=True)
     reuse = args.reuse and (args.work / "map.h5").exists() and (args.work / "query.h5").exists()
-    if not reuse:
+    if not reuse and args.real:
+        t = time.perf_counter()
+        write_real_stores(args.work, args.real, args.map_size, args.queries)
+        print(f"stores: {args.map_size} map x {args.queries} queries of real RootSIFT ({time.perf_counter() - t:.0f} s)",
+              flush=True)
+    elif not reuse:
         rng = np.random.default_rng(0)
         centres = rng.standard_normal((max(10, args.map_size // 100), args.dim), dtype=np.float32)
         t = time.perf_counter()

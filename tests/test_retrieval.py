@@ -308,6 +308,21 @@ def test_compressed_indexes_report_their_recall(tmp_path):
         assert 0.2 <= r <= 1.0
 
 
+def test_a_low_recall_is_told_which_options_raise_it():
+    """Below 95% recall the advice names the options of the index kind, doubled where they are
+    numbers; at 95% and above there is none."""
+    from cbir.retrieval.index import recall_advice
+
+    assert recall_advice(0.95, IndexConf("ivfpq")) is None
+    ivfpq = recall_advice(0.44, IndexConf("ivfpq", candidates=100, nprobe=16))
+    assert ivfpq is not None and ivfpq.startswith("recall below 95%")
+    assert "--nprobe 32" in ivfpq and "--candidates 200" in ivfpq and "--pq-m" in ivfpq
+    assert recall_advice(0.5, IndexConf("flat", candidates=10)) == \
+        "recall below 95%: rescore more candidates (--candidates 20)"
+    lsh = recall_advice(0.5, IndexConf("lsh"))
+    assert lsh is not None and "--lsh-bits" in lsh and "--nprobe" not in lsh
+
+
 @pytest.mark.parametrize("method,params", [("power", {"weights": []}),
                                            ("mean_and_power", {"weights": [], "gamma": 0.5})])
 def test_nan_fused_scores_rank_last_as_with_the_peer(tmp_path, method, params):

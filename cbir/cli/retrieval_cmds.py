@@ -11,8 +11,8 @@ from ..io.index_file import index_path
 from ..io.pairs import write_pairs
 from ..models.base import resolve_device
 from ..retrieval import ALIASES, METHODS, FusionConf, RetrievalConf, pairs_record
-from ..retrieval.index import (INDEX_KINDS, IndexConf, kept_or_built, recall_against_exact, recall_sample_rows,
-                               retrieve_indexed)
+from ..retrieval.index import (INDEX_KINDS, IndexConf, kept_or_built, recall_advice, recall_against_exact,
+                               recall_sample_rows, retrieve_indexed)
 from ..retrieval.index import recall as recall_of
 from ..retrieval.rerank import retrieve_with_expansion
 from ..retrieval.search import PRECISIONS, open_descriptor_sets
@@ -167,5 +167,8 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
         if recall is not None:
             console_err().print(f"recall@{topk} of the {index_kind} index against exact search: {100 * recall:.1f}% "
                                 f"({min(recall_sample, len(qset.names))} sampled queries)", highlight=False)
+            advice = recall_advice(recall, iconf) if iconf is not None else None
+            if advice:
+                console_err().print(f"[yellow]{advice}[/]", highlight=False)
     if out != "-":
         report_written([Path(out)], quiet or as_json)

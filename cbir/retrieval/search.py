@@ -263,7 +263,8 @@ def intra_op_threads(threads: int) -> Iterator[None]:
     after. While a thread copies rows out of the page cache it holds a core: products on
     every core beside it wait for each other in OpenMP barriers (1M map, 2 cores: an indexed
     query's reads and products overlapped took 0.57-0.65 s with one product thread, 0.81-1.0 s
-    with two)."""
+    with two). The setting is the process's: callers that search on several threads of one
+    process at once must not use it."""
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:
