@@ -155,6 +155,7 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
     summary = {"pairs": out, "queries": len(qset.names), "map_images": len(mset.names), "pair_count": len(pairs),
                "nan_score_pairs": nan_pairs,
                "fusion": conf.fusion.name, "index": index_kind, "recall_vs_exact": recall,
+               "recall_advice": recall_advice(recall, iconf) if recall is not None and iconf is not None else None,
                "dropped_queries": qset.dropped, "dropped_map_images": mset.dropped}
     if as_json:
         if out == "-":
@@ -167,8 +168,7 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
         if recall is not None:
             console_err().print(f"recall@{topk} of the {index_kind} index against exact search: {100 * recall:.1f}% "
                                 f"({min(recall_sample, len(qset.names))} sampled queries)", highlight=False)
-            advice = recall_advice(recall, iconf) if iconf is not None else None
-            if advice:
-                console_err().print(f"[yellow]{advice}[/]", highlight=False)
+            if summary["recall_advice"]:
+                console_err().print(f"[yellow]{summary['recall_advice']}[/]", highlight=False)
     if out != "-":
         report_written([Path(out)], quiet or as_json)

@@ -262,7 +262,9 @@ def indexed_topk(query: DescriptorSet, database: DescriptorSet, rconf: Retrieval
     """:func:`~.search.search_topk` over the indexes' candidates: ``(q0, q1, values,
     indices)`` per block of queries, the candidates of every index rescored exactly; an
     index ``-1`` (value ``-inf``) where a query has fewer candidates than ``k``. ``k`` is
-    ``rconf.topk`` (less the excluded image), or ``width`` for a shard of the map."""
+    ``rconf.topk`` (less the excluded image), or ``width`` for a shard of the map. On a CPU
+    of several cores torch has one thread fewer until the last block is taken (a reading
+    thread holds that core), the caller's work between blocks included."""
     indexes = indexes or build_indexes(database, iconf, device)
     clock = clock or StepClock(None, device)
     nm = len(database.names)
