@@ -8,7 +8,7 @@ the official configuration (1024 px, 7 scales, 3 global scales, top 1000) except
 attention threshold, 0 instead of 175, which random weights would never reach: every
 position is a candidate, the most expensive case for the selection.
 
-Each variant runs in its own subprocess, so its peak memory (ru_maxrss) is its own.
+Each variant runs in its own subprocess, so its peak memory (``VmHWM``) is its own.
 The official code is imported from a checkout of github.com/naver/r2d2 (``--official-repo``:
 extract.py, nets/, tools/common.py; torchvision is only needed for its image transform,
 which is the same ToTensor + Normalize that cbir computes, so it is supplied here), and
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import types
 from pathlib import Path
 
 import torch
+from memory import peak_rss_mb
 
 
 def image_paths(shared: Path, n: int) -> list[Path]:
@@ -80,7 +80,7 @@ def timed_run(variant: str, run, paths: list[Path]) -> dict:
     dt = time.perf_counter() - t
     return {"variant": variant, "images": len(paths), "seconds": dt, "images_per_s": len(paths) / dt,
             "keypoints_per_image": count / len(paths),
-            "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_MB": peak_rss_mb(),
             "threads": torch.get_num_threads()}
 
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from memory import peak_rss_mb
 
 from cbir.io.pairs import read_pairs, write_pairs
 from cbir.io.store import StoreWriter, open_store
@@ -89,19 +89,6 @@ def write_real_stores(work: Path, data: Path, map_size: int, queries: int, seed:
         with StoreWriter(path, "global-features", {**attrs, "name": path.stem}, batch_size=20_000) as w:
             for i in pick.tolist():
                 w.add(names[i], descriptors=everything[i])
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory since it started its program: ``VmHWM`` (Linux's
-    ``ru_maxrss`` keeps the peak of the process it was forked from, here the parent that
-    made the stores)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def phase(args: argparse.Namespace) -> dict:

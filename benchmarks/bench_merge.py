@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from memory import peak_rss_mb
 
 HERE = Path(__file__).resolve().parent
 KP, DIM = 5000, 128
@@ -98,7 +98,7 @@ def phase(name: str, work: Path, parts: list[Path], images: int) -> dict:
         merge_stores(parts, out, SCHEMAS["local-features"], ATTRS)
     if name != "close":
         seconds = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the check maps the file
+    peak = peak_rss_mb()  # before the check maps the file
     mb = sum(p.stat().st_size for p in parts) / 1e6
     if name != "floor":
         with open_store(out) as s:

@@ -3,7 +3,7 @@ cbir against kapture-localization 1.1.10's own functions on the same descriptors
 
 The peer runs as its kapture_image_retrieval_late_fusion.py chains them:
 get_similarity_matrix (per descriptor), fuse_similarities, get_similarity_dict_from_similarity_matrix,
-get_image_pairs. Each side runs in its own subprocess (ru_maxrss is its peak); both read
+get_image_pairs. Each side runs in its own subprocess (``VmHWM`` is its peak); both read
 the same cbir stores (the peer's arrays are loaded whole, as its stack_global_features does).
 
     python benchmarks/bench_retrieval.py --map-sizes 20000 100000 --peer-max 20000
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from memory import peak_rss_mb
 
 DIMS = (256, 2048, 4096)
 
@@ -93,7 +93,7 @@ def child(args: argparse.Namespace) -> None:
     out = args.work / f"pairs_{args.only}_{args.n_map}.json"
     out.write_text(json.dumps(pairs))
     print(json.dumps({"seconds": seconds, "steps": steps,
-                      "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_MB": peak_rss_mb()}))
 
 
 def main() -> None:
