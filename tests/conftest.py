@@ -15,6 +15,88 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--shared", default=None, help="path of the shared data folder (default: ../shared)")
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The CPU and the math libraries of the run, printed first (also with -q): a result that
+    depends on them (a float's last bits through a BLAS kernel) fails on some machines only."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        for line in machine_lines():
+            reporter.write_line(line)
+
+
+def machine_lines() -> list[str]:
+    """The CPU model and its vector extensions, torch's kernels, BLAS and threads, numpy's BLAS."""
+    import platform
+    import re
+
+    import numpy as np
+    import torch
+
+    model, flags = platform.processor() or "unknown", ""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M).group(1)
+        present = set(re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.M).group(1).split())
+        flags = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile") if f in present)
+    except (OSError, AttributeError):
+        pass
+    blas = {c["name"] + " " + str(c.get("version", "")) for c in _numpy_blas(np)}
+    torch_config = torch.__config__.show()
+    torch_blas = ", ".join(sorted({m.group(1) for m in re.finditer(r"BLAS_INFO=(\w+)|LAPACK_INFO=(\w+)", torch_config)
+                                   if m.group(1)})) or "?"
+    return [f"cpu: {model} ({os.cpu_count()} cores; {flags or 'no AVX2'})",
+            f"torch {torch.__version__}: {torch.backends.cpu.get_cpu_capability()} kernels, BLAS {torch_blas}, "
+            f"{torch.get_num_threads()} threads; numpy {np.__version__}: BLAS {', '.join(sorted(blas)) or '?'}"]
+
+
+def _numpy_blas(np) -> list[dict]:
+    try:
+        config = np.show_config(mode="dicts")
+        return [v for k, v in config.get("Build Dependencies", {}).items() if k in ("blas", "lapack")]
+    except Exception:  # an older numpy without mode="dicts": the header is information only
+        return []
+
+
+#: the thread counts equality tests run at: a sum reduced in another order by another count
+#: of threads fails on a 2-core machine too
+THREADS = (1, 2, 3)
+
+
+@pytest.fixture(params=THREADS, ids=[f"{n}threads" for n in THREADS])
+def threads(request: pytest.FixtureRequest):
+    """torch's intra-op threads set to 1, 2 and 3 for the test, restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def assert_rankings_agree(ours: list, theirs: list, tol: float) -> None:
+    """Two rankings of ``(query, map, score)`` (or pairs) computed by different arithmetic:
+    each query's scores within ``tol`` rank by rank, and the images in the same order except
+    where their scores are closer than ``tol`` (swapped, or one left out at the k-th place)."""
+    def by_query(pairs: list) -> dict[str, list[tuple[str, float]]]:
+        out: dict[str, list[tuple[str, float]]] = {}
+        for p in pairs:
+            q, m, s = (p.query, p.map, p.score) if hasattr(p, "query") else p
+            out.setdefault(q, []).append((m, float(s)))
+        return out
+
+    a, b = by_query(ours), by_query(theirs)
+    assert list(a) == list(b), "not the same queries"
+    for q in a:
+        assert len(a[q]) == len(b[q]), f"{q}: {len(a[q])} pairs against {len(b[q])}"
+        for rank, ((ma, sa), (mb, sb)) in enumerate(zip(a[q], b[q])):
+            assert abs(sa - sb) <= tol or sa != sa and sb != sb, f"{q} rank {rank}: score {sa} against {sb}"
+            if ma != mb:  # a swap: the other list has this image at a score within tol
+                other = dict(b[q]).get(ma)
+                assert other is not None and (abs(other - sa) <= tol or sa != sa and other != other) \
+                    or abs(sa - b[q][-1][1]) <= tol, \
+                    f"{q} rank {rank}: {ma} ({sa}) against {mb} ({sb})"
+
+
 @pytest.fixture(scope="session")
 def shared(request: pytest.FixtureRequest) -> Path:
     path = Path(request.config.getoption("--shared") or os.environ.get("CBIR_SHARED") or REPO.parent / "shared")

@@ -26,13 +26,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 import torch
 
+from .. import exact
 from ..errors import CbirError, FormatError
 from ..io.index_file import IndexBytes, index_bytes, read_index_attrs, read_index_record, write_index_file
 from ..io.pairs import Pair
 from ..io.provenance import differences, digest_names
 from .fusion import fuse, nan_last
-from .search import DescriptorSet, RetrievalConf, StepClock, as_float32, intra_op_threads, pairs_from_topk, ranked, \
-    read_ahead, retrieve
+from .search import DescriptorSet, RetrievalConf, StepClock, bounded, error_bound, intra_op_threads, pairs_from_topk, \
+    ranked, read_ahead, retrieve
 
 if TYPE_CHECKING:
     import faiss
@@ -307,26 +308,68 @@ def _rescore(qd: list[torch.Tensor], raw: list[np.ndarray], unique: np.ndarray, 
              database: DescriptorSet, rconf: RetrievalConf, k: int, kc: int,
              device: torch.device) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The top-k of a block of queries among their candidates ``cands`` (``-1``: none),
-    scored with their stored descriptors ``raw`` (rows of ``unique``, the sorted candidates)."""
+    scored with their stored descriptors ``raw`` (rows of ``unique``, the sorted candidates):
+    exact scores (:mod:`cbir.exact`), the same bits as exact search's for the same pairs.
+    A float32 product of the block's queries with every candidate row and its error bound
+    leave the few candidates that may be in the top-k (monotone fusions), and only those
+    are scored exactly, as :func:`~.search._bounded_topk` does."""
     pos = torch.from_numpy(np.searchsorted(unique, np.where(cands >= 0, cands, unique[0]))).to(device)
-    # the products of the stored rows, divided by their norms: the rows are not rescaled
-    sims = [torch.gather(a @ as_float32(r).to(device).t(), 1, pos) / n.to(device)[pos]
-            for a, r, n in zip(qd, raw, database.norms(raw, unique))]
+    units = [u.to(device) for u in database.normalized(raw, unique)]
+    sliced = [exact.slice_rows(a) for a in qd]
+    bounds = [error_bound("fp32", u.shape[1]) for u in units]
+    upper = [torch.gather(a @ u.t(), 1, pos).add_(e) for a, u, e in zip(qd, units, bounds)]
     invalid = torch.from_numpy(cands < 0).to(device)
+
+    def exact_sims(rows: torch.Tensor, at: torch.Tensor, which: list[int]) -> list[torch.Tensor]:
+        return [exact.dot_batched(sliced[j][rows], exact.slice_rows(units[j][at])) for j in which]
+
+    ids = torch.from_numpy(cands).to(device)
     if rconf.fusion.name == "round_robin":  # each index's own candidates, ranked by its own descriptor
-        scored = [(s.masked_fill(invalid, -torch.inf)[:, j * kc:(j + 1) * kc], cands[:, j * kc:(j + 1) * kc])
-                  for j, s in enumerate(sims)]
+        lists = []
+        for j, u in enumerate(upper):
+            cols = slice(j * kc, (j + 1) * kc)
+            lists.append((u.masked_fill(invalid, -torch.inf)[:, cols], ids[:, cols], pos[:, cols],
+                          lambda rows, at, j=j: exact_sims(rows, at, [j])[0], True))
     else:
         # a candidate found by several indexes appears several times: keep its first occurrence
         drop = invalid | ~torch.from_numpy(_first_occurrence(cands)).to(device)
-        scored = [(nan_last(fuse(sims, rconf.fusion)).masked_fill(drop, -torch.inf), cands)]
+        lists = [(nan_last(fuse(upper, rconf.fusion)).masked_fill(drop, -torch.inf), ids, pos,
+                  lambda rows, at: nan_last(fuse(exact_sims(rows, at, list(range(len(qd)))), rconf.fusion)),
+                  bounded(rconf))]
     values, indices = [], []
-    for score, ids in scored:
-        top_v, top_i = ranked(score, torch.from_numpy(ids).to(device), k)
+    for bound, ids_j, pos_j, score, monotone in lists:
+        top_v, top_i = _exact_top(bound, ids_j, pos_j, score, k, kc if monotone else bound.shape[1])
         v, ix = top_v.cpu().numpy(), top_i.cpu().numpy()
         ix[v == -np.inf] = -1
         values.append(v)
         indices.append(ix)
+    return values, indices
+
+
+def _exact_top(bound: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor,
+               score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], k: int,
+               keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k by exact ``score`` of each row's candidates (map indices ``ids``, rows
+    ``pos`` of the candidates' descriptors), scoring only the ``keep`` of largest upper
+    ``bound`` (``-inf``: no candidate) where that settles the row; the others score all."""
+    nq, width = bound.shape
+    every = torch.arange(width, device=bound.device).expand(nq, width)
+    if keep < width:
+        top = torch.topk(bound, keep + 1, dim=1)
+        chosen, outside = top.indices[:, :keep], top.values[:, keep]
+    else:
+        chosen, outside = every, torch.full((nq,), -torch.inf, device=bound.device)
+    rows = torch.arange(nq, device=bound.device)
+
+    def best(rows: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = score(rows, pos[rows].gather(1, chosen))
+        scores = torch.where(bound[rows].gather(1, chosen) == -torch.inf, -torch.inf, scores)
+        return ranked(scores, ids[rows].gather(1, chosen), k)
+
+    values, indices = best(rows, chosen)
+    unsettled = (~(values[:, -1] > outside) & (outside > -torch.inf)).nonzero()[:, 0]
+    if len(unsettled):
+        values[unsettled], indices[unsettled] = best(unsettled, every[unsettled])
     return values, indices
 
 

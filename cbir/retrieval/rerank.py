@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .. import exact
 from ..io.pairs import Pair
 from .search import DescriptorSet, RetrievalConf, retrieve
 
@@ -32,26 +33,51 @@ def expand(target: DescriptorSet, database: DescriptorSet, pairs: list[Pair], n:
         if len(lst) < n:
             lst.append(index[p.map])
     all_rows = np.arange(len(target.names))
-    own = [t.cpu().numpy() for t in target.take(all_rows, device)]
+    own = [t.cpu() for t in target.take(all_rows, device)]
     width = max((len(v) for v in neighbours.values()), default=0)
     if width == 0:
-        return target.with_arrays(own)
+        return target.with_arrays([t.numpy() for t in own])
     nb = np.full((len(target.names), width), -1, np.int64)
     for i, name in enumerate(target.names):
         lst = neighbours.get(name, [])
         nb[i, :len(lst)] = lst
     unique = np.unique(nb[nb >= 0])
-    pos = np.searchsorted(unique, np.where(nb >= 0, nb, unique[0]))
-    db = [t.cpu().numpy() for t in database.take(unique, device)]
-    out = []
-    for x, y in zip(own, db):
-        ys = y[pos]  # N x n x D
-        w = np.einsum("nd,nkd->nk", x, ys)
-        w = np.ones_like(w) if alpha == 0 else np.maximum(w, 0) ** alpha
-        w[nb < 0] = 0
-        e = x + np.einsum("nk,nkd->nd", w, ys)
-        out.append((e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)).astype(np.float32))
-    return target.with_arrays(out)
+    pos = torch.from_numpy(np.searchsorted(unique, np.where(nb >= 0, nb, unique[0])))
+    db = [t.cpu() for t in database.take(unique, device)]
+    missing = torch.from_numpy(nb < 0)
+    return target.with_arrays([_expanded(x, y[pos], missing, alpha).numpy() for x, y in zip(own, db)])
+
+
+def _expanded(x: torch.Tensor, ys: torch.Tensor, missing: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``normalize(x + sum_i w_i y_i)`` of unit rows ``x`` (N, D) and their neighbours ``ys``
+    (N, n, D) (``missing``: no neighbour there), the same bits on every machine: the
+    similarities are :func:`cbir.exact.dot_batched`'s, the sum is taken in float64 in
+    neighbour order (each step one rounded operation), rounded once and normalized by
+    :func:`cbir.exact.unit_rows`. A non-integer ``alpha`` goes through ``pow``, whose last
+    bit may differ between CPUs (an integer one is a product)."""
+    if alpha == 0:
+        w = torch.ones(ys.shape[:2], dtype=torch.float64)
+    else:
+        s = exact.dot_batched(exact.slice_rows(x), exact.slice_rows(ys)).double().clamp_(min=0)
+        w = _integer_power(s, int(alpha)) if float(alpha).is_integer() else s.pow(alpha)
+    w.masked_fill_(missing, 0.0)
+    acc = x.double()
+    for i in range(ys.shape[1]):
+        acc.add_(ys[:, i].double().mul_(w[:, i, None]))
+    e = acc.float()
+    norms = exact.norms(e)
+    return torch.where(norms[:, None] > 0, exact.unit_rows(e, torch.where(norms > 0, norms, 1.0)), e)
+
+
+def _integer_power(s: torch.Tensor, n: int) -> torch.Tensor:
+    """``s ** n`` by repeated squaring: correctly rounded multiplications in a fixed order."""
+    out, base = torch.ones_like(s), s.clone()
+    while n:
+        if n & 1:
+            out.mul_(base)
+        base = base * base
+        n >>= 1
+    return out
 
 
 #: a search: ``(query, database, conf, progress) -> pairs`` (local exact search, or on a cluster)

@@ -1,15 +1,22 @@
 """Exact top-k retrieval over one or several global descriptors, with late fusion.
 
+Every score is :mod:`cbir.exact`'s similarity of the unit descriptors, fused: the same bits
+on every CPU and GPU, whatever the thread count, the chunks, the shards or the precision
+of the search, so the pairs of any two runs are equal, not merely close. A float32 (or
+half-precision) matrix product finds each query's candidates, with a bound on its error
+that makes the candidates provably hold the top-k, and only those are scored exactly
+(:func:`_bounded_topk`); fusions that may decrease when a similarity grows are scored
+exactly over the whole map (:func:`_canonical_topk`).
+
 Queries are processed in blocks and the map in chunks: for each (block, chunk) the
 similarity of every descriptor is one matrix product, the operator fuses them in place,
 and a top-k of the chunk is merged into the block's running top-k. Memory is bounded by
 one map chunk and ``n + 1`` similarity blocks, whatever the size of the map; nothing is
 ever fully sorted. round_robin keeps a running top-k per descriptor instead and merges
-the rankings at the end, as kapture-localization does.
+the rankings at the end, as kapture-localization does. Equal scores rank by lower map
+index (:func:`ranked`).
 
-On a GPU the map stays resident in device memory when it fits (:class:`MapChunks`), and
-the search may run in half precision with an exact float32 rescoring of candidates whose
-result is provably the exact top-k (:func:`_half_topk`).
+On a GPU the map stays resident in device memory when it fits (:class:`MapChunks`).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 import torch
 
+from .. import exact
 from ..errors import CbirError
 from ..io.dataset import Dataset, model_path
 from ..io.pairs import Pair
@@ -55,11 +63,12 @@ class RetrievalConf:
     map_chunk: int | None = None  # map images per chunk (None: 16384 on the CPU, 32768 on a GPU)
     cache_bytes: int = 512 << 20  # CPU: keep the map in memory across query blocks below this size
     device_memory: float = 0.5  # GPU: keep the map resident when it fits this share of the free memory
-    #: "fp32" (exact search), or "fp16" / "bf16": search in half precision for candidates, then
-    #: rescore them in float32; provably the exact top-k (see :func:`error_bound`), queries
-    #: the bound cannot settle are searched again in float32
+    #: the products that find the candidates: "fp32", or "fp16" / "bf16" (half the memory
+    #: traffic of a GPU's map); the candidates are rescored exactly either way, so the pairs
+    #: are the same bits (see :func:`error_bound`); queries the bound cannot settle are
+    #: scored exactly over the whole map
     precision: str = "fp32"
-    candidates: int | None = None  # half precision: candidates rescored per query (None: 4 x topk)
+    candidates: int | None = None  # candidates rescored exactly per query (None: 4 x topk)
 
     @property
     def excludes_names(self) -> bool:
@@ -211,21 +220,23 @@ class DescriptorSet:
         return [store.read_rows("descriptors", rows[index]) for store, rows in zip(self.stores, self.rows)]
 
     def normalized(self, raw: list[np.ndarray], index: np.ndarray) -> list[torch.Tensor]:
-        """:meth:`read_raw`'s descriptors as unit-L2 float32 tensors; a zero or non-finite
-        descriptor is an error."""
-        return [as_float32(r).div_(n[:, None]) for r, n in zip(raw, self.norms(raw, index))]
+        """:meth:`read_raw`'s descriptors as unit-L2 float32 tensors, the same bits on every
+        machine (:func:`cbir.exact.unit_rows`); a zero or non-finite descriptor is an error."""
+        return [exact.unit_rows(as_float32(r), n) for r, n in zip(raw, self.norms(raw, index))]
 
     def norms(self, raw: list[np.ndarray], index: np.ndarray) -> list[torch.Tensor]:
-        """The L2 norms of :meth:`read_raw`'s descriptors; a zero or non-finite descriptor is
-        an error."""
+        """The float64 L2 norms of :meth:`read_raw`'s descriptors (:func:`cbir.exact.norms`);
+        a zero or non-finite descriptor is an error."""
         out = []
         for store, r in zip(self.stores, raw):
-            norms = torch.linalg.vector_norm(as_float32(r), dim=1)  # NaN and inf propagate into the norm
-            bad = ~torch.isfinite(norms) | (norms == 0)
+            x = as_float32(r)
+            finite = torch.isfinite(x).all(dim=1) if x.numel() else torch.ones(len(x), dtype=torch.bool)
+            norms = exact.norms(x if bool(finite.all()) else torch.where(finite[:, None], x, 0.0))
+            bad = ~finite | (norms == 0)
             if bad.any():
                 i = int(bad.nonzero()[0, 0])
-                what = "zero descriptor" if norms[i] == 0 else "non-finite descriptor"
-                hint = ": it cannot be compared" if norms[i] == 0 else ""
+                what = "non-finite descriptor" if not finite[i] else "zero descriptor"
+                hint = ": it cannot be compared" if finite[i] else ""
                 raise CbirError(f"{what} for image {self.names[int(index[i])]!r}{hint}", store.path)
             out.append(norms)
         return out
@@ -326,13 +337,15 @@ class MapChunks:
             if self.half:
                 self._full_half = [f.to(self.half) for f in self._full]
 
-    def gather(self, index: torch.Tensor) -> list[torch.Tensor]:
+    def gather(self, index: torch.Tensor, which: Iterable[int] | None = None) -> list[torch.Tensor]:
         """Float32 descriptors of the map images at ``index`` (any shape), one tensor per
-        descriptor of shape ``index.shape + (dim,)``."""
+        descriptor (those of ``which``, default all) of shape ``index.shape + (dim,)``."""
+        which = list(range(len(self.database.stores))) if which is None else list(which)
         if self._full is not None:
-            return [f[index] for f in self._full]
+            return [self._full[j][index] for j in which]
         unique, inverse = torch.unique(index, return_inverse=True)
-        return [t[inverse] for t in self.database.take(unique.cpu().numpy(), self.device)]
+        taken = self.database.take(unique.cpu().numpy(), self.device)
+        return [taken[j][inverse] for j in which]
 
 
 def ranked(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -427,10 +440,8 @@ def search_topk(query: DescriptorSet, database: DescriptorSet, conf: RetrievalCo
             with clock("read"):
                 qd = query.read(q0, q1, device)
             self_idx = torch.tensor([map_index.get(n, -1) for n in query.names[q0:q1]], device=device)
-            if conf.precision == "fp32":
-                vals, idxs = _exact_topk(qd, self_idx, chunks, conf, k, clock)
-            else:
-                vals, idxs = _half_topk(qd, self_idx, chunks, conf, k, clock)
+            search = _bounded_topk if bounded(conf) else _canonical_topk
+            vals, idxs = search(qd, self_idx, chunks, conf, k, clock)
             yield q0, q1, [v.cpu().numpy() for v in vals], [i.cpu().numpy() for i in idxs]
 
 
@@ -479,20 +490,23 @@ def _exclude(scores: torch.Tensor, self_idx: torch.Tensor, m0: int) -> None:
     scores.scatter_(1, cols, torch.where(inside, -torch.inf, scores.gather(1, cols)))
 
 
-def _exact_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChunks, conf: RetrievalConf, k: int,
-                clock: "StepClock", exact_ties: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Exact float32 top-k of a query block: ``(values, indices)``, one list entry per
-    descriptor (round_robin) or one for the fused score, best first, equal scores by lower
-    map index (:func:`ranked`)."""
+def _canonical_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChunks, conf: RetrievalConf, k: int,
+                    clock: "StepClock", exact_ties: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The top-k of a query block over every map image scored with :mod:`cbir.exact`'s
+    similarities: ``(values, indices)``, one list entry per descriptor (round_robin) or one
+    for the fused score, best first, equal scores by lower map index (:func:`ranked`).
+    Every fusion; four float64 products a similarity, so monotone fusions go through
+    :func:`_bounded_topk` instead, which comes here only for queries it cannot settle."""
     round_robin = conf.fusion.name == "round_robin"
     nq, dev = qd[0].shape[0], qd[0].device
     lists = len(qd) if round_robin else 1
+    sliced = [exact.slice_rows(q) for q in qd]
     vals = [torch.full((nq, 0), -torch.inf, device=dev) for _ in range(lists)]
     idxs = [torch.zeros((nq, 0), dtype=torch.int64, device=dev) for _ in range(lists)]
     boundary = [torch.full((nq,), -torch.inf, device=dev) for _ in range(lists)]
     for m0, md, _ in chunks:
         with clock("similarity"):
-            sims = [torch.mm(a, b.t()) for a, b in zip(qd, md)]
+            sims = [exact.dot_rows(a, b) for a, b in zip(sliced, md)]
         with clock("fuse_topk"):
             scores = sims if round_robin else [nan_last(fuse(sims, conf.fusion))]
             for j, s in enumerate(scores):
@@ -510,95 +524,135 @@ def _exact_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChunk
         if clock.timings is not None:
             clock.timings["tie_queries"] = clock.timings.get("tie_queries", 0) + len(again)
         if len(again):
-            redo_v, redo_i = _exact_topk([q[again] for q in qd], self_idx[again], chunks, conf, k, clock, True)
+            redo_v, redo_i = _canonical_topk([q[again] for q in qd], self_idx[again], chunks, conf, k, clock, True)
             for j in range(lists):
                 vals[j][again], idxs[j][again] = redo_v[j], redo_i[j]
     return vals, idxs
 
 
 def error_bound(precision: str, dim: int) -> float:
-    """A bound on ``|s~ - s|``, the error of the similarity of two unit vectors of ``dim``
+    """A bound on ``|s~ - s|``: ``s~`` the similarity of two unit vectors of ``dim``
     components computed in ``precision`` (inputs rounded, float32 accumulation, output
-    rounded to ``precision``), against the exact similarity ``s``.
+    rounded to ``precision``), ``s`` the same similarity from :func:`cbir.exact.dot`.
 
     Rounding a unit vector moves it by at most ``u + d`` (``u`` the unit roundoff: 2^-11
-    for fp16, 2^-8 for bf16; ``d = sqrt(dim) 2^-25`` for fp16's subnormals), so the product
-    of two moves by at most ``2(u + d) + (u + d)^2``; a float32 sum of ``dim`` terms adds
-    ``dim 2^-24`` of the norms' product (counted 4 times over, for accumulators that
-    truncate); the rounded output adds ``u`` of a value at most ``1 + 2(u + d)``.
+    for fp16, 2^-8 for bf16, 0 for float32 inputs; ``d = sqrt(dim) 2^-25`` for fp16's
+    subnormals), so the product of two moves by at most ``2(u + d) + (u + d)^2``; a float32
+    sum of ``dim`` terms adds ``dim 2^-24`` of the norms' product (counted 4 times over, for
+    accumulators that truncate); the rounded output adds ``u`` of a value at most
+    ``1 + 2(u + d)``. ``s`` is within ``sqrt(dim) 2^(2-2b)`` of the exact value (see
+    :mod:`cbir.exact`), one float32 rounding and the norms' own rounding: ``2^-22`` covers
+    these three below 2^16 dimensions, the slicing term is added above that.
     """
-    u = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8}[precision]
+    u = {"fp32": 0.0, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}[precision]
     d = (dim ** 0.5) * 2.0 ** -25 if precision == "fp16" else 0.0
     move = u + d
-    return 2 * move + move ** 2 + 4 * dim * 2.0 ** -24 * (1 + move) ** 2 + u * (1 + 2 * move)
+    canonical = 2.0 ** -22 + (dim ** 0.5) * 2.0 ** (2 - 2 * exact.slice_bits(dim)) * (dim > 1 << 16)
+    return 2 * move + move ** 2 + 4 * dim * 2.0 ** -24 * (1 + move) ** 2 + u * (1 + 2 * move) + canonical
 
 
-def _half_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Similarities of half-precision unit vectors, as float32. On the CPU the rounded
-    inputs are multiplied in float32 (what a GPU's matrix units compute, without their
-    speed): the same bound holds, so the CPU tests check the GPU's logic."""
+def _search_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Similarities of (float32 or half-precision) unit vectors, as float32: the candidates'
+    search. On the CPU half-precision inputs are multiplied in float32 (what a GPU's matrix
+    units compute, without their speed): the same bound holds, so the CPU tests check the
+    GPU's logic."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b.t())
     if a.device.type == "cpu":
         return torch.mm(a.float(), b.float().t())
     return torch.mm(a, b.t()).float()
 
 
-def _half_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChunks, conf: RetrievalConf, k: int,
-               clock: "StepClock") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The exact top-k of a query block, found in half precision.
+def bounded(conf: RetrievalConf) -> bool:
+    """Whether a search with ``conf`` finds candidates by a fast product and its error
+    bound (:func:`_bounded_topk`): fusions that never decrease when a similarity grows, and
+    round_robin (each ranking one similarity). Others score every image exactly."""
+    return conf.fusion.name in MONOTONE or conf.fusion.name == "round_robin"
 
-    Each half-precision similarity plus its :func:`error_bound` is an upper bound of the
-    exact one, so (the fusion being monotone) the fused bound ``U`` of an image is at
-    least its exact fused score. The ``candidates`` images of largest ``U`` are rescored
-    in float32; every other image scores at most ``T``, the smallest ``U`` among the
-    candidates. Where the k-th exact score of the candidates is above ``T``, the top-k of
-    the candidates is the exact top-k; the other queries are searched again in float32.
+
+def _bounded_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChunks, conf: RetrievalConf, k: int,
+                  clock: "StepClock") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The top-k of :func:`_canonical_topk`, found with float32 (or half-precision)
+    products: the same values and indices, bit for bit.
+
+    Each fast similarity plus its :func:`error_bound` is an upper bound of the exact one
+    (:func:`cbir.exact.dot`), so (the fusion being monotone) the fused bound ``U`` of an
+    image is at least its exact fused score. The ``candidates`` images of largest ``U``
+    are rescored exactly; every other image scores at most ``T``, the smallest ``U`` among
+    the candidates. Where the k-th exact score of the candidates is above ``T``, the top-k
+    of the candidates is the exact top-k, ties included; the other queries are searched by
+    :func:`_canonical_topk`. round_robin does this for each descriptor's ranking.
     """
     nq, dev, n = qd[0].shape[0], qd[0].device, len(qd)
+    round_robin = conf.fusion.name == "round_robin"
+    lists = n if round_robin else 1
     eligible = chunks.n - (1 if conf.excludes_names else 0)
     kc = min(eligible, max(k, conf.candidates or 4 * k))
-    bounds = [error_bound(conf.precision, q.shape[1]) for q in qd]
-    qh = [q.to(chunks.half) for q in qd]
+    precision = conf.precision
+    bounds = [error_bound(precision, q.shape[1]) for q in qd]
+    qh = [q.to(chunks.half) for q in qd] if chunks.half else qd
     # gharm is monotone where every gamma + w_i s_i > 0: certain when gamma > max(w_i) (s >= -1),
     # else checked on the smallest similarities seen
     gamma, weights = 0.5 if conf.fusion.gamma is None else conf.fusion.gamma, normalized_weights(conf.fusion.weights, n)
     check_domain = conf.fusion.name == "gharm" and n > 1 and not gamma > max(weights)
     lowest = [torch.full((nq,), torch.inf, device=dev) for _ in range(n)] if check_domain else []
-    vals = torch.full((nq, 0), -torch.inf, device=dev)
-    idxs = torch.zeros((nq, 0), dtype=torch.int64, device=dev)
-    for m0, _, mh in chunks:
+    vals = [torch.full((nq, 0), -torch.inf, device=dev) for _ in range(lists)]
+    idxs = [torch.zeros((nq, 0), dtype=torch.int64, device=dev) for _ in range(lists)]
+    for m0, md, mh in chunks:
         with clock("similarity"):
-            sims = [_half_product(a, b).add_(e) for a, b, e in zip(qh, mh, bounds)]
+            sims = [_search_product(a, b).add_(e) for a, b, e in zip(qh, md if mh is None else mh, bounds)]
         with clock("fuse_topk"):
             for j, (s, e) in enumerate(zip(sims, bounds) if check_domain else ()):
                 torch.minimum(lowest[j], s.amin(dim=1) - 2 * e, out=lowest[j])
-            upper = nan_last(fuse(sims, conf.fusion))
-            if conf.excludes_names:
-                _exclude(upper, self_idx, m0)
-            top = torch.topk(upper, min(kc, upper.shape[1]), dim=1, sorted=False)
-            vals, idxs = _merge_topk(vals, idxs, top.values, top.indices + m0, kc)
-        del sims, upper
+            uppers = sims if round_robin else [nan_last(fuse(sims, conf.fusion))]
+            for j, upper in enumerate(uppers):
+                if conf.excludes_names:
+                    _exclude(upper, self_idx, m0)
+                top = torch.topk(upper, min(kc, upper.shape[1]), dim=1, sorted=False)
+                vals[j], idxs[j] = _merge_topk(vals[j], idxs[j], top.values, top.indices + m0, kc)
+        del sims, uppers
     with clock("rescore"):
-        exact = torch.empty_like(vals)
-        step = max(1, (256 << 20) // (kc * sum(q.shape[1] for q in qd) * 4))  # bounded gathers
-        for r0 in range(0, nq, step):
-            r1 = min(nq, r0 + step)
-            gathered = chunks.gather(idxs[r0:r1])
-            sims = [torch.bmm(g, q[r0:r1, :, None])[:, :, 0] for g, q in zip(gathered, qd)]
-            exact[r0:r1] = nan_last(fuse(sims, conf.fusion))
-        exact = torch.where(vals == -torch.inf, -torch.inf, exact)  # excluded images stay excluded
-        # every image tied with the k-th is a candidate when settled (its exact score is above
-        # any other image's bound), so the tie rule holds
-        values, indices = ranked(exact, idxs, k)
-        settled = values[:, -1] > vals.amin(dim=1) if kc < eligible else torch.ones(nq, dtype=torch.bool, device=dev)
+        sliced = [exact.slice_rows(q) for q in qd]
+        settled = torch.ones(nq, dtype=torch.bool, device=dev)
+        values, indices = [], []
+        for j in range(lists):
+            scores = _exact_scores(sliced, chunks, idxs[j], conf, j if round_robin else None)
+            scores = torch.where(vals[j] == -torch.inf, -torch.inf, scores)  # excluded images stay excluded
+            # every image tied with the k-th is a candidate when settled (its exact score is above
+            # any other image's bound), so the tie rule holds
+            v, i = ranked(scores, idxs[j], k)
+            if kc < eligible:
+                settled &= v[:, -1] > vals[j].amin(dim=1)
+            values.append(v)
+            indices.append(i)
         for low, w in zip(lowest, weights):
             settled &= gamma + w * low > 0
         unsettled = (~settled).nonzero()[:, 0]
     if len(unsettled):
-        again_v, again_i = _exact_topk([q[unsettled] for q in qd], self_idx[unsettled], chunks, conf, k, clock)
-        values[unsettled], indices[unsettled] = again_v[0], again_i[0]
+        again_v, again_i = _canonical_topk([q[unsettled] for q in qd], self_idx[unsettled], chunks, conf, k, clock)
+        for j in range(lists):
+            values[j][unsettled], indices[j][unsettled] = again_v[j], again_i[j]
     if clock.timings is not None:
         clock.timings["fallback_queries"] = clock.timings.get("fallback_queries", 0) + len(unsettled)
-    return [values], [indices]
+    return values, indices
+
+
+def _exact_scores(sliced: list[exact.Sliced], chunks: MapChunks, candidates: torch.Tensor, conf: RetrievalConf,
+                  descriptor: int | None) -> torch.Tensor:
+    """The exact scores (:func:`cbir.exact.dot_batched`) of each query's ``candidates``
+    ``(nq, kc)``: descriptor ``descriptor``'s similarity, or (``None``) the fused score,
+    NaN ranked by :func:`~.fusion.nan_last`."""
+    nq, kc = candidates.shape
+    which = range(len(sliced)) if descriptor is None else [descriptor]
+    dims = [sliced[j].high.shape[1] for j in which]
+    step = max(1, (256 << 20) // (kc * sum(dims) * 40))  # gathered rows and their float64 slices, bounded
+    out = torch.empty((nq, kc), dtype=torch.float32, device=candidates.device)
+    for r0 in range(0, nq, step):
+        r1 = min(nq, r0 + step)
+        gathered = chunks.gather(candidates[r0:r1], which)
+        sims = [exact.dot_batched(sliced[j][r0:r1], exact.slice_rows(g)) for j, g in zip(which, gathered)]
+        out[r0:r1] = sims[0] if descriptor is not None else nan_last(fuse(sims, conf.fusion))
+    return out
 
 
 class StepClock:

@@ -1,0 +1,149 @@
+"""Reproducible similarity arithmetic: dot products and L2 norms of float32 vectors whose
+every bit is a function of the inputs alone, not of the CPU (AVX2 or AVX-512, Intel or
+AMD), the BLAS, the thread count, the matrix shapes (chunks, shards, candidate blocks)
+or the device.
+
+A float32 dot product computed by a BLAS is rounded after each partial sum, and the order
+of the sums depends on the kernel, the shape and the threads, so its last bits do too.
+Here each row ``x`` is cut into two integer slices, exactly (Ozaki's error-free
+splitting)::
+
+    x = scale * (H * 2^-b + L * 2^-2b + r),   |H|, |L| < 2^b,   |r| < 2^-2b
+
+``scale`` a power of two per row, ``b`` from the dimension ``D`` so that any sum of ``D``
+products of slices is an integer below ``2^53``. Such sums are exact in float64 whatever
+their order, so ``H_x . H_y`` and ``H_x . L_y + L_x . H_y`` computed by any matrix product
+(torch's BLAS on any CPU, cuBLAS, batched or not) are the same numbers. They are combined
+in one fixed sequence of correctly rounded operations and rounded once to float32::
+
+    dot(x, y) = float32(scale_x scale_y 2^-2b (H_x.H_y + 2^-b (H_x.L_y + L_x.H_y + 2^-b L_x.L_y)))
+
+For unit rows that is within ``sqrt(D) 2^(2-2b)`` of the exact dot product (2e-10 at
+``D`` = 2048, 1e-8 at 32,768) before its float32 rounding, and bit-identical on every
+machine. The squared norm is the same sum of ``x`` with itself; :func:`unit_rows` divides
+by its square root in float64 and rounds once. The cost is four float64 products of the
+slices instead of one float32 product, so the search finds candidates with a float32
+product first and rescores only those here (``retrieval.search``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: float64 integers are exact below 2^53
+_MANTISSA = 53
+
+
+def slice_bits(dim: int) -> int:
+    """``b``: the bits of each slice of a ``dim``-dimensional row, the largest with every
+    sum of ``2 dim`` products of slices (``|H|, |L| < 2^b``) below ``2^53``."""
+    if dim < 1:
+        raise ValueError(f"dimension {dim} < 1")
+    return (_MANTISSA - (2 * dim - 1).bit_length()) // 2
+
+
+@dataclass(frozen=True)
+class Sliced:
+    """Rows cut into exact integer slices (float64 tensors holding integers)."""
+
+    high: torch.Tensor  # (..., D) |H| < 2^bits
+    low: torch.Tensor  # (..., D) |L| < 2^bits
+    scale: torch.Tensor  # (...,) a power of two per row, above every |x|
+    bits: int
+
+    def __getitem__(self, index: object) -> "Sliced":
+        return Sliced(self.high[index], self.low[index], self.scale[index], self.bits)
+
+
+def slice_rows(x: torch.Tensor) -> Sliced:
+    """The slices of the finite float32 rows of ``x`` (shape ``(..., D)``)."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"slice_rows needs float32 rows, got {x.dtype}")
+    bits = slice_bits(x.shape[-1])
+    xd = x.double()
+    peak = xd.abs().amax(dim=-1) if x.shape[-1] else torch.zeros(x.shape[:-1], dtype=torch.float64, device=x.device)
+    # scale = 2^e with peak < 2^e (frexp: peak = m 2^e, 0.5 <= m < 1); a zero row keeps scale 1
+    _, exponent = torch.frexp(peak)
+    scale = torch.ldexp(torch.ones_like(peak), exponent)
+    t = torch.ldexp(xd / scale[..., None], torch.tensor(bits, device=x.device))  # |t| < 2^bits, exact
+    high = t.trunc()
+    low = torch.ldexp(t - high, torch.tensor(bits, device=x.device)).trunc()  # the fraction, exact
+    return Sliced(high, low, scale, bits)
+
+
+def _combine(hh: torch.Tensor, cross: torch.Tensor, ll: torch.Tensor, scale: torch.Tensor,
+             bits: int) -> torch.Tensor:
+    """``scale 2^-2b (hh + 2^-b (cross + 2^-b ll))`` in float64, in this one order (the
+    scalings are exact: powers of two; each addition is rounded once)."""
+    step = 2.0 ** -bits
+    return ll.mul_(step).add_(cross).mul_(step).add_(hh).mul_(scale).mul_(step * step)
+
+
+def dot(a: Sliced, b: Sliced) -> torch.Tensor:
+    """float32 ``a @ b.T`` of two sliced matrices ``(n, D)`` and ``(m, D)``: ``(n, m)``."""
+    if a.bits != b.bits:
+        raise ValueError("slices of different dimensions")
+    hh = torch.mm(a.high, b.high.t())
+    cross = torch.mm(a.high, b.low.t()).add_(torch.mm(a.low, b.high.t()))  # both exact: so is the sum
+    ll = torch.mm(a.low, b.low.t())
+    return _combine(hh, cross, ll, a.scale[:, None] * b.scale[None, :], a.bits).float()
+
+
+def dot_batched(a: Sliced, b: Sliced) -> torch.Tensor:
+    """float32 ``x . y`` of each row ``x`` of ``a`` ``(n, D)`` with each of its own rows
+    ``y`` of ``b`` ``(n, k, D)``: ``(n, k)`` (the candidates of each query)."""
+    if a.bits != b.bits:
+        raise ValueError("slices of different dimensions")
+    def prod(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(v, u[:, :, None])[:, :, 0]
+
+    hh = prod(a.high, b.high)
+    cross = prod(a.high, b.low).add_(prod(a.low, b.high))
+    ll = prod(a.low, b.low)
+    return _combine(hh, cross, ll, a.scale[:, None] * b.scale, a.bits).float()
+
+
+def squared_norms(x: Sliced) -> torch.Tensor:
+    """float64 squared L2 norms of sliced rows (the :func:`dot` of each row with itself,
+    before its float32 rounding)."""
+    hh = (x.high * x.high).sum(dim=-1)  # integer products and sums below 2^53: exact in any order
+    cross = (x.high * x.low).sum(dim=-1).mul_(2.0)
+    ll = (x.low * x.low).sum(dim=-1)
+    return _combine(hh, cross, ll, x.scale * x.scale, x.bits)
+
+
+def dot_rows(a: Sliced, b: torch.Tensor) -> torch.Tensor:
+    """float32 ``a @ b.T`` of sliced rows ``(n, D)`` and float32 rows ``(m, D)``, ``b``
+    sliced a piece at a time (its slices take four times its memory)."""
+    pieces = [dot(a, slice_rows(b[i:j])) for i, j in _pieces(b)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+
+def norms(x: torch.Tensor) -> torch.Tensor:
+    """float64 L2 norms of the finite float32 rows of ``x`` ``(n, D)``, the same bits on
+    every machine."""
+    pieces = [squared_norms(slice_rows(x[i:j])).sqrt_() for i, j in _pieces(x)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def unit_rows(x: torch.Tensor, row_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """The finite, non-zero float32 rows of ``x`` ``(n, D)`` divided by their :func:`norms`
+    (given as ``row_norms`` when already computed): each quotient rounded once from float64."""
+    n = norms(x) if row_norms is None else row_norms
+    out = torch.empty_like(x)
+    for i, j in _pieces(x):
+        out[i:j] = x[i:j].double().div_(n[i:j, None])
+    return out
+
+
+#: elements of a float32 matrix sliced at once: its float64 slices and their temporaries
+#: take about 40 bytes an element
+PIECE_ELEMENTS = 1 << 22
+
+
+def _pieces(x: torch.Tensor) -> list[tuple[int, int]]:
+    """Row ranges of ``x`` ``(n, D)`` of about :data:`PIECE_ELEMENTS` elements each."""
+    step = max(1, PIECE_ELEMENTS // max(1, x.shape[-1]))
+    return [(i, min(len(x), i + step)) for i in range(0, len(x), step)] or [(0, 0)]
