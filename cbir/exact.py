@@ -28,6 +28,7 @@ product first and rescores only those here (``retrieval.search``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -58,9 +59,18 @@ class Sliced:
 
 
 def slice_rows(x: torch.Tensor) -> Sliced:
-    """The slices of the finite float32 rows of ``x`` (shape ``(..., D)``)."""
+    """The slices of the finite float32 rows of ``x`` (shape ``(..., D)``); a large matrix a
+    piece at a time, so that the temporaries stay small."""
     if x.dtype != torch.float32:
         raise TypeError(f"slice_rows needs float32 rows, got {x.dtype}")
+    if x.ndim == 2 and x.numel() > PIECE_ELEMENTS:
+        parts = [_slice(x[i:j]) for i, j in _pieces(x)]
+        return Sliced(torch.cat([p.high for p in parts]), torch.cat([p.low for p in parts]),
+                      torch.cat([p.scale for p in parts]), parts[0].bits)
+    return _slice(x)
+
+
+def _slice(x: torch.Tensor) -> Sliced:
     bits = slice_bits(x.shape[-1])
     xd = x.double()
     peak = xd.abs().amax(dim=-1) if x.shape[-1] else torch.zeros(x.shape[:-1], dtype=torch.float64, device=x.device)
@@ -81,14 +91,15 @@ def _combine(hh: torch.Tensor, cross: torch.Tensor, ll: torch.Tensor, scale: tor
     return ll.mul_(step).add_(cross).mul_(step).add_(hh).mul_(scale).mul_(step * step)
 
 
-def dot(a: Sliced, b: Sliced) -> torch.Tensor:
-    """float32 ``a @ b.T`` of two sliced matrices ``(n, D)`` and ``(m, D)``: ``(n, m)``."""
+def dot(a: Sliced, b: Sliced, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``a @ b.T`` of two sliced matrices ``(n, D)`` and ``(m, D)``: ``(n, m)``, rounded once
+    to float32 (``dtype=torch.float64``: not rounded)."""
     if a.bits != b.bits:
         raise ValueError("slices of different dimensions")
     hh = torch.mm(a.high, b.high.t())
     cross = torch.mm(a.high, b.low.t()).add_(torch.mm(a.low, b.high.t()))  # both exact: so is the sum
     ll = torch.mm(a.low, b.low.t())
-    return _combine(hh, cross, ll, a.scale[:, None] * b.scale[None, :], a.bits).float()
+    return _combine(hh, cross, ll, a.scale[:, None] * b.scale[None, :], a.bits).to(dtype)
 
 
 def dot_batched(a: Sliced, b: Sliced) -> torch.Tensor:
@@ -114,10 +125,10 @@ def squared_norms(x: Sliced) -> torch.Tensor:
     return _combine(hh, cross, ll, x.scale * x.scale, x.bits)
 
 
-def dot_rows(a: Sliced, b: torch.Tensor) -> torch.Tensor:
-    """float32 ``a @ b.T`` of sliced rows ``(n, D)`` and float32 rows ``(m, D)``, ``b``
-    sliced a piece at a time (its slices take four times its memory)."""
-    pieces = [dot(a, slice_rows(b[i:j])) for i, j in _pieces(b)]
+def dot_rows(a: Sliced, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`dot` of sliced rows ``(n, D)`` and float32 rows ``(m, D)``, ``b`` sliced a
+    piece at a time (its slices take four times its memory)."""
+    pieces = [dot(a, _slice(b[i:j]), dtype) for i, j in _pieces(b)]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
@@ -147,3 +158,67 @@ def _pieces(x: torch.Tensor) -> list[tuple[int, int]]:
     """Row ranges of ``x`` ``(n, D)`` of about :data:`PIECE_ELEMENTS` elements each."""
     step = max(1, PIECE_ELEMENTS // max(1, x.shape[-1]))
     return [(i, min(len(x), i + step)) for i in range(0, len(x), step)] or [(0, 0)]
+
+
+_LN2 = 0.6931471805599453
+_SQRT_HALF = 0.7071067811865476
+_LOG_TERMS = [1.0 / (2 * i + 1) for i in range(12)]  # atanh series of ln, |z| < 0.172
+_EXP_TERMS = [1.0 / math.factorial(i) for i in range(18)]  # Taylor series of exp, |r| < 0.347
+
+
+def power(x: torch.Tensor, exponent: float) -> torch.Tensor:
+    """float32 ``x ** exponent`` (``exponent`` >= 0, as late fusion's weights are) from
+    correctly rounded float64 operations in a fixed order, rounded once: the same bits
+    wherever it runs. torch's and numpy's ``pow`` differ by the CPU's vector width (a vector
+    kernel for most elements, the C library for the last few), so a score would depend on
+    where it sits in a chunk. Within 1e-15 relative of the exact power before rounding;
+    as ``pow``: ``x ** 0`` is 1, ``0 ** e`` is 0, a negative ``x`` gives NaN unless
+    ``exponent`` is an integer."""
+    if not exponent >= 0:
+        raise ValueError(f"exponent {exponent} is negative")
+    xd = x.double()
+    if float(exponent).is_integer():
+        return integer_power(xd, int(exponent)).float()
+    positive = xd > 0
+    y = _log(torch.where(positive, xd, 1.0)).mul_(float(exponent))
+    out = _exp(y)
+    out = torch.where(positive, out, torch.where(xd == 0, 0.0, torch.nan))
+    return torch.where(torch.isinf(xd) & positive, torch.inf, out).float()
+
+
+def integer_power(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x ** n`` (``n`` >= 0) by repeated squaring: rounded multiplications in a fixed order."""
+    out, base = torch.ones_like(x), x.clone()
+    while n:
+        if n & 1:
+            out.mul_(base)
+        n >>= 1
+        if n:
+            base = base * base
+    return out
+
+
+def _log(x: torch.Tensor) -> torch.Tensor:
+    """Natural log of positive finite float64 ``x``: ``x = m 2^e``, ``m`` in [sqrt(1/2), sqrt(2)),
+    ``ln m = 2 atanh((m - 1) / (m + 1))`` by its series (Horner, no fused operations)."""
+    m, e = torch.frexp(x)
+    low = m < _SQRT_HALF
+    m = torch.where(low, m * 2.0, m)
+    e = (e - low.to(e.dtype)).double()
+    z = (m - 1.0) / (m + 1.0)
+    z2 = z * z
+    acc = torch.full_like(z, _LOG_TERMS[-1])
+    for c in reversed(_LOG_TERMS[:-1]):
+        acc = acc * z2 + c  # two rounded operations: a product, then a sum
+    return (z * 2.0) * acc + e * _LN2
+
+
+def _exp(y: torch.Tensor) -> torch.Tensor:
+    """``exp`` of finite float64 ``y``: ``y = n ln2 + r``, ``|r| <= ln2 / 2``, its Taylor series."""
+    y = y.clamp(-1100.0, 710.0)  # beyond: 0 or inf, as exp gives
+    n = torch.round(y / _LN2)
+    r = y - n * _LN2
+    acc = torch.full_like(r, _EXP_TERMS[-1])
+    for c in reversed(_EXP_TERMS[:-1]):
+        acc = acc * r + c
+    return torch.ldexp(acc, n)

@@ -3,6 +3,7 @@ descriptors, for every operator; streaming does not change it; bad inputs are re
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -117,7 +118,62 @@ def test_streaming_blocks_do_not_change_the_result(stores):
     whole = retrieve(qset, mset, RetrievalConf(topk=15))
     for block, chunk, cache in ((5, 7, 0), (1, 300, 1 << 30), (36, 1, 0)):
         small = retrieve(qset, mset, RetrievalConf(topk=15, query_block=block, map_chunk=chunk, cache_bytes=cache))
-        assert [(p.query, p.map) for p in small] == [(p.query, p.map) for p in whole]
+        assert small == whole  # bit for bit
+
+
+def bits(pairs):
+    """Pairs with their scores' bits (NaN equal to NaN)."""
+    return [(p.query, p.map, np.float32(p.score).tobytes()) for p in pairs]
+
+
+def path_variants(method: str, map_by_map: bool) -> list[dict]:
+    """Options that change how a search runs, not its result: blocks, chunks, cache,
+    candidates, the precision of the candidates' search (monotone fusions)."""
+    from cbir.retrieval.search import MONOTONE
+
+    variants = [dict(query_block=5, map_chunk=23, cache_bytes=0), dict(map_chunk=64, candidates=12),
+                dict(candidates=300)]
+    if not map_by_map:
+        variants.append(dict(query_block=1, map_chunk=300))
+    if method in MONOTONE:
+        variants += [dict(precision=p, map_chunk=64, cache_bytes=c) for p in ("fp16", "bf16") for c in (0, 1 << 30)]
+    return variants
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_path_gives_the_same_bits(stores, method):
+    """Bit-identical pairs, scores included, whatever the query blocks, map chunks, cache,
+    candidates and precision of the candidates' search, map x map or query x map: every
+    score is cbir.exact's."""
+    q, m = stores
+    qset, mset = load(q), load(m)
+    for query, exclude in ((qset, False), (mset, True)):
+        base = RetrievalConf(topk=12, fusion=FusionConf(method), exclude_self=exclude)
+        want = bits(retrieve(query, mset, base))
+        for options in path_variants(method, exclude):
+            assert bits(retrieve(query, mset, replace(base, **options))) == want, options
+
+
+@pytest.mark.parametrize("method", ["gharm", "power", "round_robin"])
+def test_paths_give_the_same_bits_at_any_thread_count(stores, method, threads):
+    """The same at 1, 2 and 3 threads: their pairs are those of one thread, bit for bit."""
+    q, m = stores
+    qset, mset = load(q), load(m)
+    base = RetrievalConf(topk=12, fusion=FusionConf(method))
+    with torch_threads(1):
+        want = bits(retrieve(qset, mset, base))
+    for options in [{}] + path_variants(method, False):
+        assert bits(retrieve(qset, mset, replace(base, **options))) == want, options
+
+
+@contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("thread", [True, False])
@@ -239,9 +295,7 @@ def test_flat_and_full_probe_indexes_equal_exact_search(stores, fusion):
     # every map image a candidate: the exact rescoring gives the exact result
     for iconf in (IndexConf("flat", candidates=301), IndexConf("ivf", candidates=301, nlist=4, nprobe=4)):
         ours = retrieve_indexed(qset, mset, conf, iconf)
-        assert [(p.query, p.map) for p in ours] == [(p.query, p.map) for p in exact], iconf.kind
-        # rescored from the stored rows divided by their norms: the exact scores to float32 rounding
-        np.testing.assert_allclose([p.score for p in ours], [p.score for p in exact], rtol=1e-6)
+        assert ours == exact, iconf.kind  # rescored with cbir.exact: the same bits
     assert recall_against_exact(qset, mset, conf, IndexConf("flat", candidates=301)) == 1.0
     # fewer candidates: a fused top-10 image may be in no descriptor's own top-10, and the recall says so
     r = recall_against_exact(qset, mset, conf, IndexConf("flat", candidates=10))
@@ -250,7 +304,7 @@ def test_flat_and_full_probe_indexes_equal_exact_search(stores, fusion):
 
 def test_indexed_search_is_the_same_whatever_its_blocks_calls_and_threads(stores):
     """Rescoring blocks, faiss calls, reading ahead on a thread and the threads left to the
-    products change nothing in the ranking, and torch's thread count is restored after."""
+    products change no bit of the pairs, and torch's thread count is restored after."""
     q, m = stores
     qset, mset = load(q), load(m)
     conf, iconf = RetrievalConf(topk=10), IndexConf("ivf", candidates=40, nlist=8, nprobe=2)
@@ -260,9 +314,7 @@ def test_indexed_search_is_the_same_whatever_its_blocks_calls_and_threads(stores
         for block, search_block, n in ((1, 4096, 1), (5, 3, 2), (16, 7, 3)):
             torch.set_num_threads(n)
             got = retrieve_indexed(qset, mset, conf, replace(iconf, search_block=search_block), query_block=block)
-            assert [(p.query, p.map) for p in got] == [(p.query, p.map) for p in want], (block, search_block, n)
-            # products of other shapes: the same scores to float32 rounding
-            np.testing.assert_allclose([p.score for p in got], [p.score for p in want], rtol=1e-6)
+            assert got == want, (block, search_block, n)
             assert torch.get_num_threads() == n
     finally:
         torch.set_num_threads(threads)
@@ -291,8 +343,7 @@ def test_indexed_search_scores_descriptors_held_in_memory(stores):
     exact = retrieve(qset, moved, conf)
     assert [(p.query, p.map) for p in exact] != [(p.query, p.map) for p in retrieve(qset, mset, conf)]
     ours = retrieve_indexed(qset, moved, conf, IndexConf("flat", candidates=301))
-    assert [(p.query, p.map) for p in ours] == [(p.query, p.map) for p in exact]
-    np.testing.assert_allclose([p.score for p in ours], [p.score for p in exact], rtol=1e-6)
+    assert ours == exact
 
 
 def test_compressed_indexes_report_their_recall(tmp_path):

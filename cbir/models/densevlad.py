@@ -29,7 +29,9 @@ from typing import Any, Callable
 import cv2
 import h5py
 import numpy as np
+import torch
 
+from .. import exact
 from ..errors import CbirError, FormatError
 from ..io.atomic import atomic_output
 from ..io.dataset import model_path
@@ -49,22 +51,30 @@ def dense_grid(width: int, height: int, step: int, sizes: list[float]) -> list[c
 
 
 def vlad(desc: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Intra-normalized, L2-normalized VLAD of (N, D) descriptors over (K, D) centroids."""
+    """Intra-normalized, L2-normalized VLAD of (N, D) descriptors over (K, D) centroids, the
+    same bits on every machine: each descriptor goes to the centroid of least squared
+    distance computed exactly (:mod:`cbir.exact`; ties to the lower index), residuals are
+    summed in descriptor order, and the norms are exact."""
     k, d = centroids.shape
     if len(desc) == 0:
         return np.zeros(k * d, np.float32)
-    import faiss  # imported where used: only DenseVLAD needs it among the extractors
-
-    index = faiss.IndexFlatL2(d)
-    index.add(centroids)
-    _, assign = index.search(np.ascontiguousarray(desc, np.float32), 1)
-    assign = assign[:, 0]
+    x = torch.from_numpy(np.ascontiguousarray(desc, np.float32))
+    c = exact.slice_rows(torch.from_numpy(np.ascontiguousarray(centroids, np.float32)))
+    # ||x - c||^2 - ||x||^2, in float64 from exact products: a BLAS distance (faiss's) would
+    # send a descriptor near two centroids to either, by the CPU's rounding
+    distance = exact.dot_rows(c, x, torch.float64).mul_(-2.0).add_(exact.squared_norms(c)[:, None])
+    assign = distance.argmin(dim=0).numpy()  # the first of equal minima
     residuals = desc - centroids[assign]
     v = np.zeros((k, d), np.float32)
-    np.add.at(v, assign, residuals)
-    v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)  # intra-normalization
-    v = v.reshape(-1)
-    return v / max(float(np.linalg.norm(v)), 1e-12)
+    np.add.at(v, assign, residuals)  # in descriptor order
+    v = _unit(torch.from_numpy(v))  # intra-normalization
+    return _unit(v.reshape(1, -1))[0].numpy()
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` to unit L2 (:func:`cbir.exact.unit_rows`), zero rows kept."""
+    n = exact.norms(x)
+    return torch.where(n[:, None] > 0, exact.unit_rows(x, torch.where(n > 0, n, 1.0)), x)
 
 
 @register
@@ -91,6 +101,7 @@ class DenseVLAD(GlobalExtractor):
         super().__init__(conf)
         self._sift = cv2.SIFT_create()
         self.model: dict[str, np.ndarray] | None = None
+        self._sliced: tuple[dict[str, np.ndarray], exact.Sliced] | None = None
         if self.conf["model"]:
             self.model = read_model(Path(self.conf["model"]), self)
 
@@ -167,11 +178,22 @@ class DenseVLAD(GlobalExtractor):
         if self.model is None:
             raise CbirError("DenseVLAD model missing: call prepare() (cbir extract does)")
         v = vlad(self.dense_rootsift(image), self.model["centroids"])
-        comp = self.model["pca_components"]
-        if len(comp):
-            v = (v - self.model["pca_mean"]) @ comp.T / np.sqrt(self.model["pca_eigvals"] + 1e-9)
-            v = v / max(float(np.linalg.norm(v)), 1e-12)
-        return v.astype(np.float32)
+        if not len(self.model["pca_components"]):
+            return v
+        # the PCA projection from exact products: whitening divides by the square roots of
+        # eigenvalues down to about 0, which magnifies a BLAS's rounding (1e-4 between a
+        # Ray worker of one core and a local run of several, before these were exact)
+        centred = torch.from_numpy(v - self.model["pca_mean"].astype(np.float32))[None]
+        projected = exact.dot_rows(self._components(), centred)[:, 0].numpy()
+        whitened = projected / np.sqrt(self.model["pca_eigvals"].astype(np.float32) + np.float32(1e-9))
+        return _unit(torch.from_numpy(whitened)[None])[0].numpy()
+
+    def _components(self) -> exact.Sliced:
+        """The PCA components' exact slices, made once (four times the components' memory)."""
+        if self._sliced is None or self._sliced[0] is not self.model:
+            self._sliced = (self.model, exact.slice_rows(torch.from_numpy(
+                self.model["pca_components"].astype(np.float32))))
+        return self._sliced[1]
 
 
 def model_digest(model: dict[str, np.ndarray]) -> str:

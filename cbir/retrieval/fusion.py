@@ -21,6 +21,11 @@ round_robin        not a score: each descriptor's ranking in turn (see ``search`
 villena_roman follows the peer's code, whose first term is the maximum (its description
 text says minimum). Operators work in place on the similarity blocks where they can, so
 fusing ``n`` blocks needs no more than one extra block of memory.
+
+Every operator is a fixed sequence of correctly rounded float32 operations, so a fused
+score has the same bits wherever it sits in a block, on every CPU: no ``add(..., alpha=)``
+(torch computes its vector part with a fused multiply-add and its last few elements
+without), and ``pow`` from :func:`cbir.exact.power`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .. import exact
 from ..errors import CbirError
 
 ALIASES = {"generalized_harmonic_mean": "gharm", "maximum": "max", "minimum": "min"}
@@ -95,15 +101,15 @@ def _mean(sims: list[torch.Tensor], conf: FusionConf) -> torch.Tensor:
     w = normalized_weights(conf.weights, len(sims))
     out = sims[0] * w[0]
     for s, wi in zip(sims[1:], w[1:]):
-        out.add_(s, alpha=wi)
+        out.add_(s * wi)
     return out
 
 
 def _power(sims: list[torch.Tensor], conf: FusionConf) -> torch.Tensor:
     w = normalized_weights(conf.weights, len(sims))
-    out = sims[0].pow(w[0])
+    out = exact.power(sims[0], w[0])
     for s, wi in zip(sims[1:], w[1:]):
-        out.mul_(s.pow(wi))
+        out.mul_(exact.power(s, wi))
     return out
 
 
@@ -120,29 +126,29 @@ def _gharm(sims: list[torch.Tensor], conf: FusionConf, gamma: float | None = Non
     g = _param(conf.gamma, "gamma", 0.0, None) if gamma is None else gamma
     acc = torch.zeros_like(sims[0])
     for s, wi in zip(sims, w):  # in place: the same operations in the same order, no temporaries
-        acc.add_(s.mul_(wi).add_(g).reciprocal_(), alpha=1.0 / n)
+        acc.add_(s.mul_(wi).add_(g).reciprocal_().mul_(1.0 / n))
     return acc.reciprocal_().sub_(g)
 
 
 def _mean_and_power(sims, conf):
     g = _param(conf.gamma, "gamma")
-    return _mean(sims, conf).mul_(g).add_(_power(sims, conf), alpha=1 - g)
+    return _mean(sims, conf).mul_(g).add_(_power(sims, conf).mul_(1 - g))
 
 
 def _mean_and_min(sims, conf):
     g = _param(conf.gamma, "gamma")
-    return _mean(sims, conf).mul_(g).add_(_reduce(sims, torch.minimum), alpha=1 - g)
+    return _mean(sims, conf).mul_(g).add_(_reduce(sims, torch.minimum).mul_(1 - g))
 
 
 def _min_and_max(sims, conf):
     a = _param(conf.alpha, "alpha")
-    return _reduce(sims, torch.minimum).mul_(a).add_(_reduce(sims, torch.maximum), alpha=1 - a)
+    return _reduce(sims, torch.minimum).mul_(a).add_(_reduce(sims, torch.maximum).mul_(1 - a))
 
 
 def _villena_roman(sims, conf):
     a = _param(conf.alpha, "alpha")
     lo, hi = _reduce(sims, torch.minimum), _reduce(sims, torch.maximum)
-    return (lo * lo).div_(lo + hi).mul_(a).add_(hi, alpha=1 - a)
+    return (lo * lo).div_(lo + hi).mul_(a).add_(hi.mul_(1 - a))
 
 
 METHODS: dict[str, Callable[[list[torch.Tensor], FusionConf], torch.Tensor] | None] = {

@@ -59,7 +59,7 @@ def _expanded(x: torch.Tensor, ys: torch.Tensor, missing: torch.Tensor, alpha: f
         w = torch.ones(ys.shape[:2], dtype=torch.float64)
     else:
         s = exact.dot_batched(exact.slice_rows(x), exact.slice_rows(ys)).double().clamp_(min=0)
-        w = _integer_power(s, int(alpha)) if float(alpha).is_integer() else s.pow(alpha)
+        w = exact.integer_power(s, int(alpha)) if float(alpha).is_integer() else s.pow(alpha)
     w.masked_fill_(missing, 0.0)
     acc = x.double()
     for i in range(ys.shape[1]):
@@ -67,17 +67,6 @@ def _expanded(x: torch.Tensor, ys: torch.Tensor, missing: torch.Tensor, alpha: f
     e = acc.float()
     norms = exact.norms(e)
     return torch.where(norms[:, None] > 0, exact.unit_rows(e, torch.where(norms > 0, norms, 1.0)), e)
-
-
-def _integer_power(s: torch.Tensor, n: int) -> torch.Tensor:
-    """``s ** n`` by repeated squaring: correctly rounded multiplications in a fixed order."""
-    out, base = torch.ones_like(s), s.clone()
-    while n:
-        if n & 1:
-            out.mul_(base)
-        base = base * base
-        n >>= 1
-    return out
 
 
 #: a search: ``(query, database, conf, progress) -> pairs`` (local exact search, or on a cluster)

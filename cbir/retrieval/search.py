@@ -586,8 +586,9 @@ def _bounded_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChu
     nq, dev, n = qd[0].shape[0], qd[0].device, len(qd)
     round_robin = conf.fusion.name == "round_robin"
     lists = n if round_robin else 1
-    eligible = chunks.n - (1 if conf.excludes_names else 0)
-    kc = min(eligible, max(k, conf.candidates or 4 * k))
+    # every image may be a candidate (k is the shard's width on a shard of the map, which may
+    # not hold the query's own image); an excluded one has bound -inf and never displaces another
+    kc = min(chunks.n, max(k, conf.candidates or 4 * k))
     precision = conf.precision
     bounds = [error_bound(precision, q.shape[1]) for q in qd]
     qh = [q.to(chunks.half) for q in qd] if chunks.half else qd
@@ -621,7 +622,7 @@ def _bounded_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChu
             # every image tied with the k-th is a candidate when settled (its exact score is above
             # any other image's bound), so the tie rule holds
             v, i = ranked(scores, idxs[j], k)
-            if kc < eligible:
+            if kc < chunks.n:  # else every image was scored
                 settled &= v[:, -1] > vals[j].amin(dim=1)
             values.append(v)
             indices.append(i)
