@@ -76,11 +76,18 @@ def _slice(x: torch.Tensor) -> Sliced:
     peak = xd.abs().amax(dim=-1) if x.shape[-1] else torch.zeros(x.shape[:-1], dtype=torch.float64, device=x.device)
     # scale = 2^e with peak < 2^e (frexp: peak = m 2^e, 0.5 <= m < 1); a zero row keeps scale 1
     _, exponent = torch.frexp(peak)
-    scale = torch.ldexp(torch.ones_like(peak), exponent)
-    t = torch.ldexp(xd / scale[..., None], torch.tensor(bits, device=x.device))  # |t| < 2^bits, exact
+    exponent = exponent.to(torch.int64)
+    scale = pow2(exponent)
+    t = xd * pow2(bits - exponent)[..., None]  # x 2^b / scale: |t| < 2^b, exact (a power of two)
     high = t.trunc()
-    low = torch.ldexp(t - high, torch.tensor(bits, device=x.device)).trunc()  # the fraction, exact
+    low = (t - high).mul_(2.0 ** bits).trunc()  # the fraction, exact
     return Sliced(high, low, scale, bits)
+
+
+def pow2(n: torch.Tensor) -> torch.Tensor:
+    """float64 ``2 ** n`` of int64 ``n`` in [-1022, 1023], made from its bits: exact on every
+    machine (``torch.ldexp`` multiplies by ``pow(2, n)``, a library function)."""
+    return ((n + 1023) << 52).view(torch.float64)
 
 
 def _combine(hh: torch.Tensor, cross: torch.Tensor, ll: torch.Tensor, scale: torch.Tensor,
@@ -221,4 +228,6 @@ def _exp(y: torch.Tensor) -> torch.Tensor:
     acc = torch.full_like(r, _EXP_TERMS[-1])
     for c in reversed(_EXP_TERMS[:-1]):
         acc = acc * r + c
-    return torch.ldexp(acc, n)
+    n = n.to(torch.int64)
+    half = torch.div(n, 2, rounding_mode="floor")
+    return acc * pow2(half) * pow2(n - half)  # each factor a normal float64

@@ -98,6 +98,15 @@ def test_fused_topk_equals_the_peer(stores, label, peer_method, conf, params):
     qset, mset = load(q), load(m)
     ours = retrieve(qset, mset, RetrievalConf(topk=20, fusion=conf))
     theirs = peer_pairs(qset, mset, peer_method, params, 20)
+    if label == "round_robin":  # rank scores: the same images in the same order, but for
+        # images that some descriptor ranks closer than the peer's rounding (which swaps them)
+        sims = [a.read_all("descriptors") @ b.read_all("descriptors").T for a, b in zip(qset.stores, mset.stores)]
+        row, col = {n: i for i, n in enumerate(qset.names)}, {n: i for i, n in enumerate(mset.names)}
+        assert [p.query for p in ours] == [t[0] for t in theirs]
+        for p, (_, other, _) in zip(ours, theirs):
+            assert p.map == other or any(abs(s[row[p.query], col[p.map]] - s[row[p.query], col[other]]) <= PEER_TOLERANCE
+                                         for s in sims)
+        return
     assert_rankings_agree(ours, theirs, PEER_TOLERANCE)
 
 

@@ -314,7 +314,7 @@ def _rescore(qd: list[torch.Tensor], raw: list[np.ndarray], unique: np.ndarray, 
     leave the few candidates that may be in the top-k (monotone fusions), and only those
     are scored exactly, as :func:`~.search._bounded_topk` does."""
     pos = torch.from_numpy(np.searchsorted(unique, np.where(cands >= 0, cands, unique[0]))).to(device)
-    units = [u.to(device) for u in database.normalized(raw, unique)]
+    units = [u.to(device) for u in database.units(raw, unique)]
     sliced = [exact.slice_rows(a) for a in qd]
     bounds = [error_bound("fp32", u.shape[1]) for u in units]
     upper = [torch.gather(a @ u.t(), 1, pos).add_(e) for a, u, e in zip(qd, units, bounds)]

@@ -208,9 +208,14 @@ class DescriptorSet:
 
     def take_host(self, index: np.ndarray) -> list[torch.Tensor]:
         """:meth:`take` in host memory; a zero or non-finite descriptor is an error."""
+        return self.units(self.read_raw(index), index)
+
+    def units(self, raw: list[np.ndarray], index: np.ndarray) -> list[torch.Tensor]:
+        """:meth:`read_raw`'s rows as :meth:`take_host` gives them: those held in memory as
+        they are (unit rows already), stored ones :meth:`normalized`."""
         if self.arrays is not None:
-            return [torch.as_tensor(a[index]) for a in self.arrays]
-        return self.normalized(self.read_raw(index), index)
+            return [torch.as_tensor(r) for r in raw]
+        return self.normalized(raw, index)
 
     def read_raw(self, index: np.ndarray) -> list[np.ndarray]:
         """The descriptors of the images at ``index`` as stored (unchecked), or as held in
