@@ -20,10 +20,14 @@ in one fixed sequence of correctly rounded operations and rounded once to float3
 
 For unit rows that is within ``sqrt(D) 2^(2-2b)`` of the exact dot product (2e-10 at
 ``D`` = 2048, 1e-8 at 32,768) before its float32 rounding, and bit-identical on every
-machine. The squared norm is the same sum of ``x`` with itself; :func:`unit_rows` divides
-by its square root in float64 and rounds once. The cost is four float64 products of the
-slices instead of one float32 product, so the search finds candidates with a float32
-product first and rescores only those here (``retrieval.search``).
+machine. The cost is one float64 product of twice the rows on each side instead of one
+float32 product, so the search finds candidates with a float32 product first and scores
+only those here (``retrieval.search``).
+
+Norms (:func:`norms`, :func:`unit_rows`) need no such care: a fixed order of float32
+additions (running sums over column blocks, then pairwise) makes them the same bits
+everywhere at the cost of a BLAS norm. :func:`power` is ``pow`` made reproducible the
+same way: a fixed sequence of float64 operations.
 """
 
 from __future__ import annotations
@@ -71,23 +75,31 @@ def slice_rows(x: torch.Tensor) -> Sliced:
 
 
 def _slice(x: torch.Tensor) -> Sliced:
+    """:func:`slice_rows` of one piece, in float32: every step is exact (scalings by powers
+    of two, integer parts, fractions), and every slice is a float32 integer."""
     bits = slice_bits(x.shape[-1])
-    xd = x.double()
-    peak = xd.abs().amax(dim=-1) if x.shape[-1] else torch.zeros(x.shape[:-1], dtype=torch.float64, device=x.device)
+    peak = x.abs().amax(dim=-1) if x.shape[-1] else torch.zeros(x.shape[:-1], device=x.device)
     # scale = 2^e with peak < 2^e (frexp: peak = m 2^e, 0.5 <= m < 1); a zero row keeps scale 1
     _, exponent = torch.frexp(peak)
     exponent = exponent.to(torch.int64)
-    scale = pow2(exponent)
-    t = xd * pow2(bits - exponent)[..., None]  # x 2^b / scale: |t| < 2^b, exact (a power of two)
+    shift = bits - exponent  # t = x 2^b / scale, in two normal factors (a subnormal row needs 2^173)
+    first = torch.div(shift, 2, rounding_mode="floor")
+    t = x * pow2_float32(first)[..., None]
+    t.mul_(pow2_float32(shift - first)[..., None])  # |t| < 2^b
     high = t.trunc()
-    low = (t - high).mul_(2.0 ** bits).trunc()  # the fraction, exact
-    return Sliced(high, low, scale, bits)
+    low = t.sub_(high).mul_(2.0 ** bits).trunc_()  # the fraction, exact
+    return Sliced(high, low, pow2(exponent), bits)
 
 
 def pow2(n: torch.Tensor) -> torch.Tensor:
     """float64 ``2 ** n`` of int64 ``n`` in [-1022, 1023], made from its bits: exact on every
     machine (``torch.ldexp`` multiplies by ``pow(2, n)``, a library function)."""
     return ((n + 1023) << 52).view(torch.float64)
+
+
+def pow2_float32(n: torch.Tensor) -> torch.Tensor:
+    """float32 ``2 ** n`` of int64 ``n`` in [-126, 127], made from its bits."""
+    return ((n + 127) << 23).to(torch.int32).view(torch.float32)
 
 
 def _combine(hh: torch.Tensor, cross: torch.Tensor, ll: torch.Tensor, scale: torch.Tensor,
@@ -103,10 +115,11 @@ def dot(a: Sliced, b: Sliced, dtype: torch.dtype = torch.float32) -> torch.Tenso
     to float32 (``dtype=torch.float64``: not rounded)."""
     if a.bits != b.bits:
         raise ValueError("slices of different dimensions")
-    hh = torch.mm(a.high, b.high.t())
-    cross = torch.mm(a.high, b.low.t()).add_(torch.mm(a.low, b.high.t()))  # both exact: so is the sum
-    ll = torch.mm(a.low, b.low.t())
-    return _combine(hh, cross, ll, a.scale[:, None] * b.scale[None, :], a.bits).to(dtype)
+    n, m = a.high.shape[0], b.high.shape[0]
+    # one float64 product gives the four: [H_a; L_a] [H_b; L_b]^T
+    p = torch.mm(_stacked(a, 0), _stacked(b, 0).t())
+    cross = p[:n, m:] + p[n:, :m]  # H_a.L_b + L_a.H_b: both exact, so is the sum
+    return _combine(p[:n, :m], cross, p[n:, m:].clone(), a.scale[:, None] * b.scale[None, :], a.bits).to(dtype)
 
 
 def dot_batched(a: Sliced, b: Sliced) -> torch.Tensor:
@@ -114,21 +127,31 @@ def dot_batched(a: Sliced, b: Sliced) -> torch.Tensor:
     ``y`` of ``b`` ``(n, k, D)``: ``(n, k)`` (the candidates of each query)."""
     if a.bits != b.bits:
         raise ValueError("slices of different dimensions")
-    def prod(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(v, u[:, :, None])[:, :, 0]
+    k = b.high.shape[1]
+    # one batched product reads the candidates' slices once: [H_y; L_y] [H_x L_x]
+    p = torch.bmm(_stacked(b, 1), torch.stack([a.high, a.low], dim=2).double())
+    cross = p[:, :k, 1] + p[:, k:, 0]  # H_y.L_x + L_y.H_x
+    return _combine(p[:, :k, 0], cross, p[:, k:, 1].clone(), a.scale[:, None] * b.scale, a.bits).float()
 
-    hh = prod(a.high, b.high)
-    cross = prod(a.high, b.low).add_(prod(a.low, b.high))
-    ll = prod(a.low, b.low)
-    return _combine(hh, cross, ll, a.scale[:, None] * b.scale, a.bits).float()
+
+def _stacked(s: Sliced, dim: int) -> torch.Tensor:
+    """``[H; L]`` along ``dim`` in float64 (the slices are float32 integers)."""
+    shape = list(s.high.shape)
+    shape[dim] *= 2
+    out = torch.empty(shape, dtype=torch.float64, device=s.high.device)
+    h = s.high.shape[dim]
+    out.narrow(dim, 0, h).copy_(s.high)
+    out.narrow(dim, h, h).copy_(s.low)
+    return out
 
 
 def squared_norms(x: Sliced) -> torch.Tensor:
     """float64 squared L2 norms of sliced rows (the :func:`dot` of each row with itself,
     before its float32 rounding)."""
-    hh = (x.high * x.high).sum(dim=-1)  # integer products and sums below 2^53: exact in any order
-    cross = (x.high * x.low).sum(dim=-1).mul_(2.0)
-    ll = (x.low * x.low).sum(dim=-1)
+    high, low = x.high.double(), x.low.double()
+    hh = (high * high).sum(dim=-1)  # integer products and sums below 2^53: exact in any order
+    cross = (high * low).sum(dim=-1).mul_(2.0)
+    ll = (low * low).sum(dim=-1)
     return _combine(hh, cross, ll, x.scale * x.scale, x.bits)
 
 
@@ -140,20 +163,47 @@ def dot_rows(a: Sliced, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
 
 
 def norms(x: torch.Tensor) -> torch.Tensor:
-    """float64 L2 norms of the finite float32 rows of ``x`` ``(n, D)``, the same bits on
-    every machine."""
-    pieces = [squared_norms(slice_rows(x[i:j])).sqrt_() for i, j in _pieces(x)]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    """float32 L2 norms of the float32 rows of ``x`` ``(n, D)``, the same bits on every
+    machine: the squares added column block by column block into :data:`LANES` running
+    sums, left to right (the last block narrower), the lanes then summed pairwise
+    (:func:`tree_sum`), then the square root; each step one correctly rounded float32
+    operation. A NaN or infinite component gives a NaN or infinite norm. A few rows at a
+    time, so that the sums stay in the cache."""
+    n, dim = x.shape
+    lanes = min(LANES, 1 << max(0, dim - 1).bit_length())
+    rows = max(1, (1 << 16) // lanes)
+    out = torch.empty(n, dtype=torch.float32, device=x.device)
+    for r0 in range(0, n, rows):
+        part = x[r0:r0 + rows]
+        acc = torch.zeros((len(part), lanes), dtype=torch.float32, device=x.device)
+        for c0 in range(0, dim, lanes):
+            block = part[:, c0:c0 + lanes]
+            acc[:, :block.shape[1]].add_(block * block)
+        out[r0:r0 + rows] = tree_sum(acc).sqrt_()
+    return out
+
+
+#: running sums of a norm: its squares are added this many columns at a time
+LANES = 256
+
+
+def tree_sum(v: torch.Tensor) -> torch.Tensor:
+    """Sums of the last dimension of ``v`` in one fixed pairwise order, whatever the machine:
+    padded with zeros to a power of two, then halves added element by element."""
+    width = 1 << max(0, v.shape[-1] - 1).bit_length()
+    if width != v.shape[-1]:
+        v = torch.nn.functional.pad(v, (0, width - v.shape[-1]))
+    while v.shape[-1] > 1:
+        half = v.shape[-1] // 2
+        v = v[..., :half] + v[..., half:]
+    return v[..., 0]
 
 
 def unit_rows(x: torch.Tensor, row_norms: torch.Tensor | None = None) -> torch.Tensor:
     """The finite, non-zero float32 rows of ``x`` ``(n, D)`` divided by their :func:`norms`
-    (given as ``row_norms`` when already computed): each quotient rounded once from float64."""
+    (given as ``row_norms`` when already computed): one correctly rounded division each."""
     n = norms(x) if row_norms is None else row_norms
-    out = torch.empty_like(x)
-    for i, j in _pieces(x):
-        out[i:j] = x[i:j].double().div_(n[i:j, None])
-    return out
+    return x / n[:, None]
 
 
 #: elements of a float32 matrix sliced at once: its float64 slices and their temporaries

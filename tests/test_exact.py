@@ -38,7 +38,7 @@ def test_slices_hold_the_row_to_their_stated_precision(dim):
     assert 2 * dim * (2 ** b - 1) ** 2 < 2 ** 53 <= 2 * dim * 2 ** (2 * b + 2)  # the largest such b
     for t in (s.high, s.low):
         assert torch.equal(t, t.trunc()) and t.abs().max() < 2 ** b
-    rebuilt = s.scale[:, None] * (s.high * 2.0 ** -b + s.low * 2.0 ** (-2 * b))
+    rebuilt = s.scale[:, None] * (s.high.double() * 2.0 ** -b + s.low.double() * 2.0 ** (-2 * b))
     assert ((x.double() - rebuilt).abs() < s.scale[:, None] * 2.0 ** (-2 * b)).all()
     assert (x.double().abs().amax(dim=1) < s.scale).all() and (s.scale <= 2 * x.double().abs().amax(dim=1)).all()
 

@@ -33,7 +33,7 @@ from ..io.pairs import Pair
 from ..io.provenance import differences, digest_names
 from .fusion import fuse, nan_last
 from .search import DescriptorSet, RetrievalConf, StepClock, bounded, error_bound, intra_op_threads, pairs_from_topk, \
-    ranked, read_ahead, retrieve
+    read_ahead, retrieve, settle
 
 if TYPE_CHECKING:
     import faiss
@@ -312,7 +312,7 @@ def _rescore(qd: list[torch.Tensor], raw: list[np.ndarray], unique: np.ndarray, 
     exact scores (:mod:`cbir.exact`), the same bits as exact search's for the same pairs.
     A float32 product of the block's queries with every candidate row and its error bound
     leave the few candidates that may be in the top-k (monotone fusions), and only those
-    are scored exactly, as :func:`~.search._bounded_topk` does."""
+    are scored exactly (:func:`~.search.settle`)."""
     pos = torch.from_numpy(np.searchsorted(unique, np.where(cands >= 0, cands, unique[0]))).to(device)
     units = [u.to(device) for u in database.units(raw, unique)]
     sliced = [exact.slice_rows(a) for a in qd]
@@ -338,38 +338,16 @@ def _rescore(qd: list[torch.Tensor], raw: list[np.ndarray], unique: np.ndarray, 
                   bounded(rconf))]
     values, indices = [], []
     for bound, ids_j, pos_j, score, monotone in lists:
-        top_v, top_i = _exact_top(bound, ids_j, pos_j, score, k, kc if monotone else bound.shape[1])
+        # best bound first; every map image not among them is no candidate: nothing beyond
+        order = torch.argsort(bound, dim=1, descending=True, stable=True)
+        bound, ids_j, pos_j = bound.gather(1, order), ids_j.gather(1, order), pos_j.gather(1, order)
+        nothing = torch.full((len(bound),), -torch.inf, device=device)
+        top_v, top_i, _ = settle(bound, ids_j, nothing, lambda rows, n: score(rows, pos_j[rows, :n]), k,
+                                 None if monotone else bound.shape[1])
         v, ix = top_v.cpu().numpy(), top_i.cpu().numpy()
         ix[v == -np.inf] = -1
         values.append(v)
         indices.append(ix)
-    return values, indices
-
-
-def _exact_top(bound: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor,
-               score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], k: int,
-               keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-k by exact ``score`` of each row's candidates (map indices ``ids``, rows
-    ``pos`` of the candidates' descriptors), scoring only the ``keep`` of largest upper
-    ``bound`` (``-inf``: no candidate) where that settles the row; the others score all."""
-    nq, width = bound.shape
-    every = torch.arange(width, device=bound.device).expand(nq, width)
-    if keep < width:
-        top = torch.topk(bound, keep + 1, dim=1)
-        chosen, outside = top.indices[:, :keep], top.values[:, keep]
-    else:
-        chosen, outside = every, torch.full((nq,), -torch.inf, device=bound.device)
-    rows = torch.arange(nq, device=bound.device)
-
-    def best(rows: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = score(rows, pos[rows].gather(1, chosen))
-        scores = torch.where(bound[rows].gather(1, chosen) == -torch.inf, -torch.inf, scores)
-        return ranked(scores, ids[rows].gather(1, chosen), k)
-
-    values, indices = best(rows, chosen)
-    unsettled = (~(values[:, -1] > outside) & (outside > -torch.inf)).nonzero()[:, 0]
-    if len(unsettled):
-        values[unsettled], indices[unsettled] = best(unsettled, every[unsettled])
     return values, indices
 
 

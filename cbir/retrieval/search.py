@@ -230,13 +230,12 @@ class DescriptorSet:
         return [exact.unit_rows(as_float32(r), n) for r, n in zip(raw, self.norms(raw, index))]
 
     def norms(self, raw: list[np.ndarray], index: np.ndarray) -> list[torch.Tensor]:
-        """The float64 L2 norms of :meth:`read_raw`'s descriptors (:func:`cbir.exact.norms`);
+        """The L2 norms of :meth:`read_raw`'s descriptors (:func:`cbir.exact.norms`);
         a zero or non-finite descriptor is an error."""
         out = []
         for store, r in zip(self.stores, raw):
-            x = as_float32(r)
-            finite = torch.isfinite(x).all(dim=1) if x.numel() else torch.ones(len(x), dtype=torch.bool)
-            norms = exact.norms(x if bool(finite.all()) else torch.where(finite[:, None], x, 0.0))
+            norms = exact.norms(as_float32(r))  # NaN and inf propagate into the norm
+            finite = torch.isfinite(norms)
             bad = ~finite | (norms == 0)
             if bad.any():
                 i = int(bad.nonzero()[0, 0])
@@ -543,8 +542,10 @@ def error_bound(precision: str, dim: int) -> float:
     Rounding a unit vector moves it by at most ``u + d`` (``u`` the unit roundoff: 2^-11
     for fp16, 2^-8 for bf16, 0 for float32 inputs; ``d = sqrt(dim) 2^-25`` for fp16's
     subnormals), so the product of two moves by at most ``2(u + d) + (u + d)^2``; a float32
-    sum of ``dim`` terms adds ``dim 2^-24`` of the norms' product (counted 4 times over, for
-    accumulators that truncate); the rounded output adds ``u`` of a value at most
+    sum of ``dim`` terms in any order adds ``gamma = c dim 2^-24 / (1 - c dim 2^-24)`` of the
+    norms' product (``c`` = 1 for float32 products, rounded to nearest on CPUs and on GPUs
+    with TF32 off (:func:`~cbir.devices.exact_float32`); 4 for half-precision inputs, whose
+    matrix units may truncate); the rounded output adds ``u`` of a value at most
     ``1 + 2(u + d)``. ``s`` is within ``sqrt(dim) 2^(2-2b)`` of the exact value (see
     :mod:`cbir.exact`), one float32 rounding and the norms' own rounding: ``2^-22`` covers
     these three below 2^16 dimensions, the slicing term is added above that.
@@ -552,8 +553,10 @@ def error_bound(precision: str, dim: int) -> float:
     u = {"fp32": 0.0, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}[precision]
     d = (dim ** 0.5) * 2.0 ** -25 if precision == "fp16" else 0.0
     move = u + d
+    accumulate = (1 if precision == "fp32" else 4) * dim * 2.0 ** -24
+    gamma = accumulate / (1 - accumulate) if accumulate < 0.5 else 1.0
     canonical = 2.0 ** -22 + (dim ** 0.5) * 2.0 ** (2 - 2 * exact.slice_bits(dim)) * (dim > 1 << 16)
-    return 2 * move + move ** 2 + 4 * dim * 2.0 ** -24 * (1 + move) ** 2 + u * (1 + 2 * move) + canonical
+    return 2 * move + move ** 2 + gamma * (1 + move) ** 2 + u * (1 + 2 * move) + canonical
 
 
 def _search_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -620,17 +623,17 @@ def _bounded_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChu
     with clock("rescore"):
         sliced = [exact.slice_rows(q) for q in qd]
         settled = torch.ones(nq, dtype=torch.bool, device=dev)
+        # every other image's bound is at most the last candidate's (-inf: every image scored)
+        beyond = [v[:, -1] if kc < chunks.n else torch.full((nq,), -torch.inf, device=dev) for v in vals]
         values, indices = [], []
         for j in range(lists):
-            scores = _exact_scores(sliced, chunks, idxs[j], conf, j if round_robin else None)
-            scores = torch.where(vals[j] == -torch.inf, -torch.inf, scores)  # excluded images stay excluded
-            # every image tied with the k-th is a candidate when settled (its exact score is above
-            # any other image's bound), so the tie rule holds
-            v, i = ranked(scores, idxs[j], k)
-            if kc < chunks.n:  # else every image was scored
-                settled &= v[:, -1] > vals[j].amin(dim=1)
+            def score(rows: torch.Tensor, width: int, j: int = j) -> torch.Tensor:
+                return _exact_scores(sliced, chunks, rows, idxs[j][rows, :width], conf, j if round_robin else None)
+
+            v, i, ok = settle(vals[j], idxs[j], beyond[j], score, k)
             values.append(v)
             indices.append(i)
+            settled &= ok
         for low, w in zip(lowest, weights):
             settled &= gamma + w * low > 0
         unsettled = (~settled).nonzero()[:, 0]
@@ -643,20 +646,56 @@ def _bounded_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChu
     return values, indices
 
 
-def _exact_scores(sliced: list[exact.Sliced], chunks: MapChunks, candidates: torch.Tensor, conf: RetrievalConf,
-                  descriptor: int | None) -> torch.Tensor:
-    """The exact scores (:func:`cbir.exact.dot_batched`) of each query's ``candidates``
-    ``(nq, kc)``: descriptor ``descriptor``'s similarity, or (``None``) the fused score,
-    NaN ranked by :func:`~.fusion.nan_last`."""
+def settle(bounds: torch.Tensor, ids: torch.Tensor, beyond: torch.Tensor,
+           score: Callable[[torch.Tensor, int], torch.Tensor], k: int,
+           first: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact top-k among candidates ranked by an upper ``bound`` of their exact score
+    (``(nq, c)``, best first; ``-inf``: none there), of map indices ``ids``, every other
+    image bounded by ``beyond`` (``-inf``: there is none): ``(values, indices, settled)``.
+
+    ``score(rows, width)`` gives the exact scores of the first ``width`` candidates of
+    ``rows``. The first ``first`` (default ``k + max(4, k / 4)``) are scored; a row whose
+    k-th exact score is above the next candidate's bound is settled (no other image can
+    reach it, not even to tie), the others score every candidate and are settled where
+    their k-th score is above ``beyond``. A row not settled needs a search over every
+    image. Equal scores rank by lower index (:func:`ranked`), so the result is a function
+    of the exact scores alone."""
+    nq, width = bounds.shape
+    first = min(width, k + max(4, k // 4) if first is None else first)
+
+    def best(rows: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        exact_scores = torch.where(bounds[rows, :n] == -torch.inf, -torch.inf, score(rows, n))
+        return ranked(exact_scores, ids[rows, :n], k)
+
+    def above(kth: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+        return (kth > bound) | (bound == -torch.inf)
+
+    rows = torch.arange(nq, device=bounds.device)
+    values, indices = best(rows, first)
+    settled = above(values[:, -1], bounds[:, first] if first < width else beyond)
+    again = (~settled).nonzero()[:, 0] if first < width else rows[:0]
+    if len(again):
+        values[again], indices[again] = best(again, width)
+        settled[again] = above(values[again, -1], beyond[again])
+    return values, indices, settled
+
+
+def _exact_scores(sliced: list[exact.Sliced], chunks: MapChunks, rows: torch.Tensor, candidates: torch.Tensor,
+                  conf: RetrievalConf, descriptor: int | None) -> torch.Tensor:
+    """The exact scores (:func:`cbir.exact.dot_batched`) of the queries ``rows`` of the
+    block with their ``candidates`` ``(len(rows), c)``: descriptor ``descriptor``'s
+    similarity, or (``None``) the fused score, NaN ranked by :func:`~.fusion.nan_last`."""
     nq, kc = candidates.shape
     which = range(len(sliced)) if descriptor is None else [descriptor]
     dims = [sliced[j].high.shape[1] for j in which]
-    step = max(1, (256 << 20) // (kc * sum(dims) * 40))  # gathered rows and their float64 slices, bounded
+    # gathered rows and their slices: 64 MB a step (1,000 queries x 25 candidates x 6,400 dims
+    # rescored in 0.66 s in steps of 10 queries, in 1.2-1.3 s in steps of 41 or 2)
+    step = max(1, (64 << 20) // (kc * sum(dims) * 40))
     out = torch.empty((nq, kc), dtype=torch.float32, device=candidates.device)
     for r0 in range(0, nq, step):
         r1 = min(nq, r0 + step)
         gathered = chunks.gather(candidates[r0:r1], which)
-        sims = [exact.dot_batched(sliced[j][r0:r1], exact.slice_rows(g)) for j, g in zip(which, gathered)]
+        sims = [exact.dot_batched(sliced[j][rows[r0:r1]], exact.slice_rows(g)) for j, g in zip(which, gathered)]
         out[r0:r1] = sims[0] if descriptor is not None else nan_last(fuse(sims, conf.fusion))
     return out
 
