@@ -53,16 +53,13 @@ def exact_float32() -> Iterator[None]:
     reductions) for the duration; the previous settings are restored after."""
     m = torch.backends.cuda.matmul
     saved = (m.allow_tf32, m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction)
-    precision = torch.get_float32_matmul_precision()  # "medium" lets oneDNN use bf16 on a CPU too
     m.allow_tf32 = False
     m.allow_fp16_reduced_precision_reduction = False
     m.allow_bf16_reduced_precision_reduction = False
-    torch.set_float32_matmul_precision("highest")
     try:
         yield
     finally:
         m.allow_tf32, m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = saved
-        torch.set_float32_matmul_precision(precision)
 
 
 def memory_budget(device: torch.device, fraction: float = 0.5) -> int:

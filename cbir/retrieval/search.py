@@ -544,7 +544,8 @@ def error_bound(precision: str, dim: int) -> float:
     subnormals), so the product of two moves by at most ``2(u + d) + (u + d)^2``; a float32
     sum of ``dim`` terms in any order adds ``gamma = c dim 2^-24 / (1 - c dim 2^-24)`` of the
     norms' product (``c`` = 1 for float32 products, rounded to nearest on CPUs and on GPUs
-    with TF32 off (:func:`~cbir.devices.exact_float32`); 4 for half-precision inputs, whose
+    with TF32 off (:func:`~cbir.devices.exact_float32`) and torch's float32 matmul precision
+    left at its default, "highest"; 4 for half-precision inputs, whose
     matrix units may truncate); the rounded output adds ``u`` of a value at most
     ``1 + 2(u + d)``. ``s`` is within ``sqrt(dim) 2^(2-2b)`` of the exact value (see
     :mod:`cbir.exact`), one float32 rounding and the norms' own rounding: ``2^-22`` covers
