@@ -491,7 +491,7 @@ def test_half_precision_orders_near_ties_exactly(tmp_path, precision):
     qset, mset = near_ties(tmp_path, 1e-5, 20)
     exact = retrieve(qset, mset, RetrievalConf(topk=10))
     timings: dict = {}
-    half = retrieve(qset, mset, RetrievalConf(topk=10, precision=precision), timings=timings)
+    half = retrieve(qset, mset, RetrievalConf(topk=10, precision=precision, candidates=40), timings=timings)
     assert names_of(half) == names_of(exact)
     assert timings["fallback_queries"] == 0
 
@@ -499,7 +499,8 @@ def test_half_precision_orders_near_ties_exactly(tmp_path, precision):
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_half_precision_falls_back_when_the_bound_cannot_decide(tmp_path, precision):
     """More near-tied images than candidates: the bound cannot exclude the others, so the
-    query is searched again in float32, and the result is still exact."""
+    images whose float32 bound reaches the k-th exact score are collected and scored, and
+    the result is still exact."""
     qset, mset = near_ties(tmp_path, 1e-6, 120)
     exact = retrieve(qset, mset, RetrievalConf(topk=10))
     timings: dict = {}
@@ -604,15 +605,16 @@ def test_equal_scores_rank_by_lower_map_index(tmp_path, query_block, map_chunk, 
 
 def test_equal_scores_rank_by_lower_map_index_map_by_map(tmp_path):
     """The same rule with each image's own row excluded (map x map), chunk by chunk, the
-    candidates too few for the ties: those queries are scored over the whole map."""
+    candidates too few for the ties: those queries collect every image that may tie; and
+    scored over the whole map (power: no bound), where chunks split ties."""
     _, mset, _, m = exact_ties(tmp_path, n_map=150)
-    timings: dict = {}
-    pairs = retrieve(mset, mset, RetrievalConf(topk=20, exclude_self=True, query_block=4, map_chunk=100,
-                                               candidates=20), timings=timings)
-    assert timings["fallback_queries"] > 0  # more tied images than candidates: scored over the whole map,
-    assert timings["tie_queries"] > 0  # where chunks split ties: those queries were searched again
-    wanted = tie_rule_reference(m, m, mset.names, FusionConf(), 20, exclude_self=True)
-    assert [[p.map for p in pairs if p.query == name] for name in mset.names] == wanted
+    for fusion, count in (("gharm", "fallback_queries"), ("power", "tie_queries")):
+        timings: dict = {}
+        pairs = retrieve(mset, mset, RetrievalConf(topk=20, fusion=FusionConf(fusion), exclude_self=True,
+                                                   query_block=4, map_chunk=100, candidates=20), timings=timings)
+        assert timings[count] > 0  # more tied images than candidates / ties split by the chunks
+        wanted = tie_rule_reference(m, m, mset.names, FusionConf(fusion), 20, exclude_self=True)
+        assert [[p.map for p in pairs if p.query == name] for name in mset.names] == wanted
 
 
 def test_round_robin_rankings_do_not_depend_on_the_chunks(tmp_path):

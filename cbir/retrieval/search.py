@@ -68,7 +68,7 @@ class RetrievalConf:
     #: are the same bits (see :func:`error_bound`); queries the bound cannot settle are
     #: scored exactly over the whole map
     precision: str = "fp32"
-    candidates: int | None = None  # candidates rescored exactly per query (None: 4 x topk)
+    candidates: int | None = None  # candidates rescored exactly per query (None: topk + max(4, topk / 4))
 
     @property
     def excludes_names(self) -> bool:
@@ -587,17 +587,22 @@ def _bounded_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChu
     Each fast similarity plus its :func:`error_bound` is an upper bound of the exact one
     (:func:`cbir.exact.dot`), so (the fusion being monotone) the fused bound ``U`` of an
     image is at least its exact fused score. The ``candidates`` images of largest ``U``
-    are rescored exactly; every other image scores at most ``T``, the smallest ``U`` among
-    the candidates. Where the k-th exact score of the candidates is above ``T``, the top-k
-    of the candidates is the exact top-k, ties included; the other queries are searched by
-    :func:`_canonical_topk`. round_robin does this for each descriptor's ranking.
+    are rescored exactly; every other image scores at most ``T``, the largest ``U`` after
+    them. Where the k-th exact score of the candidates is above ``T``, the top-k of the
+    candidates is the exact top-k, ties included. For the other queries (near-ties closer
+    than the bound) that k-th score is a floor: a second float32 pass collects every image
+    whose ``U`` reaches it, and those are scored exactly (:func:`_collect_topk`); a query
+    with too many such images, or whose bounds do not hold (gharm outside its domain), is
+    scored over the whole map (:func:`_canonical_topk`). round_robin does this for each
+    descriptor's ranking.
     """
     nq, dev, n = qd[0].shape[0], qd[0].device, len(qd)
     round_robin = conf.fusion.name == "round_robin"
     lists = n if round_robin else 1
     # every image may be a candidate (k is the shard's width on a shard of the map, which may
     # not hold the query's own image); an excluded one has bound -inf and never displaces another
-    kc = min(chunks.n, max(k, conf.candidates or 4 * k))
+    kc = min(chunks.n, max(k, conf.candidates or k + max(4, k // 4)))
+    keep = min(chunks.n, kc + 1)  # the bound after the candidates' settles them
     precision = conf.precision
     bounds = [error_bound(precision, q.shape[1]) for q in qd]
     qh = [q.to(chunks.half) for q in qd] if chunks.half else qd
@@ -618,38 +623,99 @@ def _bounded_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChu
             for j, upper in enumerate(uppers):
                 if conf.excludes_names:
                     _exclude(upper, self_idx, m0)
-                top = torch.topk(upper, min(kc, upper.shape[1]), dim=1, sorted=False)
-                vals[j], idxs[j] = _merge_topk(vals[j], idxs[j], top.values, top.indices + m0, kc)
+                top = torch.topk(upper, min(keep, upper.shape[1]), dim=1, sorted=False)
+                vals[j], idxs[j] = _merge_topk(vals[j], idxs[j], top.values, top.indices + m0, keep)
         del sims, uppers
     with clock("rescore"):
         sliced = [exact.slice_rows(q) for q in qd]
         settled = torch.ones(nq, dtype=torch.bool, device=dev)
         # every other image's bound is at most the last candidate's (-inf: every image scored)
-        beyond = [v[:, -1] if kc < chunks.n else torch.full((nq,), -torch.inf, device=dev) for v in vals]
+        beyond = [v[:, -1] if keep < chunks.n else torch.full((nq,), -torch.inf, device=dev) for v in vals]
         values, indices = [], []
         for j in range(lists):
             def score(rows: torch.Tensor, width: int, j: int = j) -> torch.Tensor:
                 return _exact_scores(sliced, chunks, rows, idxs[j][rows, :width], conf, j if round_robin else None)
 
-            v, i, ok = settle(vals[j], idxs[j], beyond[j], score, k)
+            v, i, ok = settle(vals[j], idxs[j], beyond[j], score, k, kc, retry=False)
             values.append(v)
             indices.append(i)
             settled &= ok
+        in_domain = torch.ones(nq, dtype=torch.bool, device=dev)
         for low, w in zip(lowest, weights):
-            settled &= gamma + w * low > 0
-        unsettled = (~settled).nonzero()[:, 0]
+            in_domain &= gamma + w * low > 0
+        # the k-th exact score so far: every image that may beat it has a bound that reaches it
+        # (none where the bounds do not hold: gharm outside its domain, scored over the map)
+        reach = (torch.stack([v[:, -1] for v in values]) > -torch.inf).all(dim=0)
+        unsettled = (~settled & in_domain & reach).nonzero()[:, 0]
+        everything = (~in_domain | ~settled & ~reach).nonzero()[:, 0]
     if len(unsettled):
-        again_v, again_i = _canonical_topk([q[unsettled] for q in qd], self_idx[unsettled], chunks, conf, k, clock)
+        with clock("fallback"):
+            again_v, again_i, complete = _collect_topk([q[unsettled] for q in qd], [s[unsettled] for s in sliced],
+                                                       self_idx[unsettled], chunks, conf, k,
+                                                       [v[unsettled, -1] for v in values])
         for j in range(lists):
             values[j][unsettled], indices[j][unsettled] = again_v[j], again_i[j]
+        everything = torch.cat([everything, unsettled[~complete]])
+    if len(everything):
+        again_v, again_i = _canonical_topk([q[everything] for q in qd], self_idx[everything], chunks, conf, k, clock)
+        for j in range(lists):
+            values[j][everything], indices[j][everything] = again_v[j], again_i[j]
     if clock.timings is not None:
         clock.timings["fallback_queries"] = clock.timings.get("fallback_queries", 0) + len(unsettled)
+        clock.timings["full_queries"] = clock.timings.get("full_queries", 0) + len(everything)
     return values, indices
+
+
+#: a query whose bounds leave more images than this near its k-th score is scored over the map
+COLLECT_LIMIT = 1 << 16
+
+
+def _collect_topk(qd: list[torch.Tensor], sliced: list[exact.Sliced], self_idx: torch.Tensor, chunks: MapChunks,
+                  conf: RetrievalConf, k: int,
+                  floors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """The exact top-k of queries that their candidates did not settle: ``floors`` (one per
+    ranking) is a k-th exact score already reached, so only images whose float32 bound
+    reaches it can be in the top-k (or tie with it). A second float32 pass over the map
+    collects them, and they are scored exactly: ``(values, indices, complete)``, where a
+    query with more than :data:`COLLECT_LIMIT` such images is not ``complete``."""
+    round_robin = conf.fusion.name == "round_robin"
+    nq, dev = qd[0].shape[0], qd[0].device
+    bounds = [error_bound("fp32", q.shape[1]) for q in qd]
+    found: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in floors]
+    for m0, md, _ in chunks:
+        sims = [torch.mm(a, b.t()).add_(e) for a, b, e in zip(qd, md, bounds)]
+        uppers = sims if round_robin else [nan_last(fuse(sims, conf.fusion))]
+        for j, upper in enumerate(uppers):
+            if conf.excludes_names:
+                _exclude(upper, self_idx, m0)
+            rows, cols = (upper >= floors[j][:, None]).nonzero(as_tuple=True)
+            found[j].append((rows, cols + m0))
+        del sims, uppers
+    values, indices = [], []
+    complete = torch.ones(nq, dtype=torch.bool, device=dev)
+    for j, pairs in enumerate(found):
+        rows = torch.cat([r for r, _ in pairs])
+        cols = torch.cat([c for _, c in pairs])
+        counts = torch.bincount(rows, minlength=nq)
+        complete &= counts <= COLLECT_LIMIT
+        width = int(counts.clamp(max=COLLECT_LIMIT).max()) if len(rows) else 0
+        order = torch.argsort(rows * chunks.n + cols)  # by query, then by map index
+        rows, cols = rows[order], cols[order]
+        place = torch.arange(len(rows), device=dev) - (torch.cumsum(counts, 0) - counts)[rows]
+        keep = place < width
+        candidates = torch.full((nq, max(width, k)), -1, dtype=torch.int64, device=dev)
+        candidates[rows[keep], place[keep]] = cols[keep]
+        scores = _exact_scores(sliced, chunks, torch.arange(nq, device=dev), candidates.clamp(min=0), conf,
+                               j if round_robin else None)
+        v, i = ranked(scores.masked_fill(candidates < 0, -torch.inf), candidates, k)
+        values.append(v)
+        indices.append(i)
+    return values, indices, complete
 
 
 def settle(bounds: torch.Tensor, ids: torch.Tensor, beyond: torch.Tensor,
            score: Callable[[torch.Tensor, int], torch.Tensor], k: int,
-           first: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           first: int | None = None, retry: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The exact top-k among candidates ranked by an upper ``bound`` of their exact score
     (``(nq, c)``, best first; ``-inf``: none there), of map indices ``ids``, every other
     image bounded by ``beyond`` (``-inf``: there is none): ``(values, indices, settled)``.
@@ -658,8 +724,8 @@ def settle(bounds: torch.Tensor, ids: torch.Tensor, beyond: torch.Tensor,
     ``rows``. The first ``first`` (default ``k + max(4, k / 4)``) are scored; a row whose
     k-th exact score is above the next candidate's bound is settled (no other image can
     reach it, not even to tie), the others score every candidate and are settled where
-    their k-th score is above ``beyond``. A row not settled needs a search over every
-    image. Equal scores rank by lower index (:func:`ranked`), so the result is a function
+    their k-th score is above ``beyond`` (without ``retry`` they stay unsettled: the caller
+    has a better way). A row not settled needs a search over every image. Equal scores rank by lower index (:func:`ranked`), so the result is a function
     of the exact scores alone."""
     nq, width = bounds.shape
     first = min(width, k + max(4, k // 4) if first is None else first)
@@ -674,7 +740,7 @@ def settle(bounds: torch.Tensor, ids: torch.Tensor, beyond: torch.Tensor,
     rows = torch.arange(nq, device=bounds.device)
     values, indices = best(rows, first)
     settled = above(values[:, -1], bounds[:, first] if first < width else beyond)
-    again = (~settled).nonzero()[:, 0] if first < width else rows[:0]
+    again = (~settled).nonzero()[:, 0] if first < width and retry else rows[:0]
     if len(again):
         values[again], indices[again] = best(again, width)
         settled[again] = above(values[again, -1], beyond[again])
