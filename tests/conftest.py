@@ -37,7 +37,8 @@ def machine_lines() -> list[str]:
         cpuinfo = Path("/proc/cpuinfo").read_text()
         model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M).group(1)
         present = set(re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.M).group(1).split())
-        flags = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile") if f in present)
+        wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile")
+        flags = " ".join(f for f in wanted if f in present)
     except (OSError, AttributeError):
         pass
     blas = {c["name"] + " " + str(c.get("version", "")) for c in _numpy_blas(np)}

@@ -104,8 +104,8 @@ def test_fused_topk_equals_the_peer(stores, label, peer_method, conf, params):
         row, col = {n: i for i, n in enumerate(qset.names)}, {n: i for i, n in enumerate(mset.names)}
         assert [p.query for p in ours] == [t[0] for t in theirs]
         for p, (_, other, _) in zip(ours, theirs):
-            assert p.map == other or any(abs(s[row[p.query], col[p.map]] - s[row[p.query], col[other]]) <= PEER_TOLERANCE
-                                         for s in sims)
+            r = row[p.query]
+            assert p.map == other or any(abs(s[r, col[p.map]] - s[r, col[other]]) <= PEER_TOLERANCE for s in sims)
         return
     assert_rankings_agree(ours, theirs, PEER_TOLERANCE)
 

@@ -725,8 +725,9 @@ def settle(bounds: torch.Tensor, ids: torch.Tensor, beyond: torch.Tensor,
     k-th exact score is above the next candidate's bound is settled (no other image can
     reach it, not even to tie), the others score every candidate and are settled where
     their k-th score is above ``beyond`` (without ``retry`` they stay unsettled: the caller
-    has a better way). A row not settled needs a search over every image. Equal scores rank by lower index (:func:`ranked`), so the result is a function
-    of the exact scores alone."""
+    has a better way). A row not settled needs a search over every image. Equal scores
+    rank by lower index (:func:`ranked`), so the result is a function of the exact scores
+    alone."""
     nq, width = bounds.shape
     first = min(width, k + max(4, k // 4) if first is None else first)
 
