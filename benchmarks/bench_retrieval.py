@@ -122,7 +122,8 @@ def main() -> None:
             results[side] = json.loads(subprocess.run(cmd, check=True, capture_output=True,
                                                       text=True).stdout.splitlines()[-1])
             r = results[side]
-            steps = ", ".join(f"{k} {v:.1f} s" for k, v in r["steps"].items())
+            steps = ", ".join(f"{k} {v:.0f}" if k.endswith(("queries", "scored")) else f"{k} {v:.1f} s"
+                              for k, v in r["steps"].items())  # counts, and seconds
             print(f"{n:7d} map images  {side:5s} {r['seconds']:7.2f} s  peak RSS {r['peak_rss_MB']:7.0f} MB"
                   + (f"  ({steps})" if steps else ""), flush=True)
         if "peer" in results:

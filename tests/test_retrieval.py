@@ -140,8 +140,7 @@ def path_variants(method: str, map_by_map: bool) -> list[dict]:
     candidates, the precision of the candidates' search (monotone fusions)."""
     from cbir.retrieval.search import MONOTONE
 
-    variants = [dict(query_block=5, map_chunk=23, cache_bytes=0), dict(map_chunk=64, candidates=12),
-                dict(candidates=300)]
+    variants = [dict(query_block=5, map_chunk=23, cache_bytes=0), dict(map_chunk=64), dict(map_chunk=7)]
     if not map_by_map:
         variants.append(dict(query_block=1, map_chunk=300))
     if method in MONOTONE:
@@ -491,22 +490,26 @@ def test_half_precision_orders_near_ties_exactly(tmp_path, precision):
     qset, mset = near_ties(tmp_path, 1e-5, 20)
     exact = retrieve(qset, mset, RetrievalConf(topk=10))
     timings: dict = {}
-    half = retrieve(qset, mset, RetrievalConf(topk=10, precision=precision, candidates=40), timings=timings)
+    half = retrieve(qset, mset, RetrievalConf(topk=10, precision=precision), timings=timings)
     assert names_of(half) == names_of(exact)
-    assert timings["fallback_queries"] == 0
+    assert timings["full_queries"] == 0 and timings["scored"] < 500  # the near-ties, not the map
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_half_precision_falls_back_when_the_bound_cannot_decide(tmp_path, precision):
-    """More near-tied images than candidates: the bound cannot exclude the others, so the
-    images whose float32 bound reaches the k-th exact score are collected and scored, and
-    the result is still exact."""
+def test_half_precision_falls_back_when_the_bound_cannot_decide(tmp_path, precision, monkeypatch):
+    """120 images closer than the bound: every one that may reach the top-k is collected and
+    scored, and the result is exact; with fewer allowed than that, the query is scored over
+    the whole map, and the result is still exact."""
+    import cbir.retrieval.search as search
+
     qset, mset = near_ties(tmp_path, 1e-6, 120)
     exact = retrieve(qset, mset, RetrievalConf(topk=10))
-    timings: dict = {}
-    half = retrieve(qset, mset, RetrievalConf(topk=10, precision=precision, candidates=40), timings=timings)
-    assert names_of(half) == names_of(exact)
-    assert timings["fallback_queries"] == 1
+    for limit, full in ((search.COLLECT_LIMIT, 0), (50, 1)):
+        monkeypatch.setattr(search, "COLLECT_LIMIT", limit)
+        timings: dict = {}
+        half = retrieve(qset, mset, RetrievalConf(topk=10, precision=precision), timings=timings)
+        assert half == exact
+        assert timings["full_queries"] == full and (full or timings["scored"] >= 120)
 
 
 def test_half_precision_is_refused_for_fusions_it_cannot_bound():
@@ -604,15 +607,15 @@ def test_equal_scores_rank_by_lower_map_index(tmp_path, query_block, map_chunk, 
 
 
 def test_equal_scores_rank_by_lower_map_index_map_by_map(tmp_path):
-    """The same rule with each image's own row excluded (map x map), chunk by chunk, the
-    candidates too few for the ties: those queries collect every image that may tie; and
-    scored over the whole map (power: no bound), where chunks split ties."""
+    """The same rule with each image's own row excluded (map x map), chunk by chunk: the
+    bounds collect every image that may tie; and scored over the whole map (power: no
+    bound), where chunks split ties."""
     _, mset, _, m = exact_ties(tmp_path, n_map=150)
-    for fusion, count in (("gharm", "fallback_queries"), ("power", "tie_queries")):
+    for fusion, count in (("gharm", "scored"), ("power", "tie_queries")):
         timings: dict = {}
         pairs = retrieve(mset, mset, RetrievalConf(topk=20, fusion=FusionConf(fusion), exclude_self=True,
-                                                   query_block=4, map_chunk=100, candidates=20), timings=timings)
-        assert timings[count] > 0  # more tied images than candidates / ties split by the chunks
+                                                   query_block=4, map_chunk=100), timings=timings)
+        assert timings[count] > (20 * 150 if count == "scored" else 0)  # ties collected / split by the chunks
         wanted = tie_rule_reference(m, m, mset.names, FusionConf(fusion), 20, exclude_self=True)
         assert [[p.map for p in pairs if p.query == name] for name in mset.names] == wanted
 

@@ -321,7 +321,7 @@ def _rescore(qd: list[torch.Tensor], raw: list[np.ndarray], unique: np.ndarray, 
     invalid = torch.from_numpy(cands < 0).to(device)
 
     def exact_sims(rows: torch.Tensor, at: torch.Tensor, which: list[int]) -> list[torch.Tensor]:
-        # a few queries at a time: their candidates' slices stay in the cache (see search._exact_scores)
+        # a few queries at a time: their candidates' slices stay in the cache (see search._chunk_scores)
         step = max(1, (64 << 20) // (max(1, at.shape[1]) * sum(units[j].shape[1] for j in which) * 40))
         return [torch.cat([exact.dot_batched(sliced[j][rows[r:r + step]], exact.slice_rows(units[j][at[r:r + step]]))
                            for r in range(0, len(rows), step)]) for j in which]

@@ -64,11 +64,9 @@ class RetrievalConf:
     cache_bytes: int = 512 << 20  # CPU: keep the map in memory across query blocks below this size
     device_memory: float = 0.5  # GPU: keep the map resident when it fits this share of the free memory
     #: the products that find the candidates: "fp32", or "fp16" / "bf16" (half the memory
-    #: traffic of a GPU's map); the candidates are rescored exactly either way, so the pairs
-    #: are the same bits (see :func:`error_bound`); queries the bound cannot settle are
-    #: scored exactly over the whole map
+    #: traffic of a GPU's map); the candidates are scored exactly either way, so the pairs
+    #: are the same bits (see :func:`error_bound`); a looser bound only makes more of them
     precision: str = "fp32"
-    candidates: int | None = None  # candidates rescored exactly per query (None: topk + max(4, topk / 4))
 
     @property
     def excludes_names(self) -> bool:
@@ -78,7 +76,7 @@ class RetrievalConf:
         check_integer("topk", self.topk, 1)
         if not isinstance(self.fusion, FusionConf):
             raise TypeError("fusion must be a FusionConf")
-        for key in ("query_block", "map_chunk", "candidates"):
+        for key in ("query_block", "map_chunk"):
             if getattr(self, key) is not None:
                 check_integer(key, getattr(self, key), 1)
         check_number("device_memory", self.device_memory, 0.0, 1.0)
@@ -341,16 +339,6 @@ class MapChunks:
             if self.half:
                 self._full_half = [f.to(self.half) for f in self._full]
 
-    def gather(self, index: torch.Tensor, which: Iterable[int] | None = None) -> list[torch.Tensor]:
-        """Float32 descriptors of the map images at ``index`` (any shape), one tensor per
-        descriptor (those of ``which``, default all) of shape ``index.shape + (dim,)``."""
-        which = list(range(len(self.database.stores))) if which is None else list(which)
-        if self._full is not None:
-            return [self._full[j][index] for j in which]
-        unique, inverse = torch.unique(index, return_inverse=True)
-        taken = self.database.take(unique.cpu().numpy(), self.device)
-        return [taken[j][inverse] for j in which]
-
 
 def ranked(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` best of each row, best first: by score, equal scores by lower map index.
@@ -500,7 +488,7 @@ def _canonical_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapC
     similarities: ``(values, indices)``, one list entry per descriptor (round_robin) or one
     for the fused score, best first, equal scores by lower map index (:func:`ranked`).
     Every fusion; four float64 products a similarity, so monotone fusions go through
-    :func:`_bounded_topk` instead, which comes here only for queries it cannot settle."""
+    :func:`_bounded_topk` instead, which comes here only for queries it cannot bound."""
     round_robin = conf.fusion.name == "round_robin"
     nq, dev = qd[0].shape[0], qd[0].device
     lists = len(qd) if round_robin else 1
@@ -584,138 +572,135 @@ def _bounded_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChu
     """The top-k of :func:`_canonical_topk`, found with float32 (or half-precision)
     products: the same values and indices, bit for bit.
 
-    Each fast similarity plus its :func:`error_bound` is an upper bound of the exact one
-    (:func:`cbir.exact.dot`), so (the fusion being monotone) the fused bound ``U`` of an
-    image is at least its exact fused score. The ``candidates`` images of largest ``U``
-    are rescored exactly; every other image scores at most ``T``, the largest ``U`` after
-    them. Where the k-th exact score of the candidates is above ``T``, the top-k of the
-    candidates is the exact top-k, ties included. For the other queries (near-ties closer
-    than the bound) that k-th score is a floor: a second float32 pass collects every image
-    whose ``U`` reaches it, and those are scored exactly (:func:`_collect_topk`); a query
-    with too many such images, or whose bounds do not hold (gharm outside its domain), is
-    scored over the whole map (:func:`_canonical_topk`). round_robin does this for each
-    descriptor's ranking.
+    A fast similarity plus (minus) its :func:`error_bound` is an upper (lower) bound of the
+    exact one (:func:`cbir.exact.dot`), so, the fusion being monotone, the fused bounds
+    ``U`` and ``L`` of an image enclose its exact fused score. The k-th largest ``L`` seen
+    so far is a floor that a query's k-th exact score reaches: an image whose ``U`` is below
+    it can be neither in the top-k nor tied with it. In each chunk, the images whose ``U``
+    reaches the floor are scored exactly from the chunk's rows and merged into the query's
+    exact top-k: about k a query where scores are apart, every near-tie where they are not.
+    A query with more than :data:`COLLECT_LIMIT` of them, or whose bounds do not hold (gharm
+    outside its domain), is scored over the whole map (:func:`_canonical_topk`).
+    round_robin does this for each descriptor's ranking.
     """
     nq, dev, n = qd[0].shape[0], qd[0].device, len(qd)
     round_robin = conf.fusion.name == "round_robin"
     lists = n if round_robin else 1
-    # every image may be a candidate (k is the shard's width on a shard of the map, which may
-    # not hold the query's own image); an excluded one has bound -inf and never displaces another
-    kc = min(chunks.n, max(k, conf.candidates or k + max(4, k // 4)))
-    keep = min(chunks.n, kc + 1)  # the bound after the candidates' settles them
-    precision = conf.precision
-    bounds = [error_bound(precision, q.shape[1]) for q in qd]
+    bounds = [error_bound(conf.precision, q.shape[1]) for q in qd]
     qh = [q.to(chunks.half) for q in qd] if chunks.half else qd
+    sliced = [exact.slice_rows(q) for q in qd]
     # gharm is monotone where every gamma + w_i s_i > 0: certain when gamma > max(w_i) (s >= -1),
     # else checked on the smallest similarities seen
     gamma, weights = 0.5 if conf.fusion.gamma is None else conf.fusion.gamma, normalized_weights(conf.fusion.weights, n)
     check_domain = conf.fusion.name == "gharm" and n > 1 and not gamma > max(weights)
     lowest = [torch.full((nq,), torch.inf, device=dev) for _ in range(n)] if check_domain else []
-    vals = [torch.full((nq, 0), -torch.inf, device=dev) for _ in range(lists)]
-    idxs = [torch.zeros((nq, 0), dtype=torch.int64, device=dev) for _ in range(lists)]
+    lows = [torch.full((nq, 0), -torch.inf, device=dev) for _ in range(lists)]  # the k largest L so far
+    values = [torch.full((nq, 0), -torch.inf, device=dev) for _ in range(lists)]  # the exact top-k so far
+    indices = [torch.zeros((nq, 0), dtype=torch.int64, device=dev) for _ in range(lists)]
+    counts = [torch.zeros(nq, dtype=torch.int64, device=dev) for _ in range(lists)]  # scored so far
     for m0, md, mh in chunks:
         with clock("similarity"):
-            sims = [_search_product(a, b).add_(e) for a, b, e in zip(qh, md if mh is None else mh, bounds)]
+            sims = [_search_product(a, b) for a, b in zip(qh, md if mh is None else mh)]
         with clock("fuse_topk"):
             for j, (s, e) in enumerate(zip(sims, bounds) if check_domain else ()):
-                torch.minimum(lowest[j], s.amin(dim=1) - 2 * e, out=lowest[j])
-            uppers = sims if round_robin else [nan_last(fuse(sims, conf.fusion))]
-            for j, upper in enumerate(uppers):
+                torch.minimum(lowest[j], s.amin(dim=1) - e, out=lowest[j])
+            high = [s + e for s, e in zip(sims, bounds)]
+            low = [s.sub_(e) for s, e in zip(sims, bounds)]
+            uppers = high if round_robin else [nan_last(fuse(high, conf.fusion))]
+            lowers = low if round_robin else [nan_last(fuse(low, conf.fusion))]
+            reached = []
+            for j, (upper, lower) in enumerate(zip(uppers, lowers)):
                 if conf.excludes_names:
                     _exclude(upper, self_idx, m0)
-                top = torch.topk(upper, min(keep, upper.shape[1]), dim=1, sorted=False)
-                vals[j], idxs[j] = _merge_topk(vals[j], idxs[j], top.values, top.indices + m0, keep)
-        del sims, uppers
-    with clock("rescore"):
-        sliced = [exact.slice_rows(q) for q in qd]
-        settled = torch.ones(nq, dtype=torch.bool, device=dev)
-        # every other image's bound is at most the last candidate's (-inf: every image scored)
-        beyond = [v[:, -1] if keep < chunks.n else torch.full((nq,), -torch.inf, device=dev) for v in vals]
-        values, indices = [], []
-        for j in range(lists):
-            def score(rows: torch.Tensor, width: int, j: int = j) -> torch.Tensor:
-                return _exact_scores(sliced, chunks, rows, idxs[j][rows, :width], conf, j if round_robin else None)
-
-            v, i, ok = settle(vals[j], idxs[j], beyond[j], score, k, kc, retry=False)
-            values.append(v)
-            indices.append(i)
-            settled &= ok
-        in_domain = torch.ones(nq, dtype=torch.bool, device=dev)
-        for low, w in zip(lowest, weights):
-            in_domain &= gamma + w * low > 0
-        # the k-th exact score so far: every image that may beat it has a bound that reaches it
-        # (none where the bounds do not hold: gharm outside its domain, scored over the map)
-        reach = (torch.stack([v[:, -1] for v in values]) > -torch.inf).all(dim=0)
-        unsettled = (~settled & in_domain & reach).nonzero()[:, 0]
-        everything = (~in_domain | ~settled & ~reach).nonzero()[:, 0]
-    if len(unsettled):
-        with clock("fallback"):
-            again_v, again_i, complete = _collect_topk([q[unsettled] for q in qd], [s[unsettled] for s in sliced],
-                                                       self_idx[unsettled], chunks, conf, k,
-                                                       [v[unsettled, -1] for v in values])
-        for j in range(lists):
-            values[j][unsettled], indices[j][unsettled] = again_v[j], again_i[j]
-        everything = torch.cat([everything, unsettled[~complete]])
+                    _exclude(lower, self_idx, m0)
+                merged = torch.cat([lows[j], torch.topk(lower, min(k, lower.shape[1]), dim=1).values], dim=1)
+                lows[j] = torch.topk(merged, min(k, merged.shape[1]), dim=1).values
+                reach = upper >= _floor(lows[j], k)[:, None]
+                reach &= (counts[j] <= COLLECT_LIMIT)[:, None]  # beyond: scored over the map instead
+                rows, cols = reach.nonzero(as_tuple=True)
+                reached.append((rows, cols, upper[rows, cols] == -torch.inf))
+        del sims, high, low, uppers, lowers
+        with clock("rescore"):
+            for j, (rows, cols, excluded) in enumerate(reached):
+                counts[j] += torch.bincount(rows, minlength=nq)
+                active, cand, out = _padded(rows, cols, excluded, nq)  # out: padding, excluded images
+                if not len(active):
+                    continue
+                scores = _chunk_scores(sliced, md, active, cand, conf, j if round_robin else None)
+                v = torch.full((nq, cand.shape[1]), -torch.inf, device=dev)
+                i = torch.full((nq, cand.shape[1]), _PAD, dtype=torch.int64, device=dev)
+                v[active] = scores.masked_fill_(out, -torch.inf)
+                i[active] = torch.where(cand < 0, _PAD, cand + m0)
+                values[j], indices[j] = ranked(torch.cat([values[j], v], 1), torch.cat([indices[j], i], 1), k)
+    complete = torch.ones(nq, dtype=torch.bool, device=dev)
+    for low_sim, w in zip(lowest, weights):
+        complete &= gamma + w * low_sim > 0
+    for c in counts:
+        complete &= c <= COLLECT_LIMIT
+    if clock.timings is not None:
+        clock.timings["scored"] = clock.timings.get("scored", 0) + int(sum(int(c.sum()) for c in counts))
+    everything = (~complete).nonzero()[:, 0]
     if len(everything):
         again_v, again_i = _canonical_topk([q[everything] for q in qd], self_idx[everything], chunks, conf, k, clock)
         for j in range(lists):
             values[j][everything], indices[j][everything] = again_v[j], again_i[j]
     if clock.timings is not None:
-        clock.timings["fallback_queries"] = clock.timings.get("fallback_queries", 0) + len(unsettled)
         clock.timings["full_queries"] = clock.timings.get("full_queries", 0) + len(everything)
-    return values, indices
+    return values, [torch.where(i == _PAD, -1, i) for i in indices]
 
 
-#: a query whose bounds leave more images than this near its k-th score is scored over the map
+#: a query with more images than this whose bounds reach its k-th score is scored over the map
 COLLECT_LIMIT = 1 << 16
+#: the map index of padding: after every image of equal score (-inf), so never before one
+_PAD = 1 << 62
 
 
-def _collect_topk(qd: list[torch.Tensor], sliced: list[exact.Sliced], self_idx: torch.Tensor, chunks: MapChunks,
-                  conf: RetrievalConf, k: int,
-                  floors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """The exact top-k of queries that their candidates did not settle: ``floors`` (one per
-    ranking) is a k-th exact score already reached, so only images whose float32 bound
-    reaches it can be in the top-k (or tie with it). A second float32 pass over the map
-    collects them, and they are scored exactly: ``(values, indices, complete)``, where a
-    query with more than :data:`COLLECT_LIMIT` such images is not ``complete``."""
-    round_robin = conf.fusion.name == "round_robin"
-    nq, dev = qd[0].shape[0], qd[0].device
-    bounds = [error_bound("fp32", q.shape[1]) for q in qd]
-    found: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in floors]
-    for m0, md, _ in chunks:
-        sims = [torch.mm(a, b.t()).add_(e) for a, b, e in zip(qd, md, bounds)]
-        uppers = sims if round_robin else [nan_last(fuse(sims, conf.fusion))]
-        for j, upper in enumerate(uppers):
-            if conf.excludes_names:
-                _exclude(upper, self_idx, m0)
-            rows, cols = (upper >= floors[j][:, None]).nonzero(as_tuple=True)
-            found[j].append((rows, cols + m0))
-        del sims, uppers
-    values, indices = [], []
-    complete = torch.ones(nq, dtype=torch.bool, device=dev)
-    for j, pairs in enumerate(found):
-        rows = torch.cat([r for r, _ in pairs])
-        cols = torch.cat([c for _, c in pairs])
-        counts = torch.bincount(rows, minlength=nq)
-        complete &= counts <= COLLECT_LIMIT
-        width = int(counts.clamp(max=COLLECT_LIMIT).max()) if len(rows) else 0
-        order = torch.argsort(rows * chunks.n + cols)  # by query, then by map index
-        rows, cols = rows[order], cols[order]
-        place = torch.arange(len(rows), device=dev) - (torch.cumsum(counts, 0) - counts)[rows]
-        keep = place < width
-        candidates = torch.full((nq, max(width, k)), -1, dtype=torch.int64, device=dev)
-        candidates[rows[keep], place[keep]] = cols[keep]
-        scores = _exact_scores(sliced, chunks, torch.arange(nq, device=dev), candidates.clamp(min=0), conf,
-                               j if round_robin else None)
-        v, i = ranked(scores.masked_fill(candidates < 0, -torch.inf), candidates, k)
-        values.append(v)
-        indices.append(i)
-    return values, indices, complete
+def _floor(lows: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest lower bound of each query (``-inf`` before k images were seen)."""
+    if lows.shape[1] < k:
+        return torch.full((lows.shape[0],), -torch.inf, device=lows.device)
+    return lows[:, k - 1]
+
+
+def _padded(rows: torch.Tensor, cols: torch.Tensor, excluded: torch.Tensor,
+            nq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pairs (query ``rows`` in ascending order, as ``nonzero`` gives them; chunk ``cols``)
+    as a row per query that has any: ``(those queries, their columns padded with -1, where
+    no score counts: padding or an ``excluded`` image)``."""
+    counts = torch.bincount(rows, minlength=nq)
+    active = counts.nonzero()[:, 0]
+    width = int(counts.max()) if len(rows) else 0
+    slot = torch.cumsum(counts > 0, 0) - 1  # each active query's row
+    place = torch.arange(len(rows), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    cand = torch.full((len(active), width), -1, dtype=torch.int64, device=rows.device)
+    out = torch.ones((len(active), width), dtype=torch.bool, device=rows.device)
+    cand[slot[rows], place] = cols
+    out[slot[rows], place] = excluded
+    return active, cand, out
+
+
+def _chunk_scores(sliced: list[exact.Sliced], chunk: list[torch.Tensor], active: torch.Tensor, cand: torch.Tensor,
+                  conf: RetrievalConf, descriptor: int | None) -> torch.Tensor:
+    """The exact scores of queries ``active`` with the chunk's rows ``cand`` (``-1``: none,
+    scored as row 0): descriptor ``descriptor``'s similarity, or (``None``) the fused score,
+    NaN ranked by :func:`~.fusion.nan_last`."""
+    which = range(len(sliced)) if descriptor is None else [descriptor]
+    width = cand.shape[1]
+    # the gathered rows and their slices stay in the cache: 64 MB a step (1,000 queries x 25
+    # candidates x 6,400 dims rescored in 0.66 s in steps of 10 queries, 1.2-1.3 s in steps of 41)
+    step = max(1, (64 << 20) // (width * sum(sliced[j].high.shape[1] for j in which) * 40))
+    out = torch.empty((len(active), width), dtype=torch.float32, device=cand.device)
+    at = cand.clamp(min=0)
+    for r0 in range(0, len(active), step):
+        q, c = active[r0:r0 + step], at[r0:r0 + step]
+        sims = [exact.dot_batched(sliced[j][q], exact.slice_rows(chunk[j][c])) for j in which]
+        out[r0:r0 + step] = sims[0] if descriptor is not None else nan_last(fuse(sims, conf.fusion))
+    return out
 
 
 def settle(bounds: torch.Tensor, ids: torch.Tensor, beyond: torch.Tensor,
            score: Callable[[torch.Tensor, int], torch.Tensor], k: int,
-           first: int | None = None, retry: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           first: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The exact top-k among candidates ranked by an upper ``bound`` of their exact score
     (``(nq, c)``, best first; ``-inf``: none there), of map indices ``ids``, every other
     image bounded by ``beyond`` (``-inf``: there is none): ``(values, indices, settled)``.
@@ -724,10 +709,9 @@ def settle(bounds: torch.Tensor, ids: torch.Tensor, beyond: torch.Tensor,
     ``rows``. The first ``first`` (default ``k + max(4, k / 4)``) are scored; a row whose
     k-th exact score is above the next candidate's bound is settled (no other image can
     reach it, not even to tie), the others score every candidate and are settled where
-    their k-th score is above ``beyond`` (without ``retry`` they stay unsettled: the caller
-    has a better way). A row not settled needs a search over every image. Equal scores
-    rank by lower index (:func:`ranked`), so the result is a function of the exact scores
-    alone."""
+    their k-th score is above ``beyond``. A row not settled needs a search over every
+    image. Equal scores rank by lower index (:func:`ranked`), so the result is a function
+    of the exact scores alone. (The indexed search's rescoring.)"""
     nq, width = bounds.shape
     first = min(width, k + max(4, k // 4) if first is None else first)
 
@@ -741,31 +725,11 @@ def settle(bounds: torch.Tensor, ids: torch.Tensor, beyond: torch.Tensor,
     rows = torch.arange(nq, device=bounds.device)
     values, indices = best(rows, first)
     settled = above(values[:, -1], bounds[:, first] if first < width else beyond)
-    again = (~settled).nonzero()[:, 0] if first < width and retry else rows[:0]
+    again = (~settled).nonzero()[:, 0] if first < width else rows[:0]
     if len(again):
         values[again], indices[again] = best(again, width)
         settled[again] = above(values[again, -1], beyond[again])
     return values, indices, settled
-
-
-def _exact_scores(sliced: list[exact.Sliced], chunks: MapChunks, rows: torch.Tensor, candidates: torch.Tensor,
-                  conf: RetrievalConf, descriptor: int | None) -> torch.Tensor:
-    """The exact scores (:func:`cbir.exact.dot_batched`) of the queries ``rows`` of the
-    block with their ``candidates`` ``(len(rows), c)``: descriptor ``descriptor``'s
-    similarity, or (``None``) the fused score, NaN ranked by :func:`~.fusion.nan_last`."""
-    nq, kc = candidates.shape
-    which = range(len(sliced)) if descriptor is None else [descriptor]
-    dims = [sliced[j].high.shape[1] for j in which]
-    # gathered rows and their slices: 64 MB a step (1,000 queries x 25 candidates x 6,400 dims
-    # rescored in 0.66 s in steps of 10 queries, in 1.2-1.3 s in steps of 41 or 2)
-    step = max(1, (64 << 20) // (kc * sum(dims) * 40))
-    out = torch.empty((nq, kc), dtype=torch.float32, device=candidates.device)
-    for r0 in range(0, nq, step):
-        r1 = min(nq, r0 + step)
-        gathered = chunks.gather(candidates[r0:r1], which)
-        sims = [exact.dot_batched(sliced[j][rows[r0:r1]], exact.slice_rows(g)) for j, g in zip(which, gathered)]
-        out[r0:r1] = sims[0] if descriptor is not None else nan_last(fuse(sims, conf.fusion))
-    return out
 
 
 class StepClock:
