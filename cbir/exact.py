@@ -200,10 +200,11 @@ def tree_sum(v: torch.Tensor) -> torch.Tensor:
 
 
 def unit_rows(x: torch.Tensor, row_norms: torch.Tensor | None = None) -> torch.Tensor:
-    """The finite, non-zero float32 rows of ``x`` ``(n, D)`` divided by their :func:`norms`
-    (given as ``row_norms`` when already computed): one correctly rounded division each."""
+    """The finite float32 rows of ``x`` ``(n, D)`` divided by their :func:`norms` (given as
+    ``row_norms`` when already computed): one correctly rounded division each; a zero row
+    stays zero."""
     n = norms(x) if row_norms is None else row_norms
-    return x / n[:, None]
+    return x / torch.where(n > 0, n, 1.0)[:, None]
 
 
 #: elements of a float32 matrix sliced at once: its float64 slices and their temporaries

@@ -67,14 +67,8 @@ def vlad(desc: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     residuals = desc - centroids[assign]
     v = np.zeros((k, d), np.float32)
     np.add.at(v, assign, residuals)  # in descriptor order
-    v = _unit(torch.from_numpy(v))  # intra-normalization
-    return _unit(v.reshape(1, -1))[0].numpy()
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` to unit L2 (:func:`cbir.exact.unit_rows`), zero rows kept."""
-    n = exact.norms(x)
-    return torch.where(n[:, None] > 0, exact.unit_rows(x, torch.where(n > 0, n, 1.0)), x)
+    v = exact.unit_rows(torch.from_numpy(v))  # intra-normalization (a centroid with nothing stays 0)
+    return exact.unit_rows(v.reshape(1, -1))[0].numpy()
 
 
 @register
@@ -186,7 +180,7 @@ class DenseVLAD(GlobalExtractor):
         centred = torch.from_numpy(v - self.model["pca_mean"].astype(np.float32))[None]
         projected = exact.dot_rows(self._components(), centred)[:, 0].numpy()
         whitened = projected / np.sqrt(self.model["pca_eigvals"].astype(np.float32) + np.float32(1e-9))
-        return _unit(torch.from_numpy(whitened)[None])[0].numpy()
+        return exact.unit_rows(torch.from_numpy(whitened)[None])[0].numpy()
 
     def _components(self) -> exact.Sliced:
         """The PCA components' exact slices, made once (four times the components' memory)."""

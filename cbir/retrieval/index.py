@@ -32,8 +32,8 @@ from ..io.index_file import IndexBytes, index_bytes, read_index_attrs, read_inde
 from ..io.pairs import Pair
 from ..io.provenance import differences, digest_names
 from .fusion import fuse, nan_last
-from .search import DescriptorSet, RetrievalConf, StepClock, bounded, error_bound, intra_op_threads, pairs_from_topk, \
-    read_ahead, retrieve, settle
+from .search import DescriptorSet, RetrievalConf, StepClock, bounded, error_bound, exact_scores, intra_op_threads, \
+    pairs_from_topk, ranked, read_ahead, retrieve
 
 if TYPE_CHECKING:
     import faiss
@@ -312,45 +312,63 @@ def _rescore(qd: list[torch.Tensor], raw: list[np.ndarray], unique: np.ndarray, 
     exact scores (:mod:`cbir.exact`), the same bits as exact search's for the same pairs.
     A float32 product of the block's queries with every candidate row and its error bound
     leave the few candidates that may be in the top-k (monotone fusions), and only those
-    are scored exactly (:func:`~.search.settle`)."""
+    are scored exactly (:func:`_settle`)."""
     pos = torch.from_numpy(np.searchsorted(unique, np.where(cands >= 0, cands, unique[0]))).to(device)
     units = [u.to(device) for u in database.units(raw, unique)]
     sliced = [exact.slice_rows(a) for a in qd]
     bounds = [error_bound("fp32", u.shape[1]) for u in units]
     upper = [torch.gather(a @ u.t(), 1, pos).add_(e) for a, u, e in zip(qd, units, bounds)]
     invalid = torch.from_numpy(cands < 0).to(device)
-
-    def exact_sims(rows: torch.Tensor, at: torch.Tensor, which: list[int]) -> list[torch.Tensor]:
-        # a few queries at a time: their candidates' slices stay in the cache (see search._chunk_scores)
-        step = max(1, (64 << 20) // (max(1, at.shape[1]) * sum(units[j].shape[1] for j in which) * 40))
-        return [torch.cat([exact.dot_batched(sliced[j][rows[r:r + step]], exact.slice_rows(units[j][at[r:r + step]]))
-                           for r in range(0, len(rows), step)]) for j in which]
-
     ids = torch.from_numpy(cands).to(device)
+    lists: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None, bool]]
     if rconf.fusion.name == "round_robin":  # each index's own candidates, ranked by its own descriptor
-        lists = []
-        for j, u in enumerate(upper):
-            cols = slice(j * kc, (j + 1) * kc)
-            lists.append((u.masked_fill(invalid, -torch.inf)[:, cols], ids[:, cols], pos[:, cols],
-                          lambda rows, at, j=j: exact_sims(rows, at, [j])[0], True))
+        cols = [slice(j * kc, (j + 1) * kc) for j in range(len(upper))]
+        lists = [(u.masked_fill(invalid, -torch.inf)[:, c], ids[:, c], pos[:, c], j, True)
+                 for j, (u, c) in enumerate(zip(upper, cols))]
     else:
         # a candidate found by several indexes appears several times: keep its first occurrence
         drop = invalid | ~torch.from_numpy(_first_occurrence(cands)).to(device)
-        lists = [(nan_last(fuse(upper, rconf.fusion)).masked_fill(drop, -torch.inf), ids, pos,
-                  lambda rows, at: nan_last(fuse(exact_sims(rows, at, list(range(len(qd)))), rconf.fusion)),
-                  bounded(rconf))]
+        lists = [(nan_last(fuse(upper, rconf.fusion)).masked_fill(drop, -torch.inf), ids, pos, None, bounded(rconf))]
     values, indices = [], []
-    for bound, ids_j, pos_j, score, monotone in lists:
-        # best bound first; every map image not among them is no candidate: nothing beyond
-        order = torch.argsort(bound, dim=1, descending=True, stable=True)
+    for bound, ids_j, pos_j, descriptor, monotone in lists:
+        order = torch.argsort(bound, dim=1, descending=True, stable=True)  # best bound first
         bound, ids_j, pos_j = bound.gather(1, order), ids_j.gather(1, order), pos_j.gather(1, order)
-        nothing = torch.full((len(bound),), -torch.inf, device=device)
-        top_v, top_i, _ = settle(bound, ids_j, nothing, lambda rows, n: score(rows, pos_j[rows, :n]), k,
-                                 None if monotone else bound.shape[1])
+
+        def score(rows: torch.Tensor, n: int, pos_j: torch.Tensor = pos_j, descriptor: int | None = descriptor
+                  ) -> torch.Tensor:
+            return exact_scores(sliced, units, rows, pos_j[rows, :n], rconf, descriptor)
+
+        top_v, top_i = _settle(bound, ids_j, score, k, None if monotone else bound.shape[1])
         v, ix = top_v.cpu().numpy(), top_i.cpu().numpy()
         ix[v == -np.inf] = -1
         values.append(v)
         indices.append(ix)
+    return values, indices
+
+
+def _settle(bounds: torch.Tensor, ids: torch.Tensor, score: Callable[[torch.Tensor, int], torch.Tensor], k: int,
+            first: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact top-k among each query's candidates, ranked by an upper ``bound`` of their
+    exact score (``(nq, c)``, best first; ``-inf``: none there), of map indices ``ids``.
+
+    ``score(rows, width)`` gives the exact scores of the first ``width`` candidates of
+    ``rows``. The first ``first`` (default ``k + max(4, k / 4)``) are scored; a row whose
+    k-th exact score is above the next candidate's bound is settled (no other candidate can
+    reach it, not even to tie), the others score every candidate. Equal scores rank by lower
+    index (:func:`~.search.ranked`), so the result is a function of the exact scores alone."""
+    nq, width = bounds.shape
+    first = min(width, k + max(4, k // 4) if first is None else first)
+
+    def best(rows: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.where(bounds[rows, :n] == -torch.inf, -torch.inf, score(rows, n))
+        return ranked(scores, ids[rows, :n], k)
+
+    values, indices = best(torch.arange(nq, device=bounds.device), first)
+    if first < width:
+        nxt = bounds[:, first]
+        again = (~((values[:, -1] > nxt) | (nxt == -torch.inf))).nonzero()[:, 0]
+        if len(again):
+            values[again], indices[again] = best(again, width)
     return values, indices
 
 

@@ -64,9 +64,7 @@ def _expanded(x: torch.Tensor, ys: torch.Tensor, missing: torch.Tensor, alpha: f
     acc = x.double()
     for i in range(ys.shape[1]):
         acc.add_(ys[:, i].double().mul_(w[:, i, None]))
-    e = acc.float()
-    norms = exact.norms(e)
-    return torch.where(norms[:, None] > 0, exact.unit_rows(e, torch.where(norms > 0, norms, 1.0)), e)
+    return exact.unit_rows(acc.float())
 
 
 #: a search: ``(query, database, conf, progress) -> pairs`` (local exact search, or on a cluster)

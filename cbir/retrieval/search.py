@@ -487,7 +487,7 @@ def _canonical_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapC
     """The top-k of a query block over every map image scored with :mod:`cbir.exact`'s
     similarities: ``(values, indices)``, one list entry per descriptor (round_robin) or one
     for the fused score, best first, equal scores by lower map index (:func:`ranked`).
-    Every fusion; four float64 products a similarity, so monotone fusions go through
+    Every fusion; four float64 products' worth a similarity, so monotone fusions go through
     :func:`_bounded_topk` instead, which comes here only for queries it cannot bound."""
     round_robin = conf.fusion.name == "round_robin"
     nq, dev = qd[0].shape[0], qd[0].device
@@ -622,11 +622,12 @@ def _bounded_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChu
         del sims, high, low, uppers, lowers
         with clock("rescore"):
             for j, (rows, cols, excluded) in enumerate(reached):
-                counts[j] += torch.bincount(rows, minlength=nq)
-                active, cand, out = _padded(rows, cols, excluded, nq)  # out: padding, excluded images
+                found = torch.bincount(rows, minlength=nq)
+                counts[j] += found
+                active, cand, out = _padded(rows, cols, excluded, found)  # out: padding, excluded images
                 if not len(active):
                     continue
-                scores = _chunk_scores(sliced, md, active, cand, conf, j if round_robin else None)
+                scores = exact_scores(sliced, md, active, cand, conf, j if round_robin else None)
                 v = torch.full((nq, cand.shape[1]), -torch.inf, device=dev)
                 i = torch.full((nq, cand.shape[1]), _PAD, dtype=torch.int64, device=dev)
                 v[active] = scores.masked_fill_(out, -torch.inf)
@@ -663,11 +664,10 @@ def _floor(lows: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _padded(rows: torch.Tensor, cols: torch.Tensor, excluded: torch.Tensor,
-            nq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pairs (query ``rows`` in ascending order, as ``nonzero`` gives them; chunk ``cols``)
-    as a row per query that has any: ``(those queries, their columns padded with -1, where
-    no score counts: padding or an ``excluded`` image)``."""
-    counts = torch.bincount(rows, minlength=nq)
+            counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pairs (query ``rows`` in ascending order, as ``nonzero`` gives them; chunk ``cols``;
+    ``counts`` a query) as a row per query that has any: ``(those queries, their columns
+    padded with -1, where no score counts: padding or an ``excluded`` image)``."""
     active = counts.nonzero()[:, 0]
     width = int(counts.max()) if len(rows) else 0
     slot = torch.cumsum(counts > 0, 0) - 1  # each active query's row
@@ -679,11 +679,12 @@ def _padded(rows: torch.Tensor, cols: torch.Tensor, excluded: torch.Tensor,
     return active, cand, out
 
 
-def _chunk_scores(sliced: list[exact.Sliced], chunk: list[torch.Tensor], active: torch.Tensor, cand: torch.Tensor,
-                  conf: RetrievalConf, descriptor: int | None) -> torch.Tensor:
-    """The exact scores of queries ``active`` with the chunk's rows ``cand`` (``-1``: none,
-    scored as row 0): descriptor ``descriptor``'s similarity, or (``None``) the fused score,
-    NaN ranked by :func:`~.fusion.nan_last`."""
+def exact_scores(sliced: list[exact.Sliced], rows: list[torch.Tensor], active: torch.Tensor, cand: torch.Tensor,
+                 conf: RetrievalConf, descriptor: int | None) -> torch.Tensor:
+    """The exact scores of the (sliced) queries ``active`` with their map descriptors
+    ``rows[j][cand]`` (unit rows, one tensor per descriptor; ``cand`` ``-1``: none, scored as
+    row 0): descriptor ``descriptor``'s similarity, or (``None``) the fused score, NaN ranked
+    by :func:`~.fusion.nan_last`."""
     which = range(len(sliced)) if descriptor is None else [descriptor]
     width = cand.shape[1]
     # the gathered rows and their slices stay in the cache: 64 MB a step (1,000 queries x 25
@@ -693,43 +694,9 @@ def _chunk_scores(sliced: list[exact.Sliced], chunk: list[torch.Tensor], active:
     at = cand.clamp(min=0)
     for r0 in range(0, len(active), step):
         q, c = active[r0:r0 + step], at[r0:r0 + step]
-        sims = [exact.dot_batched(sliced[j][q], exact.slice_rows(chunk[j][c])) for j in which]
+        sims = [exact.dot_batched(sliced[j][q], exact.slice_rows(rows[j][c])) for j in which]
         out[r0:r0 + step] = sims[0] if descriptor is not None else nan_last(fuse(sims, conf.fusion))
     return out
-
-
-def settle(bounds: torch.Tensor, ids: torch.Tensor, beyond: torch.Tensor,
-           score: Callable[[torch.Tensor, int], torch.Tensor], k: int,
-           first: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The exact top-k among candidates ranked by an upper ``bound`` of their exact score
-    (``(nq, c)``, best first; ``-inf``: none there), of map indices ``ids``, every other
-    image bounded by ``beyond`` (``-inf``: there is none): ``(values, indices, settled)``.
-
-    ``score(rows, width)`` gives the exact scores of the first ``width`` candidates of
-    ``rows``. The first ``first`` (default ``k + max(4, k / 4)``) are scored; a row whose
-    k-th exact score is above the next candidate's bound is settled (no other image can
-    reach it, not even to tie), the others score every candidate and are settled where
-    their k-th score is above ``beyond``. A row not settled needs a search over every
-    image. Equal scores rank by lower index (:func:`ranked`), so the result is a function
-    of the exact scores alone. (The indexed search's rescoring.)"""
-    nq, width = bounds.shape
-    first = min(width, k + max(4, k // 4) if first is None else first)
-
-    def best(rows: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        exact_scores = torch.where(bounds[rows, :n] == -torch.inf, -torch.inf, score(rows, n))
-        return ranked(exact_scores, ids[rows, :n], k)
-
-    def above(kth: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-        return (kth > bound) | (bound == -torch.inf)
-
-    rows = torch.arange(nq, device=bounds.device)
-    values, indices = best(rows, first)
-    settled = above(values[:, -1], bounds[:, first] if first < width else beyond)
-    again = (~settled).nonzero()[:, 0] if first < width else rows[:0]
-    if len(again):
-        values[again], indices[again] = best(again, width)
-        settled[again] = above(values[again, -1], beyond[again])
-    return values, indices, settled
 
 
 class StepClock:
