@@ -332,7 +332,7 @@ def _remove_if_empty(path: Path) -> None:
 def match_on_ray(query: Dataset, map_: Dataset, pairs: list, local: str, *, name: str | None = None,
                  matcher: Any = None, verify: Any = None, device: str = "auto", overwrite: bool = False,
                  conf: RayConf = RayConf(shard_size=1000), progress: Callable[[int, int], None] | None = None,
-                 merging: Callable[[int, int], None] | None = None) -> Any:
+                 merging: Callable[[int, int], None] | None = None, pairs_file: str | None = None) -> Any:
     """What :func:`cbir.matching.match.main` does, on a Ray cluster: shards of ``shard_size``
     pairs (in the order a local run writes them) matched and verified by Ray tasks;
     ``progress(pairs, total)`` as shards finish, then ``merging(parts, total)`` as their
@@ -348,17 +348,21 @@ def match_on_ray(query: Dataset, map_: Dataset, pairs: list, local: str, *, name
     with open_store(query.store_path("local", local), "local-features") as qstore, \
             open_store(map_.store_path("local", local), "local-features") as mstore:
         match_mod.check_compatible(qstore, mstore)
+        skipped = match_mod.unmatchable_pairs(planned, query, map_, qstore, mstore)
+        match_mod.require_matchable(planned, skipped, self_pairs, pairs_file)
         attrs = match_mod.store_attributes(name, local, qstore.config, matcher, verify)
     present = _present(final, attrs, overwrite)
-    todo = [p for p in planned if p not in present]
+    todo = [p for p in planned if p not in present and p not in skipped]
     shards = _cut(todo, conf.shard_size)
     plan = query.root / "cbir" / "shards" / digest({"store": str(final), "config": attrs, "map": str(map_.root),
                                                     "pairs": todo})
     outputs = [plan / f"{i:06d}" / "matches" / f"{name}.h5" for i in range(len(shards))]
-    report = match_mod.MatchReport(final, already_present=len(planned) - len(todo), duplicates=duplicates)
+    report = match_mod.MatchReport(final, already_present=len(planned) - len(todo) - len(skipped),
+                                   duplicates=duplicates, pairs=len(planned) + len(self_pairs))
     report.missing_features += [(f"{a} {b}", "an image paired with itself") for a, b in self_pairs]
+    report.missing_features += [(f"{a} {b}", why) for (a, b), why in skipped.items()]
     if progress:
-        progress(report.already_present, len(planned))
+        progress(report.already_present + len(skipped), len(planned))
     run = [i for i, out in enumerate(outputs) if not out.exists()]
     arguments = {i: (str(query.root), str(map_.root), shards[i], local, name, matcher, verify, device, str(outputs[i]),
                      conf.cpus) for i in run}

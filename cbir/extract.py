@@ -144,7 +144,8 @@ def extract_all(extractors: Sequence[Extractor], dataset: Dataset, *,
                 store_names: Sequence[str | None] | None = None, images: list[str] | None = None,
                 overwrite: bool = False, num_workers: int | None = None,
                 progress: Callable[[int, int], None] | None = None,
-                image_options: ImageOptions = ImageOptions(), store_dir: Path | None = None) -> list[ExtractReport]:
+                image_options: ImageOptions = ImageOptions(), store_dir: Path | None = None,
+                learning: Callable[[int, int], None] | None = None) -> list[ExtractReport]:
     """Run several extractors over ``dataset``, one report each (in order).
 
     Extractors that read images the same way run in one pass: each image is decoded once,
@@ -152,7 +153,9 @@ def extract_all(extractors: Sequence[Extractor], dataset: Dataset, *,
     (:meth:`Extractor.share_pass`). Each store resumes on its own: an image is processed
     for the extractors whose store lacks it. ``store_dir`` (default: the dataset's
     ``cbir/``) holds the stores as ``<store_dir>/<local|global>/<name>.h5`` (a cluster's
-    shards, :mod:`cbir.distributed`).
+    shards, :mod:`cbir.distributed`). ``learning(advance, total)``: the progress of a model
+    learned on the dataset first (DenseVLAD's vocabulary and PCA on the map), before any image
+    is extracted.
     """
     extractors = list(extractors)
     names_ = list(store_names) if store_names is not None else [None] * len(extractors)
@@ -161,6 +164,17 @@ def extract_all(extractors: Sequence[Extractor], dataset: Dataset, *,
     for i, a in enumerate(extractors):
         for b in extractors[i + 1:]:
             a.share_pass(b)
+    names = images if images is not None else sorted(dataset.sensors.image_names())
+    store_names_ = [n or e.default_store_name() for e, n in zip(extractors, names_)]
+    outs = []
+    for extractor, store_name in zip(extractors, store_names_):
+        kind = store_kind(extractor)
+        out = store_dir / kind / f"{store_name}.h5" if store_dir is not None else dataset.store_path(kind, store_name)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(extractor, GlobalExtractor):  # a model learned on the map (DenseVLAD's), before any pass
+            extractor.prepare(out, names, image_loader(dataset, extractor, image_options), overwrite=overwrite,
+                              progress=learning)
+        outs.append(out)
     passes: dict[tuple[bool, int | None], list[int]] = {}
     for i, e in enumerate(extractors):
         passes.setdefault((e.grayscale, e.loader_max_size), []).append(i)
@@ -168,8 +182,8 @@ def extract_all(extractors: Sequence[Extractor], dataset: Dataset, *,
     n_passes = len(passes)
     step = (lambda advance, total: progress(advance, total * n_passes)) if progress else None
     for members in passes.values():
-        done = _extract_pass([extractors[i] for i in members], [names_[i] for i in members], dataset, images,
-                             overwrite, num_workers, step, image_options, store_dir)
+        done = _extract_pass([extractors[i] for i in members], [store_names_[i] for i in members],
+                             [outs[i] for i in members], dataset, names, overwrite, num_workers, step, image_options)
         reports.update(zip(members, done))
     return [reports[i] for i in range(len(extractors))]
 
@@ -196,26 +210,15 @@ def store_attributes(extractor: Extractor, store_name: str, image_options: Image
     return out
 
 
-def _extract_pass(extractors: list[Extractor], store_names: list[str | None], dataset: Dataset,
-                  images: list[str] | None, overwrite: bool, num_workers: int | None,
-                  progress: Callable[[int, int], None] | None, image_options: ImageOptions,
-                  store_dir: Path | None) -> list[ExtractReport]:
-    names = images if images is not None else sorted(dataset.sensors.image_names())
+def _extract_pass(extractors: list[Extractor], store_names: list[str], outs: list[Path], dataset: Dataset,
+                  names: list[str], overwrite: bool, num_workers: int | None,
+                  progress: Callable[[int, int], None] | None, image_options: ImageOptions) -> list[ExtractReport]:
     load = image_loader(dataset, extractors[0], image_options)
 
     def attrs(extractor: Extractor, store_name: str) -> dict[str, Any]:
         return store_attributes(extractor, store_name, image_options)
 
-    outs, reports = [], []
-    store_names = [n or e.default_store_name() for e, n in zip(extractors, store_names)]
-    for extractor, store_name in zip(extractors, store_names):
-        kind = store_kind(extractor)
-        out = store_dir / kind / f"{store_name}.h5" if store_dir is not None else dataset.store_path(kind, store_name)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(extractor, GlobalExtractor):  # e.g. DenseVLAD learns its vocabulary on the map first
-            extractor.prepare(out, names, load, overwrite=overwrite)
-        outs.append(out)
-        reports.append(ExtractReport(out))
+    reports = [ExtractReport(out) for out in outs]
     with ExitStack() as stack:
         writers = [stack.enter_context(StoreWriter(
             out, "global-features" if isinstance(e, GlobalExtractor) else "local-features",

@@ -89,6 +89,10 @@ class LocalizeReport:
     results: list[QueryResult] = field(default_factory=list)
     status: str = "new"  # new, reused (same configuration and inputs), redone (inputs changed), replaced
     seconds: dict[str, float] = field(default_factory=dict)  # 2D-3D correspondences, pose estimation
+    #: pairs of the pairs file left out, by why: ``foreign`` (an image not of the datasets),
+    #: ``unmatched`` (not in the matches store)
+    skipped_pairs: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def localized(self) -> int:
@@ -259,20 +263,21 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
         if point_map.local_features not in ("", local, qfeats.config.get("keypoints_type")):
             raise CbirError(f"the map was triangulated from the local features {point_map.local_features!r}, "
                             f"not {local!r}: pass --local {point_map.local_features}", map_path)
+        skipped, warnings = screen_pairs(pairs, query, map_, mstore, local, pairs_source or {})
         inputs = {"pairs": pairs_digest(pairs), "map": digest(point_map.config), "matches": mstore.fingerprint(),
                   "local": qfeats.fingerprint()}
         status = _prior_result(directory, record_config, inputs, overwrite)
         if status == "reused":
-            return LocalizeReport(directory, read_results(directory), status)
+            return LocalizeReport(directory, read_results(directory), status, skipped_pairs=skipped, warnings=warnings)
         t0 = time.perf_counter()
         source = TaskSource(str(query.root), str(map_path), str(mstore.path), str(qfeats.path), local, conf, est_over,
                             ref_over, refine_unknown_focal, use_unverified)
         by_query: dict[str, list[str]] = {}
         for p in pairs:
             by_query.setdefault(p.query, []).append(p.map)
-        # every image of the query dataset (one without pairs fails as "no retrieved map image"),
-        # then the names of the pairs file that are not in it (reported, not localized)
-        queries = sorted(query.sensors.image_names()) + sorted(set(by_query) - set(query.sensors.image_names()))
+        # every image of the query dataset (one without pairs fails as "no retrieved map image");
+        # names of the pairs file that are not among them were counted by screen_pairs
+        queries = sorted(query.sensors.image_names())
         if estimate is None:
             tasks = TaskMaker(source, point_map, mstore, qfeats).tasks(queries, by_query)
     t1 = time.perf_counter()
@@ -281,10 +286,44 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
     else:
         results = estimate_locally(tasks, num_workers, progress)
     report = LocalizeReport(directory, _postprocess(results, query, post), status,
-                            {"correspondences": t1 - t0, "pose": time.perf_counter() - t1})
+                            {"correspondences": t1 - t0, "pose": time.perf_counter() - t1}, skipped, warnings)
     write_results(report, query, {"config": record_config, "inputs": inputs,
                                   "seconds": {k: round(v, 3) for k, v in report.seconds.items()}})
     return report
+
+
+def screen_pairs(pairs: list[Pair], query: Dataset, map_: Dataset, mstore: Any, local: str,
+                 source: dict[str, Any]) -> tuple[dict[str, int], list[str]]:
+    """Check that the pairs belong to the datasets and were matched: refuse pairs of which none
+    can be used (another dataset's, query and map swapped, another pairs file's matches), and
+    count (with a warning) those left out when some can."""
+    where = source.get("file") or None
+    if not pairs:
+        raise CbirError("no pair: nothing to localize", where)
+    qnames, mnames = set(query.sensors.image_names()), set(map_.sensors.image_names())
+    foreign = [p for p in pairs if p.query not in qnames or p.map not in mnames]
+    if len(foreign) == len(pairs):
+        p = foreign[0]
+        why = f"{p.query} is not an image of {query.root}" if p.query not in qnames else \
+            f"{p.map} is not an image of {map_.root}"
+        raise CbirError(f"none of the {len(pairs)} pairs names a query image and a map image of the datasets "
+                        f"(first: {p.query} {p.map}: {why}): check --query, --map and --pairs", where)
+    unmatched = [p for p in pairs if p.query in qnames and p.map in mnames and (p.query, p.map) not in mstore]
+    usable = len(pairs) - len(foreign)
+    if len(unmatched) == usable:
+        raise CbirError(f"holds none of the {usable} pairs to localize (first: {unmatched[0].query} "
+                        f"{unmatched[0].map}): match them first (cbir match --query {query.root} --map "
+                        f"{map_.root} --pairs {where or 'PAIRS'} --local {local} --verify), or pass the pairs file "
+                        "the store was matched from", mstore.path)
+    warnings = []
+    if foreign:
+        warnings.append(f"{len(foreign)} of {len(pairs)} pairs name an image that is not of the datasets "
+                        f"(first: {foreign[0].query} {foreign[0].map}): left out")
+    if unmatched:
+        warnings.append(f"{len(unmatched)} of {usable} pairs are not in the matches store {mstore.path} (first: "
+                        f"{unmatched[0].query} {unmatched[0].map}; matched from another pairs file?): the queries "
+                        f"use the {usable - len(unmatched)} matched pairs")
+    return {"foreign": len(foreign), "unmatched": len(unmatched)}, warnings
 
 
 def estimate_locally(tasks: list, num_workers: int, progress: Callable[[int, int], None] | None) -> list[QueryResult]:

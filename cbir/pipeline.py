@@ -71,6 +71,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,9 +94,8 @@ from .matching import match as match_mod
 from .models.base import Extractor, resolve_device
 from .retrieval import FusionConf, RetrievalConf, pairs_record, retrieve
 from .retrieval.search import open_descriptor_sets
-from .validate import check_bool, check_integer, check_number
-
-STEPS = ("extract", "retrieve", "match", "map", "localize", "evaluate")
+from .steps import STEPS
+from .validate import check_bool, check_integer, check_number, unknown_names
 
 DEFAULTS: dict[str, Any] = {
     "datasets": {"map": None, "query": None, "query_gt": None},
@@ -123,12 +123,15 @@ def no_progress(label: str) -> Iterator[Callable[[int, int], None]]:
 
 
 @contextlib.contextmanager
-def phases(progress: ProgressFactory, *labels: str) -> Iterator[tuple[Callable[[int, int], None], ...]]:
+def phases(progress: ProgressFactory, *labels: str,
+           open_first: bool = True) -> Iterator[tuple[Callable[[int, int], None], ...]]:
     """One ``update`` per phase of a step whose phases follow each other (a Ray step's work,
-    then the merge of its shards): the first phase's progress opens at once, each later one
-    at its first update, closing the one before (a terminal shows one live display at a time)."""
+    then the merge of its shards): the first phase's progress opens at once (unless not
+    ``open_first``: a phase that may not happen), each later one at its first update,
+    closing the one before (a terminal shows one live display at a time)."""
     with contextlib.ExitStack() as stack:
-        current = {"phase": 0, "update": stack.enter_context(progress(labels[0]))}
+        current: dict[str, Any] = {"phase": 0, "update": stack.enter_context(progress(labels[0]))} if open_first \
+            else {"phase": None, "update": None}
 
         def updater(i: int) -> Callable[[int, int], None]:
             def update(advance: int, total: int) -> None:
@@ -144,6 +147,7 @@ def phases(progress: ProgressFactory, *labels: str) -> Iterator[tuple[Callable[[
 @dataclass
 class PipelineResult:
     steps: list[str] = field(default_factory=list)  # what each step did, one line each
+    seconds: dict[str, float] = field(default_factory=dict)  # wall-clock time of each step, in order
     localization: localize_mod.LocalizeReport | None = None
     evaluation: dict | None = None
 
@@ -173,13 +177,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
         cut = next((i + 1 for i, part in enumerate(parts[:-1]) if part.endswith("conf")), len(parts) - 1)
         *parents, leaf = parts[:cut] + [".".join(parts[cut:])]
         target: Any = conf
-        for part in parents:
+        for depth, part in enumerate(parents):
             if not isinstance(target, dict) or part not in target:
-                raise CbirError(f"unknown option {key!r}")
+                raise CbirError(f"--set {key}: " + unknown_key_message(part, target if isinstance(target, dict) else
+                                                                       {}, ".".join(parents[:depth])))
             target = target[part]
         free = bool(parents) and parents[-1].endswith("conf")
         if not isinstance(target, dict) or (leaf not in target and not free):
-            raise CbirError(f"unknown option {key!r}")
+            raise CbirError(f"--set {key}: " + unknown_key_message(leaf, target if isinstance(target, dict) else {},
+                                                                   ".".join(parents)))
         target[leaf] = parsed
     for key in ("map", "query", "query_gt"):  # dataset paths are relative to the configuration file
         v = conf["datasets"].get(key)
@@ -192,16 +198,21 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
     return conf
 
 
-def _merge(into: dict, data: dict, where: str) -> None:
+def _merge(into: dict, data: dict, where: str, section: str = "") -> None:
     for k, v in data.items():
         if k not in into:
-            raise CbirError(f"unknown key {k!r}", where)
+            raise CbirError(unknown_key_message(k, into, section), where)
         if isinstance(into[k], dict) and not k.endswith("conf"):
             if not isinstance(v, dict):
                 raise CbirError(f"{k!r} must be a table", where)
-            _merge(into[k], v, where)
+            _merge(into[k], v, where, f"{section}.{k}" if section else k)
         else:
             into[k] = v
+
+
+def unknown_key_message(key: str, known: dict, section: str) -> str:
+    """``unknown key 'top_k' (did you mean 'topk'?) in [retrieve]``, or the keys there are."""
+    return f"unknown key {unknown_names([key], known)} {f'in [{section}]' if section else 'at the top level'}"
 
 
 @dataclass
@@ -386,7 +397,7 @@ def _extractors(ex: dict[str, Any], device: str) -> tuple[Extractor, list[Extrac
         known = set().union(*(extract_mod.extractor_class(n, kind).default_conf for n in which))
         unknown = set(conf) - known - {"model", "learn"}
         if unknown:
-            raise CbirError(f"{key}: unknown option(s) {', '.join(sorted(unknown))} for {', '.join(which)}")
+            raise CbirError(f"{key}: unknown option(s) {unknown_names(unknown, known)} for {', '.join(which)}")
         if {"model", "learn"} & set(conf):
             raise CbirError(f"{key}: the pipeline sets DenseVLAD's model and learn itself (learned on the map)")
     local = _build("local", ex["local"], local_conf, ex["weights"], device)
@@ -501,16 +512,26 @@ def run(p: Plan, *, overwrite: bool = False, from_step: str | None = None,
         result.steps.append(msg)
         log(msg)
 
+    @contextlib.contextmanager
+    def timed(name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        result.seconds[name] = round(time.perf_counter() - t0, 3)
+
     for c in found:
         if redo[c.step]:
             step(f"{c.step}: redone, replacing {c.path} ({'; '.join(c.differences)})")
-    _extract(p, redo["extract"], step, progress)
-    query_pairs, map_pairs = _retrieve(p, redo["retrieve"], step, progress)
-    _match(p, query_pairs, map_pairs, redo["match"], step, progress)
-    mr = mapping.main(p.map, p.local_name, p.map_matches, overrides=p.map_overrides, overwrite=redo["map"])
+    with timed("extract"):
+        _extract(p, redo["extract"], step, progress)
+    with timed("retrieve"):
+        query_pairs, map_pairs = _retrieve(p, redo["retrieve"], step, progress)
+    with timed("match"):
+        _match(p, query_pairs, map_pairs, redo["match"], step, progress)
+    with timed("map"):
+        mr = mapping.main(p.map, p.local_name, p.map_matches, overrides=p.map_overrides, overwrite=redo["map"])
     step(f"map: {mr.points} points, mean track length {mr.mean_track_length:.2f}, "
          f"mean reprojection error {mr.mean_reprojection_error:.2f} px{_status(mr.status)}")
-    with progress("localize") as update:
+    with timed("localize"), progress("localize") as update:
         report = localize_mod.main(
             p.query, p.map, query_pairs, p.local_name, p.query_matches, config=p.localize_config,
             overrides=p.localize_overrides, name=p.localization_name, num_workers=max(1, p.num_workers), post=p.post,
@@ -521,16 +542,22 @@ def run(p: Plan, *, overwrite: bool = False, from_step: str | None = None,
          f"{report.directory}{_status(report.status)}")
     if p.query_gt is not None:
         gt = p.query_gt.sensors.image_poses()
-        errors = pose_errors({r.name: r.pose for r in report.results if r.success}, gt)
+        evaluated = {r.name: gt[r.name] for r in report.results if r.name in gt}
+        if not evaluated:
+            raise CbirError(f"none of the {len(report.results)} queries has a ground-truth pose: check "
+                            "datasets.query_gt", p.query_gt.root)
+        errors = pose_errors({r.name: r.pose for r in report.results if r.success}, evaluated)
         result.evaluation = {"all": summarize(errors, p.thresholds)}
         atomic_write_text(report.directory / "evaluation.json", json.dumps(result.evaluation, indent=1) + "\n")
     page = report.directory / "report.html"
     if p.report is not None and (redo["evaluate"] or report.status != "reused" or not page.exists()):
-        with progress("report") as update:
+        with timed("report"), progress("report") as update:
             data = report_mod.collect(p.query, p.map, results=report.directory, pairs=query_pairs,
                                       ground_truth=p.query_gt, conf=p.report, progress=update)
-        report_mod.write(data, page)
+            report_mod.write(data, page)
         step(f"report: {page}")
+    step("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()) +
+         f"; total {sum(result.seconds.values()):.1f} s")
     return result
 
 
@@ -547,9 +574,11 @@ def _extract(p: Plan, replace: bool, step: Callable[[str], None], progress: Prog
     def extract(extractors: list[Extractor], dataset: Dataset) -> list:
         label = f"extract {dataset.root.name}"
         if p.ray is None:
-            with progress(label) as update:
+            learned = ", ".join(e.name for e in extractors[1:]) or "nothing"  # shown only when one learns
+            with phases(progress, f"learn {learned} on {dataset.root.name}", label,
+                        open_first=False) as (learning, update):
                 return extract_mod.extract_all(extractors, dataset, num_workers=workers, overwrite=replace,
-                                               progress=update)
+                                               progress=update, learning=learning)
         from .distributed import extract_on_ray
 
         specs = [(extract_mod.store_kind(e), e.name, dict(e.conf)) for e in extractors]

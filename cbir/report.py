@@ -109,8 +109,9 @@ def collect(query: Dataset, map_: Dataset, *, results: Path | None = None, pairs
     errors: dict[str, tuple[float, float]] = {}
     if loc is not None:
         estimated = {n: r.pose for n, r in loc.items() if r.success}
-        if gt_poses:
-            errors = pose_errors(estimated, gt_poses)
+        if gt_poses:  # the result's queries that have a ground truth; the others are counted apart
+            errors = pose_errors(estimated, {n: gt_poses[n] for n in loc if n in gt_poses})
+            data["without_ground_truth"] = sum(n not in gt_poses for n in loc)
             data["evaluation"] = summarize(errors, conf.thresholds)
             data["conditions"] = {label: summarize(errors, conf.thresholds, group) for label, group in
                                   conditions_from(dict(conf.conditions), list(errors)).items()}
@@ -118,8 +119,12 @@ def collect(query: Dataset, map_: Dataset, *, results: Path | None = None, pairs
         data["queries"] = len(loc)
         data["failed"] = [{"name": n, "reason": r.reason} for n, r in sorted(loc.items()) if not r.success]
     if ranked and relevant:
-        data["retrieval"] = evaluate_rankings([p for n in names for p in ranked.get(n, [])], GroundTruth(relevant),
-                                              tuple(sorted({1, conf.topk} - {0})))
+        try:
+            data["retrieval"] = evaluate_rankings([p for n in names for p in ranked.get(n, [])],
+                                                  GroundTruth(relevant), tuple(sorted({1, conf.topk} - {0})))
+            data["retrieval_truth"] = f"{conf.max_distance:g} m and {conf.max_angle:g}°"
+        except CbirError:  # no query with a relevant map image: no retrieval metrics, the rest of the page stands
+            pass
     data["scene"] = _scene(map_, map_name, loc, gt_poses, conf)
     cards, map_thumbs = [], {}
     query_images, map_images = set(query.sensors.image_names()), set(map_.sensors.image_names())

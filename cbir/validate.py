@@ -4,7 +4,7 @@ that every entry point applies the same rules and says the same thing."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterable
 
 from .errors import CbirError
 
@@ -35,3 +35,18 @@ def check_integer(name: str, value: Any, low: int | None = None, high: int | Non
 def check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise CbirError(f"{name} must be true or false, got {value!r}")
+
+
+def unknown_names(unknown: Iterable[str], known: Iterable[str]) -> str:
+    """``'max_keypoint' (did you mean 'max_keypoints'?)`` for each unknown name, or the known
+    names when none is close: what a typo'd option or key is told."""
+    import difflib
+
+    known = sorted(map(str, known))
+    parts, hinted = [], False
+    for name in sorted(map(str, unknown)):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        parts.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+        hinted |= bool(close)
+    return ", ".join(parts) + ("" if hinted else f" (known: {', '.join(known)})")
+

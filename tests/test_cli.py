@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import json
 import os
 import subprocess
@@ -178,10 +180,13 @@ def test_local_extraction_does_not_import_ray(sample_dataset):
 def test_progress_bars_show_a_later_phase_from_its_first_update(monkeypatch):
     """`progress_bars`: the first bar at once, a later phase's (merging a Ray run's shards)
     only once it starts, then advanced like the first."""
+    from rich.console import Console
     from rich.progress import Progress
 
+    from cbir.cli import features_cmds
     from cbir.cli.features_cmds import progress_bars
 
+    monkeypatch.setattr(features_cmds, "console_err", lambda: Console(force_terminal=True, file=io.StringIO()))
     added: list[str] = []
     add_task = Progress.add_task
     monkeypatch.setattr(Progress, "add_task", lambda self, description, **kw: added.append(description) or
@@ -192,3 +197,29 @@ def test_progress_bars_show_a_later_phase_from_its_first_update(monkeypatch):
         merging(1, 3)
         merging(1, 3)
         assert added == ["extract", "merge the shards"]
+
+
+def test_progress_in_a_log_says_long_phases_and_their_end(monkeypatch):
+    """Piped into a log (no terminal), a phase that runs past LOG_AFTER_S prints its count, its
+    total and its time, then its end; a short phase prints nothing."""
+    from rich.console import Console
+
+    from cbir.cli import features_cmds
+
+    out = io.StringIO()
+    monkeypatch.setattr(features_cmds, "console_err", lambda: Console(file=out, width=200))
+    clock = iter([0.0, 1.0, 2.0, 3.0])  # the short phase: start, two updates, the end
+    monkeypatch.setattr(features_cmds.time, "monotonic", lambda: next(clock))
+    with features_cmds.progress_bars(False, "short") as (update,):
+        update(1, 2)
+        update(1, 2)
+    assert out.getvalue() == ""
+    clock = iter([0.0, 6.0, 7.0, 40.0, 41.0])
+    monkeypatch.setattr(features_cmds.time, "monotonic", lambda: next(clock))
+    with features_cmds.progress_bars(False, "learn the vocabulary") as (update,):
+        update(1, 3)  # 6 s: past LOG_AFTER_S
+        update(1, 3)  # 7 s: within LOG_EVERY_S of the last line
+        update(1, 3)  # 40 s: LOG_EVERY_S later
+    assert out.getvalue().splitlines() == ["learn the vocabulary: 1/3, 6 s", "learn the vocabulary: 3/3, 40 s",
+                                           "learn the vocabulary: 3/3 done in 41.0 s"]
+

@@ -237,8 +237,11 @@ def test_step_commands_and_bad_queries(sceaux_run):
                      "--vlnet", sceaux_run / "submission.txt")
     loc = json.loads(out)
     reasons = {f["image"]: f["reason"] for f in loc["failed"]}
-    assert loc["localized"] == 2 and set(reasons) == {"ghost.jpg", "100_7105.jpg"}
-    assert reasons["ghost.jpg"] == "not an image of the query dataset"
+    # the foreign name is left out with a warning and counted, not listed as a query
+    assert loc["localized"] == 2 and set(reasons) == {"100_7105.jpg"} and loc["queries"] == 3
+    assert loc["skipped_pairs"] == {"foreign": 1, "unmatched": 0}
+    assert loc["warnings"] == ["1 of 11 pairs name an image that is not of the datasets (first: ghost.jpg "
+                               "100_7100.jpg): left out"]
     assert reasons["100_7105.jpg"] == "no retrieved map image"
     assert len((sceaux_run / "submission.txt").read_text().splitlines()) == 2
     _, out, err = cbir("evaluate", "--query", q, "--results", "partial", "--gt", sceaux_run / "query_gt", "--json",

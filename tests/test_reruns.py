@@ -116,7 +116,8 @@ def _toml(tmp_path: Path, sample: Path, extra: str = "") -> Path:
     ("match.ratio=2", "[match] ratio must be <= 1.0"),
     ("match.min_inliers=1.5", "[match] min_inliers must be an integer"),
     ('extract.global=["densevlad", "nope"]', "[extract] unknown global extractor 'nope'"),
-    ("extract.local_conf.max_keypoint=5", "[extract] local_conf: unknown option(s) max_keypoint for sift"),
+    ("extract.local_conf.max_keypoint=5",
+         "[extract] local_conf: unknown option(s) 'max_keypoint' (did you mean 'max_keypoints'?) for sift"),
     ("extract.local_conf.max_keypoints=-5", "[extract] sift max_keypoints must be >= 0"),
     ('extract.local="r2d2"', "weight file 'r2d2_WASF_N16.pt' not found"),
     ('map.conf.min_num_matches="x"', "[map] option min_num_matches='x': expected a int"),
@@ -125,7 +126,7 @@ def _toml(tmp_path: Path, sample: Path, extra: str = "") -> Path:
     ("localize.sequence_max_gap=-1", "[localize] sequence_max_gap must be >= 0"),
     ("evaluate.thresholds=[[0.5,200]]", "[evaluate] threshold (0.5 m, 200 deg)"),
     ("num_workers=-1", "num_workers must be >= 0"),
-    ("retrieve.topkk=3", "unknown option 'retrieve.topkk'"),
+    ("retrieve.topkk=3", "--set retrieve.topkk: unknown key 'topkk' (did you mean 'topk'?) in [retrieve]"),
 ])
 def test_pipeline_configuration_is_checked_before_any_step(tmp_path, sample_dataset, override, message):
     before = sorted(sample_dataset.rglob("*"))

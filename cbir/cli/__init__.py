@@ -98,9 +98,21 @@ def _forget_wakeup_fd() -> None:
         pass
 
 
+#: options of ``cbir`` itself that may also follow the subcommand
+GLOBAL_FLAGS = frozenset({"-q", "--quiet", "--debug"})
+
+
 class CbirGroup(click.Group):
     """Turns user errors into one line on stderr and exit code 1 (a traceback only with --debug),
     and imports a command's module only when that command is used."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # the global flags are accepted anywhere, as users type them: `cbir match ... -q`
+        if ctx.parent is None:
+            end = args.index("--") if "--" in args else len(args)
+            flags = [a for a in args[:end] if a in GLOBAL_FLAGS]
+            args = flags + [a for a in args[:end] if a not in GLOBAL_FLAGS] + args[end:]
+        return super().parse_args(ctx, args)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from ..io.dataset import Dataset
 
@@ -81,6 +82,26 @@ def report_written(paths: list[Path], quiet: bool = False) -> None:
         return
     for p in paths:
         console_err().print(f"wrote {p}", highlight=False)
+
+
+#: skipped items printed one per line at most; the rest are counted (``--json`` lists them all)
+SKIPPED_LINES = 10
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr (printed even with ``-q``: a result the user must know is partial)."""
+    console_err().print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
+
+
+def print_skipped(label: str, items: list[tuple[str, str]], total: int, what: str) -> None:
+    """The first skipped items (``label item: reason``), then one warning with their count out of
+    ``total`` ``what`` (pairs, images, queries) and the most common reasons."""
+    for item, reason in items[:SKIPPED_LINES]:
+        console_err().print(f"[yellow]{label}[/] {escape(item)}: {escape(reason)}", highlight=False)
+    if not items:
+        return
+    more = f" ({len(items) - SKIPPED_LINES} more not shown; --json lists all)" if len(items) > SKIPPED_LINES else ""
+    warn(f"{len(items)} of {total} {what} skipped{more}: the result holds the other {max(total - len(items), 0)}")
 
 
 def print_json(obj: Any) -> None:

@@ -12,7 +12,7 @@ from ..evaluation.localization import check_thresholds
 from ..evaluation.retrieval import (REVISITED_PROTOCOLS, evaluate_rankings, ground_truth_from_poses,
                                     read_ground_truth, revisited_ground_truth)
 from ..io.pairs import read_pairs
-from ._common import console_err, console_out, open_dataset, print_json, table
+from ._common import console_err, console_out, open_dataset, print_json, table, warn
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -96,17 +96,44 @@ def evaluate(retrieval: bool, query: Path | None, results_name: str | None, pose
         source = f"poses (<= {max_distance:g} m, <= {max_angle:g} deg)"
     result = evaluate_rankings(pairs, gt, k_values)
     result["ground_truth"] = source
+    # a k beyond the longest ranked list measures the list's length, not the retrieval: left out
+    longest = result["ranked_per_query_max"]
+    shown = tuple(k for k in k_values if k <= longest) or (longest,)
+    if shown != k_values:
+        result = evaluate_rankings(pairs, gt, shown)
+        result["ground_truth"] = source
+        result["ks_left_out"] = [k for k in k_values if k not in shown]
     if as_json:
         print_json(result)
         return
     t = table(f"retrieval: {result['queries']} queries, ground truth {source}",
-              [("mAP", "right"), *((f"R@{k}", "right") for k in k_values), *((f"P@{k}", "right") for k in k_values)])
-    t.add_row(f"{100 * result['mAP']:.1f}%", *(f"{100 * result['recall@k'][k]:.1f}%" for k in k_values),
-              *(f"{100 * result['precision@k'][k]:.1f}%" for k in k_values))
+              [("mAP", "right"), *((f"R@{k}", "right") for k in shown), *((f"P@{k}", "right") for k in shown)])
+    t.add_row(f"{100 * result['mAP']:.1f}%", *(f"{100 * result['recall@k'][k]:.1f}%" for k in shown),
+              *(f"{100 * result['precision@k'][k]:.1f}%" for k in shown))
     out = console_out()
     out.print(t)
+    for line in retrieval_notes(result):
+        out.print(line, highlight=False)
+
+
+def retrieval_notes(result: dict) -> list[str]:
+    """What each metric counts, and what bounds it here (said under the table)."""
+    longest, relevant = result["ranked_per_query_max"], result["relevant_per_query_mean"]
+    notes = [f"R@k: the share of queries with a relevant map image among their first k. P@k: the share of "
+             f"relevant images among the first k. mAP: the mean average precision over every relevant map image "
+             f"of a query ({relevant:.1f} on average here); the pairs file ranks at most {longest} per query"
+             + (", so mAP stays below 100% even when every ranked image is relevant." if relevant > longest else
+                ".")]
+    if result.get("ks_left_out"):
+        notes.append(f"not shown: k = {', '.join(map(str, result['ks_left_out']))} (beyond the {longest} map images "
+                     "ranked per query; retrieve with a larger --topk to measure them)")
     if result["queries_without_pairs"]:
-        out.print(f"[yellow]{len(result['queries_without_pairs'])} ground-truth queries have no pair[/]")
+        notes.append(f"[yellow]{len(result['queries_without_pairs'])} ground-truth queries have no pair "
+                     "(not evaluated)[/]")
+    if result["queries_without_ground_truth"]:
+        notes.append(f"[yellow]{len(result['queries_without_ground_truth'])} queries of the pairs have no ground "
+                     "truth (not evaluated)[/]")
+    return notes
 
 
 def _parse_thresholds(text: str) -> tuple[tuple[float, float], ...]:
@@ -133,6 +160,7 @@ def _evaluate_poses(query: Path | None, results_name: str | None, poses: Path | 
     gt = open_dataset(gt_dataset).sensors.image_poses()
     if not gt:
         raise click.UsageError(f"{gt_dataset} has no poses to compare with")
+    queries: list[str] | None = None  # the queries evaluated (None: the ground truth's images)
     if poses is not None:
         if poses.suffix == ".txt" and poses.name == "trajectories.txt" and query is not None:
             records = open_dataset(query).sensors.records
@@ -141,22 +169,29 @@ def _evaluate_poses(query: Path | None, results_name: str | None, poses: Path | 
                          if (r.timestamp, r.camera_id) in traj}
         else:
             estimated = read_vlnet(poses)
+        if query is not None:
+            queries = open_dataset(query).sensors.image_names()
     else:
         if query is None:
             raise click.UsageError("give --query DATASET (its localization results) or --poses FILE")
-        from ..io.dataset import check_store_name
         from ..localize import read_results
 
-        root = Path(query) / "cbir" / "localization"
-        names = sorted(p.name for p in root.iterdir() if (p / "report.json").exists()) if root.is_dir() else []
-        if results_name is None:
-            if len(names) != 1:
-                raise click.UsageError(f"name the results with --results (found: {', '.join(names) or 'none'})")
-            results_name = names[0]
-        check_store_name(results_name)
-        estimated = {r.name: r.pose for r in read_results(root / results_name) if r.success}
+        directory = open_dataset(query).localization_result(results_name)
+        results_name = directory.name
+        results = read_results(directory)
+        estimated = {r.name: r.pose for r in results if r.success}
+        queries = [r.name for r in results]
     th = _parse_thresholds(thresholds)
-    errors = pose_errors(estimated, gt)
+    what = f"the results {results_name}" if results_name else str(poses)
+    evaluated = [q for q in (gt if queries is None else queries) if q in gt]
+    if not evaluated or (queries is None and not set(estimated) & set(gt)):
+        raise CbirError(f"none of the {len(queries) if queries is not None else len(estimated)} queries of {what} "
+                        f"has a ground-truth pose in {gt_dataset} (first: "
+                        f"{(queries or list(estimated) or ['-'])[0]}): check --gt", gt_dataset)
+    if queries is not None and len(evaluated) < len(queries):
+        warn(f"{len(queries) - len(evaluated)} of {len(queries)} queries of {what} have no ground-truth pose in "
+             f"{gt_dataset}: not evaluated")
+    errors = pose_errors(estimated, {q: gt[q] for q in evaluated})
     groups = {"all": list(errors)}
     groups.update(conditions_from(dict(c.split("=", 1) for c in conditions if "=" in c), list(errors)))
     for item in condition_lists:

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import json
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import click
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
-from .. import extract as extract_mod
 from ..errors import CbirError
 from ..io.pairs import exhaustive_pairs, read_pairs, write_pairs
-from ..matching import MatcherConf, VerifyConf
 from ..matching.verify import VERIFY_METHODS
-from ..matching import match as match_mod
-from ..models import GLOBAL_EXTRACTORS, LOCAL_EXTRACTORS
+from ..models import EXTRACTOR_NAMES
+from ..validate import unknown_names
 from ._common import (console_err, dataset_argument, follow_symlinks_option, is_quiet, open_dataset, print_json,
-                      report_written)
+                      print_skipped, report_written)
 
 device_option = click.option("--device", default="auto", show_default=True,
                              help="cpu, cuda, cuda:N, or auto (cuda when present).")
@@ -57,17 +57,40 @@ def ray_executor() -> Any:
 
 @contextmanager
 def progress_bar(description: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
-    """A rich bar on a terminal (nothing in logs and CI); ``update(advance, total)``."""
+    """Progress of one phase, ``update(advance, total)``: see :func:`progress_bars`."""
     with progress_bars(quiet, description) as (update,):
         yield update
 
 
+#: the phase of a model learned on the map before extraction (DenseVLAD's)
+LEARNING_LABEL = "learn the vocabulary and PCA on the map"
+
+#: piped into a log, a phase that runs longer than this says so (then every LOG_EVERY_S), and
+#: says when it ends: short phases stay silent, long ones are never silent for long
+LOG_AFTER_S = 5.0
+LOG_EVERY_S = 30.0
+
+
 @contextmanager
 def progress_bars(quiet: bool, *descriptions: str) -> Iterator[tuple[Callable[[int, int], None], ...]]:
-    """Rich bars on a terminal (nothing in logs and CI), one ``update(advance, total)`` each:
-    the first shown at once, each other from its first update (a later phase)."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console_err(), disable=quiet or not console_err().is_terminal) as progress:
+    """One ``update(advance, total)`` per phase: the first phase shown at once, each other from
+    its first update (a later phase). On a terminal, rich bars with the elapsed and remaining
+    time; in a log, one line for a phase that runs longer than :data:`LOG_AFTER_S` (count,
+    total, elapsed), then one every :data:`LOG_EVERY_S`, and one when it ends."""
+    console = console_err()
+    if quiet:
+        yield tuple((lambda advance, total: None) for _ in descriptions)
+        return
+    if not console.is_terminal:
+        logs = [_PhaseLog(d) for d in descriptions]
+        try:
+            yield tuple(log.update for log in logs)
+        finally:
+            for log in logs:
+                log.close()
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=console) as progress:
         tasks = {0: progress.add_task(descriptions[0], total=None)}
 
         def updater(i: int) -> Callable[[int, int], None]:
@@ -78,6 +101,32 @@ def progress_bars(quiet: bool, *descriptions: str) -> Iterator[tuple[Callable[[i
             return update
 
         yield tuple(updater(i) for i in range(len(descriptions)))
+        for task in tasks.values():  # a phase that ended between refreshes shows its end
+            progress.update(task, refresh=True)
+
+
+class _PhaseLog:
+    """A phase's progress as log lines (see :func:`progress_bars`)."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.done, self.total = label, 0, 0
+        self.start = time.monotonic()
+        self.last: float | None = None  # when the last line was printed (None: none yet)
+
+    def update(self, advance: int, total: int) -> None:
+        self.done, self.total = self.done + advance, total
+        now = time.monotonic()
+        if (self.last is None and now - self.start >= LOG_AFTER_S) or \
+                (self.last is not None and now - self.last >= LOG_EVERY_S):
+            self.last = now
+            self._print(f"{self.done}/{self.total}, {now - self.start:.0f} s")
+
+    def close(self) -> None:
+        if self.last is not None:
+            self._print(f"{self.done}/{self.total} done in {time.monotonic() - self.start:.1f} s")
+
+    def _print(self, state: str) -> None:
+        console_err().print(f"{escape(self.label)}: {state}", highlight=False)
 
 
 def parse_conf(items: tuple[str, ...]) -> dict[str, Any]:
@@ -96,9 +145,9 @@ def parse_conf(items: tuple[str, ...]) -> dict[str, Any]:
 
 @click.command()
 @dataset_argument()
-@click.option("--local", "local", type=click.Choice(sorted(LOCAL_EXTRACTORS)), help="Local feature extractor.")
+@click.option("--local", "local", type=click.Choice(EXTRACTOR_NAMES["local"]), help="Local feature extractor.")
 @click.option("--global", "global_", metavar="NAME[,NAME...]",
-              help=f"Global extractors, comma-separated ({', '.join(sorted(GLOBAL_EXTRACTORS))}).")
+              help=f"Global extractors, comma-separated ({', '.join(EXTRACTOR_NAMES['global'])}).")
 @click.option("--weights", type=click.Path(exists=True, path_type=Path),
               help="Weight file, or a directory holding it (also searched: $CBIR_WEIGHTS, ~/.cache/cbir/weights).")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -133,6 +182,7 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
 
     Resumes where an interrupted run stopped; unreadable images are skipped and reported.
     """
+    from .. import extract as extract_mod
     jobs: list[tuple[str, str]] = ([("local", local)] if local else []) + \
         [("global", g.strip()) for g in (global_ or "").split(",") if g.strip()]
     if not jobs:
@@ -140,8 +190,8 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
     if name and len(jobs) > 1:
         raise click.UsageError("--name needs a single extractor")
     for kind, n in jobs:
-        if kind == "global" and n not in GLOBAL_EXTRACTORS:
-            raise click.BadParameter(f"{n!r} (known: {', '.join(sorted(GLOBAL_EXTRACTORS))})", param_hint="--global")
+        if kind == "global" and n not in EXTRACTOR_NAMES["global"]:
+            raise click.BadParameter(f"{n!r} (known: {', '.join(EXTRACTOR_NAMES['global'])})", param_hint="--global")
     common = parse_conf(conf_items)
     if learn and model:
         raise click.UsageError("--learn learns a model on DATASET; --model uses the map's: give one of them")
@@ -150,9 +200,10 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
         if value is not None:
             common[key] = str(value) if isinstance(value, Path) else value
     classes = [extract_mod.extractor_class(n, kind) for kind, n in jobs]
-    unknown = set(common) - set().union(*(c.default_conf for c in classes))
-    if unknown:
-        raise CbirError(f"unknown option(s) {', '.join(sorted(unknown))} for {', '.join(n for _, n in jobs)}")
+    known = set().union(*(c.default_conf for c in classes))
+    if set(common) - known:
+        raise CbirError(f"unknown option(s) {unknown_names(set(common) - known, known)} for "
+                        f"{', '.join(n for _, n in jobs)}")
     if weights is not None and not any("weights" in c.default_conf for c in classes):
         raise CbirError(f"{', '.join(n for _, n in jobs)} use(s) no weights: drop --weights")
     specs = [(kind, n, extract_mod.extractor_conf(kind, n, common, weights, device)) for kind, n in jobs]
@@ -171,10 +222,10 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
         extractors = [extract_mod.extractor_class(n, kind) for kind, n, _ in specs]
     else:
         extractors = [extract_mod.build_extractor(n, c, kind) for kind, n, c in specs]
-        with progress_bar(f"extract {label}", quiet or as_json) as update:
+        with progress_bars(quiet or as_json, f"extract {label}", LEARNING_LABEL) as (update, learning):
             reports = extract_mod.extract_all(extractors, ds, store_names=[name] * len(extractors), images=images,
                                               overwrite=overwrite, num_workers=num_workers, progress=update,
-                                              image_options=image_options)
+                                              image_options=image_options, learning=learning)
     summaries = []
     for extractor, report in zip(extractors, reports):
         for image, reason in report.failed:
@@ -254,6 +305,10 @@ def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, l
           confidence: float, min_inliers: int, device: str, num_workers: int, overwrite: bool, executor: str,
           ray_address: str | None, shard_size: int, as_json: bool) -> None:
     """Match the local features of the image pairs of a pairs file."""
+    from ..matching import match as match_mod
+    from ..matching.nearest_neighbor import MatcherConf
+    from ..matching.verify import VerifyConf
+
     q = open_dataset(query)
     m = open_dataset(map_) if map_ else q
     pairs = read_pairs(pairs_file)
@@ -268,15 +323,17 @@ def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, l
         with progress_bars(quiet or as_json, "match (ray)", "merge the shards") as (update, merging):
             report = distributed.match_on_ray(q, m, pairs, local, name=name, matcher=matcher, verify=verify_conf,
                                               device=device, overwrite=overwrite, progress=update, merging=merging,
-                                              conf=distributed.RayConf(address=ray_address, shard_size=shard_size))
+                                              conf=distributed.RayConf(address=ray_address, shard_size=shard_size),
+                                              pairs_file=pairs_file)
     else:
         with progress_bar("match", quiet or as_json) as update:
             report = match_mod.main(q, m, pairs, local, name=name, matcher=matcher, verify=verify_conf,
-                                    device=device, overwrite=overwrite, num_workers=num_workers, progress=update)
-    for pair, reason in report.missing_features:
-        console_err().print(f"[yellow]skipped pair[/] {escape(pair)}: {escape(reason)}", highlight=False)
+                                    device=device, overwrite=overwrite, num_workers=num_workers, progress=update,
+                                    pairs_file=pairs_file)
+    print_skipped("skipped pair", report.missing_features, report.pairs, "pairs")
     if as_json:
-        print_json({"store": str(report.path), "matched": report.matched, "already_present": report.already_present,
+        print_json({"store": str(report.path), "pairs": report.pairs, "skipped_count": len(report.missing_features),
+                    "matched": report.matched, "already_present": report.already_present,
                     "matches": report.matches, "inliers": report.inliers, "duplicates": report.duplicates,
                     "verified_with_poses": report.verified_with_poses,
                     "ransac_fallbacks": [{"pair": p, "reason": r} for p, r in report.ransac_fallbacks],

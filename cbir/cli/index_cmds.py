@@ -9,9 +9,8 @@ import click
 
 from ..errors import CbirError
 from ..io.index_file import index_path, kept_files
-from ..retrieval.index import INDEX_KINDS, IndexConf, keep_indexes
-from ..retrieval.search import open_descriptor_sets
-from ._common import console_err, dataset_argument, is_quiet, open_dataset, print_json, report_written
+from ..retrieval.names import INDEX_KINDS
+from ._common import console_err, dataset_argument, is_quiet, open_dataset, print_json, report_written, warn
 from .features_cmds import executor_options, progress_bar, ray_executor
 
 
@@ -40,6 +39,9 @@ def index_build(ctx: click.Context, map_: Path, global_: str, kind: str, nlist: 
                 shard_size: int, as_json: bool) -> None:
     """Train and fill the indexes of MAP's global stores (streaming them), and keep them in
     MAP/cbir/index/ with a record of the stores and options (written atomically)."""
+    from ..retrieval.index import IndexConf, keep_indexes, sparse_training
+    from ..retrieval.search import open_descriptor_sets
+
     names = [n.strip() for n in global_.split(",") if n.strip()]
     m = open_dataset(map_)
     iconf = IndexConf(kind, nlist=nlist, pq_m=pq_m or 0, lsh_bits=lsh_bits or 0, train_size=train_size)
@@ -80,6 +82,9 @@ def index_build(ctx: click.Context, map_: Path, global_: str, kind: str, nlist: 
     elif not is_quiet(ctx):
         what = "already built from these stores and options" if status == "kept" else \
             f"built in {seconds:.1f} s"
+        note = sparse_training(kind, len(mset.names), iconf) if status != "kept" else None
+        if note:
+            warn(note)
         console_err().print(f"{kind} index of {len(mset.names)} images ({', '.join(names)}): {what}, "
                             f"{size / 2 ** 20:.1f} MB", highlight=False)
     if status != "kept":

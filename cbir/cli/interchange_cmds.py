@@ -151,7 +151,10 @@ def export_hloc(ctx: click.Context, dataset: Path, local: str, features_out: str
 @dataset_argument()
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--basename", is_flag=True, help="Write image base names (as the benchmarks expect).")
+@click.option("--results", "results_name",
+              help="Export this localization result of DATASET (cbir/localization/NAME/), not its trajectories.")
 @click.pass_context
-def export_vlnet(ctx: click.Context, dataset: Path, output: Path, basename: bool) -> None:
-    """DATASET's image poses in the visuallocalization.net submission format."""
-    report_written(interchange.export_vlnet(open_dataset(dataset), output, basename=basename), is_quiet(ctx))
+def export_vlnet(ctx: click.Context, dataset: Path, output: Path, basename: bool, results_name: str | None) -> None:
+    """DATASET's image poses (or a localization result's) in the visuallocalization.net format."""
+    report_written(interchange.export_vlnet(open_dataset(dataset), output, basename=basename, results=results_name),
+                   is_quiet(ctx))

@@ -7,16 +7,13 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
-from .. import localize as localize_mod
-from .. import mapping
 from ..geometry.colmap_options import PAPER_CONFIGS
-from ..geometry.postprocess import estimate_rig
 from ..io.atomic import atomic_write_text
 from ..io.kapture_text import format_rigs
 from ..io.pairs import read_pairs
 from ..io.vlnet import write_vlnet
 from ._common import (STATUS_NOTES, console_err, console_out, is_quiet, open_dataset, print_json, report_written,
-                      table)
+                      table, warn)
 from .features_cmds import executor_options, parse_conf, progress_bar, ray_executor
 
 
@@ -37,6 +34,8 @@ from .features_cmds import executor_options, parse_conf, progress_bar, ray_execu
 def map_cmd(ctx: click.Context, dataset: Path, local: str, matches: str, name: str | None,
             conf_items: tuple[str, ...], colmap_dir: Path | None, overwrite: bool, as_json: bool) -> None:
     """Triangulate the 3D points of DATASET's map from its known poses (COLMAP point triangulator)."""
+    from .. import mapping
+
     report = mapping.main(open_dataset(dataset), local, matches, name=name, overrides=parse_conf(conf_items),
                           overwrite=overwrite, colmap_dir=colmap_dir, verbose=bool(ctx.obj.get("debug")))
     if report.status != "new" and not (is_quiet(ctx) or as_json):
@@ -78,8 +77,8 @@ def map_cmd(ctx: click.Context, dataset: Path, local: str, matches: str, name: s
               help="A larger timestamp gap starts a new sequence.")
 @click.option("--vlnet", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the poses in the visuallocalization.net submission format.")
-@click.option("--num-workers", type=click.IntRange(1), default=localize_mod.default_workers(), show_default=True,
-              help="Processes estimating poses in parallel.")
+@click.option("--num-workers", type=click.IntRange(1), default=None,
+              help="Processes estimating poses in parallel [default: the usable cores, at most 4].")
 @click.option("--overwrite", is_flag=True,
               help="Recompute, replacing a result of the same NAME (also one of another configuration).")
 @executor_options(100, "queries")
@@ -88,7 +87,7 @@ def map_cmd(ctx: click.Context, dataset: Path, local: str, matches: str, name: s
 def localize_cmd(ctx: click.Context, query: Path, map_: Path, pairs_file: str, local: str, matches: str,
                  map_name: str | None, config: str, conf_items: tuple[str, ...], name: str | None,
                  use_unverified: bool, rig: bool, rig_max_gap: int, sequence: bool, sequence_max_gap: int,
-                 vlnet: Path | None, num_workers: int, overwrite: bool, executor: str, ray_address: str | None,
+                 vlnet: Path | None, num_workers: int | None, overwrite: bool, executor: str, ray_address: str | None,
                  shard_size: int, as_json: bool) -> None:
     """Estimate the pose of every query of a pairs file against a triangulated map.
 
@@ -96,6 +95,8 @@ def localize_cmd(ctx: click.Context, query: Path, map_: Path, pairs_file: str, l
     ones reuses it, with changed inputs (pairs, matches, map) redoes it, and a result of
     another configuration is replaced only with --overwrite.
     """
+    from .. import localize as localize_mod
+
     q, m = open_dataset(query), open_dataset(map_)
     quiet = is_quiet(ctx)
     post = localize_mod.PostprocessConf(rig=rig, rig_max_gap=rig_max_gap, sequence=sequence,
@@ -106,11 +107,14 @@ def localize_cmd(ctx: click.Context, query: Path, map_: Path, pairs_file: str, l
         estimate = distributed.ray_estimator(distributed.RayConf(address=ray_address, shard_size=shard_size))
     with progress_bar("localize", quiet or as_json) as update:
         report = localize_mod.main(q, m, read_pairs(pairs_file), local, matches, map_name=map_name, config=config,
-                                   overrides=parse_conf(conf_items), name=name, num_workers=num_workers,
+                                   overrides=parse_conf(conf_items), name=name,
+                                   num_workers=localize_mod.default_workers() if num_workers is None else num_workers,
                                    use_unverified=use_unverified, post=post,
                                    pairs_source=localize_mod.pairs_source(pairs_file, q), overwrite=overwrite,
                                    progress=update, estimate=estimate)
     results = report.results
+    for message in report.warnings:
+        warn(message)
     if report.status != "new" and not (quiet or as_json):
         console_err().print(STATUS_NOTES[report.status].format(what="result"), highlight=False)
     written = [report.directory / "trajectories.txt", report.directory / "report.json",
@@ -123,6 +127,7 @@ def localize_cmd(ctx: click.Context, query: Path, map_: Path, pairs_file: str, l
         print_json({"directory": str(report.directory), "status": report.status, "queries": len(results),
                     "localized": sum(r.success for r in results),
                     "by_method": {k: sum(r.method == k for r in results) for k in ("pnp", "rig", "sequence")},
+                    "skipped_pairs": report.skipped_pairs, "warnings": report.warnings,
                     "failed": [{"image": r.name, "reason": r.reason} for r in results if not r.success]})
     elif not quiet:
         t = table(f"localization ({config})", [("query", "left"), ("result", "left"), ("map\nimages", "right"),
@@ -148,6 +153,8 @@ def rig_group() -> None:
               help="rigs.txt to write (default: print it).")
 def rig_estimate(dataset: Path, cameras: str, rig_id: str, output: Path | None) -> None:
     """Estimate a rig from the poses of DATASET's images taken at the same timestamps."""
+    from ..geometry.postprocess import estimate_rig
+
     cams = [c.strip() for c in cameras.split(",") if c.strip()]
     rig = estimate_rig(open_dataset(dataset).sensors, cams)
     text = format_rigs({rig_id: rig})

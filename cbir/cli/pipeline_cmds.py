@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
-from .. import pipeline
+from ..steps import STEPS
 from ._common import console_err, console_out, is_quiet, print_json
 from .evaluate_cmds import pose_table
 from .features_cmds import progress_bar
@@ -19,7 +19,7 @@ from .features_cmds import progress_bar
               help="Override a configuration value (TOML syntax): --set localize.config='\"config1\"'.")
 @click.option("--overwrite", is_flag=True,
               help="Redo the steps whose configuration changed, and the steps after them, replacing their outputs.")
-@click.option("--from", "from_step", type=click.Choice(pipeline.STEPS),
+@click.option("--from", "from_step", type=click.Choice(STEPS),
               help="Redo this step and the steps after it, replacing their outputs.")
 @click.option("--check", "check_only", is_flag=True,
               help="Check the configuration and list the outputs it would replace; run nothing.")
@@ -34,6 +34,8 @@ def pipeline_cmd(ctx: click.Context, config: Path, overrides: tuple[str, ...], o
     configuration changed is refused until --overwrite (it and the steps after it are redone,
     their outputs replaced under the same names) or --from STEP.
     """
+    from .. import pipeline
+
     conf = pipeline.load_config(config, list(overrides))
     plan = pipeline.plan(conf, config)
     quiet = is_quiet(ctx)
@@ -54,7 +56,7 @@ def pipeline_cmd(ctx: click.Context, config: Path, overrides: tuple[str, ...], o
                           (lambda s: console_err().print(f"[bold]>[/] {escape(s)}", highlight=False)),
                           progress=lambda label: progress_bar(label, silent))
     if as_json:
-        print_json({"steps": result.steps, "evaluation": result.evaluation})
+        print_json({"steps": result.steps, "seconds": result.seconds, "evaluation": result.evaluation})
     elif result.evaluation is not None:
         console_out().print(pose_table(f"localization of {Path(conf['datasets']['query']).name}",
                                        result.evaluation, plan.thresholds))

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import click
 
-from .. import report as report_mod
-from ..errors import CbirError
 from ..io.pairs import read_pairs
 from ._common import console_err, is_quiet, open_dataset, report_written
 from .evaluate_cmds import _parse_thresholds
@@ -39,10 +37,12 @@ def report_cmd(ctx: click.Context, query: Path, map_: Path, results_name: str | 
                thumb_size: int, topk: int, output: Path | None) -> None:
     """Write one HTML file that opens without a network: the summary, cumulative errors, a 3D
     view of the map and the queries, and one card per query (retrieved images, matches)."""
+    from .. import report as report_mod
+
     q, m = open_dataset(query), open_dataset(map_)
     results = None
     if pairs_file is None or results_name is not None:
-        results = _results_dir(q, results_name)
+        results = q.localization_result(results_name)
     if any("=" not in c for c in conditions):
         raise click.BadParameter("expected LABEL=REGEX", param_hint="--condition")
     conf = report_mod.ReportConf(max_points=max_points, thumb_size=thumb_size, topk=topk,
@@ -58,16 +58,3 @@ def report_cmd(ctx: click.Context, query: Path, map_: Path, results_name: str | 
     if not quiet:
         console_err().print(f"{len(data['cards'])} query cards, {len(data['scene']['points'])} 3D points", highlight=False)
     report_written([out], quiet)
-
-
-def _results_dir(query, name: str | None) -> Path:
-    from ..io.dataset import check_store_name
-
-    root = query.root / "cbir" / "localization"
-    names = sorted(p.name for p in root.iterdir() if (p / "report.json").exists()) if root.is_dir() else []
-    if name is None:
-        if len(names) != 1:
-            raise CbirError(f"name the results with --results (found: {', '.join(names) or 'none'})", root)
-        name = names[0]
-    check_store_name(name)
-    return root / name

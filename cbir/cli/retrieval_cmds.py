@@ -9,14 +9,8 @@ from rich.markup import escape
 
 from ..io.index_file import index_path
 from ..io.pairs import write_pairs
-from ..models.base import resolve_device
-from ..retrieval import ALIASES, METHODS, FusionConf, RetrievalConf, pairs_record
-from ..retrieval.index import (INDEX_KINDS, IndexConf, kept_or_built, recall_advice, recall_against_exact,
-                               recall_sample_rows, retrieve_indexed)
-from ..retrieval.index import recall as recall_of
-from ..retrieval.rerank import retrieve_with_expansion
-from ..retrieval.search import PRECISIONS, open_descriptor_sets
-from ._common import console_err, is_quiet, open_dataset, print_json, report_written
+from ..retrieval.names import ALIASES, FUSIONS, INDEX_KINDS, PRECISIONS
+from ._common import console_err, is_quiet, open_dataset, print_json, report_written, warn
 from .features_cmds import executor_options, progress_bar, ray_executor
 
 
@@ -36,7 +30,7 @@ def _floats(value: str | None) -> tuple[float, ...]:
 @click.option("--global", "global_", required=True, metavar="NAME[,NAME...]",
               help="Global stores to use (their names in cbir/global/ of both datasets).")
 @click.option("--fusion", default="gharm", show_default=True,
-              type=click.Choice(sorted(METHODS) + sorted(ALIASES)), help="Late fusion of several descriptors.")
+              type=click.Choice(sorted(FUSIONS) + sorted(ALIASES)), help="Late fusion of several descriptors.")
 @click.option("--topk", type=click.IntRange(1), default=20, show_default=True, help="Pairs per query.")
 @click.option("--weights", "weights", help="Per-descriptor weights, comma-separated (normalized; default equal).")
 @click.option("--gamma", type=float, help="gharm, mean_and_power, mean_and_min (default 0.5).")
@@ -78,6 +72,14 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
     Several descriptors (--global a,b,c) are fused per (query, map image) with --fusion;
     exact search by default, streamed over the map in bounded memory.
     """
+    from ..models.base import resolve_device
+    from ..retrieval.fusion import FusionConf
+    from ..retrieval.index import (IndexConf, kept_or_built, recall_advice, recall_against_exact, recall_sample_rows,
+                                   retrieve_indexed, sparse_training)
+    from ..retrieval.index import recall as recall_of
+    from ..retrieval.rerank import retrieve_with_expansion
+    from ..retrieval.search import RetrievalConf, open_descriptor_sets, pairs_record
+
     if index_kind != "exact" and (qe or dba):
         raise click.UsageError("--qe and --dba run on exact search: drop --index")
     names = [n.strip() for n in global_.split(",") if n.strip()]
@@ -136,6 +138,9 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
                 if built and not quiet:
                     console_err().print(f"built the {index_kind} index for this call only: `{keep_hint}` keeps it",
                                         highlight=False)
+                note = sparse_training(index_kind, len(mset.names), iconf) if built else None
+                if note:
+                    warn(note)
                 pairs = retrieve_indexed(qset, mset, conf, iconf, dev, indexes, progress=update)
                 if recall_sample:
                     recall = recall_against_exact(qset, mset, conf, iconf, recall_sample, dev, indexes)

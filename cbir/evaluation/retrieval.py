@@ -123,6 +123,11 @@ def evaluate_rankings(pairs: list[Pair], gt: GroundTruth, ks: tuple[int, ...] = 
     for p in pairs:
         ranked.setdefault(p.query, []).append(p.map)
     queries = [q for q in gt.relevant if q in ranked]
+    if not queries:  # metrics of no query are no result: the pairs and the ground truth do not belong together
+        first = next(iter(ranked), None)
+        raise CbirError(f"none of the {len(ranked)} queries of the pairs has a ground truth (first: {first}; the "
+                        f"ground truth has {len(gt.relevant)} queries): check the pairs file and the ground truth"
+                        if ranked else "no pair to evaluate")
     missing = sorted(q for q in gt.relevant if q not in ranked)
     aps, hits, precisions = [], {k: [] for k in ks}, {k: [] for k in ks}
     for q in queries:
@@ -136,10 +141,17 @@ def evaluate_rankings(pairs: list[Pair], gt: GroundTruth, ks: tuple[int, ...] = 
             hits[k].append(bool(is_rel[:k].any()))
             precisions[k].append(float(is_rel[:k].sum()) / k)
     with_relevant = [q for q in queries if gt.relevant[q]]
+    if not with_relevant:
+        raise CbirError(f"none of the {len(queries)} evaluated queries has a relevant map image in the ground "
+                        "truth: every metric would be undefined (pose-based: widen --max-distance or --max-angle)")
     return {
         "queries": len(queries),
         "queries_with_relevant": len(with_relevant),
         "queries_without_pairs": missing,
+        "queries_without_ground_truth": sorted(q for q in ranked if q not in gt.relevant),
+        # what bounds the metrics: AP counts every relevant map image, a list ranks only so many
+        "ranked_per_query_max": max(len(ranked[q]) for q in queries),
+        "relevant_per_query_mean": float(np.mean([len(gt.relevant[q]) for q in with_relevant])),
         "mAP": float(np.mean(aps)) if aps else float("nan"),
         "recall@k": {k: float(np.mean([h for h, q in zip(hits[k], queries) if gt.relevant[q]]))
                      if with_relevant else float("nan") for k in ks},

@@ -10,7 +10,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-import pycolmap
 
 from ..errors import CbirError
 
@@ -69,6 +68,8 @@ def set_dotted(obj: Any, overrides: dict[str, Any], known: set[str] = frozenset(
 @contextmanager
 def quiet_colmap(verbose: bool = False) -> Iterator[None]:
     """COLMAP logs every step at INFO: keep warnings and errors only, unless verbose."""
+    import pycolmap  # here: the paper's settings are read without it (cbir --help)
+
     old = pycolmap.logging.minloglevel
     pycolmap.logging.minloglevel = 0 if verbose else 1
     try:

@@ -62,21 +62,25 @@ def check_dataset(dataset: Dataset, *, images: ImageCheck = "decode", deep: bool
     open, then their values are scanned (NaN, normalization, match indices); ``deep`` also
     verifies the checksums of every column."""
     report = _Report()
+    names: set[str] | None
     try:
         data = dataset.sensors
     except CbirError as e:
         report.from_exception(e)
-        return report.problems  # nothing else can be checked against broken sensor files
-    for path, line, message in data.warnings:
-        report.warning(path, message, line)
-    records_file = dataset.root / "sensors/records_camera.txt"
-    if not data.cameras:
-        report.warning(dataset.root / "sensors/sensors.txt", "no camera")
-    if not data.records:
-        report.warning(records_file, "no image records")
-    if images != "skip":
-        _check_images(dataset, images, report, progress)
-    names = set(data.image_names())
+        # every sensor file on its own, so that one run names every broken one; the stores are
+        # still checked, without the image names when records_camera.txt is unreadable
+        names = _check_sensor_files(dataset.root, report)
+    else:
+        for path, line, message in data.warnings:
+            report.warning(path, message, line)
+        records_file = dataset.root / "sensors/records_camera.txt"
+        if not data.cameras:
+            report.warning(dataset.root / "sensors/sensors.txt", "no camera")
+        if not data.records:
+            report.warning(records_file, "no image records")
+        if images != "skip":
+            _check_images(dataset, images, report, progress)
+        names = set(data.image_names())
     for kind, paths in dataset.list_stores().items():
         for path in paths:
             if progress:
@@ -109,6 +113,27 @@ def check_dataset(dataset: Dataset, *, images: ImageCheck = "decode", deep: bool
         report.warning(plan, f"shards of an unfinished `cbir extract --executor ray` ({done} shard stores written): "
                              "run the same command again to finish and merge them, or delete the folder")
     return report.problems
+
+
+def _check_sensor_files(root: Path, report: _Report) -> set[str] | None:
+    """Each sensor file read on its own (references to other files not checked, since one of
+    them is broken): its problems reported; the image names, when records_camera.txt reads."""
+    from .kapture_text import (RECORDS_CAMERA_FILE, RIGS_FILE, SENSORS_FILE, TRAJECTORIES_FILE, read_records_camera,
+                               read_rigs, read_sensors, read_trajectories)
+
+    names = None
+    for file, read in ((SENSORS_FILE, read_sensors), (RIGS_FILE, read_rigs), (RECORDS_CAMERA_FILE, read_records_camera),
+                       (TRAJECTORIES_FILE, read_trajectories)):
+        if file != SENSORS_FILE and not (root / file).exists():
+            continue
+        try:
+            out = read(root / file)
+        except CbirError as e:
+            report.from_exception(e)
+            continue
+        if file == RECORDS_CAMERA_FILE:
+            names = {r.name for r in out}
+    return names
 
 
 def _check_index(dataset: Dataset, path: Path, report: _Report, deep: bool) -> list[Path]:
@@ -165,11 +190,11 @@ def _float_columns(store: Store) -> list[str]:
     return [c for c in store.columns if store.dataset(c).dtype.kind == "f"]
 
 
-def _check_store(dataset: Dataset, store: Store, names: set[str], report: _Report) -> None:
+def _check_store(dataset: Dataset, store: Store, names: set[str] | None, report: _Report) -> None:
     path = store.path
     keys = store.keys  # structure (offsets, row counts, shapes, unique keys) was validated on open
     items = [k for key in keys for k in (key if isinstance(key, tuple) else (key,))]
-    unknown = sorted(set(items) - names)
+    unknown = sorted(set(items) - names) if names is not None else []
     if unknown and store.kind != "matches":
         report.warning(path, f"{len(unknown)} images are not in records_camera.txt (e.g. {unknown[0]!r})")
     # values, streamed: NaN/inf, global normalization, match indices
@@ -222,17 +247,17 @@ def _local_counts(dataset: Dataset, store: Store) -> dict[str, int] | None:
         return dict(zip(s.keys, np.diff(s.offsets).tolist()))
 
 
-def _check_pairs(path: Path, names: set[str], report: _Report) -> None:
+def _check_pairs(path: Path, names: set[str] | None, report: _Report) -> None:
     pairs = read_pairs(path)
-    unknown = sorted({n for p in pairs for n in (p.query, p.map)} - names)
+    unknown = sorted({n for p in pairs for n in (p.query, p.map)} - names) if names is not None else []
     if unknown:
         report.warning(path, f"{len(unknown)} images are not in this dataset's records (e.g. {unknown[0]!r}); "
                              "fine when they belong to the query or map dataset")
 
 
-def _check_map(dataset: Dataset, path: Path, names: set[str], report: _Report) -> None:
+def _check_map(dataset: Dataset, path: Path, names: set[str] | None, report: _Report) -> None:
     m = read_map(path)
-    unknown = sorted(set(m.images) - names)
+    unknown = sorted(set(m.images) - names) if names is not None else []
     if unknown:
         report.error(path, f"tracks reference {len(unknown)} images not in records (e.g. {unknown[0]!r})")
     if m.local_features:

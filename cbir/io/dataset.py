@@ -38,6 +38,26 @@ def check_store_name(name: str) -> None:
                         f"(no path, no extension, not ending in {MODEL_SUFFIX})")
 
 
+#: how each kind of store is made (said when one is missing)
+_MAKES = {"local": "cbir extract {root} --local {name}", "global": "cbir extract {root} --global {name}",
+          "matches": "cbir match --query {root} --pairs PAIRS --local LOCAL --name {name}",
+          "map": "cbir map {root} --local {name} --matches MATCHES (after cbir match --verify of its map pairs)"}
+
+
+def missing_file_message(path: str | os.PathLike) -> str:
+    """Why a file is missing, in words that say the fix: for a store of a dataset
+    (``DATASET/cbir/<kind>/<name>.h5``), the stores of that kind there are and the command
+    that makes one; for any other file, "file not found"."""
+    path = Path(path)
+    kind, root = path.parent.name, path.parent.parent.parent
+    if path.suffix != ".h5" or path.parent.parent.name != "cbir" or kind not in STORE_DIRS:
+        return "file not found"
+    present = sorted(p.stem for p in path.parent.glob("*.h5") if p.is_file() and not p.stem.endswith(MODEL_SUFFIX)) \
+        if path.parent.is_dir() else []
+    there = f"{kind} stores there: {', '.join(present)}" if present else f"{root} has no {kind} store yet"
+    return f"file not found ({there}); make it with {_MAKES[kind].format(root=root, name=path.stem)}"
+
+
 class Dataset:
     """Paths and lazily-read sensor data of one dataset directory.
 
@@ -92,6 +112,29 @@ class Dataset:
             out[kind] = sorted(p for p in d.glob(f"*{ext}") if p.is_file() and not p.stem.endswith(MODEL_SUFFIX)) \
                 if d.is_dir() else []
         return out
+
+    # -- localization results (``cbir/localization/<name>/``)
+    def localization_results(self) -> list[str]:
+        """Names of the localization results (directories with a ``report.json``)."""
+        root = self.root / "cbir" / "localization"
+        return sorted(p.name for p in root.iterdir() if (p / "report.json").is_file()) if root.is_dir() else []
+
+    def localization_result(self, name: str | None = None) -> Path:
+        """The directory of the result ``name`` (default: the only one); a missing result is an
+        error that lists those there are, or says to run ``cbir localize`` when there is none."""
+        root = self.root / "cbir" / "localization"
+        names = self.localization_results()
+        if not names:
+            raise CbirError(f"no localization result yet: run cbir localize --query {self.root} ... (or cbir "
+                            "pipeline) first", root)
+        if name is None:
+            if len(names) != 1:
+                raise CbirError(f"name the results with --results (found: {', '.join(names)})", root)
+            return root / names[0]
+        check_store_name(name)
+        if name not in names:
+            raise CbirError(f"no localization result {name!r} (found: {', '.join(names)})", root)
+        return root / name
 
     def __repr__(self) -> str:
         return f"Dataset({str(self.root)!r})"

@@ -163,7 +163,9 @@ def read_metadata(path: str | os.PathLike, strings: Sequence[str] = ()) -> Metad
     read that does not finish in time are one-line :class:`CbirError`\\ s naming the file."""
     path = Path(path)
     if not path.exists():
-        raise CbirError("file not found", path)
+        from .dataset import missing_file_message
+
+        raise CbirError(missing_file_message(path), path)
     if not path.is_file():
         raise CbirError("not a file", path)
     limit = timeout_s()

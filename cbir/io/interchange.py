@@ -225,8 +225,23 @@ def import_vlnet(path: str | os.PathLike, dataset: Dataset) -> list[Path]:
     return write_sensor_data(dataset.root, data)
 
 
-def export_vlnet(dataset: Dataset, out: str | os.PathLike, *, basename: bool = False) -> list[Path]:
+def export_vlnet(dataset: Dataset, out: str | os.PathLike, *, basename: bool = False,
+                 results: str | None = None) -> list[Path]:
+    """The dataset's image poses (``trajectories.txt``), or those of its localization result
+    ``results``, as a visuallocalization.net submission; no pose to export is an error."""
     names = _names_for_submission(dataset, basename)
-    poses = dataset.sensors.image_poses()
+    if results is not None:
+        from ..localize import read_results
+
+        directory = dataset.localization_result(results)
+        poses = {r.name: r.pose for r in read_results(directory) if r.success and r.name in names}
+        source = f"the localization result {directory.name}"
+    else:
+        poses = dataset.sensors.image_poses()
+        source = "sensors/trajectories.txt"
+    if not poses:  # an empty submission would look like a run that localized nothing
+        found = dataset.localization_results() if results is None else []
+        hint = f": export a localization result with --results ({', '.join(found)})" if found else ""
+        raise CbirError(f"no pose to export in {source}{hint}", dataset.root)
     write_vlnet(out, {names[n]: p for n, p in poses.items()})
     return [Path(out)]

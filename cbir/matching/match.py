@@ -25,6 +25,7 @@ import torch
 from ..errors import CbirError, FormatError
 from ..io.dataset import Dataset
 from ..io.pairs import Pair
+from ..io.provenance import differences
 from ..io.store import Store, StoreWriter, open_store
 from ..devices import Uploader, default_workers
 from .nearest_neighbor import MatcherConf, PairBatch, as_unit_tensor
@@ -44,6 +45,7 @@ class MatchReport:
     matches: int = 0
     inliers: int = 0
     missing_features: list[tuple[str, str]] = field(default_factory=list)  # (pair "a b", reason)
+    pairs: int = 0  # pairs asked for, each once (duplicates not counted)
     duplicates: int = 0
     verified_with_poses: int = 0  # --verify poses: pairs checked against their known geometry
     ransac_fallbacks: list[tuple[str, str]] = field(default_factory=list)  # (pair "a b", why RANSAC)
@@ -103,15 +105,23 @@ class FeatureCache:
         return self._items[name]
 
 
+#: extractor options that only choose how many keypoints are kept (the strongest first), not
+#: how they are described: two stores that differ there describe the same way and are matched
+#: (as hloc does, say with fewer keypoints for the queries than for the map)
+BUDGET_KEYS = frozenset({"max_keypoints"})
+
+
 def check_compatible(a: Store, b: Store) -> None:
-    """Two local-feature stores can be matched: same extractor configuration and dimension."""
-    ca, cb = a.config.get("extractor"), b.config.get("extractor")
+    """Two local-feature stores can be matched: same descriptor dimension and extractor
+    configuration, except for the keypoint budget (:data:`BUDGET_KEYS`)."""
     if a.attrs.get("descriptor_dim") != b.attrs.get("descriptor_dim"):
         raise CbirError(f"descriptor dimensions differ: {a.attrs.get('descriptor_dim')} here, "
                         f"{b.attrs.get('descriptor_dim')} in {b.path}", a.path)
-    if a.config != b.config:
-        raise CbirError(f"features of another extractor configuration than {b.path} "
-                        f"({ca!r} vs {cb!r}): extract both datasets with the same options", a.path)
+    ca, cb = ({k: v for k, v in s.config.items() if k not in BUDGET_KEYS} for s in (a, b))
+    if ca != cb:
+        diffs = differences(cb, ca)
+        raise CbirError(f"features of another extractor configuration than {b.path} ({'; '.join(diffs)}, as "
+                        "map -> here): extract both datasets with the same options", a.path)
 
 
 def plan_pairs(pairs: list[Pair], same_dataset: bool) -> tuple[list[tuple[str, str]], int, list[tuple[str, str]]]:
@@ -131,6 +141,36 @@ def plan_pairs(pairs: list[Pair], same_dataset: bool) -> tuple[list[tuple[str, s
         out.append(key)
     out.sort()  # consecutive pairs share their first image: it stays in the cache
     return out, duplicates, self_pairs
+
+
+def unmatchable_pairs(todo: list[tuple[str, str]], query: Dataset, map_: Dataset, qstore: Store,
+                      mstore: Store) -> dict[tuple[str, str], str]:
+    """The pairs that cannot be matched, with why: an image that is not one of its dataset's
+    (a pairs file of other datasets, or query and map swapped), or one without features."""
+    qnames = set(query.sensors.image_names())
+    mnames = qnames if query.root.resolve() == map_.root.resolve() else set(map_.sensors.image_names())
+    out = {}
+    for a, b in todo:
+        missing = [f"{n} is not an image of {d.root}" for n, d, known in ((a, query, qnames), (b, map_, mnames))
+                   if n not in known] or \
+                  [f"{n} has no features in {s.path}" for n, s in ((a, qstore), (b, mstore)) if n not in s]
+        if missing:
+            out[a, b] = "; ".join(missing)
+    return out
+
+
+def require_matchable(todo: list[tuple[str, str]], skipped: dict[tuple[str, str], str],
+                      self_pairs: list[tuple[str, str]], pairs_file: str | None) -> None:
+    """Refuse a run that could match no pair: its store would be empty for a reason the
+    user must fix (the pairs belong to other datasets, the features are missing)."""
+    if not todo:
+        what = f"only {len(self_pairs)} pairs of an image with itself" if self_pairs else "no pair"
+        raise CbirError(f"{what}: nothing to match", pairs_file)
+    if len(skipped) == len(todo):
+        (a, b), why = next(iter(skipped.items()))
+        raise CbirError(f"none of the {len(todo)} pairs can be matched (first: {a} {b}: {why}): check that the "
+                        "pairs belong to --query (first image) and --map (second image), and that both datasets "
+                        "have the local features", pairs_file)
 
 
 def match_config(local: str, features_config: dict[str, Any], matcher: MatcherConf,
@@ -154,7 +194,7 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
          matcher: MatcherConf = MatcherConf(), verify: VerifyConf | None = None, device: str = "auto",
          overwrite: bool = False, num_workers: int | None = None,
          progress: Callable[[int, int], None] | None = None, overlap: bool | None = None,
-         store_path: Path | None = None) -> MatchReport:
+         store_path: Path | None = None, pairs_file: str | None = None) -> MatchReport:
     """Match ``pairs`` into the query dataset's matches store ``name`` (default ``local``),
     or into ``store_path`` (a cluster's shard, :mod:`cbir.distributed`).
 
@@ -172,17 +212,18 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
     same = query.root.resolve() == map_.root.resolve()
     todo, duplicates, self_pairs = plan_pairs(pairs, same)
     out = store_path or query.store_path("matches", name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = MatchReport(out, duplicates=duplicates, device=str(dev))
+    report = MatchReport(out, duplicates=duplicates, device=str(dev), pairs=len(todo) + len(self_pairs))
     report.missing_features += [(f"{a} {b}", "an image paired with itself") for a, b in self_pairs]
     with open_store(query.store_path("local", local), "local-features") as qstore, \
             (open_store(map_.store_path("local", local), "local-features") if not same else nullcontext(qstore)) as mstore:
         check_compatible(qstore, mstore)
+        skipped = unmatchable_pairs(todo, query, map_, qstore, mstore)
+        if store_path is None:  # a Ray shard's pairs were checked as a whole by its driver
+            require_matchable(todo, skipped, self_pairs, pairs_file)
         attrs = store_attributes(name, local, qstore.config, matcher, verify)
         qcache = FeatureCache(qstore, dev)
         mcache = qcache if same else FeatureCache(mstore, dev)
-        qnames = set(query.sensors.image_names())
-        mnames = qnames if same else set(map_.sensors.image_names())
+        out.parent.mkdir(parents=True, exist_ok=True)
         with_poses = verify is not None and verify.method == "poses"
         qposes = query.sensors.image_poses() if with_poses else {}
         mposes = qposes if same or not with_poses else map_.sensors.image_poses()
@@ -194,15 +235,12 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
                        overlap=dev.type == "cuda" if overlap is None else overlap)
             chunk: list[tuple[str, str]] = []
             for a, b in todo:
-                if (a, b) in writer:
-                    report.already_present += 1
+                if (a, b) in skipped:
+                    report.missing_features.append((f"{a} {b}", skipped[a, b]))
                     run.advance()
                     continue
-                missing = [f"{n} is not an image of {d.root}" for n, d, known in ((a, query, qnames), (b, map_, mnames))
-                           if n not in known] or \
-                          [f"{n} has no features in {s.path}" for n, s in ((a, qstore), (b, mstore)) if n not in s]
-                if missing:
-                    report.missing_features.append((f"{a} {b}", "; ".join(missing)))
+                if (a, b) in writer:
+                    report.already_present += 1
                     run.advance()
                     continue
                 chunk.append((a, b))

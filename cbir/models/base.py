@@ -18,7 +18,7 @@ import torch
 from ..devices import to_device
 from ..errors import CbirError
 from ..io.images import LoadedImage
-from ..validate import check_integer
+from ..validate import check_integer, unknown_names
 
 LOCAL_EXTRACTORS: dict[str, type["LocalExtractor"]] = {}
 GLOBAL_EXTRACTORS: dict[str, type["GlobalExtractor"]] = {}
@@ -94,8 +94,7 @@ class Extractor:
         conf = dict(conf or {})
         unknown = set(conf) - set(self.default_conf)
         if unknown:
-            raise CbirError(f"unknown option(s) for {self.name}: {', '.join(sorted(unknown))} "
-                            f"(known: {', '.join(self.default_conf)})")
+            raise CbirError(f"unknown option(s) for {self.name}: {unknown_names(unknown, self.default_conf)}")
         self.conf = {**self.default_conf, **conf}
         # the options most extractors share, with the rules of the command line
         if self.conf.get("max_size") is not None:
@@ -156,7 +155,10 @@ class GlobalExtractor(Extractor):
     map (DenseVLAD's vocabulary and PCA) do it there.
     """
 
-    def prepare(self, store_path: Path, images: list[str], load: Any, *, overwrite: bool = False) -> None:
+    def prepare(self, store_path: Path, images: list[str], load: Any, *, overwrite: bool = False,
+                progress: Any = None) -> None:
+        """Load or learn what the extractor needs of the dataset before it extracts (a model
+        learned on the map); ``progress(advance, total)`` while learning."""
         return None
 
     def extract(self, image: LoadedImage) -> np.ndarray:

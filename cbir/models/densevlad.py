@@ -41,6 +41,9 @@ from .base import GlobalExtractor, register
 from .sift import rootsift
 
 TRAIN_CACHE_BYTES = 1 << 30  # dense descriptors of training images kept between the two training passes
+#: VLADs of the training images kept from the learning for their extraction: the map's
+#: images are then described once, not twice (the same function of the same pixels)
+LEARNED_VLAD_BYTES = 1 << 28
 
 
 def dense_grid(width: int, height: int, step: int, sizes: list[float]) -> list[cv2.KeyPoint]:
@@ -96,6 +99,7 @@ class DenseVLAD(GlobalExtractor):
         self._sift = cv2.SIFT_create()
         self.model: dict[str, np.ndarray] | None = None
         self._sliced: tuple[dict[str, np.ndarray], exact.Sliced] | None = None
+        self._learned: dict[bytes, np.ndarray] = {}  # image key -> VLAD of a training image (see prepare)
         if self.conf["model"]:
             self.model = read_model(Path(self.conf["model"]), self)
 
@@ -120,9 +124,10 @@ class DenseVLAD(GlobalExtractor):
         return np.zeros((0, 128), np.float32) if desc is None else rootsift(desc)
 
     def prepare(self, store_path: Path, images: list[str], load: Callable[[str], LoadedImage], *,
-                overwrite: bool = False) -> None:
+                overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> None:
         """Load the model of ``store_path``, or learn it from ``images`` of this dataset when
-        ``learn`` is set (again with ``overwrite``)."""
+        ``learn`` is set (again with ``overwrite``); ``progress(advance, total)`` counts the
+        training images twice (sampled, then described for the PCA) and the k-means once."""
         path = model_path(store_path)
         if self.model is not None:
             return
@@ -138,8 +143,14 @@ class DenseVLAD(GlobalExtractor):
         rng = np.random.default_rng(self.conf["seed"])
         train = sorted(rng.choice(len(images), min(len(images), self.conf["train_images"]), replace=False))
         samples, kept, kept_bytes = [], {}, 0
+        total = 2 * len(train) + 1
+        step = progress or (lambda advance, total: None)
+        keys: dict[int, bytes] = {}
         for i in train:
-            d = self.dense_rootsift(load(images[i]))
+            image = load(images[i])
+            keys[i] = _image_key(image)
+            d = self.dense_rootsift(image)
+            step(1, total)
             take = rng.choice(len(d), min(len(d), self.conf["samples_per_image"]), replace=False)
             samples.append(d[np.sort(take)])
             if kept_bytes + d.nbytes <= TRAIN_CACHE_BYTES:  # spares a second pass for the PCA
@@ -152,9 +163,15 @@ class DenseVLAD(GlobalExtractor):
 
         km = faiss.Kmeans(128, k, niter=self.conf["kmeans_iters"], seed=self.conf["seed"], verbose=False)
         km.train(data)
+        step(1, total)
         centroids = km.centroids.astype(np.float32)
-        vlads = np.stack([vlad(kept[i] if i in kept else self.dense_rootsift(load(images[i])), centroids)
-                          for i in train])
+        rows = []
+        for i in train:
+            rows.append(vlad(kept[i] if i in kept else self.dense_rootsift(load(images[i])), centroids))
+            if (len(self._learned) + 1) * rows[-1].nbytes <= LEARNED_VLAD_BYTES:
+                self._learned[keys[i]] = rows[-1]
+            step(1, total)
+        vlads = np.stack(rows)
         del kept
         mean = vlads.mean(axis=0)
         dim = self.conf["pca_dim"]
@@ -171,7 +188,9 @@ class DenseVLAD(GlobalExtractor):
     def extract(self, image: LoadedImage) -> np.ndarray:
         if self.model is None:
             raise CbirError("DenseVLAD model missing: call prepare() (cbir extract does)")
-        v = vlad(self.dense_rootsift(image), self.model["centroids"])
+        v = self._learned.pop(_image_key(image), None) if self._learned else None
+        if v is None:
+            v = vlad(self.dense_rootsift(image), self.model["centroids"])
         if not len(self.model["pca_components"]):
             return v
         # the PCA projection from exact products: whitening divides by the square roots of
@@ -188,6 +207,12 @@ class DenseVLAD(GlobalExtractor):
             self._sliced = (self.model, exact.slice_rows(torch.from_numpy(
                 self.model["pca_components"].astype(np.float32))))
         return self._sliced[1]
+
+
+def _image_key(image: LoadedImage) -> bytes:
+    """Identifies an image's pixels (its shape and a 128-bit BLAKE2b digest of its bytes)."""
+    a = np.ascontiguousarray(image.array)
+    return hashlib.blake2b(a.tobytes(), digest_size=16, person=str(a.shape).encode()[:16]).digest()
 
 
 def model_digest(model: dict[str, np.ndarray]) -> str:

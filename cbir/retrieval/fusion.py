@@ -38,8 +38,7 @@ import torch
 
 from .. import exact
 from ..errors import CbirError
-
-ALIASES = {"generalized_harmonic_mean": "gharm", "maximum": "max", "minimum": "min"}
+from .names import ALIASES, FUSIONS
 
 
 @dataclass(frozen=True)
@@ -164,6 +163,7 @@ METHODS: dict[str, Callable[[list[torch.Tensor], FusionConf], torch.Tensor] | No
     "max": lambda sims, conf: _reduce(sims, torch.maximum),
     "round_robin": None,  # rank-based: see search.py
 }
+assert tuple(METHODS) == FUSIONS, "cbir.retrieval.names.FUSIONS lists the operators of METHODS"
 
 
 def fuse(sims: list[torch.Tensor], conf: FusionConf) -> torch.Tensor:

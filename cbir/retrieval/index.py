@@ -32,13 +32,13 @@ from ..io.index_file import IndexBytes, index_bytes, read_index_attrs, read_inde
 from ..io.pairs import Pair
 from ..io.provenance import differences, digest_names
 from .fusion import fuse, nan_last
+from .names import INDEX_KINDS
 from .search import DescriptorSet, RetrievalConf, StepClock, bounded, error_bound, exact_scores, intra_op_threads, \
     pairs_from_topk, ranked, read_ahead, retrieve
 
 if TYPE_CHECKING:
     import faiss
 
-INDEX_KINDS = ("flat", "ivf", "ivfpq", "lsh")
 #: ivfpq: maps of this many images get 4-bit fast-scan codes (39 training points for each
 #: of 16 centroids); smaller ones fewer-bit classic codes
 FAST_SCAN_MIN_IMAGES = 16 * 39
@@ -219,6 +219,38 @@ def _factory(kind: str, dim: int, n: int, conf: IndexConf) -> faiss.Index:
     raise CbirError(f"unknown index {kind!r} (known: {', '.join(INDEX_KINDS)})")
 
 
+#: faiss's default wish of training points per centroid (its ClusteringParameters)
+FAISS_POINTS_PER_CENTROID = 39
+
+
+def _quiet_clustering(index: faiss.Index) -> None:
+    """No faiss line per k-means ("please provide at least N training points": one for each of
+    an ivfpq's sub-quantizers, a thousand on a small map); :func:`sparse_training` says it
+    once. Only that warning depends on this threshold: the training is the same."""
+    import faiss
+
+    if isinstance(index, faiss.IndexIVF):
+        index.cp.min_points_per_centroid = 1
+    if isinstance(getattr(index, "pq", None), faiss.ProductQuantizer):
+        index.pq.cp.min_points_per_centroid = 1
+
+
+def sparse_training(kind: str, n: int, conf: IndexConf) -> str | None:
+    """One line when the ``kind`` index of ``n`` images trains its quantizers on fewer points
+    than faiss asks (39 a centroid), else None."""
+    if kind not in ("ivf", "ivfpq"):
+        return None
+    trained = min(n, conf.train_size)
+    nlist = conf.nlist or max(1, min(n // FAISS_POINTS_PER_CENTROID, int(4 * np.sqrt(n))))
+    centroids = max(nlist, 16 if kind == "ivfpq" and n >= FAST_SCAN_MIN_IMAGES else
+                    2 ** _small_map_bits(n) if kind == "ivfpq" else 1)
+    wanted = centroids * FAISS_POINTS_PER_CENTROID
+    if trained >= wanted:
+        return None
+    return (f"the {kind} quantizers ({centroids} centroids) are trained on {trained} images, where faiss asks "
+            f"for {wanted}: on a map this small, --index flat (or exact search) is exact and as fast")
+
+
 def build_indexes(database: DescriptorSet, conf: IndexConf, device: torch.device) -> list[faiss.Index]:
     """One trained and filled index per descriptor, streaming the map in chunks."""
     n = len(database.names)
@@ -227,6 +259,7 @@ def build_indexes(database: DescriptorSet, conf: IndexConf, device: torch.device
     indexes = []
     for j, dim in enumerate(database.dims):
         index = _factory(conf.kind, dim, n, conf)
+        _quiet_clustering(index)
         if not index.is_trained:
             index.train(database.take(train_rows, device)[j].cpu().numpy())
         for s in range(0, n, conf.chunk):

@@ -41,9 +41,9 @@ from ..io.store import Store, open_store
 from ..devices import Uploader, exact_float32, memory_budget
 from ..validate import check_integer, check_number
 from .fusion import FusionConf, fuse, nan_last, normalized_weights, restore_nan
+from .names import PRECISIONS
 
 T, R = TypeVar("T"), TypeVar("R")
-PRECISIONS = ("fp32", "fp16", "bf16")
 #: fusions that never decrease when one similarity grows (on their domain): an upper bound of
 #: every similarity then bounds the fused score, which half precision's exactness rests on
 MONOTONE = frozenset({"gharm", "mean", "min", "max", "mean_and_min", "min_and_max"})
