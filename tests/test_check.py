@@ -56,6 +56,16 @@ def test_broken_sensor_file_is_reported_with_its_line(sample_dataset):
     assert "trajectories.txt:3: quaternion is not a rotation" in p
 
 
+def test_every_broken_sensor_file_is_reported_in_one_run(sample_dataset):
+    """One broken file does not hide the others: each is read on its own (issue 26)."""
+    sensors = sample_dataset / "sensors"
+    for name, line in (("sensors.txt", "oops"), ("records_camera.txt", "x, y"), ("trajectories.txt", "a, b")):
+        (sensors / name).write_text((sensors / name).read_text() + line + "\n")
+    problems = [str(p) for p in _problems(sample_dataset)]
+    assert [p.split(":")[1].strip().rsplit("/", 1)[-1] for p in problems] == \
+        ["sensors.txt", "records_camera.txt", "trajectories.txt"], problems
+
+
 def test_nan_in_local_features(sample_dataset):
     with h5py.File(sample_dataset / "cbir/local/sample.h5", "a") as f:
         f["keypoints"][6] = [np.nan, 1.0]

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from cbir import __version__
 from cbir.cli import main
+from cbir.errors import CbirError
 
 
 def run(*args: str):
@@ -164,6 +165,33 @@ def test_light_commands_import_no_heavy_library(argv):
     assert proc.returncode == 0, proc.stderr
     heavy = proc.stdout.strip().splitlines()[-1]
     assert heavy == "[]", heavy
+
+
+def test_every_help_imports_no_heavy_library():
+    """`--help` of every command and subcommand imports neither torch, pycolmap, faiss nor
+    TensorFlow, so that it shows in a fraction of a second (issue 26)."""
+    code = ("import contextlib, io, sys\nimport click\nfrom cbir.cli import COMMANDS, main\n"
+            "def run(argv):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        try:\n            main(argv + ['--help'])\n"
+            "        except SystemExit as e:\n            assert not e.code, (argv, e.code)\n"
+            "for name in sorted(COMMANDS):\n    run([name])\n"
+            "    command = main.get_command(None, name)\n"
+            "    for sub in (command.commands if isinstance(command, click.Group) else ()):\n"
+            "        run([name, sub])\n"
+            "print(sorted(m for m in ('torch', 'pycolmap', 'faiss', 'tensorflow') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_global_flags_after_the_subcommand(sample_dataset):
+    """`-q` and `--debug` work after the subcommand as before it."""
+    quiet = CliRunner().invoke(main, ["info", str(sample_dataset), "-q"])
+    assert quiet.exit_code == 0, quiet.output
+    r = CliRunner().invoke(main, ["match", "--query", str(sample_dataset), "--pairs", "-", "--local", "nope",
+                                  "--debug"], input="left/000.png, left/001.png\n")
+    assert r.exit_code == 1 and isinstance(r.exception, CbirError)  # --debug: raised, not printed
 
 
 def test_local_extraction_does_not_import_ray(sample_dataset):

@@ -234,6 +234,19 @@ def test_match_reports_unknown_images_and_refuses_foreign_features(odd_images, t
     code, _, err = cbir("match", "--query", other, "--map", odd_images, "--pairs", tmp_path / "p.txt",
                         "--local", "sift", ok=False)
     assert code == 1 and "another extractor configuration" in err and len(err.strip().splitlines()) == 1
+    assert 'extractor: "sift" -> "rootsift"; root: false -> true' in err  # the keys that differ, named
+    # a keypoint budget is no other description: matched, as hloc does
+    cbir("extract", other, "--local", "sift", "--max-keypoints", "50", "--overwrite")
+    _, out, _ = cbir("match", "--query", other, "--map", odd_images, "--pairs", tmp_path / "p.txt", "--local", "sift",
+                     "--json")
+    assert json.loads(out)["matched"] == 3  # of two datasets: a pair of same-named images is no self-pair
+
+
+def test_the_cli_names_every_extractor_of_the_registries():
+    """EXTRACTOR_NAMES (what --help lists without importing torch) is the registries' names."""
+    from cbir.models import EXTRACTOR_NAMES, GLOBAL_EXTRACTORS, LOCAL_EXTRACTORS
+
+    assert EXTRACTOR_NAMES == {"local": tuple(sorted(LOCAL_EXTRACTORS)), "global": tuple(sorted(GLOBAL_EXTRACTORS))}
 
 
 def test_extract_errors_are_one_line(sample_dataset, tmp_path):

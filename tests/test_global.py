@@ -50,10 +50,14 @@ def test_densevlad_needs_a_model_and_refuses_another_configuration(tmp_path):
     with pytest.raises(CbirError, match="pass --model .*or --learn"):  # a model is learned only when asked
         DenseVLAD({"clusters": 8, "step": 8}).prepare(tmp_path / "dv.h5", sorted(images), images.__getitem__)
     ex = DenseVLAD({"clusters": 8, "step": 8, "learn": True})
-    ex.prepare(tmp_path / "dv.h5", sorted(images), images.__getitem__)
+    steps: list[tuple[int, int]] = []
+    ex.prepare(tmp_path / "dv.h5", sorted(images), images.__getitem__, progress=lambda a, t: steps.append((a, t)))
+    assert steps == [(1, 7)] * 7  # each image sampled, the k-means, each image described
     model = tmp_path / "dv.model.h5"
     assert model.exists() and ex.descriptor_dim == 8 * 128  # 3 images < pca_dim: no PCA
+    assert len(ex._learned) == 3  # the VLADs of the learning, kept for the extraction
     d = ex.extract(images["0.png"])
+    assert len(ex._learned) == 2  # taken, not described again: `again` below describes it, bit for bit
     assert d.shape == (1024,) and abs(np.linalg.norm(d) - 1) < 1e-5
     again = DenseVLAD({"clusters": 8, "step": 8, "model": str(model)})
     np.testing.assert_array_equal(again.extract(images["0.png"]), d)

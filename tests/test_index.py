@@ -236,3 +236,13 @@ def test_an_index_rebuilt_while_it_is_loaded_is_read_from_its_new_build(tmp_path
         monkeypatch.setattr(index_mod, "read_index_attrs", lambda p: next(reads, None) or read_index_attrs(p))
         (kept,) = load_indexes(path, mset, conf)
         assert kept.ntotal == 40
+
+
+def test_sparse_training_is_one_warning_not_a_line_per_kmeans(sample_dataset, capfd):
+    """An ivfpq of 3 images: faiss would print "please provide at least N training points"
+    once per k-means (one per sub-quantizer); cbir says it once (issue 26)."""
+    r = run("index", "build", sample_dataset, "--global", "sample", "--index", "ivfpq")
+    assert r.exit_code == 0, r.output
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "trained on 3 images, where faiss asks for 78" in warnings[0], r.stderr
+    assert "please provide" not in capfd.readouterr().err

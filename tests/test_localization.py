@@ -21,6 +21,7 @@ from cbir.geometry.cameras import Camera
 from cbir.geometry.colmap_options import paper_config
 from cbir.geometry.postprocess import estimate_rig, interpolate, interpolate_sequences, propagate_rigs
 from cbir.geometry.poses import Pose
+from cbir.io.pairs import read_pairs
 from cbir.io.sensors import ImageRecord, SensorData
 from cbir.io.store import open_store
 from cbir.localize import QueryResult, correspondences, estimate_one, query_camera
@@ -265,6 +266,73 @@ def test_step_commands_and_bad_queries(sceaux_run):
     code, _, err = cbir("localize", "--query", q, "--map", m, "--pairs", sceaux_run / "partial.txt", "--local",
                         "sift", "--matches", "sift-query", "--conf", "nonsense=1", ok=False)
     assert code == 1 and "unknown localization option" in err
+
+
+@pytest.mark.slow
+def test_inputs_that_do_not_belong_together_exit_1(sceaux_run):
+    """A result that would be empty because the pairs, matches, results or ground truth belong
+    to other data exits 1 with one line, and writes nothing; partial overlap is a warning with
+    the counts in the JSON (issue 26)."""
+    cbir("pipeline", sceaux_run / "pipe.toml", "--json")
+    q, m, gt = sceaux_run / "query", sceaux_run / "mapping", sceaux_run / "query_gt"
+    query_pairs = q / "cbir" / "pairs" / "densevlad_top5.txt"
+    foreign = sceaux_run / "strecha_pairs.txt"  # another dataset's names
+    foreign.write_text("0001.jpg, 0000.jpg, 0.9\n0004.jpg, 0002.jpg, 0.8\n")
+    matches_dir = q / "cbir" / "matches"
+    before = sorted(p.name for p in matches_dir.iterdir())
+
+    def refused(*args: object) -> str:
+        code, _, err = cbir(*args, ok=False)
+        assert code == 1 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+        return err
+
+    assert "none of the 2 pairs can be matched" in refused("match", "--query", q, "--map", m, "--pairs", foreign,
+                                                           "--local", "sift")
+    swapped = refused("match", "--query", m, "--map", q, "--pairs", query_pairs, "--local", "sift", "--name", "x")
+    assert "is not an image of" in swapped and "--query (first image)" in swapped
+    map_pairs = m / "cbir" / "pairs" / "densevlad_map.txt"
+    refused("match", "--query", q, "--map", m, "--pairs", map_pairs, "--local", "sift", "--name", "y")
+    assert sorted(p.name for p in matches_dir.iterdir()) == before  # no empty store written
+    # some pairs of other images: matched, with a warning and the counts
+    mixed = sceaux_run / "mixed.txt"
+    mixed.write_text(query_pairs.read_text() + foreign.read_text())
+    _, out, err = cbir("match", "--query", q, "--map", m, "--pairs", mixed, "--local", "sift", "--json")
+    summary = json.loads(out)
+    assert summary["pairs"] == 17 and summary["skipped_count"] == 2 and summary["matched"] == 15
+    assert "warning: 2 of 17 pairs skipped" in err
+    # localize: another dataset's pairs, map pairs as query pairs, pairs the store never matched
+    loc = ["localize", "--query", q, "--map", m, "--local", "sift", "--matches", "sift-query", "--name", "t"]
+    assert "none of the 2 pairs names a query image" in refused(*loc, "--pairs", foreign)
+    refused(*loc, "--pairs", map_pairs)
+    top8 = sceaux_run / "top8.txt"
+    cbir("retrieve", "--query", q, "--map", m, "--global", "densevlad", "--topk", "8", "-o", top8)
+    matched = {(p.query, p.map) for p in read_pairs(query_pairs)}
+    other = sceaux_run / "other.txt"  # pairs of images of the datasets that the store never matched
+    other.write_text("".join(f"{p.query}, {p.map}\n" for p in read_pairs(top8) if (p.query, p.map) not in matched))
+    err = refused(*loc, "--pairs", other)
+    assert "holds none of the 9 pairs" in err and "cbir match --query" in err
+    assert not (q / "cbir" / "localization" / "t").exists()
+    # top-8 pairs with top-5 matches: localized with the matched ones, and said so
+    _, out, err = cbir(*loc, "--pairs", top8, "--json")
+    result = json.loads(out)
+    assert result["skipped_pairs"] == {"foreign": 0, "unmatched": 9} and result["localized"] == 3
+    assert "9 of 24 pairs are not in the matches store" in err
+    # evaluate: a ground truth without the results' queries; pairs of another dataset
+    assert "none of the 3 queries of the results t has a ground-truth pose" in \
+        refused("evaluate", "--query", q, "--results", "t", "--gt", m)
+    assert "none of the 2 queries of the pairs has a ground truth" in \
+        refused("evaluate", "--retrieval", "--pairs", foreign, "--query-gt", gt, "--map", m)
+    _, out, err = cbir("evaluate", "--retrieval", "--pairs", query_pairs, "--query-gt", gt, "--map", m)
+    assert "not shown: k = 10, 20" in out and "mAP: the mean average precision" in out
+    assert "no localization result yet: run cbir localize" in refused("evaluate", "--query", m, "--gt", gt)
+    # export vlnet: a query dataset's poses are its results
+    assert "no pose to export in sensors/trajectories.txt" in refused("export", "vlnet", q, "-o", sceaux_run / "s.txt")
+    assert not (sceaux_run / "s.txt").exists()
+    cbir("export", "vlnet", q, "-o", sceaux_run / "s.txt", "--results", "t", "--basename")
+    assert len((sceaux_run / "s.txt").read_text().splitlines()) == 3
+    # a map name that is not there: the maps there are, and the command that makes one
+    err = refused(*loc, "--pairs", query_pairs, "--map-name", "sfit")
+    assert "file not found (map stores there: sift); make it with cbir map" in err
 
 
 @pytest.mark.slow

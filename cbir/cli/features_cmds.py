@@ -15,7 +15,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 
 from ..errors import CbirError
 from ..io.pairs import exhaustive_pairs, read_pairs, write_pairs
-from ..matching.verify import VERIFY_METHODS
+from ..matching import VERIFY_METHODS
 from ..models import EXTRACTOR_NAMES
 from ..validate import unknown_names
 from ._common import (console_err, dataset_argument, follow_symlinks_option, is_quiet, open_dataset, print_json,

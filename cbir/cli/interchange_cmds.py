@@ -6,13 +6,19 @@ from pathlib import Path
 
 import click
 
-from ..io import interchange
 from ._common import dataset_argument, follow_symlinks_option, is_quiet, open_dataset, report_written
 
 image_mode_option = click.option(
     "--images", "image_mode", type=click.Choice(["copy", "link", "skip"]), default="copy", show_default=True,
     help="Copy the images, link their directory, or leave them out.")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+
+
+def _interchange():
+    """cbir.io.interchange, imported when a command runs (it loads pycolmap; --help does not)."""
+    from ..io import interchange
+
+    return interchange
 
 
 @click.group("import")
@@ -31,7 +37,7 @@ def import_kapture(ctx: click.Context, src: Path, dst: Path | None, image_mode: 
 
     Without DST the stores are added to SRC itself (under SRC/cbir/).
     """
-    written = interchange.import_kapture(src, dst, images=image_mode, overwrite=overwrite)  # type: ignore[arg-type]
+    written = _interchange().import_kapture(src, dst, images=image_mode, overwrite=overwrite)  # type: ignore[arg-type]
     report_written(written, is_quiet(ctx))
 
 
@@ -46,7 +52,7 @@ def import_kapture(ctx: click.Context, src: Path, dst: Path | None, image_mode: 
 def import_colmap(ctx: click.Context, model: Path, dst: Path, image_dir: str | None, image_mode: str, name: str,
                   overwrite: bool) -> None:
     """A COLMAP sparse model (text or binary) into a dataset DST: cameras, poses, points."""
-    written = interchange.import_colmap(model, dst, images_dir=image_dir, images=image_mode,  # type: ignore
+    written = _interchange().import_colmap(model, dst, images_dir=image_dir, images=image_mode,  # type: ignore
                                         name=name, overwrite=overwrite)
     report_written(written, is_quiet(ctx))
 
@@ -63,7 +69,7 @@ def import_hloc(ctx: click.Context, dataset: Path, features: str | None, matches
     """hloc feature and match files into DATASET's stores."""
     if not features and not matches:
         raise click.UsageError("give --features and/or --matches")
-    written = interchange.import_hloc(open_dataset(dataset), features=features, matches=matches, name=name,
+    written = _interchange().import_hloc(open_dataset(dataset), features=features, matches=matches, name=name,
                                       overwrite=overwrite)
     report_written(written, is_quiet(ctx))
 
@@ -74,7 +80,7 @@ def import_hloc(ctx: click.Context, dataset: Path, features: str | None, matches
 @click.pass_context
 def import_vlnet(ctx: click.Context, submission: Path, dataset: Path) -> None:
     """Poses of a visuallocalization.net SUBMISSION into DATASET's trajectories."""
-    report_written(interchange.import_vlnet(submission, open_dataset(dataset)), is_quiet(ctx))
+    report_written(_interchange().import_vlnet(submission, open_dataset(dataset)), is_quiet(ctx))
 
 
 @click.group("export")
@@ -104,7 +110,7 @@ def export_kapture(ctx: click.Context, dataset: Path, dst: Path, local: tuple[st
         stores = ds.list_stores()
         local, global_, matches = (tuple(p.stem for p in stores[k]) for k in ("local", "global", "matches"))
         maps = [p.stem for p in stores["map"]][:1]
-    written = interchange.export_kapture(ds, dst, local=list(local), global_=list(global_), matches=list(matches),
+    written = _interchange().export_kapture(ds, dst, local=list(local), global_=list(global_), matches=list(matches),
                                          maps=maps, images=image_mode, inliers_only=inliers_only)  # type: ignore
     report_written(written, is_quiet(ctx))
 
@@ -122,7 +128,7 @@ def export_colmap(ctx: click.Context, dataset: Path, out: Path, binary: bool, ma
     ds = open_dataset(dataset)
     if map_ and not local:
         local = _map_local(ds, map_)
-    report_written(interchange.export_colmap(ds, out, binary=binary, map_name=map_, local=local), is_quiet(ctx))
+    report_written(_interchange().export_colmap(ds, out, binary=binary, map_name=map_, local=local), is_quiet(ctx))
 
 
 def _map_local(ds, map_name: str) -> str:
@@ -142,7 +148,7 @@ def export_hloc(ctx: click.Context, dataset: Path, local: str, features_out: str
     """DATASET's stores as hloc feature and match files."""
     if bool(matches) != bool(matches_out):
         raise click.UsageError("--matches and --matches-out go together")
-    written = interchange.export_hloc(open_dataset(dataset), local, features_out=features_out, matches=matches,
+    written = _interchange().export_hloc(open_dataset(dataset), local, features_out=features_out, matches=matches,
                                       matches_out=matches_out)
     report_written(written, is_quiet(ctx))
 
@@ -156,5 +162,5 @@ def export_hloc(ctx: click.Context, dataset: Path, local: str, features_out: str
 @click.pass_context
 def export_vlnet(ctx: click.Context, dataset: Path, output: Path, basename: bool, results_name: str | None) -> None:
     """DATASET's image poses (or a localization result's) in the visuallocalization.net format."""
-    report_written(interchange.export_vlnet(open_dataset(dataset), output, basename=basename, results=results_name),
+    report_written(_interchange().export_vlnet(open_dataset(dataset), output, basename=basename, results=results_name),
                    is_quiet(ctx))

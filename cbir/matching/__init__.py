@@ -8,10 +8,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+#: how matches are verified (:mod:`cbir.matching.verify`): RANSAC over E, F and H (pycolmap's
+#: two-view geometry), or the known epipolar geometry of two posed images (``known_poses``;
+#: RANSAC for pairs without); named here so that the CLI lists them without pycolmap
+VERIFY_METHODS = ("ransac", "poses")
+
 _WHERE = {"MatcherConf": "nearest_neighbor", "PairBatch": "nearest_neighbor", "match_descriptors": "nearest_neighbor",
           "VerifyConf": "verify", "verify_pair": "verify"}
 
-__all__ = sorted(_WHERE)
+__all__ = sorted([*_WHERE, "VERIFY_METHODS"])
 
 
 def __getattr__(name: str) -> Any:

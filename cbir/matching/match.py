@@ -120,8 +120,8 @@ def check_compatible(a: Store, b: Store) -> None:
     ca, cb = ({k: v for k, v in s.config.items() if k not in BUDGET_KEYS} for s in (a, b))
     if ca != cb:
         diffs = differences(cb, ca)
-        raise CbirError(f"features of another extractor configuration than {b.path} ({'; '.join(diffs)}, as "
-                        "map -> here): extract both datasets with the same options", a.path)
+        raise CbirError(f"features of another extractor configuration than {b.path} (there -> here: "
+                        f"{'; '.join(diffs)}): extract both datasets with the same options", a.path)
 
 
 def plan_pairs(pairs: list[Pair], same_dataset: bool) -> tuple[list[tuple[str, str]], int, list[tuple[str, str]]]:

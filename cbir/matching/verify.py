@@ -17,15 +17,13 @@ from ..errors import CbirError
 from ..geometry.cameras import CAMERA_MODELS, Camera
 from ..io.colmap import COLMAP_PIXEL_OFFSET, pycolmap_camera
 from ..validate import check_integer, check_number
+from . import VERIFY_METHODS  # re-exported: cbir.matching.verify.VERIFY_METHODS
 
 UNDEFINED = int(pycolmap.TwoViewGeometryConfiguration.UNDEFINED)
 #: fewer matches than this cannot define any two-view model (the 5-point solver needs 5)
 MIN_MATCHES_FOR_MODEL = 5
 
 
-#: how matches are verified: RANSAC over E, F and H (pycolmap's two-view geometry), or the
-#: known epipolar geometry of two posed images (``known_poses``; RANSAC for pairs without)
-VERIFY_METHODS = ("ransac", "poses")
 
 
 @dataclass(frozen=True)
