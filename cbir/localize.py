@@ -35,6 +35,7 @@ from .geometry.poses import Pose, rotmat_to_qvec
 from .io.atomic import atomic_output
 from .io.colmap import COLMAP_PIXEL_OFFSET
 from .io.dataset import Dataset, check_store_name
+from .io.images import exif_focal_px
 from .io.kapture_text import format_trajectories
 from .io.map_store import read_map
 from .io.pairs import Pair, pairs_digest, read_pairs_record
@@ -108,20 +109,6 @@ def query_camera(cam: Camera | None, width: int, height: int, image_path: Path |
     known = f is not None
     f = f or 1.2 * max(width, height)
     return Camera("SIMPLE_RADIAL", width, height, (f, width / 2, height / 2, 0.0)), known
-
-
-def exif_focal_px(path: Path, width: int, height: int) -> float | None:
-    """Focal length in pixels from EXIF FocalLengthIn35mmFilm (the 36 mm frame width maps to
-    the longest image edge), read with Pillow; None when the image has no such tag."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            exif = im.getexif().get_ifd(0x8769)
-            f35 = exif.get(0xA405)  # FocalLengthIn35mmFilm
-    except (OSError, ValueError, AttributeError):
-        return None
-    return float(f35) / 36.0 * max(width, height) if f35 else None
 
 
 def correspondences(match_lists: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +88,41 @@ def test_example_report_opens_in_a_browser(example_run, browser):
                                   ".slice(1).map(r => [r.cells[0].textContent, r.cells[1].textContent])")
     assert rows == [["all", "5"], ["odd", "2"]]
     assert "localization time (s)" in browser.execute_script("return document.getElementById('config').textContent")
+    # what the metrics count, under their table; curves from a decade to a decade, starting right
+    # of the y axis; the 3D view says how an estimate shows at millimetre errors
+    summary = browser.execute_script("return document.getElementById('summary').textContent")
+    assert "mAP: the mean average precision over every correct map image" in summary
+    ranges = browser.execute_script("return ['curve-t', 'curve-r'].map(id => "
+                                    "document.getElementById(id).layout.xaxis.range)")
+    for lo, hi in ranges:
+        first = math.ceil(lo)  # the first decade, 4% of the span right of the axis
+        assert float(hi).is_integer() and first - lo == pytest.approx(0.04 * (hi - first))
+    assert "green ring" in browser.execute_script("return document.getElementById('scene-legend').textContent")
+
+
+@pytest.mark.slow
+def test_the_python_api_example_runs_the_steps_as_the_pipeline(example_run):
+    """examples/python_api.py (the README's Python walk-through) on the example's output: every
+    query localized, and the map it triangulates is the pipeline's, point for point."""
+    from cbir.io.map_store import read_map
+
+    scene, _ = example_run
+    spec = importlib.util.spec_from_file_location("python_api", EXAMPLES / "python_api.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    accuracy = module.run(scene)
+    assert accuracy["queries"] == 5 and accuracy["within"] == [1.0, 1.0, 1.0]
+    ours, pipeline = (read_map(scene / "mapping" / "cbir" / "map" / f"{name}.h5") for name in ("api", "sift"))
+    np.testing.assert_array_equal(ours.points, pipeline.points)
+
+
+@pytest.mark.slow
+def test_the_readme_python_snippet_runs_on_the_example(example_run):
+    """The README's "Reading what they wrote" snippet, as printed, on the example's output."""
+    readme = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    part = readme[readme.index("Reading what they wrote"):]
+    code = part[part.index("```python") + len("```python"):]
+    code = code[:code.index("```")].replace("examples/_out/scene", str(example_run[0])).replace("...", "pass")
+    names: dict = {}
+    exec(compile(code, "README.md", "exec"), names)
+    assert names["kp"].shape[1] == 2 and names["points"].shape[1] == 3 and len(names["poses"]) == 12

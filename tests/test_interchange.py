@@ -242,3 +242,47 @@ def test_vlnet_bad_lines(tmp_path, sceaux):
     p.write_text("100_7102.jpg 1 0 0 0 1 2\n")
     with pytest.raises(FormatError, match=r"s.txt:1: expected 8 fields"):
         interchange.import_vlnet(p, Dataset(sceaux / "query"))
+
+
+def test_an_image_folder_becomes_a_dataset_with_exif_cameras(tmp_path):
+    """`cbir import images`: one record per image in name order; images whose EXIF gives a
+    focal length share a SIMPLE_RADIAL camera per make, model, focal and size, the others
+    get an UNKNOWN_CAMERA each; other files and links are skipped and reported (issue 26)."""
+    from PIL import Image
+
+    src = tmp_path / "photos"
+    (src / "day").mkdir(parents=True)
+
+    def save(name: str, size: tuple[int, int], make: str | None = None, f35: int | None = None) -> None:
+        exif = Image.Exif()
+        if make:
+            exif[0x010F], exif[0x0110] = make, "Model X\x00"
+        if f35:
+            exif.get_ifd(0x8769)[0xA405] = f35
+        Image.new("RGB", size, (90, 120, 200)).save(src / name, exif=exif)
+
+    save("a.jpg", (640, 480), "Canon", 28)
+    save("day/b.jpg", (640, 480), "Canon", 28)  # the same camera
+    save("c.jpg", (640, 480), "Canon", 50)  # another focal length
+    save("d.jpg", (320, 240))  # no EXIF
+    (src / "notes.txt").write_text("not an image")
+    (src / ".hidden.jpg").write_bytes(b"")
+    (src / "link.jpg").symlink_to(src / "a.jpg")
+    report = interchange.import_images(src, tmp_path / "ds")
+    assert (report.images, report.exif_cameras, report.exif_images, report.unknown_images) == (4, 2, 3, 1)
+    assert {f for f, _ in report.skipped} == {"notes.txt", "link.jpg"}
+    data = read_sensor_data(tmp_path / "ds")
+    assert [(r.timestamp, r.name) for r in data.records] == [(0, "a.jpg"), (1, "c.jpg"), (2, "d.jpg"),
+                                                             (3, "day/b.jpg")]
+    cam = {r.name: data.sensors[r.camera_id] for r in data.records}
+    assert cam["a.jpg"] is cam["day/b.jpg"] and cam["a.jpg"].name == "Canon Model X"
+    assert cam["a.jpg"].model == "SIMPLE_RADIAL" and cam["a.jpg"].params == (28 / 36 * 640, 320.0, 240.0, 0.0)
+    assert cam["c.jpg"].params[0] == 50 / 36 * 640
+    assert (cam["d.jpg"].model, cam["d.jpg"].width, cam["d.jpg"].height) == ("UNKNOWN_CAMERA", 320, 240)
+    assert filecmp.cmp(src / "day" / "b.jpg", tmp_path / "ds" / "sensors" / "records_data" / "day" / "b.jpg")
+    with pytest.raises(CbirError, match="already a dataset"):
+        interchange.import_images(src, tmp_path / "ds")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CbirError, match="no image to import"):
+        interchange.import_images(tmp_path / "empty", tmp_path / "ds2")
+    assert not (tmp_path / "ds2" / "sensors").exists()

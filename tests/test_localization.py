@@ -336,6 +336,26 @@ def test_inputs_that_do_not_belong_together_exit_1(sceaux_run):
 
 
 @pytest.mark.slow
+def test_queries_from_a_plain_image_folder_are_localized(sceaux_run, tmp_path):
+    """An hloc user's start: a folder of photos (`cbir import images`, no intrinsics in them),
+    then the steps against a kapture map: every query localized, within 5 m and 10 degrees."""
+    cbir("pipeline", sceaux_run / "pipe.toml", "--json")
+    m, folder, ds = sceaux_run / "mapping", tmp_path / "photos", tmp_path / "queries"
+    shutil.copytree(sceaux_run / "query" / "sensors" / "records_data", folder)
+    _, out, _ = cbir("import", "images", folder, ds, "--json")
+    assert json.loads(out)["unknown_camera_images"] == 3  # these photos carry no focal length
+    cbir("extract", ds, "--local", "sift", "--max-keypoints", "4000", "--global", "densevlad",
+         "--model", m / "cbir" / "global" / "densevlad.model.h5")
+    cbir("retrieve", "--query", ds, "--map", m, "--global", "densevlad", "--topk", "5", "-o", ds / "pairs.txt")
+    cbir("match", "--query", ds, "--map", m, "--pairs", ds / "pairs.txt", "--local", "sift", "--verify")
+    _, out, _ = cbir("localize", "--query", ds, "--map", m, "--pairs", ds / "pairs.txt", "--local", "sift",
+                     "--matches", "sift-pairs", "--json")
+    assert json.loads(out)["localized"] == 3
+    _, out, _ = cbir("evaluate", "--query", ds, "--gt", sceaux_run / "query_gt", "--json")
+    assert json.loads(out)["conditions"]["all"]["within"][2] == 1.0
+
+
+@pytest.mark.slow
 def test_pipeline_reruns_like_a_build_tool(sceaux_run):
     toml = sceaux_run / "pipe.toml"
     q, m = sceaux_run / "query", sceaux_run / "mapping"

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from ._common import dataset_argument, follow_symlinks_option, is_quiet, open_dataset, report_written
+from ._common import (console_err, dataset_argument, follow_symlinks_option, is_quiet, open_dataset, print_json,
+                      print_skipped, report_written)
 
 image_mode_option = click.option(
     "--images", "image_mode", type=click.Choice(["copy", "link", "skip"]), default="copy", show_default=True,
@@ -24,6 +25,37 @@ def _interchange():
 @click.group("import")
 def import_group() -> None:
     """Make cbir datasets and stores from other tools' files."""
+
+
+@import_group.command("images")
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("dataset", type=click.Path(file_okay=False, path_type=Path))
+@image_mode_option
+@overwrite_option
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@click.pass_context
+def import_images(ctx: click.Context, src: Path, dataset: Path, image_mode: str, overwrite: bool,
+                  as_json: bool) -> None:
+    """A folder of images SRC (subfolders too) as the dataset DATASET, with cameras from EXIF.
+
+    Images whose EXIF gives a focal length (FocalLengthIn35mmFilm) share a SIMPLE_RADIAL
+    camera per make, model, focal length and size; the others get an UNKNOWN_CAMERA each
+    (cbir localize estimates its focal length). Files that are not images are skipped and
+    reported. A map needs poses besides (sensors/trajectories.txt: import a COLMAP model or a
+    kapture dataset for one); a query dataset needs none.
+    """
+    report = _interchange().import_images(src, dataset, images=image_mode, overwrite=overwrite)  # type: ignore
+    quiet = is_quiet(ctx)
+    print_skipped("skipped", report.skipped, report.images + len(report.skipped), "files")
+    if as_json:
+        print_json({"dataset": str(dataset), "images": report.images, "exif_cameras": report.exif_cameras,
+                    "exif_images": report.exif_images, "unknown_camera_images": report.unknown_images,
+                    "skipped": [{"file": f, "reason": r} for f, r in report.skipped]})
+    elif not quiet:
+        console_err().print(f"{report.images} images: {report.exif_images} with an EXIF focal length "
+                            f"({report.exif_cameras} cameras), {report.unknown_images} without (UNKNOWN_CAMERA)",
+                            highlight=False)
+    report_written(report.written, quiet or as_json)
 
 
 @import_group.command("kapture")

@@ -116,3 +116,54 @@ def read_image(path: str | os.PathLike, *, grayscale: bool = False, max_size: in
         image = cv2.resize(image, (nw, nh), interpolation=interpolation)
         scale = (nw / w, nh / h)
     return LoadedImage(np.ascontiguousarray(image), (w, h), scale)
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header says: its stored size and the EXIF tags that name its
+    camera (Make, Model, FocalLengthIn35mmFilm; None when absent)."""
+
+    width: int
+    height: int
+    make: str | None = None
+    model: str | None = None
+    focal_35mm: float | None = None
+
+    @property
+    def focal_px(self) -> float | None:
+        """The focal length in pixels: the 36 mm frame width maps to the longest image edge."""
+        return self.focal_35mm / 36.0 * max(self.width, self.height) if self.focal_35mm else None
+
+
+def read_header(path: str | os.PathLike) -> ImageHeader:
+    """The header of an image (Pillow reads no pixels); a file Pillow cannot identify is a
+    :class:`CbirError` naming it."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            exif = im.getexif()
+            make, model = exif.get(0x010F), exif.get(0x0110)
+            f35 = exif.get_ifd(0x8769).get(0xA405)  # FocalLengthIn35mmFilm, in the Exif IFD
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise CbirError(f"not an image Pillow can read ({e})", path) from None
+
+    def text(v: object) -> str | None:
+        return " ".join(str(v).replace("\x00", " ").split()) or None if v is not None else None
+
+    try:
+        focal = float(f35) if f35 else None
+    except (TypeError, ValueError):
+        focal = None
+    return ImageHeader(int(width), int(height), text(make), text(model),
+                       focal if focal is not None and 0 < focal < 10_000 else None)
+
+
+def exif_focal_px(path: str | os.PathLike, width: int, height: int) -> float | None:
+    """Focal length in pixels of a ``width`` x ``height`` image from its EXIF
+    FocalLengthIn35mmFilm (see :attr:`ImageHeader.focal_px`); None without the tag."""
+    try:
+        f35 = read_header(path).focal_35mm
+    except CbirError:
+        return None
+    return f35 / 36.0 * max(width, height) if f35 else None
+

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from ..errors import CbirError
+from ..geometry.cameras import UNKNOWN_CAMERA, Camera
 from . import colmap as colmap_io
 from . import hloc as hloc_io
 from . import kapture_binary as kb
 from .dataset import Dataset, check_store_name
+from .images import read_header
 from .kapture_text import RECORDS_DATA_DIR, read_sensor_data, write_sensor_data
 from .map_store import write_map
-from .paths import confined
+from .paths import check_relative_name, confined
+from .sensors import ImageRecord, Sensor, SensorData
 from .store import open_store
 from .vlnet import read_vlnet, write_vlnet
 
@@ -52,6 +56,83 @@ def transfer_images(src_dir: Path, dst_root: Path, names: list[str], mode: Image
             tmp = dst.with_name(dst.name + ".partial")
             shutil.copyfile(src, tmp)
             os.replace(tmp, dst)
+
+
+# ================================================================================ an image folder
+
+@dataclass
+class ImageImport:
+    """What :func:`import_images` made: the sensor files written, the images found, the
+    cameras (``exif``: images with a focal length in EXIF, grouped by make, model, focal
+    length and size; ``unknown``: one UNKNOWN_CAMERA each), and the files skipped, with why."""
+
+    written: list[Path]
+    images: int = 0
+    exif_cameras: int = 0
+    exif_images: int = 0
+    unknown_images: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def import_images(src: str | os.PathLike, dst: str | os.PathLike, *, images: ImageMode = "copy",
+                  overwrite: bool = False) -> ImageImport:
+    """Make a dataset of a plain folder of images, as kapture's image-folder import does (one
+    record per image, timestamps in name order) with the cameras its EXIF tags give: images
+    with a focal length (FocalLengthIn35mmFilm) share a SIMPLE_RADIAL camera per make, model,
+    focal length and size (principal point at the centre, no distortion); the others get an
+    UNKNOWN_CAMERA of their size each, whose focal length the localization estimates.
+    Files that are not images, symbolic links and names a dataset cannot hold are skipped
+    and reported; a folder with no image is an error."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise CbirError("image folder not found", src)
+    if (dst / "sensors" / "sensors.txt").exists() and not overwrite:
+        raise CbirError("already a dataset: use --overwrite to replace its sensors", dst)
+    if _same_dir(src, dst) or (dst.exists() and src.resolve() in dst.resolve().parents):
+        raise CbirError("the dataset must not be inside the image folder it imports", dst)
+    report = ImageImport([])
+    sensors: dict[str, Camera | Sensor] = {}
+    records: list[ImageRecord] = []
+    groups: dict[tuple, str] = {}
+    for path in sorted(p for p in src.rglob("*") if not p.is_dir() or p.is_symlink()):
+        name = path.relative_to(src).as_posix()
+        if any(part.startswith(".") for part in path.relative_to(src).parts):
+            continue  # hidden files and folders (.DS_Store, .git)
+        problem = check_relative_name(name) or (", " in name and "a name with ', ' cannot be written in kapture text")
+        if problem:
+            report.skipped.append((name, problem))
+            continue
+        if path.is_symlink():
+            report.skipped.append((name, "a symbolic link (import the folder it points to)"))
+            continue
+        try:
+            header = read_header(path)
+        except CbirError as e:
+            report.skipped.append((name, e.message))
+            continue
+        if header.focal_px is not None:
+            key = (header.make, header.model, header.focal_35mm, header.width, header.height)
+            if key not in groups:
+                groups[key] = f"cam{len(sensors)}"
+                f = header.focal_px
+                sensors[groups[key]] = Camera("SIMPLE_RADIAL", header.width, header.height,
+                                              (f, header.width / 2, header.height / 2, 0.0),
+                                              " ".join(t for t in (header.make, header.model) if t))
+            camera_id = groups[key]
+            report.exif_images += 1
+        else:
+            camera_id = f"cam{len(sensors)}"
+            sensors[camera_id] = Camera(UNKNOWN_CAMERA, header.width, header.height, ())
+            report.unknown_images += 1
+        records.append(ImageRecord(len(records), camera_id, name))
+    if not records:
+        raise CbirError(f"no image to import ({len(report.skipped)} files skipped"
+                        + (f", first: {report.skipped[0][0]}: {report.skipped[0][1]})" if report.skipped else ")"),
+                        src)
+    report.images, report.exif_cameras = len(records), len(groups)
+    report.written = write_sensor_data(dst, SensorData(sensors=sensors, records=records))
+    transfer_images(src, dst, [r.name for r in records], images)
+    return report
 
 
 # ================================================================================ kapture
