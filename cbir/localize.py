@@ -284,7 +284,8 @@ def screen_pairs(pairs: list[Pair], query: Dataset, map_: Dataset, mstore: Any, 
     """Check that the pairs belong to the datasets and were matched: refuse pairs of which none
     can be used (another dataset's, query and map swapped, another pairs file's matches), and
     count (with a warning) those left out when some can."""
-    where = source.get("file") or None
+    file = source.get("file")
+    where = None if not file else "<stdin>" if file == "-" else file if Path(file).is_absolute() else query.root / file
     if not pairs:
         raise CbirError("no pair: nothing to localize", where)
     qnames, mnames = set(query.sensors.image_names()), set(map_.sensors.image_names())

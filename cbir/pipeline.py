@@ -540,6 +540,8 @@ def run(p: Plan, *, overwrite: bool = False, from_step: str | None = None,
     result.localization = report
     step(f"localize ({p.localize_config}): {report.localized}/{len(report.results)} queries -> "
          f"{report.directory}{_status(report.status)}")
+    for warning in report.warnings:
+        step(f"localize: warning: {warning}")
     if p.query_gt is not None:
         gt = p.query_gt.sensors.image_poses()
         evaluated = {r.name: gt[r.name] for r in report.results if r.name in gt}

@@ -95,6 +95,10 @@ def collect(query: Dataset, map_: Dataset, *, results: Path | None = None, pairs
     ranked: dict[str, list[Pair]] = {}
     for p in pairs or []:
         ranked.setdefault(p.query, []).append(p)
+    query_names = set(query.sensors.image_names())
+    if ranked and not query_names & set(ranked):  # a page of another dataset's pairs would show nothing right
+        raise CbirError(f"none of the {len(ranked)} queries of the pairs is an image of {query.root} (first: "
+                        f"{next(iter(ranked))}): check --query and --pairs")
     names = sorted(set(loc or {}) | set(ranked))
     if not names:  # an empty page would look like a report of nothing wrong
         raise CbirError("nothing to report: the results and the pairs name no query",
@@ -127,7 +131,7 @@ def collect(query: Dataset, map_: Dataset, *, results: Path | None = None, pairs
             pass
     data["scene"] = _scene(map_, map_name, loc, gt_poses, conf)
     cards, map_thumbs = [], {}
-    query_images, map_images = set(query.sensors.image_names()), set(map_.sensors.image_names())
+    query_images, map_images = query_names, set(map_.sensors.image_names())
     with ExitStack() as stack:  # the matches and local-feature stores, opened once for every card
         drawer = _drawer(stack, query, map_, matches) if matches and loc else None
         for name in names:

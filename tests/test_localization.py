@@ -325,6 +325,9 @@ def test_inputs_that_do_not_belong_together_exit_1(sceaux_run):
     _, out, err = cbir("evaluate", "--retrieval", "--pairs", query_pairs, "--query-gt", gt, "--map", m)
     assert "not shown: k = 10, 20" in out and "mAP: the mean average precision" in out
     assert "no localization result yet: run cbir localize" in refused("evaluate", "--query", m, "--gt", gt)
+    assert "none of the 2 queries of the pairs is an image of" in \
+        refused("report", "--query", q, "--map", m, "--pairs", foreign, "-o", sceaux_run / "foreign.html")
+    assert not (sceaux_run / "foreign.html").exists()
     # export vlnet: a query dataset's poses are its results
     assert "no pose to export in sensors/trajectories.txt" in refused("export", "vlnet", q, "-o", sceaux_run / "s.txt")
     assert not (sceaux_run / "s.txt").exists()

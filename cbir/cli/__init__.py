@@ -7,10 +7,14 @@ never import torch, pycolmap or faiss (see ``COMMANDS``).
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
 import signal
 import sys
 import threading
+import types
 
 import click
 
@@ -87,6 +91,31 @@ def handle_termination() -> None:
 
     threading.Thread(target=watch, name="cbir-sigterm", daemon=True).start()
     os.register_at_fork(after_in_child=_forget_wakeup_fd)
+    if "pycolmap" not in sys.modules:  # commands import it where they use it: re-arm then
+        sys.meta_path.insert(0, _RearmAfterPycolmap())
+
+
+class _RearmAfterPycolmap(importlib.abc.MetaPathFinder):
+    """Puts the SIGTERM handler back once pycolmap is imported: its glog installs its own (a
+    stack dump) when it loads, and commands import pycolmap only where they use it, after
+    :func:`handle_termination` ran."""
+
+    def find_spec(self, name: str, path: object, target: object = None) -> importlib.machinery.ModuleSpec | None:
+        if name != "pycolmap":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        loader, load = spec.loader, spec.loader.exec_module
+
+        def exec_module(module: types.ModuleType) -> None:
+            load(module)
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, _on_sigterm)
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
 
 
 def _forget_wakeup_fd() -> None:

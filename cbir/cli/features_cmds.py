@@ -324,12 +324,12 @@ def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, l
             report = distributed.match_on_ray(q, m, pairs, local, name=name, matcher=matcher, verify=verify_conf,
                                               device=device, overwrite=overwrite, progress=update, merging=merging,
                                               conf=distributed.RayConf(address=ray_address, shard_size=shard_size),
-                                              pairs_file=pairs_file)
+                                              pairs_file="<stdin>" if pairs_file == "-" else pairs_file)
     else:
         with progress_bar("match", quiet or as_json) as update:
             report = match_mod.main(q, m, pairs, local, name=name, matcher=matcher, verify=verify_conf,
                                     device=device, overwrite=overwrite, num_workers=num_workers, progress=update,
-                                    pairs_file=pairs_file)
+                                    pairs_file="<stdin>" if pairs_file == "-" else pairs_file)
     print_skipped("skipped pair", report.missing_features, report.pairs, "pairs")
     if as_json:
         print_json({"store": str(report.path), "pairs": report.pairs, "skipped_count": len(report.missing_features),
