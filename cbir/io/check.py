@@ -121,18 +121,19 @@ def _check_sensor_files(root: Path, report: _Report) -> set[str] | None:
     from .kapture_text import (RECORDS_CAMERA_FILE, RIGS_FILE, SENSORS_FILE, TRAJECTORIES_FILE, read_records_camera,
                                read_rigs, read_sensors, read_trajectories)
 
+    others: dict[str, Callable[[Path], object]] = {SENSORS_FILE: read_sensors, RIGS_FILE: read_rigs,
+                                                    TRAJECTORIES_FILE: read_trajectories}
     names = None
-    for file, read in ((SENSORS_FILE, read_sensors), (RIGS_FILE, read_rigs), (RECORDS_CAMERA_FILE, read_records_camera),
-                       (TRAJECTORIES_FILE, read_trajectories)):
+    for file in (SENSORS_FILE, RIGS_FILE, RECORDS_CAMERA_FILE, TRAJECTORIES_FILE):
         if file != SENSORS_FILE and not (root / file).exists():
             continue
         try:
-            out = read(root / file)
+            if file == RECORDS_CAMERA_FILE:
+                names = {r.name for r in read_records_camera(root / file)}
+            else:
+                others[file](root / file)
         except CbirError as e:
             report.from_exception(e)
-            continue
-        if file == RECORDS_CAMERA_FILE:
-            names = {r.name for r in out}
     return names
 
 

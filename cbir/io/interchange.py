@@ -14,6 +14,7 @@ from typing import Literal
 
 from ..errors import CbirError
 from ..geometry.cameras import UNKNOWN_CAMERA, Camera
+from ..geometry.poses import Pose
 from . import colmap as colmap_io
 from . import hloc as hloc_io
 from . import kapture_binary as kb
@@ -311,11 +312,13 @@ def export_vlnet(dataset: Dataset, out: str | os.PathLike, *, basename: bool = F
     """The dataset's image poses (``trajectories.txt``), or those of its localization result
     ``results``, as a visuallocalization.net submission; no pose to export is an error."""
     names = _names_for_submission(dataset, basename)
+    poses: dict[str, Pose]
     if results is not None:
         from ..localize import read_results
 
         directory = dataset.localization_result(results)
-        poses = {r.name: r.pose for r in read_results(directory) if r.success and r.name in names}
+        poses = {r.name: r.pose for r in read_results(directory)
+                 if r.success and r.pose is not None and r.name in names}
         source = f"the localization result {directory.name}"
     else:
         poses = dataset.sensors.image_poses()

@@ -231,8 +231,9 @@ def _quiet_clustering(index: faiss.Index) -> None:
 
     if isinstance(index, faiss.IndexIVF):
         index.cp.min_points_per_centroid = 1
-    if isinstance(getattr(index, "pq", None), faiss.ProductQuantizer):
-        index.pq.cp.min_points_per_centroid = 1
+    pq = getattr(index, "pq", None)
+    if isinstance(pq, faiss.ProductQuantizer):
+        pq.cp.min_points_per_centroid = 1
 
 
 def sparse_training(kind: str, n: int, conf: IndexConf) -> str | None:
