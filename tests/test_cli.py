@@ -151,6 +151,13 @@ def test_every_listed_command_resolves():
         assert isinstance(command, click.Command) and command.name == name and command.help
 
 
+def last_line_of_python(code: str) -> str:
+    """The last line ``python -c code`` prints, in a fresh process (what it imported is its own)."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["info", "DATASET"], ["check", "DATASET", "--images", "skip"]])
 def test_light_commands_import_no_heavy_library(argv):
     """`cbir --help`, `info` and `check` start in a fraction of a second: they import
@@ -161,9 +168,7 @@ def test_light_commands_import_no_heavy_library(argv):
     code = ("import sys\nfrom cbir.cli import main\n"
             f"try:\n    main({args!r})\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
             "print(sorted(m for m in ('torch', 'pycolmap', 'faiss', 'scipy', 'tensorflow') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    heavy = proc.stdout.strip().splitlines()[-1]
+    heavy = last_line_of_python(code)
     assert heavy == "[]", heavy
 
 
@@ -180,9 +185,7 @@ def test_every_help_imports_no_heavy_library():
             "    for sub in (command.commands if isinstance(command, click.Group) else ()):\n"
             "        run([name, sub])\n"
             "print(sorted(m for m in ('torch', 'pycolmap', 'faiss', 'tensorflow') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert last_line_of_python(code) == "[]"
 
 
 def test_global_flags_after_the_subcommand(sample_dataset):
@@ -200,9 +203,7 @@ def test_local_extraction_does_not_import_ray(sample_dataset):
             f"try:\n    main(['extract', {str(sample_dataset)!r}, '--local', 'sift'])\n"
             "except SystemExit as e:\n    assert not e.code, e.code\n"
             "print('ray' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "False"
+    assert last_line_of_python(code) == "False"
 
 
 def test_progress_bars_show_a_later_phase_from_its_first_update(monkeypatch):
