@@ -98,10 +98,13 @@ def evaluate(retrieval: bool, query: Path | None, results_name: str | None, pose
     result["ground_truth"] = source
     # a k beyond the longest ranked list measures the list's length, not the retrieval: left out
     longest = result["ranked_per_query_max"]
-    shown = tuple(k for k in k_values if k <= longest) or (longest,)
+    shown = tuple(k for k in k_values if k <= longest)
+    if not shown:  # every k asked is beyond the lists: measure at their length
+        shown = (longest,)
+        result = {**evaluate_rankings(pairs, gt, shown), "ground_truth": source}
     if shown != k_values:
-        result = evaluate_rankings(pairs, gt, shown)
-        result["ground_truth"] = source
+        for metric in ("recall@k", "precision@k"):
+            result[metric] = {k: v for k, v in result[metric].items() if k in shown}
         result["ks_left_out"] = [k for k in k_values if k not in shown]
     if as_json:
         print_json(result)

@@ -52,10 +52,15 @@ def missing_file_message(path: str | os.PathLike) -> str:
     kind, root = path.parent.name, path.parent.parent.parent
     if path.suffix != ".h5" or path.parent.parent.name != "cbir" or kind not in STORE_DIRS:
         return "file not found"
-    present = sorted(p.stem for p in path.parent.glob("*.h5") if p.is_file() and not p.stem.endswith(MODEL_SUFFIX)) \
-        if path.parent.is_dir() else []
+    present = [p.stem for p in _store_files(path.parent, ".h5")]
     there = f"{kind} stores there: {', '.join(present)}" if present else f"{root} has no {kind} store yet"
     return f"file not found ({there}); make it with {_MAKES[kind].format(root=root, name=path.stem)}"
+
+
+def _store_files(directory: Path, ext: str) -> list[Path]:
+    """The stores of one kind's folder (learned models beside them are not stores)."""
+    return sorted(p for p in directory.glob(f"*{ext}") if p.is_file() and not p.stem.endswith(MODEL_SUFFIX)) \
+        if directory.is_dir() else []
 
 
 class Dataset:
@@ -108,9 +113,7 @@ class Dataset:
         out: dict[str, list[Path]] = {}
         for kind in (*STORE_DIRS, "pairs"):
             ext = ".txt" if kind == "pairs" else ".h5"
-            d = self.root / "cbir" / kind
-            out[kind] = sorted(p for p in d.glob(f"*{ext}") if p.is_file() and not p.stem.endswith(MODEL_SUFFIX)) \
-                if d.is_dir() else []
+            out[kind] = _store_files(self.root / "cbir" / kind, ext)
         return out
 
     # -- localization results (``cbir/localization/<name>/``)

@@ -165,5 +165,5 @@ def exif_focal_px(path: str | os.PathLike, width: int, height: int) -> float | N
         f35 = read_header(path).focal_35mm
     except CbirError:
         return None
-    return f35 / 36.0 * max(width, height) if f35 else None
+    return ImageHeader(width, height, focal_35mm=f35).focal_px
 

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 #: ivfpq: maps of this many images get 4-bit fast-scan codes (39 training points for each
 #: of 16 centroids); smaller ones fewer-bit classic codes
 FAST_SCAN_MIN_IMAGES = 16 * 39
+#: faiss's default wish of training points per centroid (its ClusteringParameters)
+FAISS_POINTS_PER_CENTROID = 39
 READ_PIECE = 1 << 24  # bytes read at once when loading a kept index
 #: queries rescored together: each block multiplies its queries by the union of their
 #: candidates, so the wasted products grow with the block (1M map, 1,000 queries of 2048-D,
@@ -198,9 +200,15 @@ def _read_index(where: IndexBytes) -> faiss.Index:
                           where.file) from None
 
 
+def _nlist(n: int, conf: IndexConf) -> int:
+    """Inverted lists of an ivf/ivfpq index of ``n`` images: ``conf.nlist``, else 4 sqrt(n)
+    with at least 39 images a list (faiss's k-means wish)."""
+    return conf.nlist or max(1, min(n // FAISS_POINTS_PER_CENTROID, int(4 * np.sqrt(n))))
+
+
 def _factory(kind: str, dim: int, n: int, conf: IndexConf) -> faiss.Index:
     import faiss
-    nlist = conf.nlist or max(1, min(n // 39, int(4 * np.sqrt(n))))
+    nlist = _nlist(n, conf)
     if kind == "flat":
         return faiss.IndexFlatIP(dim)
     if kind == "ivf":
@@ -217,10 +225,6 @@ def _factory(kind: str, dim: int, n: int, conf: IndexConf) -> faiss.Index:
     if kind == "lsh":
         return faiss.IndexLSH(dim, conf.lsh_bits or 2 * dim, True, True)
     raise CbirError(f"unknown index {kind!r} (known: {', '.join(INDEX_KINDS)})")
-
-
-#: faiss's default wish of training points per centroid (its ClusteringParameters)
-FAISS_POINTS_PER_CENTROID = 39
 
 
 def _quiet_clustering(index: faiss.Index) -> None:
@@ -242,9 +246,8 @@ def sparse_training(kind: str, n: int, conf: IndexConf) -> str | None:
     if kind not in ("ivf", "ivfpq"):
         return None
     trained = min(n, conf.train_size)
-    nlist = conf.nlist or max(1, min(n // FAISS_POINTS_PER_CENTROID, int(4 * np.sqrt(n))))
-    centroids = max(nlist, 16 if kind == "ivfpq" and n >= FAST_SCAN_MIN_IMAGES else
-                    2 ** _small_map_bits(n) if kind == "ivfpq" else 1)
+    pq_bits = (4 if n >= FAST_SCAN_MIN_IMAGES else _small_map_bits(n)) if kind == "ivfpq" else 0
+    centroids = max(_nlist(n, conf), 2 ** pq_bits)
     wanted = centroids * FAISS_POINTS_PER_CENTROID
     if trained >= wanted:
         return None
