@@ -547,3 +547,112 @@ print("alive", os.waitstatus_to_exitcode(status))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "alive 7", (proc.stdout, proc.stderr)
 
+
+
+# ============================================================================ 5. a dataset from a stranger
+# (issue 31): nothing outside the dataset read or written through links or HDF5 references
+
+PRECIOUS = "precious: not cbir's to touch\n"
+
+
+@pytest.fixture
+def victim(tmp_path) -> Path:
+    """A user's file outside the dataset, which no link inside it may make cbir read or write."""
+    path = tmp_path / "home" / "victim.txt"
+    path.parent.mkdir()
+    path.write_text(PRECIOUS)
+    return path
+
+
+def test_a_planted_lock_link_is_refused_and_its_target_untouched(sample_dataset, victim):
+    (sample_dataset / "cbir/local/sift.h5.lock").symlink_to(victim)
+    result = run("extract", sample_dataset, "--local", "sift")
+    one_line_error(result, "sift.h5.lock", "symbolic link")
+    assert victim.read_text() == PRECIOUS
+    assert not (sample_dataset / "cbir/local/sift.h5").exists()
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["resume", "overwrite"])
+def test_a_linked_batches_folder_is_refused(sample_dataset, victim, overwrite):
+    outside = victim.parent / "batches"
+    outside.mkdir()
+    (outside / "batch-000000.h5").write_text(PRECIOUS)
+    (outside / "meta.json").write_text(PRECIOUS)
+    (sample_dataset / "cbir/local/sift.h5.batches").symlink_to(outside, target_is_directory=True)
+    result = run("extract", sample_dataset, "--local", "sift", *overwrite)
+    one_line_error(result, "sift.h5.batches", "symbolic link")
+    assert sorted(p.name for p in outside.iterdir()) == ["batch-000000.h5", "meta.json"]
+    assert all(p.read_text() == PRECIOUS for p in outside.iterdir())
+
+
+@pytest.mark.parametrize("folder,command", [
+    ("cbir/local", ["extract", "{ds}", "--local", "sift"]),
+    ("cbir", ["extract", "{ds}", "--local", "sift"]),
+    ("cbir/index", ["index", "build", "{ds}", "--global", "sample", "--index", "flat"]),
+    ("cbir/global", ["retrieve", "--query", "{ds}", "--map", "{ds}", "--global", "sample", "--topk", "1"]),
+])
+def test_linked_cbir_folders_are_neither_read_nor_written(sample_dataset, victim, folder, command):
+    link = sample_dataset / folder
+    outside = victim.parent / "elsewhere"
+    if link.exists():
+        shutil.move(link, outside)
+    else:
+        outside.mkdir()
+    link.symlink_to(outside, target_is_directory=True)
+    before = {p: p.stat().st_mtime_ns for p in files_under(victim.parent)}
+    result = run(*[a.format(ds=sample_dataset) for a in command])
+    one_line_error(result, str(link), "symbolic link", "--trust-links")
+    assert {p: p.stat().st_mtime_ns for p in files_under(victim.parent)} == before
+
+
+def test_trusted_links_are_followed(sample_dataset, victim, monkeypatch):
+    """The user who keeps stores on another disk says so once, and cbir follows the link."""
+    outside = victim.parent / "local"
+    shutil.move(sample_dataset / "cbir/local", outside)
+    (sample_dataset / "cbir/local").symlink_to(outside, target_is_directory=True)
+    monkeypatch.setenv("CBIR_TRUST_LINKS", "1")
+    assert run("extract", sample_dataset, "--local", "sift").exit_code == 0
+    assert (outside / "sift.h5").is_file()
+
+
+def _foreign(path: Path, column: str, how: str, outside: Path) -> None:
+    """Make a store's ``column`` hold data of ``outside`` (an HDF5 file or raw bytes) the way
+    ``how`` says, with the shape and dtype it had."""
+    with h5py.File(path, "a") as f:
+        data = f[column][()]
+        del f[column]
+        if how == "external storage":
+            outside.write_bytes(PRECIOUS.encode().ljust(data.nbytes, b"x")[:data.nbytes])
+            f.create_dataset(column, shape=data.shape, dtype=data.dtype, external=[(str(outside), 0, data.nbytes)])
+            return
+        with h5py.File(outside, "w") as g:
+            g["x"] = data
+        if how == "external link":
+            f[column] = h5py.ExternalLink(str(outside), "x")
+        else:
+            layout = h5py.VirtualLayout(shape=data.shape, dtype=data.dtype)
+            layout[...] = h5py.VirtualSource(str(outside), "x", shape=data.shape)
+            f.create_virtual_dataset(column, layout)
+
+
+@pytest.mark.parametrize("how", ["external storage", "external link", "virtual dataset"])
+def test_store_data_held_in_other_files_is_refused(sample_dataset, victim, how):
+    store = sample_dataset / "cbir/local/sample.h5"
+    _foreign(store, "descriptors", how, victim.parent / "other.bin")
+    for command in (["export", "kapture", sample_dataset, victim.parent / "out", "--local", "sample",
+                     "--images", "skip"], ["check", sample_dataset], ["export", "hloc", sample_dataset, "--local",
+                                                                        "sample", "--features-out", victim.parent / "h.h5"]):
+        result = run(*command)
+        one_line_error(result, "sample.h5", "holds data of other files", how.split()[-1], "--trust-links")
+    assert not (victim.parent / "out").exists() and not (victim.parent / "h.h5").exists()
+
+
+def test_hloc_files_whose_data_is_elsewhere_are_not_imported(sample_dataset, victim, tmp_path):
+    feats = tmp_path / "feats.h5"
+    with h5py.File(feats, "w") as f:
+        g = f.create_group("left/000.png")
+        g["keypoints"] = np.zeros((2, 2), np.float32)
+        g.create_dataset("descriptors", shape=(2, 2), dtype=np.uint8, external=[(str(victim), 0, 4)])
+    result = run("import", "hloc", sample_dataset, "--features", feats, "--name", "stolen")
+    one_line_error(result, "feats.h5", "holds data of other files", "external storage")
+    assert not (sample_dataset / "cbir/local/stolen.h5").exists()

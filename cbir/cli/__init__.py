@@ -21,6 +21,7 @@ import click
 from .. import __version__
 from ..errors import CbirError
 from ..io.atomic import is_no_space
+from ..io.paths import TRUST_LINKS_ENV
 from rich.markup import escape
 
 from ._common import console_err
@@ -128,7 +129,7 @@ def _forget_wakeup_fd() -> None:
 
 
 #: options of ``cbir`` itself that may also follow the subcommand
-GLOBAL_FLAGS = frozenset({"-q", "--quiet", "--debug"})
+GLOBAL_FLAGS = frozenset({"-q", "--quiet", "--debug", "--trust-links"})
 
 
 class CbirGroup(click.Group):
@@ -185,14 +186,19 @@ class CbirGroup(click.Group):
 @click.version_option(__version__, prog_name="cbir")
 @click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option("--trust-links", is_flag=True,
+              help="Follow symbolic links inside datasets' cbir/ folders and read HDF5 data held in other files "
+                   "(refused by default: a dataset from someone else could reach any file).")
 @click.pass_context
-def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
+def main(ctx: click.Context, debug: bool, quiet: bool, trust_links: bool) -> None:
     """Content-based image retrieval and retrieval-based visual localization.
 
     Datasets are kapture 1.1 directories; cbir adds its stores under DATASET/cbir/.
     """
     ctx.ensure_object(dict)
     ctx.obj.update(debug=debug, quiet=quiet)
+    if trust_links:  # in the environment: forked and Ray workers see it too
+        os.environ[TRUST_LINKS_ENV] = "1"
     handle_termination()
 
 

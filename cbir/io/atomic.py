@@ -10,18 +10,45 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import os
+import re
+import secrets
 import shutil
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import CbirError, LockedError
+from .paths import refuse_links
 
 PARTIAL_SUFFIX = ".partial"
+_WRITER_RE = re.compile(r"^(\d+)-[0-9a-f]{8}$")
 
 
 def partial_path(path: Path) -> Path:
-    return path.with_name(path.name + PARTIAL_SUFFIX)
+    """A new name to write ``path`` under before renaming it: ``<path>.<pid>-<random>.partial``,
+    unique to one writer (process or thread)."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Remove what killed writers of ``path`` left (the partial files of processes that are
+    gone); a live writer's file is left to it."""
+    prefix = path.name + "."
+    for tmp in path.parent.glob(glob.escape(prefix) + "*" + PARTIAL_SUFFIX):
+        writer = _WRITER_RE.match(tmp.name[len(prefix):-len(PARTIAL_SUFFIX)])
+        if writer and not _alive(int(writer.group(1))):
+            _remove(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -29,11 +56,14 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` on success.
 
     On an exception the temporary file or directory is removed and ``path`` is untouched.
+    Inside a dataset's ``cbir/`` folder, a symbolic link on the way to ``path`` is refused
+    (:func:`~cbir.io.paths.refuse_links`). The temporary name is unique to this process, so
+    that two writers of one path never write into one file; the last to finish wins whole.
     """
-    path = Path(path)
+    path = refuse_links(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(path)
     tmp = partial_path(path)
-    _remove(tmp)
     try:
         yield tmp
         if tmp.is_dir() and path.is_dir():
@@ -96,9 +126,16 @@ class WriteLock:
         self._fd: int | None = None
 
     def acquire(self) -> "WriteLock":
+        refuse_links(self.lock_path)
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:  # O_NOFOLLOW: a lock planted as a link is refused, its target never opened
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                raise CbirError(f"the lock file {self.lock_path.name} is a symbolic link: cbir writes no lock "
+                                "through a link; remove it", self.target) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

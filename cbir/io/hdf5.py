@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import CbirError, FormatError
+from .paths import TRUST_LINKS_HINT, refuse_links, trust_links
 
 DEFAULT_TIMEOUT_S = 30.0
 TIMEOUT_ENV = "CBIR_HDF5_TIMEOUT"
@@ -57,6 +58,9 @@ class Metadata:
     #: requested string datasets, items in row-major order (a pair's two names in turn): their
     #: UTF-8 bytes joined by b"\\n", or a list of str when a name holds a separator
     strings: dict[str, bytes | list]
+    #: objects whose data lives in other files: external links, external storage, virtual
+    #: datasets (refused by :func:`read_metadata` unless links are trusted)
+    foreign: tuple[str, ...] = ()
 
     def string_items(self, name: str) -> list[str]:
         """The items of a requested string dataset, row-major, decoded; a :class:`ValueError`
@@ -83,6 +87,9 @@ def _read(path: str, strings: Sequence[str]) -> Metadata:
 
     with h5py.File(path, "r") as f:
         attrs = {str(k): attr_value(f.attrs[k]) for k in f.attrs.keys()}
+        foreign = _foreign_objects(f)
+        if foreign and not trust_links():
+            return Metadata(attrs, {}, (), {}, foreign)  # refused: open none of them
         datasets: dict[str, DatasetInfo] = {}
         groups = []
         for name in f.keys():
@@ -90,8 +97,9 @@ def _read(path: str, strings: Sequence[str]) -> Metadata:
             if isinstance(obj, h5py.Dataset):
                 is_string = h5py.check_string_dtype(obj.dtype) is not None or obj.dtype.kind in "OSU"
                 dtype = None if is_string or obj.dtype.kind not in "biuf" else obj.dtype
-                datasets[name] = DatasetInfo(tuple(int(s) for s in obj.shape), dtype,
-                                             obj.id.get_offset(), is_string)
+                # an offset is one into *this* file only for data this file holds itself
+                offset = None if any(item.startswith(f"'{name}' ") for item in foreign) else obj.id.get_offset()
+                datasets[name] = DatasetInfo(tuple(int(s) for s in obj.shape), dtype, offset, is_string)
             elif isinstance(obj, h5py.Group):
                 groups.append(name)
         values: dict[str, bytes | list] = {}
@@ -107,7 +115,31 @@ def _read(path: str, strings: Sequence[str]) -> Metadata:
                 values[name] = [x.decode("utf-8") for x in items]  # a name holds a separator
             else:
                 values[name] = joined
-        return Metadata(attrs, datasets, tuple(groups), values)
+        return Metadata(attrs, datasets, tuple(groups), values, foreign)
+
+
+def _foreign_objects(f: Any) -> tuple[str, ...]:
+    """Every object of the open file ``f`` whose data lives in another file, described."""
+    import h5py
+
+    found: list[str] = []
+
+    def visit(name: str, link: Any) -> None:
+        if isinstance(link, h5py.ExternalLink):
+            found.append(f"'{name}' (an external link to {link.filename}:{link.path})")
+            return
+        if not isinstance(link, h5py.HardLink):
+            return
+        obj = f.get(name)
+        if isinstance(obj, h5py.Dataset):
+            if obj.external:
+                found.append(f"'{name}' (external storage in {obj.external[0][0]!r})")
+            elif obj.is_virtual:
+                files = sorted({m.file_name for m in obj.virtual_sources()})
+                found.append(f"'{name}' (a virtual dataset of {', '.join(files)})")
+
+    f.visititems_links(visit)
+    return tuple(found)
 
 
 def _to_bytes(x: Any) -> bytes:
@@ -138,6 +170,7 @@ def _warm_up() -> None:
         f.create_dataset("pairs", data=np.array([["a", "b"]], dtype=object), dtype=strings)
         f.create_dataset("numbers", data=np.zeros(2))
         f.create_group("group")
+        _foreign_objects(f)
         for key in f.attrs:
             attr_value(f.attrs[key])
         for name in f:
@@ -159,9 +192,11 @@ def timeout_s() -> float:
 
 def read_metadata(path: str | os.PathLike, strings: Sequence[str] = ()) -> Metadata:
     """The metadata of an HDF5 file, read in a child process that is killed after
-    :func:`timeout_s`. A missing file, a file HDF5 cannot open, undecodable strings and a
-    read that does not finish in time are one-line :class:`CbirError`\\ s naming the file."""
-    path = Path(path)
+    :func:`timeout_s`. A missing file, a file HDF5 cannot open, undecodable strings, a read
+    that does not finish in time, a symbolic link inside a dataset's ``cbir/`` folder and
+    data held in other files (external links, external storage, virtual datasets) are
+    one-line :class:`CbirError`\\ s naming the file."""
+    path = refuse_links(path)
     if not path.exists():
         from .dataset import missing_file_message
 
@@ -172,6 +207,9 @@ def read_metadata(path: str | os.PathLike, strings: Sequence[str] = ()) -> Metad
     _warm_up()
     status, payload = _in_child(_read, (str(path), tuple(strings)), limit)
     if status == "ok":
+        if payload.foreign and not trust_links():
+            raise FormatError(f"holds data of other files: {'; '.join(payload.foreign[:3])}; cbir reads only "
+                              f"what a file holds itself ({TRUST_LINKS_HINT})", path)
         return payload
     if status == "timeout":
         raise FormatError(f"reading its metadata did not finish in {limit:.0f} s: the file is corrupt "

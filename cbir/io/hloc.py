@@ -17,13 +17,16 @@ import numpy as np
 
 from ..errors import CbirError, FormatError
 from .atomic import atomic_output
+from .hdf5 import read_metadata
 from .paths import check_relative_name
 from .store import StoreWriter, check_match_indices, check_matches_provenance, open_store
 
 
 def _open(path: Path) -> h5py.File:
-    if not path.exists():
-        raise CbirError("file not found", path)
+    """An hloc file, once its metadata was read in a time-limited child: a corrupt file cannot
+    hang, and one whose data lives in other files (external links or storage, virtual
+    datasets) is refused (:func:`~cbir.io.hdf5.read_metadata`)."""
+    read_metadata(path)
     try:
         return h5py.File(path, "r")
     except OSError:

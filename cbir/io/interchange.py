@@ -18,7 +18,9 @@ from ..geometry.poses import Pose
 from . import colmap as colmap_io
 from . import hloc as hloc_io
 from . import kapture_binary as kb
+from .atomic import atomic_output
 from .dataset import Dataset, check_store_name
+from .hdf5 import read_metadata
 from .images import read_header
 from .kapture_text import RECORDS_DATA_DIR, read_sensor_data, write_sensor_data
 from .map_store import write_map
@@ -54,9 +56,8 @@ def transfer_images(src_dir: Path, dst_root: Path, names: list[str], mode: Image
         dst = confined(dst_dir, name)
         dst.parent.mkdir(parents=True, exist_ok=True)
         if not dst.exists():
-            tmp = dst.with_name(dst.name + ".partial")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            with atomic_output(dst) as tmp:
+                shutil.copyfile(src, tmp)
 
 
 # ================================================================================ an image folder
@@ -184,6 +185,11 @@ def export_kapture(dataset: Dataset, dst: str | os.PathLike, *, local: list[str]
     """Write a kapture dataset: the sensors (if ``dst`` is another directory) and the named stores
     under reconstruction/. Existing reconstruction files of the same types are replaced."""
     dst = Path(dst)
+    if len(maps) > 1:
+        raise CbirError("kapture holds one set of 3D points: export one map at a time")
+    for kind, names in (("local", local), ("global", global_), ("matches", matches), ("map", maps)):
+        for name in names:  # a missing or refused store is said before anything is written
+            read_metadata(dataset.store_path(kind, name))
     written: list[Path] = []
     if not _same_dir(dataset.root, dst):
         written += write_sensor_data(dst, dataset.sensors)
@@ -201,8 +207,6 @@ def export_kapture(dataset: Dataset, dst: str | os.PathLike, *, local: list[str]
     for name in matches:
         kb.export_matches(dataset.store_path("matches", name), dst, inliers_only=inliers_only)
         written.append(dst / kb.RECONSTRUCTION / "matches")
-    if len(maps) > 1:
-        raise CbirError("kapture holds one set of 3D points: export one map at a time")
     for name in maps:
         kb.export_points(dataset.store_path("map", name), dst)
         written.append(dst / kb.RECONSTRUCTION / "points3d.txt")

@@ -93,3 +93,51 @@ def require_type_name(name: str, what: str = "type name", source: str | os.PathL
     if problem:
         raise CbirError(problem, source, line)
     return name
+
+
+# ============================================================ links inside a dataset's cbir/ tree
+
+#: set to 1 (or pass ``cbir --trust-links``) to read and write through symbolic links inside a
+#: dataset's ``cbir/`` folder and to read HDF5 data that lives in other files
+TRUST_LINKS_ENV = "CBIR_TRUST_LINKS"
+TRUST_LINKS_HINT = f"pass cbir --trust-links (or set {TRUST_LINKS_ENV}=1) if you made it"
+
+
+def trust_links() -> bool:
+    """Whether the user asked to follow links inside ``cbir/`` trees and HDF5 references."""
+    return os.environ.get(TRUST_LINKS_ENV, "") not in ("", "0")
+
+
+def _cbir_tree_root(path: Path) -> Path | None:
+    """The dataset's ``cbir/`` folder ``path`` is in (or is), found by name: a folder named
+    ``cbir`` beside a ``sensors`` entry."""
+    for candidate in (path, *path.parents):
+        if candidate.name == "cbir" and os.path.lexists(candidate.parent / "sensors"):
+            return candidate
+    return None
+
+
+def link_in_cbir_tree(path: str | os.PathLike) -> Path | None:
+    """The first component of ``path``, from its dataset's ``cbir/`` folder down to ``path``
+    itself, that is a symbolic link (None when there is none or ``path`` is not in a
+    ``cbir/`` tree). Components that do not exist yet are not links."""
+    path = Path(os.path.abspath(path))
+    top = _cbir_tree_root(path)
+    if top is None:
+        return None
+    for part in (*reversed(path.relative_to(top).parents), path.relative_to(top)):
+        candidate = top / part
+        if os.path.islink(candidate):
+            return candidate
+    return None
+
+
+def refuse_links(path: str | os.PathLike) -> Path:
+    """``path`` if no component of it inside its dataset's ``cbir/`` folder is a symbolic link,
+    else a :class:`CbirError`: cbir makes no links there, so one was planted by whoever gave
+    the dataset, and following it would read or write a file outside the dataset."""
+    link = link_in_cbir_tree(path)
+    if link is not None and not trust_links():
+        raise CbirError(f"is a symbolic link (to {os.readlink(link)}): cbir does not read or write through "
+                        f"links inside a dataset's cbir/ folder; remove it, or {TRUST_LINKS_HINT}", link)
+    return Path(path)

@@ -35,7 +35,7 @@ from .. import __version__
 from ..errors import CbirError, FormatError, VersionError
 from .atomic import WriteLock, atomic_output, atomic_write_text, is_no_space
 from .hdf5 import DatasetInfo, Metadata, read_metadata
-from .paths import check_relative_name
+from .paths import check_relative_name, refuse_links
 from .provenance import differences, digest
 
 FORMAT_VERSION = "1.2"
@@ -149,7 +149,7 @@ class Store:
         self._fd: int | None = None  # raw reads of scattered rows (_gather)
         self._mmap: mmap.mmap | None = None
         self._file: h5py.File | None = None
-        meta = read_metadata(self.path, ("names", "pairs"))
+        meta = read_metadata(self.path, ("names", "pairs"))  # refuses links and data in other files
         try:
             self._file = h5py.File(self.path, "r")
         except OSError:
@@ -685,7 +685,7 @@ class StoreWriter:
                     raise CbirError(_mismatch(found, identity), self.path)
                 self._present.update(old.keys)
             self._base = self.path
-        meta = self.batch_dir / "meta.json"
+        meta = refuse_links(self.batch_dir / "meta.json")
         if self.batch_dir.exists():
             found = None
             try:

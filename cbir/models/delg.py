@@ -238,7 +238,7 @@ def state_dict_from_official(variables: Mapping[str, np.ndarray], net: DelgNet) 
 
 def save_weights(path: str | os.PathLike, state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
                  source: str) -> Path:
-    """Write a converted weight file atomically (``<path>.partial``, then a rename)."""
+    """Write a converted weight file atomically (a partial file, then a rename)."""
     path = Path(path)
     with atomic_output(path) as tmp:
         torch.save({"format": FILE_FORMAT, "version": FILE_VERSION, "config": dict(config), "source": source,
