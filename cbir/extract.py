@@ -27,7 +27,7 @@ from .io.images import LoadedImage, read_image
 from .io.store import StoreWriter
 from .models import GLOBAL_EXTRACTORS, LOCAL_EXTRACTORS
 from .models.base import Extractor, GlobalExtractor
-from .io.textfile import read_utf8
+from .io.textfile import read_utf8, split_lines
 
 
 WRITE_AHEAD = 8  # outputs waiting for the writer thread at most (bounds memory)
@@ -79,7 +79,7 @@ def extractor_conf(kind: str, name: str, options: dict[str, Any], weights: str |
 def read_image_list(path: str | Path, known: Iterable[str]) -> list[str]:
     """Image names, one a line (``#`` comments allowed); each must be in the dataset."""
     path = Path(path)
-    lines = read_utf8(path, "image list").splitlines()
+    lines = split_lines(read_utf8(path, "image list"))
     known = set(known)
     names = []
     for i, line in enumerate(lines, 1):

@@ -18,17 +18,18 @@ few inliers, degenerate geometry) is reported with its reason and never stops th
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pycolmap
 
-from .errors import CbirError
+from .errors import CbirError, FormatError
 from .geometry.cameras import CAMERA_MODELS, Camera
 from .geometry.colmap_options import paper_config, set_dotted
 from .geometry.poses import Pose, rotmat_to_qvec
@@ -40,7 +41,9 @@ from .io.kapture_text import format_trajectories
 from .io.map_store import read_map
 from .io.pairs import Pair, pairs_digest, read_pairs_record
 from .io.provenance import differences, digest
+from .io.paths import check_relative_name
 from .io.store import check_match_indices, check_matches_provenance, open_store
+from .io.textfile import parse_json, read_json_object, read_utf8
 from .validate import check_bool, check_integer
 
 
@@ -339,15 +342,17 @@ def _prior_result(directory: Path, config: dict[str, Any], inputs: dict[str, Any
         return "new"
     if overwrite:
         return "replaced"
-    try:
-        record = json.loads((directory / RECORD_FILE).read_text(encoding="utf-8"))
-        found, found_inputs = record["config"], record["inputs"]  # "seconds": what it took, not compared
-    except FileNotFoundError:
+    if not (directory / RECORD_FILE).exists():
         raise CbirError(f"holds a localization result without a record of its configuration ({RECORD_FILE}, "
                         "written by an earlier cbir): pass --overwrite to replace it, or --name to keep both",
-                        directory) from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CbirError(f"unreadable {RECORD_FILE} ({e}): pass --overwrite to replace the result, or --name "
+                        directory)
+    try:
+        record = read_json_object(directory / RECORD_FILE, RECORD_FILE)
+        found, found_inputs = record.get("config"), record.get("inputs")  # "seconds": what it took, not compared
+        if not isinstance(found, dict) or not isinstance(found_inputs, dict):
+            raise FormatError("no 'config' and 'inputs' objects", directory / RECORD_FILE)
+    except CbirError as e:
+        raise CbirError(f"unreadable {RECORD_FILE} ({e.message}): pass --overwrite to replace the result, or --name "
                         "to keep both", directory) from None
     diffs = differences(found, config)
     if diffs:
@@ -464,14 +469,79 @@ def write_results(report: LocalizeReport, query: Dataset, record: dict[str, Any]
 
 
 def read_results(directory: Path) -> list[QueryResult]:
+    """The results of ``directory/report.json``, each checked (:func:`result_from_json`): a
+    crafted or damaged file is a one-line error naming it and the entry."""
     path = Path(directory) / "report.json"
-    try:
-        return [QueryResult(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()})
-                for r in json.loads(path.read_text())]
-    except FileNotFoundError:
-        raise CbirError("no localization report (run cbir localize first)", path) from None
-    except (json.JSONDecodeError, TypeError) as e:
-        raise CbirError(f"unreadable localization report ({e})", path) from None
+    if not path.exists():
+        raise CbirError("no localization report (run cbir localize first)", path)
+    items = parse_json(read_utf8(path, "localization report"), path, "localization report")
+    if not isinstance(items, list):
+        raise FormatError(f"a localization report is a JSON list of results, not {type(items).__name__}", path)
+    results, seen = [], set()
+    for i, item in enumerate(items):
+        result = result_from_json(item, path, i)
+        if result.name in seen:
+            raise FormatError(f"entry {i}: query {result.name!r} is reported twice", path)
+        seen.add(result.name)
+        results.append(result)
+    return results
+
+
+_RESULT_FIELDS = {f.name: f for f in fields(QueryResult)}
+
+
+def result_from_json(item: Any, path: Path, i: int) -> QueryResult:
+    """One entry of a ``report.json``, its every field of the type :class:`QueryResult` says
+    (a success is ``true``, not ``"no"``; a pose is 4 + 3 finite numbers, the quaternion not
+    zero), else a :class:`FormatError` naming the file and the entry."""
+    def bad(problem: str) -> FormatError:
+        return FormatError(f"entry {i}: {problem}", path)
+
+    if not isinstance(item, dict):
+        raise bad(f"a result is a JSON object, not {type(item).__name__}")
+    unknown = sorted(set(item) - set(_RESULT_FIELDS))
+    if unknown:
+        raise bad(f"unknown field {unknown[0][:40]!r}")
+    name = item.get("name")
+    if not isinstance(name, str) or check_relative_name(name, "query name"):
+        raise bad(check_relative_name(name, "query name") or "no query name")
+    for key in ("method", "reason"):
+        if not isinstance(item.get(key, ""), str):
+            raise bad(f"{key!r} of {name!r} is not a string")
+    if not isinstance(item.get("success", False), bool):
+        raise bad(f"'success' of {name!r} is {item['success']!r}: true or false")
+    for key in ("num_map_images", "num_2d3d", "num_inliers"):
+        value = item.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise bad(f"{key!r} of {name!r} is not a count")
+    qvec, tvec = (_vector(item.get(key), n, key, name, bad) for key, n in (("qvec", 4), ("tvec", 3)))
+    if (qvec is None) != (tvec is None) or (item.get("success") and qvec is None):
+        raise bad(f"{name!r} has a success without a whole pose (qvec and tvec)")
+    if qvec is not None and not any(qvec):
+        raise bad(f"the quaternion of {name!r} is zero: not a rotation")
+    camera = item.get("camera")
+    if camera is not None:
+        if not (isinstance(camera, list) and len(camera) == 4 and isinstance(camera[0], str)
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in camera[1:3])
+                and isinstance(camera[3], list) and all(_is_number(v) for v in camera[3])):
+            raise bad(f"the camera of {name!r} is not [model, width, height, [parameters]]")
+        camera = (camera[0], camera[1], camera[2], tuple(camera[3]))
+    return QueryResult(name=name, success=item.get("success", False), method=item.get("method", ""),
+                       reason=item.get("reason", ""), num_map_images=item.get("num_map_images", 0),
+                       num_2d3d=item.get("num_2d3d", 0), num_inliers=item.get("num_inliers", 0),
+                       qvec=qvec, tvec=tvec, camera=camera)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _vector(value: Any, n: int, key: str, name: str, bad: Callable[[str], FormatError]) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != n or not all(_is_number(v) for v in value):
+        raise bad(f"{key!r} of {name!r} is not {n} finite numbers")
+    return tuple(float(v) for v in value)
 
 
 def default_workers() -> int:

@@ -27,13 +27,15 @@ from typing import TYPE_CHECKING, Any, Callable
 import cv2
 import numpy as np
 
-from .errors import CbirError
+from .errors import CbirError, FormatError
 from .evaluation.localization import DEFAULT_THRESHOLDS, conditions_from, pose_errors, summarize
 from .evaluation.retrieval import GroundTruth, evaluate_rankings, ground_truth_from_poses
 from .io.atomic import atomic_output
 from .io.dataset import Dataset
 from .io.images import read_image
 from .io.pairs import Pair
+from .io.paths import check_relative_name, confined
+from .io.textfile import read_json_object
 from .validate import check_integer, check_number
 
 if TYPE_CHECKING:  # the drawing imports the matching package (torch): only where a page has matches
@@ -83,15 +85,12 @@ def collect(query: Dataset, map_: Dataset, *, results: Path | None = None, pairs
     loc = None
     if results is not None:
         loc = {r.name: r for r in read_results(results)}
-        try:
-            record = json.loads((results / RECORD_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            record = {}
+        record = read_json_object(results / RECORD_FILE, RECORD_FILE) if (results / RECORD_FILE).exists() else {}
         rconf = record.get("config", {}) if isinstance(record.get("config"), dict) else {}
         matches = matches or rconf.get("matches")
         map_name = map_name or rconf.get("map")
         if pairs is None and isinstance(rconf.get("pairs"), dict):
-            pairs = _pairs_of_record(query, rconf["pairs"].get("file"))
+            pairs = _pairs_of_record(query, rconf["pairs"].get("file"), results / RECORD_FILE)
     ranked: dict[str, list[Pair]] = {}
     for p in pairs or []:
         ranked.setdefault(p.query, []).append(p)
@@ -165,12 +164,21 @@ def write(data: dict[str, Any], out: Path) -> None:
 
     template = resources.files("cbir").joinpath("report.html").read_text(encoding="utf-8")
     # no "</" in the payload: it must not end the <script> element that holds it
-    payload = json.dumps(_json_safe(data), separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    payload = script_safe_json(data)
     head, rest = template.split("/*PLOTLY_JS*/")
     middle, tail = rest.split("/*REPORT_DATA*/")  # spliced, not replaced: the data never meets a marker
     page = head + get_plotlyjs() + middle + payload + tail
     with atomic_output(out) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
+
+
+def script_safe_json(data: Any) -> str:
+    """``data`` as JSON that can sit inside a ``<script>`` element whatever its strings hold:
+    ``<``, ``>`` and ``&`` are written as ``\\u`` escapes (JSON.parse reads them back), so
+    no ``</script>``, ``<!--`` or ``<script`` appears (the HTML parser's script states), and
+    every non-ASCII character is escaped too (U+2028 and U+2029 included)."""
+    text = json.dumps(_json_safe(data), separators=(",", ":"), allow_nan=False, ensure_ascii=True)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def _json_safe(value: Any) -> Any:
@@ -190,12 +198,20 @@ def _finite(v: float) -> float | None:
     return float(v) if v == v and abs(v) != float("inf") else None
 
 
-def _pairs_of_record(query: Dataset, file: str | None) -> list[Pair] | None:
+def _pairs_of_record(query: Dataset, file: Any, record: Path) -> list[Pair] | None:
+    """The pairs of the file a result's ``run.json`` names, when that file is inside the query
+    dataset; one elsewhere is not read (a dataset from someone else could name any file):
+    the error says to pass it with ``--pairs``."""
     from .io.pairs import read_pairs
 
     if not file or file == "-":
         return None
-    path = Path(file) if Path(file).is_absolute() else query.root / file
+    if not isinstance(file, str):
+        raise FormatError("config.pairs.file is not a path", record)
+    if Path(file).is_absolute() or check_relative_name(file, "pairs file", base=f"{query.root.name}/"):
+        raise CbirError(f"names the pairs file {file[:200]!r}, outside the query dataset: cbir reads no file a "
+                        "dataset names outside itself; pass --pairs FILE to show that file's retrieval", record)
+    path = confined(query.root, file, what="pairs file", source=record)
     return read_pairs(path) if path.is_file() else None
 
 

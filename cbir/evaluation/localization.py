@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import CbirError
 from ..geometry.poses import Pose, rotation_error_deg
-from ..io.textfile import read_utf8
+from ..io.textfile import read_utf8, split_lines
 
 DEFAULT_THRESHOLDS: tuple[tuple[float, float], ...] = ((0.25, 2.0), (0.5, 5.0), (5.0, 10.0))
 
@@ -63,7 +63,7 @@ def conditions_from(patterns: dict[str, str], names: list[str]) -> dict[str, lis
 
 
 def read_condition_list(path: str | Path) -> list[str]:
-    lines = (line.split("#", 1)[0].strip() for line in read_utf8(path, "condition list").splitlines())
+    lines = (line.split("#", 1)[0].strip() for line in split_lines(read_utf8(path, "condition list")))
     return [line for line in lines if line]
 
 

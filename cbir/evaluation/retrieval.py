@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import CbirError, FormatError
 from ..geometry.poses import Pose
 from ..io.pairs import Pair
-from ..io.textfile import read_utf8
+from ..io.textfile import read_utf8, split_lines
 
 
 @dataclass
@@ -53,7 +53,7 @@ def read_ground_truth(path: str | Path) -> GroundTruth:
     path = Path(path)
     text = read_utf8(path, "ground-truth file")
     gt = GroundTruth({}, {})
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(split_lines(text), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue

@@ -33,6 +33,8 @@ def model_path(store_path: Path) -> Path:
 
 
 def check_store_name(name: str) -> None:
+    if not isinstance(name, str):
+        raise CbirError(f"invalid store name {name!r}: not a string")
     if not _STORE_NAME_RE.match(name) or name.endswith((".h5", ".partial", MODEL_SUFFIX)):
         raise CbirError(f"invalid store name {name!r}: use letters, digits, '_', '-', '+', '.' "
                         f"(no path, no extension, not ending in {MODEL_SUFFIX})")

@@ -17,6 +17,7 @@ from ..errors import CbirError, FormatError, VersionError
 from ..geometry.cameras import CAMERA_MODELS, UNKNOWN_CAMERA, Camera, validate_camera
 from ..geometry.poses import Pose, validate_pose
 from .atomic import atomic_write_text
+from .textfile import read_file_bytes
 from .paths import check_relative_name
 from .sensors import ImageRecord, Sensor, SensorData
 
@@ -49,12 +50,7 @@ def iter_rows(path: str | os.PathLike) -> Iterator[tuple[int, list[str]]]:
     Refuses files of a newer major kapture version and lines that are not UTF-8.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CbirError("file not found", path) from None
-    except OSError as e:
-        raise CbirError(f"cannot read: {e.strerror}", path) from None
+    data = read_file_bytes(path)
     if data.startswith(UTF8_BOM):
         raise FormatError(BOM_MESSAGE, path, 1)
     for lineno, raw in enumerate(data.splitlines(), start=1):

@@ -13,13 +13,15 @@ import os
 import sys
 from dataclasses import dataclass
 
-from ..errors import FormatError
+from ..errors import CbirError, FormatError
 from .atomic import atomic_write_text
 from .provenance import digest
-from .textfile import read_utf8
+from .textfile import read_regular, read_utf8, split_lines
 
 PAIRS_HEADER = "# query_image, map_image, score"
 RECORD_PREFIX = "# cbir: "
+#: the longest ``# cbir:`` record read back (those cbir writes are a few kilobytes)
+MAX_RECORD_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +33,7 @@ class Pair:
 
 def parse_pairs(text: str, source: str = "<stdin>") -> list[Pair]:
     pairs = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(split_lines(text), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -45,7 +47,7 @@ def parse_pairs(text: str, source: str = "<stdin>") -> list[Pair]:
             try:
                 score = float(fields[2])
             except ValueError:
-                raise FormatError(f"score is not a number: {fields[2]!r}", source, lineno) from None
+                raise FormatError(f"score is not a number: {fields[2][:40]!r}", source, lineno) from None
         pairs.append(Pair(fields[0], fields[1], score))
     return pairs
 
@@ -65,16 +67,19 @@ def format_pairs(pairs: list[Pair], record: dict | None = None) -> str:
 
 def read_pairs_record(path: str | os.PathLike) -> dict | None:
     """The ``# cbir:`` record of a pairs file (what made it), or None: no such file, no
-    record (another tool's file), or a record that does not parse."""
+    record (another tool's file), or a record that does not parse or is larger than any
+    cbir writes (:data:`MAX_RECORD_BYTES`: it is not copied into results)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(read_regular(path), encoding="utf-8") as f:
             for line in f:
                 if not line.startswith("#"):
                     return None
                 if line.startswith(RECORD_PREFIX):
+                    if len(line) > MAX_RECORD_BYTES:
+                        return None
                     record = json.loads(line[len(RECORD_PREFIX):])
                     return record if isinstance(record, dict) else None
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, CbirError):
         return None
     return None
 

@@ -9,14 +9,14 @@ from pathlib import Path
 from ..errors import FormatError
 from ..geometry.poses import Pose, validate_pose
 from .atomic import atomic_write_text
-from .textfile import read_utf8
+from .textfile import read_utf8, split_lines
 
 
 def read_vlnet(path: str | os.PathLike) -> dict[str, Pose]:
     path = Path(path)
     text = read_utf8(path)
     poses: dict[str, Pose] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(split_lines(text), start=1):
         fields = line.split()
         if not fields or fields[0].startswith("#"):
             continue
