@@ -81,14 +81,14 @@ from . import extract as extract_mod
 from . import localize as localize_mod
 from . import mapping
 from . import report as report_mod
-from .errors import CbirError
+from .errors import CbirError, FormatError
 from .evaluation.localization import DEFAULT_THRESHOLDS, check_thresholds, pose_errors, summarize
 from .io.atomic import atomic_write_text
 from .io.dataset import Dataset, model_path
 from .io.pairs import Pair, exhaustive_pairs, read_pairs, read_pairs_record, write_pairs
 from .io.provenance import UNKNOWN, differences, digest
 from .io.store import open_store
-from .io.textfile import read_utf8
+from .io.textfile import MAX_JSON_DEPTH, json_depth, read_json_object, read_utf8
 from .matching import MatcherConf, VerifyConf
 from .matching import match as match_mod
 from .models.base import Extractor, resolve_device
@@ -152,16 +152,27 @@ class PipelineResult:
     evaluation: dict | None = None
 
 
+def _toml(text: str, source: str | Path) -> dict[str, Any]:
+    """The TOML document ``text``; invalid TOML, and nesting deeper than any configuration
+    has (:data:`~cbir.io.textfile.MAX_JSON_DEPTH`), are a :class:`FormatError` naming ``source``."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise FormatError(f"invalid TOML: {e}", source) from None
+    except RecursionError:
+        raise FormatError("nested too deep", source) from None
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise FormatError(f"nested deeper than {MAX_JSON_DEPTH} levels", source)
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
     """The defaults, updated by the TOML file, updated by ``a.b=value`` overrides (TOML values)."""
     conf = copy.deepcopy(DEFAULTS)
     base = Path(".")
     if path is not None:
         path = Path(path)
-        try:
-            data = tomllib.loads(read_utf8(path, "configuration file"))
-        except tomllib.TOMLDecodeError as e:
-            raise CbirError(f"invalid TOML: {e}", path) from None
+        data = _toml(read_utf8(path, "configuration file"), path)
         _merge(conf, data, str(path))
         base = path.parent
     for item in overrides:
@@ -169,8 +180,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
         if not sep:
             raise CbirError(f"override {item!r}: expected key=value")
         try:
-            parsed = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
+            parsed = _toml(f"v = {value}", f"--set {key}")["v"]
+        except FormatError as e:
+            if "nested" in e.message:
+                raise
             parsed = value  # a bare string
         parts = key.split(".")
         # inside a free-form table (local_conf, conf, ...) the rest of the key is one dotted key
@@ -427,8 +440,8 @@ def changes(p: Plan) -> list[Change]:
     values only a run determines (a vocabulary to learn) are not compared."""
     out: list[Change] = []
 
-    def compare(step: str, path: Path, found: dict[str, Any] | None, wanted: dict[str, Any]) -> None:
-        if found is None:
+    def compare(step: str, path: Path, found: Any, wanted: dict[str, Any]) -> None:
+        if not isinstance(found, dict):  # none, or not one cbir writes
             out.append(Change(step, path, ["no record of the configuration it was made with"]))
             return
         diffs = differences({k: found.get(k) for k in wanted}, wanted)
@@ -462,8 +475,8 @@ def changes(p: Plan) -> list[Change]:
     run_json = p.localization_dir / localize_mod.RECORD_FILE
     if run_json.exists() or (p.localization_dir / "report.json").exists():
         try:
-            found = json.loads(run_json.read_text(encoding="utf-8"))["config"]
-        except (OSError, ValueError, KeyError, TypeError):
+            found = read_json_object(run_json, localize_mod.RECORD_FILE).get("config")
+        except CbirError:
             found = None
         wanted = localize_mod.localization_config(p.local_name, p.query_matches, p.local_name, p.localize_config,
                                                   p.localize_overrides, False, True, p.post, {})

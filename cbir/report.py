@@ -86,10 +86,14 @@ def collect(query: Dataset, map_: Dataset, *, results: Path | None = None, pairs
     if results is not None:
         loc = {r.name: r for r in read_results(results)}
         record = read_json_object(results / RECORD_FILE, RECORD_FILE) if (results / RECORD_FILE).exists() else {}
-        rconf = record.get("config", {}) if isinstance(record.get("config"), dict) else {}
+        rconf = record.get("config", {})
+        if not isinstance(rconf, dict) or not all(isinstance(rconf.get(k) or "", str) for k in ("matches", "map")) \
+                or not isinstance(rconf.get("pairs") or {}, dict):
+            raise FormatError("'config' is not the record of a localization (an object naming the matches, map "
+                              "and pairs)", results / RECORD_FILE)
         matches = matches or rconf.get("matches")
         map_name = map_name or rconf.get("map")
-        if pairs is None and isinstance(rconf.get("pairs"), dict):
+        if pairs is None and rconf.get("pairs"):
             pairs = _pairs_of_record(query, rconf["pairs"].get("file"), results / RECORD_FILE)
     ranked: dict[str, list[Pair]] = {}
     for p in pairs or []:

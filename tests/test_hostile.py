@@ -8,6 +8,7 @@ outside the target; no hang (corrupt HDF5 metadata is read in a time-limited chi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -656,3 +657,146 @@ def test_hloc_files_whose_data_is_elsewhere_are_not_imported(sample_dataset, vic
     result = run("import", "hloc", sample_dataset, "--features", feats, "--name", "stolen")
     one_line_error(result, "feats.h5", "holds data of other files", "external storage")
     assert not (sample_dataset / "cbir/local/stolen.h5").exists()
+
+
+GOOD_RESULT = {"name": "left/000.png", "success": True, "method": "pnp", "num_map_images": 1, "num_2d3d": 10,
+               "num_inliers": 8, "qvec": [1, 0, 0, 0], "tvec": [0, 0, 0]}
+
+
+def _result(dataset: Path, report, record) -> Path:
+    """A localization result ``x`` of ``dataset`` with these report.json and run.json contents
+    (text is written as is, anything else as JSON)."""
+    directory = dataset / "cbir/localization/x"
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, value in (("report.json", report), ("run.json", record)):
+        (directory / name).write_text(value if isinstance(value, str) else json.dumps(value))
+    return directory
+
+
+CRAFTED_REPORTS = {
+    "an object": {}, "a number entry": [1], "a name that is a number": [{**GOOD_RESULT, "name": 5}],
+    "a name that is a list": [{**GOOD_RESULT, "name": ["left/000.png"]}],
+    "success 'no'": [{**GOOD_RESULT, "success": "no"}],
+    "a success without qvec": [{k: v for k, v in GOOD_RESULT.items() if k != "qvec"}],
+    "a zero quaternion": [{**GOOD_RESULT, "qvec": [0, 0, 0, 0]}],
+    "a text coordinate": [{**GOOD_RESULT, "tvec": [0, 0, "x"]}],
+    "an infinite coordinate": '[{"name": "left/000.png", "success": true, "qvec": [1, 0, 0, 0], "tvec": [0, 0, 1e999]}]',
+    "a negative count": [{**GOOD_RESULT, "num_inliers": -1}],
+    "a camera object": [{**GOOD_RESULT, "camera": {"model": "PINHOLE"}}],
+    "a query twice": [GOOD_RESULT, GOOD_RESULT], "an unknown field": [{**GOOD_RESULT, "extra": 1}],
+    "a name out of the dataset": [{**GOOD_RESULT, "name": "../../x.png"}],
+    "deep nesting": "[" * 100_000 + "]" * 100_000, "nesting past the limit": [[[[[[[[[[[[] * 1]]]]]]]]]]] * 1,
+    "not JSON": "[{", "not UTF-8": "\udcff",
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED_REPORTS))
+def test_crafted_localization_reports_are_one_line_errors(sample_dataset, case):
+    content = CRAFTED_REPORTS[case]
+    if case == "nesting past the limit":
+        content = "[" * 70 + "]" * 70
+    directory = _result(sample_dataset, "", {"config": {}, "inputs": {}})
+    if case == "not UTF-8":
+        (directory / "report.json").write_bytes(b"[\xff]")
+    else:
+        (directory / "report.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    for command in (["report", "--query", sample_dataset, "--map", sample_dataset, "--results", "x", "-o",
+                     sample_dataset / "r.html"],
+                    ["evaluate", "--query", sample_dataset, "--results", "x", "--gt", sample_dataset]):
+        one_line_error(run(*command), "report.json")
+    assert not (sample_dataset / "r.html").exists()
+
+
+CRAFTED_RECORDS = {
+    "a list": [], "a config list": {"config": []}, "a matches number": {"config": {"matches": 5}},
+    "a map list": {"config": {"map": ["sample"]}}, "pairs as a list": {"config": {"pairs": ["x"]}},
+    "a pairs file number": {"config": {"pairs": {"file": 7}}},
+    "deep nesting": '{"config": ' + "[" * 100_000 + "]" * 100_000 + "}",
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED_RECORDS))
+def test_crafted_run_records_are_one_line_errors(sample_dataset, case):
+    _result(sample_dataset, [GOOD_RESULT], CRAFTED_RECORDS[case])
+    result = run("report", "--query", sample_dataset, "--map", sample_dataset, "--results", "x",
+                 "-o", sample_dataset / "r.html")
+    one_line_error(result, "run.json")
+    assert not (sample_dataset / "r.html").exists()
+
+
+@pytest.mark.parametrize("file", ["/etc/hosts", "../../../../../../../../etc/hosts", "{outside}"])
+def test_a_pairs_file_named_outside_the_dataset_is_not_read(sample_dataset, victim, file):
+    victim.write_text("left/000.png, right/000.png, secret-third-field\n")
+    _result(sample_dataset, [GOOD_RESULT], {"config": {"pairs": {"file": file.format(outside=victim)}}})
+    result = run("report", "--query", sample_dataset, "--map", sample_dataset, "--results", "x",
+                 "-o", sample_dataset / "r.html")
+    line = one_line_error(result, "run.json", "outside the query dataset", "--pairs")
+    assert "secret" not in line and "localhost" not in line
+    # the same file, named by the user, is read
+    if file == "{outside}":
+        victim.write_text("left/000.png, right/000.png, 0.5\n")
+        assert run("report", "--query", sample_dataset, "--map", sample_dataset, "--results", "x", "--pairs", victim,
+                   "-o", sample_dataset / "r.html").exit_code == 0
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero", "directory"])
+@pytest.mark.parametrize("file", ["records_camera.txt", "trajectories.txt"])
+def test_sensor_files_that_are_not_regular_files(sample_dataset, special, file):
+    """A FIFO would block every reader for ever, /dev/zero would fill the memory: both are
+    refused before a byte is read."""
+    path = sample_dataset / "sensors" / file
+    path.unlink()
+    if special == "fifo":
+        os.mkfifo(path)
+    elif special == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to(special)
+    kind = {"fifo": "a FIFO", "/dev/zero": "a device", "directory": "a directory"}[special]
+    for command in (["info", sample_dataset], ["check", sample_dataset], ["extract", sample_dataset, "--local",
+                                                                          "sift"]):
+        one_line_error(run(*command), file, kind, "not a regular file")
+
+
+def test_names_with_unicode_line_breaks_round_trip(sample_dataset, tmp_path):
+    """kapture and Python split a text file's lines at '\\n' and '\\r' only: a name holding
+    U+2028 or U+0085 is one name, and the pairs file cbir writes is read back."""
+    names = ["left/a\u2028b.png", "left/c\u0085d.png", "left/e\u2029f.png"]
+    records = sample_dataset / "sensors/records_camera.txt"
+    image = (sample_dataset / "sensors/records_data/left/000.png").read_bytes()
+    lines = [f"{10 + i}, left, {n}" for i, n in enumerate(names)]
+    records.write_text(records.read_text() + "\n".join(lines) + "\n")
+    for n in names:
+        (sample_dataset / "sensors/records_data" / n).write_bytes(image)
+    assert run("check", sample_dataset).exit_code == 0
+    pairs = tmp_path / "pairs.txt"
+    assert run("pairs", "exhaustive", "--map", sample_dataset, "-o", pairs).exit_code == 0
+    from cbir.io.pairs import read_pairs
+
+    read = read_pairs(pairs)
+    assert {p.query for p in read} | {p.map for p in read} >= set(names)
+
+
+def test_a_huge_pairs_record_is_not_copied(sample_dataset, tmp_path):
+    from cbir.io.pairs import MAX_RECORD_BYTES, read_pairs_record
+
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text('# cbir: {"config": "' + "x" * MAX_RECORD_BYTES + '"}\nleft/000.png, right/000.png\n')
+    assert read_pairs_record(pairs) is None
+    deep = tmp_path / "deep.txt"
+    deep.write_text("# cbir: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert read_pairs_record(deep) is None
+
+
+@pytest.mark.parametrize("how", ["toml", "set"])
+def test_configurations_nested_too_deep_are_one_line_errors(tmp_path, how):
+    from cbir.pipeline import load_config
+
+    deep = "[" * 5000 + "]" * 5000
+    if how == "toml":
+        (tmp_path / "c.toml").write_text(f"[datasets]\nmap = 'm'\nquery = 'q'\n[local_conf]\nx = {deep}\n")
+        result = run("pipeline", tmp_path / "c.toml", "--check")
+        one_line_error(result, "c.toml", "nested too deep")
+    else:
+        with pytest.raises(FormatError, match="--set local_conf.x: nested"):
+            load_config(None, [f"local_conf.x={deep}"])

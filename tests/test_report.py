@@ -175,3 +175,35 @@ def test_a_report_of_real_photos(browser, sceaux, tmp_path):
     assert len(marks) == 4 and set(marks) <= {"yes", "no"}
     assert browser.execute_script("return getComputedStyle(document.getElementById('curves-section')).display") \
         == "none"
+
+
+HOSTILE_NAMES = ["q/<!--<script>.jpg", 'q/<a href="https://example.com" target="_top">link</a>.jpg',
+                 'q/<span style="color:red">styled</span>.jpg', "q/a&amp;b\u2028c.jpg"]
+
+
+def test_names_that_are_markup_stay_text(browser, tmp_path):
+    """A name holding ``<!--<script>`` does not blank the page (the data block escapes the
+    HTML parser's script states), and names in the 3D view's hover labels are text, not the
+    links and styles plotly would render (issue 31)."""
+    cards = [{"name": n, "success": True, "retrieved": [], "error_t": 0.1, "error_R": 0.2} for n in HOSTILE_NAMES]
+    data = {"title": HOSTILE_NAMES[0], "thresholds": [[0.25, 2]], "queries": len(cards), "localized": len(cards),
+            "failed": [], "cards": cards, "map_thumbs": {},
+            "scene": {"points": [[0, 0, 0]], "colors": ["#808080"], "total_points": 1,
+                      "map_cameras": {"names": HOSTILE_NAMES, "centres": [[i, 0, 0] for i in range(4)],
+                                      "axes": [[i, 0, 1] for i in range(4)]},
+                      "queries": [{"name": n, "estimate": [0, i, 0], "truth": [0, i, 1]}
+                                  for i, n in enumerate(HOSTILE_NAMES)], "bounds": [[-1, -1, -1], [4, 4, 4]]}}
+    report_mod.write(data, tmp_path / "r.html")
+    payload = (tmp_path / "r.html").read_text().split('id="report-data">', 1)[1].split("</script>", 1)[0]
+    assert "<" not in payload and json.loads(payload)["cards"][0]["name"] == HOSTILE_NAMES[0]
+    assert open_report(browser, tmp_path / "r.html")["cards"] == len(HOSTILE_NAMES)
+    deadline = time.time() + 60
+    while browser.execute_script("return document.body.getAttribute('data-scene')") != "ready":
+        assert time.time() < deadline, "the 3D view was never drawn"
+        time.sleep(0.1)
+    texts = browser.execute_script("return document.getElementById('scene3d').data.map((t) => t.text || [])")
+    shown = [t for trace in texts for t in trace]
+    assert shown and not any("<" in t for t in shown), shown
+    assert any("&lt;a href" in t for t in shown)
+    assert browser.execute_script("return document.querySelectorAll('a[target=_top], span[style*=red]').length") == 0
+    assert browser.execute_script("return document.title") is not None  # the page is still there, not navigated

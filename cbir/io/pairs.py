@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ..errors import CbirError, FormatError
 from .atomic import atomic_write_text
 from .provenance import digest
-from .textfile import read_regular, read_utf8, split_lines
+from .textfile import parse_json, read_regular, read_utf8, split_lines
 
 PAIRS_HEADER = "# query_image, map_image, score"
 RECORD_PREFIX = "# cbir: "
@@ -77,7 +77,7 @@ def read_pairs_record(path: str | os.PathLike) -> dict | None:
                 if line.startswith(RECORD_PREFIX):
                     if len(line) > MAX_RECORD_BYTES:
                         return None
-                    record = json.loads(line[len(RECORD_PREFIX):])
+                    record = parse_json(line[len(RECORD_PREFIX):], path)
                     return record if isinstance(record, dict) else None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError, CbirError):
         return None
