@@ -800,3 +800,19 @@ def test_configurations_nested_too_deep_are_one_line_errors(tmp_path, how):
     else:
         with pytest.raises(FormatError, match="--set local_conf.x: nested"):
             load_config(None, [f"local_conf.x={deep}"])
+
+
+@pytest.mark.parametrize("where", ["reconstruction/descriptors/SIFT", "sensors"])
+def test_kapture_import_does_not_follow_links_out_of_the_source(kapture_src, tmp_path, victim, where):
+    """A feature file linked to a file of the user's is not imported (it would land in a
+    store, then in every export) unless --follow-symlinks says the links are meant."""
+    folder = kapture_src / where
+    target = next(p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix in (".desc", ".txt"))
+    shutil.copyfile(target, victim)
+    target.unlink()
+    target.symlink_to(victim)
+    dst = tmp_path / "work" / "dst"
+    one_line_error(run("import", "kapture", kapture_src, dst, "--images", "skip"), str(target), "symbolic link out of",
+                   "--follow-symlinks")
+    assert not dst.exists()
+    assert run("import", "kapture", kapture_src, dst, "--images", "skip", "--follow-symlinks").exit_code == 0

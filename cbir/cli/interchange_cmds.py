@@ -63,13 +63,17 @@ def import_images(ctx: click.Context, src: Path, dataset: Path, image_mode: str,
 @click.argument("dst", required=False, type=click.Path(file_okay=False, path_type=Path))
 @image_mode_option
 @overwrite_option
+@click.option("--follow-symlinks", is_flag=True,
+              help="Import files of sensors/ and reconstruction/ that are symbolic links out of SRC.")
 @click.pass_context
-def import_kapture(ctx: click.Context, src: Path, dst: Path | None, image_mode: str, overwrite: bool) -> None:
+def import_kapture(ctx: click.Context, src: Path, dst: Path | None, image_mode: str, overwrite: bool,
+                   follow_symlinks: bool) -> None:
     """A kapture dataset SRC (with its reconstruction/ features, matches, points) into DST.
 
     Without DST the stores are added to SRC itself (under SRC/cbir/).
     """
-    written = _interchange().import_kapture(src, dst, images=image_mode, overwrite=overwrite)  # type: ignore[arg-type]
+    written = _interchange().import_kapture(src, dst, images=image_mode, overwrite=overwrite,  # type: ignore[arg-type]
+                                            follow_symlinks=follow_symlinks)
     report_written(written, is_quiet(ctx))
 
 

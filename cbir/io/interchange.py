@@ -10,7 +10,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Collection, Literal
 
 from ..errors import CbirError
 from ..geometry.cameras import UNKNOWN_CAMERA, Camera
@@ -140,12 +140,16 @@ def import_images(src: str | os.PathLike, dst: str | os.PathLike, *, images: Ima
 # ================================================================================ kapture
 
 def import_kapture(src: str | os.PathLike, dst: str | os.PathLike | None = None, *,
-                   images: ImageMode = "copy", overwrite: bool = False) -> list[Path]:
+                   images: ImageMode = "copy", overwrite: bool = False, follow_symlinks: bool = False) -> list[Path]:
     """Make a cbir dataset of a kapture dataset: sensors as they are, reconstruction/ into stores.
 
-    With ``dst`` None (or equal to ``src``) the stores are written into ``src/cbir/``.
+    With ``dst`` None (or equal to ``src``) the stores are written into ``src/cbir/``. A
+    symbolic link in ``sensors/`` (but ``records_data/``) or ``reconstruction/`` that leads
+    out of ``src`` is refused unless ``follow_symlinks``, as images are.
     """
     src = Path(src)
+    if not follow_symlinks:
+        refuse_links_out(src, ["sensors", kb.RECONSTRUCTION], skip={src / RECORDS_DATA_DIR})
     data = read_sensor_data(src)  # validates the sensor files and the points first: nothing half-written
     found = kb.list_reconstruction(src)
     maps = kb.read_points(src) if found["points3d"] else {}
@@ -211,6 +215,23 @@ def export_kapture(dataset: Dataset, dst: str | os.PathLike, *, local: list[str]
         kb.export_points(dataset.store_path("map", name), dst)
         written.append(dst / kb.RECONSTRUCTION / "points3d.txt")
     return written
+
+
+def refuse_links_out(root: Path, folders: list[str], skip: Collection[Path] = ()) -> None:
+    """A :class:`CbirError` naming the first symbolic link below ``root/<folder>`` (but below
+    ``skip``) that leads out of ``root``: what it points at is not the dataset's to import."""
+    real_root = root.resolve()
+    for folder in folders:
+        for directory, dirs, files in os.walk(root / folder):
+            here = Path(directory)
+            dirs[:] = sorted(d for d in dirs if here / d not in skip)
+            for name in sorted(dirs + files):
+                path = here / name
+                if path.is_symlink():
+                    real = path.resolve()
+                    if real != real_root and real_root not in real.parents:
+                        raise CbirError(f"is a symbolic link out of {root} (to {real}): pass --follow-symlinks "
+                                        "to import what it points at", path)
 
 
 # ================================================================================ COLMAP

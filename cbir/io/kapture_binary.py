@@ -32,6 +32,7 @@ from .dataset import check_store_name
 from .map_store import PointMap, read_map, write_map
 from .paths import check_relative_name, confined, require_type_name
 from .store import StoreWriter, open_store
+from .textfile import read_file_bytes
 
 RECONSTRUCTION = "reconstruction"
 KEYPOINTS_HEADER = "# name, dtype, dsize"
@@ -79,7 +80,7 @@ def _dsize(value: str, path: Path) -> int:
 
 
 def _read_array(path: Path, dtype: np.dtype, dsize: int) -> np.ndarray:
-    data = np.fromfile(path, dtype=np.uint8)
+    data = np.frombuffer(read_file_bytes(path, "feature file"), dtype=np.uint8)  # a regular file, within its size
     if data.size % (dtype.itemsize * dsize):
         raise FormatError(f"size {data.size} B is not a multiple of {dsize} x {dtype} "
                           "(truncated, or wrong dtype/dsize)", path)
