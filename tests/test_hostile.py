@@ -816,3 +816,54 @@ def test_kapture_import_does_not_follow_links_out_of_the_source(kapture_src, tmp
                    "--follow-symlinks")
     assert not dst.exists()
     assert run("import", "kapture", kapture_src, dst, "--images", "skip", "--follow-symlinks").exit_code == 0
+
+
+def _claim_rows(path: Path, last: int) -> None:
+    """Make the last image of a local store claim ``last`` keypoints, with datasets of that
+    many rows declared but never written (HDF5 allocates nothing: the file stays small)."""
+    with h5py.File(path, "a") as f:
+        offsets = f["offsets"][()]
+        rows = int(offsets[-2]) + last
+        offsets[-1] = rows
+        f["offsets"][...] = offsets
+        for name in ("keypoints", "descriptors", "scores", "keypoint_params"):
+            old = f[name]
+            shape, dtype = (rows, *old.shape[1:]), old.dtype
+            del f[name]
+            f.create_dataset(name, shape=shape, dtype=dtype)
+        del f.attrs["checksums"]
+
+
+@pytest.mark.parametrize("last", [2 ** 23, 2 ** 32, 2 ** 40])
+def test_stores_claiming_rows_they_do_not_hold(sample_dataset, tmp_path, last):
+    """Memory follows the file's real size: a header's row count is checked against the file
+    before anything is allocated for it."""
+    import resource
+
+    store = sample_dataset / "cbir/local/sample.h5"
+    _claim_rows(store, last)
+    assert store.stat().st_size < 1 << 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for command in (["check", sample_dataset], ["check", sample_dataset, "--deep"],
+                    ["export", "kapture", sample_dataset, tmp_path / "out", "--local", "sample", "--images", "skip"],
+                    ["export", "hloc", sample_dataset, "--local", "sample", "--features-out", tmp_path / "f.h5"],
+                    ["match", "--query", sample_dataset, "--pairs", sample_dataset / "cbir/pairs/sample.txt",
+                     "--local", "sample", "--name", "m"]):
+        one_line_error(run(*command), "sample.h5", "does not hold", "truncated or corrupt")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing near the claim
+    assert not (tmp_path / "out").exists() and not (tmp_path / "f.h5").exists()
+
+
+@pytest.mark.parametrize("at", [24, 40])
+def test_a_column_whose_object_header_is_corrupt_is_not_dropped(sample_dataset, tmp_path, at):
+    """h5py's ``get`` answers None for an object it cannot open: such a column must make the
+    store corrupt, not absent (an export would drop it, ``check`` would say ok)."""
+    store = sample_dataset / "cbir/matches/sample.h5"
+    with h5py.File(store, "r") as f:
+        header = h5py.h5o.get_info(f["H"].id).addr
+    with open(store, "r+b") as f:
+        f.seek(header + at)
+        f.write(b"\xff" * 8)
+    one_line_error(run("check", sample_dataset), "sample.h5", "cannot open 'H'")
+    one_line_error(run("export", "kapture", sample_dataset, tmp_path / "out", "--matches", "sample", "--images",
+                       "skip"), "sample.h5", "cannot open 'H'")

@@ -42,6 +42,17 @@ class DatasetInfo:
     dtype: np.dtype | None
     offset: int | None
     is_string: bool
+    #: bytes of the file allocated to the data (HDF5's storage size); less than the data's size
+    #: when the header claims more than was written (a truncated or crafted file)
+    stored: int = 0
+    #: bytes the data takes in memory as HDF5 holds it (a string: its heap reference)
+    claimed: int = 0
+
+    @property
+    def unstored(self) -> bool:
+        """The header claims more data than the file has room for: reading it would make up
+        the rest (zeros) or allocate what no input holds."""
+        return self.claimed > 0 and self.stored < self.claimed
 
     @property
     def nbytes(self) -> int:
@@ -93,20 +104,24 @@ def _read(path: str, strings: Sequence[str]) -> Metadata:
         datasets: dict[str, DatasetInfo] = {}
         groups = []
         for name in f.keys():
-            obj = f.get(name)
+            obj = f[name]  # not f.get(): it answers None for an object whose header is corrupt
             if isinstance(obj, h5py.Dataset):
                 is_string = h5py.check_string_dtype(obj.dtype) is not None or obj.dtype.kind in "OSU"
                 dtype = None if is_string or obj.dtype.kind not in "biuf" else obj.dtype
                 # an offset is one into *this* file only for data this file holds itself
                 offset = None if any(item.startswith(f"'{name}' ") for item in foreign) else obj.id.get_offset()
-                datasets[name] = DatasetInfo(tuple(int(s) for s in obj.shape), dtype, offset, is_string)
+                shape = tuple(int(s) for s in obj.shape)
+                claimed = int(np.prod(shape, dtype=object)) * obj.dtype.itemsize  # Python ints: no overflow
+                datasets[name] = DatasetInfo(shape, dtype, offset, is_string, int(obj.id.get_storage_size()),
+                                             claimed)
             elif isinstance(obj, h5py.Group):
                 groups.append(name)
         values: dict[str, bytes | list] = {}
         for name in strings:
             info = datasets.get(name)
-            if info is None or not info.is_string or not (len(info.shape) == 1 or info.shape[1:] == (2,)):
-                continue  # absent or mis-shaped: the caller reports it from ``datasets``
+            if info is None or not info.is_string or not (len(info.shape) == 1 or info.shape[1:] == (2,)) \
+                    or info.unstored:
+                continue  # absent, mis-shaped or not stored: the caller reports it from ``datasets``
             items = f[name][()].ravel().tolist()  # row-major: a pair's two names follow each other
             if not all(type(x) is bytes for x in items):
                 items = [_to_bytes(x) for x in items]
@@ -118,27 +133,46 @@ def _read(path: str, strings: Sequence[str]) -> Metadata:
         return Metadata(attrs, datasets, tuple(groups), values, foreign)
 
 
+def refuse_unstored(path: Path, datasets: dict[str, DatasetInfo]) -> None:
+    """A :class:`FormatError` unless every dataset's data is in the file: a header that claims
+    more rows than the file holds (a truncated file, or a crafted one claiming 2^40 rows) is
+    refused before anything is allocated for it, so that memory follows the file's real size."""
+    size = path.stat().st_size
+    for name, info in datasets.items():
+        if info.unstored or (info.offset is not None and info.offset + info.claimed > size):
+            raise FormatError(f"'{name}' claims {info.claimed:,} bytes of data ({'x'.join(map(str, info.shape))}) "
+                              f"that the file ({size:,} bytes) does not hold: it is truncated or corrupt", path)
+
+
 def _foreign_objects(f: Any) -> tuple[str, ...]:
     """Every object of the open file ``f`` whose data lives in another file, described."""
     import h5py
 
     found: list[str] = []
+    unreadable: list[str] = []
 
-    def visit(name: str, link: Any) -> None:
+    def visit(name: str, link: Any) -> bool | None:
         if isinstance(link, h5py.ExternalLink):
             found.append(f"'{name}' (an external link to {link.filename}:{link.path})")
             return
         if not isinstance(link, h5py.HardLink):
             return
-        obj = f.get(name)
+        try:
+            obj = f[name]
+        except (KeyError, OSError, RuntimeError, ValueError) as e:  # a corrupt object header
+            unreadable.append(f"cannot open '{name}' ({e})")
+            return True  # stops the visit
         if isinstance(obj, h5py.Dataset):
             if obj.external:
                 found.append(f"'{name}' (external storage in {obj.external[0][0]!r})")
             elif obj.is_virtual:
                 files = sorted({m.file_name for m in obj.virtual_sources()})
                 found.append(f"'{name}' (a virtual dataset of {', '.join(files)})")
+        return None
 
     f.visititems_links(visit)
+    if unreadable:
+        raise RuntimeError(unreadable[0])
     return tuple(found)
 
 

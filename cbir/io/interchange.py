@@ -19,11 +19,10 @@ from . import colmap as colmap_io
 from . import hloc as hloc_io
 from . import kapture_binary as kb
 from .atomic import atomic_output
-from .dataset import Dataset, check_store_name
-from .hdf5 import read_metadata
+from .dataset import STORE_DIRS, Dataset, check_store_name
 from .images import read_header
 from .kapture_text import RECORDS_DATA_DIR, read_sensor_data, write_sensor_data
-from .map_store import write_map
+from .map_store import read_map, write_map
 from .paths import check_relative_name, confined
 from .sensors import ImageRecord, Sensor, SensorData
 from .store import open_store
@@ -191,9 +190,11 @@ def export_kapture(dataset: Dataset, dst: str | os.PathLike, *, local: list[str]
     dst = Path(dst)
     if len(maps) > 1:
         raise CbirError("kapture holds one set of 3D points: export one map at a time")
-    for kind, names in (("local", local), ("global", global_), ("matches", matches), ("map", maps)):
+    for kind, names in (("local", local), ("global", global_), ("matches", matches)):
         for name in names:  # a missing or refused store is said before anything is written
-            read_metadata(dataset.store_path(kind, name))
+            open_store(dataset.store_path(kind, name), STORE_DIRS[kind]).close()
+    for name in maps:
+        read_map(dataset.store_path("map", name))
     written: list[Path] = []
     if not _same_dir(dataset.root, dst):
         written += write_sensor_data(dst, dataset.sensors)

@@ -22,7 +22,7 @@ import numpy as np
 from .. import __version__
 from ..errors import CbirError, FormatError
 from .atomic import atomic_output
-from .hdf5 import read_metadata
+from .hdf5 import read_metadata, refuse_unstored
 from .store import FORMAT_VERSION, STR_DTYPE, _check_major, _config_of, check_attr_types
 
 MAP_KIND = "map"
@@ -125,6 +125,7 @@ def read_map(path: str | os.PathLike) -> PointMap:
             raise FormatError(f"'{name}' must be a {ndim}-D numeric dataset", path)
         if name.startswith("track_") and d.dtype.kind not in "iu":
             raise FormatError(f"'{name}' must hold integers, got {d.dtype}", path)
+    refuse_unstored(path, meta.datasets)
     local = attrs.get("local_features", "")
     try:
         with h5py.File(path, "r") as f:

@@ -34,7 +34,7 @@ import numpy as np
 from .. import __version__
 from ..errors import CbirError, FormatError, VersionError
 from .atomic import WriteLock, atomic_output, atomic_write_text, is_no_space
-from .hdf5 import DatasetInfo, Metadata, read_metadata
+from .hdf5 import DatasetInfo, Metadata, read_metadata, refuse_unstored
 from .paths import check_relative_name, refuse_links
 from .provenance import differences, digest
 
@@ -181,6 +181,7 @@ class Store:
             if key in meta.groups:
                 raise FormatError(f"'{key}' is a group, expected a dataset", self.path)
         self._infos = {n: infos[n] for n in (self.schema.key, "offsets", *self.schema.columns) if n in infos}
+        refuse_unstored(self.path, {n: infos[n] for n in (*self._infos, KEYS_BLOB) if n in infos})
         self._keys, names_blob = _decode_keys(meta, self.schema, self.path)
         self._n = len(self._keys)
         self._check_blob(infos.get(KEYS_BLOB), names_blob)
