@@ -867,3 +867,73 @@ def test_a_column_whose_object_header_is_corrupt_is_not_dropped(sample_dataset, 
     one_line_error(run("check", sample_dataset), "sample.h5", "cannot open 'H'")
     one_line_error(run("export", "kapture", sample_dataset, tmp_path / "out", "--matches", "sample", "--images",
                        "skip"), "sample.h5", "cannot open 'H'")
+
+
+# ---------------------------------------------------------------- kept faiss indexes
+
+def _kept_index(dataset: Path, kind: str) -> tuple[Path, Path]:
+    """Build the ``kind`` index of the sample's global store: (record file, faiss file)."""
+    assert run("index", "build", dataset, "--global", "sample", "--index", kind).exit_code == 0
+    record = dataset / f"cbir/index/sample.{kind}.h5"
+    return record, next((dataset / "cbir/index").glob(f"sample.{kind}.*.faiss"))
+
+
+def _swap_bytes(record: Path, faiss_file: Path, data: bytes) -> None:
+    """Replace a kept index's faiss bytes and make its record agree (size and CRC), as a
+    crafted dataset would."""
+    import zlib
+
+    faiss_file.write_bytes(data)
+    with h5py.File(record, "a") as f:
+        files = json.loads(f.attrs["files"])
+        files[0].update(size=len(data), crc32=f"{zlib.crc32(data):08x}")
+        f.attrs["files"] = json.dumps(files)
+
+
+def _retrieve(dataset: Path, kind: str):
+    return run("retrieve", "--query", dataset, "--map", dataset, "--global", "sample", "--index", kind, "--topk", "2",
+               "-o", dataset / "pairs.txt")
+
+
+def _patch(data: bytes, offset: int, new: bytes) -> bytes:
+    offset %= len(data)
+    return data[:offset] + new + data[offset + len(new):]
+
+
+#: crafted faiss files: (kind of the record, how the bytes are made from the kept files, the error)
+CRAFTED_INDEXES = {
+    "nlist 2^25": ("ivf", lambda kept: _patch(kept["ivf"], 37, np.int64(2 ** 25).tobytes()), "cannot read the index"),
+    "flat under ivf": ("ivf", lambda kept: kept["flat"], "IndexFlatIP, where a ivf index is a IndexIVFFlat"),
+    "ivfpq under ivf": ("ivf", lambda kept: kept["ivfpq"], "where a ivf index is a IndexIVFFlat"),
+    "L2 under inner product": ("flat", lambda kept: b"IxF2" + kept["flat"][4:], "IndexFlatL2"),
+    "dimension": ("flat", lambda kept: _patch(kept["flat"], 4, np.int32(5).tobytes()), "cannot read the index"),
+    "NaN vectors": ("flat", lambda kept: _patch(kept["flat"], -48, np.full(12, np.nan, np.float32).tobytes()),
+                    "found no candidate"),
+    "negative ids": ("ivf", lambda kept: _patch(kept["ivf"], -24, np.full(3, -5, np.int64).tobytes()),
+                     "returned image -5"),
+    "not an index": ("flat", lambda kept: b"root:x:0:0:root:/root:/bin/bash\n" * 3, "cannot read the index"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED_INDEXES))
+def test_crafted_kept_indexes_are_refused(sample_dataset, case):
+    import resource
+
+    kind, make, error = CRAFTED_INDEXES[case]
+    kept = {k: _kept_index(sample_dataset, k)[1].read_bytes() for k in ("flat", "ivf", "ivfpq")}
+    record, faiss_file = _kept_index(sample_dataset, kind)
+    _swap_bytes(record, faiss_file, make(kept))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    one_line_error(_retrieve(sample_dataset, kind), error)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+    assert not (sample_dataset / "pairs.txt").exists()
+
+
+def test_a_kept_index_linked_out_of_the_dataset_is_refused(sample_dataset, victim):
+    record, faiss_file = _kept_index(sample_dataset, "flat")
+    victim.write_bytes(faiss_file.read_bytes())  # the same bytes, size and CRC: only the link is wrong
+    faiss_file.unlink()
+    faiss_file.symlink_to(victim)
+    for command in (["retrieve", "--query", sample_dataset, "--map", sample_dataset, "--global", "sample",
+                     "--index", "flat", "-o", sample_dataset / "pairs.txt"], ["check", sample_dataset, "--deep"]):
+        one_line_error(run(*command), faiss_file.name, "symbolic link")

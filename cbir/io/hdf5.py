@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import CbirError, FormatError
+from .child import in_child
 from .paths import TRUST_LINKS_HINT, refuse_links, trust_links
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -239,7 +240,7 @@ def read_metadata(path: str | os.PathLike, strings: Sequence[str] = ()) -> Metad
         raise CbirError("not a file", path)
     limit = timeout_s()
     _warm_up()
-    status, payload = _in_child(_read, (str(path), tuple(strings)), limit)
+    status, payload = in_child(_read, (str(path), tuple(strings)), limit)
     if status == "ok":
         if payload.foreign and not trust_links():
             raise FormatError(f"holds data of other files: {'; '.join(payload.foreign[:3])}; cbir reads only "
@@ -251,59 +252,3 @@ def read_metadata(path: str | os.PathLike, strings: Sequence[str] = ()) -> Metad
     if status == "oserror":
         raise FormatError("not a readable HDF5 file (truncated or corrupt?)", path)
     raise FormatError(f"corrupt HDF5 metadata ({payload})", path)
-
-
-def _in_child(func, args: tuple, limit: float) -> tuple[str, Any]:
-    """Run ``func(*args)`` in a forked child; ('ok', result), ('timeout', None),
-    ('oserror', message) or ('error', message)."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns
-        code = 0
-        try:
-            os.close(read_fd)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            try:
-                result: tuple[str, Any] = ("ok", func(*args))
-            except OSError as e:
-                result = ("oserror", str(e).splitlines()[0] if str(e) else type(e).__name__)
-            except Exception as e:  # any decoding problem of a corrupt file
-                result = ("error", f"{type(e).__name__}: {e}".splitlines()[0][:300])
-            data = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(write_fd, view):]
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    chunks = []
-    deadline = time.monotonic() + limit
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([read_fd], [], [], left)[0]:
-                os.kill(pid, signal.SIGKILL)
-                return "timeout", None
-            chunk = os.read(read_fd, 1 << 20)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    except BaseException:
-        os.kill(pid, signal.SIGKILL)
-        raise
-    finally:
-        os.close(read_fd)
-        _reap(pid)
-    if not chunks:
-        return "error", "the reading process died"
-    return pickle.loads(b"".join(chunks))
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass

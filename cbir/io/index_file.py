@@ -18,10 +18,12 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
-from ..errors import FormatError
+from ..errors import CbirError, FormatError
 from .atomic import atomic_output, fsync_file
 from .dataset import Dataset
 from .hdf5 import read_metadata
+from .paths import refuse_links
+from .textfile import parse_json
 
 #: ``cbir_format`` of a kept index file, and its version
 INDEX_FORMAT, INDEX_FORMAT_VERSION = "faiss-index", "2.0"
@@ -122,11 +124,11 @@ def read_index_record(path: Path, attrs: dict[str, Any] | None = None) -> dict[s
     ``fingerprints``, ``images``, ``names`` (the image names in index order: formats/SPEC.md 11a)."""
     attrs = read_index_attrs(path) if attrs is None else attrs
     try:
-        record = json.loads(attrs["record"])
+        record = parse_json(attrs["record"], path, "the index file's record")
         if not isinstance(record, dict) or not isinstance(record.get("stores"), list) or \
-                not isinstance(record.get("fingerprints"), list):
+                not isinstance(record.get("fingerprints"), list) or not all(isinstance(x, str) for x in record["stores"]):
             raise TypeError
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, CbirError):
         raise FormatError("the index file has no valid record", path) from None
     return record
 
@@ -139,13 +141,16 @@ def index_bytes(path: Path, count: int, attrs: dict[str, Any] | None = None) -> 
     if attrs.get("files") is None:
         return [IndexBytes(path, offset, size) for offset, size in _embedded_extents(path, count)]
     try:
-        files = json.loads(attrs["files"])
-        located = [IndexBytes(path.with_name(str(f["file"])), 0, int(f["size"])) for f in files]
-        if len(located) != count or any(Path(str(f["file"])).name != str(f["file"]) for f in files):
+        files = parse_json(attrs["files"], path, "'files'")
+        if not isinstance(files, list) or len(files) != count or not all(
+                isinstance(f, dict) and isinstance(f.get("file"), str) and type(f.get("size")) is int
+                and Path(f["file"]).name == f["file"] and f["file"] not in ("", ".", "..") for f in files):
             raise ValueError
-    except (TypeError, ValueError, KeyError):
+        located = [IndexBytes(path.with_name(f["file"]), 0, f["size"]) for f in files]
+    except (TypeError, ValueError, KeyError, CbirError):
         raise FormatError(f"its 'files' attribute does not name {count} index files beside it", path) from None
     for where in located:
+        refuse_links(where.file)
         if not where.file.is_file():
             raise FormatError(f"the index file {where.file.name} it names is missing: rebuild it with "
                               "cbir index build ... --overwrite", path)

@@ -28,6 +28,8 @@ import torch
 
 from .. import exact
 from ..errors import CbirError, FormatError
+from ..io.child import in_child
+from ..io.hdf5 import timeout_s
 from ..io.index_file import IndexBytes, index_bytes, read_index_attrs, read_index_record, write_index_file
 from ..io.pairs import Pair
 from ..io.provenance import differences, digest_names
@@ -45,6 +47,9 @@ FAST_SCAN_MIN_IMAGES = 16 * 39
 #: faiss's default wish of training points per centroid (its ClusteringParameters)
 FAISS_POINTS_PER_CENTROID = 39
 READ_PIECE = 1 << 24  # bytes read at once when loading a kept index
+#: memory a kept index may need beyond twice its file's size while faiss reads it (its
+#: objects, the inverted lists' tables): more means the header claims what the file lacks
+INDEX_READ_SLACK = 256 << 20
 #: queries rescored together: each block multiplies its queries by the union of their
 #: candidates, so the wasted products grow with the block (1M map, 1,000 queries of 2048-D,
 #: 100 candidates: 0.115 s of products in blocks of 64, 0.074 s in blocks of 16)
@@ -123,28 +128,30 @@ def load_indexes(path: Path, database: DescriptorSet, conf: IndexConf) -> list[f
     record = index_record(database, conf)
     attrs = read_index_attrs(path)
     try:
-        return _load(path, attrs, record, database, conf.nprobe)
+        return _load(path, attrs, record, database, conf)
     except FormatError:
         fresh = read_index_attrs(path)
         if fresh == attrs:
             raise
         # rebuilt since its record was read, which removed the files it named: the new build
-        return _load(path, fresh, record, database, conf.nprobe)
+        return _load(path, fresh, record, database, conf)
 
 
 def _load(path: Path, attrs: dict[str, Any], record: dict[str, Any], database: DescriptorSet,
-          nprobe: int) -> list[faiss.Index]:
+          conf: IndexConf) -> list[faiss.Index]:
     diffs = record_differences(read_index_record(path, attrs), record, database)
     if diffs:
         stores = ",".join(record["stores"])
         raise CbirError(f"built from other stores or options than asked ({'; '.join(diffs)}): rebuild it with "
                         f"cbir index build MAP --global {stores} --index {record['config']['kind']} --overwrite", path)
     indexes = [_read_index(where) for where in index_bytes(path, len(record["stores"]), attrs)]
-    for index in indexes:
-        if index.ntotal != record["images"]:
-            raise FormatError(f"an index holds {index.ntotal} images, its record {record['images']}", path)
+    for index, where, dim in zip(indexes, index_bytes(path, len(record["stores"]), attrs), database.dims):
+        problem = structure_problem(index, conf.kind, dim, len(database.names), conf)
+        if problem:
+            raise FormatError(f"is not the index its record describes ({problem}): rebuild it with cbir index build "
+                              "... --overwrite", where.file)
         if hasattr(index, "nprobe"):
-            index.nprobe = nprobe
+            index.nprobe = conf.nprobe
     return indexes
 
 
@@ -178,10 +185,28 @@ def kept_or_built(path: Path, database: DescriptorSet, conf: IndexConf,
 
 
 def _read_index(where: IndexBytes) -> faiss.Index:
-    """The index serialized at ``where``. A faiss file of its own is mapped into memory, its
-    inverted lists used in place (1M-image ivfpq: 0.08 s instead of 0.1-0.2 s reading and
-    copying 170 MB); one inside a format-1.0 file is read through a buffered file, since
-    faiss asks for each inverted list separately (16k small reads at 1M images)."""
+    """The index serialized at ``where``, once a child process read it within a memory budget
+    (twice its size, plus :data:`INDEX_READ_SLACK`): faiss allocates what a file's header
+    claims (a 295 KB file can claim 2^25 inverted lists), so a crafted file fails there, not
+    here. A faiss file of its own is mapped into memory, its inverted lists used in place
+    (1M-image ivfpq: 0.08 s instead of 0.1-0.2 s reading and copying 170 MB); one inside a
+    format-1.0 file is read through a buffered file, since faiss asks for each inverted list
+    separately (16k small reads at 1M images)."""
+    status, message = in_child(_readable, (where,), timeout_s(), memory=2 * where.size + INDEX_READ_SLACK)
+    if status != "ok":
+        why = "it claims more memory than its size allows" if status == "memory" else \
+            "reading it did not finish" if status == "timeout" else str(message)[:200]
+        raise FormatError(f"cannot read the index ({why}): the file is corrupt; rebuild it with cbir index build "
+                          "... --overwrite", where.file)
+    return _load_index_bytes(where)
+
+
+def _readable(where: IndexBytes) -> None:
+    """Runs in the child of :func:`_read_index`: faiss reads the index, or fails."""
+    _load_index_bytes(where)
+
+
+def _load_index_bytes(where: IndexBytes) -> faiss.Index:
     import faiss
 
     try:
@@ -196,8 +221,39 @@ def _read_index(where: IndexBytes) -> faiss.Index:
 
             return faiss.read_index(faiss.PyCallbackIOReader(read, READ_PIECE))
     except RuntimeError as e:
-        raise FormatError(f"cannot read the index ({str(e).splitlines()[0]}): the file is corrupt",
+        raise FormatError(f"cannot read the index ({str(e).splitlines()[0][:200]}): the file is corrupt",
                           where.file) from None
+
+
+def structure_problem(index: faiss.Index, kind: str, dim: int, n: int, conf: IndexConf) -> str | None:
+    """What differs between a kept index and the one :func:`build_indexes` makes of ``n``
+    images of ``dim`` dimensions with ``conf`` (class, dimension, metric, images, inverted
+    lists and their quantizer, code layout), or None. A file of another kind or metric than
+    its record says would search wrongly without an error."""
+    import faiss
+
+    fresh = _factory(kind, dim, n, conf)
+    if type(index) is not type(fresh):
+        return f"a {type(index).__name__}, where a {kind} index is a {type(fresh).__name__}"
+    for what, found, wanted in (("dimension", index.d, fresh.d), ("metric", index.metric_type, fresh.metric_type),
+                                ("images", index.ntotal, n), ("inverted lists", getattr(index, "nlist", None),
+                                                              getattr(fresh, "nlist", None)),
+                                ("LSH bits", getattr(index, "nbits", None), getattr(fresh, "nbits", None))):
+        if found != wanted:
+            return f"{what} {found}, expected {wanted}"
+    pq = getattr(index, "pq", None)
+    if pq is not None and (pq.M, pq.nbits) != (fresh.pq.M, fresh.pq.nbits):
+        return f"product quantizer {pq.M}x{pq.nbits} bits, expected {fresh.pq.M}x{fresh.pq.nbits}"
+    if isinstance(index, faiss.IndexIVF):
+        quantizer = faiss.downcast_index(index.quantizer)
+        if not isinstance(quantizer, faiss.IndexFlat) or quantizer.d != dim or quantizer.ntotal != index.nlist:
+            return "its coarse quantizer is not a flat index of one centroid per inverted list"
+        centroids = faiss.rev_swig_ptr(quantizer.get_xb(), quantizer.ntotal * dim)
+        if not np.isfinite(centroids).all():
+            return "its coarse quantizer holds NaN or infinite centroids"
+        if pq is not None and not np.isfinite(faiss.vector_to_array(pq.centroids)).all():
+            return "its product quantizer holds NaN or infinite centroids"
+    return None
 
 
 def _nlist(n: int, conf: IndexConf) -> int:
@@ -421,11 +477,25 @@ def _candidates(query: DescriptorSet, indexes: list[faiss.Index], kc: int, searc
         s1 = min(nq, s0 + search_block)
         descriptors = query.read(s0, s1, device)
         with intra_op_threads(threads):
-            cands = np.concatenate([index.search(d.cpu().numpy(), kc)[1] for index, d in zip(indexes, descriptors)],
-                                   axis=1)
+            cands = np.concatenate([_checked(index, index.search(d.cpu().numpy(), kc)[1], kc)
+                                    for index, d in zip(indexes, descriptors)], axis=1)
         for q0 in range(s0, s1, query_block):
             q1 = min(s1, q0 + query_block)
             yield q0, q1, [d[q0 - s0:q1 - s0] for d in descriptors], cands[q0 - s0:q1 - s0].copy()
+
+
+def _checked(index: faiss.Index, ids: np.ndarray, k: int) -> np.ndarray:
+    """The candidates ``index`` returned, refused when they cannot come from an index of its
+    map: ids outside ``[-1, ntotal)`` (-1: no more candidates), or a query without any (NaN
+    vectors or centroids in a kept file make every comparison fail). Either would be a
+    silently wrong ranking."""
+    if ids.size and (ids.min() < -1 or ids.max() >= index.ntotal):
+        raise FormatError(f"the index returned image {int(ids.min() if ids.min() < -1 else ids.max())} of a map of "
+                          f"{index.ntotal}: it is corrupt; rebuild it with cbir index build ... --overwrite")
+    if index.ntotal and k and len(ids) and (ids[:, 0] < 0).any():
+        raise FormatError("the index found no candidate for a query (NaN or infinite values in it?): it is corrupt; "
+                          "rebuild it with cbir index build ... --overwrite")
+    return ids
 
 
 def _sorted_unique(values: np.ndarray) -> np.ndarray:
