@@ -12,3 +12,14 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+#: most workers a command accepts (``--num-workers``, ``num_workers``): far above any
+#: machine's useful count, a bound on what a typo or a crafted configuration can start
+MAX_WORKERS = 256
+
+
+def pool_size(requested: int, tasks: int) -> int:
+    """Workers to start for ``tasks`` tasks when ``requested``: never more than the tasks
+    (3 queries get at most 3 processes) nor :data:`MAX_WORKERS`, and at least one."""
+    return max(1, min(requested, tasks, MAX_WORKERS))

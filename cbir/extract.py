@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .cores import MAX_WORKERS
 from .devices import default_workers
 from .errors import CbirError
 from .io.dataset import Dataset
@@ -229,7 +230,7 @@ def _extract_pass(extractors: list[Extractor], store_names: list[str], outs: lis
         todo = [n for n in names if any(n in m for m in missing)]
         if progress:
             progress(len(names) - len(todo), len(names))
-        workers = default_workers() if num_workers is None else num_workers
+        workers = default_workers() if num_workers is None else min(num_workers, MAX_WORKERS)
         # the stores are written by one thread (in order) while the next image is extracted
         waits = {"decoding": 0.0, "writing": 0.0}
         with ThreadPoolExecutor(1, thread_name_prefix="cbir-write") as write_pool:

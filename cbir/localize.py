@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import pycolmap
 
+from .cores import pool_size
 from .errors import CbirError, FormatError
 from .geometry.cameras import CAMERA_MODELS, Camera
 from .geometry.colmap_options import paper_config, set_dotted
@@ -320,7 +321,8 @@ def screen_pairs(pairs: list[Pair], query: Dataset, map_: Dataset, mstore: Any, 
 def estimate_locally(tasks: list, num_workers: int, progress: Callable[[int, int], None] | None) -> list[QueryResult]:
     """The poses of the queries' tasks, in order, on ``num_workers`` processes of this machine."""
     results: list[QueryResult] = []
-    if num_workers > 1 and len(tasks) > 1:
+    num_workers = pool_size(num_workers, len(tasks))
+    if num_workers > 1:
         with ProcessPoolExecutor(num_workers) as pool:
             for r in pool.map(estimate_one, tasks, chunksize=max(1, len(tasks) // (4 * num_workers))):
                 results.append(r)

@@ -81,6 +81,7 @@ from . import extract as extract_mod
 from . import localize as localize_mod
 from . import mapping
 from . import report as report_mod
+from .cores import MAX_WORKERS
 from .errors import CbirError, FormatError
 from .evaluation.localization import DEFAULT_THRESHOLDS, check_thresholds, pose_errors, summarize
 from .io.atomic import atomic_write_text
@@ -307,7 +308,7 @@ def plan(conf: dict[str, Any], source: str | Path | None = None) -> Plan:
     m = section("datasets", lambda: Dataset(ds["map"]))
     q = section("datasets", lambda: Dataset(ds["query"]))
     gt = section("datasets", lambda: Dataset(ds["query_gt"])) if ds.get("query_gt") else None
-    section("", lambda: check_integer("num_workers", conf["num_workers"], 0))
+    section("", lambda: check_integer("num_workers", conf["num_workers"], 0, MAX_WORKERS))
     if not isinstance(conf["device"], str):
         raise CbirError(f"device must be a string, got {conf['device']!r}", source)
     section("", lambda: resolve_device(conf["device"]))

@@ -937,3 +937,41 @@ def test_a_kept_index_linked_out_of_the_dataset_is_refused(sample_dataset, victi
     for command in (["retrieve", "--query", sample_dataset, "--map", sample_dataset, "--global", "sample",
                      "--index", "flat", "-o", sample_dataset / "pairs.txt"], ["check", sample_dataset, "--deep"]):
         one_line_error(run(*command), faiss_file.name, "symbolic link")
+
+
+def test_lsh_codes_are_bounded(sample_dataset):
+    """An 8192-D descriptor's default LSH code (2 x dim bits) would take minutes to set up in
+    one uninterruptible faiss call: codes are at most 4096 bits, by default and on request."""
+    from cbir.retrieval.index import MAX_LSH_BITS, IndexConf, _factory
+
+    assert _factory("lsh", 8192, 8, IndexConf("lsh")).nbits == MAX_LSH_BITS == 4096
+    assert _factory("lsh", 256, 8, IndexConf("lsh")).nbits == 512
+    with pytest.raises(CbirError, match=r"lsh_bits must be in \[0, 4096\]"):
+        IndexConf("lsh", lsh_bits=16384)
+    result = run("index", "build", sample_dataset, "--global", "sample", "--index", "lsh", "--lsh-bits", "16384")
+    assert result.exit_code == 2 and "16384 is not in the range 1<=x<=4096" in result.output
+
+
+def test_worker_counts_are_bounded(sample_dataset, tmp_path, monkeypatch):
+    """A configuration cannot make cbir start thousands of processes, and a pool never has
+    more workers than tasks."""
+    from cbir import localize
+    from cbir.cores import MAX_WORKERS, pool_size
+    from cbir.pipeline import load_config, plan
+
+    assert pool_size(48, 3) == 3 and pool_size(100_000, 10 ** 6) == MAX_WORKERS and pool_size(0, 5) == 1
+    (tmp_path / "c.toml").write_text(f"num_workers = 100000\n[datasets]\nmap = '{sample_dataset}'\n"
+                                     f"query = '{sample_dataset}'\n")
+    with pytest.raises(CbirError, match=r"num_workers must be in \[0, 256\]"):
+        plan(load_config(tmp_path / "c.toml"))
+    started = []
+
+    class Pool:
+        def __init__(self, n):
+            started.append(n)
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(localize, "ProcessPoolExecutor", Pool)
+    with pytest.raises(RuntimeError, match="stop here"):
+        localize.estimate_locally([{}, {}, {}], 48, None)
+    assert started == [3]

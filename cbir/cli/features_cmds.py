@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
+from ..cores import MAX_WORKERS
 from ..errors import CbirError
 from ..io.pairs import exhaustive_pairs, read_pairs, write_pairs
 from ..matching import VERIFY_METHODS
@@ -23,7 +24,7 @@ from ._common import (console_err, dataset_argument, follow_symlinks_option, is_
 
 device_option = click.option("--device", default="auto", show_default=True,
                              help="cpu, cuda, cuda:N, or auto (cuda when present).")
-workers_option = click.option("--num-workers", type=click.IntRange(0), default=None,
+workers_option = click.option("--num-workers", type=click.IntRange(0, MAX_WORKERS), default=None,
                               help="Threads for image decoding, feature reading and verification "
                                    "[default: the usable cores, at most 16].")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an output of another configuration.")

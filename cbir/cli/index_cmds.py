@@ -26,7 +26,8 @@ def index_group() -> None:
 @click.option("--index", "kind", type=click.Choice(INDEX_KINDS), default="ivfpq", show_default=True)
 @click.option("--nlist", type=click.IntRange(1), help="ivf, ivfpq: inverted lists (default 4 sqrt(N)).")
 @click.option("--pq-m", type=click.IntRange(1), help="ivfpq: 4-bit sub-quantizers (default dim/8).")
-@click.option("--lsh-bits", type=click.IntRange(1), help="lsh: bits per code (default 2 x dim).")
+@click.option("--lsh-bits", type=click.IntRange(1, 4096),
+              help="lsh: bits per code (default 2 x dim, at most 4096).")
 @click.option("--train-size", type=click.IntRange(1), default=100_000, show_default=True,
               help="Map images the quantizers are trained on (a seeded sample).")
 @click.option("--overwrite", is_flag=True, help="Rebuild an index built from other stores or options.")

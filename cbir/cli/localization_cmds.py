@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
+from ..cores import MAX_WORKERS
 from ..geometry.colmap_options import PAPER_CONFIGS
 from ..io.atomic import atomic_write_text
 from ..io.kapture_text import format_rigs
@@ -77,7 +78,7 @@ def map_cmd(ctx: click.Context, dataset: Path, local: str, matches: str, name: s
               help="A larger timestamp gap starts a new sequence.")
 @click.option("--vlnet", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the poses in the visuallocalization.net submission format.")
-@click.option("--num-workers", type=click.IntRange(1), default=None,
+@click.option("--num-workers", type=click.IntRange(1, MAX_WORKERS), default=None,
               help="Processes estimating poses in parallel [default: the usable cores, at most 4].")
 @click.option("--overwrite", is_flag=True,
               help="Recompute, replacing a result of the same NAME (also one of another configuration).")

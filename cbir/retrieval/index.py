@@ -33,6 +33,7 @@ from ..io.hdf5 import timeout_s
 from ..io.index_file import IndexBytes, index_bytes, read_index_attrs, read_index_record, write_index_file
 from ..io.pairs import Pair
 from ..io.provenance import differences, digest_names
+from ..validate import check_integer
 from .fusion import fuse, nan_last
 from .names import INDEX_KINDS
 from .search import DescriptorSet, RetrievalConf, StepClock, bounded, error_bound, exact_scores, intra_op_threads, \
@@ -54,6 +55,10 @@ INDEX_READ_SLACK = 256 << 20
 #: candidates, so the wasted products grow with the block (1M map, 1,000 queries of 2048-D,
 #: 100 candidates: 0.115 s of products in blocks of 64, 0.074 s in blocks of 16)
 RESCORE_BLOCK = 16
+#: longest LSH code: its random rotation is a dense dim x bits matrix made orthonormal when
+#: the index is created, in one faiss call that holds the interpreter (no Ctrl-C): 4096 bits
+#: of an 8192-D descriptor take seconds, 16384 bits minutes
+MAX_LSH_BITS = 4096
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,16 @@ class IndexConf:
     chunk: int = 16384
     seed: int = 0
     search_block: int = 4096  # queries per faiss call (query time)
+
+    def __post_init__(self) -> None:
+        if self.kind not in INDEX_KINDS:
+            raise CbirError(f"unknown index {self.kind!r} (known: {', '.join(INDEX_KINDS)})")
+        for name, low, high in (("candidates", 1, None), ("nprobe", 1, None), ("pq_m", 0, None),
+                                ("lsh_bits", 0, MAX_LSH_BITS), ("train_size", 1, None), ("chunk", 1, None),
+                                ("search_block", 1, None)):
+            check_integer(name, getattr(self, name), low, high)
+        if self.nlist is not None:
+            check_integer("nlist", self.nlist, 1)
 
 
 #: the record's ``names`` for an index of every image of its stores in stored order: the
@@ -279,7 +294,7 @@ def _factory(kind: str, dim: int, n: int, conf: IndexConf) -> faiss.Index:
             return faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(dim), dim, nlist, m, 4, faiss.METRIC_INNER_PRODUCT)
         return faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, _small_map_bits(n), faiss.METRIC_INNER_PRODUCT)
     if kind == "lsh":
-        return faiss.IndexLSH(dim, conf.lsh_bits or 2 * dim, True, True)
+        return faiss.IndexLSH(dim, conf.lsh_bits or min(2 * dim, MAX_LSH_BITS), True, True)
     raise CbirError(f"unknown index {kind!r} (known: {', '.join(INDEX_KINDS)})")
 
 
