@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import h5py
 import numpy as np
 import pytest
@@ -975,3 +976,20 @@ def test_worker_counts_are_bounded(sample_dataset, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="stop here"):
         localize.estimate_locally([{}, {}, {}], 48, None)
     assert started == [3]
+
+
+def test_an_image_whose_header_pillow_cannot_read_is_held_to_the_limit(sample_dataset):
+    """A Radiance HDR (a format OpenCV decodes and Pillow cannot identify) has no size to
+    check before decoding: it is decoded in a child whose memory is bounded by the pixel
+    limit, and refused over it, whatever its name says."""
+    import resource
+
+    ok, hdr = cv2.imencode(".hdr", np.zeros((4000, 4000, 3), np.float32))
+    (sample_dataset / "sensors/records_data/right/000.png").write_bytes(hdr.tobytes())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = run("extract", sample_dataset, "--local", "sift", "--max-image-pixels", "1000000", "--json")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: 192 MB decoded would show
+    assert result.exit_code == 0, result.output
+    assert "right/000.png" in result.output and "over the limit of 1000000 pixels" in " ".join(result.output.split())
+    with open_store(sample_dataset / "cbir/local/sift.h5") as s:
+        assert "right/000.png" not in s.keys

@@ -48,6 +48,9 @@ def in_child(func: Callable[..., Any], args: tuple, limit: float, memory: int | 
             os.close(read_fd)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            quiet = os.open(os.devnull, os.O_WRONLY)  # libraries' own messages: the pipe says what happened
+            os.dup2(quiet, 1)
+            os.dup2(quiet, 2)
             if memory is not None:
                 _limit_memory(memory)
             try:

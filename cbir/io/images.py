@@ -22,10 +22,15 @@ import numpy as np
 from PIL import Image
 
 from ..errors import CbirError
+from .child import in_child
+from .hdf5 import timeout_s
+from .textfile import read_file_bytes
 
 #: images with more pixels are refused before decoding (a PNG header may claim 10^10 pixels)
 DEFAULT_MAX_PIXELS = 1 << 28  # 268 Mpx, e.g. 16384 x 16384
 MAX_PIXELS_ENV = "CBIR_MAX_IMAGE_PIXELS"
+#: memory a decoder may need beyond the pixels themselves (its tables, buffers)
+DECODE_SLACK = 128 << 20
 
 
 def max_pixels_default() -> int:
@@ -78,20 +83,19 @@ def read_image(path: str | os.PathLike, *, grayscale: bool = False, max_size: in
     at most ``max_size`` (never upsampled). Any problem (missing, corrupt, too large) is a
     one-line :class:`CbirError` naming the file."""
     path = Path(path)
-    try:
-        data = np.fromfile(path, dtype=np.uint8)  # handles any file name, unlike cv2.imread
-    except FileNotFoundError:
-        raise CbirError("image not found", path) from None
-    except OSError as e:
-        raise CbirError(f"cannot read image: {e.strerror}", path) from None
+    # a regular file only (a FIFO would block, a device never end), read within its size; and
+    # read from its bytes, which handles any file name, unlike cv2.imread
+    data = np.frombuffer(read_file_bytes(path, "image"), dtype=np.uint8)
     limit = max_pixels_default() if max_pixels is None else max_pixels
-    pixels = header_pixels(path) if data.size else None
-    if pixels is not None and pixels > limit:
-        raise CbirError(f"image of {pixels} pixels (by its header) is over the limit of {limit} "
-                        f"(raise it with ${MAX_PIXELS_ENV})", path)
     flags = (cv2.IMREAD_GRAYSCALE if grayscale else cv2.IMREAD_COLOR) | cv2.IMREAD_ANYDEPTH
     if not apply_exif:
         flags |= cv2.IMREAD_IGNORE_ORIENTATION
+    pixels = header_pixels(path) if data.size else None
+    if pixels is None and data.size:  # a format Pillow cannot identify (Radiance HDR, PFM...)
+        pixels = _decoded_pixels(data, flags, limit, path)
+    if pixels is not None and pixels > limit:
+        raise CbirError(f"image of {pixels} pixels (by its header) is over the limit of {limit} "
+                        f"(raise it with ${MAX_PIXELS_ENV})", path)
     try:
         image = cv2.imdecode(data, flags) if data.size else None
     except cv2.error as e:  # OpenCV's own limits and decoder failures
@@ -116,6 +120,28 @@ def read_image(path: str | os.PathLike, *, grayscale: bool = False, max_size: in
         image = cv2.resize(image, (nw, nh), interpolation=interpolation)
         scale = (nw / w, nh / h)
     return LoadedImage(np.ascontiguousarray(image), (w, h), scale)
+
+
+def _decoded_pixels(data: np.ndarray, flags: int, limit: int, path: Path) -> int | None:
+    """The pixels of an image whose header Pillow cannot read, from a decode in a child
+    process that may not use more memory than an image of ``limit`` pixels needs (3 float
+    channels, twice); an image over it is refused without being decoded here."""
+    status, result = in_child(_decoded_size, (data, flags), timeout_s(), memory=24 * limit + DECODE_SLACK)
+    if status == "ok" and result is None:  # OpenCV reports its allocation failures so too
+        raise CbirError(f"cannot decode image (corrupt, unsupported, or over the limit of {limit} pixels: raise it "
+                        f"with ${MAX_PIXELS_ENV})", path)
+    if status == "ok":
+        return result
+    if status == "memory":
+        return limit + 1
+    if status == "timeout" or "the reading process died" in str(result):
+        raise CbirError("cannot decode image (the decoder did not finish)", path)
+    return None  # the decoder's own error: decoding here says it
+
+
+def _decoded_size(data: np.ndarray, flags: int) -> int | None:
+    image = cv2.imdecode(data, flags)
+    return None if image is None else int(image.shape[0]) * int(image.shape[1])
 
 
 @dataclass(frozen=True)
