@@ -993,3 +993,46 @@ def test_an_image_whose_header_pillow_cannot_read_is_held_to_the_limit(sample_da
     assert "right/000.png" in result.output and "over the limit of 1000000 pixels" in " ".join(result.output.split())
     with open_store(sample_dataset / "cbir/local/sift.h5") as s:
         assert "right/000.png" not in s.keys
+
+
+def _colmap_model(directory: Path) -> Path:
+    """A one-image COLMAP model written by pycolmap (binary)."""
+    import pycolmap
+
+    rec = pycolmap.Reconstruction()
+    rec.add_camera_with_trivial_rig(pycolmap.Camera(model="SIMPLE_PINHOLE", width=100, height=80,
+                                                    params=[50, 50, 40], camera_id=1))
+    image = pycolmap.Image(name="a.jpg", camera_id=1, image_id=1)
+    image.points2D = pycolmap.Point2DList([pycolmap.Point2D(np.array([1.0, 2.0]))])
+    rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d())
+    directory.mkdir(parents=True)
+    rec.write(str(directory))
+    return directory
+
+
+def _points2d_count_at(images_bin: bytes) -> int:
+    return images_bin.index(b"a.jpg\0") + len(b"a.jpg\0")
+
+
+COLMAP_CLAIMS = {
+    "2^28 points2D": ("images.bin", lambda b: b[:_points2d_count_at(b)] + np.uint64(2 ** 28).tobytes()),
+    "a name without its NUL": ("images.bin", lambda b: b[:_points2d_count_at(b) - 1]),
+    "10^12 points3D": ("points3D.bin", lambda b: np.uint64(10 ** 12).tobytes()),
+    "a track of 2^40": ("points3D.bin", lambda b: np.uint64(1).tobytes() + np.uint64(1).tobytes()
+                        + np.zeros(3).tobytes() + bytes(3) + np.zeros(1).tobytes() + np.uint64(2 ** 40).tobytes()),
+}
+
+
+@pytest.mark.parametrize("case", list(COLMAP_CLAIMS))
+def test_colmap_binaries_claiming_what_they_lack(tmp_path, case):
+    """pycolmap allocates what a count claims before reading: the model is read first in a
+    child whose memory follows the files' sizes."""
+    import resource
+
+    model = _colmap_model(tmp_path / "model")
+    name, make = COLMAP_CLAIMS[case]
+    (model / name).write_bytes(make((model / name).read_bytes()))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    one_line_error(run("import", "colmap", model, tmp_path / "dst"), "model", "cannot read COLMAP model")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+    assert not (tmp_path / "dst").exists()

@@ -19,12 +19,18 @@ from ..errors import CbirError, FormatError
 from ..geometry.cameras import CAMERA_MODELS, Camera
 from ..geometry.poses import Pose
 from .atomic import atomic_output
+from .child import in_child
+from .hdf5 import timeout_s
 from .map_store import PointMap, read_map
 from .paths import check_relative_name
 from .sensors import ImageRecord, SensorData
 from .store import StoreWriter, open_store
+from .textfile import read_regular
 
 COLMAP_PIXEL_OFFSET = 0.5
+#: memory pycolmap may use reading a model, per byte of its files and beyond them (a
+#: binary point2D is 24 bytes on disk and about as much in memory)
+MODEL_MEMORY_PER_BYTE, MODEL_MEMORY_SLACK = 8, 256 << 20
 
 
 def read_reconstruction(model_dir: str | os.PathLike) -> pycolmap.Reconstruction:
@@ -34,10 +40,26 @@ def read_reconstruction(model_dir: str | os.PathLike) -> pycolmap.Reconstruction
     names = {p.name for p in model_dir.iterdir()}
     if not ({"cameras.bin", "images.bin"} <= names or {"cameras.txt", "images.txt"} <= names):
         raise FormatError("not a COLMAP model: needs cameras and images (.txt or .bin)", model_dir)
-    try:
-        return pycolmap.Reconstruction(str(model_dir))
-    except Exception as e:  # pycolmap raises plain RuntimeError/ValueError on bad files
-        raise FormatError(f"cannot read COLMAP model: {e}".splitlines()[0], model_dir) from None
+    files = [read_regular(model_dir / name, "COLMAP model file") for name in sorted(names)
+             if name.endswith((".bin", ".txt"))]
+    # pycolmap allocates what a file's counts claim (an 86-byte images.bin can claim 2^28
+    # points): a child reads the model first, within a memory budget from the files' sizes
+    budget = MODEL_MEMORY_PER_BYTE * sum(f.stat().st_size for f in files) + MODEL_MEMORY_SLACK
+    status, message = in_child(_load_reconstruction, (str(model_dir),), timeout_s(), memory=budget)
+    if status == "memory":
+        raise FormatError("cannot read COLMAP model: its files claim more points or names than they hold "
+                          "(truncated or corrupt)", model_dir)
+    if status == "timeout":
+        raise FormatError("cannot read COLMAP model: reading it did not finish (corrupt?)", model_dir)
+    if status != "ok":
+        reason = str(message).split(": ", 1)[-1] if status == "error" else str(message)
+        raise FormatError(f"cannot read COLMAP model: {reason}".splitlines()[0][:300], model_dir)
+    return pycolmap.Reconstruction(str(model_dir))
+
+
+def _load_reconstruction(model_dir: str) -> None:
+    """Runs in the child of :func:`read_reconstruction`: pycolmap reads the model, or fails."""
+    pycolmap.Reconstruction(model_dir)
 
 
 def _pose_from_rigid(rigid: pycolmap.Rigid3d) -> Pose:
