@@ -1036,3 +1036,25 @@ def test_colmap_binaries_claiming_what_they_lack(tmp_path, case):
     one_line_error(run("import", "colmap", model, tmp_path / "dst"), "model", "cannot read COLMAP model")
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
     assert not (tmp_path / "dst").exists()
+
+
+def test_two_builds_of_one_index_do_not_both_work(sample_dataset):
+    """The second ``index build`` of the same file, while the first holds it, is refused at
+    once (one line), instead of doing all the work again."""
+    from cbir.io.atomic import WriteLock
+
+    with WriteLock(sample_dataset / "cbir/index/sample.flat.h5"):
+        result = run("index", "build", sample_dataset, "--global", "sample", "--index", "flat")
+        one_line_error(result, "sample.flat.h5", "another process is writing this file")
+    assert run("index", "build", sample_dataset, "--global", "sample", "--index", "flat").exit_code == 0
+
+
+def test_two_writers_of_one_path_never_share_a_partial_file(tmp_path):
+    from cbir.io.atomic import atomic_output
+
+    with atomic_output(tmp_path / "x.txt") as a, atomic_output(tmp_path / "x.txt") as b:
+        assert a != b
+        a.write_text("first")
+        b.write_text("second")
+    assert (tmp_path / "x.txt").read_text() == "first"  # the last to finish wins, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]

@@ -28,6 +28,7 @@ import torch
 
 from .. import exact
 from ..errors import CbirError, FormatError
+from ..io.atomic import WriteLock
 from ..io.child import in_child
 from ..io.hdf5 import timeout_s
 from ..io.index_file import IndexBytes, index_bytes, read_index_attrs, read_index_record, write_index_file
@@ -177,16 +178,16 @@ def keep_indexes(path: Path, database: DescriptorSet, conf: IndexConf, overwrite
     A file built from other stores or options is refused unless ``overwrite``."""
     record = index_record(database, conf)
     status = "new"
-    if path.exists():
-        diffs = record_differences(read_index_record(path), record, database)
-        if not diffs:
-            return "kept"
-        if not overwrite:
-            raise CbirError(f"exists, built from other stores or options ({'; '.join(diffs)}): pass --overwrite "
-                            "to rebuild it", path)
-        status = "rebuilt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_indexes(path, build_indexes(database, conf, device), record)
+    with WriteLock(path):  # a second build of the same file waits for nothing: it is refused
+        if path.exists():
+            diffs = record_differences(read_index_record(path), record, database)
+            if not diffs:
+                return "kept"
+            if not overwrite:
+                raise CbirError(f"exists, built from other stores or options ({'; '.join(diffs)}): pass --overwrite "
+                                "to rebuild it", path)
+            status = "rebuilt"
+        save_indexes(path, build_indexes(database, conf, device), record)
     return status
 
 
