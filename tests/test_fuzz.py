@@ -396,3 +396,198 @@ def test_fuzz_kapture_import(kapture_sample, tmp_path):
                 assert accepted(lambda: read_map(path), label) is not None, f"{label}: imported map does not open"
         shutil.rmtree(tmp_path / f"c{case}")
 
+
+
+# ============================================================================ issue 31: a stranger's files
+
+#: how a column's data can be stored in HDF5; those marked foreign live in another file and
+#: must be refused, the last one claims rows it never wrote
+STORAGE_KINDS = ["chunked", "gzip", "soft link", "external storage", "external link", "virtual", "unwritten"]
+FOREIGN_STORAGE = {"external storage", "external link", "virtual"}
+#: stored in the file, but compressed: what it claims is not bounded by the file's size
+COMPRESSED_STORAGE = {"gzip"}
+
+
+def _restore_column(f: h5py.File, name: str, kind: str, data: np.ndarray, elsewhere: Path) -> None:
+    """Write ``data`` back as column ``name`` of ``f``, stored the ``kind`` way."""
+    if kind in ("chunked", "gzip"):
+        f.create_dataset(name, data=data, chunks=True, **({"compression": "gzip"} if kind == "gzip" else {}))
+    elif kind == "soft link":
+        f.create_dataset(f"_{name}", data=data)
+        f[name] = h5py.SoftLink(f"/_{name}")
+    elif kind == "external storage":
+        raw = elsewhere.with_suffix(".raw")
+        raw.write_bytes(np.ascontiguousarray(data).tobytes())
+        f.create_dataset(name, shape=data.shape, dtype=data.dtype, external=[(str(raw), 0, data.nbytes)])
+    elif kind in ("external link", "virtual"):
+        with h5py.File(elsewhere, "w") as g:
+            g["x"] = data
+        if kind == "external link":
+            f[name] = h5py.ExternalLink(str(elsewhere), "x")
+        else:
+            layout = h5py.VirtualLayout(shape=data.shape, dtype=data.dtype)
+            layout[...] = h5py.VirtualSource(str(elsewhere), "x", shape=data.shape)
+            f.create_virtual_dataset(name, layout)
+    else:  # the header claims more rows than were ever written
+        f.create_dataset(name, shape=(len(data) + 1 + (1 << 20), *data.shape[1:]), dtype=data.dtype)
+
+
+def test_fuzz_store_storage_kinds(tmp_path):
+    """Every numeric column stored every way HDF5 allows: data in another file is refused
+    (whatever a reader would do with it), so are compressed data and a header's claim beyond
+    the file (neither is bounded by the file's size); data held in the file plainly
+    (contiguous, chunked, behind a soft link) is read back as written."""
+    rng = random.Random(SEED + 7)
+    for case in range(CASES // 2):
+        label = f"storage kinds, seed {SEED} case {case}"
+        path = tmp_path / f"c{case}.h5"
+        shutil.copyfile(SAMPLES / rng.choice(STORES), path)
+        with h5py.File(path, "a") as f:
+            numeric = sorted(n for n in f if f[n].dtype.kind in "biuf" and f[n].size)
+            name, kind = rng.choice(numeric), rng.choice(STORAGE_KINDS)
+            data = f[name][()]
+            del f[name]
+            _restore_column(f, name, kind, data, tmp_path / f"c{case}-elsewhere.h5")
+        ok = accepted(lambda: read_whole_store(path), f"{label} ({kind} {name})")
+        if kind in FOREIGN_STORAGE | COMPRESSED_STORAGE or kind == "unwritten":
+            assert not ok, f"{label}: a column stored as {kind} was accepted"
+        else:
+            assert ok, f"{label}: a column stored as {kind} was refused"
+            with Store(path) as s:
+                if name == "offsets" or name in s.columns:  # keys_blob: accepted means it equals the keys
+                    read = s.offsets if name == "offsets" else s.read_all(name)
+                    assert np.array_equal(read, data, equal_nan=True), label
+        for p in tmp_path.glob(f"c{case}*"):
+            p.unlink()
+
+
+def _json_mutation(value, rng: random.Random, depth: int = 0):
+    """``value`` with one part replaced by a JSON value of another type or a hostile one."""
+    hostile = [None, True, "no", 0, -1, 1.5, 1e308, "", "../../x", "<!--<script>", [], {}, [[[[1]]]], {"a": {"b": 1}},
+               "x" * 1000, 2 ** 70, [0, 0, 0, 0], ["a"]]
+    if isinstance(value, dict) and value and rng.random() < 0.8:
+        key = rng.choice(sorted(value))
+        out = dict(value)
+        if rng.random() < 0.15:
+            del out[key]
+        else:
+            out[key] = _json_mutation(value[key], rng, depth + 1)
+        return out
+    if isinstance(value, list) and value and rng.random() < 0.8:
+        out = list(value)
+        i = rng.randrange(len(out))
+        out[i] = _json_mutation(out[i], rng, depth + 1)
+        return out
+    return rng.choice(hostile)
+
+
+def test_fuzz_localization_records(tmp_path):
+    """report.json and run.json mutated field by field: ``cbir report`` and ``cbir evaluate``
+    exit 0 or 1 with one line, never a traceback; an evaluation that succeeds counts only
+    entries whose success is ``true``."""
+    from click.testing import CliRunner
+
+    from cbir.cli import main
+
+    rng = random.Random(SEED + 8)
+    good = [{"name": "left/000.png", "success": True, "method": "pnp", "reason": "", "num_map_images": 1,
+             "num_2d3d": 10, "num_inliers": 8, "qvec": [1, 0, 0, 0], "tvec": [0, 0, 0],
+             "camera": ["SIMPLE_PINHOLE", 10, 10, [5.0, 5.0, 5.0]]},
+            {"name": "left/001.png", "success": False, "reason": "too few inliers"}]
+    record = {"config": {"matches": "sample", "map": "sample", "pairs": {"file": "cbir/pairs/sample.txt"}},
+              "inputs": {}, "seconds": {"localize": 1.0}}
+    root = tmp_path / "sample"
+    shutil.copytree(SAMPLES, root)
+    results = root / "cbir/localization/x"
+    results.mkdir(parents=True)
+    for case in range(CASES):
+        label = f"localization records, seed {SEED} case {case}"
+        report, run_json = good, record
+        if rng.random() < 0.6:
+            report = _json_mutation(good, rng)
+        else:
+            run_json = _json_mutation(record, rng)
+        (results / "report.json").write_text(json.dumps(report))
+        (results / "run.json").write_text(json.dumps(run_json))
+        for command in (["report", "--query", root, "--map", root, "--results", "x", "-o", tmp_path / "r.html"],
+                        ["evaluate", "--query", root, "--results", "x", "--gt", root, "--json"]):
+            with case_limit(label):
+                result = CliRunner().invoke(main, [str(a) for a in command])
+            assert result.exception is None or isinstance(result.exception, SystemExit), \
+                f"{label}: {command[0]}: traceback {type(result.exception).__name__}: {result.exception}"
+            assert result.exit_code in (0, 1), f"{label}: {command[0]}: exit {result.exit_code}: {result.output}"
+            if result.exit_code == 1:
+                errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+                assert len(errors) == 1, f"{label}: {command[0]}: {result.output}"
+            elif command[0] == "evaluate" and isinstance(report, list):
+                summary = json.loads(result.output)["conditions"]["all"]
+                posed = {"left/000.png", "left/001.png", "right/000.png"}  # the images with a ground truth
+                successes = sum(1 for r in report if r.get("success") is True and r.get("name") in posed)
+                assert summary["localized"] == successes, label
+        (tmp_path / "r.html").unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def kept_indexes(tmp_path_factory) -> Path:
+    """The sample dataset with a kept index of every kind of its global store."""
+    from click.testing import CliRunner
+
+    from cbir.cli import main
+
+    root = tmp_path_factory.mktemp("indexes") / "sample"
+    shutil.copytree(SAMPLES, root)
+    for kind in ("flat", "ivf", "ivfpq", "lsh"):
+        result = CliRunner().invoke(main, ["index", "build", str(root), "--global", "sample", "--index", kind])
+        assert result.exit_code == 0, result.output
+    return root
+
+
+def test_fuzz_kept_indexes(kept_indexes, tmp_path):
+    """A kept index's faiss bytes (with a record made to agree: size and CRC) or its record
+    mutated: retrieval exits 1 with one line, or gives pairs whose scores are the exact
+    similarities of their images, best first."""
+    import zlib
+
+    from click.testing import CliRunner
+
+    from cbir.cli import main
+
+    rng = random.Random(SEED + 9)
+    exact = {}
+    with Store(kept_indexes / "cbir/global/sample.h5") as s:
+        vectors = {k: s.get(k)["descriptors"].astype(np.float64) for k in s.keys}
+    for q in vectors:
+        for m in vectors:
+            a, b = vectors[q], vectors[m]
+            exact[q, m] = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    for case in range(CASES // 2):
+        label = f"kept index, seed {SEED} case {case}"
+        root = tmp_path / f"c{case}"
+        shutil.copytree(kept_indexes, root)
+        kind = rng.choice(["flat", "ivf", "ivfpq", "lsh"])
+        record = root / f"cbir/index/sample.{kind}.h5"
+        faiss_file = next((root / "cbir/index").glob(f"sample.{kind}.*.faiss"))
+        with h5py.File(record, "a") as f:
+            if rng.random() < 0.7:
+                data = mutate_bytes(faiss_file.read_bytes(), rng)
+                faiss_file.write_bytes(data)
+                files = json.loads(f.attrs["files"])
+                files[0].update(size=len(data), crc32=f"{zlib.crc32(data):08x}")
+                f.attrs["files"] = json.dumps(files)
+            else:
+                attr = rng.choice(["record", "files"])
+                f.attrs[attr] = json.dumps(_json_mutation(json.loads(f.attrs[attr]), rng))
+        with case_limit(label):
+            result = CliRunner().invoke(main, ["retrieve", "--query", str(root), "--map", str(root), "--global",
+                                               "sample", "--index", kind, "--topk", "2", "-o", str(root / "p.txt")])
+        assert result.exception is None or isinstance(result.exception, SystemExit), \
+            f"{label}: traceback {type(result.exception).__name__}: {result.exception}"
+        assert result.exit_code in (0, 1), f"{label}: exit {result.exit_code}: {result.output}"
+        if result.exit_code == 0:
+            pairs = read_pairs(root / "p.txt")
+            assert pairs, f"{label}: exit 0 without pairs"
+            for p in pairs:
+                assert abs(p.score - exact[p.query, p.map]) < 1e-3, f"{label}: {p} is not the exact score"
+        else:
+            assert len([ln for ln in result.output.splitlines() if ln.startswith("error:")]) == 1, label
+        shutil.rmtree(root)

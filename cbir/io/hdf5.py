@@ -48,12 +48,14 @@ class DatasetInfo:
     stored: int = 0
     #: bytes the data takes in memory as HDF5 holds it (a string: its heap reference)
     claimed: int = 0
+    #: stored through HDF5 filters (compressed): its size in memory is not bounded by the file's
+    filtered: bool = False
 
     @property
     def unstored(self) -> bool:
         """The header claims more data than the file has room for: reading it would make up
         the rest (zeros) or allocate what no input holds."""
-        return self.claimed > 0 and self.stored < self.claimed
+        return self.claimed > 0 and self.stored < self.claimed and not self.filtered
 
     @property
     def nbytes(self) -> int:
@@ -113,8 +115,9 @@ def _read(path: str, strings: Sequence[str]) -> Metadata:
                 offset = None if any(item.startswith(f"'{name}' ") for item in foreign) else obj.id.get_offset()
                 shape = tuple(int(s) for s in obj.shape)
                 claimed = int(np.prod(shape, dtype=object)) * obj.dtype.itemsize  # Python ints: no overflow
+                filtered = obj.id.get_create_plist().get_nfilters() > 0
                 datasets[name] = DatasetInfo(shape, dtype, offset, is_string, int(obj.id.get_storage_size()),
-                                             claimed)
+                                             claimed, filtered)
             elif isinstance(obj, h5py.Group):
                 groups.append(name)
         values: dict[str, bytes | list] = {}
@@ -140,6 +143,10 @@ def refuse_unstored(path: Path, datasets: dict[str, DatasetInfo]) -> None:
     refused before anything is allocated for it, so that memory follows the file's real size."""
     size = path.stat().st_size
     for name, info in datasets.items():
+        if info.filtered and not info.is_string:
+            raise FormatError(f"'{name}' is compressed (HDF5 filters): cbir's files are not (formats/SPEC.md), so "
+                              "that what a column claims is bounded by the file; write it back uncompressed "
+                              "(h5repack -f NONE)", path)
         if info.unstored or (info.offset is not None and info.offset + info.claimed > size):
             raise FormatError(f"'{name}' claims {info.claimed:,} bytes of data ({'x'.join(map(str, info.shape))}) "
                               f"that the file ({size:,} bytes) does not hold: it is truncated or corrupt", path)

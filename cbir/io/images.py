@@ -127,11 +127,8 @@ def _decoded_pixels(data: np.ndarray, flags: int, limit: int, path: Path) -> int
     process that may not use more memory than an image of ``limit`` pixels needs (3 float
     channels, twice); an image over it is refused without being decoded here."""
     status, result = in_child(_decoded_size, (data, flags), timeout_s(), memory=24 * limit + DECODE_SLACK)
-    if status == "ok" and result is None:  # OpenCV reports its allocation failures so too
-        raise CbirError(f"cannot decode image (corrupt, unsupported, or over the limit of {limit} pixels: raise it "
-                        f"with ${MAX_PIXELS_ENV})", path)
     if status == "ok":
-        return result
+        return limit + 1 if result == OUT_OF_MEMORY else result
     if status == "memory":
         return limit + 1
     if status == "timeout" or "the reading process died" in str(result):
@@ -139,9 +136,22 @@ def _decoded_pixels(data: np.ndarray, flags: int, limit: int, path: Path) -> int
     return None  # the decoder's own error: decoding here says it
 
 
+#: what :func:`_decoded_size` answers when the decoder ran out of its memory budget
+OUT_OF_MEMORY = -1
+
+
 def _decoded_size(data: np.ndarray, flags: int) -> int | None:
+    """Runs in the child of :func:`_decoded_pixels`. OpenCV catches its own allocation
+    failure and returns no image, as for a corrupt file, saying which only in its log: the
+    log (stderr) is read back to tell them apart."""
+    log = os.memfd_create("cbir-decode-log")
+    os.dup2(log, 2)
     image = cv2.imdecode(data, flags)
-    return None if image is None else int(image.shape[0]) * int(image.shape[1])
+    if image is not None:
+        return int(image.shape[0]) * int(image.shape[1])
+    os.lseek(log, 0, os.SEEK_SET)
+    said = os.read(log, 1 << 16)
+    return OUT_OF_MEMORY if b"Insufficient memory" in said or b"Failed to allocate" in said else None
 
 
 @dataclass(frozen=True)
