@@ -505,8 +505,11 @@ def result_from_json(item: Any, path: Path, i: int) -> QueryResult:
     if unknown:
         raise bad(f"unknown field {unknown[0][:40]!r}")
     name = item.get("name")
-    if not isinstance(name, str) or check_relative_name(name, "query name"):
-        raise bad(check_relative_name(name, "query name") or "no query name")
+    if not isinstance(name, str):
+        raise bad(f"the query name {name!r} is not a string" if name is not None else "no query name")
+    problem = check_relative_name(name, "query name")
+    if problem:
+        raise bad(problem)
     for key in ("method", "reason"):
         if not isinstance(item.get(key, ""), str):
             raise bad(f"{key!r} of {name!r} is not a string")

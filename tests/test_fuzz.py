@@ -520,7 +520,7 @@ def test_fuzz_localization_records(tmp_path):
                 errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
                 assert len(errors) == 1, f"{label}: {command[0]}: {result.output}"
             elif command[0] == "evaluate" and isinstance(report, list):
-                summary = json.loads(result.output)["conditions"]["all"]
+                summary = json.loads(result.stdout)["conditions"]["all"]
                 posed = {"left/000.png", "left/001.png", "right/000.png"}  # the images with a ground truth
                 successes = sum(1 for r in report if r.get("success") is True and r.get("name") in posed)
                 assert summary["localized"] == successes, label

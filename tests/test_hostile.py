@@ -642,8 +642,8 @@ def test_store_data_held_in_other_files_is_refused(sample_dataset, victim, how):
     store = sample_dataset / "cbir/local/sample.h5"
     _foreign(store, "descriptors", how, victim.parent / "other.bin")
     for command in (["export", "kapture", sample_dataset, victim.parent / "out", "--local", "sample",
-                     "--images", "skip"], ["check", sample_dataset], ["export", "hloc", sample_dataset, "--local",
-                                                                        "sample", "--features-out", victim.parent / "h.h5"]):
+                     "--images", "skip"], ["check", sample_dataset],
+                    ["export", "hloc", sample_dataset, "--local", "sample", "--features-out", victim.parent / "h.h5"]):
         result = run(*command)
         one_line_error(result, "sample.h5", "holds data of other files", how.split()[-1], "--trust-links")
     assert not (victim.parent / "out").exists() and not (victim.parent / "h.h5").exists()
@@ -681,7 +681,8 @@ CRAFTED_REPORTS = {
     "a success without qvec": [{k: v for k, v in GOOD_RESULT.items() if k != "qvec"}],
     "a zero quaternion": [{**GOOD_RESULT, "qvec": [0, 0, 0, 0]}],
     "a text coordinate": [{**GOOD_RESULT, "tvec": [0, 0, "x"]}],
-    "an infinite coordinate": '[{"name": "left/000.png", "success": true, "qvec": [1, 0, 0, 0], "tvec": [0, 0, 1e999]}]',
+    "an infinite coordinate":
+        '[{"name": "left/000.png", "success": true, "qvec": [1, 0, 0, 0], "tvec": [0, 0, 1e999]}]',
     "a negative count": [{**GOOD_RESULT, "num_inliers": -1}],
     "a camera object": [{**GOOD_RESULT, "camera": {"model": "PINHOLE"}}],
     "a query twice": [GOOD_RESULT, GOOD_RESULT], "an unknown field": [{**GOOD_RESULT, "extra": 1}],
@@ -1058,3 +1059,14 @@ def test_two_writers_of_one_path_never_share_a_partial_file(tmp_path):
         b.write_text("second")
     assert (tmp_path / "x.txt").read_text() == "first"  # the last to finish wins, whole
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_a_linked_result_folder_is_neither_read_nor_written(sample_dataset, victim):
+    outside = victim.parent / "results"
+    _result(sample_dataset, [GOOD_RESULT], {"config": {}, "inputs": {}})
+    shutil.move(sample_dataset / "cbir/localization/x", outside)
+    (sample_dataset / "cbir/localization/x").symlink_to(outside, target_is_directory=True)
+    for command in (["report", "--query", sample_dataset, "--map", sample_dataset, "--results", "x"],
+                    ["evaluate", "--query", sample_dataset, "--results", "x", "--gt", sample_dataset]):
+        one_line_error(run(*command), "cbir/localization/x", "symbolic link")
+    assert sorted(p.name for p in outside.iterdir()) == ["report.json", "run.json"]

@@ -504,7 +504,8 @@ def test_a_copy_that_fails_names_the_part_in_one_line(tmp_path, monkeypatch):
     with open_store(tmp_path / "a.h5") as s:
         schema = s.schema
     monkeypatch.setattr(os, "copy_file_range", fail, raising=False)
-    with pytest.raises(CbirError, match=r"a\.h5: cannot copy column '\w+' into merged\.h5\.[\w-]+\.partial \(.*Input/output"):
+    copy_failed = r"a\.h5: cannot copy column '\w+' into merged\.h5\.[\w-]+\.partial \(.*Input/output"
+    with pytest.raises(CbirError, match=copy_failed):
         with atomic_output(tmp_path / "merged.h5") as tmp:
             merge_stores([tmp_path / "a.h5"], tmp, schema, ATTRS)
     assert not list(tmp_path.glob("merged*"))

@@ -16,10 +16,6 @@ a second to read).
 from __future__ import annotations
 
 import os
-import pickle
-import select
-import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -162,9 +158,9 @@ def _foreign_objects(f: Any) -> tuple[str, ...]:
     def visit(name: str, link: Any) -> bool | None:
         if isinstance(link, h5py.ExternalLink):
             found.append(f"'{name}' (an external link to {link.filename}:{link.path})")
-            return
+            return None
         if not isinstance(link, h5py.HardLink):
-            return
+            return None
         try:
             obj = f[name]
         except (KeyError, OSError, RuntimeError, ValueError) as e:  # a corrupt object header

@@ -126,7 +126,8 @@ def read_index_record(path: Path, attrs: dict[str, Any] | None = None) -> dict[s
     try:
         record = parse_json(attrs["record"], path, "the index file's record")
         if not isinstance(record, dict) or not isinstance(record.get("stores"), list) or \
-                not isinstance(record.get("fingerprints"), list) or not all(isinstance(x, str) for x in record["stores"]):
+                not isinstance(record.get("fingerprints"), list) or \
+                not all(isinstance(x, str) for x in record["stores"]):
             raise TypeError
     except (KeyError, TypeError, CbirError):
         raise FormatError("the index file has no valid record", path) from None

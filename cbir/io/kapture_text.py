@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import CbirError, FormatError, VersionError
+from ..errors import FormatError, VersionError
 from ..geometry.cameras import CAMERA_MODELS, UNKNOWN_CAMERA, Camera, validate_camera
 from ..geometry.poses import Pose, validate_pose
 from .atomic import atomic_write_text

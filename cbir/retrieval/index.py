@@ -257,9 +257,9 @@ def structure_problem(index: faiss.Index, kind: str, dim: int, n: int, conf: Ind
                                 ("LSH bits", getattr(index, "nbits", None), getattr(fresh, "nbits", None))):
         if found != wanted:
             return f"{what} {found}, expected {wanted}"
-    pq = getattr(index, "pq", None)
-    if pq is not None and (pq.M, pq.nbits) != (fresh.pq.M, fresh.pq.nbits):
-        return f"product quantizer {pq.M}x{pq.nbits} bits, expected {fresh.pq.M}x{fresh.pq.nbits}"
+    pq, fresh_pq = getattr(index, "pq", None), getattr(fresh, "pq", None)
+    if pq is not None and (pq.M, pq.nbits) != (fresh_pq.M, fresh_pq.nbits):
+        return f"product quantizer {pq.M}x{pq.nbits} bits, expected {fresh_pq.M}x{fresh_pq.nbits}"
     if isinstance(index, faiss.IndexIVF):
         quantizer = faiss.downcast_index(index.quantizer)
         if not isinstance(quantizer, faiss.IndexFlat) or quantizer.d != dim or quantizer.ntotal != index.nlist:
