@@ -127,10 +127,11 @@ def _decoded_pixels(data: np.ndarray, flags: int, limit: int, path: Path) -> int
     process that may not use more memory than an image of ``limit`` pixels needs (3 float
     channels, twice); an image over it is refused without being decoded here."""
     status, result = in_child(_decoded_size, (data, flags), timeout_s(), memory=24 * limit + DECODE_SLACK)
-    if status == "ok":
-        return limit + 1 if result == OUT_OF_MEMORY else result
-    if status == "memory":
-        return limit + 1
+    if status == "ok" and result != OUT_OF_MEMORY:
+        return result
+    if status in ("ok", "memory"):
+        raise CbirError(f"image is over the limit of {limit} pixels (decoding it needs more memory than that many "
+                        f"pixels take; raise the limit with ${MAX_PIXELS_ENV})", path)
     if status == "timeout" or "the reading process died" in str(result):
         raise CbirError("cannot decode image (the decoder did not finish)", path)
     return None  # the decoder's own error: decoding here says it
