@@ -42,6 +42,7 @@ from cbir.io.paths import check_relative_name
 from cbir.io.store import STR_DTYPE, Store, encode_keys_blob
 
 from .conftest import SAMPLES
+from .hdf5_storage import FOREIGN_STORAGE, STORAGE_KINDS, store_column_as
 
 SEED = int(os.environ.get("CBIR_FUZZ_SEED", "0"))
 CASES = int(os.environ.get("CBIR_FUZZ_CASES", "100"))
@@ -400,36 +401,8 @@ def test_fuzz_kapture_import(kapture_sample, tmp_path):
 
 # ============================================================================ issue 31: a stranger's files
 
-#: how a column's data can be stored in HDF5; those marked foreign live in another file and
-#: must be refused, the last one claims rows it never wrote
-STORAGE_KINDS = ["chunked", "gzip", "soft link", "external storage", "external link", "virtual", "unwritten"]
-FOREIGN_STORAGE = {"external storage", "external link", "virtual"}
 #: stored in the file, but compressed: what it claims is not bounded by the file's size
 COMPRESSED_STORAGE = {"gzip"}
-
-
-def _restore_column(f: h5py.File, name: str, kind: str, data: np.ndarray, elsewhere: Path) -> None:
-    """Write ``data`` back as column ``name`` of ``f``, stored the ``kind`` way."""
-    if kind in ("chunked", "gzip"):
-        f.create_dataset(name, data=data, chunks=True, **({"compression": "gzip"} if kind == "gzip" else {}))
-    elif kind == "soft link":
-        f.create_dataset(f"_{name}", data=data)
-        f[name] = h5py.SoftLink(f"/_{name}")
-    elif kind == "external storage":
-        raw = elsewhere.with_suffix(".raw")
-        raw.write_bytes(np.ascontiguousarray(data).tobytes())
-        f.create_dataset(name, shape=data.shape, dtype=data.dtype, external=[(str(raw), 0, data.nbytes)])
-    elif kind in ("external link", "virtual"):
-        with h5py.File(elsewhere, "w") as g:
-            g["x"] = data
-        if kind == "external link":
-            f[name] = h5py.ExternalLink(str(elsewhere), "x")
-        else:
-            layout = h5py.VirtualLayout(shape=data.shape, dtype=data.dtype)
-            layout[...] = h5py.VirtualSource(str(elsewhere), "x", shape=data.shape)
-            f.create_virtual_dataset(name, layout)
-    else:  # the header claims more rows than were ever written
-        f.create_dataset(name, shape=(len(data) + 1 + (1 << 20), *data.shape[1:]), dtype=data.dtype)
 
 
 def test_fuzz_store_storage_kinds(tmp_path):
@@ -447,7 +420,7 @@ def test_fuzz_store_storage_kinds(tmp_path):
             name, kind = rng.choice(numeric), rng.choice(STORAGE_KINDS)
             data = f[name][()]
             del f[name]
-            _restore_column(f, name, kind, data, tmp_path / f"c{case}-elsewhere.h5")
+            store_column_as(f, name, kind, data, tmp_path / f"c{case}-elsewhere.h5")
         ok = accepted(lambda: read_whole_store(path), f"{label} ({kind} {name})")
         if kind in FOREIGN_STORAGE | COMPRESSED_STORAGE or kind == "unwritten":
             assert not ok, f"{label}: a column stored as {kind} was accepted"

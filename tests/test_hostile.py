@@ -27,6 +27,8 @@ from cbir.cli import main
 from cbir.errors import CbirError, FormatError
 from cbir.io.store import STR_DTYPE, Store, StoreWriter, open_store
 
+from .hdf5_storage import FOREIGN_STORAGE, store_column_as
+
 
 def run(*args) -> "CliRunner.Result":
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
@@ -617,35 +619,18 @@ def test_trusted_links_are_followed(sample_dataset, victim, monkeypatch):
     assert (outside / "sift.h5").is_file()
 
 
-def _foreign(path: Path, column: str, how: str, outside: Path) -> None:
-    """Make a store's ``column`` hold data of ``outside`` (an HDF5 file or raw bytes) the way
-    ``how`` says, with the shape and dtype it had."""
-    with h5py.File(path, "a") as f:
-        data = f[column][()]
-        del f[column]
-        if how == "external storage":
-            outside.write_bytes(PRECIOUS.encode().ljust(data.nbytes, b"x")[:data.nbytes])
-            f.create_dataset(column, shape=data.shape, dtype=data.dtype, external=[(str(outside), 0, data.nbytes)])
-            return
-        with h5py.File(outside, "w") as g:
-            g["x"] = data
-        if how == "external link":
-            f[column] = h5py.ExternalLink(str(outside), "x")
-        else:
-            layout = h5py.VirtualLayout(shape=data.shape, dtype=data.dtype)
-            layout[...] = h5py.VirtualSource(str(outside), "x", shape=data.shape)
-            f.create_virtual_dataset(column, layout)
-
-
-@pytest.mark.parametrize("how", ["external storage", "external link", "virtual dataset"])
+@pytest.mark.parametrize("how", sorted(FOREIGN_STORAGE))
 def test_store_data_held_in_other_files_is_refused(sample_dataset, victim, how):
     store = sample_dataset / "cbir/local/sample.h5"
-    _foreign(store, "descriptors", how, victim.parent / "other.bin")
+    with h5py.File(store, "a") as f:
+        data = f["descriptors"][()]
+        del f["descriptors"]
+        store_column_as(f, "descriptors", how, data, victim.parent / "other.h5")
     for command in (["export", "kapture", sample_dataset, victim.parent / "out", "--local", "sample",
                      "--images", "skip"], ["check", sample_dataset],
                     ["export", "hloc", sample_dataset, "--local", "sample", "--features-out", victim.parent / "h.h5"]):
         result = run(*command)
-        one_line_error(result, "sample.h5", "holds data of other files", how.split()[-1], "--trust-links")
+        one_line_error(result, "sample.h5", "holds data of other files", how.split()[-1][:7], "--trust-links")
     assert not (victim.parent / "out").exists() and not (victim.parent / "h.h5").exists()
 
 

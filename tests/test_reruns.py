@@ -125,7 +125,7 @@ def _toml(tmp_path: Path, sample: Path, extra: str = "") -> Path:
     ('localize.conf.estimation.ransac.max_error="abc"', "[localize] cannot set option ransac.max_error"),
     ("localize.sequence_max_gap=-1", "[localize] sequence_max_gap must be >= 0"),
     ("evaluate.thresholds=[[0.5,200]]", "[evaluate] threshold (0.5 m, 200 deg)"),
-    ("num_workers=-1", "num_workers must be >= 0"),
+    ("num_workers=-1", "num_workers must be in [0, 256]"),
     ("retrieve.topkk=3", "--set retrieve.topkk: unknown key 'topkk' (did you mean 'topk'?) in [retrieve]"),
 ])
 def test_pipeline_configuration_is_checked_before_any_step(tmp_path, sample_dataset, override, message):
