@@ -21,6 +21,13 @@ if [ ! -f "$stamp" ] || [ "$CBIR_ROOT/pyproject.toml" -nt "$stamp" ] || [ "${BAS
     # opencv-python) would clash with opencv-python-headless
     "$CBIR_VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "kapture-localization==1.1.10"
   fi
+  if [[ "$extras" == *test* && "$extras" == *convert* ]]; then
+    # Keras 2 for TensorFlow >= 2.16, the Keras of the official DELG training code: the test that
+    # exports DELG as the official script does needs it. --no-deps: it requires the package
+    # `tensorflow`, which tensorflow-cpu provides under another name
+    tf_version="$("$CBIR_VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("tensorflow-cpu"))')"
+    "$CBIR_VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "tf-keras~=${tf_version%.*}.0"
+  fi
   touch "$stamp"
 fi
 export PATH="$CBIR_VENV/bin:$PATH"

@@ -27,7 +27,7 @@ from .io.dataset import Dataset
 from .io.images import LoadedImage, read_image
 from .io.store import StoreWriter
 from .models import GLOBAL_EXTRACTORS, LOCAL_EXTRACTORS
-from .models.base import Extractor, GlobalExtractor
+from .models.base import Extractor, GlobalExtractor, ImageSkipped
 from .io.textfile import read_utf8, split_lines
 
 
@@ -251,8 +251,13 @@ def _extract_pass(extractors: list[Extractor], store_names: list[str], outs: lis
                         extractors[i].begin_image([extractors[j] for j in wanted])
                     for i in wanted:
                         t0 = time.perf_counter()
-                        out = extractors[i].extract(image)
-                        reports[i].seconds["extraction"] += time.perf_counter() - t0
+                        try:
+                            out = extractors[i].extract(image)
+                        except ImageSkipped as e:  # the image is not one this extractor can describe
+                            reports[i].failed.append((name, e.message))
+                            continue
+                        finally:
+                            reports[i].seconds["extraction"] += time.perf_counter() - t0
                         writing.append(write_pool.submit(_store_one, extractors[i], writers[i], reports[i], name,
                                                          out, image.original_size))
                 t0 = time.perf_counter()

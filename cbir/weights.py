@@ -12,6 +12,7 @@ printed at extraction, e.g. for generated test weights).
 from __future__ import annotations
 
 import os
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +21,7 @@ import numpy as np
 from .errors import CbirError
 
 _TF_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+_OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
 
 def _checkpoint_prefix(src: Path, tf: Any) -> Path:
@@ -54,12 +56,54 @@ def read_tf_variables(src: str | os.PathLike) -> dict[str, np.ndarray]:
         names = reader.get_variable_to_shape_map()
     except Exception as e:  # TF raises its own error types for corrupt or truncated files
         raise CbirError(f"cannot read the TensorFlow checkpoint: {str(e).splitlines()[0]}", prefix) from None
+    named = _named_paths(reader, prefix) if _OBJECT_GRAPH in names else {}
     out = {}
-    for name in names:
-        if ".OPTIMIZER_SLOT" in name or name.startswith("_CHECKPOINTABLE_OBJECT_GRAPH") or "save_counter" in name:
+    for key in names:
+        if ".OPTIMIZER_SLOT" in key or key.startswith(_OBJECT_GRAPH) or "save_counter" in key:
             continue
-        out[name.removesuffix(_TF_SUFFIX)] = np.asarray(reader.get_tensor(name))
+        out[named.get(key, key.removesuffix(_TF_SUFFIX))] = np.asarray(reader.get_tensor(key))
     return out
+
+
+def _named_paths(reader: Any, prefix: Path) -> dict[str, str]:
+    """Checkpoint key -> the variable's path through named attributes of the saved objects.
+
+    A Keras model saved with TensorFlow 2 (the official DELG export) keys its variables by
+    the first path the saver found, often through a list Keras keeps of every variable
+    (``_model/variables/17``), which says nothing of the layer. The checkpoint's object
+    graph holds every path: walked breadth first through named attributes only (never
+    Keras's lists), each variable gets the path of its layer
+    (``_model/backbone/l2a/conv2a/kernel``). Variables reached only through lists keep
+    their key."""
+    try:
+        from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+        graph = trackable_object_graph_pb2.TrackableObjectGraph()
+        graph.ParseFromString(reader.get_tensor(_OBJECT_GRAPH))
+    except Exception as e:  # a corrupt graph: TensorFlow's own error types
+        raise CbirError(f"cannot read the checkpoint's object graph: {str(e).splitlines()[0]}", prefix) from None
+    paths: dict[str, str] = {}
+    seen, queue = {0}, deque([(0, "")])
+    while queue:
+        node_id, path = queue.popleft()
+        node = graph.nodes[node_id]
+        for attribute in node.attributes:
+            if attribute.name == "VARIABLE_VALUE":
+                paths.setdefault(attribute.checkpoint_key, path)
+        for child in node.children:
+            if child.node_id not in seen and not _is_list_edge(child.local_name):
+                seen.add(child.node_id)
+                queue.append((child.node_id, f"{path}/{child.local_name}" if path else child.local_name))
+    return paths
+
+
+#: the attributes through which Keras lists variables and layers a second time
+_LIST_EDGES = {"variables", "trainable_variables", "non_trainable_variables", "keras_api", "_variables",
+               "weights", "trainable_weights", "non_trainable_weights", "layers", "_self_tracked_trackables"}
+
+
+def _is_list_edge(name: str) -> bool:
+    return name in _LIST_EDGES or name.isdigit() or name.startswith(("layer-", "layer_with_weights-"))
 
 
 def read_variables(src: str | os.PathLike) -> tuple[dict[str, np.ndarray], str | None]:

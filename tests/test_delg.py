@@ -35,6 +35,8 @@ from cbir.weights import convert_delg
 from . import delg_reference as ref
 
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
+#: Keras 2 for TensorFlow >= 2.16 (the official training code's Keras); .ci/venv.sh installs it
+HAS_TF_KERAS = HAS_TF and importlib.util.find_spec("tf_keras") is not None
 
 
 def cbir(*args, ok: bool = True):
@@ -139,12 +141,31 @@ def test_extraction_equals_the_official_computation(variables, weights):
     assert np.all(np.diff(got["scores"]) <= 0)  # sorted by decreasing attention
 
 
-def test_tiny_images_give_no_features(weights):
+@pytest.mark.parametrize("size", [(30, 8), (30, 9)])
+def test_images_too_small_for_the_pyramid(weights, size):
+    """The official code gives an image under 10 px a side no local features and an empty
+    global descriptor: cbir gives no local features and skips the image for the global
+    descriptor with its reason (never a descriptor of zeros)."""
     local = delg.DelgLocal({"weights": str(weights), "device": "cpu", "score_threshold": 0})
     glob = delg.DelgGlobal({"weights": str(weights), "device": "cpu"})
-    image = LoadedImage(np.full((8, 30, 3), 127, np.uint8), (30, 8), (1.0, 1.0))  # < 10 px: official: none
+    w, h = size
+    image = LoadedImage(np.full((h, w, 3), 127, np.uint8), (w, h), (1.0, 1.0))
     assert len(local.extract(image)["keypoints"]) == 0
-    assert not glob.extract(image).any()
+    with pytest.raises(delg.ImageSkipped, match=f"too small for DELG's global descriptor \\({w}x{h} px"):
+        glob.extract(image)
+
+
+def test_a_tiny_image_is_skipped_and_reported(weights, sample_dataset):
+    """Through the command: the tiny image is listed as failed with its reason, the others
+    are extracted, and the store holds no row for it."""
+    Image.fromarray(np.full((9, 30, 3), 127, np.uint8)).save(sample_dataset / "sensors/records_data/right/000.png")
+    _, out, _ = cbir("extract", sample_dataset, "--global", "delg", "--conf", f"weights={weights}", "--name", "delg",
+                     "--json")
+    summary = json.loads(out)
+    assert summary["failed"] == [{"image": "right/000.png", "reason": "too small for DELG's global descriptor (30x9 "
+                                  "px: it needs 10 px a side, and 5 px at one of its global scales)"}]
+    with open_store(Dataset(sample_dataset).store_path("global", "delg")) as s:
+        assert sorted(s.keys) == ["left/000.png", "left/001.png"]
 
 
 # ---------------------------------------------------------------- one pass for both
@@ -268,6 +289,46 @@ def test_converter_reads_the_official_tensorflow_files(tmp_path, weights):
     r = subprocess.run([sys.executable, "-m", "cbir", "weights", "convert", "delg", str(tmp_path),
                         str(tmp_path / "x.pt")], capture_output=True, text=True)
     assert r.returncode == 1 and "neither a SavedModel" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TF_KERAS, reason="TensorFlow with tf-keras not installed: the official Keras export "
+                                             "is not tested")
+@pytest.mark.parametrize("export", ["tf2", "tf1"])
+def test_converter_reads_the_official_keras_export(tmp_path, weights, export):
+    """DELG built with the official Keras layer structure and saved as the official TF2
+    export script saves it, where Keras keys its variables by position (``_model/backbone/
+    l2a/variables/3``) and the converter finds each one's layer through the object graph;
+    or saved from a TensorFlow 1 graph, where variables carry the Keras layer names
+    (``backbone/<block>/res2a_branch2a/kernel``). Both convert to the .npz's tensors."""
+    npz = tmp_path / "vars.npz"
+    ref.write_generated_npz(npz)
+    made = subprocess.run([sys.executable, str(Path(__file__).with_name("delg_keras_export.py")), str(npz),
+                           str(tmp_path / "export"), *(["--tf1"] if export == "tf1" else [])],
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr[-2000:]
+    said = made.stdout.split()
+    assert said[0] == str(len(ref.official_variables(0))), made.stdout
+    assert int(said[2]) > 300 if export == "tf2" else said[2:] == ["named", "by", "layer"], made.stdout
+    r = subprocess.run([sys.executable, "-m", "cbir", "weights", "convert", "delg", str(tmp_path / "export"),
+                        str(tmp_path / "export.pt"), "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    expected = torch.load(weights, weights_only=True)["state_dict"]
+    got = torch.load(tmp_path / "export.pt", weights_only=True)["state_dict"]
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_official_layer_names_are_object_paths():
+    """TF1 graph names of the official Keras layers, mapped to the object paths."""
+    renamed = {"backbone/_identity_block_3/res4f_branch2c/kernel": "backbone/l4f/conv2c/kernel",
+               "DELG/backbone/_conv_block/bn3a_branch1/moving_mean": "DELG/backbone/l3a/bn_shortcut/moving_mean",
+               "attention/attn_conv2/bias": "attention/conv2/bias",
+               "attention/bn_conv1/gamma": "attention/bn_conv1/gamma",
+               "autoencoder/autoenc_conv1/kernel": "autoencoder/conv1/kernel",
+               "backbone/embedding_layer/kernel": "backbone/embedding_layer/kernel",
+               "backbone/block/res2a_branch2a/kernel/Momentum": "backbone/block/res2a_branch2a/kernel/Momentum"}
+    for tf1, path in renamed.items():
+        assert delg.from_layer_names(tf1) == path
 
 
 # ---------------------------------------------------------------- end to end, real photos

@@ -77,6 +77,11 @@ def find_weights(weights: str | os.PathLike, source: str, directory: str | os.Pa
                     f"it is published at {source}: download it and pass --weights FILE_OR_DIR")
 
 
+class ImageSkipped(CbirError):
+    """An extractor cannot describe this image (smaller than its network needs, say): the
+    extraction skips it and reports why, as it does an unreadable image."""
+
+
 class Extractor:
     """What local and global extractors share: a name, a configuration merged over
     ``default_conf`` (unknown keys refused), and the identity stored with the output."""

@@ -48,7 +48,8 @@ from ..errors import CbirError
 from ..io.atomic import atomic_output
 from ..io.images import LoadedImage
 from .backbones import RESNET_STYLES, ResNet, fold_batchnorm
-from .base import Extractor, GlobalExtractor, LocalExtractor, WithWeights, find_weights, register, resolve_device
+from .base import (Extractor, GlobalExtractor, ImageSkipped, LocalExtractor, WithWeights, find_weights, register,
+                   resolve_device)
 
 WEIGHTS_SOURCE = ("https://storage.googleapis.com/delf/r50delg_gld_20200814.tar.gz (linked from tensorflow/models "
                   "research/delf/delf/python/delg/DELG_INSTRUCTIONS.md); convert it once with "
@@ -60,6 +61,10 @@ FILE_VERSION = 1
 RF_SIZE, RF_STRIDE, RF_PADDING = 291.0, 16.0, 145.0
 # Images smaller than this after the max_size resize get no features (extractor.py).
 MIN_IMAGE_SIDE = 10
+#: the stem (7x7/2 convolution, 3x3/2 max-pool) needs this many pixels at a pyramid scale
+GLOBAL_MIN_SIDE = 5
+#: the global descriptor of an image too small for every global scale: none (officially empty)
+NO_GLOBAL = np.zeros(0, np.float32)
 _BN_EPS = RESNET_STYLES["tf"][2]  # Keras' BatchNormalization default
 
 
@@ -166,19 +171,50 @@ def official_name(key: str) -> str | None:
     return f"{layer}/{_BN_PARAMS[param] if is_bn else {'weight': 'kernel', 'bias': 'bias'}[param]}"
 
 
+_KERAS_VARIABLES = {"kernel", "bias", "gamma", "beta", "moving_mean", "moving_variance"}
+
+
+def from_layer_names(name: str) -> str:
+    """A variable named as a TensorFlow 1 graph names it, by the official Keras layer names
+    (``backbone/<block scope>/res2a_branch2a/kernel``, ``attention/attn_conv1/bias``,
+    ``autoencoder/autoenc_conv2/kernel``), renamed to its object path
+    (``backbone/l2a/conv2a/kernel``...); any other name is returned as it is. The block
+    models' own scope is dropped: the layer names are unique across blocks."""
+    parts = name.split("/")
+    roots = [i for i, p in enumerate(parts) if p in ("backbone", "attention", "autoencoder")]
+    if len(parts) < 3 or not roots or parts[-1] not in _KERAS_VARIABLES:
+        return name
+    head, root, layer = parts[:roots[0]], parts[roots[0]], parts[-2]
+    m = re.fullmatch(r"(res|bn)(\d)([a-z])_branch(1|2[abc])", layer)
+    if m and root == "backbone":
+        kind = "conv" if m[1] == "res" else "bn"
+        layer = f"l{m[2]}{m[3]}/{kind}_shortcut" if m[4] == "1" else f"l{m[2]}{m[3]}/{kind}{m[4]}"
+    elif (root, layer) in (("attention", "attn_conv1"), ("attention", "attn_conv2"),
+                           ("autoencoder", "autoenc_conv1"), ("autoencoder", "autoenc_conv2")):
+        layer = "conv" + layer[-1]
+    else:  # conv1, bn_conv1, embedding_layer: the layer name is the attribute's
+        return name
+    return "/".join([*head, root, layer, parts[-1]])
+
+
 def split_model_variables(variables: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The DELG variables of a checkpoint, by name relative to the model
     (``backbone/...``, ``attention/...``, ``autoencoder/...``): the prefix of the object
     that holds the model (``_model/`` in the exported SavedModel, ``model/`` in a
-    training checkpoint) is dropped; classifier heads and optimizer slots are ignored."""
+    training checkpoint) is dropped; classifier heads and optimizer slots are ignored.
+    Names of a TensorFlow 1 graph (Keras layer names) are read too (:func:`from_layer_names`)."""
     groups: dict[str, dict[str, np.ndarray]] = {}
     for name, value in variables.items():
+        name = from_layer_names(name)
         parts = name.split("/")
         roots = [i for i, p in enumerate(parts) if p in ("backbone", "attention", "autoencoder")]
         if not roots:
             continue
         i = roots[0]
-        groups.setdefault("/".join(parts[:i]), {})["/".join(parts[i:])] = value
+        group, key = groups.setdefault("/".join(parts[:i]), {}), "/".join(parts[i:])
+        if key in group:
+            raise CbirError(f"two variables of the checkpoint are DELG's {key!r} (one named {name!r})")
+        group[key] = value
     models = {prefix: g for prefix, g in groups.items() if "backbone/conv1/kernel" in g}
     if not models:
         raise CbirError("no DELG model in the checkpoint (no variable named .../backbone/conv1/kernel)")
@@ -335,9 +371,8 @@ class DelgEngine:
     def run(self, rgb: np.ndarray, want_local: bool, want_global: bool) -> DelgOutput:
         image, resize_factors = official_resize(rgb, self.max_size)
         h, w = image.shape[:2]
-        if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:
-            return DelgOutput({} if want_local else None,
-                              np.zeros(self.global_dim, np.float32) if want_global else None)
+        if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:  # the official code: no local features, an empty global
+            return DelgOutput({} if want_local else None, NO_GLOBAL if want_global else None)
         x = to_device(image, self.device).permute(2, 0, 1)[None].float()
         x = x.sub_(128.0).div_(128.0)
         global_idx = set(self.global_conf.get("global_scale_indices", ())) if want_global else set()
@@ -346,7 +381,7 @@ class DelgEngine:
             if not want_local and i not in global_idx:
                 continue
             size = pyramid_size(h, w, scale)
-            if min(size) < 5:  # too small for the stem (7x7/2 conv, 3x3/2 max-pool)
+            if min(size) < GLOBAL_MIN_SIDE:  # too small for the stem
                 continue
             xs = x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
             block3 = self.net.block3(xs.contiguous(memory_format=torch.channels_last))
@@ -366,8 +401,8 @@ class DelgEngine:
             if globals_:
                 g = F.normalize(torch.stack(globals_), p=2, dim=1, eps=1e-6).sum(0)
                 out.global_ = F.normalize(g, p=2, dim=0, eps=1e-6).cpu().numpy().astype(np.float32)
-            else:
-                out.global_ = np.zeros(self.global_dim, np.float32)
+            else:  # every global scale too small for the stem
+                out.global_ = NO_GLOBAL
         if want_local:
             out.local = self._select(boxes_c, feats, scores, scales, resize_factors)
         return out
@@ -492,4 +527,11 @@ class DelgGlobal(_Delg, GlobalExtractor):
         return self.engine.global_dim
 
     def extract(self, image: LoadedImage) -> np.ndarray:
-        return self.engine.result(image, "global").global_  # type: ignore[return-value]
+        """The global descriptor; an image too small for the pyramid has none (the official
+        code returns an empty one): :class:`ImageSkipped`, reported by the extraction."""
+        descriptor = self.engine.result(image, "global").global_
+        if descriptor is None or not descriptor.size:
+            w, h = image.size
+            raise ImageSkipped(f"too small for DELG's global descriptor ({w}x{h} px: it needs {MIN_IMAGE_SIDE} px a "
+                               f"side, and {GLOBAL_MIN_SIDE} px at one of its global scales)")
+        return descriptor
