@@ -1055,3 +1055,13 @@ def test_a_linked_result_folder_is_neither_read_nor_written(sample_dataset, vict
                     ["evaluate", "--query", sample_dataset, "--results", "x", "--gt", sample_dataset]):
         one_line_error(run(*command), "cbir/localization/x", "symbolic link")
     assert sorted(p.name for p in outside.iterdir()) == ["report.json", "run.json"]
+
+
+def test_store_names_too_long_for_a_file_name(sample_dataset):
+    """A store name is a file name with suffixes: one that cannot be is refused by name, not
+    by the file system (a traceback, found by the records fuzzer)."""
+    long = "x" * 1000
+    one_line_error(run("extract", sample_dataset, "--local", "sift", "--name", long), "longer than 200 characters")
+    _result(sample_dataset, [GOOD_RESULT], {"config": {"matches": long}})  # matches it cannot read: no pictures
+    assert run("report", "--query", sample_dataset, "--map", sample_dataset, "--results", "x").exit_code == 0
+    assert run("extract", sample_dataset, "--local", "sift", "--name", "x" * 200).exit_code == 0

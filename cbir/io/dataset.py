@@ -20,6 +20,9 @@ from .sensors import SensorData
 
 STORE_DIRS = {"local": "local-features", "global": "global-features", "matches": "matches", "map": "map"}
 _STORE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+#: longest store name: ``<name>.model.h5.batches``, ``<name>.h5.<pid>-<hex>.partial`` and the
+#: like must stay within a file name's 255 bytes (the name is ASCII)
+MAX_STORE_NAME = 200
 
 
 #: files beside the stores that are not stores: a global extractor's learned model
@@ -35,6 +38,9 @@ def model_path(store_path: Path) -> Path:
 def check_store_name(name: str) -> None:
     if not isinstance(name, str):
         raise CbirError(f"invalid store name {name!r}: not a string")
+    if len(name) > MAX_STORE_NAME:
+        raise CbirError(f"invalid store name {name[:40]!r}...: longer than {MAX_STORE_NAME} characters (its files "
+                        "add suffixes to it, and a file name has at most 255 bytes)")
     if not _STORE_NAME_RE.match(name) or name.endswith((".h5", ".partial", MODEL_SUFFIX)):
         raise CbirError(f"invalid store name {name!r}: use letters, digits, '_', '-', '+', '.' "
                         f"(no path, no extension, not ending in {MODEL_SUFFIX})")

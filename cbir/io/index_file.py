@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import CbirError, FormatError
 from .atomic import atomic_output, fsync_file
-from .dataset import Dataset
+from .dataset import MAX_STORE_NAME, Dataset
 from .hdf5 import read_metadata
 from .paths import refuse_links
 from .textfile import parse_json
@@ -43,6 +43,9 @@ def index_path(dataset: Dataset, stores: list[str], kind: str, rows: tuple[int, 
     ``rows``, those of the map images ``rows[0]:rows[1]`` (a shard, ``--executor ray``)."""
     for name in stores:
         dataset.store_path("global", name)  # checks the name
+    if len("+".join(stores)) > MAX_STORE_NAME:
+        raise CbirError(f"the names of the stores {', '.join(stores)} together are longer than {MAX_STORE_NAME} "
+                        "characters: their index file name would be too long for the file system")
     base = dataset.root / "cbir" / "index" / f"{'+'.join(stores)}.{kind}"
     return base.with_name(base.name + ".h5") if rows is None else \
         base.with_name(base.name + ".shards") / f"{rows[0]:09d}-{rows[1]:09d}.h5"
