@@ -33,7 +33,7 @@ from .cores import pool_size
 from .errors import CbirError, FormatError
 from .geometry.cameras import CAMERA_MODELS, Camera
 from .geometry.colmap_options import paper_config, set_dotted
-from .geometry.poses import Pose, rotmat_to_qvec
+from .geometry.poses import Pose, rotmat_to_qvec, validate_pose
 from .io.atomic import atomic_output
 from .io.colmap import COLMAP_PIXEL_OFFSET
 from .io.dataset import Dataset, check_store_name
@@ -494,8 +494,9 @@ _RESULT_FIELDS = {f.name: f for f in fields(QueryResult)}
 
 def result_from_json(item: Any, path: Path, i: int) -> QueryResult:
     """One entry of a ``report.json``, its every field of the type :class:`QueryResult` says
-    (a success is ``true``, not ``"no"``; a pose is 4 + 3 finite numbers, the quaternion not
-    zero), else a :class:`FormatError` naming the file and the entry."""
+    (a success is ``true``, not ``"no"``; a pose is 4 + 3 finite numbers, as kapture's
+    poses: a unit quaternion, a translation within 1e12 m), else a :class:`FormatError`
+    naming the file and the entry."""
     def bad(problem: str) -> FormatError:
         return FormatError(f"entry {i}: {problem}", path)
 
@@ -522,8 +523,9 @@ def result_from_json(item: Any, path: Path, i: int) -> QueryResult:
     qvec, tvec = (_vector(item.get(key), n, key, name, bad) for key, n in (("qvec", 4), ("tvec", 3)))
     if (qvec is None) != (tvec is None) or (item.get("success") and qvec is None):
         raise bad(f"{name!r} has a success without a whole pose (qvec and tvec)")
-    if qvec is not None and not any(qvec):
-        raise bad(f"the quaternion of {name!r} is zero: not a rotation")
+    problem = validate_pose(qvec, tvec) if qvec is not None and tvec is not None else None
+    if problem:
+        raise bad(f"the pose of {name!r}: {problem}")
     camera = item.get("camera")
     if camera is not None:
         if not (isinstance(camera, list) and len(camera) == 4 and isinstance(camera[0], str)

@@ -454,6 +454,7 @@ def _json_mutation(value, rng: random.Random, depth: int = 0):
     return rng.choice(hostile)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a leaked numeric warning is a defect too
 def test_fuzz_localization_records(tmp_path):
     """report.json and run.json mutated field by field: ``cbir report`` and ``cbir evaluate``
     exit 0 or 1 with one line, never a traceback; an evaluation that succeeds counts only

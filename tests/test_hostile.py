@@ -665,6 +665,8 @@ CRAFTED_REPORTS = {
     "success 'no'": [{**GOOD_RESULT, "success": "no"}],
     "a success without qvec": [{k: v for k, v in GOOD_RESULT.items() if k != "qvec"}],
     "a zero quaternion": [{**GOOD_RESULT, "qvec": [0, 0, 0, 0]}],
+    "a quaternion of norm 2": [{**GOOD_RESULT, "qvec": [2, 0, 0, 0]}],
+    "a translation of 1e308 m": [{**GOOD_RESULT, "tvec": [1e308, 1e308, 0]}],
     "a text coordinate": [{**GOOD_RESULT, "tvec": [0, 0, "x"]}],
     "an infinite coordinate":
         '[{"name": "left/000.png", "success": true, "qvec": [1, 0, 0, 0], "tvec": [0, 0, 1e999]}]',
@@ -677,6 +679,7 @@ CRAFTED_REPORTS = {
 }
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 @pytest.mark.parametrize("case", list(CRAFTED_REPORTS))
 def test_crafted_localization_reports_are_one_line_errors(sample_dataset, case):
     content = CRAFTED_REPORTS[case]

@@ -3,6 +3,7 @@ translation (tx, ty, tz), so that x_cam = R(q) x_world + t."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,9 @@ import numpy as np
 #: A quaternion whose norm differs from 1 by more than this is refused: it is not a
 #: rotation written with limited precision but something else.
 QUATERNION_NORM_TOLERANCE = 1e-3
+#: largest translation component of a pose (m): Earth-centred coordinates are 1e7; beyond this,
+#: centres and errors computed from it overflow
+MAX_TRANSLATION = 1e12
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,9 @@ def validate_pose(qvec: tuple[float, ...], tvec: tuple[float, ...]) -> str | Non
     values = np.asarray(tuple(qvec) + tuple(tvec), dtype=np.float64)
     if not np.all(np.isfinite(values)):
         return "pose has NaN or infinite values"
-    norm = float(np.linalg.norm(values[:4]))
+    if np.abs(values[4:]).max() > MAX_TRANSLATION:
+        return f"translation over {MAX_TRANSLATION:g} m: not a pose in a scene (or in Earth-centred coordinates)"
+    norm = math.hypot(*values[:4])  # no overflow on 1e308, unlike a sum of squares
     if abs(norm - 1.0) > QUATERNION_NORM_TOLERANCE:
         return f"quaternion is not a rotation (norm {norm:.6g}, expected 1 within {QUATERNION_NORM_TOLERANCE})"
     return None

@@ -22,7 +22,7 @@ from ..errors import CbirError, FormatError
 from .atomic import atomic_output, fsync_file
 from .dataset import MAX_STORE_NAME, Dataset
 from .hdf5 import read_metadata
-from .paths import refuse_links
+from .paths import check_type_name, refuse_links
 from .textfile import parse_json
 
 #: ``cbir_format`` of a kept index file, and its version
@@ -148,7 +148,7 @@ def index_bytes(path: Path, count: int, attrs: dict[str, Any] | None = None) -> 
         files = parse_json(attrs["files"], path, "'files'")
         if not isinstance(files, list) or len(files) != count or not all(
                 isinstance(f, dict) and isinstance(f.get("file"), str) and type(f.get("size")) is int
-                and Path(f["file"]).name == f["file"] and f["file"] not in ("", ".", "..") for f in files):
+                and check_type_name(f["file"]) is None for f in files):
             raise ValueError
         located = [IndexBytes(path.with_name(f["file"]), 0, f["size"]) for f in files]
     except (TypeError, ValueError, KeyError, CbirError):
