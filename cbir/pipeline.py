@@ -154,12 +154,11 @@ class PipelineResult:
 
 
 def _toml(text: str, source: str | Path) -> dict[str, Any]:
-    """The TOML document ``text``; invalid TOML, and nesting deeper than any configuration
-    has (:data:`~cbir.io.textfile.MAX_JSON_DEPTH`), are a :class:`FormatError` naming ``source``."""
+    """The TOML document ``text``; nesting deeper than any configuration has
+    (:data:`~cbir.io.textfile.MAX_JSON_DEPTH`) is a :class:`FormatError` naming ``source``.
+    Invalid TOML raises :class:`tomllib.TOMLDecodeError`: each caller says what it means."""
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise FormatError(f"invalid TOML: {e}", source) from None
     except RecursionError:
         raise FormatError("nested too deep", source) from None
     if json_depth(data) > MAX_JSON_DEPTH:
@@ -173,7 +172,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
     base = Path(".")
     if path is not None:
         path = Path(path)
-        data = _toml(read_utf8(path, "configuration file"), path)
+        try:
+            data = _toml(read_utf8(path, "configuration file"), path)
+        except tomllib.TOMLDecodeError as e:
+            raise FormatError(f"invalid TOML: {e}", path) from None
         _merge(conf, data, str(path))
         base = path.parent
     for item in overrides:
@@ -182,9 +184,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
             raise CbirError(f"override {item!r}: expected key=value")
         try:
             parsed = _toml(f"v = {value}", f"--set {key}")["v"]
-        except FormatError as e:
-            if "nested" in e.message:
-                raise
+        except tomllib.TOMLDecodeError:
             parsed = value  # a bare string
         parts = key.split(".")
         # inside a free-form table (local_conf, conf, ...) the rest of the key is one dotted key

@@ -9,7 +9,7 @@ import click
 
 from ..errors import CbirError
 from ..io.index_file import index_path, kept_files
-from ..retrieval.names import INDEX_KINDS
+from ..retrieval.names import INDEX_KINDS, MAX_LSH_BITS
 from ._common import console_err, dataset_argument, is_quiet, open_dataset, print_json, report_written, warn
 from .features_cmds import executor_options, progress_bar, ray_executor
 
@@ -26,8 +26,8 @@ def index_group() -> None:
 @click.option("--index", "kind", type=click.Choice(INDEX_KINDS), default="ivfpq", show_default=True)
 @click.option("--nlist", type=click.IntRange(1), help="ivf, ivfpq: inverted lists (default 4 sqrt(N)).")
 @click.option("--pq-m", type=click.IntRange(1), help="ivfpq: 4-bit sub-quantizers (default dim/8).")
-@click.option("--lsh-bits", type=click.IntRange(1, 4096),
-              help="lsh: bits per code (default 2 x dim, at most 4096).")
+@click.option("--lsh-bits", type=click.IntRange(1, MAX_LSH_BITS),
+              help=f"lsh: bits per code (default 2 x dim, at most {MAX_LSH_BITS}).")
 @click.option("--train-size", type=click.IntRange(1), default=100_000, show_default=True,
               help="Map images the quantizers are trained on (a seeded sample).")
 @click.option("--overwrite", is_flag=True, help="Rebuild an index built from other stores or options.")

@@ -9,7 +9,7 @@ from rich.markup import escape
 
 from ..io.index_file import index_path
 from ..io.pairs import write_pairs
-from ..retrieval.names import ALIASES, FUSIONS, INDEX_KINDS, PRECISIONS
+from ..retrieval.names import ALIASES, FUSIONS, INDEX_KINDS, MAX_LSH_BITS, PRECISIONS
 from ._common import console_err, is_quiet, open_dataset, print_json, report_written, warn
 from .features_cmds import executor_options, progress_bar, ray_executor
 
@@ -49,8 +49,8 @@ def _floats(value: str | None) -> tuple[float, ...]:
 @click.option("--nlist", type=click.IntRange(1), help="ivf, ivfpq: inverted lists (default 4 sqrt(N)).")
 @click.option("--nprobe", type=click.IntRange(1), default=16, show_default=True, help="ivf, ivfpq: lists visited.")
 @click.option("--pq-m", type=click.IntRange(1), help="ivfpq: 4-bit sub-quantizers (default dim/8).")
-@click.option("--lsh-bits", type=click.IntRange(1, 4096),
-              help="lsh: bits per code (default 2 x dim, at most 4096).")
+@click.option("--lsh-bits", type=click.IntRange(1, MAX_LSH_BITS),
+              help=f"lsh: bits per code (default 2 x dim, at most {MAX_LSH_BITS}).")
 @click.option("--recall-sample", type=click.IntRange(0), default=0, show_default=True,
               help="Indexed search: measure recall@topk against exact search on N sampled queries.")
 @click.option("--exclude-same-name", is_flag=True,

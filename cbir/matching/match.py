@@ -27,7 +27,7 @@ from ..io.dataset import Dataset
 from ..io.pairs import Pair
 from ..io.provenance import differences
 from ..io.store import Store, StoreWriter, open_store
-from ..cores import MAX_WORKERS, pool_size
+from ..cores import MAX_WORKERS
 from ..devices import Uploader, default_workers
 from .nearest_neighbor import MatcherConf, PairBatch, as_unit_tensor
 from ..geometry.poses import Pose
@@ -208,7 +208,7 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
     from ..models.base import resolve_device
 
     dev = resolve_device(device)
-    workers = default_workers() if num_workers is None else pool_size(num_workers, MAX_WORKERS)
+    workers = default_workers() if num_workers is None else max(1, min(num_workers, MAX_WORKERS))
     name = name or local
     same = query.root.resolve() == map_.root.resolve()
     todo, duplicates, self_pairs = plan_pairs(pairs, same)

@@ -36,7 +36,7 @@ from ..io.pairs import Pair
 from ..io.provenance import differences, digest_names
 from ..validate import check_integer
 from .fusion import fuse, nan_last
-from .names import INDEX_KINDS
+from .names import INDEX_KINDS, MAX_LSH_BITS
 from .search import DescriptorSet, RetrievalConf, StepClock, bounded, error_bound, exact_scores, intra_op_threads, \
     pairs_from_topk, ranked, read_ahead, retrieve
 
@@ -56,10 +56,6 @@ INDEX_READ_SLACK = 256 << 20
 #: candidates, so the wasted products grow with the block (1M map, 1,000 queries of 2048-D,
 #: 100 candidates: 0.115 s of products in blocks of 64, 0.074 s in blocks of 16)
 RESCORE_BLOCK = 16
-#: longest LSH code: its random rotation is a dense dim x bits matrix made orthonormal when
-#: the index is created, in one faiss call that holds the interpreter (no Ctrl-C): 4096 bits
-#: of an 8192-D descriptor take seconds, 16384 bits minutes
-MAX_LSH_BITS = 4096
 
 
 @dataclass(frozen=True)
@@ -160,8 +156,9 @@ def _load(path: Path, attrs: dict[str, Any], record: dict[str, Any], database: D
         stores = ",".join(record["stores"])
         raise CbirError(f"built from other stores or options than asked ({'; '.join(diffs)}): rebuild it with "
                         f"cbir index build MAP --global {stores} --index {record['config']['kind']} --overwrite", path)
-    indexes = [_read_index(where) for where in index_bytes(path, len(record["stores"]), attrs)]
-    for index, where, dim in zip(indexes, index_bytes(path, len(record["stores"]), attrs), database.dims):
+    located = index_bytes(path, len(record["stores"]), attrs)
+    indexes = [_read_index(where) for where in located]
+    for index, where, dim in zip(indexes, located, database.dims):
         problem = structure_problem(index, conf.kind, dim, len(database.names), conf)
         if problem:
             raise FormatError(f"is not the index its record describes ({problem}): rebuild it with cbir index build "
