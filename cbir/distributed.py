@@ -84,10 +84,10 @@ def extract_on_ray(specs: list[ExtractorSpec], dataset: Dataset, *, store_names:
     wanted = images if images is not None else sorted(dataset.sensors.image_names())
     specs = list(specs)
     for j, (e, final) in enumerate(zip(local, finals)):
-        if isinstance(e, extract_mod.GlobalExtractor):  # DenseVLAD learns its model here, once, beside the store
+        if isinstance(e, extract_mod.GlobalExtractor):  # a model learned on the map (DenseVLAD's): here, once
             final.parent.mkdir(parents=True, exist_ok=True)
             e.prepare(final, wanted, extract_mod.image_loader(dataset, e, image_options), overwrite=overwrite)
-            if e.conf.get("learn"):  # the tasks read the model learned here
+            if e.learns_on_map and e.conf.get("learn"):  # the tasks read the model learned here
                 kind, name, c = specs[j]
                 specs[j] = (kind, name, {**c, "learn": False, "model": str(model_path(final))})
     attrs = [extract_mod.store_attributes(e, n, image_options) for e, n in zip(local, names)]

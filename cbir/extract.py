@@ -26,8 +26,8 @@ from .errors import CbirError
 from .io.dataset import Dataset
 from .io.images import LoadedImage, read_image
 from .io.store import StoreWriter
-from .models import GLOBAL_EXTRACTORS, LOCAL_EXTRACTORS
-from .models.base import Extractor, GlobalExtractor, ImageSkipped
+from . import plugins
+from .models.base import Extractor, GlobalExtractor, ImageSkipped, LocalExtractor
 from .io.textfile import read_utf8, split_lines
 
 
@@ -54,10 +54,14 @@ class ExtractReport:
 
 
 def extractor_class(name: str, kind: str = "local") -> type[Extractor]:
-    registry = GLOBAL_EXTRACTORS if kind == "global" else LOCAL_EXTRACTORS
-    if name not in registry:
-        raise CbirError(f"unknown {kind} extractor {name!r} (known: {', '.join(sorted(registry))})")
-    return registry[name]
+    """The class of the installed extractor ``name`` of ``kind`` (local or global), or of a
+    ``module:Class`` path (:mod:`cbir.plugins`)."""
+    cls = plugins.load(kind, name)
+    base = GlobalExtractor if kind == "global" else LocalExtractor
+    if not (isinstance(cls, type) and issubclass(cls, base) and isinstance(getattr(cls, "name", None), str)):
+        raise CbirError(f"the {plugins.LABELS[kind]} {name!r} is {cls!r}, not a subclass of "
+                        f"cbir.models.base.{base.__name__} with a name")
+    return cls
 
 
 def build_extractor(name: str, conf: dict[str, Any] | None = None, kind: str = "local") -> Extractor:

@@ -36,8 +36,10 @@ Configuration (every key optional except the datasets; ``--set a.b=value`` overr
     map_pairs = 20               # map x map pairs by retrieval; 0: every pair
     precision = "fp32"           # "fp16": half-precision search, candidates rescored (same pairs)
     [match]
-    ratio = 0.0                  # 0: off
-    mutual = true
+    matcher = "nn"               # an installed matcher (cbir weights list), or module:Class
+    conf = {}                    # its options
+    ratio = 0.0                  # nn: Lowe's ratio (0: off)
+    mutual = true                # nn: mutual nearest neighbours only
     max_error = 4.0              # verification (px)
     min_inliers = 15
     map_verify = "poses"         # map x map pairs: "poses" (their known epipolar geometry;
@@ -90,7 +92,8 @@ from .io.pairs import Pair, exhaustive_pairs, read_pairs, read_pairs_record, wri
 from .io.provenance import UNKNOWN, differences, digest
 from .io.store import open_store
 from .io.textfile import MAX_JSON_DEPTH, json_depth, read_json_object, read_utf8
-from .matching import MatcherConf, VerifyConf
+from .matching import DEFAULT_MATCHER, Matcher, VerifyConf
+from .matching.base import load_matcher
 from .matching import match as match_mod
 from .models.base import Extractor, resolve_device
 from .retrieval import FusionConf, RetrievalConf, pairs_record, retrieve
@@ -102,7 +105,8 @@ DEFAULTS: dict[str, Any] = {
     "datasets": {"map": None, "query": None, "query_gt": None},
     "extract": {"local": "sift", "global": ["densevlad"], "weights": None, "local_conf": {}, "global_conf": {}},
     "retrieve": {"fusion": "gharm", "topk": 20, "map_pairs": 20, "precision": "fp32"},
-    "match": {"ratio": 0.0, "mutual": True, "max_error": 4.0, "min_inliers": 15, "map_verify": "poses"},
+    "match": {"matcher": DEFAULT_MATCHER, "conf": {}, "ratio": 0.0, "mutual": True, "max_error": 4.0,
+              "min_inliers": 15, "map_verify": "poses"},
     "map": {"conf": {}},
     "localize": {"config": "config2", "conf": {}, "rig": False, "rig_max_gap": 0, "sequence": False,
                  "sequence_max_gap": 1},
@@ -242,7 +246,7 @@ class Plan:
     global_names: list[str]
     query_retrieval: RetrievalConf
     map_retrieval: RetrievalConf | None  # None: every map pair
-    matcher: MatcherConf
+    matcher: Matcher
     map_verify: VerifyConf
     query_verify: VerifyConf
     map_overrides: dict[str, Any]
@@ -323,8 +327,7 @@ def plan(conf: dict[str, Any], source: str | Path | None = None) -> Plan:
     map_retrieval = RetrievalConf(topk=rt["map_pairs"], fusion=fusion, exclude_self=True,
                                   precision=rt["precision"]) if rt["map_pairs"] else None
     mt = conf["match"]
-    section("match", lambda: check_number("ratio", mt["ratio"], 0.0, 1.0))
-    matcher = section("match", lambda: MatcherConf(mutual=mt["mutual"], ratio=float(mt["ratio"]) or None))
+    matcher = section("match", lambda: _matcher(mt))
     query_verify = section("match", lambda: VerifyConf(max_error=mt["max_error"], min_inliers=mt["min_inliers"]))
     map_verify = section("match", lambda: VerifyConf(method=mt["map_verify"], max_error=mt["max_error"],
                                                      min_inliers=mt["min_inliers"]))
@@ -369,6 +372,23 @@ def _ray_confs(ex: dict[str, Any]) -> tuple[Any, Any, Any, Any] | None:
             RayConf(address=address, shard_size=ex["map_images_per_task"]))
 
 
+def _matcher(mt: dict[str, Any]) -> Matcher:
+    """The matcher of ``[match]``: ``matcher`` with ``conf``; ``ratio`` and ``mutual`` are
+    the nn matcher's (another matcher refuses them unless left at their defaults)."""
+    if not isinstance(mt["matcher"], str):
+        raise CbirError(f"matcher must be a name, got {mt['matcher']!r}")
+    options = _table("conf", mt["conf"])
+    check_number("ratio", mt["ratio"], 0.0, 1.0)
+    shorthand = {"mutual": mt["mutual"], "ratio": float(mt["ratio"]) or None}
+    defaults = {"mutual": DEFAULTS["match"]["mutual"], "ratio": float(DEFAULTS["match"]["ratio"]) or None}
+    if mt["matcher"] == DEFAULT_MATCHER:
+        options = {**shorthand, **options}
+    elif shorthand != defaults:
+        raise CbirError(f"ratio and mutual are options of the {DEFAULT_MATCHER} matcher, not of {mt['matcher']}: "
+                        "give its options in conf")
+    return load_matcher(mt["matcher"], options)
+
+
 def _ray_estimator(conf: Any) -> Callable:
     from .distributed import ray_estimator
 
@@ -409,15 +429,24 @@ def _extractors(ex: dict[str, Any], device: str) -> tuple[Extractor, list[Extrac
     for key, kind, conf, which in (("local_conf", "local", local_conf, [ex["local"]]),
                                    ("global_conf", "global", global_conf, names)):
         known = set().union(*(extract_mod.extractor_class(n, kind).default_conf for n in which))
-        unknown = set(conf) - known - {"model", "learn"}
+        unknown = set(conf) - known - set(LEARNED_KEYS)
         if unknown:
             raise CbirError(f"{key}: unknown option(s) {unknown_names(unknown, known)} for {', '.join(which)}")
-        if {"model", "learn"} & set(conf):
-            raise CbirError(f"{key}: the pipeline sets DenseVLAD's model and learn itself (learned on the map)")
+        if set(LEARNED_KEYS) & set(conf):
+            raise CbirError(f"{key}: the pipeline sets {' and '.join(LEARNED_KEYS)} itself (a model learned on "
+                            "the map, DenseVLAD's)")
     local = _build("local", ex["local"], local_conf, ex["weights"], device)
-    globals_ = [_build("global", g, {**global_conf, **({"learn": True} if g == "densevlad" else {})},
-                       ex["weights"], device) for g in names]
+    globals_ = [_build("global", g, {**global_conf, **({"learn": True} if _learns(g) else {})}, ex["weights"], device)
+                for g in names]
     return local, globals_
+
+
+#: the options of an extractor that learns a model on the map (:attr:`Extractor.learns_on_map`)
+LEARNED_KEYS = ("model", "learn")
+
+
+def _learns(name: str) -> bool:
+    return extract_mod.extractor_class(name, "global").learns_on_map
 
 
 def _build(kind: str, name: str, conf: dict, weights: str | None, device: str) -> Extractor:
@@ -605,7 +634,7 @@ def _extract(p: Plan, replace: bool, step: Callable[[str], None], progress: Prog
     rm = extract([p.local, *p.globals_], p.map)
     query_globals = []
     for g, r in zip(p.globals_, rm[1:]):
-        if g.name == "densevlad":
+        if g.learns_on_map:  # the queries are described with the model learned on the map
             model = model_path(r.path)
             conf = {**{k: v for k, v in g.conf.items() if k != "learn"}, "model": str(model)}
             g = extract_mod.build_extractor(g.name, conf, "global")

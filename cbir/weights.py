@@ -136,5 +136,3 @@ def convert_delg(src: str | os.PathLike, dst: str | os.PathLike, *, gem_power: f
     return {"model": "delg", "source": str(src), "output": str(dst), "config": config,
             "tensors": len(variables), "parameters": int(sum(v.numel() for v in state.values()))}
 
-
-CONVERTERS: dict[str, Callable[..., dict[str, Any]]] = {"delg": convert_delg}

@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "pairs": ("features_cmds", "pairs_group", "Make image pair lists (retrieval makes them too)."),
     "show": ("features_cmds", "show_group", "Pictures for a person to check the data."),
     "rig": ("localization_cmds", "rig_group", "Rigs of cameras (rigs.txt)."),
-    "weights": ("weights_cmds", "weights_group", "Convert official weight files."),
+    "weights": ("weights_cmds", "weights_group", "The weights each extractor loads; convert official files."),
     "info": ("dataset_cmds", "info", "Cameras, images, rigs, trajectories and stores of a dataset."),
     "check": ("dataset_cmds", "check", "Validate a dataset against the format specification."),
     "import": ("interchange_cmds", "import_group", "Make cbir datasets and stores from other tools' files."),

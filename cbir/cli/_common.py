@@ -56,6 +56,46 @@ def table(title: str, columns: list[tuple[str, str]]) -> "Table":
     return t
 
 
+class PluginName(click.ParamType):
+    """The name of an installed plugin of ``kind`` (:mod:`cbir.plugins`), or ``module:Class``;
+    ``several``: a comma-separated list. ``--help`` lists the installed names from the
+    packages' metadata, importing none; an unknown name is one line listing them."""
+
+    name = "plugin"
+
+    def __init__(self, kind: str, several: bool = False) -> None:
+        self.kind, self.several = kind, several
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        from .. import plugins
+
+        return "NAME[,NAME...]" if self.several else f"[{'|'.join(plugins.names(self.kind))}]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from .. import plugins
+
+        for name in [v.strip() for v in str(value).split(",") if v.strip()] if self.several else [str(value)]:
+            plugins.find(self.kind, name)
+        return value
+
+
+class PluginOption(click.Option):
+    """An option whose help names the installed plugins of ``plugin_kind`` where it says
+    ``{names}``, read when the help is shown (not when the command is imported)."""
+
+    def __init__(self, *args: Any, plugin_kind: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.plugin_kind = plugin_kind
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        from .. import plugins
+
+        record = super().get_help_record(ctx)
+        if record is None:
+            return None
+        return record[0], record[1].replace("{names}", ", ".join(plugins.names(self.plugin_kind)))
+
+
 def dataset_argument(name: str = "dataset"):
     return click.argument(name, type=click.Path(file_okay=False, path_type=Path))
 

@@ -16,11 +16,10 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from ..cores import MAX_WORKERS
 from ..errors import CbirError
 from ..io.pairs import exhaustive_pairs, read_pairs, write_pairs
-from ..matching import VERIFY_METHODS
-from ..models import EXTRACTOR_NAMES
+from ..matching import DEFAULT_MATCHER, VERIFY_METHODS
 from ..validate import unknown_names
-from ._common import (console_err, dataset_argument, follow_symlinks_option, is_quiet, open_dataset, print_json,
-                      print_skipped, report_written)
+from ._common import (PluginName, PluginOption, console_err, dataset_argument, follow_symlinks_option, is_quiet,
+                      open_dataset, print_json, print_skipped, report_written)
 
 device_option = click.option("--device", default="auto", show_default=True,
                              help="cpu, cuda, cuda:N, or auto (cuda when present).")
@@ -146,15 +145,19 @@ def parse_conf(items: tuple[str, ...]) -> dict[str, Any]:
 
 @click.command()
 @dataset_argument()
-@click.option("--local", "local", type=click.Choice(EXTRACTOR_NAMES["local"]), help="Local feature extractor.")
-@click.option("--global", "global_", metavar="NAME[,NAME...]",
-              help=f"Global extractors, comma-separated ({', '.join(EXTRACTOR_NAMES['global'])}).")
+@click.option("--local", "local", type=PluginName("local"),
+              help="Local feature extractor (an installed one, or module:Class; `cbir weights list` says what "
+                   "weights each loads).")
+@click.option("--global", "global_", type=PluginName("global", several=True), cls=PluginOption, plugin_kind="global",
+              help="Global extractors, comma-separated ({names}).")
 @click.option("--weights", type=click.Path(exists=True, path_type=Path),
               help="Weight file, or a directory holding it (also searched: $CBIR_WEIGHTS, ~/.cache/cbir/weights).")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="DenseVLAD: the map's .model.h5 (vocabulary and PCA) to extract queries with.")
+              help="Extractors that learn a model on the map (DenseVLAD): the map's .model.h5 (vocabulary and PCA) "
+                   "to extract queries with.")
 @click.option("--learn", is_flag=True,
-              help="DenseVLAD: learn the vocabulary and PCA on DATASET (the map); queries take the map's --model.")
+              help="Extractors that learn a model on the map (DenseVLAD): learn it on DATASET (the map); queries "
+                   "take the map's --model.")
 @click.option("--name", help="Store name (one extractor only; default: the extractor, or its weight file's name).")
 @click.option("--max-keypoints", type=click.IntRange(0), help="Keep the N best keypoints (0: all).")
 @click.option("--max-size", type=click.IntRange(1), help="Longest image edge processed.")
@@ -190,9 +193,6 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
         raise click.UsageError("give --local NAME and/or --global NAME[,NAME...]")
     if name and len(jobs) > 1:
         raise click.UsageError("--name needs a single extractor")
-    for kind, n in jobs:
-        if kind == "global" and n not in EXTRACTOR_NAMES["global"]:
-            raise click.BadParameter(f"{n!r} (known: {', '.join(EXTRACTOR_NAMES['global'])})", param_hint="--global")
     common = parse_conf(conf_items)
     if learn and model:
         raise click.UsageError("--learn learns a model on DATASET; --model uses the map's: give one of them")
@@ -284,9 +284,14 @@ def pairs_exhaustive(ctx: click.Context, map_: Path, query: Path | None, output:
 @click.option("--pairs", "pairs_file", required=True, help="Pairs file (query_image, map_image[, score]), or -.")
 @click.option("--local", "local", required=True, help="Name of the local-feature store in both datasets.")
 @click.option("--name", help="Matches store name (default: LOCAL, or LOCAL-PAIRSNAME for a pairs file).")
-@click.option("--mutual/--no-mutual", default=True, show_default=True, help="Keep mutual nearest neighbours only.")
-@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True), help="Lowe's ratio test threshold.")
-@click.option("--max-distance", type=click.FloatRange(0, 2), help="Largest L2 distance of unit descriptors.")
+@click.option("--matcher", "matcher_name", type=PluginName("matcher"), default=DEFAULT_MATCHER, show_default=True,
+              help="Matcher (an installed one, or module:Class).")
+@click.option("--mutual/--no-mutual", default=True, show_default=True,
+              help="nn matcher: keep mutual nearest neighbours only.")
+@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True), help="nn matcher: Lowe's ratio test threshold.")
+@click.option("--max-distance", type=click.FloatRange(0, 2),
+              help="nn matcher: largest L2 distance of unit descriptors.")
+@click.option("--conf", "conf_items", multiple=True, metavar="KEY=VALUE", help="Any other matcher option.")
 @click.option("--verify", type=click.Choice(VERIFY_METHODS), is_flag=False, flag_value="ransac", default=None,
               help="Geometric verification: ransac (--verify alone; pycolmap's two-view geometry) or poses (the "
                    "known epipolar geometry of posed images, map x map; RANSAC for pairs without poses).")
@@ -302,12 +307,13 @@ def pairs_exhaustive(ctx: click.Context, map_: Path, query: Path | None, output:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.pass_context
 def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, local: str, name: str | None,
-          mutual: bool, ratio: float | None, max_distance: float | None, verify: str | None, max_error: float,
+          matcher_name: str, mutual: bool, ratio: float | None, max_distance: float | None,
+          conf_items: tuple[str, ...], verify: str | None, max_error: float,
           confidence: float, min_inliers: int, device: str, num_workers: int, overwrite: bool, executor: str,
           ray_address: str | None, shard_size: int, as_json: bool) -> None:
     """Match the local features of the image pairs of a pairs file."""
     from ..matching import match as match_mod
-    from ..matching.nearest_neighbor import MatcherConf
+    from ..matching.base import load_matcher
     from ..matching.verify import VerifyConf
 
     q = open_dataset(query)
@@ -315,7 +321,11 @@ def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, l
     pairs = read_pairs(pairs_file)
     if name is None:
         name = local if pairs_file == "-" else f"{local}-{Path(pairs_file).stem}"
-    matcher = MatcherConf(mutual=mutual, ratio=ratio, max_distance=max_distance)
+    options = parse_conf(conf_items)
+    for key, value in (("mutual", mutual), ("ratio", ratio), ("max_distance", max_distance)):
+        if ctx.get_parameter_source(key) is not click.core.ParameterSource.DEFAULT:
+            options[key] = value  # the nn matcher's own options: another matcher refuses them by name
+    matcher = load_matcher(matcher_name, options)
     verify_conf = VerifyConf(method=verify, max_error=max_error, confidence=confidence,
                              min_inliers=min_inliers) if verify else None
     quiet = is_quiet(ctx)

@@ -1,4 +1,5 @@
-"""Descriptor matching (mutual nearest neighbour) and geometric verification (pycolmap).
+"""Descriptor matching (matchers are plugins: :mod:`cbir.matching.base`; the built-in ``nn``
+is mutual nearest neighbour) and geometric verification (pycolmap).
 
 Names are imported on first use, so that ``cbir.matching.verify`` (say) never loads torch.
 """
@@ -13,10 +14,14 @@ from typing import Any
 #: RANSAC for pairs without); named here so that the CLI lists them without pycolmap
 VERIFY_METHODS = ("ransac", "poses")
 
-_WHERE = {"MatcherConf": "nearest_neighbor", "PairBatch": "nearest_neighbor", "match_descriptors": "nearest_neighbor",
+#: the matcher of ``cbir match`` and the pipeline when none is named
+DEFAULT_MATCHER = "nn"
+
+_WHERE = {"Matcher": "base", "load_matcher": "base", "MutualNearestNeighbor": "nearest_neighbor",
+          "MatcherConf": "nearest_neighbor", "PairBatch": "nearest_neighbor", "match_descriptors": "nearest_neighbor",
           "VerifyConf": "verify", "verify_pair": "verify"}
 
-__all__ = sorted([*_WHERE, "VERIFY_METHODS"])
+__all__ = sorted([*_WHERE, "DEFAULT_MATCHER", "VERIFY_METHODS"])
 
 
 def __getattr__(name: str) -> Any:

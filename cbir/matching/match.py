@@ -29,7 +29,8 @@ from ..io.provenance import differences
 from ..io.store import Store, StoreWriter, open_store
 from ..cores import MAX_WORKERS
 from ..devices import Uploader, default_workers
-from .nearest_neighbor import MatcherConf, PairBatch, as_unit_tensor
+from .base import Matcher, PairBatch
+from .nearest_neighbor import MatcherConf, MutualNearestNeighbor
 from ..geometry.poses import Pose
 from .known_poses import CALIBRATED, PosedPair, has_baseline, verify_with_poses
 from .verify import Verified, VerifyConf, verification_camera, verify_pair
@@ -63,30 +64,44 @@ class MatchReport:
         return max(self.seconds, key=self.seconds.__getitem__)
 
 
+def as_matcher(matcher: Matcher | MatcherConf) -> Matcher:
+    """A matcher, or the options of the ``nn`` matcher (:class:`MatcherConf`) as one."""
+    return MutualNearestNeighbor(matcher) if isinstance(matcher, MatcherConf) else matcher
+
+
+#: an image's features as the matching step holds them: keypoints, what the matcher prepared,
+#: the image size (None: the camera's)
+Features = tuple[np.ndarray, Any, "tuple[int, int] | None"]
+
+
 class FeatureCache:
-    """Keypoints and unit descriptors (on the matching device) of recently used images.
-    Images missing from the cache are read together by a thread pool (:meth:`load`)."""
+    """Keypoints and the matcher's prepared features (on the matching device) of recently
+    used images. Images missing from the cache are read together by a thread pool (:meth:`load`)."""
 
-    def __init__(self, store: Store, device: torch.device, capacity: int = 256):
-        self.store, self.device, self.capacity = store, device, capacity
-        self._items: OrderedDict[str, tuple[np.ndarray, torch.Tensor, tuple[int, int] | None]] = OrderedDict()
+    def __init__(self, store: Store, device: torch.device, matcher: Matcher, capacity: int = 256):
+        self.store, self.device, self.matcher, self.capacity = store, device, matcher, capacity
+        self._items: OrderedDict[str, Features] = OrderedDict()
         self._upload = Uploader(device)
+        missing = [c for c in ("keypoints", *matcher.columns) if c not in store.columns]
+        if missing:
+            raise CbirError(f"the {matcher.name} matcher reads the column(s) {', '.join(missing)}, which these "
+                            "features do not have", store.path)
 
-    def _read(self, name: str) -> tuple[np.ndarray, np.ndarray, tuple[int, int] | None]:
-        cols = ["keypoints", "descriptors"] + (["image_sizes"] if "image_sizes" in self.store.columns else [])
+    def _read(self, name: str) -> tuple[dict[str, np.ndarray], tuple[int, int] | None]:
+        cols = list(dict.fromkeys(["keypoints", *self.matcher.columns] +
+                                  (["image_sizes"] if "image_sizes" in self.store.columns else [])))
         item = self.store.get(name, cols)
-        for col in ("keypoints", "descriptors"):  # an edited store must not match garbage silently
-            if not np.isfinite(item[col]).all():
+        for col in cols:  # an edited store must not match garbage silently
+            if item[col].dtype.kind == "f" and not np.isfinite(item[col]).all():
                 raise FormatError(f"the {col} of {name!r} have NaN or infinite values", self.store.path)
         size = tuple(int(v) for v in item["image_sizes"]) if "image_sizes" in item else None
         if size is not None and min(size) <= 0:
             size = None  # unknown (kapture imports without a camera): the camera's size is used
-        return item["keypoints"], item["descriptors"], size
+        return item, size  # type: ignore[return-value]
 
-    def _put(self, name: str, read: tuple[np.ndarray, np.ndarray, tuple[int, int] | None]) -> None:
-        kp, desc, size = read
-        # raw descriptors travel (uint8 SIFT: a quarter of the bytes); normalized on the device
-        self._items[name] = (kp, as_unit_tensor(self._upload(desc), self.device), size)
+    def _put(self, name: str, read: tuple[dict[str, np.ndarray], tuple[int, int] | None]) -> None:
+        item, size = read
+        self._items[name] = (item["keypoints"], self.matcher.prepare(item, self._upload), size)
         if len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
@@ -99,7 +114,7 @@ class FeatureCache:
         for name, read in zip(todo, reads):
             self._put(name, read)
 
-    def get(self, name: str) -> tuple[np.ndarray, torch.Tensor, tuple[int, int] | None]:
+    def get(self, name: str) -> Features:
         if name not in self._items:
             self._put(name, self._read(name))
         self._items.move_to_end(name)
@@ -174,25 +189,23 @@ def require_matchable(todo: list[tuple[str, str]], skipped: dict[tuple[str, str]
                         "have the local features", pairs_file)
 
 
-def match_config(local: str, features_config: dict[str, Any], matcher: MatcherConf,
+def match_config(local: str, features_config: dict[str, Any], matcher: Matcher | MatcherConf,
                  verify: VerifyConf | None) -> dict[str, Any]:
     """The configuration a matches store records: the features (by name and by their
-    configuration), the matcher, the verification (None: matches not verified)."""
-    config: dict[str, Any] = {"local_features": local, "features_config": features_config,
-                              "matcher": asdict(matcher), "verify": asdict(verify) if verify else None}
-    for key in ("block_rows", "block_cols", "device_tile_bytes"):  # speed only, not the result
-        config["matcher"].pop(key)
-    return config
+    configuration), the matcher (:meth:`Matcher.identity`), the verification (None: matches
+    not verified)."""
+    return {"local_features": local, "features_config": features_config,
+            "matcher": as_matcher(matcher).identity(), "verify": asdict(verify) if verify else None}
 
 
-def store_attributes(name: str, local: str, features_config: dict[str, Any], matcher: MatcherConf,
+def store_attributes(name: str, local: str, features_config: dict[str, Any], matcher: Matcher | MatcherConf,
                      verify: VerifyConf | None) -> dict[str, Any]:
     """The attributes (name, config, local features) of a matches store."""
     return {"name": name, "config": match_config(local, features_config, matcher, verify), "local_features": local}
 
 
 def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: str | None = None,
-         matcher: MatcherConf = MatcherConf(), verify: VerifyConf | None = None, device: str = "auto",
+         matcher: Matcher | MatcherConf = MatcherConf(), verify: VerifyConf | None = None, device: str = "auto",
          overwrite: bool = False, num_workers: int | None = None,
          progress: Callable[[int, int], None] | None = None, overlap: bool | None = None,
          store_path: Path | None = None, pairs_file: str | None = None) -> MatchReport:
@@ -208,6 +221,7 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
     from ..models.base import resolve_device
 
     dev = resolve_device(device)
+    matcher = as_matcher(matcher)
     workers = default_workers() if num_workers is None else max(1, min(num_workers, MAX_WORKERS))
     name = name or local
     same = query.root.resolve() == map_.root.resolve()
@@ -218,12 +232,13 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
     with open_store(query.store_path("local", local), "local-features") as qstore, \
             (open_store(map_.store_path("local", local), "local-features") if not same else nullcontext(qstore)) as mstore:
         check_compatible(qstore, mstore)
+        matcher.check_features(qstore)
         skipped = unmatchable_pairs(todo, query, map_, qstore, mstore)
         if store_path is None:  # a Ray shard's pairs were checked as a whole by its driver
             require_matchable(todo, skipped, self_pairs, pairs_file)
         attrs = store_attributes(name, local, qstore.config, matcher, verify)
-        qcache = FeatureCache(qstore, dev)
-        mcache = qcache if same else FeatureCache(mstore, dev)
+        qcache = FeatureCache(qstore, dev, matcher)
+        mcache = qcache if same else FeatureCache(mstore, dev, matcher)
         out.parent.mkdir(parents=True, exist_ok=True)
         with_poses = verify is not None and verify.method == "poses"
         qposes = query.sensors.image_poses() if with_poses else {}
@@ -262,14 +277,14 @@ class _Run:
     verified before the next (both would compete for the same cores)."""
 
     def __init__(self, query: Dataset, map_: Dataset, qcache: FeatureCache, mcache: FeatureCache,
-                 matcher: MatcherConf, verify: VerifyConf | None, cameras: "_Cameras | None",
+                 matcher: Matcher, verify: VerifyConf | None, cameras: "_Cameras | None",
                  poses: tuple[dict, dict], pool: ThreadPoolExecutor, read_pool: ThreadPoolExecutor,
                  writer: StoreWriter, report: MatchReport, progress: Callable[[int, int], None] | None, total: int,
                  overlap: bool):
         self.query, self.map, self.qcache, self.mcache = query, map_, qcache, mcache
         self.verify, self.cameras, self.poses, self.pool, self.read_pool = verify, cameras, poses, pool, read_pool
         self.writer, self.report, self.progress, self.total, self.overlap = writer, report, progress, total, overlap
-        self._batches = [PairBatch(matcher), PairBatch(matcher)]  # alternate: one queued while one is read back
+        self._batches = [matcher.batch(), matcher.batch()]  # alternate: one queued while one is read back
         self._matching: tuple[list, list, PairBatch] | None = None  # a chunk queued on the device
         self._inflight: tuple[list, dict[int, Future]] | None = None  # a chunk being verified
 

@@ -14,13 +14,15 @@ product each), queued pair after pair with no host synchronisation (:class:`Pair
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..devices import exact_float32
 from ..validate import check_bool, check_number
+from .base import Matcher, Upload
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,32 @@ class MatcherConf:
         check_bool("mutual", self.mutual)
         check_number("ratio", self.ratio, 0.0, 1.0, low_open=True, optional=True)
         check_number("max_distance", self.max_distance, 0.0, 2.0, optional=True)
+
+
+class MutualNearestNeighbor(Matcher):
+    """The matcher ``nn``: nearest neighbours of L2-normalized descriptors (float, or uint8
+    SIFT histograms), mutual by default, with Lowe's ratio test and an L2 distance bound
+    (:class:`MatcherConf`); GPU pairs batched (:class:`PairBatch`)."""
+
+    name = "nn"
+    default_conf = {f.name: f.default for f in fields(MatcherConf)}
+    runtime_keys = ("block_rows", "block_cols", "device_tile_bytes")
+
+    def __init__(self, conf: "dict[str, Any] | MatcherConf | None" = None):
+        super().__init__(asdict(conf) if isinstance(conf, MatcherConf) else conf)
+        self.matcher_conf = MatcherConf(**self.conf)
+
+    def identity(self) -> dict[str, Any]:
+        # without its name: the form of the stores written before matchers were plugins
+        return {k: v for k, v in self.conf.items() if k not in self.runtime_keys}
+
+    def prepare(self, features: dict[str, np.ndarray], upload: Upload) -> torch.Tensor:
+        # raw descriptors travel (uint8 SIFT: a quarter of the bytes); normalized on the device
+        d = upload(features["descriptors"])
+        return as_unit_tensor(d, d.device)
+
+    def batch(self) -> "PairBatch":
+        return PairBatch(self.matcher_conf)
 
 
 def as_unit_tensor(desc: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:

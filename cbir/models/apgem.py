@@ -30,12 +30,14 @@ import torch.nn.functional as F
 from ..errors import CbirError
 from ..io.images import LoadedImage
 from .backbones import RESNET_LAYERS, ResNet
-from .base import (IMAGENET_MEAN, IMAGENET_STD, GlobalExtractor, WithWeights, find_weights, register,
+from .base import (IMAGENET_MEAN, IMAGENET_STD, GlobalExtractor, WeightFile, WithWeights, find_weights,
                    resolve_device, to_tensor)
 from .checkpoints import load_pickled_checkpoint
 
-WEIGHTS_SOURCE = ("https://github.com/naver/deep-image-retrieval (Resnet101-AP-GeM-LM18.pt, "
-                  "linked from its README)")
+WEIGHTS = WeightFile("Resnet101-AP-GeM-LM18.pt",
+                     "https://github.com/naver/deep-image-retrieval (linked from its README)",
+                     "BSD-3-Clause, the repository's licence")
+WEIGHTS_SOURCE = WEIGHTS.describe()
 
 
 class GeM(nn.Module):
@@ -148,11 +150,11 @@ def scale_pool(descs: list[torch.Tensor], pooling: str, gemp: float) -> torch.Te
     return sympow(sympow(x, gemp).mean(0), 1 / gemp)
 
 
-@register
 class APGeM(WithWeights, GlobalExtractor):
     """AP-GeM from the official deep-image-retrieval checkpoint (``weights``)."""
 
     name = "apgem"
+    weight_files = (WEIGHTS,)
     default_conf = {
         "weights": "Resnet101-AP-GeM-LM18.pt",
         "weights_dir": None,

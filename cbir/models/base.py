@@ -9,6 +9,7 @@ another configuration is refused instead of mixing outputs.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,15 +21,18 @@ from ..errors import CbirError
 from ..io.images import LoadedImage
 from ..validate import check_integer, unknown_names
 
-LOCAL_EXTRACTORS: dict[str, type["LocalExtractor"]] = {}
-GLOBAL_EXTRACTORS: dict[str, type["GlobalExtractor"]] = {}
 
+@dataclass(frozen=True)
+class WeightFile:
+    """A weight file an extractor loads: its ``name`` (the default file looked up), where it
+    is ``published`` (the official source; nothing is ever downloaded) and its ``licence``."""
 
-def register(cls):
-    """Class decorator: make an extractor available by its ``name``."""
-    registry = GLOBAL_EXTRACTORS if issubclass(cls, GlobalExtractor) else LOCAL_EXTRACTORS
-    registry[cls.name] = cls
-    return cls
+    name: str
+    published: str
+    licence: str
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.published} ({self.licence})"
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -93,6 +97,14 @@ class Extractor:
     runtime_keys: ClassVar[tuple[str, ...]] = ()
     #: resize with the image loader before extraction (None: the extractor handles sizes itself)
     loader_max_size_key: ClassVar[str | None] = None
+    #: the weight files it loads (empty: none); ``conf["weights"]`` names the one used
+    weight_files: ClassVar[tuple[WeightFile, ...]] = ()
+    #: it learns a model on the map before extracting (DenseVLAD's vocabulary and PCA): with
+    #: ``conf["learn"]`` on the map, or ``conf["model"]`` the map's model, for the queries
+    learns_on_map: ClassVar[bool] = False
+    #: how its descriptors are compared (kapture's ``metric_type``): ``L2``, or ``Hamming`` for
+    #: packed binary descriptors (uint8, ``descriptor_dim`` bytes), which L2 matchers refuse
+    metric_type: ClassVar[str] = "L2"
     descriptor_dim: int
 
     def __init__(self, conf: dict[str, Any] | None = None):
@@ -108,8 +120,9 @@ class Extractor:
             check_integer(f"{self.name} max_keypoints", self.conf["max_keypoints"], 0)
 
     def store_config(self) -> dict[str, Any]:
-        """The ``config`` its stores record."""
-        return {"extractor": self.name, **self.identity()}
+        """The ``config`` its stores record (with the descriptors' ``metric_type`` when not L2)."""
+        metric = {} if self.metric_type == "L2" else {"metric_type": self.metric_type}
+        return {"extractor": self.name, **self.identity(), **metric}
 
     def default_store_name(self) -> str:
         return self.name

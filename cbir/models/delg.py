@@ -48,12 +48,14 @@ from ..errors import CbirError
 from ..io.atomic import atomic_output
 from ..io.images import LoadedImage
 from .backbones import RESNET_STYLES, ResNet, fold_batchnorm
-from .base import (Extractor, GlobalExtractor, ImageSkipped, LocalExtractor, WithWeights, find_weights, register,
-                   resolve_device)
+from .base import (Extractor, GlobalExtractor, ImageSkipped, LocalExtractor, WeightFile, WithWeights,
+                   find_weights, resolve_device)
 
-WEIGHTS_SOURCE = ("https://storage.googleapis.com/delf/r50delg_gld_20200814.tar.gz (linked from tensorflow/models "
-                  "research/delf/delf/python/delg/DELG_INSTRUCTIONS.md); convert it once with "
-                  "`cbir weights convert delg SAVEDMODEL_DIR r50delg_gld_20200814.pt`")
+WEIGHTS = WeightFile("r50delg_gld_20200814.pt",
+                     "https://storage.googleapis.com/delf/r50delg_gld_20200814.tar.gz (linked from tensorflow/models "
+                     "research/delf/delf/python/delg/DELG_INSTRUCTIONS.md); convert it once with "
+                     "`cbir weights convert delg SAVEDMODEL_DIR r50delg_gld_20200814.pt`", "Apache-2.0")
+WEIGHTS_SOURCE = WEIGHTS.describe()
 FILE_FORMAT = "cbir-delg"
 FILE_VERSION = 1
 
@@ -444,6 +446,7 @@ _COMMON_CONF = {
 
 class _Delg(WithWeights, Extractor):
     kind: ClassVar[str]
+    weight_files = (WEIGHTS,)
 
     def _setup(self) -> None:
         scales = self.conf["scales"]
@@ -486,7 +489,6 @@ class _Delg(WithWeights, Extractor):
         self.engine.plan("local" in users, "global" in users)
 
 
-@register
 class DelgLocal(_Delg, LocalExtractor):
     """DELG local features (attention-selected block-3 positions, 128-d)."""
 
@@ -507,7 +509,6 @@ class DelgLocal(_Delg, LocalExtractor):
         return self.engine.result(image, "local").local or self.empty()
 
 
-@register
 class DelgGlobal(_Delg, GlobalExtractor):
     """DELG global descriptor (GeM + FC whitening over three scales, 2048-d)."""
 

@@ -37,7 +37,7 @@ from ..io.atomic import atomic_output
 from ..io.dataset import model_path
 from ..io.hdf5 import read_metadata
 from ..io.images import LoadedImage
-from .base import GlobalExtractor, register
+from .base import GlobalExtractor
 from .sift import rootsift
 
 TRAIN_CACHE_BYTES = 1 << 30  # dense descriptors of training images kept between the two training passes
@@ -74,9 +74,9 @@ def vlad(desc: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return exact.unit_rows(v.reshape(1, -1))[0].numpy()
 
 
-@register
 class DenseVLAD(GlobalExtractor):
     name = "densevlad"
+    learns_on_map = True
     default_conf = {
         "max_size": 512,
         "step": 6,

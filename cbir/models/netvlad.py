@@ -31,12 +31,14 @@ import torch.nn.functional as F
 from ..errors import CbirError
 from ..io.images import LoadedImage
 from .backbones import vgg16_features
-from .base import (IMAGENET_MEAN, IMAGENET_STD, GlobalExtractor, WithWeights, find_weights, register,
+from .base import (IMAGENET_MEAN, IMAGENET_STD, GlobalExtractor, WeightFile, WithWeights, find_weights,
                    resolve_device, to_tensor)
 from .checkpoints import load_pickled_checkpoint
 
-WEIGHTS_SOURCE = ("https://github.com/Relja/netvlad (vd16_pitts30k_conv5_3_vlad_preL2_intra_white.mat; "
-                  "struct version Pitts30K_struct.mat as hloc distributes it), or a pytorch-NetVlad checkpoint")
+WEIGHTS = WeightFile("Pitts30K_struct.mat", "https://github.com/Relja/netvlad (vd16_pitts30k_conv5_3_vlad_preL2_intra_"
+                     "white.mat; its struct version Pitts30K_struct.mat as hloc distributes it), or a pytorch-NetVlad "
+                     "checkpoint", "MIT")
+WEIGHTS_SOURCE = WEIGHTS.describe()
 MAT_VLAD_LAYER, MAT_WHITEN_LAYER = 30, 33
 
 
@@ -141,11 +143,11 @@ def load_netvlad(path: Path) -> tuple[NetVLADNet, dict[str, Any]]:
     return net.eval(), pre
 
 
-@register
 class NetVLAD(WithWeights, GlobalExtractor):
     """VGG-16 NetVLAD (Pitts30k, PCA-whitened to 4096) from its published weights."""
 
     name = "netvlad"
+    weight_files = (WEIGHTS,)
     default_conf = {
         "weights": "Pitts30K_struct.mat",
         "weights_dir": None,

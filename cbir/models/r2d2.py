@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from ..errors import CbirError
 from ..io.images import LoadedImage
 from .backbones import fold_batchnorm
-from .base import LocalExtractor, WithWeights, find_weights, register, resolve_device, to_tensor
+from .base import LocalExtractor, WeightFile, WithWeights, find_weights, resolve_device, to_tensor
 
-WEIGHTS_SOURCE = "https://github.com/naver/r2d2 (models/*.pt, CC BY-NC-SA 3.0)"
+WEIGHTS = WeightFile("r2d2_WASF_N16.pt", "https://github.com/naver/r2d2 (models/*.pt)", "CC BY-NC-SA 3.0")
+WEIGHTS_SOURCE = WEIGHTS.describe()
 
 
 class QuadL2Net(nn.Module):
@@ -159,11 +160,11 @@ def pyramid_levels(width: int, height: int, conf: dict[str, Any]) -> list[tuple[
     return levels
 
 
-@register
 class R2D2(WithWeights, LocalExtractor):
     """R2D2 keypoints and descriptors from an official checkpoint (``weights``)."""
 
     name = "r2d2"
+    weight_files = (WEIGHTS,)
     default_conf = {
         "weights": "r2d2_WASF_N16.pt",
         "max_keypoints": 20000,  # the official --top-k (paper: 20k)

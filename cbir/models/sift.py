@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from ..io.images import LoadedImage
-from .base import LocalExtractor, register
+from .base import LocalExtractor
 
 
 def rootsift(descriptors: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -29,7 +29,6 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 
-@register
 class SIFT(LocalExtractor):
     """OpenCV SIFT, the ``max_keypoints`` strongest by response."""
 
@@ -84,7 +83,6 @@ class SIFT(LocalExtractor):
                 "scores": np.array([k.response for k in keypoints], np.float32), "keypoint_params": params}
 
 
-@register
 class RootSIFT(SIFT):
     """SIFT with RootSIFT descriptors."""
 
