@@ -1,4 +1,5 @@
-"""Extraction, matching, retrieval and localization on a Ray cluster (``--executor ray``).
+"""Extraction, matching, retrieval and localization on a Ray cluster (``--executor ray``):
+:class:`RayExecutor`, the executor of :mod:`cbir.executor` that runs shards as Ray tasks.
 
 The images (pairs) still to do are cut into deterministic shards (runs of ``shard_size``
 in the order a local run takes them). Extraction runs its shards on long-lived actors
@@ -29,7 +30,8 @@ from .errors import CbirError
 from .io.atomic import WriteLock, atomic_output
 from .io.dataset import Dataset, model_path
 from .io.provenance import digest
-from .io.store import SCHEMAS, copy_part, finish_merge, open_store, plan_merge
+from .io.store import SCHEMAS, copy_part, finish_merge, open_store, plan_merge, present_keys
+from .executor import Progress, RetrievalRun, ShardSizes, require_exact_for_expansion
 from .validate import check_integer
 
 #: (kind, registered name, configuration) of one extractor, as workers rebuild it
@@ -66,6 +68,77 @@ class RayConf:
         check_integer("max_retries", self.max_retries, 0)
 
 
+class RayExecutor:
+    """The steps as shards on a Ray cluster (``address``: None for ``$RAY_ADDRESS``, else a
+    local instance), ``sizes`` of work a shard; each step's parts reduced here into what
+    :class:`cbir.executor.LocalExecutor` writes."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, sizes: ShardSizes = ShardSizes()) -> None:
+        self.address, self.sizes = address, sizes
+
+    def conf(self, shard_size: int) -> RayConf:
+        return RayConf(address=self.address, shard_size=shard_size)
+
+    def extract(self, extractors: Any, dataset: Dataset, *, store_names: Any = None, images: list[str] | None = None,
+                overwrite: bool = False, num_workers: int | None = None, image_options: Any = None,
+                progress: Progress | None = None, learning: Progress | None = None,
+                merging: Progress | None = None) -> list:
+        from .extract import store_kind
+
+        # the workers rebuild each extractor from its class's path: plugins that are not installed by name work too
+        specs = [e if isinstance(e, tuple) else
+                 (store_kind(e), f"{type(e).__module__}:{type(e).__qualname__}", dict(e.conf)) for e in extractors]
+        names = list(store_names) if store_names is not None else [None] * len(specs)
+        return extract_on_ray(specs, dataset, store_names=names, images=images, overwrite=overwrite,
+                              image_options=image_options, conf=self.conf(self.sizes.images), progress=progress,
+                              merging=merging)
+
+    def match(self, query: Dataset, map_: Dataset, pairs: list, local: str, *, name: str | None = None,
+              matcher: Any = None, verify: Any = None, device: str = "auto", overwrite: bool = False,
+              num_workers: int | None = None, progress: Progress | None = None, merging: Progress | None = None,
+              pairs_file: str | None = None) -> Any:
+        return match_on_ray(query, map_, pairs, local, name=name, matcher=matcher, verify=verify, device=device,
+                            overwrite=overwrite, conf=self.conf(self.sizes.pairs), progress=progress,
+                            merging=merging, pairs_file=pairs_file)
+
+    def retrieve(self, query: Dataset, map_: Dataset, qset: Any, mset: Any, store_names: list[str], conf: Any, *,
+                 device: str = "auto", qe: int = 0, qe_alpha: float = 0.0, dba: int = 0, dba_alpha: float = 0.0,
+                 index: Any = None, recall_sample: int = 0, progress: Progress | None = None) -> RetrievalRun:
+        from .models.base import resolve_device
+        from .retrieval.index import recall, recall_sample_rows
+        from .retrieval.rerank import retrieve_with_expansion
+
+        ray_conf = self.conf(self.sizes.map_images)
+        stats: dict[str, int] = {}
+        if index is not None:
+            require_exact_for_expansion(qe, dba)
+        if qe or dba:  # every search on the cluster, the expansions here
+            pairs = retrieve_with_expansion(qset, mset, conf, qe=qe, qe_alpha=qe_alpha, dba=dba, dba_alpha=dba_alpha,
+                                            device=resolve_device(device), progress=progress,
+                                            search=ray_search(query, map_, store_names, device=device,
+                                                              ray_conf=ray_conf))
+        else:
+            pairs = retrieve_on_ray(query, map_, store_names, conf, device=device, progress=progress, index=index,
+                                    stats=stats, ray_conf=ray_conf)
+        measured = None
+        if recall_sample and index is not None:  # the sample searched exactly, on the cluster too
+            sample = [qset.names[i] for i in recall_sample_rows(len(qset.names), recall_sample, index.seed)]
+            chosen = set(sample)
+            measured = recall(retrieve_on_ray(query, map_, store_names, conf, device=device, queries=sample,
+                                              ray_conf=ray_conf), [p for p in pairs if p.query in chosen])
+        return RetrievalRun(pairs, measured, stats.get("indexes_built", 0))
+
+    def build_indexes(self, map_: Dataset, store_names: list[str], conf: Any, *, overwrite: bool = False,
+                      progress: Progress | None = None) -> list[tuple[Path, str]]:
+        return build_index_on_ray(map_, store_names, conf, overwrite=overwrite, progress=progress,
+                                  ray_conf=self.conf(self.sizes.map_images))
+
+    def pose_estimator(self) -> Callable[..., list] | None:
+        return ray_estimator(self.conf(self.sizes.queries))
+
+
 def extract_on_ray(specs: list[ExtractorSpec], dataset: Dataset, *, store_names: list[str | None],
                    images: list[str] | None = None, overwrite: bool = False, image_options: Any = None,
                    conf: RayConf = RayConf(), progress: Callable[[int, int], None] | None = None,
@@ -91,7 +164,8 @@ def extract_on_ray(specs: list[ExtractorSpec], dataset: Dataset, *, store_names:
                 kind, name, c = specs[j]
                 specs[j] = (kind, name, {**c, "learn": False, "model": str(model_path(final))})
     attrs = [extract_mod.store_attributes(e, n, image_options) for e, n in zip(local, names)]
-    present = [_present(final, a, overwrite) for final, a in zip(finals, attrs)]
+    present = [present_keys(final, f"{extract_mod.store_kind(e)}-features", a, overwrite)
+               for e, final, a in zip(local, finals, attrs)]
     todo = [n for n in wanted if any(n not in p for p in present)]
     shards = _cut(todo, conf.shard_size)
     plan = dataset.root / "cbir" / "shards" / digest({"stores": [str(f) for f in finals], "config": attrs,
@@ -113,7 +187,7 @@ def extract_on_ray(specs: list[ExtractorSpec], dataset: Dataset, *, store_names:
             _add(report, r)
         if progress:
             progress(len(shards[i]), total)
-    parts = [merge_parts(final, [o[j] for o in outputs], keep=present[j] is not _NOTHING)
+    parts = [merge_parts(final, [o[j] for o in outputs], keep=not overwrite)
              for j, final in enumerate(finals)]
     merged = _merge_counter(merging, sum(map(len, parts)))
     for j, (final, a) in enumerate(zip(finals, attrs)):
@@ -123,9 +197,6 @@ def extract_on_ray(specs: list[ExtractorSpec], dataset: Dataset, *, store_names:
     shutil.rmtree(plan, ignore_errors=True)
     _remove_if_empty(plan.parent)
     return reports
-
-
-_NOTHING: frozenset = frozenset()
 
 
 def _wants_gpu(device: Any) -> bool:
@@ -298,23 +369,13 @@ def merge_into(final: Path, parts: list[Path], kind: str, attrs: dict[str, Any],
         finish_merge(plan, [crcs[i] for i in range(len(plan.jobs))])
 
 
-def _present(final: Path, attrs: dict[str, Any], overwrite: bool) -> frozenset:
-    """The images the final store holds; refused when it was made with another configuration."""
-    if not final.exists() or overwrite:
-        return _NOTHING
-    with open_store(final) as store:
-        if store.config != attrs["config"]:
-            raise CbirError("extracted with another configuration: pass --overwrite to replace the store, or --name "
-                            "to write another one", final)
-        return frozenset(store.names)
-
-
 def _count(path: Path) -> int:
     with open_store(path) as store:
         return len(store)
 
 
 def _add(report: Any, shard: Any) -> None:
+    report.weights_note = report.weights_note or shard.weights_note
     report.keypoints += shard.keypoints
     report.failed += shard.failed
     report.empty += shard.empty
@@ -351,7 +412,7 @@ def match_on_ray(query: Dataset, map_: Dataset, pairs: list, local: str, *, name
         skipped = match_mod.unmatchable_pairs(planned, query, map_, qstore, mstore)
         match_mod.require_matchable(planned, skipped, self_pairs, pairs_file)
         attrs = match_mod.store_attributes(name, local, qstore.config, matcher, verify)
-    present = _present(final, attrs, overwrite)
+    present = present_keys(final, "matches", attrs, overwrite)
     todo = [p for p in planned if p not in present and p not in skipped]
     shards = _cut(todo, conf.shard_size)
     plan = query.root / "cbir" / "shards" / digest({"store": str(final), "config": attrs, "map": str(map_.root),
@@ -377,7 +438,7 @@ def match_on_ray(query: Dataset, map_: Dataset, pairs: list, local: str, *, name
         report.device = shard.device
         if progress:
             progress(len(shards[i]), len(planned))
-    parts = merge_parts(final, outputs, keep=present is not _NOTHING)
+    parts = merge_parts(final, outputs, keep=not overwrite)
     merge_into(final, parts, "matches", attrs, conf=conf, progress=_merge_counter(merging, len(parts)))
     report.matched = _count(final) - report.already_present  # shards of an earlier run count as matched now
     shutil.rmtree(plan, ignore_errors=True)

@@ -42,6 +42,8 @@ class ExtractReport:
     keypoints: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (image, reason)
     empty: list[str] = field(default_factory=list)  # images with no keypoint
+    #: where the weights came from, when the extractor says (a converted file's source)
+    weights_note: str = ""
     #: wall-clock seconds of the main thread: waiting for decoded images, extracting, waiting
     #: for the writer thread (shared by the extractors of one pass, except extracting)
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("decoding", "extraction",
@@ -190,6 +192,8 @@ def extract_all(extractors: Sequence[Extractor], dataset: Dataset, *,
         done = _extract_pass([extractors[i] for i in members], [store_names_[i] for i in members],
                              [outs[i] for i in members], dataset, names, overwrite, num_workers, step, image_options)
         reports.update(zip(members, done))
+    for i, extractor in enumerate(extractors):
+        reports[i].weights_note = getattr(extractor, "weights_note", "")
     return [reports[i] for i in range(len(extractors))]
 
 

@@ -85,6 +85,7 @@ from . import mapping
 from . import report as report_mod
 from .cores import MAX_WORKERS
 from .errors import CbirError, FormatError
+from .executor import EXECUTORS, Executor, LocalExecutor, ShardSizes, make_executor
 from .evaluation.localization import DEFAULT_THRESHOLDS, check_thresholds, pose_errors, summarize
 from .io.atomic import atomic_write_text
 from .io.dataset import Dataset, model_path
@@ -96,7 +97,7 @@ from .matching import DEFAULT_MATCHER, Matcher, VerifyConf
 from .matching.base import load_matcher
 from .matching import match as match_mod
 from .models.base import Extractor, resolve_device
-from .retrieval import FusionConf, RetrievalConf, pairs_record, retrieve
+from .retrieval import FusionConf, RetrievalConf, pairs_record
 from .retrieval.search import open_descriptor_sets
 from .steps import STEPS
 from .validate import check_bool, check_integer, check_number, unknown_names
@@ -257,9 +258,8 @@ class Plan:
     report: report_mod.ReportConf | None  # None: no report
     device: str
     num_workers: int
-    #: ``[executor] kind = "ray"``: extraction, matching, pose estimation and retrieval on a Ray
-    #: cluster, tasks of (images, pairs, queries, map images); None: in this process
-    ray: tuple[Any, Any, Any, Any] | None = None
+    #: where extraction, matching, retrieval and pose estimation run (``[executor]``)
+    executor: Executor = field(default_factory=LocalExecutor)
 
     @property
     def local_name(self) -> str:
@@ -345,31 +345,23 @@ def plan(conf: dict[str, Any], source: str | Path | None = None) -> Plan:
     section("report", lambda: check_bool("write", rp["write"]))
     report = section("report", lambda: report_mod.ReportConf(
         max_points=rp["max_points"], thumb_size=rp["thumb_size"], topk=query_retrieval.topk, thresholds=thresholds))
-    ray = section("executor", lambda: _ray_confs(conf["executor"]))
+    executor = section("executor", lambda: _executor(conf["executor"]))
     return Plan(conf, m, q, gt, local, globals_, [g.default_store_name() for g in globals_], query_retrieval,
                 map_retrieval, matcher, map_verify, query_verify, map_overrides, lz["config"], loc_overrides, post,
-                thresholds, report if rp["write"] else None, conf["device"], conf["num_workers"], ray)
+                thresholds, report if rp["write"] else None, conf["device"], conf["num_workers"], executor)
 
 
-def _ray_confs(ex: dict[str, Any]) -> tuple[Any, Any, Any, Any] | None:
-    """The Ray configurations of extraction, matching, localization and retrieval, or None
-    for the local executor."""
-    if ex["kind"] not in ("local", "ray"):
-        raise CbirError(f"unknown executor {ex['kind']!r} (local or ray)")
+def _executor(ex: dict[str, Any]) -> Executor:
+    """The executor of ``[executor]``, its shard sizes checked."""
+    if ex["kind"] not in EXECUTORS:
+        raise CbirError(f"unknown executor {ex['kind']!r} ({' or '.join(EXECUTORS)})")
     for key in ("images_per_task", "map_images_per_task", "pairs_per_task", "queries_per_task"):
         check_integer(key, ex[key], 1)
-    if ex["kind"] == "local":
-        return None
-    from .distributed import RayConf, require_ray
-
-    require_ray("executor ray")
-    if not isinstance(ex["address"], str):
+    if ex["kind"] != "local" and not isinstance(ex["address"], str):
         raise CbirError(f"address must be a string, got {ex['address']!r}")
-    address = ex["address"] or None
-    return (RayConf(address=address, shard_size=ex["images_per_task"]),
-            RayConf(address=address, shard_size=ex["pairs_per_task"]),
-            RayConf(address=address, shard_size=ex["queries_per_task"]),
-            RayConf(address=address, shard_size=ex["map_images_per_task"]))
+    sizes = ShardSizes(images=ex["images_per_task"], pairs=ex["pairs_per_task"], queries=ex["queries_per_task"],
+                       map_images=ex["map_images_per_task"])
+    return make_executor(ex["kind"], ex["address"] or None, sizes, what="executor")
 
 
 def _matcher(mt: dict[str, Any]) -> Matcher:
@@ -387,12 +379,6 @@ def _matcher(mt: dict[str, Any]) -> Matcher:
         raise CbirError(f"ratio and mutual are options of the {DEFAULT_MATCHER} matcher, not of {mt['matcher']}: "
                         "give its options in conf")
     return load_matcher(mt["matcher"], options)
-
-
-def _ray_estimator(conf: Any) -> Callable:
-    from .distributed import ray_estimator
-
-    return ray_estimator(conf)
 
 
 def _fail(message: str) -> Any:
@@ -579,7 +565,7 @@ def run(p: Plan, *, overwrite: bool = False, from_step: str | None = None,
             p.query, p.map, query_pairs, p.local_name, p.query_matches, config=p.localize_config,
             overrides=p.localize_overrides, name=p.localization_name, num_workers=max(1, p.num_workers), post=p.post,
             pairs_source=localize_mod.pairs_source(p.query_pairs_path, p.query), overwrite=redo["localize"],
-            progress=update, estimate=_ray_estimator(p.ray[2]) if p.ray else None)
+            progress=update, estimate=p.executor.pose_estimator())
     result.localization = report
     step(f"localize ({p.localize_config}): {report.localized}/{len(report.results)} queries -> "
          f"{report.directory}{_status(report.status)}")
@@ -617,19 +603,11 @@ def _extract(p: Plan, replace: bool, step: Callable[[str], None], progress: Prog
     workers = p.num_workers
 
     def extract(extractors: list[Extractor], dataset: Dataset) -> list:
-        label = f"extract {dataset.root.name}"
-        if p.ray is None:
-            learned = ", ".join(e.name for e in extractors[1:]) or "nothing"  # shown only when one learns
-            with phases(progress, f"learn {learned} on {dataset.root.name}", label,
-                        open_first=False) as (learning, update):
-                return extract_mod.extract_all(extractors, dataset, num_workers=workers, overwrite=replace,
-                                               progress=update, learning=learning)
-        from .distributed import extract_on_ray
-
-        specs = [(extract_mod.store_kind(e), e.name, dict(e.conf)) for e in extractors]
-        with phases(progress, label, f"merge the shards of {dataset.root.name}") as (update, merging):
-            return extract_on_ray(specs, dataset, store_names=[None] * len(specs), overwrite=replace,
-                                  conf=p.ray[0], progress=update, merging=merging)
+        learned = ", ".join(e.name for e in extractors if e.learns_on_map) or "nothing"  # shown only when one learns
+        with phases(progress, f"learn {learned} on {dataset.root.name}", f"extract {dataset.root.name}",
+                    f"merge the shards of {dataset.root.name}", open_first=False) as (learning, update, merging):
+            return p.executor.extract(extractors, dataset, num_workers=workers, overwrite=replace, progress=update,
+                                      learning=learning, merging=merging)
 
     rm = extract([p.local, *p.globals_], p.map)
     query_globals = []
@@ -667,13 +645,9 @@ def _retrieve(p: Plan, replace: bool, step: Callable[[str], None],
             with progress(f"retrieve {path.stem}") as update:
                 if conf is None:
                     pairs = exhaustive_pairs(names)
-                elif p.ray is None:
-                    pairs = retrieve(query_set, mset, conf, device=resolve_device(p.device), progress=update)
                 else:
-                    from .distributed import retrieve_on_ray
-
-                    pairs = retrieve_on_ray(q if query_set is qset else m, m, p.global_names, conf, device=p.device,
-                                            ray_conf=p.ray[3], progress=update)
+                    pairs = p.executor.retrieve(q if query_set is qset else m, m, query_set, mset, p.global_names,
+                                                conf, device=p.device, progress=update).pairs
             path.parent.mkdir(parents=True, exist_ok=True)
             write_pairs(path, pairs, record)
             out.append((pairs, "new"))
@@ -685,19 +659,13 @@ def _retrieve(p: Plan, replace: bool, step: Callable[[str], None],
 
 def _match(p: Plan, query_pairs: list[Pair], map_pairs: list[Pair], replace: bool, step: Callable[[str], None],
            progress: ProgressFactory) -> None:
-    common = {"matcher": p.matcher, "device": p.device, "overwrite": replace}
-    if p.ray is None:
-        run, common = match_mod.main, {**common, "num_workers": p.num_workers}
-    else:
-        from .distributed import match_on_ray
-
-        run, common = match_on_ray, {**common, "conf": p.ray[1]}
+    common = {"matcher": p.matcher, "device": p.device, "overwrite": replace, "num_workers": p.num_workers}
     with phases(progress, "match map pairs", "merge the shards of the map matches") as (update, merging):
-        mm = run(p.map, p.map, map_pairs, p.local_name, name=p.map_matches, verify=p.map_verify, progress=update,
-                 **common, **({"merging": merging} if p.ray else {}))
+        mm = p.executor.match(p.map, p.map, map_pairs, p.local_name, name=p.map_matches, verify=p.map_verify,
+                              progress=update, merging=merging, **common)
     with phases(progress, "match query pairs", "merge the shards of the query matches") as (update, merging):
-        qm = run(p.query, p.map, query_pairs, p.local_name, name=p.query_matches, verify=p.query_verify,
-                 progress=update, **common, **({"merging": merging} if p.ray else {}))
+        qm = p.executor.match(p.query, p.map, query_pairs, p.local_name, name=p.query_matches,
+                              verify=p.query_verify, progress=update, merging=merging, **common)
     by_poses = f", {mm.verified_with_poses} verified with their poses" if p.map_verify.method == "poses" else ""
     fallbacks = f", {len(mm.ransac_fallbacks)} by RANSAC ({'; '.join(sorted({r for _, r in mm.ransac_fallbacks}))})" \
         if mm.ransac_fallbacks else ""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

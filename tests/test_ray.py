@@ -303,7 +303,8 @@ def test_the_pipeline_runs_on_the_cluster(cluster, tmp_path, monkeypatch):
         shutil.copytree(scene, root)
         toml = root / "pipe.toml"
         toml.write_text('[datasets]\nmap = "mapping"\nquery = "query"\nquery_gt = "query_gt"\n'
-                        '[extract]\nlocal = "sift"\nglobal = ["densevlad"]\nlocal_conf = {max_keypoints = 2000}\n'
+                        '[extract]\nlocal = "sift"\nglobal = ["densevlad"]\nlocal_conf = {max_keypoints = 1000}\n'
+                        'global_conf = {max_size = 320, clusters = 16}\n'  # a light vocabulary: the suite's time
                         '[retrieve]\ntopk = 5\nmap_pairs = 0\n[match]\nratio = 0.8\n'
                         '[localize]\nconfig = "config1"\nsequence = true\n[report]\nwrite = false\n' +
                         (f'[executor]\nkind = "ray"\naddress = "{cluster.address}"\nimages_per_task = 4\n'

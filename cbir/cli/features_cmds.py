@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -15,6 +16,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 
 from ..cores import MAX_WORKERS
 from ..errors import CbirError
+from ..executor import EXECUTORS, Executor, ShardSizes, make_executor
 from ..io.pairs import exhaustive_pairs, read_pairs, write_pairs
 from ..matching import DEFAULT_MATCHER, VERIFY_METHODS
 from ..validate import unknown_names
@@ -32,7 +34,7 @@ overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an ou
 def executor_options(shard_size: int, unit: str) -> Callable:
     """``--executor``, ``--ray-address`` and ``--shard-size`` (``shard_size`` ``unit`` a task)."""
     options = [
-        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+        click.option("--executor", type=click.Choice(EXECUTORS), default="local", show_default=True,
                      help=f"Where to run: this process, or a Ray cluster (shards of --shard-size {unit} as tasks; "
                           "the datasets on a file system every node sees at the same path). Needs cbir[ray]."),
         click.option("--ray-address", help="Ray cluster to join [default: $RAY_ADDRESS, else a local instance]."),
@@ -47,12 +49,10 @@ def executor_options(shard_size: int, unit: str) -> Callable:
     return decorate
 
 
-def ray_executor() -> Any:
-    """cbir.distributed, or the error that says how to install Ray."""
-    from .. import distributed
-
-    distributed.require_ray("--executor ray")
-    return distributed
+def cli_executor(kind: str, address: str | None, shard_size: int, step: str) -> Executor:
+    """The executor of ``--executor`` (``--ray-address``), with ``--shard-size`` as the shard
+    size of ``step`` (a field of :class:`ShardSizes`: images, pairs, queries, map_images)."""
+    return make_executor(kind, address, replace(ShardSizes(), **{step: shard_size}))
 
 
 @contextmanager
@@ -213,22 +213,15 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
     quiet = is_quiet(ctx)
     label = ", ".join(f"{kind} {n}" for kind, n in jobs)
     image_options = extract_mod.ImageOptions(apply_exif, max_image_pixels)
-    if executor == "ray":
-        distributed = ray_executor()
-        with progress_bars(quiet or as_json, f"extract {label} (ray)", "merge the shards") as (update, merging):
-            reports = distributed.extract_on_ray(
-                specs, ds, store_names=[name] * len(specs), images=images, overwrite=overwrite,
-                image_options=image_options, conf=distributed.RayConf(address=ray_address, shard_size=shard_size),
-                progress=update, merging=merging)
-        extractors = [extract_mod.extractor_class(n, kind) for kind, n, _ in specs]
-    else:
-        extractors = [extract_mod.build_extractor(n, c, kind) for kind, n, c in specs]
-        with progress_bars(quiet or as_json, f"extract {label}", LEARNING_LABEL) as (update, learning):
-            reports = extract_mod.extract_all(extractors, ds, store_names=[name] * len(extractors), images=images,
-                                              overwrite=overwrite, num_workers=num_workers, progress=update,
-                                              image_options=image_options, learning=learning)
+    run = cli_executor(executor, ray_address, shard_size, "images")
+    where = f" ({run.name})" if run.name != "local" else ""
+    with progress_bars(quiet or as_json, f"extract {label}{where}", LEARNING_LABEL,
+                       "merge the shards") as (update, learning, merging):
+        reports = run.extract(specs, ds, store_names=[name] * len(specs), images=images, overwrite=overwrite,
+                              num_workers=num_workers, image_options=image_options, progress=update,
+                              learning=learning, merging=merging)
     summaries = []
-    for extractor, report in zip(extractors, reports):
+    for (_, extractor_name, _), report in zip(specs, reports):
         for image, reason in report.failed:
             console_err().print(f"[yellow]skipped[/] {escape(image)}: {escape(reason)}", highlight=False)
         for image in report.empty:
@@ -237,15 +230,14 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
                           "already_present": report.already_present, "keypoints": report.keypoints,
                           "failed": [{"image": i, "reason": r} for i, r in report.failed], "empty": report.empty,
                           "seconds": {k: round(v, 3) for k, v in report.seconds.items()}, "bound_by": report.bound_by})
-        note = getattr(extractor, "weights_note", "")
-        if note:
-            summaries[-1]["weights_source"] = note
+        if report.weights_note:
+            summaries[-1]["weights_source"] = report.weights_note
             if not quiet and not as_json:
-                console_err().print(f"{extractor.name} weights: {note}", highlight=False)
+                console_err().print(f"{extractor_name} weights: {report.weights_note}", highlight=False)
         if not quiet and not as_json:
             detail = f" ({report.keypoints / report.extracted:.0f} keypoints on average)" \
                 if report.extracted and report.keypoints else ""
-            console_err().print(f"{extractor.name}: {report.extracted} images extracted{detail}, "
+            console_err().print(f"{extractor_name}: {report.extracted} images extracted{detail}, "
                                 f"{report.already_present} already present, {len(report.failed)} skipped")
         report_written([report.path], quiet or as_json)
     if as_json:
@@ -312,7 +304,6 @@ def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, l
           confidence: float, min_inliers: int, device: str, num_workers: int, overwrite: bool, executor: str,
           ray_address: str | None, shard_size: int, as_json: bool) -> None:
     """Match the local features of the image pairs of a pairs file."""
-    from ..matching import match as match_mod
     from ..matching.base import load_matcher
     from ..matching.verify import VerifyConf
 
@@ -329,18 +320,12 @@ def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, l
     verify_conf = VerifyConf(method=verify, max_error=max_error, confidence=confidence,
                              min_inliers=min_inliers) if verify else None
     quiet = is_quiet(ctx)
-    if executor == "ray":
-        distributed = ray_executor()
-        with progress_bars(quiet or as_json, "match (ray)", "merge the shards") as (update, merging):
-            report = distributed.match_on_ray(q, m, pairs, local, name=name, matcher=matcher, verify=verify_conf,
-                                              device=device, overwrite=overwrite, progress=update, merging=merging,
-                                              conf=distributed.RayConf(address=ray_address, shard_size=shard_size),
-                                              pairs_file="<stdin>" if pairs_file == "-" else pairs_file)
-    else:
-        with progress_bar("match", quiet or as_json) as update:
-            report = match_mod.main(q, m, pairs, local, name=name, matcher=matcher, verify=verify_conf,
-                                    device=device, overwrite=overwrite, num_workers=num_workers, progress=update,
-                                    pairs_file="<stdin>" if pairs_file == "-" else pairs_file)
+    run = cli_executor(executor, ray_address, shard_size, "pairs")
+    with progress_bars(quiet or as_json, "match" + (f" ({run.name})" if run.name != "local" else ""),
+                       "merge the shards") as (update, merging):
+        report = run.match(q, m, pairs, local, name=name, matcher=matcher, verify=verify_conf, device=device,
+                           overwrite=overwrite, num_workers=num_workers, progress=update, merging=merging,
+                           pairs_file="<stdin>" if pairs_file == "-" else pairs_file)
     print_skipped("skipped pair", report.missing_features, report.pairs, "pairs")
     if as_json:
         print_json({"store": str(report.path), "pairs": report.pairs, "skipped_count": len(report.missing_features),

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import click
 
-from ..errors import CbirError
 from ..io.index_file import index_path, kept_files
 from ..retrieval.names import INDEX_KINDS, MAX_LSH_BITS
 from ._common import console_err, dataset_argument, is_quiet, open_dataset, print_json, report_written, warn
-from .features_cmds import executor_options, progress_bar, ray_executor
+from .features_cmds import cli_executor, executor_options, progress_bar
 
 
 @click.group("index")
@@ -40,20 +39,19 @@ def index_build(ctx: click.Context, map_: Path, global_: str, kind: str, nlist: 
                 shard_size: int, as_json: bool) -> None:
     """Train and fill the indexes of MAP's global stores (streaming them), and keep them in
     MAP/cbir/index/ with a record of the stores and options (written atomically)."""
-    from ..retrieval.index import IndexConf, keep_indexes, sparse_training
+    from ..retrieval.index import IndexConf, sparse_training
     from ..retrieval.search import open_descriptor_sets
 
     names = [n.strip() for n in global_.split(",") if n.strip()]
     m = open_dataset(map_)
     iconf = IndexConf(kind, nlist=nlist, pq_m=pq_m or 0, lsh_bits=lsh_bits or 0, train_size=train_size)
-    if executor == "ray":
-        distributed = ray_executor()
-        t = time.perf_counter()
-        with progress_bar("index", is_quiet(ctx) or as_json) as update:
-            shards = distributed.build_index_on_ray(m, names, iconf, overwrite=overwrite, progress=update,
-                                                    ray_conf=distributed.RayConf(address=ray_address,
-                                                                                 shard_size=shard_size))
-        seconds = time.perf_counter() - t
+    run = cli_executor(executor, ray_address, shard_size, "map_images")
+    t = time.perf_counter()
+    with progress_bar("index", is_quiet(ctx) or as_json) as update:
+        shards = run.build_indexes(m, names, iconf, overwrite=overwrite, progress=update)
+    seconds = time.perf_counter() - t
+    path = index_path(m, names, kind)
+    if [p for p, _ in shards] != [path]:  # one file per map shard, for `cbir retrieve` with the same shard size
         written = [p for p, status in shards if status != "kept"]
         summary = {"index": str(shards[0][0].parent), "shards": len(shards), "built": len(written),
                    "kept": len(shards) - len(written), "stores": names, "kind": kind, "shard_size": shard_size,
@@ -66,27 +64,23 @@ def index_build(ctx: click.Context, map_: Path, global_: str, kind: str, nlist: 
                                 f"built, {len(shards) - len(written)} kept, in {seconds:.1f} s", highlight=False)
         report_written(written, is_quiet(ctx) or as_json)
         return
-    path = index_path(m, names, kind)
+    status = shards[0][1]
     with open_descriptor_sets(m, m, names) as (_, mset):
-        if not mset.names:
-            raise CbirError("no map image has every descriptor", m.root)
-        t = time.perf_counter()
-        status = keep_indexes(path, mset, iconf, overwrite)
-        seconds = time.perf_counter() - t
+        images = len(mset.names)
     files = kept_files(path, len(names))  # the record, then its faiss files
     size = sum(f.stat().st_size for f in files)
     summary = {"index": str(path), "files": [str(f) for f in files[1:]], "status": status,
-               "images": len(mset.names), "stores": names, "kind": kind, "bytes": size,
+               "images": images, "stores": names, "kind": kind, "bytes": size,
                "build_seconds": None if status == "kept" else round(seconds, 3)}
     if as_json:
         print_json(summary)
     elif not is_quiet(ctx):
         what = "already built from these stores and options" if status == "kept" else \
             f"built in {seconds:.1f} s"
-        note = sparse_training(kind, len(mset.names), iconf) if status != "kept" else None
+        note = sparse_training(kind, images, iconf) if status != "kept" else None
         if note:
             warn(note)
-        console_err().print(f"{kind} index of {len(mset.names)} images ({', '.join(names)}): {what}, "
+        console_err().print(f"{kind} index of {images} images ({', '.join(names)}): {what}, "
                             f"{size / 2 ** 20:.1f} MB", highlight=False)
     if status != "kept":
         report_written(files, is_quiet(ctx) or as_json)

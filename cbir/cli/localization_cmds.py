@@ -15,7 +15,7 @@ from ..io.pairs import read_pairs
 from ..io.vlnet import write_vlnet
 from ._common import (STATUS_NOTES, console_err, console_out, is_quiet, open_dataset, print_json, report_written,
                       table, warn)
-from .features_cmds import executor_options, parse_conf, progress_bar, ray_executor
+from .features_cmds import cli_executor, executor_options, parse_conf, progress_bar
 
 
 @click.command("map")
@@ -102,10 +102,7 @@ def localize_cmd(ctx: click.Context, query: Path, map_: Path, pairs_file: str, l
     quiet = is_quiet(ctx)
     post = localize_mod.PostprocessConf(rig=rig, rig_max_gap=rig_max_gap, sequence=sequence,
                                         sequence_max_gap=sequence_max_gap)
-    estimate = None
-    if executor == "ray":
-        distributed = ray_executor()
-        estimate = distributed.ray_estimator(distributed.RayConf(address=ray_address, shard_size=shard_size))
+    estimate = cli_executor(executor, ray_address, shard_size, "queries").pose_estimator()
     with progress_bar("localize", quiet or as_json) as update:
         report = localize_mod.main(q, m, read_pairs(pairs_file), local, matches, map_name=map_name, config=config,
                                    overrides=parse_conf(conf_items), name=name,

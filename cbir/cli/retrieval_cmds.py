@@ -7,11 +7,10 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
-from ..io.index_file import index_path
 from ..io.pairs import write_pairs
 from ..retrieval.names import ALIASES, FUSIONS, INDEX_KINDS, MAX_LSH_BITS, PRECISIONS
 from ._common import console_err, is_quiet, open_dataset, print_json, report_written, warn
-from .features_cmds import executor_options, progress_bar, ray_executor
+from .features_cmds import cli_executor, executor_options, progress_bar
 
 
 def _floats(value: str | None) -> tuple[float, ...]:
@@ -75,10 +74,7 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
     """
     from ..models.base import resolve_device
     from ..retrieval.fusion import FusionConf
-    from ..retrieval.index import (IndexConf, kept_or_built, recall_advice, recall_against_exact, recall_sample_rows,
-                                   retrieve_indexed, sparse_training)
-    from ..retrieval.index import recall as recall_of
-    from ..retrieval.rerank import retrieve_with_expansion
+    from ..retrieval.index import IndexConf, recall_advice
     from ..retrieval.search import RetrievalConf, open_descriptor_sets, pairs_record
 
     if index_kind != "exact" and (qe or dba):
@@ -101,53 +97,29 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
                                     highlight=False)
         if topk > len(mset.names) - int(same):
             console_err().print(f"[yellow]top-k {topk} is more than the map has: every map image is returned[/]")
-        dev = resolve_device(device)
-        recall = None
+        resolve_device(device)  # an unusable device is refused before any work
+        iconf = None if index_kind == "exact" else \
+            IndexConf(index_kind, candidates=candidates, nlist=nlist, nprobe=nprobe, pq_m=pq_m or 0,
+                      lsh_bits=lsh_bits or 0)
+        run = cli_executor(executor, ray_address, shard_size, "map_images")
         with progress_bar("retrieve", quiet or output == "-") as update:
-            iconf = None if index_kind == "exact" else \
-                IndexConf(index_kind, candidates=candidates, nlist=nlist, nprobe=nprobe, pq_m=pq_m or 0,
-                          lsh_bits=lsh_bits or 0)
+            result = run.retrieve(q, m, qset, mset, names, conf, device=device, qe=qe, qe_alpha=qe_alpha, dba=dba,
+                                  dba_alpha=dba_alpha, index=iconf, recall_sample=recall_sample, progress=update)
+        pairs, recall = result.pairs, result.recall
+        if result.indexes_built and not quiet:
             keep_hint = f"cbir index build {m.root} --global {','.join(names)} --index {index_kind}"
-            if executor == "ray":
-                distributed = ray_executor()
-                stats: dict = {}
-                ray_conf = distributed.RayConf(address=ray_address, shard_size=shard_size)
-                if qe or dba:  # every search on the cluster, the expansions here
-                    pairs = retrieve_with_expansion(qset, mset, conf, qe=qe, qe_alpha=qe_alpha, dba=dba,
-                                                    dba_alpha=dba_alpha, device=dev, progress=update,
-                                                    search=distributed.ray_search(q, m, names, device=device,
-                                                                                  ray_conf=ray_conf))
-                else:
-                    pairs = distributed.retrieve_on_ray(q, m, names, conf, device=device, progress=update,
-                                                        index=iconf, stats=stats, ray_conf=ray_conf)
-                if recall_sample and iconf is not None:  # the sample searched exactly, on the cluster too
-                    sample = [qset.names[i] for i in recall_sample_rows(len(qset.names), recall_sample, iconf.seed)]
-                    chosen = set(sample)
-                    recall = recall_of(distributed.retrieve_on_ray(q, m, names, conf, device=device, queries=sample,
-                                                                   ray_conf=ray_conf),
-                                       [p for p in pairs if p.query in chosen])
-                if stats.get("indexes_built") and not quiet:
-                    console_err().print(f"built the {index_kind} indexes of {stats['indexes_built']} map shards for "
-                                        f"this call only: `{keep_hint} --executor ray --shard-size {shard_size}` "
-                                        "keeps them", highlight=False)
-            elif iconf is None:
-                pairs = retrieve_with_expansion(qset, mset, conf, qe=qe, qe_alpha=qe_alpha, dba=dba,
-                                                dba_alpha=dba_alpha, device=dev, progress=update)
+            if run.name == "local":
+                console_err().print(f"built the {index_kind} index for this call only: `{keep_hint}` keeps it",
+                                    highlight=False)
             else:
-                # built once by `cbir index build`; refused when the stores changed since
-                indexes, built = kept_or_built(index_path(m, names, index_kind), mset, iconf, dev)
-                if built and not quiet:
-                    console_err().print(f"built the {index_kind} index for this call only: `{keep_hint}` keeps it",
-                                        highlight=False)
-                note = sparse_training(index_kind, len(mset.names), iconf) if built else None
-                if note:
-                    warn(note)
-                pairs = retrieve_indexed(qset, mset, conf, iconf, dev, indexes, progress=update)
-                if recall_sample:
-                    recall = recall_against_exact(qset, mset, conf, iconf, recall_sample, dev, indexes)
+                console_err().print(f"built the {index_kind} indexes of {result.indexes_built} map shards for "
+                                    f"this call only: `{keep_hint} --executor {run.name} --shard-size {shard_size}` "
+                                    "keeps them", highlight=False)
+        for note in result.notes:
+            warn(note)
         index_options = {"index": index_kind} if index_kind == "exact" else \
             {"index": index_kind, "candidates": candidates, "nlist": nlist, "nprobe": nprobe, "pq_m": pq_m,
-             "lsh_bits": lsh_bits, **({"index_shard_size": shard_size} if executor == "ray" else {})}
+             "lsh_bits": lsh_bits, **({"index_shard_size": shard_size} if run.name != "local" else {})}
         record = pairs_record(conf, qset, mset, qe=qe, qe_alpha=qe_alpha, dba=dba, dba_alpha=dba_alpha,
                               **index_options)
     out = output or str(q.store_path("pairs", f"{'+'.join(names)}_top{topk}"))

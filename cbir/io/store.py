@@ -672,19 +672,14 @@ class StoreWriter:
 
     # -- set-up and resume
     def _identity(self) -> dict[str, Any]:
-        return {"cbir_format": self.schema.kind, "name": self.attrs["name"],
-                "config": json.loads(json.dumps(self.attrs["config"], sort_keys=True))}
+        return store_identity(self.schema.kind, self.attrs)
 
     def _prepare(self, overwrite: bool) -> None:
         identity = self._identity()
         self._base: Path | None = None
         self._present: set[Key] = set()
         if self.path.exists() and not overwrite:
-            with Store(self.path) as old:
-                found = {"cbir_format": old.kind, "name": old.attrs.get("name"), "config": old.config}
-                if found != identity:
-                    raise CbirError(_mismatch(found, identity), self.path)
-                self._present.update(old.keys)
+            self._present.update(present_keys(self.path, self.schema.kind, self.attrs))
             self._base = self.path
         meta = refuse_links(self.batch_dir / "meta.json")
         if self.batch_dir.exists():
@@ -826,6 +821,27 @@ class StoreWriter:
             self.close()
         else:
             self.abort()
+
+
+def store_identity(kind: str, attrs: dict[str, Any]) -> dict[str, Any]:
+    """What a store must have been written with to be resumed: its kind, name and configuration."""
+    return {"cbir_format": kind, "name": attrs["name"],
+            "config": json.loads(json.dumps(attrs.get("config", {}), sort_keys=True))}
+
+
+def present_keys(path: Path, kind: str, attrs: dict[str, Any], overwrite: bool = False) -> frozenset[Key]:
+    """The keys the store at ``path`` holds, which a writer of ``kind`` with ``attrs`` resumes
+    after; none where there is no store or with ``overwrite``. A store written with another
+    kind, name or configuration is refused (one line): the one resume rule of every writer,
+    in this process or on a cluster."""
+    if overwrite or not path.exists():
+        return frozenset()
+    wanted = store_identity(kind, attrs)
+    with Store(path) as old:
+        found = {"cbir_format": old.kind, "name": old.attrs.get("name"), "config": old.config}
+        if found != wanted:
+            raise CbirError(_mismatch(found, wanted), path)
+        return frozenset(old.keys)
 
 
 def _mismatch(found: dict[str, Any], wanted: dict[str, Any]) -> str:
