@@ -22,7 +22,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-
 CHUNK = 50_000
 
 

@@ -131,8 +131,8 @@ def run_global(variant: str, args: argparse.Namespace, paths: list[Path]) -> dic
 def delg_weights(work: Path) -> Path:
     """Generated DELG weights under the official names, through the converter."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.delg_reference import write_generated_npz
     from cbir.weights import convert_delg
+    from tests.delg_reference import write_generated_npz
 
     path = work / "r50delg_gld_20200814.pt"
     if not path.exists():
@@ -198,7 +198,8 @@ def main() -> None:
         separate = results["delg-global"]["seconds"] + results["delg-local"]["seconds"]
         print(f"DELG one pass for both: {results['delg-both']['seconds'] / separate:.2f} of the two separate passes")
     if "r2d2" in results and "official" in results:
-        print(f"R2D2 speed-up over the official code: x{results['official']['seconds'] / results['r2d2']['seconds']:.2f}")
+        speedup = results['official']['seconds'] / results['r2d2']['seconds']
+        print(f"R2D2 speed-up over the official code: x{speedup:.2f}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -82,7 +81,8 @@ def ceilings(args, device) -> dict:
 
 # ---------------------------------------------------------------- matching kernel
 
-def descriptor_pairs(k: int, count: int, device: torch.device, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def descriptor_pairs(k: int, count: int, device: torch.device,
+                     seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator(device=device).manual_seed(seed)
     pairs = []
     for _ in range(count):
@@ -109,11 +109,11 @@ def match_kernel(args, device) -> dict:
         distinct = descriptor_pairs(k, 4, device)
         work = [distinct[i % len(distinct)] for i in range(per_run)]
 
-        def product():
+        def product(work=work):
             for d0, d1 in work:
                 torch.mm(d0, d1.t())
 
-        def naive():
+        def naive(work=work):
             for d0, d1 in work:
                 naive_mnn(d0, d1)
 
@@ -123,7 +123,7 @@ def match_kernel(args, device) -> dict:
         for tile in (64 << 20, 256 << 20, 1 << 30, 4 << 30):
             conf = MatcherConf(device_tile_bytes=tile)
 
-            def ours():
+            def ours(conf=conf, work=work):
                 batch = PairBatch(conf)
                 for d0, d1 in work:
                     batch.add(d0, d1)
@@ -133,7 +133,7 @@ def match_kernel(args, device) -> dict:
         best = max(row["cbir"], key=row["cbir"].get)
         conf = MatcherConf(device_tile_bytes=int(best.removesuffix("MB")) << 20)
 
-        def pipelined(batches: int = 4):
+        def pipelined(batches: int = 4, conf=conf, work=work):
             """As cbir match runs: batch b+1 queued before the matches of batch b are taken."""
             previous = None
             for _ in range(batches):
@@ -161,7 +161,8 @@ def match_kernel(args, device) -> dict:
         row["share_of_product"] = row["cbir"][best] / row["product_pairs_per_s"]
         row["pipelined_share_of_product"] = row["cbir_pipelined"] / row["product_pairs_per_s"]
         out[str(k)] = row
-        print(f"match {k} x {k}: product {row['product_pairs_per_s']:.0f} pairs/s, naive {row['naive_pairs_per_s']:.0f}, "
+        print(f"match {k} x {k}: product {row['product_pairs_per_s']:.0f} pairs/s, "
+              f"naive {row['naive_pairs_per_s']:.0f}, "
               f"cbir {row['cbir'][best]:.0f} ({best} tiles; {100 * row['share_of_product']:.0f}% of the product; "
               f"pipelined as cbir match runs {row['cbir_pipelined']:.0f}, "
               f"{100 * row['pipelined_share_of_product']:.0f}%; "
@@ -185,7 +186,7 @@ def write_global(path: Path, names: list[str], desc: np.ndarray, extractor: str)
     attrs = {"name": extractor, "config": {"extractor": extractor}, "descriptor_dim": desc.shape[1],
              "descriptor_dtype": "float32"}
     with StoreWriter(path, "global-features", attrs, batch_size=50_000, batch_rows=1 << 40) as w:
-        for n, d in zip(names, desc):
+        for n, d in zip(names, desc, strict=True):
             w.add(n, descriptors=d)
 
 
@@ -221,7 +222,7 @@ def retrieval(args, device) -> dict:
 
         def run():
             for m0 in range(0, nm, chunk):
-                for q, m in zip(qs, ms):
+                for q, m in zip(qs, ms, strict=True):
                     torch.mm(q, m[m0:m0 + chunk].t())
         return run
 
@@ -232,7 +233,7 @@ def retrieval(args, device) -> dict:
         out["floor_tf32_s"] = timed(products(lambda x: x), device)
         torch.backends.cuda.matmul.allow_tf32 = False
         out["floor_fp16_s"] = timed(products(lambda x: x.half()), device)
-    del resident
+    resident.clear()  # the device memory goes back before the next measurement
     if device.type == "cuda":
         torch.cuda.empty_cache()
     stores_q = [open_store(root / f"q{j}.h5") for j in range(len(dims))]
@@ -268,7 +269,7 @@ def retrieval(args, device) -> dict:
         cpu = retrieve(sub, mset, RetrievalConf(topk=20), device=torch.device("cpu"))
         gpu = [p for p in results["fp32"] if p.query in set(sub.names)]
         out["fp32_gpu_equals_cpu_on_sample"] = [(p.query, p.map) for p in cpu] == [(p.query, p.map) for p in gpu]
-        out["max_score_difference_cpu_gpu"] = max(abs(a.score - b.score) for a, b in zip(cpu, gpu))
+        out["max_score_difference_cpu_gpu"] = max(abs(a.score - b.score) for a, b in zip(cpu, gpu, strict=True))
         print(f"retrieval: fp32 GPU pairs equal the CPU's on {sample} queries: {out['fp32_gpu_equals_cpu_on_sample']} "
               f"(largest score difference {out['max_score_difference_cpu_gpu']:.2e})", flush=True)
     print(f"retrieval floors: fp32 {out['floor_fp32_s']:.3f} s" +
@@ -289,7 +290,7 @@ def compare_pairs(pairs: list, reference: list) -> dict:
 
     a, b = by_query(pairs), by_query(reference)
     differ = [q for q in b if [p.map for p in a.get(q, [])] != [p.map for p in b[q]]]
-    largest = max((abs(x.score - y.score) for q in b for x, y in zip(a.get(q, []), b[q])), default=0.0)
+    largest = max((abs(x.score - y.score) for q in b for x, y in zip(a.get(q, []), b[q], strict=False)), default=0.0)
     return {"queries_differing": len(differ), "largest_rank_score_difference": largest,
             "same_sets": all({p.map for p in a.get(q, [])} == {p.map for p in b[q]} for q in differ)}
 
@@ -315,7 +316,8 @@ def _make_image(task) -> None:
 
 
 def source_photos(args) -> list[Path]:
-    return sorted(p for name in ("sceaux_castle", "strecha_fountain_p11") for p in (args.shared / "data" / name).rglob("*.jpg"))
+    return sorted(p for name in ("sceaux_castle", "strecha_fountain_p11")
+                  for p in (args.shared / "data" / name).rglob("*.jpg"))
 
 
 def make_dataset(args, n: int) -> Path:
@@ -435,7 +437,8 @@ def extract(args, device) -> dict:
     official_rate = out.get("r2d2_official_images_per_s")
     print(f"extract R2D2 (top 5k): command {out['r2d2_command_images_per_s']:.1f} images/s, model alone "
           f"{out['r2d2_model_images_per_s']:.1f} ({100 * out['r2d2_command_share_of_model']:.0f}%)" +
-          (f", official code {official_rate:.1f} images/s (cbir model x{out['r2d2_model_images_per_s'] / official_rate:.2f}, "
+          (f", official code {official_rate:.1f} images/s "
+           f"(cbir model x{out['r2d2_model_images_per_s'] / official_rate:.2f}, "
            f"{100 * out['r2d2_keypoints_shared_with_official']:.1f}% keypoints shared)" if official_rate else ""),
           flush=True)
     print(f"extract AP-GeM: command {out['apgem_command_images_per_s']:.1f} images/s, model alone "
@@ -466,12 +469,13 @@ def match_e2e(args, device) -> dict:
         r = match_mod.main(ds, ds, pairs, "r2d2_WASF_N16", name=f"bench-{label}", matcher=MatcherConf(),
                            verify=verify, device=device.type, overwrite=True)
         wall = time.perf_counter() - t
-        out[label] = {"wall_s": wall, "pairs_per_s": r.matched / wall, "matches_per_pair": r.matches / max(1, r.matched),
+        out[label] = {"wall_s": wall, "pairs_per_s": r.matched / wall,
+                      "matches_per_pair": r.matches / max(1, r.matched),
                       "inliers_per_pair": r.inliers / max(1, r.matched), "seconds": r.seconds, "bound_by": r.bound_by}
         print(f"cbir match ({label}): {r.matched} pairs in {wall:.1f} s = {r.matched / wall:.0f} pairs/s, "
               f"{r.matches / max(1, r.matched):.0f} matches/pair; " +
               ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()) + f"; bound by {r.bound_by}", flush=True)
-    out["verification_scaling"] = verification_scaling(ds, f"bench-ransac", 16 if args.quick else 256)
+    out["verification_scaling"] = verification_scaling(ds, "bench-ransac", 16 if args.quick else 256)
     return out
 
 
@@ -496,7 +500,7 @@ def verification_scaling(ds, matches: str, count: int) -> dict:
             t = time.perf_counter()
             list(pool.map(lambda j: verify_pair(*j, VerifyConf()), jobs))
             out[f"{threads}_threads_pairs_per_s"] = len(jobs) / (time.perf_counter() - t)
-    print(f"verification alone: " + ", ".join(f"{k.split('_')[0]} threads {v:.0f} pairs/s" for k, v in out.items()),
+    print("verification alone: " + ", ".join(f"{k.split('_')[0]} threads {v:.0f} pairs/s" for k, v in out.items()),
           flush=True)
     return out
 

@@ -96,8 +96,14 @@ def phase(args: argparse.Namespace) -> dict:
     import torch
 
     from cbir.io.index_file import build_files
-    from cbir.retrieval.index import IndexConf, build_indexes, index_record, load_indexes, retrieve_indexed, \
-        save_indexes
+    from cbir.retrieval.index import (
+        IndexConf,
+        build_indexes,
+        index_record,
+        load_indexes,
+        retrieve_indexed,
+        save_indexes,
+    )
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work = args.work
@@ -154,7 +160,8 @@ def main() -> None:
     if not reuse and args.real:
         t = time.perf_counter()
         write_real_stores(args.work, args.real, args.map_size, args.queries)
-        print(f"stores: {args.map_size} map x {args.queries} queries of real RootSIFT ({time.perf_counter() - t:.0f} s)",
+        print(f"stores: {args.map_size} map x {args.queries} queries of real RootSIFT "
+              f"({time.perf_counter() - t:.0f} s)",
               flush=True)
     elif not reuse:
         rng = np.random.default_rng(0)
@@ -190,7 +197,8 @@ def main() -> None:
     print(f"{args.index} at {args.map_size} x {args.queries} x {args.dim}-D: {built}query {q_s[0]:.2f} s fastest, "
           f"{median(q_s):.2f} s median of {len(q_s)} (load {median([r['load_s'] for r in runs['query']]):.2f} s, peak "
           f"{max(r['peak_rss_mb'] for r in runs['query']):.0f} MB) vs exact {e_s[0]:.1f} s fastest, "
-          f"{median(e_s):.1f} s median (peak {max(r['peak_rss_mb'] for r in runs['exact']):.0f} MB): x{e_s[0] / q_s[0]:.1f} fastest, "
+          f"{median(e_s):.1f} s median (peak {max(r['peak_rss_mb'] for r in runs['exact']):.0f} MB): "
+          f"x{e_s[0] / q_s[0]:.1f} fastest, "
           f"x{median(e_s) / median(q_s):.1f} median; recall@20 {recall:.3f}", flush=True)
     steps = {name: median([r["steps"][name] for r in runs["query"]]) for name in runs["query"][0]["steps"]}
     print("query, median seconds of each step: " + ", ".join(f"{k} {v:.3f}" for k, v in steps.items()), flush=True)

@@ -75,8 +75,8 @@ def main() -> None:
     for k in args.sizes:
         d0, d1 = pair(k, rng)
         t0, t1 = torch.from_numpy(d0), torch.from_numpy(d1)
-        ours = best_of(lambda: match_descriptors(t0, t1, MatcherConf()), args.repeat)
-        theirs = best_of(lambda: numpy_mutual_nn(d0, d1), max(1, args.repeat - 1))
+        ours = best_of(lambda t0=t0, t1=t1: match_descriptors(t0, t1, MatcherConf()), args.repeat)
+        theirs = best_of(lambda d0=d0, d1=d1: numpy_mutual_nn(d0, d1), max(1, args.repeat - 1))
         m_ours, _ = match_descriptors(t0, t1, MatcherConf())
         assert np.array_equal(m_ours, numpy_mutual_nn(d0, d1)), "results differ from the NumPy reference"
         rate = 2 * k * k * 128 / ours / 1e9

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import datasets
+
 from cbir import localize as localize_mod
 from cbir import mapping
 from cbir.evaluation.localization import pose_errors, summarize

@@ -32,7 +32,8 @@ def make_dataset(shared: Path, root: Path, n: int) -> None:
     from cbir.io.kapture_text import write_sensor_data
     from cbir.io.sensors import ImageRecord, SensorData
 
-    sources = sorted(p for name in ("sceaux_castle", "strecha_fountain_p11") for p in (shared / "data" / name).rglob("*.jpg"))
+    sources = sorted(p for name in ("sceaux_castle", "strecha_fountain_p11")
+                     for p in (shared / "data" / name).rglob("*.jpg"))
     images = root / "sensors" / "records_data"
     images.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -123,7 +124,8 @@ def run(args: argparse.Namespace) -> dict:
         rows.append(row)
         ray.shutdown()
         cluster.shutdown()
-        print(f"{nodes} node(s): extract {extract_s:.1f} s (local {out['local_extract_s']:.1f} s), match {match_s:.1f} s "
+        print(f"{nodes} node(s): extract {extract_s:.1f} s (local {out['local_extract_s']:.1f} s), "
+              f"match {match_s:.1f} s "
               f"(local {out['local_match_s']:.1f} s); equal to local: {row['extract_equal']}, {row['match_equal']}; "
               f"overhead a shard {row['extract_overhead_per_shard_s']:.2f} s", flush=True)
     out["rows"] = rows

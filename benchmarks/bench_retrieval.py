@@ -59,9 +59,12 @@ def run_ours(root: Path, n_query: int, n_map: int, topk: int) -> tuple[float, li
 
 def run_peer(root: Path, n_query: int, n_map: int, topk: int) -> tuple[float, list, dict]:
     from kapture_localization.image_retrieval.fusion import LateFusionMethod, fuse_similarities
-    from kapture_localization.image_retrieval.pairing import (StackedGlobalFeatures, get_image_pairs,
-                                                              get_similarity_dict_from_similarity_matrix,
-                                                              get_similarity_matrix)
+    from kapture_localization.image_retrieval.pairing import (
+        StackedGlobalFeatures,
+        get_image_pairs,
+        get_similarity_dict_from_similarity_matrix,
+        get_similarity_matrix,
+    )
 
     from cbir.io.store import open_store
 
@@ -73,7 +76,7 @@ def run_peer(root: Path, n_query: int, n_map: int, topk: int) -> tuple[float, li
     mf = [stacked("map", n_map, d) for d in DIMS]
     steps = {}
     t = time.perf_counter()
-    sims = [get_similarity_matrix(a, b) for a, b in zip(qf, mf)]
+    sims = [get_similarity_matrix(a, b) for a, b in zip(qf, mf, strict=True)]
     steps["similarity"] = time.perf_counter() - t
     t1 = time.perf_counter()
     fused = fuse_similarities(sims, LateFusionMethod.generalized_harmonic_mean, {"weights": [], "gamma": 0.5})
@@ -129,7 +132,7 @@ def main() -> None:
         if "peer" in results:
             ours = json.loads((args.work / f"pairs_ours_{n}.json").read_text())
             theirs = json.loads((args.work / f"pairs_peer_{n}.json").read_text())
-            differ = [(a, b) for a, b in zip(ours, theirs) if a[:2] != b[:2]]
+            differ = [(a, b) for a, b in zip(ours, theirs, strict=True) if a[:2] != b[:2]]
             gap = max((abs(a[2] - b[2]) for a, b in differ), default=0.0)
             print(f"{n:7d} map images  speed-up x{results['peer']['seconds'] / results['ours']['seconds']:.1f}, "
                   f"top-{args.topk} identical for {len(theirs) - len(differ)}/{len(theirs)} pairs; where the "

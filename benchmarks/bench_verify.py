@@ -21,9 +21,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import datasets
 import numpy as np
 
-import datasets
 from cbir import localize as localize_mod
 from cbir import mapping
 from cbir.evaluation.localization import pose_errors, summarize

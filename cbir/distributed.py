@@ -12,7 +12,8 @@ into the final stores (atomically), and removes the shards. The result is the st
 local run writes, key for key and value for value in every column.
 
 A worker that dies (killed, out of memory, its node lost) has its task run again by Ray, or
-its actor restarted and the shard run again (``max_retries``); the shard's stores resume from the batches it had written. A re-run
+its actor restarted and the shard run again (``max_retries``); the shard's stores resume from
+the batches it had written. A re-run
 after an interruption skips the shards already written. The dataset must be on a file
 system every node sees at the same path (NFS, a cluster file system). Ray is imported here
 only: the local executor never needs it.
@@ -22,16 +23,17 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .errors import CbirError
+from .executor import Progress, RetrievalRun, ShardSizes, require_exact_for_expansion
 from .io.atomic import WriteLock, atomic_output
 from .io.dataset import Dataset, model_path
 from .io.provenance import digest
 from .io.store import SCHEMAS, copy_part, finish_merge, open_store, plan_merge, present_keys
-from .executor import Progress, RetrievalRun, ShardSizes, require_exact_for_expansion
 from .validate import check_integer
 
 #: (kind, registered name, configuration) of one extractor, as workers rebuild it
@@ -152,28 +154,29 @@ def extract_on_ray(specs: list[ExtractorSpec], dataset: Dataset, *, store_names:
     # built here too (on the CPU): every option, weight file and name is checked before the cluster works
     local = [extract_mod.build_extractor(name, {**c, "device": "cpu"} if "device" in c else c, kind)
              for kind, name, c in specs]
-    names = [n or e.default_store_name() for e, n in zip(local, store_names)]
-    finals = [dataset.store_path(extract_mod.store_kind(e), n) for e, n in zip(local, names)]
+    names = [n or e.default_store_name() for e, n in zip(local, store_names, strict=True)]
+    finals = [dataset.store_path(extract_mod.store_kind(e), n) for e, n in zip(local, names, strict=True)]
     wanted = images if images is not None else sorted(dataset.sensors.image_names())
     specs = list(specs)
-    for j, (e, final) in enumerate(zip(local, finals)):
+    for j, (e, final) in enumerate(zip(local, finals, strict=True)):
         if isinstance(e, extract_mod.GlobalExtractor):  # a model learned on the map (DenseVLAD's): here, once
             final.parent.mkdir(parents=True, exist_ok=True)
             e.prepare(final, wanted, extract_mod.image_loader(dataset, e, image_options), overwrite=overwrite)
             if e.learns_on_map and e.conf.get("learn"):  # the tasks read the model learned here
                 kind, name, c = specs[j]
                 specs[j] = (kind, name, {**c, "learn": False, "model": str(model_path(final))})
-    attrs = [extract_mod.store_attributes(e, n, image_options) for e, n in zip(local, names)]
+    attrs = [extract_mod.store_attributes(e, n, image_options) for e, n in zip(local, names, strict=True)]
     present = [present_keys(final, f"{extract_mod.store_kind(e)}-features", a, overwrite)
-               for e, final, a in zip(local, finals, attrs)]
+               for e, final, a in zip(local, finals, attrs, strict=True)]
     todo = [n for n in wanted if any(n not in p for p in present)]
     shards = _cut(todo, conf.shard_size)
     plan = dataset.root / "cbir" / "shards" / digest({"stores": [str(f) for f in finals], "config": attrs,
                                                       "images": todo})
     shard_dirs = [plan / f"{i:06d}" for i in range(len(shards))]
-    outputs = [[d / extract_mod.store_kind(e) / f"{n}.h5" for e, n in zip(local, names)] for d in shard_dirs]
+    outputs = [[d / extract_mod.store_kind(e) / f"{n}.h5" for e, n in zip(local, names, strict=True)]
+               for d in shard_dirs]
     reports = [extract_mod.ExtractReport(final, already_present=len([n for n in wanted if n in p]))
-               for final, p in zip(finals, present)]
+               for final, p in zip(finals, present, strict=True)]
     total = len(wanted)
     if progress:
         progress(total - len(todo), total)
@@ -183,14 +186,14 @@ def extract_on_ray(specs: list[ExtractorSpec], dataset: Dataset, *, store_names:
                                                              image_options, conf.cpus) for i in run},
                                        [s[0] for s in shards], conf, on_gpu,
                                        setup=(_build_extractors, (specs, conf.cpus)), actor=ExtractionActor):
-        for report, r in zip(reports, shard_reports):
+        for report, r in zip(reports, shard_reports, strict=True):
             _add(report, r)
         if progress:
             progress(len(shards[i]), total)
     parts = [merge_parts(final, [o[j] for o in outputs], keep=not overwrite)
              for j, final in enumerate(finals)]
     merged = _merge_counter(merging, sum(map(len, parts)))
-    for j, (final, a) in enumerate(zip(finals, attrs)):
+    for j, (final, a) in enumerate(zip(finals, attrs, strict=True)):
         merge_into(final, parts[j], f"{extract_mod.store_kind(local[j])}-features", a, conf=conf, progress=merged)
     for j, report in enumerate(reports):  # images of shards written by an earlier run count as extracted now
         report.extracted = _count(finals[j]) - report.already_present
@@ -475,11 +478,13 @@ def retrieve_on_ray(query: Dataset, map_: Dataset, store_names: list[str], conf:
         _connect(ray_conf)
         query_ref = ray.put(query_arrays) if query_arrays is not None else None
         arguments = {i: (str(query.root), str(map_.root), store_names, m0, m1, conf, device, ray_conf.cpus, index,
-                         queries, query_ref, ray.put([a[m0:m1] for a in map_arrays]) if map_arrays is not None else None)
+                         queries, query_ref,
+                         ray.put([a[m0:m1] for a in map_arrays]) if map_arrays is not None else None)
                      for i, (m0, m1) in enumerate(shards)}
         found: dict[int, tuple[list, list]] = {}
         built = 0
-        for i, (values, indices, built_now) in run_shards(_retrieve_shard, arguments, [mset.names[m0] for m0, _ in shards],
+        labels = [mset.names[m0] for m0, _ in shards]
+        for i, (values, indices, built_now) in run_shards(_retrieve_shard, arguments, labels,
                                                           ray_conf, _wants_gpu(device)):
             found[i] = values, indices
             built += built_now

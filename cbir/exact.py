@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -58,7 +59,7 @@ class Sliced:
     scale: torch.Tensor  # (...,) a power of two per row, above every |x|
     bits: int
 
-    def __getitem__(self, index: object) -> "Sliced":
+    def __getitem__(self, index: Any) -> Sliced:
         return Sliced(self.high[index], self.low[index], self.scale[index], self.bits)
 
 

@@ -12,9 +12,10 @@ by name; only :mod:`cbir.distributed` imports Ray, and only when it is asked for
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from .errors import CbirError
 
@@ -55,7 +56,7 @@ class RetrievalRun:
     (None: not measured), and the faiss indexes built for this call only (not kept), with
     the advice on a sparse training set when one was."""
 
-    pairs: list["Pair"]
+    pairs: list[Pair]
     recall: float | None = None
     indexes_built: int = 0
     notes: list[str] = field(default_factory=list)
@@ -67,32 +68,32 @@ class Executor(Protocol):
     name: str
     sizes: ShardSizes
 
-    def extract(self, extractors: Sequence[ExtractorJob], dataset: "Dataset", *,
+    def extract(self, extractors: Sequence[ExtractorJob], dataset: Dataset, *,
                 store_names: Sequence[str | None] | None = None, images: list[str] | None = None,
-                overwrite: bool = False, num_workers: int | None = None, image_options: "ImageOptions | None" = None,
+                overwrite: bool = False, num_workers: int | None = None, image_options: ImageOptions | None = None,
                 progress: Progress | None = None, learning: Progress | None = None,
-                merging: Progress | None = None) -> list["ExtractReport"]:
+                merging: Progress | None = None) -> list[ExtractReport]:
         """:func:`cbir.extract.extract_all`: ``learning`` is the progress of a model learned on
         the map first, ``merging`` that of the shards' merge."""
         ...
 
-    def match(self, query: "Dataset", map_: "Dataset", pairs: list["Pair"], local: str, *, name: str | None = None,
+    def match(self, query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: str | None = None,
               matcher: Any = None, verify: Any = None, device: str = "auto", overwrite: bool = False,
               num_workers: int | None = None, progress: Progress | None = None, merging: Progress | None = None,
-              pairs_file: str | None = None) -> "MatchReport":
+              pairs_file: str | None = None) -> MatchReport:
         """:func:`cbir.matching.match.main`."""
         ...
 
-    def retrieve(self, query: "Dataset", map_: "Dataset", qset: "DescriptorSet", mset: "DescriptorSet",
-                 store_names: list[str], conf: "RetrievalConf", *, device: str = "auto", qe: int = 0,
-                 qe_alpha: float = 0.0, dba: int = 0, dba_alpha: float = 0.0, index: "IndexConf | None" = None,
+    def retrieve(self, query: Dataset, map_: Dataset, qset: DescriptorSet, mset: DescriptorSet,
+                 store_names: list[str], conf: RetrievalConf, *, device: str = "auto", qe: int = 0,
+                 qe_alpha: float = 0.0, dba: int = 0, dba_alpha: float = 0.0, index: IndexConf | None = None,
                  recall_sample: int = 0, progress: Progress | None = None) -> RetrievalRun:
         """The top-k pairs of ``qset`` (the query dataset's open descriptors) against
         ``mset``: exact (with query expansion ``qe`` and database augmentation ``dba``), or
         through the faiss indexes of ``index`` (kept ones, else built for the call)."""
         ...
 
-    def build_indexes(self, map_: "Dataset", store_names: list[str], conf: "IndexConf", *, overwrite: bool = False,
+    def build_indexes(self, map_: Dataset, store_names: list[str], conf: IndexConf, *, overwrite: bool = False,
                       progress: Progress | None = None) -> list[tuple[Path, str]]:
         """``cbir index build``: the kept index files, ``(path, new | kept | rebuilt)`` each."""
         ...
@@ -111,11 +112,11 @@ class LocalExecutor:
     def __init__(self, sizes: ShardSizes = ShardSizes()) -> None:
         self.sizes = sizes
 
-    def extract(self, extractors: Sequence[ExtractorJob], dataset: "Dataset", *,
+    def extract(self, extractors: Sequence[ExtractorJob], dataset: Dataset, *,
                 store_names: Sequence[str | None] | None = None, images: list[str] | None = None,
-                overwrite: bool = False, num_workers: int | None = None, image_options: "ImageOptions | None" = None,
+                overwrite: bool = False, num_workers: int | None = None, image_options: ImageOptions | None = None,
                 progress: Progress | None = None, learning: Progress | None = None,
-                merging: Progress | None = None) -> list["ExtractReport"]:
+                merging: Progress | None = None) -> list[ExtractReport]:
         from . import extract as extract_mod
 
         built = [e if isinstance(e, extract_mod.Extractor) else extract_mod.build_extractor(e[1], e[2], e[0])
@@ -124,10 +125,10 @@ class LocalExecutor:
                                        overwrite=overwrite, num_workers=num_workers, progress=progress,
                                        image_options=image_options or extract_mod.ImageOptions(), learning=learning)
 
-    def match(self, query: "Dataset", map_: "Dataset", pairs: list["Pair"], local: str, *, name: str | None = None,
+    def match(self, query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: str | None = None,
               matcher: Any = None, verify: Any = None, device: str = "auto", overwrite: bool = False,
               num_workers: int | None = None, progress: Progress | None = None, merging: Progress | None = None,
-              pairs_file: str | None = None) -> "MatchReport":
+              pairs_file: str | None = None) -> MatchReport:
         from .matching import MatcherConf
         from .matching import match as match_mod
 
@@ -135,9 +136,9 @@ class LocalExecutor:
                               device=device, overwrite=overwrite, num_workers=num_workers, progress=progress,
                               pairs_file=pairs_file)
 
-    def retrieve(self, query: "Dataset", map_: "Dataset", qset: "DescriptorSet", mset: "DescriptorSet",
-                 store_names: list[str], conf: "RetrievalConf", *, device: str = "auto", qe: int = 0,
-                 qe_alpha: float = 0.0, dba: int = 0, dba_alpha: float = 0.0, index: "IndexConf | None" = None,
+    def retrieve(self, query: Dataset, map_: Dataset, qset: DescriptorSet, mset: DescriptorSet,
+                 store_names: list[str], conf: RetrievalConf, *, device: str = "auto", qe: int = 0,
+                 qe_alpha: float = 0.0, dba: int = 0, dba_alpha: float = 0.0, index: IndexConf | None = None,
                  recall_sample: int = 0, progress: Progress | None = None) -> RetrievalRun:
         from .io.index_file import index_path
         from .models.base import resolve_device
@@ -156,7 +157,7 @@ class LocalExecutor:
         recall = recall_against_exact(qset, mset, conf, index, recall_sample, dev, indexes) if recall_sample else None
         return RetrievalRun(pairs, recall, int(built), [note] if note else [])
 
-    def build_indexes(self, map_: "Dataset", store_names: list[str], conf: "IndexConf", *, overwrite: bool = False,
+    def build_indexes(self, map_: Dataset, store_names: list[str], conf: IndexConf, *, overwrite: bool = False,
                       progress: Progress | None = None) -> list[tuple[Path, str]]:
         from .io.index_file import index_path
         from .retrieval.index import keep_indexes

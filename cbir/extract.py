@@ -12,24 +12,24 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
+from . import plugins
 from .cores import MAX_WORKERS
 from .devices import default_workers
 from .errors import CbirError
 from .io.dataset import Dataset
 from .io.images import LoadedImage, read_image
 from .io.store import StoreWriter
-from . import plugins
-from .models.base import Extractor, GlobalExtractor, ImageSkipped, LocalExtractor
 from .io.textfile import read_utf8, split_lines
-
+from .models.base import Extractor, GlobalExtractor, ImageSkipped, LocalExtractor
 
 WRITE_AHEAD = 8  # outputs waiting for the writer thread at most (bounds memory)
 
@@ -172,9 +172,9 @@ def extract_all(extractors: Sequence[Extractor], dataset: Dataset, *,
         for b in extractors[i + 1:]:
             a.share_pass(b)
     names = images if images is not None else sorted(dataset.sensors.image_names())
-    store_names_ = [n or e.default_store_name() for e, n in zip(extractors, names_)]
+    store_names_ = [n or e.default_store_name() for e, n in zip(extractors, names_, strict=True)]
     outs = []
-    for extractor, store_name in zip(extractors, store_names_):
+    for extractor, store_name in zip(extractors, store_names_, strict=True):
         kind = store_kind(extractor)
         out = store_dir / kind / f"{store_name}.h5" if store_dir is not None else dataset.store_path(kind, store_name)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +191,7 @@ def extract_all(extractors: Sequence[Extractor], dataset: Dataset, *,
     for members in passes.values():
         done = _extract_pass([extractors[i] for i in members], [store_names_[i] for i in members],
                              [outs[i] for i in members], dataset, names, overwrite, num_workers, step, image_options)
-        reports.update(zip(members, done))
+        reports.update(zip(members, done, strict=True))
     for i, extractor in enumerate(extractors):
         reports[i].weights_note = getattr(extractor, "weights_note", "")
     return [reports[i] for i in range(len(extractors))]
@@ -231,9 +231,10 @@ def _extract_pass(extractors: list[Extractor], store_names: list[str], outs: lis
     with ExitStack() as stack:
         writers = [stack.enter_context(StoreWriter(
             out, "global-features" if isinstance(e, GlobalExtractor) else "local-features",
-            attrs(e, n), overwrite=overwrite, batch_size=64)) for e, n, out in zip(extractors, store_names, outs)]
+            attrs(e, n), overwrite=overwrite, batch_size=64))
+            for e, n, out in zip(extractors, store_names, outs, strict=True)]
         missing = [{n for n in names if n not in w} for w in writers]
-        for report, todo in zip(reports, missing):
+        for report, todo in zip(reports, missing, strict=True):
             report.already_present = len(names) - len(todo)
         todo = [n for n in names if any(n in m for m in missing)]
         if progress:

@@ -21,10 +21,11 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pycolmap
@@ -41,8 +42,8 @@ from .io.images import exif_focal_px
 from .io.kapture_text import format_trajectories
 from .io.map_store import read_map
 from .io.pairs import Pair, pairs_digest, read_pairs_record
-from .io.provenance import differences, digest
 from .io.paths import check_relative_name
+from .io.provenance import differences, digest
 from .io.store import check_match_indices, check_matches_provenance, open_store
 from .io.textfile import parse_json, read_json_object, read_utf8
 from .validate import check_bool, check_integer
@@ -169,7 +170,7 @@ def estimate_one(task: dict[str, Any]) -> QueryResult:
     pose = out["cam_from_world"]
     # inliers after refinement, within filter_max_reproj_error (COLMAP's observation filter)
     mask = np.asarray(out["inlier_mask"], bool)
-    proj = camera.img_from_cam((pose * task["points3D"][mask]))  # camera is refined in place
+    proj = camera.img_from_cam(pose * task["points3D"][mask])  # camera is refined in place
     err = np.linalg.norm(proj - task["points2D"][mask], axis=1)
     res.num_inliers = int((err <= conf["filter_max_reproj_error"]).sum())
     if res.num_inliers < conf["abs_pose_min_num_inliers"]:

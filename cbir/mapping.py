@@ -24,9 +24,9 @@ from .geometry.colmap_options import paper_config, quiet_colmap, set_dotted
 from .io.colmap import COLMAP_PIXEL_OFFSET, export_colmap, reconstruction_to_map, sensors_to_reconstruction
 from .io.dataset import Dataset
 from .io.map_store import PointMap, read_map, write_map
-from .io.sensors import SensorData
 from .io.provenance import differences
-from .io.store import check_match_indices, check_matches_provenance, open_store
+from .io.sensors import SensorData
+from .io.store import check_match_indices, check_matches_provenance, open_store, pair_keys
 
 MAPPING_CONFIG = "config1"  # the paper maps with config1 always
 
@@ -75,7 +75,7 @@ def _write_database(path: Path, rec: pycolmap.Reconstruction, keypoints: dict[st
         with open_store(matches_path, "matches") as store:
             if "inliers" not in store.columns:
                 raise CbirError("the map needs verified matches: run cbir match --verify", matches_path)
-            for a, b in store.keys:
+            for a, b in pair_keys(store.keys):
                 if a not in ids or b not in ids:
                     report.skipped.append(f"pair {a} {b}: an image without pose or features")
                     continue

@@ -75,9 +75,10 @@ import copy
 import json
 import time
 import tomllib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any
 
 from . import extract as extract_mod
 from . import localize as localize_mod
@@ -85,8 +86,8 @@ from . import mapping
 from . import report as report_mod
 from .cores import MAX_WORKERS
 from .errors import CbirError, FormatError
-from .executor import EXECUTORS, Executor, LocalExecutor, ShardSizes, make_executor
 from .evaluation.localization import DEFAULT_THRESHOLDS, check_thresholds, pose_errors, summarize
+from .executor import EXECUTORS, Executor, LocalExecutor, ShardSizes, make_executor
 from .io.atomic import atomic_write_text
 from .io.dataset import Dataset, model_path
 from .io.pairs import Pair, exhaustive_pairs, read_pairs, read_pairs_record, write_pairs
@@ -94,8 +95,8 @@ from .io.provenance import UNKNOWN, differences, digest
 from .io.store import open_store
 from .io.textfile import MAX_JSON_DEPTH, json_depth, read_json_object, read_utf8
 from .matching import DEFAULT_MATCHER, Matcher, VerifyConf
-from .matching.base import load_matcher
 from .matching import match as match_mod
+from .matching.base import load_matcher
 from .models.base import Extractor, resolve_device
 from .retrieval import FusionConf, RetrievalConf, pairs_record
 from .retrieval.search import open_descriptor_sets
@@ -120,7 +121,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 #: ``progress(label)`` gives a context manager yielding ``update(advance, total)``
-ProgressFactory = Callable[[str], ContextManager[Callable[[int, int], None]]]
+ProgressFactory = Callable[[str], contextlib.AbstractContextManager[Callable[[int, int], None]]]
 
 
 @contextlib.contextmanager
@@ -171,7 +172,7 @@ def _toml(text: str, source: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The defaults, updated by the TOML file, updated by ``a.b=value`` overrides (TOML values)."""
     conf = copy.deepcopy(DEFAULTS)
     base = Path(".")
@@ -466,7 +467,7 @@ def changes(p: Plan) -> list[Change]:
 
     for ds in (p.map, p.query):
         for kind, e, name in [("local", p.local, p.local_name), *(("global", g, n) for g, n in
-                                                                    zip(p.globals_, p.global_names))]:
+                                                                    zip(p.globals_, p.global_names, strict=True))]:
             path = ds.store_path(kind, name)
             if path.exists():
                 with open_store(path) as s:
@@ -577,7 +578,7 @@ def run(p: Plan, *, overwrite: bool = False, from_step: str | None = None,
         if not evaluated:
             raise CbirError(f"none of the {len(report.results)} queries has a ground-truth pose: check "
                             "datasets.query_gt", p.query_gt.root)
-        errors = pose_errors({r.name: r.pose for r in report.results if r.success}, evaluated)
+        errors = pose_errors({r.name: r.pose for r in report.results if r.success and r.pose is not None}, evaluated)
         result.evaluation = {"all": summarize(errors, p.thresholds)}
         atomic_write_text(report.directory / "evaluation.json", json.dumps(result.evaluation, indent=1) + "\n")
     page = report.directory / "report.html"
@@ -611,7 +612,7 @@ def _extract(p: Plan, replace: bool, step: Callable[[str], None], progress: Prog
 
     rm = extract([p.local, *p.globals_], p.map)
     query_globals = []
-    for g, r in zip(p.globals_, rm[1:]):
+    for g, r in zip(p.globals_, rm[1:], strict=True):
         if g.learns_on_map:  # the queries are described with the model learned on the map
             model = model_path(r.path)
             conf = {**{k: v for k, v in g.conf.items() if k != "learn"}, "model": str(model)}
@@ -621,7 +622,7 @@ def _extract(p: Plan, replace: bool, step: Callable[[str], None], progress: Prog
     for ds, r in ((p.map, rm[0]), (p.query, rq[0])):
         step(f"extract {p.local.name} {ds.root.name}: {r.extracted} new, {r.already_present} present, "
              f"{len(r.failed)} skipped")
-    for g, r, r_q in zip(p.globals_, rm[1:], rq[1:]):
+    for g, r, r_q in zip(p.globals_, rm[1:], rq[1:], strict=True):
         step(f"extract {g.name}: map {r.extracted} new / {r.already_present} present, query {r_q.extracted} new")
 
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -86,11 +87,7 @@ def collect(query: Dataset, map_: Dataset, *, results: Path | None = None, pairs
     if results is not None:
         loc = {r.name: r for r in read_results(results)}
         record = read_json_object(results / RECORD_FILE, RECORD_FILE) if (results / RECORD_FILE).exists() else {}
-        rconf = record.get("config", {})
-        if not isinstance(rconf, dict) or not all(isinstance(rconf.get(k) or "", str) for k in ("matches", "map")) \
-                or not isinstance(rconf.get("pairs") or {}, dict):
-            raise FormatError("'config' is not the record of a localization (an object naming the matches, map "
-                              "and pairs)", results / RECORD_FILE)
+        rconf = _localization_config(record, results / RECORD_FILE)
         matches = matches or rconf.get("matches")
         map_name = map_name or rconf.get("map")
         if pairs is None and rconf.get("pairs"):
@@ -113,18 +110,7 @@ def collect(query: Dataset, map_: Dataset, *, results: Path | None = None, pairs
     data: dict[str, Any] = {"title": title or f"{query.root.name} against {map_.root.name}",
                             "config": record.get("config"), "seconds": record.get("seconds"),
                             "thresholds": [list(t) for t in conf.thresholds]}
-    errors: dict[str, tuple[float, float]] = {}
-    if loc is not None:
-        estimated = {n: r.pose for n, r in loc.items() if r.success}
-        if gt_poses:  # the result's queries that have a ground truth; the others are counted apart
-            errors = pose_errors(estimated, {n: gt_poses[n] for n in loc if n in gt_poses})
-            data["without_ground_truth"] = sum(n not in gt_poses for n in loc)
-            data["evaluation"] = summarize(errors, conf.thresholds)
-            data["conditions"] = {label: summarize(errors, conf.thresholds, group) for label, group in
-                                  conditions_from(dict(conf.conditions), list(errors)).items()}
-        data["localized"] = sum(r.success for r in loc.values())
-        data["queries"] = len(loc)
-        data["failed"] = [{"name": n, "reason": r.reason} for n, r in sorted(loc.items()) if not r.success]
+    errors = _localization_summary(data, loc, gt_poses, conf) if loc is not None else {}
     if ranked and relevant:
         try:
             data["retrieval"] = evaluate_rankings([p for n in names for p in ranked.get(n, [])],
@@ -139,7 +125,7 @@ def collect(query: Dataset, map_: Dataset, *, results: Path | None = None, pairs
         drawer = _drawer(stack, query, map_, matches) if matches and loc else None
         for name in names:
             r = loc.get(name) if loc else None
-            retrieved = [{"name": p.map, "score": _finite(p.score),
+            retrieved: list[dict[str, Any]] = [{"name": p.map, "score": _finite(p.score),
                           "correct": (p.map in relevant[name]) if name in relevant else None}
                          for p in ranked.get(name, [])[:conf.topk]]
             for item in retrieved:
@@ -202,6 +188,34 @@ def _finite(v: float) -> float | None:
     return float(v) if v == v and abs(v) != float("inf") else None
 
 
+def _localization_config(record: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The ``config`` of a localization's run.json, checked to name its matches, map and pairs."""
+    rconf = record.get("config", {})
+    if not isinstance(rconf, dict) or not all(isinstance(rconf.get(k) or "", str) for k in ("matches", "map")) \
+            or not isinstance(rconf.get("pairs") or {}, dict):
+        raise FormatError("'config' is not the record of a localization (an object naming the matches, map "
+                          "and pairs)", path)
+    return rconf
+
+
+def _localization_summary(data: dict[str, Any], loc: dict[str, Any], gt_poses: dict[str, Any],
+                          conf: ReportConf) -> dict[str, tuple[float, float]]:
+    """The localization's counts and, with a ground truth, its evaluation (per condition) into
+    ``data``; the pose errors of the queries with a ground truth."""
+    errors: dict[str, tuple[float, float]] = {}
+    estimated = {n: r.pose for n, r in loc.items() if r.success}
+    if gt_poses:  # the result's queries that have a ground truth; the others are counted apart
+        errors = pose_errors(estimated, {n: gt_poses[n] for n in loc if n in gt_poses})
+        data["without_ground_truth"] = sum(n not in gt_poses for n in loc)
+        data["evaluation"] = summarize(errors, conf.thresholds)
+        data["conditions"] = {label: summarize(errors, conf.thresholds, group) for label, group in
+                              conditions_from(dict(conf.conditions), list(errors)).items()}
+    data["localized"] = sum(r.success for r in loc.values())
+    data["queries"] = len(loc)
+    data["failed"] = [{"name": n, "reason": r.reason} for n, r in sorted(loc.items()) if not r.success]
+    return errors
+
+
 def _pairs_of_record(query: Dataset, file: Any, record: Path) -> list[Pair] | None:
     """The pairs of the file a result's ``run.json`` names, when that file is inside the query
     dataset; one elsewhere is not read (a dataset from someone else could name any file):
@@ -238,7 +252,7 @@ def _jpeg(bgr: np.ndarray, quality: int = 80) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode("ascii")
 
 
-def _drawer(stack: ExitStack, query: Dataset, map_: Dataset, matches: str) -> "PairDrawer | None":
+def _drawer(stack: ExitStack, query: Dataset, map_: Dataset, matches: str) -> PairDrawer | None:
     """The pair drawer of the query x map matches, or None when they cannot be read (the
     cards then go without a matches picture, as a pair that cannot be drawn does)."""
     from .matching.draw import PairDrawer
@@ -249,7 +263,7 @@ def _drawer(stack: ExitStack, query: Dataset, map_: Dataset, matches: str) -> "P
         return None
 
 
-def _best_matches(drawer: "PairDrawer", name: str, retrieved: list[str], conf: ReportConf) -> dict[str, Any] | None:
+def _best_matches(drawer: PairDrawer, name: str, retrieved: list[str], conf: ReportConf) -> dict[str, Any] | None:
     """The inlier matches of the query with the retrieved map image that has the most."""
     store = drawer.store
     try:
@@ -289,7 +303,7 @@ def _scene(map_: Dataset, map_name: str | None, loc: dict | None, gt_poses: dict
             if n > conf.max_points:
                 keep = np.sort(np.random.default_rng(conf.seed).choice(n, conf.max_points, replace=False))
             scene["points"] = _rounded(pm.points[keep])
-            scene["colors"] = ["#%02x%02x%02x" % tuple(int(v) for v in c) for c in pm.colors[keep]]
+            scene["colors"] = ["#" + "".join(f"{int(v):02x}" for v in c) for c in pm.colors[keep]]
             scene["total_points"] = n
     queries = []
     for name in sorted(set(loc or {}) | set(gt_poses)):

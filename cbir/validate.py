@@ -4,7 +4,8 @@ that every entry point applies the same rules and says the same thing."""
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from .errors import CbirError
 

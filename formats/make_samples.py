@@ -56,7 +56,7 @@ def make(root: Path) -> None:
     local = {"name": "sample", "config": {"max_keypoints": 5}, "descriptor_dim": 8,
              "descriptor_dtype": "float16", "keypoint_params": "scale"}
     with StoreWriter(root / "cbir/local/sample.h5", "local-features", local, batch_size=2) as w:
-        for name, k in zip(NAMES, counts):
+        for name, k in zip(NAMES, counts, strict=True):
             kps = (rng.random((k, 2)) * [63, 47]).astype(np.float32).round(2)
             desc = rng.standard_normal((k, 8)).astype(np.float32)
             desc /= np.linalg.norm(desc, axis=1, keepdims=True) + 1e-12

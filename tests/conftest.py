@@ -89,7 +89,7 @@ def assert_rankings_agree(ours: list, theirs: list, tol: float) -> None:
     assert list(a) == list(b), "not the same queries"
     for q in a:
         assert len(a[q]) == len(b[q]), f"{q}: {len(a[q])} pairs against {len(b[q])}"
-        for rank, ((ma, sa), (mb, sb)) in enumerate(zip(a[q], b[q])):
+        for rank, ((ma, sa), (mb, sb)) in enumerate(zip(a[q], b[q], strict=True)):
             assert abs(sa - sb) <= tol or sa != sa and sb != sb, f"{q} rank {rank}: score {sa} against {sb}"
             if ma != mb:  # a swap: the other list has this image at a score within tol
                 other = dict(b[q]).get(ma)
@@ -175,3 +175,21 @@ def browser():
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()
+
+
+#: tests that run TensorFlow (the official DELG export and SavedModel reading), by name
+TENSORFLOW_TESTS = ("test_converter_reads_the_official_tensorflow_files",
+                    "test_converter_reads_the_official_keras_export")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The markers of pyproject.toml, from what a test uses: ``ray`` (tests/test_ray.py),
+    ``browser`` (the headless Chromium fixture) and ``tensorflow`` (the DELG converter's
+    TensorFlow tests), so that ``-m "not ray"`` and the like select lanes."""
+    for item in items:
+        if item.path.name == "test_ray.py":
+            item.add_marker(pytest.mark.ray)
+        if "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.browser)
+        if item.name.split("[")[0] in TENSORFLOW_TESTS:
+            item.add_marker(pytest.mark.tensorflow)

@@ -66,7 +66,8 @@ def official_variables(seed: int = 0, reduced_dim: int = 128, embedding_dim: int
     return {k: a.astype(np.float32) for k, a in v.items()}
 
 
-GENERATED_NOTE = "GENERATED random weights in the official DELG layout (tests/delg_reference.py), not the published model"
+GENERATED_NOTE = ("GENERATED random weights in the official DELG layout (tests/delg_reference.py), "
+                  "not the published model")
 
 
 def write_generated_npz(path, seed: int = 0, prefix: str = "_model/") -> None:
@@ -185,7 +186,8 @@ def extract(v: dict, rgb: np.ndarray, scales: list[float], global_scale_indices:
     h, w = image.shape[:2]
     boxes, feats, scores, feature_scales, globals_ = [], [], [], [], []
     for i, scale in enumerate(scales):
-        nh, nw = (int(round(float(np.float32(h) * np.float32(scale)))), int(round(float(np.float32(w) * np.float32(scale)))))
+        nh, nw = (int(round(float(np.float32(h) * np.float32(scale)))),
+                  int(round(float(np.float32(w) * np.float32(scale)))))
         b3 = block3(v, resize_bilinear(image, nh, nw))
         if i in global_scale_indices:
             globals_.append(global_head(v, b3))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-
 import json
 import os
 import subprocess
@@ -98,7 +97,8 @@ def test_data_in_messages_is_not_read_as_markup(sample_dataset):
     r = CliRunner().invoke(main, ["extract", str(sample_dataset), "--local", "sift", "--name", "x"])
     assert "left/000.png" in r.output  # a skipped image is named as it is
     r = run("info", sample_dataset / "[red]x[/red]")
-    assert r.exit_code == 1 and r.output.strip() == f"error: {sample_dataset / '[red]x[/red]'}: dataset directory not found"
+    assert r.exit_code == 1
+    assert r.output.strip() == f"error: {sample_dataset / '[red]x[/red]'}: dataset directory not found"
 
 
 def test_check_strict_fails_on_warnings(sample_dataset):

@@ -53,7 +53,8 @@ def test_dot_is_within_its_bound_of_the_exact_value():
         bound = dim ** 0.5 * 2.0 ** (2 - 2 * exact.slice_bits(dim))
         for i in range(4):
             for j in range(5):
-                truth = sum(Fraction(float(u)) * Fraction(float(v)) for u, v in zip(a[i].tolist(), b[j].tolist()))
+                truth = sum(Fraction(float(u)) * Fraction(float(v))
+                            for u, v in zip(a[i].tolist(), b[j].tolist(), strict=True))
                 assert abs(Fraction(float(got[i, j])) - truth) <= Fraction(bound)
 
 

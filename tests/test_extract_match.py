@@ -14,9 +14,9 @@ from click.testing import CliRunner
 
 from cbir.cli import main
 from cbir.io.dataset import Dataset
+from cbir.io.images import read_image
 from cbir.io.store import open_store
 from cbir.models.sift import SIFT, rootsift
-from cbir.io.images import read_image
 
 
 def cbir(*args, ok: bool = True) -> tuple[int, str, str]:
@@ -68,7 +68,8 @@ def test_upright_sift_has_one_orientation_per_location(sceaux):
     path = sceaux / "mapping" / "sensors" / "records_data" / "100_7100.jpg"
     out = SIFT({"upright": True, "max_keypoints": 0}).extract(read_image(path, grayscale=True))
     assert np.all(out["keypoint_params"][:, 1] == 0)
-    assert len(np.unique(np.c_[out["keypoints"], out["keypoint_params"][:, :1]].round(2), axis=0)) == len(out["keypoints"])
+    located = np.c_[out["keypoints"], out["keypoint_params"][:, :1]].round(2)
+    assert len(np.unique(located, axis=0)) == len(out["keypoints"])
 
 
 def test_blank_image_has_no_keypoints():
@@ -124,7 +125,8 @@ def test_overlapped_verification_writes_the_same_store(sift_map, tmp_path, monke
     assert [r.matched for r in reports] == [28, 28]
     assert all(set(r.seconds) == {"features", "matching", "verification", "writing"} and r.bound_by in r.seconds
                and r.seconds["verification"] > 0 for r in reports)
-    with open_store(ds.store_path("matches", "sched-False")) as a, open_store(ds.store_path("matches", "sched-True")) as b:
+    with open_store(ds.store_path("matches", "sched-False")) as a, \
+            open_store(ds.store_path("matches", "sched-True")) as b:
         assert sorted(a.keys) == sorted(b.keys)
         for key in a.keys:
             x, y = a.get(key), b.get(key)

@@ -228,7 +228,7 @@ def test_fuzz_kapture_text(tmp_path):
         for _ in range(rng.randint(1, 3)):
             target = root / rng.choice(TEXT_FILES)
             target.write_text(mutate_text(target.read_text(), rng))
-        data = accepted(lambda: Dataset(root).sensors, label)
+        data = accepted(lambda root=root: Dataset(root).sensors, label)
         if data is not None:
             try:
                 sensor_invariants(root)
@@ -245,7 +245,7 @@ def test_fuzz_kapture_text_bytes(tmp_path):
         shutil.copytree(SAMPLES / "sensors", root / "sensors")
         target = root / rng.choice(TEXT_FILES)
         target.write_bytes(mutate_bytes(target.read_bytes(), rng))
-        if accepted(lambda: Dataset(root).sensors, label) is not None:
+        if accepted(lambda root=root: Dataset(root).sensors, label) is not None:
             try:
                 sensor_invariants(root)
             except AssertionError as e:
@@ -300,7 +300,7 @@ def test_fuzz_stores_structure(tmp_path):
         shutil.copyfile(SAMPLES / rng.choice(STORES), path)
         for _ in range(rng.randint(1, 2)):
             _structural_mutation(path, rng)
-        if accepted(lambda: read_whole_store(path), label):
+        if accepted(lambda path=path: read_whole_store(path), label):
             try:
                 store_invariants(path)
             except (AssertionError, KeyError, TypeError, ValueError) as e:
@@ -317,7 +317,7 @@ def test_fuzz_stores_bytes(tmp_path, monkeypatch):
         label = f"store bytes, seed {SEED} case {case}"
         path = tmp_path / f"c{case}.h5"
         path.write_bytes(mutate_bytes((SAMPLES / rng.choice(STORES)).read_bytes(), rng))
-        accepted(lambda: read_whole_store(path), label)
+        accepted(lambda path=path: read_whole_store(path), label)
         path.unlink()
 
 
@@ -332,7 +332,7 @@ def test_fuzz_maps(tmp_path, monkeypatch):
             path.write_bytes(mutate_bytes(path.read_bytes(), rng))
         else:
             _structural_mutation(path, rng)
-        m = accepted(lambda: read_map(path), label)
+        m = accepted(lambda path=path: read_map(path), label)
         if m is not None:
             assert m.validate() is None and len(set(m.images)) == len(m.images), label
         path.unlink()
@@ -346,12 +346,12 @@ def test_fuzz_images_and_pairs(tmp_path):
         label = f"image, seed {SEED} case {case}"
         path = tmp_path / f"c{case}.png"
         path.write_bytes(mutate_bytes(rng.choice(images).read_bytes(), rng))
-        image = accepted(lambda: read_image(path, max_size=32), label)
+        image = accepted(lambda path=path: read_image(path, max_size=32), label)
         if image is not None:
             assert image.array.dtype == np.uint8 and image.array.ndim == 3 and min(image.array.shape[:2]) >= 1
         ppath = tmp_path / f"c{case}.txt"
         ppath.write_text(mutate_text(pairs, rng))
-        parsed = accepted(lambda: read_pairs(ppath), f"pairs, seed {SEED} case {case}")
+        parsed = accepted(lambda ppath=ppath: read_pairs(ppath), f"pairs, seed {SEED} case {case}")
         if parsed is not None:
             assert all(p.query and p.map and isinstance(p.score, float) for p in parsed), label
         path.unlink()
@@ -387,14 +387,16 @@ def test_fuzz_kapture_import(kapture_sample, tmp_path):
         else:
             target.write_bytes(mutate_bytes(target.read_bytes(), rng) if target.stat().st_size else b"\0")
         before = set((tmp_path / f"c{case}").rglob("*"))
-        written = accepted(lambda: interchange.import_kapture(src, dst, images="skip"), label)
+        written = accepted(lambda src=src, dst=dst: interchange.import_kapture(src, dst, images="skip"), label)
         new = set((tmp_path / f"c{case}").rglob("*")) - before
         assert all(p == dst or dst in p.parents for p in new), f"{label}: wrote outside the target"
         for path in written or []:
             if path.suffix == ".h5" and "map" not in path.parts:
-                assert accepted(lambda: read_whole_store(path), label), f"{label}: imported {path} does not open"
+                assert accepted(lambda path=path: read_whole_store(path), label), \
+                    f"{label}: imported {path} does not open"
             elif path.suffix == ".h5":
-                assert accepted(lambda: read_map(path), label) is not None, f"{label}: imported map does not open"
+                assert accepted(lambda path=path: read_map(path), label) is not None, \
+                    f"{label}: imported map does not open"
         shutil.rmtree(tmp_path / f"c{case}")
 
 
@@ -421,7 +423,7 @@ def test_fuzz_store_storage_kinds(tmp_path):
             data = f[name][()]
             del f[name]
             store_column_as(f, name, kind, data, tmp_path / f"c{case}-elsewhere.h5")
-        ok = accepted(lambda: read_whole_store(path), f"{label} ({kind} {name})")
+        ok = accepted(lambda path=path: read_whole_store(path), f"{label} ({kind} {name})")
         if kind in FOREIGN_STORAGE | COMPRESSED_STORAGE or kind == "unwritten":
             assert not ok, f"{label}: a column stored as {kind} was accepted"
         else:

@@ -12,8 +12,13 @@ from click.testing import CliRunner
 
 from cbir.cli import main
 from cbir.errors import CbirError
-from cbir.evaluation.retrieval import (GroundTruth, average_precision, evaluate_rankings, ground_truth_from_poses,
-                                       read_ground_truth)
+from cbir.evaluation.retrieval import (
+    GroundTruth,
+    average_precision,
+    evaluate_rankings,
+    ground_truth_from_poses,
+    read_ground_truth,
+)
 from cbir.geometry.poses import Pose
 from cbir.io.images import LoadedImage
 from cbir.io.pairs import Pair
@@ -44,7 +49,7 @@ def test_vlad_is_intra_normalized_residual_sums():
 def test_densevlad_needs_a_model_and_refuses_another_configuration(tmp_path):
     ex = DenseVLAD()
     with pytest.raises(CbirError, match="extract the map with --learn first"):
-        ex.descriptor_dim
+        _ = ex.descriptor_dim
     images = {f"{i}.png": LoadedImage((np.random.default_rng(i).random((120, 160)) * 255).astype(np.uint8),
                                       (160, 120), (1.0, 1.0)) for i in range(3)}
     with pytest.raises(CbirError, match="pass --model .*or --learn"):  # a model is learned only when asked

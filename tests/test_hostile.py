@@ -30,7 +30,7 @@ from cbir.io.store import STR_DTYPE, Store, StoreWriter, open_store
 from .hdf5_storage import FOREIGN_STORAGE, store_column_as
 
 
-def run(*args) -> "CliRunner.Result":
+def run(*args) -> CliRunner.Result:
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
@@ -227,7 +227,8 @@ def _store_cases(tmp_path: Path):
          "'offsets' must start at 0 and never decrease"),
         ("offsets not from 0", local, lambda p: rewrite(p, offsets=np.array([1, 5, 9, 9])),
          "'offsets' must start at 0"),
-        ("float offsets", local, lambda p: rewrite(p, offsets=np.array([0, 5.0, 9, 9])), "'offsets' must be 4 integers"),
+        ("float offsets", local, lambda p: rewrite(p, offsets=np.array([0, 5.0, 9, 9])),
+         "'offsets' must be 4 integers"),
         ("fewer descriptors than keypoints", local,
          lambda p: rewrite(p, descriptors=np.zeros((7, 8), np.float16)), "'descriptors' has 7 rows, offsets end at 9"),
         ("image_sizes rows", local, lambda p: rewrite(p, image_sizes=np.zeros((2, 2), np.int32)),

@@ -183,7 +183,7 @@ def test_every_index_kind_searches_the_same_once_kept(tmp_path, kind, size):
         save_indexes(tmp_path / "g.h5.index.h5", built, index_record(mset, conf))
         (kept,) = load_indexes(tmp_path / "g.h5.index.h5", mset, conf)
     queries = x[:20] / np.linalg.norm(x[:20], axis=1, keepdims=True)
-    for a, b in zip(built[0].search(queries, 10), kept.search(queries, 10)):
+    for a, b in zip(built[0].search(queries, 10), kept.search(queries, 10), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -8,7 +8,6 @@ import filecmp
 from pathlib import Path
 
 import h5py
-import kapture
 import kapture.io.csv as kcsv
 import numpy as np
 import pycolmap

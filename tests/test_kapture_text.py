@@ -14,8 +14,14 @@ import pytest
 from cbir.errors import FormatError, VersionError
 from cbir.geometry.cameras import CAMERA_MODELS, Camera
 from cbir.geometry.poses import Pose
-from cbir.io.kapture_text import (read_records_camera, read_rigs, read_sensor_data, read_sensors,
-                                  read_trajectories, write_sensor_data)
+from cbir.io.kapture_text import (
+    read_records_camera,
+    read_rigs,
+    read_sensor_data,
+    read_sensors,
+    read_trajectories,
+    write_sensor_data,
+)
 from cbir.io.sensors import ImageRecord, Sensor, SensorData
 
 KAPTURE_MODELS = [m for m in CAMERA_MODELS if m in kapture.CameraType.__members__]

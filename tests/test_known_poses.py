@@ -14,8 +14,14 @@ from cbir.cli import main
 from cbir.geometry.poses import Pose
 from cbir.io.colmap import COLMAP_PIXEL_OFFSET
 from cbir.io.store import open_store
-from cbir.matching.known_poses import (PosedPair, essential_matrix, has_baseline, relative_pose, sampson_errors,
-                                       verify_with_poses)
+from cbir.matching.known_poses import (
+    PosedPair,
+    essential_matrix,
+    has_baseline,
+    relative_pose,
+    sampson_errors,
+    verify_with_poses,
+)
 
 from .conftest import render_example, writable_copy
 
@@ -184,7 +190,7 @@ def test_known_pose_maps_localize_as_well_as_ransac_maps(dataset, shared, tmp_pa
         extract_mod.extract_all([sift], Dataset(root / part))
     ransac, poses = _map_and_localize(root, "ransac"), _map_and_localize(root, "poses")
     assert poses["localized"] == ransac["localized"] == poses["queries"]
-    assert all(p >= r for p, r in zip(poses["within"], ransac["within"]))
+    assert all(p >= r for p, r in zip(poses["within"], ransac["within"], strict=True))
     assert poses["median_translation"] <= ransac["median_translation"] * 1.1 + 0.002
     assert poses["median_rotation_deg"] <= ransac["median_rotation_deg"] * 1.1 + 0.01
     assert poses["reprojection"] <= ransac["reprojection"] + 0.005

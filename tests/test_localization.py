@@ -19,8 +19,8 @@ from cbir.errors import CbirError
 from cbir.evaluation.localization import pose_errors, summarize
 from cbir.geometry.cameras import Camera
 from cbir.geometry.colmap_options import paper_config
-from cbir.geometry.postprocess import estimate_rig, interpolate, interpolate_sequences, propagate_rigs
 from cbir.geometry.poses import Pose
+from cbir.geometry.postprocess import estimate_rig, interpolate, interpolate_sequences, propagate_rigs
 from cbir.io.pairs import read_pairs
 from cbir.io.sensors import ImageRecord, SensorData
 from cbir.io.store import open_store
@@ -48,7 +48,7 @@ def test_correspondences_vote_and_keep_each_point_and_keypoint_once():
         (np.array([1]), np.array([13])),  # map image C backs keypoint 1 -> 13
     ]
     q, p = correspondences(lists)
-    pairs = set(zip(q.tolist(), p.tolist()))
+    pairs = set(zip(q.tolist(), p.tolist(), strict=True))
     # kp0 -> 10 (2 votes); kp1 -> 13 (2 votes beat 1); point 12 seen by kp2 and kp3 once each: the lower index wins
     assert pairs == {(0, 10), (1, 13), (2, 12)}
     assert len(correspondences([])[0]) == 0
@@ -122,7 +122,8 @@ def rig_sensors() -> tuple[SensorData, Pose, Pose]:
     right_from_rig = look(20, [0.5, 0.0, 0.0])
     data = SensorData(sensors={"left": left, "right": right},
                       rigs={"rig": {"left": left_from_rig, "right": right_from_rig}},
-                      records=[ImageRecord(t, cam, f"{cam}/{t}.jpg") for t in (0, 1, 2, 5) for cam in ("left", "right")])
+                      records=[ImageRecord(t, cam, f"{cam}/{t}.jpg") for t in (0, 1, 2, 5)
+                               for cam in ("left", "right")])
     return data, left_from_rig, right_from_rig
 
 

@@ -108,7 +108,7 @@ def test_device_path_equals_cpu_path(conf, tile_bytes):
     pairs = [(d0, d1), (d1, d0), (d0[:0], d1), (tied, d0[:60]), (d0, d1[:1]), (unit(rng, 3), unit(rng, 900))]
     rows, tiled = both_paths(pairs, conf, tile_bytes)
     assert len(rows) == len(tiled) == len(pairs)
-    for (m0, s0), (m1, s1) in zip(rows, tiled):
+    for (m0, s0), (m1, s1) in zip(rows, tiled, strict=True):
         np.testing.assert_array_equal(m0, m1)
         np.testing.assert_allclose(s0, s1, rtol=0, atol=1e-6)
     assert len(rows[0][0]) > 300 and len(rows[2][0]) == 0
@@ -122,7 +122,7 @@ def test_device_path_equals_cpu_path_on_real_sift(shared, conf):
     descs = [d / np.linalg.norm(d, axis=1, keepdims=True) for d in descs]
     pairs = [(a, b) for i, a in enumerate(descs) for b in descs[i + 1:]]
     rows, tiled = both_paths(pairs, conf, 16 << 20)
-    for (m0, s0), (m1, s1) in zip(rows, tiled):
+    for (m0, s0), (m1, s1) in zip(rows, tiled, strict=True):
         np.testing.assert_array_equal(m0, m1)
         np.testing.assert_allclose(s0, s1, rtol=0, atol=1e-6)
     assert sum(len(m) for m, _ in rows) > 1000

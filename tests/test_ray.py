@@ -228,10 +228,10 @@ def test_matching_shards_make_the_local_store(cluster, sceaux, tmp_path, local_s
     """Every map pair of sceaux_castle, verified by RANSAC: shards of 10 pairs on the cluster
     give the local run's store; a re-run has nothing to do; a worker killed inside its shard
     changes nothing."""
+    from cbir.distributed import match_on_ray
     from cbir.io.pairs import exhaustive_pairs
     from cbir.matching import MatcherConf, VerifyConf
     from cbir.matching import match as match_mod
-    from cbir.distributed import match_on_ray
 
     stores = []
     for label in ("local", "ray"):
@@ -308,7 +308,8 @@ def test_the_pipeline_runs_on_the_cluster(cluster, tmp_path, monkeypatch):
                         '[retrieve]\ntopk = 5\nmap_pairs = 0\n[match]\nratio = 0.8\n'
                         '[localize]\nconfig = "config1"\nsequence = true\n[report]\nwrite = false\n' +
                         (f'[executor]\nkind = "ray"\naddress = "{cluster.address}"\nimages_per_task = 4\n'
-                         'map_images_per_task = 3\npairs_per_task = 20\nqueries_per_task = 2\n' if label == "ray" else ""))
+                         'map_images_per_task = 3\npairs_per_task = 20\nqueries_per_task = 2\n'
+                         if label == "ray" else ""))
         stop, killed = threading.Event(), []
         killer = threading.Thread(target=_kill_first_shard_worker,
                                   args=(stop, killed, (b"ray::_retrieve_shard", b"ray::LocalizationActor.run")))
@@ -447,7 +448,7 @@ def test_thousands_of_synthetic_images(cluster, tmp_path):
     assert mine.extracted == theirs.extracted == n and not theirs.failed
     assert_same_store(mine.path, theirs.path)
     names = sorted(local.sensors.image_names())
-    pairs = [Pair(a, b) for a, b in zip(names, names[1:])]
+    pairs = [Pair(a, b) for a, b in zip(names, names[1:], strict=False)]
     options = {"name": "m", "matcher": MatcherConf(ratio=0.9), "device": "cpu"}
     mine = match_mod.main(local, local, pairs, "sift", num_workers=1, **options)
     theirs = match_on_ray(on_ray, on_ray, pairs, "sift", conf=RayConf(shard_size=250), **options)

@@ -92,7 +92,8 @@ def synthetic_report(shared: Path, queries: int, points: int) -> dict:
             "scene": {"points": pts.round(3).tolist(), "colors": ["#808080"] * points, "total_points": points,
                       "map_cameras": {"names": [f"map/{i:04d}.jpg" for i in range(50)], "centres": centres.tolist(),
                                       "axes": (centres + [0, 0, 1]).tolist()},
-                      "queries": [{"name": c["name"], "estimate": rng.normal(0, 5, 3).tolist() if c["success"] else None,
+                      "queries": [{"name": c["name"],
+                                   "estimate": rng.normal(0, 5, 3).tolist() if c["success"] else None,
                                    "truth": rng.normal(0, 5, 3).tolist()} for c in cards],
                       "bounds": [[-30, -30, -30], [30, 30, 30]]},
             "cards": cards, "map_thumbs": {f"map/{i:04d}.jpg": thumbs[queries + i] for i in range(50)}}

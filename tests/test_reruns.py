@@ -137,7 +137,8 @@ def test_pipeline_configuration_is_checked_before_any_step(tmp_path, sample_data
 
 
 def test_pipeline_options_reach_free_tables_as_dotted_keys(tmp_path, sample_dataset):
-    conf = load_config(_toml(tmp_path, sample_dataset, '[localize]\nconf = {estimation = {ransac = {max_error = 9}}}\n'),
+    toml = _toml(tmp_path, sample_dataset, '[localize]\nconf = {estimation = {ransac = {max_error = 9}}}\n')
+    conf = load_config(toml,
                        ["localize.conf.refinement.refine_focal_length=true"])
     p = plan(conf)
     assert p.localize_overrides == {"estimation.ransac.max_error": 9, "refinement.refine_focal_length": True}

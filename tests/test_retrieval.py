@@ -30,7 +30,7 @@ PEER_TOLERANCE = 1e-5
 def write_global(path: Path, names: list[str], desc: np.ndarray) -> Path:
     attrs = {"name": path.stem, "config": {}, "descriptor_dim": desc.shape[1], "descriptor_dtype": "float32"}
     with StoreWriter(path, "global-features", attrs) as w:
-        for n, d in zip(names, desc):
+        for n, d in zip(names, desc, strict=True):
             w.add(n, descriptors=d)
     return path
 
@@ -62,7 +62,7 @@ def peer_pairs(qset, mset, method, params, topk):
           for s in qset.stores]
     mf = [peer_pairing.StackedGlobalFeatures(np.array(mset.names, dtype=object), s.read_all("descriptors"))
           for s in mset.stores]
-    sims = [peer_pairing.get_similarity_matrix(a, b) for a, b in zip(qf, mf)]
+    sims = [peer_pairing.get_similarity_matrix(a, b) for a, b in zip(qf, mf, strict=True)]
     if method == "round_robin":
         dicts = [peer_pairing.get_similarity_dict_from_similarity_matrix(s, qf[0].index, mf[0].index) for s in sims]
         return [tuple(p) for p in peer_fusion.round_robin_from_similarity_dicts(dicts, topk)]
@@ -100,10 +100,11 @@ def test_fused_topk_equals_the_peer(stores, label, peer_method, conf, params):
     theirs = peer_pairs(qset, mset, peer_method, params, 20)
     if label == "round_robin":  # rank scores: the same images in the same order, but for
         # images that some descriptor ranks closer than the peer's rounding (which swaps them)
-        sims = [a.read_all("descriptors") @ b.read_all("descriptors").T for a, b in zip(qset.stores, mset.stores)]
+        sims = [a.read_all("descriptors") @ b.read_all("descriptors").T
+                for a, b in zip(qset.stores, mset.stores, strict=True)]
         row, col = {n: i for i, n in enumerate(qset.names)}, {n: i for i, n in enumerate(mset.names)}
         assert [p.query for p in ours] == [t[0] for t in theirs]
-        for p, (_, other, _) in zip(ours, theirs):
+        for p, (_, other, _) in zip(ours, theirs, strict=True):
             r = row[p.query]
             assert p.map == other or any(abs(s[r, col[p.map]] - s[r, col[other]]) <= PEER_TOLERANCE for s in sims)
         return
@@ -257,7 +258,7 @@ def test_bad_descriptors_are_refused(tmp_path, stores):
     with pytest.raises(CbirError, match="the map has no image"):
         retrieve(load(q[:1]), load([empty]))
     with pytest.raises(CbirError, match="unknown fusion 'nope'"):
-        FusionConf("nope").name
+        _ = FusionConf("nope").name
     with pytest.raises(CbirError, match="2 fusion weights given for 3 descriptors"):
         retrieve(load(q), load(m), RetrievalConf(fusion=FusionConf("mean", (1.0, 1.0))))
 
@@ -556,7 +557,7 @@ def test_queries_with_fewer_candidates_than_topk_get_only_real_pairs(tmp_path, f
         if fusion == "gharm":
             exact = np.array([q[i] @ m[int(p.map[1:])] for p in mine])
             np.testing.assert_allclose([p.score for p in mine], exact, rtol=1e-5)
-            assert all(a.score >= b.score for a, b in zip(mine, mine[1:]))
+            assert all(a.score >= b.score for a, b in zip(mine, mine[1:], strict=False))
 
 
 # ---------------------------------------------------------------- equal scores
@@ -584,7 +585,7 @@ def exact_ties(tmp_path, n_map: int = 400, n_query: int = 12, dim: int = 16, sto
 def tie_rule_reference(q, m, names, fusion: FusionConf, topk: int, exclude_self: bool = False):
     """Each query's top-k by fused score, equal scores by lower map index (numpy's lexsort)."""
     from cbir.retrieval.fusion import fuse, nan_last
-    scores = nan_last(fuse([torch.from_numpy(a @ b.T) for a, b in zip(q, m)], fusion)).numpy()
+    scores = nan_last(fuse([torch.from_numpy(a @ b.T) for a, b in zip(q, m, strict=True)], fusion)).numpy()
     if exclude_self:
         np.fill_diagonal(scores, -np.inf)
     columns = np.arange(scores.shape[1])

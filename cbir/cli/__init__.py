@@ -17,13 +17,12 @@ import threading
 import types
 
 import click
+from rich.markup import escape
 
 from .. import __version__
 from ..errors import CbirError
 from ..io.atomic import is_no_space
 from ..io.paths import TRUST_LINKS_ENV
-from rich.markup import escape
-
 from ._common import console_err
 
 #: command name -> (module of cbir.cli, attribute, one-line help shown by ``cbir --help``)

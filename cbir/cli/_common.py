@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,18 +32,18 @@ def _console(stderr: bool) -> Console:
     return console
 
 
-@lru_cache(maxsize=None)
+@cache
 def console_err() -> Console:
     """Messages and progress go to stderr, so stdout stays clean for data (pairs, JSON)."""
     return _console(stderr=True)
 
 
-@lru_cache(maxsize=None)
+@cache
 def console_out() -> Console:
     return _console(stderr=False)
 
 
-def table(title: str, columns: list[tuple[str, str]]) -> "Table":
+def table(title: str, columns: list[tuple[str, str]]) -> Table:
     """A table whose headers are never cut: columns fold (wrap) their text instead of
     ending it with an ellipsis when the terminal is narrow. ``columns``: (header, justify)."""
     from rich import box

@@ -9,8 +9,16 @@ import click
 from rich.markup import escape
 
 from ..io.check import check_dataset, dataset_info, problems_as_dicts
-from ._common import (console_err, console_out, dataset_argument, follow_symlinks_option, is_quiet,
-                      open_dataset, print_json, table)
+from ._common import (
+    console_err,
+    console_out,
+    dataset_argument,
+    follow_symlinks_option,
+    is_quiet,
+    open_dataset,
+    print_json,
+    table,
+)
 
 
 @click.command()
@@ -24,7 +32,8 @@ def info(dataset: Path, follow_symlinks: bool, as_json: bool) -> None:
         print_json(summary)
         return
     out = console_out()
-    out.print(f"[bold]{escape(str(summary['root']))}[/]: {summary['images']} images, {summary['images_with_pose']} with a pose, "
+    out.print(f"[bold]{escape(str(summary['root']))}[/]: {summary['images']} images, "
+              f"{summary['images_with_pose']} with a pose, "
               f"{len(summary['rigs'])} rigs, {summary['trajectories']} trajectory entries")
     cams = table("cameras", [("id", "left"), ("model", "left"), ("size", "left"), ("params", "left"),
                              ("images", "right")])
@@ -52,7 +61,7 @@ def _short(value: object) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

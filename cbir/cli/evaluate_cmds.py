@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import CbirError
 from ..evaluation.localization import check_thresholds
-from ..evaluation.retrieval import (REVISITED_PROTOCOLS, evaluate_rankings, ground_truth_from_poses,
-                                    read_ground_truth, revisited_ground_truth)
+from ..evaluation.retrieval import (
+    REVISITED_PROTOCOLS,
+    evaluate_rankings,
+    ground_truth_from_poses,
+    read_ground_truth,
+    revisited_ground_truth,
+)
 from ..io.pairs import read_pairs
 from ._common import console_err, console_out, open_dataset, print_json, table, warn
 
@@ -75,25 +80,7 @@ def evaluate(retrieval: bool, query: Path | None, results_name: str | None, pose
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {ks!r}", param_hint="--ks") from None
     pairs = read_pairs(pairs_file)
-    sources = [s for s in (gt_file, revisited, query_gt) if s is not None]
-    if len(sources) != 1:
-        raise click.UsageError("give exactly one ground truth: --gt FILE, --revisited PKL, or --query-gt DATASET "
-                               "(with --map)")
-    if gt_file:
-        gt, source = read_ground_truth(gt_file), str(gt_file)
-    elif revisited:
-        if not map_:
-            raise click.UsageError("--revisited needs --map (its image names)")
-        names = open_dataset(map_).sensors.image_names()
-        gt = revisited_ground_truth(revisited, protocol, sorted({p.query for p in pairs}), names)
-        source = f"{revisited} ({protocol})"
-    else:
-        if not map_:
-            raise click.UsageError("pose-based ground truth needs --map")
-        gt = ground_truth_from_poses(open_dataset(query_gt).sensors.image_poses(),
-                                     open_dataset(map_).sensors.image_poses(),
-                                     max_distance=max_distance, max_angle_deg=max_angle)
-        source = f"poses (<= {max_distance:g} m, <= {max_angle:g} deg)"
+    gt, source = _retrieval_ground_truth(pairs, gt_file, revisited, protocol, map_, query_gt, max_distance, max_angle)
     result = evaluate_rankings(pairs, gt, k_values)
     result["ground_truth"] = source
     # a k beyond the longest ranked list measures the list's length, not the retrieval: left out
@@ -117,6 +104,30 @@ def evaluate(retrieval: bool, query: Path | None, results_name: str | None, pose
     out.print(t)
     for line in retrieval_notes(result):
         out.print(line, highlight=False)
+
+
+def _retrieval_ground_truth(pairs: list, gt_file: Path | None, revisited: Path | None, protocol: str,
+                            map_: Path | None, query_gt: Path | None, max_distance: float,
+                            max_angle: float) -> tuple[Any, str]:
+    """The ground truth of ``cbir evaluate --retrieval`` from the one source given, and how to name it."""
+    sources = [s for s in (gt_file, revisited, query_gt) if s is not None]
+    if len(sources) != 1:
+        raise click.UsageError("give exactly one ground truth: --gt FILE, --revisited PKL, or --query-gt DATASET "
+                               "(with --map)")
+    if gt_file:
+        return read_ground_truth(gt_file), str(gt_file)
+    if not map_:
+        raise click.UsageError("--revisited needs --map (its image names)" if revisited else
+                               "pose-based ground truth needs --map")
+    if revisited:
+        names = open_dataset(map_).sensors.image_names()
+        return (revisited_ground_truth(revisited, protocol, sorted({p.query for p in pairs}), names),
+                f"{revisited} ({protocol})")
+    assert query_gt is not None
+    return (ground_truth_from_poses(open_dataset(query_gt).sensors.image_poses(),
+                                    open_dataset(map_).sensors.image_poses(),
+                                    max_distance=max_distance, max_angle_deg=max_angle),
+            f"poses (<= {max_distance:g} m, <= {max_angle:g} deg)")
 
 
 def retrieval_notes(result: dict) -> list[str]:
@@ -153,8 +164,7 @@ def _parse_thresholds(text: str) -> tuple[tuple[float, float], ...]:
 def _evaluate_poses(query: Path | None, results_name: str | None, poses: Path | None, gt_dataset: Path | None,
                     thresholds: str, conditions: tuple[str, ...], condition_lists: tuple[str, ...],
                     plot: Path | None, as_json: bool) -> None:
-    from ..evaluation.localization import (conditions_from, plot_cumulative, pose_errors, read_condition_list,
-                                           summarize)
+    from ..evaluation.localization import conditions_from, plot_cumulative, pose_errors, read_condition_list, summarize
     from ..io.kapture_text import read_trajectories
     from ..io.vlnet import read_vlnet
 
@@ -182,7 +192,7 @@ def _evaluate_poses(query: Path | None, results_name: str | None, poses: Path | 
         directory = open_dataset(query).localization_result(results_name)
         results_name = directory.name
         results = read_results(directory)
-        estimated = {r.name: r.pose for r in results if r.success}
+        estimated = {r.name: r.pose for r in results if r.success and r.pose is not None}
         queries = [r.name for r in results]
     th = _parse_thresholds(thresholds)
     what = f"the results {results_name}" if results_name else str(poses)
@@ -210,7 +220,7 @@ def _evaluate_poses(query: Path | None, results_name: str | None, poses: Path | 
     console_out().print(pose_table(f"localization: {results_name or poses}", result, th))
 
 
-def pose_table(title: str, result: dict[str, dict], thresholds: tuple[tuple[float, float], ...]) -> "Table":
+def pose_table(title: str, result: dict[str, dict], thresholds: tuple[tuple[float, float], ...]) -> Table:
     """The threshold table of the paper, one row per condition: the percentage of queries
     within each (meters, degrees) threshold, the median errors, the queries not localized."""
     t = table(title, [("condition", "left"), ("queries", "right"),

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import click
 from rich.markup import escape
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..cores import MAX_WORKERS
 from ..errors import CbirError
@@ -20,8 +20,18 @@ from ..executor import EXECUTORS, Executor, ShardSizes, make_executor
 from ..io.pairs import exhaustive_pairs, read_pairs, write_pairs
 from ..matching import DEFAULT_MATCHER, VERIFY_METHODS
 from ..validate import unknown_names
-from ._common import (PluginName, PluginOption, console_err, dataset_argument, follow_symlinks_option, is_quiet,
-                      open_dataset, print_json, print_skipped, report_written)
+from ._common import (
+    PluginName,
+    PluginOption,
+    console_err,
+    dataset_argument,
+    follow_symlinks_option,
+    is_quiet,
+    open_dataset,
+    print_json,
+    print_skipped,
+    report_written,
+)
 
 device_option = click.option("--device", default="auto", show_default=True,
                              help="cpu, cuda, cuda:N, or auto (cuda when present).")
@@ -220,32 +230,38 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
         reports = run.extract(specs, ds, store_names=[name] * len(specs), images=images, overwrite=overwrite,
                               num_workers=num_workers, image_options=image_options, progress=update,
                               learning=learning, merging=merging)
-    summaries = []
-    for (_, extractor_name, _), report in zip(specs, reports):
-        for image, reason in report.failed:
-            console_err().print(f"[yellow]skipped[/] {escape(image)}: {escape(reason)}", highlight=False)
-        for image in report.empty:
-            console_err().print(f"[yellow]no keypoint[/] in {escape(image)}", highlight=False)
-        summaries.append({"store": str(report.path), "extracted": report.extracted,
-                          "already_present": report.already_present, "keypoints": report.keypoints,
-                          "failed": [{"image": i, "reason": r} for i, r in report.failed], "empty": report.empty,
-                          "seconds": {k: round(v, 3) for k, v in report.seconds.items()}, "bound_by": report.bound_by})
-        if report.weights_note:
-            summaries[-1]["weights_source"] = report.weights_note
-            if not quiet and not as_json:
-                console_err().print(f"{extractor_name} weights: {report.weights_note}", highlight=False)
-        if not quiet and not as_json:
-            detail = f" ({report.keypoints / report.extracted:.0f} keypoints on average)" \
-                if report.extracted and report.keypoints else ""
-            console_err().print(f"{extractor_name}: {report.extracted} images extracted{detail}, "
-                                f"{report.already_present} already present, {len(report.failed)} skipped")
-        report_written([report.path], quiet or as_json)
+    summaries = [_extraction_summary(extractor_name, report, quiet or as_json)
+                 for (_, extractor_name, _), report in zip(specs, reports, strict=True)]
     if as_json:
         print_json(summaries[0] if len(summaries) == 1 else summaries)
     for report in reports:  # a store with no image is no result: say so with exit code 1
         if report.failed and not report.extracted and not report.already_present:
             raise CbirError(f"no image could be extracted ({len(report.failed)} skipped, first: "
                             f"{report.failed[0][0]}: {report.failed[0][1]})", report.path)
+
+
+def _extraction_summary(extractor_name: str, report: Any, quiet: bool) -> dict[str, Any]:
+    """Say what one extractor's run did (skipped images always; the rest unless ``quiet``),
+    and return it for ``--json``."""
+    for image, reason in report.failed:
+        console_err().print(f"[yellow]skipped[/] {escape(image)}: {escape(reason)}", highlight=False)
+    for image in report.empty:
+        console_err().print(f"[yellow]no keypoint[/] in {escape(image)}", highlight=False)
+    summary = {"store": str(report.path), "extracted": report.extracted, "already_present": report.already_present,
+               "keypoints": report.keypoints, "failed": [{"image": i, "reason": r} for i, r in report.failed],
+               "empty": report.empty, "seconds": {k: round(v, 3) for k, v in report.seconds.items()},
+               "bound_by": report.bound_by}
+    if report.weights_note:
+        summary["weights_source"] = report.weights_note
+        if not quiet:
+            console_err().print(f"{extractor_name} weights: {report.weights_note}", highlight=False)
+    if not quiet:
+        detail = f" ({report.keypoints / report.extracted:.0f} keypoints on average)" \
+            if report.extracted and report.keypoints else ""
+        console_err().print(f"{extractor_name}: {report.extracted} images extracted{detail}, "
+                            f"{report.already_present} already present, {len(report.failed)} skipped")
+    report_written([report.path], quiet)
+    return summary
 
 
 @click.group("pairs")

@@ -6,8 +6,16 @@ from pathlib import Path
 
 import click
 
-from ._common import (console_err, dataset_argument, follow_symlinks_option, is_quiet, open_dataset, print_json,
-                      print_skipped, report_written)
+from ._common import (
+    console_err,
+    dataset_argument,
+    follow_symlinks_option,
+    is_quiet,
+    open_dataset,
+    print_json,
+    print_skipped,
+    report_written,
+)
 
 image_mode_option = click.option(
     "--images", "image_mode", type=click.Choice(["copy", "link", "skip"]), default="copy", show_default=True,
@@ -44,7 +52,7 @@ def import_images(ctx: click.Context, src: Path, dataset: Path, image_mode: str,
     reported. A map needs poses besides (sensors/trajectories.txt: import a COLMAP model or a
     kapture dataset for one); a query dataset needs none.
     """
-    report = _interchange().import_images(src, dataset, images=image_mode, overwrite=overwrite)  # type: ignore
+    report = _interchange().import_images(src, dataset, images=image_mode, overwrite=overwrite)
     quiet = is_quiet(ctx)
     print_skipped("skipped", report.skipped, report.images + len(report.skipped), "files")
     if as_json:
@@ -72,7 +80,7 @@ def import_kapture(ctx: click.Context, src: Path, dst: Path | None, image_mode: 
 
     Without DST the stores are added to SRC itself (under SRC/cbir/).
     """
-    written = _interchange().import_kapture(src, dst, images=image_mode, overwrite=overwrite,  # type: ignore[arg-type]
+    written = _interchange().import_kapture(src, dst, images=image_mode, overwrite=overwrite,
                                             follow_symlinks=follow_symlinks)
     report_written(written, is_quiet(ctx))
 
@@ -88,7 +96,7 @@ def import_kapture(ctx: click.Context, src: Path, dst: Path | None, image_mode: 
 def import_colmap(ctx: click.Context, model: Path, dst: Path, image_dir: str | None, image_mode: str, name: str,
                   overwrite: bool) -> None:
     """A COLMAP sparse model (text or binary) into a dataset DST: cameras, poses, points."""
-    written = _interchange().import_colmap(model, dst, images_dir=image_dir, images=image_mode,  # type: ignore
+    written = _interchange().import_colmap(model, dst, images_dir=image_dir, images=image_mode,
                                         name=name, overwrite=overwrite)
     report_written(written, is_quiet(ctx))
 
@@ -147,7 +155,7 @@ def export_kapture(ctx: click.Context, dataset: Path, dst: Path, local: tuple[st
         local, global_, matches = (tuple(p.stem for p in stores[k]) for k in ("local", "global", "matches"))
         maps = [p.stem for p in stores["map"]][:1]
     written = _interchange().export_kapture(ds, dst, local=list(local), global_=list(global_), matches=list(matches),
-                                         maps=maps, images=image_mode, inliers_only=inliers_only)  # type: ignore
+                                         maps=maps, images=image_mode, inliers_only=inliers_only)
     report_written(written, is_quiet(ctx))
 
 

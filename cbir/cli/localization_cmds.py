@@ -13,8 +13,17 @@ from ..io.atomic import atomic_write_text
 from ..io.kapture_text import format_rigs
 from ..io.pairs import read_pairs
 from ..io.vlnet import write_vlnet
-from ._common import (STATUS_NOTES, console_err, console_out, is_quiet, open_dataset, print_json, report_written,
-                      table, warn)
+from ._common import (
+    STATUS_NOTES,
+    console_err,
+    console_out,
+    is_quiet,
+    open_dataset,
+    print_json,
+    report_written,
+    table,
+    warn,
+)
 from .features_cmds import cli_executor, executor_options, parse_conf, progress_bar
 
 
@@ -41,7 +50,8 @@ def map_cmd(ctx: click.Context, dataset: Path, local: str, matches: str, name: s
                           overwrite=overwrite, colmap_dir=colmap_dir, verbose=bool(ctx.obj.get("debug")))
     if report.status != "new" and not (is_quiet(ctx) or as_json):
         console_err().print(STATUS_NOTES[report.status].format(what="map"), highlight=False)
-    summary = {"map": str(report.path), "status": report.status, "points": report.points, "mean_track_length": report.mean_track_length,
+    summary = {"map": str(report.path), "status": report.status, "points": report.points,
+               "mean_track_length": report.mean_track_length,
                "mean_reprojection_error": report.mean_reprojection_error, "images": report.images,
                "images_with_points": report.images_with_points, "pairs_used": report.pairs_used,
                "skipped": report.skipped, "colmap": str(report.colmap_dir) if report.colmap_dir else None}
@@ -118,7 +128,7 @@ def localize_cmd(ctx: click.Context, query: Path, map_: Path, pairs_file: str, l
     written = [report.directory / "trajectories.txt", report.directory / "report.json",
                report.directory / localize_mod.RECORD_FILE] if report.status != "reused" else []
     if vlnet:
-        poses = {r.name: r.pose for r in results if r.success}
+        poses = {r.name: r.pose for r in results if r.success and r.pose is not None}
         write_vlnet(vlnet, poses)
         written.append(vlnet)
     if as_json:

@@ -47,14 +47,17 @@ def report_cmd(ctx: click.Context, query: Path, map_: Path, results_name: str | 
         raise click.BadParameter("expected LABEL=REGEX", param_hint="--condition")
     conf = report_mod.ReportConf(max_points=max_points, thumb_size=thumb_size, topk=topk,
                                  thresholds=_parse_thresholds(thresholds),
-                                 conditions=tuple(tuple(c.split("=", 1)) for c in conditions))
+                                 conditions=tuple((c.partition("=")[0], c.partition("=")[2]) for c in conditions))
     quiet = is_quiet(ctx)
     with progress_bar("report", quiet) as update:
         data = report_mod.collect(q, m, results=results, pairs=read_pairs(pairs_file) if pairs_file else None,
                                   ground_truth=open_dataset(gt_dataset) if gt_dataset else None, conf=conf,
                                   progress=update)
-    out = output or ((results / "report.html") if results is not None else pairs_file.with_suffix(".html"))
+    if output is None:
+        output = results / "report.html" if results is not None else Path(str(pairs_file)).with_suffix(".html")
+    out = output
     report_mod.write(data, out)
     if not quiet:
-        console_err().print(f"{len(data['cards'])} query cards, {len(data['scene']['points'])} 3D points", highlight=False)
+        console_err().print(f"{len(data['cards'])} query cards, {len(data['scene']['points'])} 3D points",
+                            highlight=False)
     report_written([out], quiet)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.markup import escape
@@ -11,6 +12,28 @@ from ..io.pairs import write_pairs
 from ..retrieval.names import ALIASES, FUSIONS, INDEX_KINDS, MAX_LSH_BITS, PRECISIONS
 from ._common import console_err, is_quiet, open_dataset, print_json, report_written, warn
 from .features_cmds import cli_executor, executor_options, progress_bar
+
+
+def _say_left_out(qset: Any, mset: Any) -> None:
+    """Images of the stores that retrieval leaves out, and why."""
+    for label, dset in (("query", qset), ("map", mset)):
+        if dset.foreign:
+            console_err().print(f"{len(dset.foreign)} images of the {label} stores are not in its "
+                                "records_camera.txt and are left out", highlight=False)
+        if dset.dropped:
+            console_err().print(f"[yellow]{len(dset.dropped)} {label} images lack some descriptor and are "
+                                f"left out[/]: {escape(', '.join(dset.dropped[:5]))}"
+                                f"{' ...' if len(dset.dropped) > 5 else ''}", highlight=False)
+
+
+def _say_built(built: int, keep_hint: str, kind: str, executor: str, shard_size: int) -> None:
+    """Indexes built for this call only, and the command that keeps them."""
+    if executor == "local":
+        console_err().print(f"built the {kind} index for this call only: `{keep_hint}` keeps it", highlight=False)
+    else:
+        console_err().print(f"built the {kind} indexes of {built} map shards for this call only: "
+                            f"`{keep_hint} --executor {executor} --shard-size {shard_size}` keeps them",
+                            highlight=False)
 
 
 def _floats(value: str | None) -> tuple[float, ...]:
@@ -66,7 +89,8 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
                  weights: str | None, gamma: float | None, alpha: float | None, qe: int, qe_alpha: float, dba: int,
                  dba_alpha: float, index_kind: str, candidates: int, nlist: int | None, nprobe: int,
                  pq_m: int | None, lsh_bits: int | None, recall_sample: int, exclude_same_name: bool, device: str,
-                 precision: str, executor: str, ray_address: str | None, shard_size: int, output: str | None, as_json: bool) -> None:
+                 precision: str, executor: str, ray_address: str | None, shard_size: int, output: str | None,
+                 as_json: bool) -> None:
     """The TOPK most similar map images of each query, as a pairs file.
 
     Several descriptors (--global a,b,c) are fused per (query, map image) with --fusion;
@@ -87,14 +111,7 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
                          exclude_self=same, exclude_same_name=exclude_same_name, precision=precision)
     quiet = is_quiet(ctx)
     with open_descriptor_sets(q, m, names) as (qset, mset):
-        for label, dset in (("query", qset), ("map", mset)):
-            if dset.foreign:
-                console_err().print(f"{len(dset.foreign)} images of the {label} stores are not in its "
-                                    "records_camera.txt and are left out", highlight=False)
-            if dset.dropped:
-                console_err().print(f"[yellow]{len(dset.dropped)} {label} images lack some descriptor and are "
-                                    f"left out[/]: {escape(', '.join(dset.dropped[:5]))}{' ...' if len(dset.dropped) > 5 else ''}",
-                                    highlight=False)
+        _say_left_out(qset, mset)
         if topk > len(mset.names) - int(same):
             console_err().print(f"[yellow]top-k {topk} is more than the map has: every map image is returned[/]")
         resolve_device(device)  # an unusable device is refused before any work
@@ -107,14 +124,8 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
                                   dba_alpha=dba_alpha, index=iconf, recall_sample=recall_sample, progress=update)
         pairs, recall = result.pairs, result.recall
         if result.indexes_built and not quiet:
-            keep_hint = f"cbir index build {m.root} --global {','.join(names)} --index {index_kind}"
-            if run.name == "local":
-                console_err().print(f"built the {index_kind} index for this call only: `{keep_hint}` keeps it",
-                                    highlight=False)
-            else:
-                console_err().print(f"built the {index_kind} indexes of {result.indexes_built} map shards for "
-                                    f"this call only: `{keep_hint} --executor {run.name} --shard-size {shard_size}` "
-                                    "keeps them", highlight=False)
+            _say_built(result.indexes_built, f"cbir index build {m.root} --global {','.join(names)} "
+                       f"--index {index_kind}", index_kind, run.name, shard_size)
         for note in result.notes:
             warn(note)
         index_options = {"index": index_kind} if index_kind == "exact" else \

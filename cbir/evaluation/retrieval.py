@@ -96,7 +96,7 @@ def revisited_ground_truth(path: str | Path, protocol: str, query_names: list[st
     by_stem_query = {PurePosixPath(n).stem: n for n in query_names}
     pos_keys, junk_keys = REVISITED_PROTOCOLS[protocol]
     gt = GroundTruth({}, {})
-    for qname, g in zip(qimlist, gnd):
+    for qname, g in zip(qimlist, gnd, strict=True):
         q = by_stem_query.get(qname)
         if q is None:
             continue
@@ -129,7 +129,9 @@ def evaluate_rankings(pairs: list[Pair], gt: GroundTruth, ks: tuple[int, ...] = 
                         f"ground truth has {len(gt.relevant)} queries): check the pairs file and the ground truth"
                         if ranked else "no pair to evaluate")
     missing = sorted(q for q in gt.relevant if q not in ranked)
-    aps, hits, precisions = [], {k: [] for k in ks}, {k: [] for k in ks}
+    aps: list[float] = []
+    hits: dict[int, list[float]] = {k: [] for k in ks}
+    precisions: dict[int, list[float]] = {k: [] for k in ks}
     for q in queries:
         junk = gt.junk.get(q, set())
         ranking = [m for m in ranked[q] if m not in junk]
@@ -153,7 +155,7 @@ def evaluate_rankings(pairs: list[Pair], gt: GroundTruth, ks: tuple[int, ...] = 
         "ranked_per_query_max": max(len(ranked[q]) for q in queries),
         "relevant_per_query_mean": float(np.mean([len(gt.relevant[q]) for q in with_relevant])),
         "mAP": float(np.mean(aps)) if aps else float("nan"),
-        "recall@k": {k: float(np.mean([h for h, q in zip(hits[k], queries) if gt.relevant[q]]))
+        "recall@k": {k: float(np.mean([h for h, q in zip(hits[k], queries, strict=True) if gt.relevant[q]]))
                      if with_relevant else float("nan") for k in ks},
         "precision@k": {k: float(np.mean(precisions[k])) if queries else float("nan") for k in ks},
     }

@@ -7,9 +7,10 @@ path (``triangulation.min_angle=2``, ``mapper.filter_max_reproj_error=4``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
-from typing import Any, Iterator
-
+from typing import Any
 
 from ..errors import CbirError
 
@@ -48,7 +49,7 @@ def paper_config(name: str, overrides: dict[str, Any] | None = None) -> dict[str
     return conf
 
 
-def set_dotted(obj: Any, overrides: dict[str, Any], known: set[str] = frozenset()) -> None:
+def set_dotted(obj: Any, overrides: dict[str, Any], known: AbstractSet[str] = frozenset()) -> None:
     """Set ``a.b.c=value`` on a pycolmap options object; keys in ``known`` are skipped."""
     for key, value in overrides.items():
         if key in known:

@@ -4,6 +4,7 @@ translation (tx, ty, tz), so that x_cam = R(q) x_world + t."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,8 +29,11 @@ class Pose:
     tvec: tuple[float, float, float]
 
     @classmethod
-    def from_matrix(cls, R: np.ndarray, t: np.ndarray) -> "Pose":
-        return cls(tuple(float(v) for v in rotmat_to_qvec(R)), tuple(float(v) for v in np.asarray(t).ravel()))
+    def from_matrix(cls, R: np.ndarray, t: np.ndarray) -> Pose:
+        q, c = (float(v) for v in rotmat_to_qvec(R)), [float(v) for v in np.asarray(t).ravel()]
+        qw, qx, qy, qz = q
+        tx, ty, tz = c
+        return cls((qw, qx, qy, qz), (tx, ty, tz))
 
     @property
     def rotation_matrix(self) -> np.ndarray:
@@ -40,17 +44,17 @@ class Pose:
         """Camera centre in world coordinates: -R^T t."""
         return -self.rotation_matrix.T @ np.asarray(self.tvec, dtype=np.float64)
 
-    def inverse(self) -> "Pose":
+    def inverse(self) -> Pose:
         R = self.rotation_matrix
         return Pose.from_matrix(R.T, -R.T @ np.asarray(self.tvec))
 
-    def __mul__(self, other: "Pose") -> "Pose":
+    def __mul__(self, other: Pose) -> Pose:
         """Composition: (self * other)(x) = self(other(x))."""
         R1, R2 = self.rotation_matrix, other.rotation_matrix
         return Pose.from_matrix(R1 @ R2, R1 @ np.asarray(other.tvec) + np.asarray(self.tvec))
 
 
-def validate_pose(qvec: tuple[float, ...], tvec: tuple[float, ...]) -> str | None:
+def validate_pose(qvec: Sequence[float], tvec: Sequence[float]) -> str | None:
     """Return a description of what is wrong with this pose, or None."""
     values = np.asarray(tuple(qvec) + tuple(tvec), dtype=np.float64)
     if not np.all(np.isfinite(values)):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 from scipy.spatial.transform import Rotation, Slerp
@@ -39,7 +40,7 @@ def propagate_rigs(results: list, sensors: SensorData, max_time_gap: int = 0) ->
         if unknown:
             raise CbirError(f"rig {rig_id!r} references unknown sensors: {', '.join(unknown)}")
     records = sensors.record_by_name()
-    by_rig_time: dict[str, list[tuple[int, str, object]]] = defaultdict(list)
+    by_rig_time: dict[str, list[tuple[int, str, Any]]] = defaultdict(list)
     for r in results:
         rec = records.get(r.name)
         if r.success and rec is not None and rec.camera_id in rig_of:
@@ -71,7 +72,7 @@ def interpolate_sequences(results: list, sensors: SensorData, max_gap: int) -> l
         if r.name in records:
             by_camera[records[r.name].camera_id].append(r)
     filled: dict[str, object] = {}
-    for cam, items in by_camera.items():
+    for items in by_camera.values():
         items.sort(key=lambda r: records[r.name].timestamp)
         times = np.array([records[r.name].timestamp for r in items])
         breaks = np.flatnonzero(np.diff(times) > max_gap) + 1
@@ -91,7 +92,8 @@ def interpolate_sequences(results: list, sensors: SensorData, max_gap: int) -> l
                     filled[items[i].name] = _with_pose(items[i], pose, "sequence",
                                                        f"interpolated between {a.name} and {b.name} ({f:.2f})")
                 else:
-                    k = before[-1] if before and (not after or times[i] - times[before[-1]] <= times[after[0]] - times[i]) \
+                    k = before[-1] if before and (not after or
+                                                  times[i] - times[before[-1]] <= times[after[0]] - times[i]) \
                         else after[0]
                     filled[items[i].name] = _with_pose(items[i], items[k].pose, "sequence",
                                                        f"copied from {items[k].name}")

@@ -15,8 +15,8 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import CbirError, LockedError
 from .paths import refuse_links
@@ -125,7 +125,7 @@ class WriteLock:
         self.lock_path = self.target.with_name(self.target.name + ".lock")
         self._fd: int | None = None
 
-    def acquire(self) -> "WriteLock":
+    def acquire(self) -> WriteLock:
         refuse_links(self.lock_path)
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
         while True:
@@ -163,7 +163,7 @@ class WriteLock:
             with contextlib.suppress(FileNotFoundError):
                 self.lock_path.unlink()
 
-    def __enter__(self) -> "WriteLock":
+    def __enter__(self) -> WriteLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

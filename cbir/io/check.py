@@ -7,9 +7,10 @@ the file, and the line where there is one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -20,7 +21,7 @@ from .images import read_image
 from .index_file import build_files, index_bytes, read_index_attrs, read_index_record, verify_index_files
 from .map_store import read_map
 from .pairs import read_pairs
-from .store import Store, check_matches_provenance, open_store
+from .store import Store, check_matches_provenance, open_store, pair_keys
 
 Level = Literal["error", "warning"]
 ImageCheck = Literal["decode", "exists", "skip"]
@@ -81,6 +82,18 @@ def check_dataset(dataset: Dataset, *, images: ImageCheck = "decode", deep: bool
         if images != "skip":
             _check_images(dataset, images, report, progress)
         names = set(data.image_names())
+    _check_stores(dataset, names, report, deep, progress)
+    _check_kept_indexes(dataset, report, deep)
+    for plan in sorted(p for p in (dataset.root / "cbir" / "shards").glob("*") if p.is_dir()):
+        done = len(list(plan.glob("*/*/*.h5")))
+        report.warning(plan, f"shards of an unfinished `cbir extract --executor ray` ({done} shard stores written): "
+                             "run the same command again to finish and merge them, or delete the folder")
+    return report.problems
+
+
+def _check_stores(dataset: Dataset, names: set[str] | None, report: _Report, deep: bool,
+                  progress: Callable[[str], None] | None) -> None:
+    """The stores, pairs files and maps of ``dataset`` (``deep``: their checksums too)."""
     for kind, paths in dataset.list_stores().items():
         for path in paths:
             if progress:
@@ -98,6 +111,10 @@ def check_dataset(dataset: Dataset, *, images: ImageCheck = "decode", deep: bool
                                 (report.warning if message.startswith("no checksums") else report.error)(path, message)
             except CbirError as e:
                 report.from_exception(e)
+
+
+def _check_kept_indexes(dataset: Dataset, report: _Report, deep: bool) -> None:
+    """The kept faiss indexes of ``dataset``, and faiss files no record names."""
     index_dir = dataset.root / "cbir" / "index"
     named: set[Path] = set()
     for path in sorted(index_dir.rglob("*.h5")):  # shards of --executor ray too
@@ -108,18 +125,21 @@ def check_dataset(dataset: Dataset, *, images: ImageCheck = "decode", deep: bool
             report.from_exception(e)
     for orphan in sorted(set(index_dir.rglob("*.faiss")) - named):
         report.warning(orphan, "a faiss file of no kept index (left by an interrupted cbir index build?): delete it")
-    for plan in sorted(p for p in (dataset.root / "cbir" / "shards").glob("*") if p.is_dir()):
-        done = len(list(plan.glob("*/*/*.h5")))
-        report.warning(plan, f"shards of an unfinished `cbir extract --executor ray` ({done} shard stores written): "
-                             "run the same command again to finish and merge them, or delete the folder")
-    return report.problems
 
 
 def _check_sensor_files(root: Path, report: _Report) -> set[str] | None:
     """Each sensor file read on its own (references to other files not checked, since one of
     them is broken): its problems reported; the image names, when records_camera.txt reads."""
-    from .kapture_text import (RECORDS_CAMERA_FILE, RIGS_FILE, SENSORS_FILE, TRAJECTORIES_FILE, read_records_camera,
-                               read_rigs, read_sensors, read_trajectories)
+    from .kapture_text import (
+        RECORDS_CAMERA_FILE,
+        RIGS_FILE,
+        SENSORS_FILE,
+        TRAJECTORIES_FILE,
+        read_records_camera,
+        read_rigs,
+        read_sensors,
+        read_trajectories,
+    )
 
     others: dict[str, Callable[[Path], object]] = {SENSORS_FILE: read_sensors, RIGS_FILE: read_rigs,
                                                     TRAJECTORIES_FILE: read_trajectories}
@@ -147,7 +167,7 @@ def _check_index(dataset: Dataset, path: Path, report: _Report, deep: bool) -> l
     if deep:
         for message in verify_index_files(path, count, attrs):
             (report.warning if message.startswith("no checksums") else report.error)(path, message)
-    for name, fingerprint in zip(record["stores"], record["fingerprints"]):
+    for name, fingerprint in zip(record["stores"], record["fingerprints"], strict=True):
         store_path = dataset.store_path("global", str(name))
         if not store_path.exists():
             report.warning(path, f"built from the global store {name!r}, which is gone: rebuild or delete it")
@@ -219,7 +239,7 @@ def _check_store(dataset: Dataset, store: Store, names: set[str] | None, report:
                 bad["norm"] = (batch_keys[off[0]], norms[off[0]])
         if local_counts is not None and len(cols["matches"]):
             m = cols["matches"]
-            counts = np.array([[local_counts.get(a, -1), local_counts.get(b, -1)] for a, b in batch_keys])
+            counts = np.array([[local_counts.get(a, -1), local_counts.get(b, -1)] for a, b in pair_keys(batch_keys)])
             per_row = np.repeat(counts, np.diff(offsets), axis=0)
             known = per_row >= 0
             wrong = np.flatnonzero(((m < 0) | (known & (m >= per_row))).any(1))
@@ -245,7 +265,7 @@ def _local_counts(dataset: Dataset, store: Store) -> dict[str, int] | None:
         return None
     with open_store(path, "local-features") as s:
         check_matches_provenance(store, str(local), s)
-        return dict(zip(s.keys, np.diff(s.offsets).tolist()))
+        return dict(zip(map(str, s.keys), np.diff(s.offsets).tolist(), strict=True))
 
 
 def _check_pairs(path: Path, names: set[str] | None, report: _Report) -> None:

@@ -14,7 +14,8 @@ import resource
 import select
 import signal
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def _limit_memory(budget: int) -> None:

@@ -104,7 +104,8 @@ def reconstruction_to_map(rec: pycolmap.Reconstruction, local_features: str) -> 
     colors = np.zeros((len(ids), 3), np.uint8)
     errors = np.zeros(len(ids), np.float32)
     lengths = np.zeros(len(ids), np.int64)
-    t_img, t_kp = [], []
+    t_img: list[int] = []
+    t_kp: list[int] = []
     for k, pid in enumerate(ids):
         p = rec.points3D[pid]
         points[k], colors[k], errors[k] = p.xyz, p.color, p.error
@@ -170,7 +171,7 @@ def sensors_to_reconstruction(data: SensorData, *, point_map: PointMap | None = 
         for p in range(len(point_map)):
             imgs, kps = point_map.track(p)
             track = pycolmap.Track()
-            for i, k in zip(imgs, kps):
+            for i, k in zip(imgs, kps, strict=True):
                 name = point_map.images[i]
                 if name not in image_ids:
                     raise CbirError(f"map point {p} is observed in {name!r}, which has no pose")

@@ -19,7 +19,7 @@ from ..errors import CbirError, FormatError
 from .atomic import atomic_output
 from .hdf5 import read_metadata
 from .paths import check_relative_name
-from .store import StoreWriter, check_match_indices, check_matches_provenance, open_store
+from .store import StoreWriter, check_match_indices, check_matches_provenance, open_store, pair_keys
 
 
 def _open(path: Path) -> h5py.File:
@@ -136,7 +136,7 @@ def export_matches(store_path: str | os.PathLike, features_path: str | os.PathLi
         with h5py.File(tmp, "w") as f:
             cols = ["matches"] + (["scores"] if "scores" in s.columns else [])
             for keys, batch, offs in s.iter_batches(1024, cols):
-                for i, (n0, n1) in enumerate(keys):
+                for i, (n0, n1) in enumerate(pair_keys(keys)):
                     a, b = offs[i], offs[i + 1]
                     if n0 not in feats:
                         raise CbirError(f"image {n0!r} of pair ({n0}, {n1}) has no features", features_path)

@@ -105,7 +105,7 @@ def read_image(path: str | os.PathLike, *, grayscale: bool = False, max_size: in
     if image is None:
         raise CbirError("cannot decode image (empty, corrupt or unsupported format)", path)
     if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
+        image = (image.astype(np.uint16) >> 8).astype(np.uint8)
     elif image.dtype != np.uint8:
         image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
     if not grayscale:

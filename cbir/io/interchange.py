@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection, Literal
+from typing import Literal
 
 from ..errors import CbirError
 from ..geometry.cameras import UNKNOWN_CAMERA, Camera

@@ -20,15 +20,15 @@ what kapture-localization writes.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from ..errors import CbirError, FormatError
 from .atomic import atomic_output, atomic_write_text
-from .kapture_text import VERSION_RE, HEADER_VERSION, KAPTURE_VERSION, iter_rows
 from .dataset import check_store_name
+from .kapture_text import HEADER_VERSION, KAPTURE_VERSION, VERSION_RE, iter_rows
 from .map_store import PointMap, read_map, write_map
 from .paths import check_relative_name, confined, require_type_name
 from .store import StoreWriter, open_store
@@ -209,20 +209,10 @@ def read_points3d(path: Path) -> np.ndarray:
         raise FormatError("points3d has a value that is not a number", path) from None
 
 
-def read_points(kapture_root: Path) -> dict[str, PointMap]:
-    """points3d.txt + observations.txt, validated: one map per keypoints type ('' when there
-    is no observation), to be written as cbir/map/<type>.h5."""
-    rec = kapture_root / RECONSTRUCTION
-    pts = read_points3d(rec / "points3d.txt")
-    if pts.shape[1] == 6:
-        rgb = pts[:, 3:]
-        if np.any(rgb != np.round(rgb)) or np.any((rgb < 0) | (rgb > 255)):
-            raise FormatError("colours must be integers in [0, 255]", rec / "points3d.txt")
-        colors = rgb.astype(np.uint8)
-    else:
-        colors = np.zeros((len(pts), 3), np.uint8)
+def read_observations(obs_path: Path, n_points: int) -> dict[str, dict[int, list[tuple[str, int]]]]:
+    """observations.txt, validated: keypoints type -> point id -> its (image, feature id)
+    observations (none when the file is absent)."""
     tracks: dict[str, dict[int, list[tuple[str, int]]]] = {}
-    obs_path = rec / "observations.txt"
     if obs_path.exists():
         for lineno, fields in iter_rows(obs_path):
             if len(fields) < 4 or len(fields) % 2:
@@ -233,8 +223,8 @@ def read_points(kapture_root: Path) -> dict[str, PointMap]:
                 obs = [(fields[i], int(fields[i + 1])) for i in range(2, len(fields), 2)]
             except ValueError:
                 raise FormatError("point3d_id and feature_id must be integers", obs_path, lineno) from None
-            if not 0 <= pid < len(pts):
-                raise FormatError(f"point3d_id {pid} out of range (points3d has {len(pts)})", obs_path, lineno)
+            if not 0 <= pid < n_points:
+                raise FormatError(f"point3d_id {pid} out of range (points3d has {n_points})", obs_path, lineno)
             if any(not 0 <= k <= np.iinfo(np.int32).max for _, k in obs):
                 raise FormatError("feature_id must be from 0 to 2^31-1", obs_path, lineno)
             for image, _ in obs:
@@ -250,6 +240,23 @@ def read_points(kapture_root: Path) -> dict[str, PointMap]:
             if pid in per_type:
                 raise FormatError(f"point {pid} has two lines for keypoints type {fields[1]!r}", obs_path, lineno)
             per_type[pid] = obs
+    return tracks
+
+
+def read_points(kapture_root: Path) -> dict[str, PointMap]:
+    """points3d.txt + observations.txt, validated: one map per keypoints type ('' when there
+    is no observation), to be written as cbir/map/<type>.h5."""
+    rec = kapture_root / RECONSTRUCTION
+    pts = read_points3d(rec / "points3d.txt")
+    if pts.shape[1] == 6:
+        rgb = pts[:, 3:]
+        if np.any(rgb != np.round(rgb)) or np.any((rgb < 0) | (rgb > 255)):
+            raise FormatError("colours must be integers in [0, 255]", rec / "points3d.txt")
+        colors = rgb.astype(np.uint8)
+    else:
+        colors = np.zeros((len(pts), 3), np.uint8)
+    obs_path = rec / "observations.txt"
+    tracks = read_observations(obs_path, len(pts))
     maps = {}
     for kp_type, per_point in (tracks or {"": {}}).items():
         images = sorted({im for obs in per_point.values() for im, _ in obs})
@@ -328,7 +335,7 @@ def export_global_features(store_path: Path, kapture_root: Path) -> int:
                                                        s.config.get("metric_type", "L2")],
                                        s.config.get("kapture_format", {}).get("global_features", KAPTURE_VERSION)))
         for keys, batch, _ in s.iter_batches(4096, ["descriptors"]):
-            for image, vec in zip(keys, batch["descriptors"]):
+            for image, vec in zip(keys, batch["descriptors"], strict=True):
                 _write_raw(_feature_file(gdir / name, image, ".gfeat", store_path), vec)
         return len(s)
 
@@ -370,7 +377,7 @@ def export_points(map_path: Path, kapture_root: Path) -> int:
     for p in range(len(m)):
         imgs, kps = m.track(p)
         if len(imgs):
-            lines.append(", ".join([str(p), kp_type] + [f"{m.images[i]}, {k}" for i, k in zip(imgs, kps)]))
+            lines.append(", ".join([str(p), kp_type] + [f"{m.images[i]}, {k}" for i, k in zip(imgs, kps, strict=True)]))
     atomic_write_text(rec / "observations.txt", "\n".join(lines) + "\n")
     return len(m)
 

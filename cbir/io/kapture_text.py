@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import FormatError, VersionError
 from ..geometry.cameras import CAMERA_MODELS, UNKNOWN_CAMERA, Camera, validate_camera
 from ..geometry.poses import Pose, validate_pose
 from .atomic import atomic_write_text
-from .textfile import read_file_bytes
 from .paths import check_relative_name
 from .sensors import ImageRecord, Sensor, SensorData
+from .textfile import read_file_bytes
 
 KAPTURE_VERSION = "1.1"
 HEADER_VERSION = f"# kapture format: {KAPTURE_VERSION}"
@@ -87,7 +87,8 @@ def _int(value: str, what: str, path: Path, lineno: int) -> int:
 def _pose(fields: list[str], path: Path, lineno: int) -> Pose:
     if any(f == "" for f in fields):
         raise FormatError("pose with an empty rotation or translation is not supported", path, lineno)
-    values = [_float(v, name, path, lineno) for v, name in zip(fields, ("qw", "qx", "qy", "qz", "tx", "ty", "tz"))]
+    values = [_float(v, name, path, lineno)
+              for v, name in zip(fields, ("qw", "qx", "qy", "qz", "tx", "ty", "tz"), strict=True)]
     problem = validate_pose(values[:4], values[4:])
     if problem:
         raise FormatError(problem, path, lineno)

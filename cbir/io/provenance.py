@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 #: a value that only running the step determines (a vocabulary learned on the map, say):
 #: comparisons before a run skip it

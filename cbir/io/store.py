@@ -24,9 +24,10 @@ import os
 import shutil
 import time
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, cast
 
 import h5py
 import numpy as np
@@ -111,6 +112,11 @@ SCHEMAS: dict[str, Schema] = {
 }
 
 Key = str | tuple[str, str]
+
+
+def pair_keys(keys: Sequence[Key]) -> Sequence[tuple[str, str]]:
+    """The keys of a matches store, as what they are there: pairs of image names (no copy)."""
+    return cast("Sequence[tuple[str, str]]", keys)
 
 
 def _as_key(key: Any) -> Key:
@@ -239,7 +245,8 @@ class Store:
             if col.dtype is not None and info.dtype != np.dtype(col.dtype):
                 raise FormatError(f"'{name}' is {info.dtype}, expected {col.dtype}", self.path)
             row_shape = info.shape[1:]
-            if len(row_shape) != len(col.shape) or any(c is not None and c != s for c, s in zip(col.shape, row_shape)):
+            if len(row_shape) != len(col.shape) or \
+                    any(c is not None and c != s for c, s in zip(col.shape, row_shape, strict=True)):
                 expected = ", ".join("D" if c is None else str(c) for c in col.shape)
                 raise FormatError(f"'{name}' rows have shape {row_shape}, expected ({expected})", self.path)
             want = rows if name in schema.ragged else n
@@ -375,7 +382,7 @@ class Store:
         targets = (order * row_bytes).tolist()
         buffer = memoryview(out.reshape(-1).view(np.uint8))
         fd, preadv = self._fd, os.preadv
-        for offset, at in zip(offsets, targets):
+        for offset, at in zip(offsets, targets, strict=True):
             if preadv(fd, [buffer[at:at + row_bytes]], offset) != row_bytes:
                 raise OSError(f"short read of '{column}'")
         return out
@@ -469,7 +476,7 @@ class Store:
         if self._file is not None and self._file.id.valid:
             self._file.close()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -535,8 +542,8 @@ def _decode_keys(meta: Metadata, schema: Schema, path: Path) -> tuple[list[Key],
     if len(items) != n * (2 if schema.key == "pairs" else 1):
         raise FormatError(f"'{schema.key}' could not be read ({len(items)} names for {n} items)", path)
     if schema.key == "pairs":
-        return list(zip(items[0::2], items[1::2])), None
-    return items, blob
+        return list(zip(items[0::2], items[1::2], strict=True)), None
+    return list[Key](items), blob
 
 
 def check_match_indices(matches: np.ndarray, counts: tuple[int | None, int | None], path: Path,
@@ -762,7 +769,7 @@ class StoreWriter:
             self.flush()
 
     def _check_row_shape(self, name: str, col: Column, shape: tuple[int, ...]) -> None:
-        if len(shape) != len(col.shape) or any(c is not None and c != s for c, s in zip(col.shape, shape)):
+        if len(shape) != len(col.shape) or any(c is not None and c != s for c, s in zip(col.shape, shape, strict=True)):
             raise ValueError(f"column {name!r} rows have shape {shape}, expected {col.shape}")
 
     def flush(self) -> None:
@@ -813,7 +820,7 @@ class StoreWriter:
         finally:
             self._lock.release()
 
-    def __enter__(self) -> "StoreWriter":
+    def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -884,12 +891,21 @@ class MergePlan:
     offsets_crc: int | None
 
 
-def plan_merge(parts: Sequence[Path], out: Path, schema: Schema, attrs: dict[str, Any]) -> MergePlan:
-    """Validate the parts and create ``out``: attributes, keys, offsets and the columns,
-    allocated (contiguous, not filled) so that each part's bytes have a known place."""
+#: a part to merge, validated: its path, keys, offsets (ragged schemas), columns, recorded CRCs
+_Part = tuple[Path, list[Key], "np.ndarray | None", dict[str, DatasetInfo], dict[str, int]]
+
+
+#: a column's row shape and dtype
+_RowShape = tuple[tuple[int, ...], np.dtype]
+
+
+def _merge_parts_validated(parts: Sequence[Path],
+                           schema: Schema) -> tuple[list[_Part], dict[str, _RowShape], int, int]:
+    """The parts that hold items, each validated once (the copies read numbers only), with
+    their columns' row shapes (one per column across parts), items and rows."""
     n_items, n_rows = 0, 0
-    shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
-    validated: list[tuple[Path, list[Key], np.ndarray | None, dict[str, DatasetInfo], dict[str, int]]] = []
+    shapes: dict[str, _RowShape] = {}
+    validated: list[_Part] = []
     for part in parts:
         with Store(part, schema.kind) as s:  # validated once; the copies read numbers only
             if not len(s):
@@ -907,6 +923,32 @@ def plan_merge(parts: Sequence[Path], out: Path, schema: Schema, attrs: dict[str
                     raise CbirError(f"column {name!r} has rows {d.shape[1:]} {d.dtype}, other parts "
                                     f"{shapes[name][0]} {shapes[name][1]}: cannot merge", part)
                 shapes[name] = (d.shape[1:], d.dtype)
+    return validated, shapes, n_items, n_rows
+
+
+def _copy_jobs(validated: list[_Part], shapes: dict[str, Any], extents: dict[str, int | None],
+               out: Path) -> list[CopyJob]:
+    """Where each part's columns go in the allocated file ``out``, part after part."""
+    written = dict.fromkeys(shapes, 0)
+    jobs = []
+    for part, _, _, infos, crcs in validated:
+        columns = []
+        for name in shapes:
+            info = infos[name]
+            if not info.nbytes:
+                continue
+            if extents[name] is None:
+                raise CbirError(f"column {name!r} was not allocated: cannot merge", out)
+            columns.append((name, info.offset, extents[name] + written[name], info.nbytes, crcs.get(name)))
+            written[name] += info.nbytes
+        jobs.append(CopyJob(part, out, tuple(columns)))
+    return jobs
+
+
+def plan_merge(parts: Sequence[Path], out: Path, schema: Schema, attrs: dict[str, Any]) -> MergePlan:
+    """Validate the parts and create ``out``: attributes, keys, offsets and the columns,
+    allocated (contiguous, not filled) so that each part's bytes have a known place."""
+    validated, shapes, n_items, n_rows = _merge_parts_validated(parts, schema)
     for name, col in schema.columns.items():
         if col.required and name not in shapes:  # an empty store still has its required columns
             dim = int(attrs.get("descriptor_dim") or 0) if name == "descriptors" else 0
@@ -938,19 +980,7 @@ def plan_merge(parts: Sequence[Path], out: Path, schema: Schema, attrs: dict[str
             length = n_rows if name in schema.ragged else n_items
             ds = f.create_dataset(name, shape=(length,) + row_shape, dtype=dtype, dcpl=allocate_now)
             extents[name] = ds.id.get_offset()
-    written = dict.fromkeys(shapes, 0)
-    jobs = []
-    for part, _, _, infos, crcs in validated:
-        columns = []
-        for name in shapes:
-            info = infos[name]
-            if not info.nbytes:
-                continue
-            if extents[name] is None:
-                raise CbirError(f"column {name!r} was not allocated: cannot merge", out)
-            columns.append((name, info.offset, extents[name] + written[name], info.nbytes, crcs.get(name)))
-            written[name] += info.nbytes
-        jobs.append(CopyJob(part, out, tuple(columns)))
+    jobs = _copy_jobs(validated, shapes, extents, out)
     return MergePlan(out, tuple(jobs), tuple(shapes), zlib.crc32(_keys_bytes(all_keys)),
                      zlib.crc32(offsets.data) if offsets is not None else None)
 

@@ -15,7 +15,8 @@ every pair's kernels and copies the results back once.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ class Matcher:
     #: the descriptors' metric it compares (:func:`metric_type`): features of another are refused
     metric: ClassVar[str] = "L2"
 
-    def check_features(self, store: "Store") -> None:
+    def check_features(self, store: Store) -> None:
         """Refuse, in one line, features this matcher cannot match: by default those whose
         descriptors are compared by another metric than :attr:`metric`."""
         found = metric_type(store.config)

@@ -73,7 +73,7 @@ class PairDrawer:
         self.local = local
         self._features: dict[Path, Store] = {}
 
-    def __enter__(self) -> "PairDrawer":
+    def __enter__(self) -> PairDrawer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -93,10 +93,10 @@ class PairDrawer:
                label: bool = True) -> tuple[np.ndarray, dict[str, int]]:
         """See :func:`render_pair_matches`."""
         store, query = self.store, self.query
-        key = tuple(pair)
+        key: tuple[str, str] = (pair[0], pair[1])
         swapped = False
         if key not in store and key[::-1] in store:
-            key, swapped = key[::-1], True
+            key, swapped = (key[1], key[0]), True
         if key not in store:
             raise CbirError(f"pair {pair[0]!r} {pair[1]!r} is not in the matches store", store.path)
         item = store.get(key)
@@ -104,11 +104,11 @@ class PairDrawer:
         kps = [self._keypoints(query, pair[0]), self._keypoints(second, pair[1])]
         matches = item["matches"][:, ::-1] if swapped else item["matches"]
         inliers = item.get("inliers")
-        check_match_indices(matches, (len(kps[0]), len(kps[1])), store.path, tuple(pair))
+        check_match_indices(matches, (len(kps[0]), len(kps[1])), store.path, (pair[0], pair[1]))
         images = [read_image(query.image_path(pair[0])), read_image(second.image_path(pair[1]))]
         scales = [min(1.0, max_edge / max(im.size)) for im in images]
         tiles = [cv2.resize(cv2.cvtColor(im.array, cv2.COLOR_RGB2BGR), None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
-                 for im, s in zip(images, scales)]
+                 for im, s in zip(images, scales, strict=True)]
         h = max(t.shape[0] for t in tiles)
         canvas = np.zeros((h, tiles[0].shape[1] + tiles[1].shape[1], 3), np.uint8)
         canvas[:tiles[0].shape[0], :tiles[0].shape[1]] = tiles[0]

@@ -20,8 +20,8 @@ point because the triangulator's minimum angle rejects them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pycolmap
@@ -83,7 +83,8 @@ def sampson_errors(x0: np.ndarray, x1: np.ndarray, essential: np.ndarray, focal0
         return algebraic / gradient
 
 
-def verify_with_poses(pairs: Sequence[PosedPair], max_error: float, min_inliers: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def verify_with_poses(pairs: Sequence[PosedPair], max_error: float,
+                      min_inliers: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Inlier masks (M,) and essential matrices of ``pairs`` (each with a baseline), checked in
     one pass; a pair with fewer than ``min_inliers`` inliers keeps none."""
     if not pairs:
@@ -97,7 +98,7 @@ def verify_with_poses(pairs: Sequence[PosedPair], max_error: float, min_inliers:
     focal1 = np.repeat([max_error / p.camera1.cam_from_img_threshold(max_error) for p in pairs], counts)
     ok = sampson_errors(x0, x1, essentials[owner], focal0, focal1) <= max_error  # NaN: never an inlier
     out = []
-    for mask, essential in zip(np.split(ok, np.cumsum(counts)[:-1]), essentials):
+    for mask, essential in zip(np.split(ok, np.cumsum(counts)[:-1]), essentials, strict=True):
         if mask.sum() < min_inliers:
             mask = np.zeros_like(mask)
         out.append((mask, essential))

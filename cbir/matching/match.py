@@ -13,28 +13,28 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from contextlib import nullcontext
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..cores import MAX_WORKERS
+from ..devices import Uploader, default_workers
 from ..errors import CbirError, FormatError
+from ..geometry.poses import Pose
 from ..io.dataset import Dataset
 from ..io.pairs import Pair
 from ..io.provenance import differences
 from ..io.store import Store, StoreWriter, open_store
-from ..cores import MAX_WORKERS
-from ..devices import Uploader, default_workers
 from .base import Matcher, PairBatch
-from .nearest_neighbor import MatcherConf, MutualNearestNeighbor
-from ..geometry.poses import Pose
 from .known_poses import CALIBRATED, PosedPair, has_baseline, verify_with_poses
+from .nearest_neighbor import MatcherConf, MutualNearestNeighbor
 from .verify import Verified, VerifyConf, verification_camera, verify_pair
-
 
 VERIFY_CHUNK = 64  # pairs matched, then verified together
 
@@ -111,7 +111,7 @@ class FeatureCache:
         if todo:
             self.store.index(todo[0])  # build the name index before threads look names up
         reads = pool.map(self._read, todo) if pool is not None and len(todo) > 1 else map(self._read, todo)
-        for name, read in zip(todo, reads):
+        for name, read in zip(todo, reads, strict=True):
             self._put(name, read)
 
     def get(self, name: str) -> Features:
@@ -230,7 +230,7 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
     report = MatchReport(out, duplicates=duplicates, device=str(dev), pairs=len(todo) + len(self_pairs))
     report.missing_features += [(f"{a} {b}", "an image paired with itself") for a, b in self_pairs]
     with open_store(query.store_path("local", local), "local-features") as qstore, \
-            (open_store(map_.store_path("local", local), "local-features") if not same else nullcontext(qstore)) as mstore:
+            (nullcontext(qstore) if same else open_store(map_.store_path("local", local), "local-features")) as mstore:
         check_compatible(qstore, mstore)
         matcher.check_features(qstore)
         skipped = unmatchable_pairs(todo, query, map_, qstore, mstore)
@@ -277,7 +277,7 @@ class _Run:
     verified before the next (both would compete for the same cores)."""
 
     def __init__(self, query: Dataset, map_: Dataset, qcache: FeatureCache, mcache: FeatureCache,
-                 matcher: Matcher, verify: VerifyConf | None, cameras: "_Cameras | None",
+                 matcher: Matcher, verify: VerifyConf | None, cameras: _Cameras | None,
                  poses: tuple[dict, dict], pool: ThreadPoolExecutor, read_pool: ThreadPoolExecutor,
                  writer: StoreWriter, report: MatchReport, progress: Callable[[int, int], None] | None, total: int,
                  overlap: bool):
@@ -326,7 +326,7 @@ class _Run:
         results = batch.results()
         self.report.seconds["matching"] += time.perf_counter() - t0
         pending = []
-        for key, ((kp0, _, size0), (kp1, _, size1)), (m, s) in zip(keys, feats, results):
+        for key, ((kp0, _, size0), (kp1, _, size1)), (m, s) in zip(keys, feats, results, strict=True):
             job = None
             if self.verify is not None:
                 cam0, cam1 = self.cameras.get(self.query, key[0], size0), self.cameras.get(self.map, key[1], size1)

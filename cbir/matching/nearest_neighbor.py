@@ -55,7 +55,7 @@ class MutualNearestNeighbor(Matcher):
     default_conf = {f.name: f.default for f in fields(MatcherConf)}
     runtime_keys = ("block_rows", "block_cols", "device_tile_bytes")
 
-    def __init__(self, conf: "dict[str, Any] | MatcherConf | None" = None):
+    def __init__(self, conf: dict[str, Any] | MatcherConf | None = None):
         super().__init__(asdict(conf) if isinstance(conf, MatcherConf) else conf)
         self.matcher_conf = MatcherConf(**self.conf)
 
@@ -68,7 +68,7 @@ class MutualNearestNeighbor(Matcher):
         d = upload(features["descriptors"])
         return as_unit_tensor(d, d.device)
 
-    def batch(self) -> "PairBatch":
+    def batch(self) -> PairBatch:
         return PairBatch(self.matcher_conf)
 
 
@@ -141,7 +141,7 @@ class PairBatch:
             self._copied = (packed, None)
             return
         host = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in packed]
-        for h, p in zip(host, packed):
+        for h, p in zip(host, packed, strict=True):
             h.copy_(p, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
@@ -151,6 +151,7 @@ class PairBatch:
     def results(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(matches, scores)`` of every pair, in the order added; the batch is emptied."""
         self.finish()
+        assert self._copied is not None  # finish() set it
         copied, done = self._copied
         if done is not None:
             done.synchronize()
@@ -205,8 +206,8 @@ def _row_best(sim: torch.Tensor, ratio: bool) -> tuple[torch.Tensor, torch.Tenso
     if ratio:  # a tie of the best two fails the (strict) ratio test, whichever index topk gives
         top = torch.topk(sim, 2, dim=1, sorted=True)
         return top.values, top.indices[:, 0]
-    top = torch.max(sim, dim=1)  # the first column of a tie, as argmax
-    return top.values[:, None], top.indices
+    best, index = torch.max(sim, dim=1)  # the first column of a tie, as argmax
+    return best[:, None], index
 
 
 def nearest_neighbors_tiled(d0: torch.Tensor, d1: torch.Tensor,

@@ -11,7 +11,8 @@ The forward pass, in the official order: ResNet trunk -> GeM pooling
 ``avgpool(clamp(x, 1e-6) ** p) ** (1/p)`` with the checkpoint's learned ``p`` ->
 (L2 if ``norm_features``) -> the FC whitening layer -> L2. Several scales (the
 official multi-transform option, each a PIL bilinear ``Scale`` as the official transform
-does it) are pooled with the symmetric GeM of power ``gemp`` (3), then L2. Optional PCA whitening (``whiten``: a key of the checkpoint's ``pca``):
+does it) are pooled with the symmetric GeM of power ``gemp`` (3), then L2. Optional PCA
+whitening (``whiten``: a key of the checkpoint's ``pca``):
 ``(x - mean_) @ components_[:v].T / (whitenm * explained_variance_[:v] ** whitenp)``,
 then L2. The official default is the whole image, unresized, one scale, no PCA.
 """
@@ -21,17 +22,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 from ..errors import CbirError
 from ..io.images import LoadedImage
 from .backbones import RESNET_LAYERS, ResNet
-from .base import (IMAGENET_MEAN, IMAGENET_STD, GlobalExtractor, WeightFile, WithWeights, find_weights,
-                   resolve_device, to_tensor)
+from .base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    GlobalExtractor,
+    WeightFile,
+    WithWeights,
+    find_weights,
+    resolve_device,
+    to_tensor,
+)
 from .checkpoints import load_pickled_checkpoint
 
 WEIGHTS = WeightFile("Resnet101-AP-GeM-LM18.pt",

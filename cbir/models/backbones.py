@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 RESNET_STYLES = {
     # style: (stride on the first 1x1 conv, conv bias, batch-norm eps)
     "torchvision": (False, False, 1e-5),
@@ -99,7 +98,7 @@ class ResNet(nn.Module):
         layers += [Bottleneck(self.inplanes, planes, style=self.style) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def fuse_batchnorm(self) -> "ResNet":
+    def fuse_batchnorm(self) -> ResNet:
         """Fold every eval-mode batch norm into the conv before it (inference only: the
         parameter layout is no longer the checkpoint's). Saves a pass over each feature
         map; outputs change by float rounding only."""

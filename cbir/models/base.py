@@ -135,12 +135,12 @@ class Extractor:
     def loader_max_size(self) -> int | None:
         return self.conf.get(self.loader_max_size_key) if self.loader_max_size_key else None
 
-    def share_pass(self, other: "Extractor") -> bool:
+    def share_pass(self, other: Extractor) -> bool:
         """Let ``other`` reuse this extractor's computation (one network giving both local
         and global features: DELG); True when it now does."""
         return False
 
-    def begin_image(self, wanted: list["Extractor"]) -> None:
+    def begin_image(self, wanted: list[Extractor]) -> None:
         """Called before the extractors ``wanted`` (this one among them) each extract the
         same image, so that extractors sharing a pass know what to compute."""
         return None

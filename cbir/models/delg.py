@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -48,8 +49,16 @@ from ..errors import CbirError
 from ..io.atomic import atomic_output
 from ..io.images import LoadedImage
 from .backbones import RESNET_STYLES, ResNet, fold_batchnorm
-from .base import (Extractor, GlobalExtractor, ImageSkipped, LocalExtractor, WeightFile, WithWeights,
-                   find_weights, resolve_device)
+from .base import (
+    Extractor,
+    GlobalExtractor,
+    ImageSkipped,
+    LocalExtractor,
+    WeightFile,
+    WithWeights,
+    find_weights,
+    resolve_device,
+)
 
 WEIGHTS = WeightFile("r50delg_gld_20200814.pt",
                      "https://storage.googleapis.com/delf/r50delg_gld_20200814.tar.gz (linked from tensorflow/models "
@@ -133,7 +142,7 @@ class DelgNet(nn.Module):
         x = x.clamp(min=1e-6).pow(self.gem_power).mean(dim=(2, 3)).pow(1.0 / self.gem_power)
         return self.embedding(x)
 
-    def fuse_batchnorm(self) -> "DelgNet":
+    def fuse_batchnorm(self) -> DelgNet:
         """Fold the batch norms into the convs (inference only; see ResNet.fuse_batchnorm)."""
         self.backbone.fuse_batchnorm()
         if isinstance(self.attention.bn, nn.BatchNorm2d):

@@ -23,8 +23,9 @@ refuses to compare descriptors made with different models.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import h5py

@@ -31,8 +31,16 @@ import torch.nn.functional as F
 from ..errors import CbirError
 from ..io.images import LoadedImage
 from .backbones import vgg16_features
-from .base import (IMAGENET_MEAN, IMAGENET_STD, GlobalExtractor, WeightFile, WithWeights, find_weights,
-                   resolve_device, to_tensor)
+from .base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    GlobalExtractor,
+    WeightFile,
+    WithWeights,
+    find_weights,
+    resolve_device,
+    to_tensor,
+)
 from .checkpoints import load_pickled_checkpoint
 
 WEIGHTS = WeightFile("Pitts30K_struct.mat", "https://github.com/Relja/netvlad (vd16_pitts30k_conv5_3_vlad_preL2_intra_"
@@ -98,7 +106,7 @@ def _load_mat(path: Path) -> tuple[NetVLADNet, dict[str, Any]]:
     if len(mat_convs) != len(convs):
         raise CbirError(f"{len(mat_convs)} conv layers before the VLAD layer, expected {len(convs)} (VGG-16)", path)
     with torch.no_grad():
-        for conv, layer in zip(convs, mat_convs):
+        for conv, layer in zip(convs, mat_convs, strict=True):
             w = torch.from_numpy(np.asarray(layer.weights[0], np.float32)).permute(3, 2, 0, 1)
             if w.shape != conv.weight.shape:
                 raise CbirError(f"conv weights {tuple(w.shape)} do not fit VGG-16's {tuple(conv.weight.shape)}", path)

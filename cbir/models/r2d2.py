@@ -80,7 +80,7 @@ class QuadL2Net(nn.Module):
             self.ops.append(nn.MaxPool2d(kernel_size=pool))
         self._channels = out
 
-    def fuse_batchnorm(self) -> "QuadL2Net":
+    def fuse_batchnorm(self) -> QuadL2Net:
         """Fold each eval-mode batch norm into the conv before it (inference only: the
         result no longer has the checkpoint's parameter layout). Saves a full pass over
         every feature map; outputs change by float rounding only."""
@@ -139,7 +139,8 @@ def load_r2d2(path: str | Path) -> QuadL2Net:
         state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
         spec = ckpt["net"]
     except (RuntimeError, KeyError, TypeError, EOFError, OSError, pickle.UnpicklingError) as e:
-        raise CbirError(f"not an official R2D2 checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", path) from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CbirError(f"not an official R2D2 checkpoint ({type(e).__name__}: {first})", path) from None
     net = QuadL2Net(**parse_net_spec(spec, path))
     try:
         net.load_state_dict(state, strict=True)

@@ -51,9 +51,9 @@ class SIFT(LocalExtractor):
     def __init__(self, conf: dict[str, Any] | None = None):
         super().__init__(conf)
         c = self.conf
-        self._sift = cv2.SIFT_create(nfeatures=0, nOctaveLayers=c["n_octave_layers"],
-                                     contrastThreshold=c["contrast_threshold"],
-                                     edgeThreshold=c["edge_threshold"], sigma=c["sigma"])
+        self._sift = cv2.SIFT_create(  # type: ignore[attr-defined]  # OpenCV's stubs lack it
+            nfeatures=0, nOctaveLayers=c["n_octave_layers"], contrastThreshold=c["contrast_threshold"],
+            edgeThreshold=c["edge_threshold"], sigma=c["sigma"])
 
     def extract(self, image: LoadedImage) -> dict[str, np.ndarray]:
         keypoints = self._sift.detect(image.array, None)

@@ -30,8 +30,8 @@ without), and ``pow`` from :func:`cbir.exact.power`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -99,7 +99,7 @@ def _param(value: float | None, name: str, lo: float = 0.0, hi: float | None = 1
 def _mean(sims: list[torch.Tensor], conf: FusionConf) -> torch.Tensor:
     w = normalized_weights(conf.weights, len(sims))
     out = sims[0] * w[0]
-    for s, wi in zip(sims[1:], w[1:]):
+    for s, wi in zip(sims[1:], w[1:], strict=True):
         out.add_(s * wi)
     return out
 
@@ -107,7 +107,7 @@ def _mean(sims: list[torch.Tensor], conf: FusionConf) -> torch.Tensor:
 def _power(sims: list[torch.Tensor], conf: FusionConf) -> torch.Tensor:
     w = normalized_weights(conf.weights, len(sims))
     out = exact.power(sims[0], w[0])
-    for s, wi in zip(sims[1:], w[1:]):
+    for s, wi in zip(sims[1:], w[1:], strict=True):
         out.mul_(exact.power(s, wi))
     return out
 
@@ -124,7 +124,7 @@ def _gharm(sims: list[torch.Tensor], conf: FusionConf, gamma: float | None = Non
     w = normalized_weights(conf.weights, n)
     g = _param(conf.gamma, "gamma", 0.0, None) if gamma is None else gamma
     acc = torch.zeros_like(sims[0])
-    for s, wi in zip(sims, w):  # in place: the same operations in the same order, no temporaries
+    for s, wi in zip(sims, w, strict=True):  # in place: the same operations in the same order, no temporaries
         acc.add_(s.mul_(wi).add_(g).reciprocal_().mul_(1.0 / n))
     return acc.reciprocal_().sub_(g)
 

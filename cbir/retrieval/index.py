@@ -18,10 +18,11 @@ memory for this call only when there is none.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,8 +38,19 @@ from ..io.provenance import differences, digest_names
 from ..validate import check_integer
 from .fusion import fuse, nan_last
 from .names import INDEX_KINDS, MAX_LSH_BITS
-from .search import DescriptorSet, RetrievalConf, StepClock, bounded, error_bound, exact_scores, intra_op_threads, \
-    pairs_from_topk, ranked, read_ahead, retrieve
+from .search import (
+    DescriptorSet,
+    RetrievalConf,
+    StepClock,
+    bounded,
+    error_bound,
+    exact_scores,
+    intra_op_threads,
+    pairs_from_topk,
+    ranked,
+    read_ahead,
+    retrieve,
+)
 
 if TYPE_CHECKING:
     import faiss
@@ -158,7 +170,7 @@ def _load(path: Path, attrs: dict[str, Any], record: dict[str, Any], database: D
                         f"cbir index build MAP --global {stores} --index {record['config']['kind']} --overwrite", path)
     located = index_bytes(path, len(record["stores"]), attrs)
     indexes = [_read_index(where) for where in located]
-    for index, where, dim in zip(indexes, located, database.dims):
+    for index, where, dim in zip(indexes, located, database.dims, strict=True):
         problem = structure_problem(index, conf.kind, dim, len(database.names), conf)
         if problem:
             raise FormatError(f"is not the index its record describes ({problem}): rebuild it with cbir index build "
@@ -423,14 +435,14 @@ def _rescore(qd: list[torch.Tensor], raw: list[np.ndarray], unique: np.ndarray, 
     units = [u.to(device) for u in database.units(raw, unique)]
     sliced = [exact.slice_rows(a) for a in qd]
     bounds = [error_bound("fp32", u.shape[1]) for u in units]
-    upper = [torch.gather(a @ u.t(), 1, pos).add_(e) for a, u, e in zip(qd, units, bounds)]
+    upper = [torch.gather(a @ u.t(), 1, pos).add_(e) for a, u, e in zip(qd, units, bounds, strict=True)]
     invalid = torch.from_numpy(cands < 0).to(device)
     ids = torch.from_numpy(cands).to(device)
     lists: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None, bool]]
     if rconf.fusion.name == "round_robin":  # each index's own candidates, ranked by its own descriptor
         cols = [slice(j * kc, (j + 1) * kc) for j in range(len(upper))]
         lists = [(u.masked_fill(invalid, -torch.inf)[:, c], ids[:, c], pos[:, c], j, True)
-                 for j, (u, c) in enumerate(zip(upper, cols))]
+                 for j, (u, c) in enumerate(zip(upper, cols, strict=True))]
     else:
         # a candidate found by several indexes appears several times: keep its first occurrence
         drop = invalid | ~torch.from_numpy(_first_occurrence(cands)).to(device)
@@ -491,7 +503,7 @@ def _candidates(query: DescriptorSet, indexes: list[faiss.Index], kc: int, searc
         descriptors = query.read(s0, s1, device)
         with intra_op_threads(threads):
             cands = np.concatenate([_checked(index, index.search(d.cpu().numpy(), kc)[1], kc)
-                                    for index, d in zip(indexes, descriptors)], axis=1)
+                                    for index, d in zip(indexes, descriptors, strict=True)], axis=1)
         for q0 in range(s0, s1, query_block):
             q1 = min(s1, q0 + query_block)
             yield q0, q1, [d[q0 - s0:q1 - s0] for d in descriptors], cands[q0 - s0:q1 - s0].copy()

@@ -12,8 +12,8 @@ search (so its memory grows with the map).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ def expand(target: DescriptorSet, database: DescriptorSet, pairs: list[Pair], n:
     pos = torch.from_numpy(np.searchsorted(unique, np.where(nb >= 0, nb, unique[0])))
     db = [t.cpu() for t in database.take(unique, device)]
     missing = torch.from_numpy(nb < 0)
-    return target.with_arrays([_expanded(x, y[pos], missing, alpha).numpy() for x, y in zip(own, db)])
+    return target.with_arrays([_expanded(x, y[pos], missing, alpha).numpy() for x, y in zip(own, db, strict=True)])
 
 
 def _expanded(x: torch.Tensor, ys: torch.Tensor, missing: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -68,7 +68,7 @@ def _expanded(x: torch.Tensor, ys: torch.Tensor, missing: torch.Tensor, alpha: f
 
 
 #: a search: ``(query, database, conf, progress) -> pairs`` (local exact search, or on a cluster)
-Search = Callable[[DescriptorSet, DescriptorSet, RetrievalConf, Optional[Callable[[int, int], None]]], list[Pair]]
+Search = Callable[[DescriptorSet, DescriptorSet, RetrievalConf, Callable[[int, int], None] | None], list[Pair]]
 
 
 def retrieve_with_expansion(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf, *,

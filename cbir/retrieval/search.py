@@ -24,21 +24,22 @@ from __future__ import annotations
 import gc
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from .. import exact
+from ..devices import Uploader, exact_float32, memory_budget
 from ..errors import CbirError
 from ..io.dataset import Dataset, model_path
 from ..io.pairs import Pair
 from ..io.provenance import differences
 from ..io.store import Store, open_store
-from ..devices import Uploader, exact_float32, memory_budget
 from ..validate import check_integer, check_number
 from .fusion import FusionConf, fuse, nan_last, normalized_weights, restore_nan
 from .names import PRECISIONS
@@ -99,7 +100,7 @@ class RetrievalConf:
 
 @contextmanager
 def open_descriptor_sets(query: Dataset, map_: Dataset,
-                         names: list[str]) -> Iterator[tuple["DescriptorSet", "DescriptorSet"]]:
+                         names: list[str]) -> Iterator[tuple[DescriptorSet, DescriptorSet]]:
     """The global stores ``names`` of the query and the map, each aligned on the images its
     dataset records (one set of stores when both are one dataset); closed after."""
     same = query.root.resolve() == map_.root.resolve()
@@ -126,7 +127,7 @@ def mismatch_message(query_store: Store, map_store: Store) -> str:
             f"different models cannot be compared; {fix}")
 
 
-def pairs_record(conf: RetrievalConf, query: "DescriptorSet", database: "DescriptorSet",
+def pairs_record(conf: RetrievalConf, query: DescriptorSet, database: DescriptorSet,
                  **options: object) -> dict:
     """What made a pairs file: the retrieval options (``options``: expansion, index), the
     descriptor stores by name and configuration, and the digests of their contents."""
@@ -151,7 +152,7 @@ class DescriptorSet:
     foreign: list[str] = field(default_factory=list)
 
     @classmethod
-    def align(cls, stores: list[Store], images: Iterable[str] | None = None) -> "DescriptorSet":
+    def align(cls, stores: list[Store], images: Iterable[str] | None = None) -> DescriptorSet:
         """The images every store has; with ``images`` (the dataset's records), only those: a
         store may hold descriptors of images of another dataset, which must not be retrieved."""
         first = stores[0].names
@@ -177,10 +178,10 @@ class DescriptorSet:
         rows = [np.array([s.index(n) for n in names], dtype=np.int64) for s in stores]
         return cls(stores, names, rows, dropped, foreign=sorted(foreign))
 
-    def with_arrays(self, arrays: list[np.ndarray]) -> "DescriptorSet":
+    def with_arrays(self, arrays: list[np.ndarray]) -> DescriptorSet:
         return DescriptorSet(self.stores, self.names, self.rows, self.dropped, arrays, self.foreign)
 
-    def subset(self, index: np.ndarray) -> "DescriptorSet":
+    def subset(self, index: np.ndarray) -> DescriptorSet:
         """The images at ``index`` (a sample of queries, a shard of the map), in that order."""
         index = np.asarray(index, dtype=np.int64)
         return DescriptorSet(self.stores, [self.names[i] for i in index], [r[index] for r in self.rows], [],
@@ -190,7 +191,7 @@ class DescriptorSet:
     def whole(self) -> bool:
         """Whether these are every image of each store, in stored order (the usual case)."""
         return all(len(r) == len(store.names) and np.array_equal(r, np.arange(len(r)))
-                   for store, r in zip(self.stores, self.rows))
+                   for store, r in zip(self.stores, self.rows, strict=True))
 
     @property
     def dims(self) -> list[int]:
@@ -220,18 +221,18 @@ class DescriptorSet:
         memory where they replace the stored ones (expanded, augmented)."""
         if self.arrays is not None:
             return [a[index] for a in self.arrays]
-        return [store.read_rows("descriptors", rows[index]) for store, rows in zip(self.stores, self.rows)]
+        return [store.read_rows("descriptors", rows[index]) for store, rows in zip(self.stores, self.rows, strict=True)]
 
     def normalized(self, raw: list[np.ndarray], index: np.ndarray) -> list[torch.Tensor]:
         """:meth:`read_raw`'s descriptors as unit-L2 float32 tensors, the same bits on every
         machine (:func:`cbir.exact.unit_rows`); a zero or non-finite descriptor is an error."""
-        return [exact.unit_rows(as_float32(r), n) for r, n in zip(raw, self.norms(raw, index))]
+        return [exact.unit_rows(as_float32(r), n) for r, n in zip(raw, self.norms(raw, index), strict=True)]
 
     def norms(self, raw: list[np.ndarray], index: np.ndarray) -> list[torch.Tensor]:
         """The L2 norms of :meth:`read_raw`'s descriptors (:func:`cbir.exact.norms`);
         a zero or non-finite descriptor is an error."""
         out = []
-        for store, r in zip(self.stores, raw):
+        for store, r in zip(self.stores, raw, strict=True):
             norms = exact.norms(as_float32(r))  # NaN and inf propagate into the norm
             finite = torch.isfinite(norms)
             bad = ~finite | (norms == 0)
@@ -297,7 +298,7 @@ class MapChunks:
     """
 
     def __init__(self, database: DescriptorSet, device: torch.device, chunk: int, conf: RetrievalConf,
-                 clock: "StepClock"):
+                 clock: StepClock):
         self.database, self.device, self.chunk, self.clock = database, device, chunk, clock
         self.n = len(database.names)
         self.half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(conf.precision)
@@ -334,7 +335,7 @@ class MapChunks:
                           for d in self.database.dims]
             for m0 in range(0, self.n, self.chunk):
                 m1 = min(self.n, m0 + self.chunk)
-                for f, h in zip(self._full, self.database.take_host(np.arange(m0, m1))):
+                for f, h in zip(self._full, self.database.take_host(np.arange(m0, m1)), strict=True):
                     f[m0:m1] = self._upload(h)
             if self.half:
                 self._full_half = [f.to(self.half) for f in self._full]
@@ -401,7 +402,7 @@ def retrieve(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf 
 
 
 def search_topk(query: DescriptorSet, database: DescriptorSet, conf: RetrievalConf, device: torch.device,
-                clock: "StepClock | None" = None,
+                clock: StepClock | None = None,
                 width: int | None = None) -> Iterator[tuple[int, int, list[np.ndarray], list[np.ndarray]]]:
     """The top-k of each block of queries ``q0:q1``: ``(q0, q1, values, indices)``, one
     array (block x k, best first) per ranking (round_robin: one a descriptor; else the
@@ -415,7 +416,7 @@ def search_topk(query: DescriptorSet, database: DescriptorSet, conf: RetrievalCo
     nq, nm = len(query.names), len(database.names)
     if nm == 0:
         raise CbirError("the map has no image with every descriptor", database.stores[0].path)
-    for qs, ms, dq, dm in zip(query.stores, database.stores, query.dims, database.dims):
+    for qs, ms, dq, dm in zip(query.stores, database.stores, query.dims, database.dims, strict=True):
         if dq != dm:
             raise CbirError(f"descriptor dimension {dq} differs from the map's {dm} ({ms.path})", qs.path)
         if qs.config != ms.config:
@@ -483,7 +484,7 @@ def _exclude(scores: torch.Tensor, self_idx: torch.Tensor, m0: int) -> None:
 
 
 def _canonical_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChunks, conf: RetrievalConf, k: int,
-                    clock: "StepClock", exact_ties: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                    clock: StepClock, exact_ties: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The top-k of a query block over every map image scored with :mod:`cbir.exact`'s
     similarities: ``(values, indices)``, one list entry per descriptor (round_robin) or one
     for the fused score, best first, equal scores by lower map index (:func:`ranked`).
@@ -498,7 +499,7 @@ def _canonical_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapC
     boundary = [torch.full((nq,), -torch.inf, device=dev) for _ in range(lists)]
     for m0, md, _ in chunks:
         with clock("similarity"):
-            sims = [exact.dot_rows(a, b) for a, b in zip(sliced, md)]
+            sims = [exact.dot_rows(a, b) for a, b in zip(sliced, md, strict=True)]
         with clock("fuse_topk"):
             scores = sims if round_robin else [nan_last(fuse(sims, conf.fusion))]
             for j, s in enumerate(scores):
@@ -510,7 +511,7 @@ def _canonical_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapC
         del sims, scores
     if not exact_ties:
         again = torch.zeros(nq, dtype=torch.bool, device=dev)
-        for v, b in zip(vals, boundary):
+        for v, b in zip(vals, boundary, strict=True):
             again |= _unsettled_ties(v, b, k)
         again = again.nonzero()[:, 0]  # the one host synchronisation of the block (rare ties)
         if clock.timings is not None:
@@ -568,7 +569,7 @@ def bounded(conf: RetrievalConf) -> bool:
 
 
 def _bounded_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChunks, conf: RetrievalConf, k: int,
-                  clock: "StepClock") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                  clock: StepClock) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The top-k of :func:`_canonical_topk`, found with float32 (or half-precision)
     products: the same values and indices, bit for bit.
 
@@ -600,16 +601,16 @@ def _bounded_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChu
     counts = [torch.zeros(nq, dtype=torch.int64, device=dev) for _ in range(lists)]  # scored so far
     for m0, md, mh in chunks:
         with clock("similarity"):
-            sims = [_search_product(a, b) for a, b in zip(qh, md if mh is None else mh)]
+            sims = [_search_product(a, b) for a, b in zip(qh, md if mh is None else mh, strict=True)]
         with clock("fuse_topk"):
-            for j, (s, e) in enumerate(zip(sims, bounds) if check_domain else ()):
+            for j, (s, e) in enumerate(zip(sims, bounds, strict=True) if check_domain else ()):
                 torch.minimum(lowest[j], s.amin(dim=1) - e, out=lowest[j])
-            high = [s + e for s, e in zip(sims, bounds)]
-            low = [s.sub_(e) for s, e in zip(sims, bounds)]
+            high = [s + e for s, e in zip(sims, bounds, strict=True)]
+            low = [s.sub_(e) for s, e in zip(sims, bounds, strict=True)]
             uppers = high if round_robin else [nan_last(fuse(high, conf.fusion))]
             lowers = low if round_robin else [nan_last(fuse(low, conf.fusion))]
             reached = []
-            for j, (upper, lower) in enumerate(zip(uppers, lowers)):
+            for j, (upper, lower) in enumerate(zip(uppers, lowers, strict=True)):
                 if conf.excludes_names:
                     _exclude(upper, self_idx, m0)
                     _exclude(lower, self_idx, m0)
@@ -634,7 +635,7 @@ def _bounded_topk(qd: list[torch.Tensor], self_idx: torch.Tensor, chunks: MapChu
                 i[active] = torch.where(cand < 0, _PAD, cand + m0)
                 values[j], indices[j] = ranked(torch.cat([values[j], v], 1), torch.cat([indices[j], i], 1), k)
     complete = torch.ones(nq, dtype=torch.bool, device=dev)
-    for low_sim, w in zip(lowest, weights):
+    for low_sim, w in zip(lowest, weights, strict=False):  # lowest: none without the domain check
         complete &= gamma + w * low_sim > 0
     for c in counts:
         complete &= c <= COLLECT_LIMIT

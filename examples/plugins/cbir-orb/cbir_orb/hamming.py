@@ -43,7 +43,7 @@ class HammingMatcher(Matcher):
         signs = np.unpackbits(packed, axis=1).astype(np.float32) * 2 - 1
         return upload(signs)
 
-    def batch(self) -> "HammingBatch":
+    def batch(self) -> HammingBatch:
         return HammingBatch(self.conf)
 
 
