@@ -251,21 +251,22 @@ def run_shards(task: Callable, arguments: dict[int, tuple], labels: list[str], c
             yield i, _result(ray, done[0], i, labels, conf)
         return
     room = int(resources.get("GPU", 0) // gpus) if gpus else int(resources.get("CPU", 1) // cpus)
-    remote_actor = ray.remote(actor or ShardActor).options(num_cpus=cpus, num_gpus=gpus,
+    remote_actor: Any = ray.remote(actor or ShardActor).options(num_cpus=cpus, num_gpus=gpus,
                                                            max_restarts=conf.max_retries,
                                                            max_task_retries=conf.max_retries)
     actors = [remote_actor.remote(*setup) for _ in range(max(1, min(room, len(arguments))))]
-    queue, running, idle = list(arguments.items()), {}, list(actors)
+    queue, idle = list(arguments.items()), list(actors)
+    running: dict[Any, tuple[int, Any]] = {}
     try:
         while queue or running:
             while idle and queue:  # one shard per actor at a time: a slow one holds back no other
                 worker = idle.pop()
                 i, args = queue.pop(0)
                 running[worker.run.remote(task, *args)] = (i, worker)
-            [done], _ = ray.wait(list(running), num_returns=1)
-            i, worker = running.pop(done)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            i, worker = running.pop(ready[0])
             idle.append(worker)
-            yield i, _result(ray, done, i, labels, conf)
+            yield i, _result(ray, ready[0], i, labels, conf)
     finally:
         for worker in actors:  # their CPUs and GPUs go back to the cluster for the next step
             ray.kill(worker)

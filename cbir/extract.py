@@ -234,8 +234,8 @@ def _extract_pass(extractors: list[Extractor], store_names: list[str], outs: lis
             attrs(e, n), overwrite=overwrite, batch_size=64))
             for e, n, out in zip(extractors, store_names, outs, strict=True)]
         missing = [{n for n in names if n not in w} for w in writers]
-        for report, todo in zip(reports, missing, strict=True):
-            report.already_present = len(names) - len(todo)
+        for report, absent in zip(reports, missing, strict=True):
+            report.already_present = len(names) - len(absent)
         todo = [n for n in names if any(n in m for m in missing)]
         if progress:
             progress(len(names) - len(todo), len(names))
@@ -247,10 +247,11 @@ def _extract_pass(extractors: list[Extractor], store_names: list[str], outs: lis
             images = _prefetch(load, todo, workers)
             while True:
                 t0 = time.perf_counter()
-                name, image = next(images, (None, None))
+                item = next(images, None)
                 waits["decoding"] += time.perf_counter() - t0
-                if name is None:
+                if item is None:
                     break
+                name, image = item
                 wanted = [i for i, m in enumerate(missing) if name in m]
                 if isinstance(image, CbirError):
                     for i in wanted:
@@ -288,6 +289,7 @@ def _store_one(extractor: Extractor, writer: StoreWriter, report: ExtractReport,
                out: np.ndarray | dict[str, np.ndarray], original_size: tuple[int, int]) -> None:
     """Check and write one image's output (in the writer thread)."""
     if isinstance(extractor, GlobalExtractor):
+        assert isinstance(out, np.ndarray)
         _check_features({"descriptors": out}, name)
         if not np.any(out):  # nothing to aggregate (e.g. smaller than DenseVLAD's grid)
             report.failed.append((name, "no descriptor could be computed (image too small or blank?)"))
@@ -295,6 +297,7 @@ def _store_one(extractor: Extractor, writer: StoreWriter, report: ExtractReport,
         writer.add(name, descriptors=out)
         report.extracted += 1
         return
+    assert isinstance(out, dict)
     _check_features(out, name)
     n = len(out["keypoints"])
     if n == 0:

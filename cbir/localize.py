@@ -64,7 +64,11 @@ class QueryResult:
 
     @property
     def pose(self) -> Pose | None:
-        return Pose(tuple(self.qvec), tuple(self.tvec)) if self.qvec is not None else None
+        if self.qvec is None or self.tvec is None:
+            return None
+        qw, qx, qy, qz = self.qvec
+        tx, ty, tz = self.tvec
+        return Pose((qw, qx, qy, qz), (tx, ty, tz))
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,7 @@ def query_camera(cam: Camera | None, width: int, height: int, image_path: Path |
     return Camera("SIMPLE_RADIAL", width, height, (f, width / 2, height / 2, 0.0)), known
 
 
-def correspondences(match_lists: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+def correspondences(match_lists: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """Unique (query keypoint, 3D point) pairs from per-map-image (query kp, point) lists,
     by the voting rule of the module docstring."""
     if not match_lists:
@@ -417,7 +421,11 @@ class TaskMaker:
         item = qfeats.get(q, ["keypoints", "image_sizes"] if "image_sizes" in qfeats.columns else ["keypoints"])
         kps = item["keypoints"]
         cam = self.query.sensors.cameras.get(self.records[q].camera_id)
-        w, h = (int(v) for v in item["image_sizes"]) if "image_sizes" in item else (cam.width, cam.height)
+        if "image_sizes" in item:
+            w, h = (int(v) for v in item["image_sizes"])
+        else:
+            assert cam is not None  # records_camera.txt names known cameras (validated on read)
+            w, h = cam.width, cam.height
         camera, known = query_camera(cam, w, h, self.query.image_path(q))
         task["camera"] = (camera.model, camera.width, camera.height, camera.params)
         task["focal_known"] = known
@@ -462,7 +470,7 @@ def write_results(report: LocalizeReport, query: Dataset, record: dict[str, Any]
     ``run.json`` (``record``: configuration and inputs)."""
     records = query.sensors.record_by_name()
     trajectories = {(records[r.name].timestamp, records[r.name].camera_id): r.pose
-                    for r in report.results if r.success and r.name in records}
+                    for r in report.results if r.success and r.pose is not None and r.name in records}
     with atomic_output(report.directory) as tmp:
         tmp.mkdir()
         (tmp / "trajectories.txt").write_text(format_trajectories(trajectories), encoding="utf-8")

@@ -183,8 +183,8 @@ def import_kapture(src: str | os.PathLike, dst: str | os.PathLike | None = None,
     return written
 
 
-def export_kapture(dataset: Dataset, dst: str | os.PathLike, *, local: list[str] = (),
-                   global_: list[str] = (), matches: list[str] = (), maps: list[str] = (),
+def export_kapture(dataset: Dataset, dst: str | os.PathLike, *, local: Collection[str] = (),
+                   global_: Collection[str] = (), matches: Collection[str] = (), maps: Collection[str] = (),
                    images: ImageMode = "copy", inliers_only: bool = False) -> list[Path]:
     """Write a kapture dataset: the sensors (if ``dst`` is another directory) and the named stores
     under reconstruction/. Existing reconstruction files of the same types are replaced."""
@@ -283,7 +283,7 @@ def import_hloc(dataset: Dataset, *, features: str | None = None, matches: str |
         if not local.exists():
             raise CbirError(f"importing hloc matches needs the features first (cbir/local/{name}.h5)")
         with open_store(local, "local-features") as s:
-            names = list(s.keys)
+            names = [str(k) for k in s.keys]
         out = dataset.store_path("matches", name)
         hloc_io.import_matches(matches, out, name, names, local_features=name, overwrite=overwrite)
         written.append(out)

@@ -31,7 +31,7 @@ from .dataset import check_store_name
 from .kapture_text import HEADER_VERSION, KAPTURE_VERSION, VERSION_RE, iter_rows
 from .map_store import PointMap, read_map, write_map
 from .paths import check_relative_name, confined, require_type_name
-from .store import StoreWriter, open_store
+from .store import StoreWriter, open_store, pair_keys
 from .textfile import read_file_bytes
 
 RECONSTRUCTION = "reconstruction"
@@ -319,8 +319,8 @@ def export_local_features(store_path: Path, kapture_root: Path) -> int:
                 kps = batch["keypoints"][a:b]
                 if has_params:
                     kps = np.concatenate([kps, batch["keypoint_params"][a:b]], axis=1)
-                _write_raw(_feature_file(rec / "keypoints" / kp_type, image, ".kpt", store_path), kps.astype(kdt))
-                _write_raw(_feature_file(rec / "descriptors" / name, image, ".desc", store_path),
+                _write_raw(_feature_file(rec / "keypoints" / kp_type, str(image), ".kpt", store_path), kps.astype(kdt))
+                _write_raw(_feature_file(rec / "descriptors" / name, str(image), ".desc", store_path),
                            batch["descriptors"][a:b])
         return len(s)
 
@@ -336,7 +336,7 @@ def export_global_features(store_path: Path, kapture_root: Path) -> int:
                                        s.config.get("kapture_format", {}).get("global_features", KAPTURE_VERSION)))
         for keys, batch, _ in s.iter_batches(4096, ["descriptors"]):
             for image, vec in zip(keys, batch["descriptors"], strict=True):
-                _write_raw(_feature_file(gdir / name, image, ".gfeat", store_path), vec)
+                _write_raw(_feature_file(gdir / name, str(image), ".gfeat", store_path), vec)
         return len(s)
 
 
@@ -349,7 +349,7 @@ def export_matches(store_path: Path, kapture_root: Path, *, inliers_only: bool =
         cols = ["matches"] + (["scores"] if "scores" in s.columns else []) + \
                (["inliers"] if inliers_only and "inliers" in s.columns else [])
         for keys, batch, offs in s.iter_batches(1024, cols):
-            for i, (im0, im1) in enumerate(keys):
+            for i, (im0, im1) in enumerate(pair_keys(keys)):
                 a, b = offs[i], offs[i + 1]
                 idx = batch["matches"][a:b].astype(np.float64)
                 sc = batch["scores"][a:b].astype(np.float64) if "scores" in batch else np.zeros(b - a)

@@ -114,6 +114,11 @@ SCHEMAS: dict[str, Schema] = {
 Key = str | tuple[str, str]
 
 
+def image_keys(keys: Sequence[Key]) -> list[str]:
+    """The keys of a features store, as what they are there: image names (no copy)."""
+    return cast("list[str]", keys)
+
+
 def pair_keys(keys: Sequence[Key]) -> Sequence[tuple[str, str]]:
     """The keys of a matches store, as what they are there: pairs of image names (no copy)."""
     return cast("Sequence[tuple[str, str]]", keys)
@@ -380,7 +385,7 @@ class Store:
         order = np.argsort(rows, kind="stable")
         offsets = (info.offset + rows[order] * row_bytes).tolist()
         targets = (order * row_bytes).tolist()
-        buffer = memoryview(out.reshape(-1).view(np.uint8))
+        buffer = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy's stubs: no Buffer
         fd, preadv = self._fd, os.preadv
         for offset, at in zip(offsets, targets, strict=True):
             if preadv(fd, [buffer[at:at + row_bytes]], offset) != row_bytes:
@@ -613,7 +618,7 @@ def _create_file(path: Path) -> h5py.File:
 def _encode_keys(keys: list[Key], schema: Schema) -> np.ndarray:
     if schema.key == "pairs":
         arr = np.empty((len(keys), 2), dtype=object)
-        for i, (a, b) in enumerate(keys):
+        for i, (a, b) in enumerate(pair_keys(keys)):
             arr[i, 0], arr[i, 1] = a, b
         return arr
     return np.array(keys, dtype=object)
@@ -937,9 +942,10 @@ def _copy_jobs(validated: list[_Part], shapes: dict[str, Any], extents: dict[str
             info = infos[name]
             if not info.nbytes:
                 continue
-            if extents[name] is None:
+            start = extents[name]
+            if start is None:
                 raise CbirError(f"column {name!r} was not allocated: cannot merge", out)
-            columns.append((name, info.offset, extents[name] + written[name], info.nbytes, crcs.get(name)))
+            columns.append((name, info.offset, start + written[name], info.nbytes, crcs.get(name)))
             written[name] += info.nbytes
         jobs.append(CopyJob(part, out, tuple(columns)))
     return jobs
@@ -964,6 +970,7 @@ def plan_merge(parts: Sequence[Path], out: Path, schema: Schema, attrs: dict[str
         offsets = np.zeros(n_items + 1, np.int64)
         i0, r0 = 0, 0
         for _, keys, part_offsets, _, _ in validated:
+            assert part_offsets is not None  # ragged parts have offsets
             offsets[i0 + 1:i0 + len(keys) + 1] = part_offsets[1:] + r0
             i0, r0 = i0 + len(keys), r0 + int(part_offsets[-1])
     extents: dict[str, int | None] = {}  # where each column's data starts in the merged file
@@ -999,7 +1006,9 @@ def copy_part(job: CopyJob) -> dict[str, int]:
                     if src_offset is None:  # not contiguous (another writer): through HDF5
                         crcs[name] = _copy_through_hdf5(job.part, name, fd, dst_offset)
                     elif recorded is None:
-                        crcs[name] = _copy_bytes(src.fileno(), src_offset, fd, dst_offset, nbytes, 0)
+                        crc = _copy_bytes(src.fileno(), src_offset, fd, dst_offset, nbytes, 0)
+                        assert crc is not None  # asked for (0: a CRC from the start)
+                        crcs[name] = crc
                     else:
                         _copy_bytes(src.fileno(), src_offset, fd, dst_offset, nbytes, None)
                         crcs[name] = recorded
@@ -1088,7 +1097,7 @@ def _copy_through_hdf5(part: Path, name: str, dst: int, dst_offset: int) -> int:
         for span in _row_blocks(ds.shape[0], ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64))):
             block = np.ascontiguousarray(ds[span])
             crc = zlib.crc32(block.data, crc)
-            _write_all(dst, memoryview(block.reshape(-1).view(np.uint8)), dst_offset)
+            _write_all(dst, memoryview(block.reshape(-1).view(np.uint8)), dst_offset)  # type: ignore[arg-type]  # as above
             dst_offset += block.nbytes
     return crc
 

@@ -149,7 +149,7 @@ def plan_pairs(pairs: list[Pair], same_dataset: bool) -> tuple[list[tuple[str, s
         if same_dataset and p.query == p.map:
             self_pairs.append(key)
             continue
-        canon = tuple(sorted(key)) if same_dataset else key
+        canon = (min(key), max(key)) if same_dataset else key
         if canon in seen:
             duplicates += 1
             continue
@@ -286,7 +286,7 @@ class _Run:
         self.writer, self.report, self.progress, self.total, self.overlap = writer, report, progress, total, overlap
         self._batches = [matcher.batch(), matcher.batch()]  # alternate: one queued while one is read back
         self._matching: tuple[list, list, PairBatch] | None = None  # a chunk queued on the device
-        self._inflight: tuple[list, dict[int, Future]] | None = None  # a chunk being verified
+        self._inflight: tuple[list, dict[int, Future | _Part]] | None = None  # a chunk being verified
 
     def advance(self) -> None:
         if self.progress:
@@ -329,6 +329,7 @@ class _Run:
         for key, ((kp0, _, size0), (kp1, _, size1)), (m, s) in zip(keys, feats, results, strict=True):
             job = None
             if self.verify is not None:
+                assert self.cameras is not None  # made with the verification
                 cam0, cam1 = self.cameras.get(self.query, key[0], size0), self.cameras.get(self.map, key[1], size1)
                 job = _VerifyJob(cam0, kp0, cam1, kp1, m, self.verify)
                 if self.verify.method == "poses":
@@ -356,7 +357,7 @@ class _Run:
             if job is not None and job.posed is not None:
                 self.report.verified_with_poses += 1
             if v is not None:
-                cols.update(inliers=v.inliers, geometry_config=np.int8(v.config), F=v.F, E=v.E, H=v.H)
+                cols.update(inliers=v.inliers, geometry_config=np.array(v.config, np.int8), F=v.F, E=v.E, H=v.H)
                 self.report.inliers += int(v.inliers.sum())
             self.writer.add(key, **cols)
             self.report.matched += 1
@@ -365,12 +366,12 @@ class _Run:
         self.report.seconds["writing"] += time.perf_counter() - t1
 
 
-def _submit(pending: list, pool: ThreadPoolExecutor) -> dict[int, Future]:
+def _submit(pending: list, pool: ThreadPoolExecutor) -> dict[int, Future | _Part]:
     """Verification of a chunk on the pool: RANSAC one task per pair, the known-pose check
     one vectorized task for all its pairs (its results split back per pair)."""
     jobs = [job for *_, job in pending]
     posed = [i for i, job in enumerate(jobs) if job is not None and job.posed is not None]
-    futures: dict[int, Future] = {}
+    futures: dict[int, Future | _Part] = {}
     if posed:
         conf = jobs[posed[0]].conf
         together = pool.submit(verify_with_poses, [jobs[i].posed for i in posed], conf.max_error, conf.min_inliers)

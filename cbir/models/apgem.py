@@ -141,7 +141,7 @@ def official_rescale(image: np.ndarray, factor: float) -> np.ndarray:
     ``int(0.5 + factor * w) x int(0.5 + factor * h)``."""
     h, w = image.shape[:2]
     size = (max(1, int(0.5 + factor * w)), max(1, int(0.5 + factor * h)))
-    return np.array(Image.fromarray(image).resize(size, Image.BILINEAR))  # a writable copy
+    return np.array(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))  # a writable copy
 
 
 def scale_pool(descs: list[torch.Tensor], pooling: str, gemp: float) -> torch.Tensor:
@@ -184,7 +184,7 @@ class APGeM(WithWeights, GlobalExtractor):
         self.device = resolve_device(self.conf["device"])
         path = find_weights(self.conf["weights"], WEIGHTS_SOURCE, self.conf["weights_dir"])
         self.net, ckpt = build_from_checkpoint(path)
-        self.net = self.net.to(self.device, memory_format=torch.channels_last)
+        self.net = self.net.to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes memory_format; torch's stubs miss it
         pre = ckpt.get("preprocess") or {}
         self.mean = tuple(pre.get("mean", IMAGENET_MEAN))
         self.std = tuple(pre.get("std", IMAGENET_STD))
@@ -206,9 +206,9 @@ class APGeM(WithWeights, GlobalExtractor):
             x = to_tensor(arr, self.device, self.mean, self.std).contiguous(memory_format=torch.channels_last)
             descs.append(self.net(x))
         d = F.normalize(scale_pool(descs, self.conf["scale_pooling"], self.conf["gemp"]), p=2, dim=1)
-        d = d[0].double().cpu().numpy()
+        out = d[0].double().cpu().numpy()
         if self.whitening is not None:
             w = self.whitening
-            d = (d - w["mean"]) @ w["components"].T / w["scale"]
-            d /= np.linalg.norm(d)
-        return d.astype(np.float32)
+            out = (out - w["mean"]) @ w["components"].T / w["scale"]
+            out /= np.linalg.norm(out)
+        return out.astype(np.float32)

@@ -104,7 +104,7 @@ class ResNet(nn.Module):
         map; outputs change by float rounding only."""
         if isinstance(self.bn1, nn.BatchNorm2d):
             fold_batchnorm(self.conv1, self.bn1)
-            self.bn1 = nn.Identity()
+            self.bn1 = nn.Identity()  # type: ignore[assignment]  # the folded norm: an identity, by design
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
                 for i in (1, 2, 3):
@@ -112,9 +112,12 @@ class ResNet(nn.Module):
                     if isinstance(bn, nn.BatchNorm2d):
                         fold_batchnorm(getattr(block, f"conv{i}"), bn)
                         setattr(block, f"bn{i}", nn.Identity())
-                if block.downsample is not None and isinstance(block.downsample[1], nn.BatchNorm2d):
-                    fold_batchnorm(block.downsample[0], block.downsample[1])
-                    block.downsample[1] = nn.Identity()
+                downsample = block.downsample
+                if isinstance(downsample, nn.Sequential) and isinstance(downsample[1], nn.BatchNorm2d):
+                    conv = downsample[0]
+                    assert isinstance(conv, nn.Conv2d)
+                    fold_batchnorm(conv, downsample[1])
+                    downsample[1] = nn.Identity()
         return self
 
     def forward_to(self, x: torch.Tensor, last: str = "layer4") -> torch.Tensor:
@@ -135,6 +138,7 @@ class ResNet(nn.Module):
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """Fold the eval-mode ``bn`` (affine or not) that follows ``conv`` into ``conv``, which
     gains a bias if it had none."""
+    assert bn.running_var is not None and bn.running_mean is not None  # eval-mode statistics
     with torch.no_grad():
         scale = torch.rsqrt(bn.running_var + bn.eps)
         if bn.weight is not None:
@@ -160,6 +164,7 @@ def vgg16_features(until_conv5_3: bool = False) -> nn.Sequential:
         if v == "M":
             layers.append(nn.MaxPool2d(2, 2))
         else:
+            assert isinstance(v, int)
             layers += [nn.Conv2d(channels, v, 3, padding=1), nn.ReLU(inplace=True)]
             channels = v
     return nn.Sequential(*(layers[:-2] if until_conv5_3 else layers))

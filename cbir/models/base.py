@@ -145,6 +145,10 @@ class Extractor:
         same image, so that extractors sharing a pass know what to compute."""
         return None
 
+    def extract(self, image: LoadedImage) -> np.ndarray | dict[str, np.ndarray]:
+        """One image's output: a descriptor (global), or keypoints and descriptors (local)."""
+        raise NotImplementedError
+
     def store_attrs(self, store_name: str) -> dict[str, Any]:
         return {"name": store_name, "config": self.store_config(),
                 "descriptor_dim": int(self.descriptor_dim), "descriptor_dtype": self.descriptor_dtype}

@@ -147,7 +147,7 @@ class DelgNet(nn.Module):
         self.backbone.fuse_batchnorm()
         if isinstance(self.attention.bn, nn.BatchNorm2d):
             fold_batchnorm(self.attention.conv1, self.attention.bn)
-            self.attention.bn = nn.Identity()
+            self.attention.bn = nn.Identity()  # type: ignore[assignment]  # folded: an identity, by design
         return self
 
 
@@ -172,12 +172,13 @@ def official_name(key: str) -> str | None:
         stage, block = int(m[1]) + 1, int(m[2])
         layer = f"backbone/l{stage}{_BLOCK_LETTERS[block]}/{'conv' if m[3] == '0' else 'bn'}_shortcut"
     else:
-        layer = {"backbone.conv1": "backbone/conv1", "backbone.bn1": "backbone/bn_conv1",
+        named = {"backbone.conv1": "backbone/conv1", "backbone.bn1": "backbone/bn_conv1",
                  "embedding": "backbone/embedding_layer", "attention.conv1": "attention/conv1",
                  "attention.bn": "attention/bn_conv1", "attention.conv2": "attention/conv2",
                  "autoencoder.conv1": "autoencoder/conv1", "autoencoder.conv2": "autoencoder/conv2"}.get(module)
-        if layer is None:
+        if named is None:
             raise KeyError(key)
+        layer = named
     is_bn = "/bn" in layer
     return f"{layer}/{_BN_PARAMS[param] if is_bn else {'weight': 'kernel', 'bias': 'bias'}[param]}"
 
@@ -326,7 +327,7 @@ def official_resize(image: np.ndarray, max_size: int | None) -> tuple[np.ndarray
         return image, np.ones(2)
     f = max_size / max(h, w)
     new_w, new_h = int(round(w * f)), int(round(h * f))
-    resized = np.array(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))  # writable
+    resized = np.array(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))  # writable
     return resized, np.array([new_h / h, new_w / w])
 
 
@@ -353,7 +354,7 @@ class DelgEngine:
         self.header = header
         self.local_dim, self.global_dim = net.local_dim, net.global_dim
         self.stride = net.stride
-        self.net = net.fuse_batchnorm().to(device, memory_format=torch.channels_last)
+        self.net = net.fuse_batchnorm().to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes memory_format; torch's stubs miss it
         self.max_size = conf["max_size"]
         self.scales = [float(s) for s in conf["scales"]]
         self._plan = (False, False)
@@ -406,7 +407,7 @@ class DelgEngine:
                     boxes_c.append(self._centres(sel.float(), scale))
                     feats.append(features[0][:, sel[:, 0], sel[:, 1]].T)
                     scores.append(att[sel[:, 0], sel[:, 1]])
-                    scales.append(torch.full((len(sel),), 1.0 / np.float32(scale), device=att.device))
+                    scales.append(torch.full((len(sel),), float(1.0 / np.float32(scale)), device=att.device))
         out = DelgOutput()
         if want_global:
             if globals_:
@@ -420,7 +421,7 @@ class DelgEngine:
 
     def _centres(self, yx: torch.Tensor, scale: float) -> torch.Tensor:
         """Receptive-field box centres (y, x) of block-3 positions, in the resized image."""
-        s = np.float32(scale)
+        s = float(np.float32(scale))  # the float32 value (torch computes in the tensor's float32)
         lo = (self.stride * yx - RF_PADDING) / s
         hi = (self.stride * yx - RF_PADDING + RF_SIZE - 1) / s
         return (lo + hi) / 2

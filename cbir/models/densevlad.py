@@ -71,8 +71,8 @@ def vlad(desc: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     residuals = desc - centroids[assign]
     v = np.zeros((k, d), np.float32)
     np.add.at(v, assign, residuals)  # in descriptor order
-    v = exact.unit_rows(torch.from_numpy(v))  # intra-normalization (a centroid with nothing stays 0)
-    return exact.unit_rows(v.reshape(1, -1))[0].numpy()
+    intra = exact.unit_rows(torch.from_numpy(v))  # intra-normalization (a centroid with nothing stays 0)
+    return exact.unit_rows(intra.reshape(1, -1))[0].numpy()
 
 
 class DenseVLAD(GlobalExtractor):
@@ -97,7 +97,7 @@ class DenseVLAD(GlobalExtractor):
 
     def __init__(self, conf: dict[str, Any] | None = None):
         super().__init__(conf)
-        self._sift = cv2.SIFT_create()
+        self._sift = cv2.SIFT_create()  # type: ignore[attr-defined]  # OpenCV's stubs lack it
         self.model: dict[str, np.ndarray] | None = None
         self._sliced: tuple[dict[str, np.ndarray], exact.Sliced] | None = None
         self._learned: dict[bytes, np.ndarray] = {}  # image key -> VLAD of a training image (see prepare)
@@ -165,6 +165,7 @@ class DenseVLAD(GlobalExtractor):
         km = faiss.Kmeans(128, k, niter=self.conf["kmeans_iters"], seed=self.conf["seed"], verbose=False)
         km.train(data)
         step(1, total)
+        assert km.centroids is not None  # trained
         centroids = km.centroids.astype(np.float32)
         rows = []
         for i in train:
@@ -204,6 +205,7 @@ class DenseVLAD(GlobalExtractor):
 
     def _components(self) -> exact.Sliced:
         """The PCA components' exact slices, made once (four times the components' memory)."""
+        assert self.model is not None  # loaded or learned before extraction
         if self._sliced is None or self._sliced[0] is not self.model:
             self._sliced = (self.model, exact.slice_rows(torch.from_numpy(
                 self.model["pca_components"].astype(np.float32))))

@@ -111,9 +111,11 @@ def _load_mat(path: Path) -> tuple[NetVLADNet, dict[str, Any]]:
             if w.shape != conv.weight.shape:
                 raise CbirError(f"conv weights {tuple(w.shape)} do not fit VGG-16's {tuple(conv.weight.shape)}", path)
             conv.weight.copy_(w)
+            assert conv.bias is not None  # VGG-16's convs have biases
             conv.bias.copy_(torch.from_numpy(np.asarray(layer.weights[1], np.float32).reshape(-1)))
         net.assign.weight.copy_(torch.from_numpy(assign_w.T.copy())[:, :, None, None])
         net.centroids.copy_(torch.from_numpy(centres.T.copy()))
+        assert net.whiten is not None  # built with the whitening
         net.whiten.weight.copy_(torch.from_numpy(whiten_w.T.copy()))
         net.whiten.bias.copy_(torch.from_numpy(whiten_b))
     return net, {"mean": tuple(average), "std": (1.0, 1.0, 1.0), "scale": 255.0}
@@ -170,7 +172,7 @@ class NetVLAD(WithWeights, GlobalExtractor):
         self.device = resolve_device(self.conf["device"])
         path = find_weights(self.conf["weights"], WEIGHTS_SOURCE, self.conf["weights_dir"])
         net, self.pre = load_netvlad(path)
-        self.net = net.to(self.device, memory_format=torch.channels_last)
+        self.net = net.to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes memory_format; torch's stubs miss it
         self.descriptor_dim = self.net.out_dim
 
 

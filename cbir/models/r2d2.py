@@ -120,7 +120,8 @@ def parse_net_spec(spec: str, path: Path) -> dict[str, Any]:
         try:
             call = ast.parse(f"f({m.group(2)})", mode="eval").body
             assert isinstance(call, ast.Call) and not call.args
-            kwargs.update({kw.arg: ast.literal_eval(kw.value) for kw in call.keywords})
+            assert all(kw.arg is not None for kw in call.keywords)  # no **mapping
+            kwargs.update({str(kw.arg): ast.literal_eval(kw.value) for kw in call.keywords})
         except (SyntaxError, ValueError, AssertionError):
             raise CbirError(f"cannot parse the network arguments of {spec!r}", path) from None
     unknown = set(kwargs) - {"fast", "dim", "mchan", "relu22", "downsample_factor"}
@@ -188,8 +189,8 @@ class R2D2(WithWeights, LocalExtractor):
         self.device = resolve_device(self.conf["device"])
         # channels-last convs run ~1.5x faster on CPU (oneDNN) and are the norm on GPU
         self.weights_path = find_weights(self.conf["weights"], WEIGHTS_SOURCE, self.conf["weights_dir"])
-        self.net = load_r2d2(self.weights_path).fuse_batchnorm().to(self.device,
-                                                                       memory_format=torch.channels_last)
+        net = load_r2d2(self.weights_path).fuse_batchnorm()
+        self.net = net.to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes memory_format; torch's stubs miss it
         self.descriptor_dim = self.net.out_dim
 
     @torch.inference_mode()

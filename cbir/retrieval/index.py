@@ -244,7 +244,7 @@ def _load_index_bytes(where: IndexBytes) -> faiss.Index:
             def read(n: int) -> bytes:  # never past the index's own bytes
                 return f.read(min(n, end - f.tell()))
 
-            return faiss.read_index(faiss.PyCallbackIOReader(read, READ_PIECE))
+            return faiss.read_index(faiss.PyCallbackIOReader(read, READ_PIECE))  # type: ignore[attr-defined]  # not in faiss's stubs
     except RuntimeError as e:
         raise FormatError(f"cannot read the index ({str(e).splitlines()[0][:200]}): the file is corrupt",
                           where.file) from None
@@ -267,8 +267,9 @@ def structure_problem(index: faiss.Index, kind: str, dim: int, n: int, conf: Ind
         if found != wanted:
             return f"{what} {found}, expected {wanted}"
     pq, fresh_pq = getattr(index, "pq", None), getattr(fresh, "pq", None)
-    if pq is not None and (pq.M, pq.nbits) != (fresh_pq.M, fresh_pq.nbits):
-        return f"product quantizer {pq.M}x{pq.nbits} bits, expected {fresh_pq.M}x{fresh_pq.nbits}"
+    if pq is not None and (fresh_pq is None or (pq.M, pq.nbits) != (fresh_pq.M, fresh_pq.nbits)):
+        wanted = f"{fresh_pq.M}x{fresh_pq.nbits} bits" if fresh_pq is not None else "none"
+        return f"product quantizer {pq.M}x{pq.nbits} bits, expected {wanted}"
     if isinstance(index, faiss.IndexIVF):
         quantizer = faiss.downcast_index(index.quantizer)
         if not isinstance(quantizer, faiss.IndexFlat) or quantizer.d != dim or quantizer.ntotal != index.nlist:

@@ -22,9 +22,10 @@ On a GPU the map stays resident in device memory when it fits (:class:`MapChunks
 from __future__ import annotations
 
 import gc
+import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -39,12 +40,13 @@ from ..errors import CbirError
 from ..io.dataset import Dataset, model_path
 from ..io.pairs import Pair
 from ..io.provenance import differences
-from ..io.store import Store, open_store
+from ..io.store import Store, image_keys, open_store
 from ..validate import check_integer, check_number
 from .fusion import FusionConf, fuse, nan_last, normalized_weights, restore_nan
 from .names import PRECISIONS
 
-T, R = TypeVar("T"), TypeVar("R")
+T = TypeVar("T")
+R = TypeVar("R")
 #: fusions that never decrease when one similarity grows (on their domain): an upper bound of
 #: every similarity then bounds the fused score, which half precision's exactness rests on
 MONOTONE = frozenset({"gharm", "mean", "min", "max", "mean_and_min", "min_and_max"})
@@ -155,7 +157,7 @@ class DescriptorSet:
     def align(cls, stores: list[Store], images: Iterable[str] | None = None) -> DescriptorSet:
         """The images every store has; with ``images`` (the dataset's records), only those: a
         store may hold descriptors of images of another dataset, which must not be retrieved."""
-        first = stores[0].names
+        first = image_keys(stores[0].names)
         if all(s.names == first for s in stores[1:]):  # the same images in the same order: rows as stored
             if images is None:  # 0.04 s instead of 0.8 s for a million images
                 return cls(stores, list(first), [np.arange(len(first)) for _ in stores], [])
@@ -163,17 +165,17 @@ class DescriptorSet:
             keep = np.flatnonzero(known)
             return cls(stores, [first[i] for i in keep.tolist()], [keep.copy() for _ in stores], [],
                        foreign=sorted(first[i] for i in np.flatnonzero(~known).tolist()))
-        common = set(stores[0].names)
+        common = set(image_keys(stores[0].names))
         for s in stores[1:]:
-            common &= set(s.names)
-        everything = set().union(*(set(s.names) for s in stores))
+            common &= set(image_keys(s.names))
+        everything: set[str] = set().union(*(set(image_keys(s.names)) for s in stores))
         foreign: set[str] = set()
         if images is not None:
-            known = set(images)
-            foreign = everything - known
-            common &= known
-            everything &= known
-        names = [n for n in stores[0].names if n in common]
+            known_names = set(images)
+            foreign = everything - known_names
+            common &= known_names
+            everything &= known_names
+        names = [n for n in image_keys(stores[0].names) if n in common]
         dropped = sorted(everything - common)
         rows = [np.array([s.index(n) for n in names], dtype=np.int64) for s in stores]
         return cls(stores, names, rows, dropped, foreign=sorted(foreign))
@@ -181,7 +183,7 @@ class DescriptorSet:
     def with_arrays(self, arrays: list[np.ndarray]) -> DescriptorSet:
         return DescriptorSet(self.stores, self.names, self.rows, self.dropped, arrays, self.foreign)
 
-    def subset(self, index: np.ndarray) -> DescriptorSet:
+    def subset(self, index: np.ndarray | Sequence[int]) -> DescriptorSet:
         """The images at ``index`` (a sample of queries, a shard of the map), in that order."""
         index = np.asarray(index, dtype=np.int64)
         return DescriptorSet(self.stores, [self.names[i] for i in index], [r[index] for r in self.rows], [],
@@ -259,16 +261,12 @@ def read_ahead(read: Callable[[T], R], items: Iterable[T], thread: bool = True) 
         return
     with ThreadPoolExecutor(1, thread_name_prefix="cbir-read") as reader:
         it = iter(items)
-        item = next(it, _END)
-        ahead = reader.submit(read, item) if item is not _END else None
-        while ahead is not None:
-            done, result = item, ahead.result()
-            item = next(it, _END)
-            ahead = reader.submit(read, item) if item is not _END else None
-            yield done, result
-
-
-_END = object()
+        ahead = [(item, reader.submit(read, item)) for item in itertools.islice(it, 1)]
+        while ahead:
+            item, future = ahead.pop()
+            result = future.result()
+            ahead.extend((following, reader.submit(read, following)) for following in itertools.islice(it, 1))
+            yield item, result
 
 
 @contextmanager
@@ -314,6 +312,7 @@ class MapChunks:
         if self.resident:
             if self._full is None:
                 self._load()
+            assert self._full is not None  # loaded
             for m0 in range(0, self.n, self.chunk):
                 m1 = min(self.n, m0 + self.chunk)
                 yield m0, [f[m0:m1] for f in self._full], \
@@ -323,9 +322,10 @@ class MapChunks:
         chunks = read_ahead(lambda m0: self.database.take_host(np.arange(m0, min(self.n, m0 + self.chunk))), starts)
         while True:
             with self.clock("read"):
-                m0, host = next(chunks, (None, None))
-                if host is None:
+                item = next(chunks, None)
+                if item is None:
                     return
+                m0, host = item
                 chunk = [self._upload(h) for h in host]
             yield m0, chunk, [c.to(self.half) for c in chunk] if self.half else None
 
@@ -728,9 +728,10 @@ class StepClock:
         it = iter(items)
         while True:
             with self(name):
-                item = next(it, _END)
-            if item is _END:
-                return
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
             yield item
 
 
