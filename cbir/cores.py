@@ -14,6 +14,16 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def default_workers(limit: int = 16) -> int:
+    """Worker threads for decoding, reading and verification: the cores this process may
+    use, at most ``limit``."""
+    return max(1, min(limit, usable_cores()))
+
+
+#: pose estimation's processes at most by default (each holds a query's data and pycolmap's state)
+LOCALIZE_WORKERS = 4
+
+
 #: most workers a command accepts (``--num-workers``, ``num_workers``): far above any
 #: machine's useful count, a bound on what a typo or a crafted configuration can start
 MAX_WORKERS = 256

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from .cores import usable_cores
+from .cores import default_workers as default_workers  # sized in cbir.cores, re-exported
 
 
 def to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -69,9 +69,3 @@ def memory_budget(device: torch.device, fraction: float = 0.5) -> int:
         return 0
     free, _ = torch.cuda.mem_get_info(device)
     return int(free * fraction)
-
-
-def default_workers(limit: int = 16) -> int:
-    """Worker threads for decoding, reading and verification: the cores this process may
-    use, at most ``limit``."""
-    return max(1, min(limit, usable_cores()))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -559,6 +558,3 @@ def _vector(value: Any, n: int, key: str, name: str, bad: Callable[[str], Format
         raise bad(f"{key!r} of {name!r} is not {n} finite numbers")
     return tuple(float(v) for v in value)
 
-
-def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
-from ..cores import MAX_WORKERS
+from ..cores import LOCALIZE_WORKERS, MAX_WORKERS, default_workers
 from ..geometry.colmap_options import PAPER_CONFIGS
 from ..io.atomic import atomic_write_text
 from ..io.kapture_text import format_rigs
@@ -116,7 +116,7 @@ def localize_cmd(ctx: click.Context, query: Path, map_: Path, pairs_file: str, l
     with progress_bar("localize", quiet or as_json) as update:
         report = localize_mod.main(q, m, read_pairs(pairs_file), local, matches, map_name=map_name, config=config,
                                    overrides=parse_conf(conf_items), name=name,
-                                   num_workers=localize_mod.default_workers() if num_workers is None else num_workers,
+                                   num_workers=num_workers or default_workers(LOCALIZE_WORKERS),
                                    use_unverified=use_unverified, post=post,
                                    pairs_source=localize_mod.pairs_source(pairs_file, q), overwrite=overwrite,
                                    progress=update, estimate=estimate)

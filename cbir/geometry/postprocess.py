@@ -18,14 +18,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.spatial.transform import Rotation, Slerp
 
 from ..errors import CbirError
-from ..io.sensors import SensorData
 from .poses import Pose
+
+if TYPE_CHECKING:  # geometry is below the data model (cbir.io imports it), never the other way
+    from ..io.sensors import SensorData
 
 
 def _with_pose(res, pose: Pose, method: str, reason: str):
