@@ -459,7 +459,7 @@ def test_check_compares_sizes_of_stored_pixels(sample_dataset):
 # ============================================================================ disk full, signals
 
 def test_no_space_left_is_one_line_and_resumable(sample_dataset, monkeypatch):
-    import cbir.io.store as store_mod
+    import cbir.io.store.writer as store_mod  # where the writer looks _write_arrays up
 
     real = store_mod._write_arrays
 
