@@ -1,21 +1,25 @@
-"""Where the steps run: the one seam between the commands (and the pipeline) and the machines.
+"""Where the steps run: the one seam between the steps and the machines.
 
-The steps that cut into shards, extraction (by image), matching (by pair), retrieval and
-index building (by map range) and pose estimation (by query), are called through an
-executor, with one signature each, so that the command line and the pipeline never ask
-where they run. :class:`LocalExecutor` runs each step in this process, as one shard written
-in place; :class:`cbir.distributed.RayExecutor` runs shards as Ray tasks and actors, on
-the same step functions, and reduces their parts (stores merged, reports summed, top-k's
-merged) into what a local run writes (tests/test_ray.py). :func:`make_executor` builds one
-by name; only :mod:`cbir.distributed` imports Ray, and only when it is asked for.
+Every step that cuts into shards (extraction by image, matching by pair, retrieval and index
+building by map range, pose estimation by query) is defined once, in :mod:`cbir.steps`: how
+it cuts its work, what a worker sets up once (networks, the map), how a shard runs and how
+the shards' parts are reduced (stores merged, reports summed, top-k's merged). It hands an
+executor a :class:`Work`; the executor only runs shards. :class:`LocalExecutor` runs them in
+this process, and its steps write their outputs in place as one shard (stores resume where
+they stand); :class:`cbir.distributed.RayExecutor` runs them as Ray tasks and actors, each
+shard writing its own part, and the step reduces the parts into what a local run writes
+(tests/test_ray.py). The commands and the pipeline call the steps through
+:class:`Executor`'s methods and never ask where they run; only :mod:`cbir.distributed`
+imports Ray, and only when it is asked for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .errors import CbirError
 
@@ -27,6 +31,7 @@ if TYPE_CHECKING:
     from .models.base import Extractor
     from .retrieval.index import IndexConf
     from .retrieval.search import DescriptorSet, RetrievalConf
+    from .steps.localize import Estimate
 
 #: ``update(advance, total)`` of a phase's progress
 Progress = Callable[[int, int], None]
@@ -41,13 +46,47 @@ ExtractorJob: TypeAlias = "Extractor | tuple[str, str, dict[str, Any]]"
 
 @dataclass(frozen=True)
 class ShardSizes:
-    """Work a shard (a task) holds, per step: images to extract, pairs to match, queries to
-    localize, map images to search or index. The local executor runs each step as one shard."""
+    """Work a shard (a task) holds, per step, where shards run apart from the driver: images
+    to extract, pairs to match, queries to localize, map images to search or index. The local
+    executor runs each step as one shard."""
 
     images: int = 64
     pairs: int = 1000
     queries: int = 100
     map_images: int = 100_000
+
+
+@dataclass
+class Work:
+    """A step's shards, for an executor to run: ``task(state, *shards[i], threads=, progress=)``
+    for every shard ``i`` still to run (``task(*shards[i], ...)`` without a state).
+
+    ``task`` and ``setup`` are module-level functions (a cluster pickles them by name).
+    ``setup = (build, args)``: the state a worker builds once, ``build(*args)``, and keeps for
+    every shard it runs (networks with their weights, the map); ``state``: that state already
+    built in this process (the driver opened it to plan), which an executor running shards
+    here uses instead. ``labels``: each shard's first item (errors name the shard by it);
+    ``sizes``: its items, ``total`` the step's (``progress(sizes[i], total)`` as shard ``i``
+    ends, where the shard cannot report as it goes). ``threads``: the threads a shard run
+    here uses (None: its own default; a cluster's shard gets the CPUs it was given).
+    ``on_gpu``: a shard wants a GPU; ``role``: what its workers are (``extraction``,
+    ``localization``; a cluster names their processes by it), None where the state is cheap
+    to build: a cluster then builds it in each shard's task rather than keeping workers.
+    ``torch``: the shards compute with torch (a cluster's worker sets torch's threads to
+    its CPUs; work without torch does not import it)."""
+
+    task: Callable[..., Any]
+    shards: dict[int, tuple]
+    labels: list[str]
+    sizes: list[int]
+    total: int = 0
+    setup: tuple[Callable[..., Any], tuple] | None = None
+    state: Any = None
+    threads: int | None = None
+    progress: Progress | None = None
+    on_gpu: bool = False
+    role: str | None = "shard"
+    torch: bool = True
 
 
 @dataclass
@@ -62,118 +101,89 @@ class RetrievalRun:
     notes: list[str] = field(default_factory=list)
 
 
-class Executor(Protocol):
-    """What runs the steps (see the module's documentation)."""
+class Executor(ABC):
+    """What runs the steps' shards (see the module's documentation). The step methods are
+    the steps of :mod:`cbir.steps`, run by this executor."""
 
     name: str
     sizes: ShardSizes
+    #: the shards run in this process and write the final outputs (one shard a step)
+    in_place: bool
+
+    @abstractmethod
+    def run(self, work: Work) -> Iterator[tuple[int, Any]]:
+        """Run every shard of ``work``; yield ``(i, result)`` as shards finish. An error in
+        a shard is raised (one line)."""
+
+    def share(self, value: Any) -> Any:
+        """``value`` as shards receive it: a large value many shards read is sent once."""
+        return value
 
     def extract(self, extractors: Sequence[ExtractorJob], dataset: Dataset, *,
                 store_names: Sequence[str | None] | None = None, images: list[str] | None = None,
                 overwrite: bool = False, num_workers: int | None = None, image_options: ImageOptions | None = None,
                 progress: Progress | None = None, learning: Progress | None = None,
                 merging: Progress | None = None) -> list[ExtractReport]:
-        """:func:`cbir.extract.extract_all`: ``learning`` is the progress of a model learned on
-        the map first, ``merging`` that of the shards' merge."""
-        ...
+        """:func:`cbir.steps.extract.extract`."""
+        from .steps.extract import extract
+
+        return extract(self, extractors, dataset, store_names=store_names, images=images, overwrite=overwrite,
+                       num_workers=num_workers, image_options=image_options, progress=progress, learning=learning,
+                       merging=merging)
 
     def match(self, query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: str | None = None,
               matcher: Any = None, verify: Any = None, device: str = "auto", overwrite: bool = False,
               num_workers: int | None = None, progress: Progress | None = None, merging: Progress | None = None,
               pairs_file: str | None = None) -> MatchReport:
-        """:func:`cbir.matching.match.main`."""
-        ...
+        """:func:`cbir.steps.match.match`."""
+        from .steps.match import match
+
+        return match(self, query, map_, pairs, local, name=name, matcher=matcher, verify=verify, device=device,
+                     overwrite=overwrite, num_workers=num_workers, progress=progress, merging=merging,
+                     pairs_file=pairs_file)
 
     def retrieve(self, query: Dataset, map_: Dataset, qset: DescriptorSet, mset: DescriptorSet,
                  store_names: list[str], conf: RetrievalConf, *, device: str = "auto", qe: int = 0,
                  qe_alpha: float = 0.0, dba: int = 0, dba_alpha: float = 0.0, index: IndexConf | None = None,
                  recall_sample: int = 0, progress: Progress | None = None) -> RetrievalRun:
-        """The top-k pairs of ``qset`` (the query dataset's open descriptors) against
-        ``mset``: exact (with query expansion ``qe`` and database augmentation ``dba``), or
-        through the faiss indexes of ``index`` (kept ones, else built for the call)."""
-        ...
+        """:func:`cbir.steps.retrieve.retrieve`."""
+        from .steps.retrieve import retrieve
+
+        return retrieve(self, query, map_, qset, mset, store_names, conf, device=device, qe=qe, qe_alpha=qe_alpha,
+                        dba=dba, dba_alpha=dba_alpha, index=index, recall_sample=recall_sample, progress=progress)
 
     def build_indexes(self, map_: Dataset, store_names: list[str], conf: IndexConf, *, overwrite: bool = False,
                       progress: Progress | None = None) -> list[tuple[Path, str]]:
-        """``cbir index build``: the kept index files, ``(path, new | kept | rebuilt)`` each."""
-        ...
+        """:func:`cbir.steps.retrieve.build_indexes`."""
+        from .steps.retrieve import build_indexes
 
-    def pose_estimator(self) -> Callable[..., list] | None:
-        """The ``estimate`` of :func:`cbir.localize.main` (None: in this process)."""
-        ...
+        return build_indexes(self, map_, store_names, conf, overwrite=overwrite, progress=progress)
+
+    def pose_estimator(self) -> Estimate:
+        """The ``estimate`` of :func:`cbir.localize.main`: :func:`cbir.steps.localize.estimator`."""
+        from .steps.localize import estimator
+
+        return estimator(self)
 
 
-class LocalExecutor:
+class LocalExecutor(Executor):
     """Every step in this process, as one shard whose outputs are the final ones (stores
     resume in place); its threads are the steps' own (``num_workers``)."""
 
     name = "local"
+    in_place = True
 
     def __init__(self, sizes: ShardSizes = ShardSizes()) -> None:
         self.sizes = sizes
 
-    def extract(self, extractors: Sequence[ExtractorJob], dataset: Dataset, *,
-                store_names: Sequence[str | None] | None = None, images: list[str] | None = None,
-                overwrite: bool = False, num_workers: int | None = None, image_options: ImageOptions | None = None,
-                progress: Progress | None = None, learning: Progress | None = None,
-                merging: Progress | None = None) -> list[ExtractReport]:
-        from . import extract as extract_mod
-
-        built = [e if isinstance(e, extract_mod.Extractor) else extract_mod.build_extractor(e[1], e[2], e[0])
-                 for e in extractors]
-        return extract_mod.extract_all(built, dataset, store_names=store_names, images=images,
-                                       overwrite=overwrite, num_workers=num_workers, progress=progress,
-                                       image_options=image_options or extract_mod.ImageOptions(), learning=learning)
-
-    def match(self, query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: str | None = None,
-              matcher: Any = None, verify: Any = None, device: str = "auto", overwrite: bool = False,
-              num_workers: int | None = None, progress: Progress | None = None, merging: Progress | None = None,
-              pairs_file: str | None = None) -> MatchReport:
-        from .matching import MatcherConf
-        from .matching import match as match_mod
-
-        return match_mod.main(query, map_, pairs, local, name=name, matcher=matcher or MatcherConf(), verify=verify,
-                              device=device, overwrite=overwrite, num_workers=num_workers, progress=progress,
-                              pairs_file=pairs_file)
-
-    def retrieve(self, query: Dataset, map_: Dataset, qset: DescriptorSet, mset: DescriptorSet,
-                 store_names: list[str], conf: RetrievalConf, *, device: str = "auto", qe: int = 0,
-                 qe_alpha: float = 0.0, dba: int = 0, dba_alpha: float = 0.0, index: IndexConf | None = None,
-                 recall_sample: int = 0, progress: Progress | None = None) -> RetrievalRun:
-        from .io.index_file import index_path
-        from .models.base import resolve_device
-        from .retrieval.index import kept_or_built, recall_against_exact, retrieve_indexed, sparse_training
-        from .retrieval.rerank import retrieve_with_expansion
-
-        dev = resolve_device(device)
-        if index is None:
-            return RetrievalRun(retrieve_with_expansion(qset, mset, conf, qe=qe, qe_alpha=qe_alpha, dba=dba,
-                                                        dba_alpha=dba_alpha, device=dev, progress=progress))
-        require_exact_for_expansion(qe, dba)
-        # built once by `cbir index build`; refused when the stores changed since
-        indexes, built = kept_or_built(index_path(map_, store_names, index.kind), mset, index, dev)
-        note = sparse_training(index.kind, len(mset.names), index) if built else None
-        pairs = retrieve_indexed(qset, mset, conf, index, dev, indexes, progress=progress)
-        recall = recall_against_exact(qset, mset, conf, index, recall_sample, dev, indexes) if recall_sample else None
-        return RetrievalRun(pairs, recall, int(built), [note] if note else [])
-
-    def build_indexes(self, map_: Dataset, store_names: list[str], conf: IndexConf, *, overwrite: bool = False,
-                      progress: Progress | None = None) -> list[tuple[Path, str]]:
-        from .io.index_file import index_path
-        from .retrieval.index import keep_indexes
-        from .retrieval.search import open_descriptor_sets
-
-        path = index_path(map_, store_names, conf.kind)
-        with open_descriptor_sets(map_, map_, store_names) as (_, mset):
-            if not mset.names:
-                raise CbirError("no map image has every descriptor", map_.root)
-            status = keep_indexes(path, mset, conf, overwrite)
-        if progress:
-            progress(len(mset.names), len(mset.names))
-        return [(path, status)]
-
-    def pose_estimator(self) -> Callable[..., list] | None:
-        return None
+    def run(self, work: Work) -> Iterator[tuple[int, Any]]:
+        state = work.state
+        if state is None and work.setup is not None:
+            build, args = work.setup
+            state = build(*args)
+        for i in sorted(work.shards):
+            args = work.shards[i] if work.setup is None and work.state is None else (state, *work.shards[i])
+            yield i, work.task(*args, threads=work.threads, progress=work.progress)
 
 
 def require_exact_for_expansion(qe: int, dba: int) -> None:

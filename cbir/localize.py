@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
@@ -231,7 +230,7 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
          num_workers: int = 2, use_unverified: bool = False, refine_unknown_focal: bool = True,
          post: PostprocessConf = PostprocessConf(), pairs_source: dict[str, Any] | None = None,
          overwrite: bool = False, progress: Callable[[int, int], None] | None = None,
-         estimate: Callable[..., list[QueryResult]] | None = None) -> LocalizeReport:
+         estimate: Callable[..., tuple[list[QueryResult], dict[str, float]]] | None = None) -> LocalizeReport:
     """Localize every query image of ``pairs`` (then post-process the failures as ``post``
     says); results in ``QUERY/cbir/localization/<name>/``.
 
@@ -239,10 +238,10 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
     configuration made from the same inputs is reused, one made from changed inputs is
     redone, one of another configuration is replaced only with ``overwrite``.
     ``pairs_source``: where the pairs come from (file, retrieval record), part of the
-    configuration. ``estimate(source, queries, by_query, progress)`` makes the tasks of the
-    queries from ``source`` (a :class:`TaskSource`) and estimates their poses, in order
-    (default: the tasks made here, estimated on ``num_workers`` processes of this machine;
-    on a Ray cluster's actors: :func:`cbir.distributed.ray_estimator`)."""
+    configuration. ``estimate`` is an executor's pose estimation step
+    (:func:`cbir.steps.localize.estimator`; default: in this process, on ``num_workers``
+    processes): it makes the tasks of the queries from ``source`` (a :class:`TaskSource`),
+    or from the map opened here, and estimates their poses, in order."""
     overrides = dict(overrides or {})
     conf, est_over, ref_over = localization_options(config, overrides)
     name = name or f"{local}-{config}"
@@ -264,7 +263,6 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
         status = _prior_result(directory, record_config, inputs, overwrite)
         if status == "reused":
             return LocalizeReport(directory, read_results(directory), status, skipped_pairs=skipped, warnings=warnings)
-        t0 = time.perf_counter()
         source = TaskSource(str(query.root), str(map_path), str(mstore.path), str(qfeats.path), local, conf, est_over,
                             ref_over, refine_unknown_focal, use_unverified)
         by_query: dict[str, list[str]] = {}
@@ -274,14 +272,13 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, matches: 
         # names of the pairs file that are not among them were counted by screen_pairs
         queries = sorted(query.sensors.image_names())
         if estimate is None:
-            tasks = TaskMaker(source, point_map, mstore, qfeats).tasks(queries, by_query)
-    t1 = time.perf_counter()
-    if estimate is not None:  # the tasks are made where they run
-        results = estimate(source, queries, by_query, progress)
-    else:
-        results = estimate_locally(tasks, num_workers, progress)
-    report = LocalizeReport(directory, _postprocess(results, query, post), status,
-                            {"correspondences": t1 - t0, "pose": time.perf_counter() - t1}, skipped, warnings)
+            from .executor import LocalExecutor
+
+            estimate = LocalExecutor().pose_estimator()
+        results, seconds = estimate(source, queries, by_query, progress,
+                                    opened=lambda: TaskMaker(source, point_map, mstore, qfeats),
+                                    num_workers=num_workers)
+    report = LocalizeReport(directory, _postprocess(results, query, post), status, seconds, skipped, warnings)
     write_results(report, query, {"config": record_config, "inputs": inputs,
                                   "seconds": {k: round(v, 3) for k, v in report.seconds.items()}})
     return report

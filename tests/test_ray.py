@@ -258,7 +258,7 @@ def test_matching_shards_make_the_local_store(cluster, sceaux, tmp_path, local_s
     target.write_bytes(local_store.read_bytes())
     ds = Dataset(root)
     stop, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_first_shard_worker, args=(stop, killed, (b"ray::_match_shard",)))
+    killer = threading.Thread(target=_kill_first_shard_worker, args=(stop, killed, (b"ray::match_shard",)))
     killer.start()
     try:
         report = match_on_ray(ds, ds, exhaustive_pairs(ds.sensors.image_names()), "sift", conf=RayConf(shard_size=10),
@@ -312,7 +312,7 @@ def test_the_pipeline_runs_on_the_cluster(cluster, tmp_path, monkeypatch):
                          if label == "ray" else ""))
         stop, killed = threading.Event(), []
         killer = threading.Thread(target=_kill_first_shard_worker,
-                                  args=(stop, killed, (b"ray::_retrieve_shard", b"ray::LocalizationActor.run")))
+                                  args=(stop, killed, (b"ray::topk_shard", b"ray::LocalizationActor.run")))
         if label == "ray":  # a worker killed in a shard of retrieval and in one of pose estimation
             killer.start()
         try:
