@@ -29,8 +29,9 @@ if TYPE_CHECKING:
     from .io.pairs import Pair
     from .matching.match import MatchReport
     from .models.base import Extractor
+    from .retrieval.conf import RetrievalConf
+    from .retrieval.descriptors import DescriptorSet
     from .retrieval.index import IndexConf
-    from .retrieval.search import DescriptorSet, RetrievalConf
     from .steps.localize import Estimate
 
 #: ``update(advance, total)`` of a phase's progress

@@ -224,7 +224,7 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
     label = ", ".join(f"{kind} {n}" for kind, n in jobs)
     image_options = extract_mod.ImageOptions(apply_exif, max_image_pixels)
     run = cli_executor(executor, ray_address, shard_size, "images")
-    where = f" ({run.name})" if run.name != "local" else ""
+    where = "" if run.in_place else f" ({run.name})"
     with progress_bars(quiet or as_json, f"extract {label}{where}", LEARNING_LABEL,
                        "merge the shards") as (update, learning, merging):
         reports = run.extract(specs, ds, store_names=[name] * len(specs), images=images, overwrite=overwrite,
@@ -337,7 +337,7 @@ def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, l
                              min_inliers=min_inliers) if verify else None
     quiet = is_quiet(ctx)
     run = cli_executor(executor, ray_address, shard_size, "pairs")
-    with progress_bars(quiet or as_json, "match" + (f" ({run.name})" if run.name != "local" else ""),
+    with progress_bars(quiet or as_json, "match" + ("" if run.in_place else f" ({run.name})"),
                        "merge the shards") as (update, merging):
         report = run.match(q, m, pairs, local, name=name, matcher=matcher, verify=verify_conf, device=device,
                            overwrite=overwrite, num_workers=num_workers, progress=update, merging=merging,

@@ -39,8 +39,8 @@ def index_build(ctx: click.Context, map_: Path, global_: str, kind: str, nlist: 
                 shard_size: int, as_json: bool) -> None:
     """Train and fill the indexes of MAP's global stores (streaming them), and keep them in
     MAP/cbir/index/ with a record of the stores and options (written atomically)."""
+    from ..retrieval.descriptors import open_descriptor_sets
     from ..retrieval.index import IndexConf, sparse_training
-    from ..retrieval.search import open_descriptor_sets
 
     names = [n.strip() for n in global_.split(",") if n.strip()]
     m = open_dataset(map_)

@@ -8,6 +8,7 @@ from typing import Any
 import click
 from rich.markup import escape
 
+from ..executor import Executor
 from ..io.pairs import write_pairs
 from ..retrieval.names import ALIASES, FUSIONS, INDEX_KINDS, MAX_LSH_BITS, PRECISIONS
 from ._common import console_err, is_quiet, open_dataset, print_json, report_written, warn
@@ -26,13 +27,14 @@ def _say_left_out(qset: Any, mset: Any) -> None:
                                 f"{' ...' if len(dset.dropped) > 5 else ''}", highlight=False)
 
 
-def _say_built(built: int, keep_hint: str, kind: str, executor: str, shard_size: int) -> None:
-    """Indexes built for this call only, and the command that keeps them."""
-    if executor == "local":
+def _say_built(built: int, keep_hint: str, kind: str, executor: Executor, shard_size: int) -> None:
+    """Indexes built for this call only, and the command that keeps them (one file for the
+    map where the executor runs in place, else one a map shard, cut as this search cut it)."""
+    if executor.in_place:
         console_err().print(f"built the {kind} index for this call only: `{keep_hint}` keeps it", highlight=False)
     else:
         console_err().print(f"built the {kind} indexes of {built} map shards for this call only: "
-                            f"`{keep_hint} --executor {executor} --shard-size {shard_size}` keeps them",
+                            f"`{keep_hint} --executor {executor.name} --shard-size {shard_size}` keeps them",
                             highlight=False)
 
 
@@ -97,9 +99,11 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
     exact search by default, streamed over the map in bounded memory.
     """
     from ..models.base import resolve_device
+    from ..retrieval.conf import RetrievalConf
+    from ..retrieval.descriptors import open_descriptor_sets
     from ..retrieval.fusion import FusionConf
     from ..retrieval.index import IndexConf, recall_advice
-    from ..retrieval.search import RetrievalConf, open_descriptor_sets, pairs_record
+    from ..retrieval.ranking import pairs_record
 
     if index_kind != "exact" and (qe or dba):
         raise click.UsageError("--qe and --dba run on exact search: drop --index")
@@ -125,12 +129,12 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
         pairs, recall = result.pairs, result.recall
         if result.indexes_built and not quiet:
             _say_built(result.indexes_built, f"cbir index build {m.root} --global {','.join(names)} "
-                       f"--index {index_kind}", index_kind, run.name, shard_size)
+                       f"--index {index_kind}", index_kind, run, shard_size)
         for note in result.notes:
             warn(note)
         index_options = {"index": index_kind} if index_kind == "exact" else \
             {"index": index_kind, "candidates": candidates, "nlist": nlist, "nprobe": nprobe, "pq_m": pq_m,
-             "lsh_bits": lsh_bits, **({"index_shard_size": shard_size} if run.name != "local" else {})}
+             "lsh_bits": lsh_bits, **({} if run.in_place else {"index_shard_size": shard_size})}
         record = pairs_record(conf, qset, mset, qe=qe, qe_alpha=qe_alpha, dba=dba, dba_alpha=dba_alpha,
                               **index_options)
     out = output or str(q.store_path("pairs", f"{'+'.join(names)}_top{topk}"))

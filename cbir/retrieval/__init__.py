@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 _WHERE = {"ALIASES": "names", "METHODS": "fusion", "FusionConf": "fusion", "fuse": "fusion",
-          "DescriptorSet": "search", "RetrievalConf": "search", "pairs_record": "search", "retrieve": "search"}
+          "DescriptorSet": "descriptors", "RetrievalConf": "conf", "pairs_record": "ranking", "retrieve": "search"}
 
 __all__ = sorted(_WHERE)
 

@@ -36,21 +36,13 @@ from ..io.index_file import IndexBytes, index_bytes, read_index_attrs, read_inde
 from ..io.pairs import Pair
 from ..io.provenance import differences, digest_names
 from ..validate import check_integer
+from .conf import RetrievalConf
+from .descriptors import DescriptorSet
 from .fusion import fuse, nan_last
 from .names import INDEX_KINDS, MAX_LSH_BITS
-from .search import (
-    DescriptorSet,
-    RetrievalConf,
-    StepClock,
-    bounded,
-    error_bound,
-    exact_scores,
-    intra_op_threads,
-    pairs_from_topk,
-    ranked,
-    read_ahead,
-    retrieve,
-)
+from .ranking import pairs_from_topk, ranked
+from .runtime import StepClock, intra_op_threads, read_ahead
+from .search import bounded, error_bound, exact_scores, retrieve
 
 if TYPE_CHECKING:
     import faiss

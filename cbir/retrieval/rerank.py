@@ -20,7 +20,9 @@ import torch
 
 from .. import exact
 from ..io.pairs import Pair
-from .search import DescriptorSet, RetrievalConf, retrieve
+from .conf import RetrievalConf
+from .descriptors import DescriptorSet
+from .search import retrieve
 
 
 def expand(target: DescriptorSet, database: DescriptorSet, pairs: list[Pair], n: int, alpha: float,

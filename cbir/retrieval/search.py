@@ -21,15 +21,7 @@ On a GPU the map stays resident in device memory when it fits (:class:`MapChunks
 
 from __future__ import annotations
 
-import gc
-import itertools
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
-from typing import TypeVar
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -37,252 +29,17 @@ import torch
 from .. import exact
 from ..devices import Uploader, exact_float32, memory_budget
 from ..errors import CbirError
-from ..io.dataset import Dataset, model_path
 from ..io.pairs import Pair
-from ..io.provenance import differences
-from ..io.store import Store, image_keys, open_store
-from ..validate import check_integer, check_number
-from .fusion import FusionConf, fuse, nan_last, normalized_weights, restore_nan
-from .names import PRECISIONS
+from .conf import MONOTONE, RetrievalConf
+from .descriptors import DescriptorSet, as_float32, mismatch_message, open_descriptor_sets
+from .fusion import fuse, nan_last, normalized_weights
+from .ranking import gc_paused, pairs_from_topk, pairs_record, ranked
+from .runtime import StepClock, intra_op_threads, read_ahead
 
-T = TypeVar("T")
-R = TypeVar("R")
-#: fusions that never decrease when one similarity grows (on their domain): an upper bound of
-#: every similarity then bounds the fused score, which half precision's exactness rests on
-MONOTONE = frozenset({"gharm", "mean", "min", "max", "mean_and_min", "min_and_max"})
-
-
-@dataclass(frozen=True)
-class RetrievalConf:
-    topk: int = 20
-    fusion: FusionConf = field(default_factory=FusionConf)
-    exclude_self: bool = False  # map x map: an image never retrieves itself
-    #: query x map of two datasets: drop a map image named as the query, as kapture-localization
-    #: does (off by default: in separate datasets a shared name is a different image)
-    exclude_same_name: bool = False
-
-    # speed only, not the result (not recorded with the pairs):
-    query_block: int | None = None  # queries per block (None: 1024 on the CPU, 4096 on a GPU)
-    map_chunk: int | None = None  # map images per chunk (None: 16384 on the CPU, 32768 on a GPU)
-    cache_bytes: int = 512 << 20  # CPU: keep the map in memory across query blocks below this size
-    device_memory: float = 0.5  # GPU: keep the map resident when it fits this share of the free memory
-    #: the products that find the candidates: "fp32", or "fp16" / "bf16" (half the memory
-    #: traffic of a GPU's map); the candidates are scored exactly either way, so the pairs
-    #: are the same bits (see :func:`error_bound`); a looser bound only makes more of them
-    precision: str = "fp32"
-
-    @property
-    def excludes_names(self) -> bool:
-        return self.exclude_self or self.exclude_same_name
-
-    def __post_init__(self) -> None:  # the rules of `cbir retrieve` and the pipeline alike
-        check_integer("topk", self.topk, 1)
-        if not isinstance(self.fusion, FusionConf):
-            raise TypeError("fusion must be a FusionConf")
-        for key in ("query_block", "map_chunk"):
-            if getattr(self, key) is not None:
-                check_integer(key, getattr(self, key), 1)
-        check_number("device_memory", self.device_memory, 0.0, 1.0)
-        if self.precision not in PRECISIONS:
-            raise CbirError(f"unknown precision {self.precision!r} (known: {', '.join(PRECISIONS)})")
-        if self.precision != "fp32" and self.fusion.name not in MONOTONE:
-            raise CbirError(f"precision {self.precision} needs a fusion that never decreases when a similarity "
-                            f"grows ({', '.join(sorted(MONOTONE))}), not {self.fusion.name}: use --precision fp32")
-
-    def blocks(self, device: torch.device) -> tuple[int, int]:
-        """``(query_block, map_chunk)`` for ``device``: large blocks feed a GPU, cache-sized ones a CPU."""
-        gpu = device.type == "cuda"
-        return self.query_block or (4096 if gpu else 1024), self.map_chunk or (32768 if gpu else 16384)
-
-    def record(self) -> dict:
-        """The options the pairs depend on (recorded with them)."""
-        return {"topk": self.topk, "fusion": self.fusion.record(), "exclude_self": self.exclude_self,
-                "exclude_same_name": self.exclude_same_name}
-
-
-@contextmanager
-def open_descriptor_sets(query: Dataset, map_: Dataset,
-                         names: list[str]) -> Iterator[tuple[DescriptorSet, DescriptorSet]]:
-    """The global stores ``names`` of the query and the map, each aligned on the images its
-    dataset records (one set of stores when both are one dataset); closed after."""
-    same = query.root.resolve() == map_.root.resolve()
-    with ExitStack() as stack:
-        qstores = [stack.enter_context(open_store(query.store_path("global", n), "global-features")) for n in names]
-        mstores = qstores if same else \
-            [stack.enter_context(open_store(map_.store_path("global", n), "global-features")) for n in names]
-        yield (DescriptorSet.align(qstores, query.sensors.image_names()),
-               DescriptorSet.align(mstores, map_.sensors.image_names()))
-
-
-def mismatch_message(query_store: Store, map_store: Store) -> str:
-    """Why descriptors of two stores do not compare, and the command that fixes it."""
-    diffs = differences(query_store.config, map_store.config)
-    extractor = map_store.config.get("extractor", query_store.attrs.get("name"))
-    if "model_digest" in map_store.config:  # a model learned on the map (DenseVLAD)
-        model = model_path(map_store.path)
-        fix = f"re-extract the queries with the map's model: cbir extract QUERY --global {extractor} --model {model} " \
-              "--overwrite"
-    else:
-        fix = f"re-extract the queries (or the map) with the same options: cbir extract ... --global {extractor} " \
-              "--conf KEY=VALUE --overwrite"
-    return (f"extracted with another configuration than {map_store.path} ({'; '.join(diffs)}): descriptors of "
-            f"different models cannot be compared; {fix}")
-
-
-def pairs_record(conf: RetrievalConf, query: DescriptorSet, database: DescriptorSet,
-                 **options: object) -> dict:
-    """What made a pairs file: the retrieval options (``options``: expansion, index), the
-    descriptor stores by name and configuration, and the digests of their contents."""
-    return {"step": "retrieve",
-            "config": {**conf.record(), **options, "stores": [s.attrs.get("name") for s in database.stores],
-                       "descriptors": [s.config for s in database.stores]},
-            "inputs": {"query": [s.fingerprint() for s in query.stores],
-                       "map": [s.fingerprint() for s in database.stores]}}
-
-
-@dataclass
-class DescriptorSet:
-    """Several global stores of one dataset, aligned on the images they all have."""
-
-    stores: list[Store]
-    names: list[str]
-    rows: list[np.ndarray]  # per store: the row of each name
-    dropped: list[str] = field(default_factory=list)  # images missing from some store
-    #: in-memory unit descriptors replacing the stores' (query expansion, database augmentation)
-    arrays: list[np.ndarray] | None = None
-    #: images in the stores but not in the dataset (a feature folder shared by several datasets)
-    foreign: list[str] = field(default_factory=list)
-
-    @classmethod
-    def align(cls, stores: list[Store], images: Iterable[str] | None = None) -> DescriptorSet:
-        """The images every store has; with ``images`` (the dataset's records), only those: a
-        store may hold descriptors of images of another dataset, which must not be retrieved."""
-        first = image_keys(stores[0].names)
-        if all(s.names == first for s in stores[1:]):  # the same images in the same order: rows as stored
-            if images is None:  # 0.04 s instead of 0.8 s for a million images
-                return cls(stores, list(first), [np.arange(len(first)) for _ in stores], [])
-            known = np.fromiter(map(set(images).__contains__, first), bool, len(first))
-            keep = np.flatnonzero(known)
-            return cls(stores, [first[i] for i in keep.tolist()], [keep.copy() for _ in stores], [],
-                       foreign=sorted(first[i] for i in np.flatnonzero(~known).tolist()))
-        common = set(image_keys(stores[0].names))
-        for s in stores[1:]:
-            common &= set(image_keys(s.names))
-        everything: set[str] = set().union(*(set(image_keys(s.names)) for s in stores))
-        foreign: set[str] = set()
-        if images is not None:
-            known_names = set(images)
-            foreign = everything - known_names
-            common &= known_names
-            everything &= known_names
-        names = [n for n in image_keys(stores[0].names) if n in common]
-        dropped = sorted(everything - common)
-        rows = [np.array([s.index(n) for n in names], dtype=np.int64) for s in stores]
-        return cls(stores, names, rows, dropped, foreign=sorted(foreign))
-
-    def with_arrays(self, arrays: list[np.ndarray]) -> DescriptorSet:
-        return DescriptorSet(self.stores, self.names, self.rows, self.dropped, arrays, self.foreign)
-
-    def subset(self, index: np.ndarray | Sequence[int]) -> DescriptorSet:
-        """The images at ``index`` (a sample of queries, a shard of the map), in that order."""
-        index = np.asarray(index, dtype=np.int64)
-        return DescriptorSet(self.stores, [self.names[i] for i in index], [r[index] for r in self.rows], [],
-                             [a[index] for a in self.arrays] if self.arrays is not None else None)
-
-    @property
-    def whole(self) -> bool:
-        """Whether these are every image of each store, in stored order (the usual case)."""
-        return all(len(r) == len(store.names) and np.array_equal(r, np.arange(len(r)))
-                   for store, r in zip(self.stores, self.rows, strict=True))
-
-    @property
-    def dims(self) -> list[int]:
-        return [s.dataset("descriptors").shape[1] for s in self.stores]
-
-    def read(self, start: int, stop: int, device: torch.device) -> list[torch.Tensor]:
-        """Unit-L2 float32 descriptors of images ``start:stop``, one tensor per store."""
-        return self.take(np.arange(start, stop), device)
-
-    def take(self, index: np.ndarray, device: torch.device) -> list[torch.Tensor]:
-        """Unit-L2 float32 descriptors of the images at ``index``, one tensor per store."""
-        return [t.to(device) for t in self.take_host(index)]
-
-    def take_host(self, index: np.ndarray) -> list[torch.Tensor]:
-        """:meth:`take` in host memory; a zero or non-finite descriptor is an error."""
-        return self.units(self.read_raw(index), index)
-
-    def units(self, raw: list[np.ndarray], index: np.ndarray) -> list[torch.Tensor]:
-        """:meth:`read_raw`'s rows as :meth:`take_host` gives them: those held in memory as
-        they are (unit rows already), stored ones :meth:`normalized`."""
-        if self.arrays is not None:
-            return [torch.as_tensor(r) for r in raw]
-        return self.normalized(raw, index)
-
-    def read_raw(self, index: np.ndarray) -> list[np.ndarray]:
-        """The descriptors of the images at ``index`` as stored (unchecked), or as held in
-        memory where they replace the stored ones (expanded, augmented)."""
-        if self.arrays is not None:
-            return [a[index] for a in self.arrays]
-        return [store.read_rows("descriptors", rows[index]) for store, rows in zip(self.stores, self.rows, strict=True)]
-
-    def normalized(self, raw: list[np.ndarray], index: np.ndarray) -> list[torch.Tensor]:
-        """:meth:`read_raw`'s descriptors as unit-L2 float32 tensors, the same bits on every
-        machine (:func:`cbir.exact.unit_rows`); a zero or non-finite descriptor is an error."""
-        return [exact.unit_rows(as_float32(r), n) for r, n in zip(raw, self.norms(raw, index), strict=True)]
-
-    def norms(self, raw: list[np.ndarray], index: np.ndarray) -> list[torch.Tensor]:
-        """The L2 norms of :meth:`read_raw`'s descriptors (:func:`cbir.exact.norms`);
-        a zero or non-finite descriptor is an error."""
-        out = []
-        for store, r in zip(self.stores, raw, strict=True):
-            norms = exact.norms(as_float32(r))  # NaN and inf propagate into the norm
-            finite = torch.isfinite(norms)
-            bad = ~finite | (norms == 0)
-            if bad.any():
-                i = int(bad.nonzero()[0, 0])
-                what = "non-finite descriptor" if not finite[i] else "zero descriptor"
-                hint = ": it cannot be compared" if finite[i] else ""
-                raise CbirError(f"{what} for image {self.names[int(index[i])]!r}{hint}", store.path)
-            out.append(norms)
-        return out
-
-
-def as_float32(array: np.ndarray) -> torch.Tensor:
-    """A host array as a float32 tensor, sharing its memory when it is float32 already."""
-    return torch.from_numpy(array.astype(np.float32, copy=False))
-
-
-def read_ahead(read: Callable[[T], R], items: Iterable[T], thread: bool = True) -> Iterator[tuple[T, R]]:
-    """``(item, read(item))`` in order, the next item read on a thread while the caller uses
-    this one (reads release the GIL: the copies out of the page cache overlap the products);
-    with ``thread=False`` each read in turn on the caller's thread."""
-    if not thread:
-        yield from ((item, read(item)) for item in items)
-        return
-    with ThreadPoolExecutor(1, thread_name_prefix="cbir-read") as reader:
-        it = iter(items)
-        ahead = [(item, reader.submit(read, item)) for item in itertools.islice(it, 1)]
-        while ahead:
-            item, future = ahead.pop()
-            result = future.result()
-            ahead.extend((following, reader.submit(read, following)) for following in itertools.islice(it, 1))
-            yield item, result
-
-
-@contextmanager
-def intra_op_threads(threads: int) -> Iterator[None]:
-    """torch's (and faiss's) intra-op threads set to ``threads`` inside the block, restored
-    after. While a thread copies rows out of the page cache it holds a core: products on
-    every core beside it wait for each other in OpenMP barriers (1M map, 2 cores: an indexed
-    query's reads and products overlapped took 0.57-0.65 s with one product thread, 0.81-1.0 s
-    with two). The setting is the process's: callers that search on several threads of one
-    process at once must not use it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+__all__ = ["COLLECT_LIMIT", "MapChunks", "bounded", "error_bound", "exact_scores", "retrieve", "search_topk",
+           # lived here before retrieval was split along its concepts; still importable from here
+           "MONOTONE", "RetrievalConf", "DescriptorSet", "as_float32", "mismatch_message", "open_descriptor_sets",
+           "gc_paused", "pairs_from_topk", "pairs_record", "ranked", "StepClock", "intra_op_threads", "read_ahead"]
 
 
 class MapChunks:
@@ -339,16 +96,6 @@ class MapChunks:
                     f[m0:m1] = self._upload(h)
             if self.half:
                 self._full_half = [f.to(self.half) for f in self._full]
-
-
-def ranked(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` best of each row, best first: by score, equal scores by lower map index.
-    This tie rule makes a ranking independent of how the map was cut (chunks, shards,
-    devices): images of equal descriptors, say, always come in the same order."""
-    by_index = torch.argsort(indices, dim=1, stable=True)
-    v, i = torch.gather(values, 1, by_index), torch.gather(indices, 1, by_index)
-    order = torch.argsort(v, dim=1, descending=True, stable=True)[:, :k]
-    return torch.gather(v, 1, order), torch.gather(i, 1, order)
 
 
 def _merge_topk(vals: torch.Tensor, idx: torch.Tensor, new_vals: torch.Tensor, new_idx: torch.Tensor,
@@ -436,42 +183,6 @@ def search_topk(query: DescriptorSet, database: DescriptorSet, conf: RetrievalCo
             search = _bounded_topk if bounded(conf) else _canonical_topk
             vals, idxs = search(qd, self_idx, chunks, conf, k, clock)
             yield q0, q1, [v.cpu().numpy() for v in vals], [i.cpu().numpy() for i in idxs]
-
-
-def pairs_from_topk(queries: list[str], map_names: list[str], values: list[np.ndarray], indices: list[np.ndarray],
-                    conf: RetrievalConf) -> list[Pair]:
-    """The pairs of :func:`search_topk`'s rankings: ``conf.topk`` a query at most, never an
-    excluded image."""
-    k = min([conf.topk, len(map_names) - (1 if conf.excludes_names else 0)] + [i.shape[1] for i in indices])
-    with gc_paused():
-        if conf.fusion.name == "round_robin":
-            return _round_robin(queries, indices, map_names, k)
-        return _pairs(queries, map_names, indices[0][:, :k], restore_nan(values[0][:, :k]))
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off while many objects are made: its collections
-    walk every object of the process (measured on 4,096 queries x top 20 with a 200k map:
-    the pairs took 0.06 s without collections, 0.2 to 0.27 s with)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _pairs(queries: list[str], map_names: list[str], index: np.ndarray, scores: np.ndarray) -> list[Pair]:
-    """Each query's row of map images and scores as pairs, built column-wise (at 4,096 queries
-    x top 20 a loop per pair costs more than the search on a GPU; the map's names are looked
-    up, not made an array: 0.08 s for a 1M map); an index -1 is no pair."""
-    k = index.shape[1]
-    query_names = np.repeat(np.array(queries, dtype=object), k)
-    keep = (index >= 0).ravel()  # fewer than k candidates (an indexed search): no pair there
-    return list(map(Pair, query_names[keep].tolist(), map(map_names.__getitem__, index.ravel()[keep].tolist()),
-                    scores.ravel()[keep].tolist()))
 
 
 def _exclude(scores: torch.Tensor, self_idx: torch.Tensor, m0: int) -> None:
@@ -700,56 +411,3 @@ def exact_scores(sliced: list[exact.Sliced], rows: list[torch.Tensor], active: t
     return out
 
 
-class StepClock:
-    """Accumulates the time of named steps into a dict (nothing when there is none):
-    ``with clock("read"): ...``. On a GPU each step ends with a synchronisation, so that its
-    time is its own. Steps may nest and run on several threads (their times then overlap)."""
-
-    def __init__(self, timings: dict[str, float] | None, device: torch.device):
-        self.timings, self.device = timings, device
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        if self.timings is None:
-            yield
-            return
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            with self._lock:
-                self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
-
-    def timed(self, items: Iterable[T], name: str) -> Iterator[T]:
-        """``items``, the time of making each counted as ``name``."""
-        it = iter(items)
-        while True:
-            with self(name):
-                try:
-                    item = next(it)
-                except StopIteration:
-                    return
-            yield item
-
-
-def _round_robin(queries: list[str], rankings: list[np.ndarray], names: list[str], k: int) -> list[Pair]:
-    """Rank i of each descriptor in turn, skipping images already taken, until k images."""
-    out = []
-    for r, q in enumerate(queries):
-        taken: set[int] = set()
-        for i in range(k):
-            for ranking in rankings:
-                if i >= ranking.shape[1]:
-                    continue
-                m = int(ranking[r, i])
-                if m >= 0 and m not in taken:
-                    taken.add(m)
-                    out.append(Pair(q, names[m], float(k - len(taken) + 1)))
-                    if len(taken) == k:
-                        break
-            if len(taken) == k:
-                break
-    return out

@@ -28,8 +28,9 @@ if TYPE_CHECKING:
     from ..executor import Executor, Progress
     from ..io.dataset import Dataset
     from ..io.pairs import Pair
+    from ..retrieval.conf import RetrievalConf
+    from ..retrieval.descriptors import DescriptorSet
     from ..retrieval.index import IndexConf
-    from ..retrieval.search import DescriptorSet, RetrievalConf
 
 
 @dataclass
@@ -48,7 +49,7 @@ class OpenSets:
 
 def open_sets(query_root: str, map_root: str, store_names: list[str]) -> OpenSets:
     """The descriptor sets of the stores ``store_names``, opened once by a worker."""
-    from ..retrieval.search import open_descriptor_sets
+    from ..retrieval.descriptors import open_descriptor_sets
 
     stack = ExitStack()
     qset, mset = stack.enter_context(open_descriptor_sets(opened(query_root), opened(map_root), store_names))
@@ -131,7 +132,7 @@ def merge_topk(parts: list[tuple[list[np.ndarray], list[np.ndarray], bool]], que
     array a ranking), ranked by the rule of one search: ties to the lower map index."""
     import torch
 
-    from ..retrieval.search import pairs_from_topk, ranked
+    from ..retrieval.ranking import pairs_from_topk, ranked
 
     lists = len(parts[0][0]) if parts else 0
     values, indices = [], []
@@ -208,7 +209,7 @@ def build_indexes(executor: Executor, map_: Dataset, store_names: list[str], con
     """``cbir index build``: the kept index files, ``(path, new | kept | rebuilt)`` each: one
     for the map in place, else one per shard of the map (for a search cut the same way). A
     file built from the same stores and options is kept."""
-    from ..retrieval.search import open_descriptor_sets
+    from ..retrieval.descriptors import open_descriptor_sets
 
     with open_descriptor_sets(map_, map_, store_names) as (_, mset):
         n = len(mset.names)
