@@ -61,9 +61,11 @@ def test_shards_on_two_nodes_make_the_local_store(cluster, sceaux, tmp_path, loc
                               merging=lambda advance, total: merging.append((advance, total)))
     assert report.extracted == 8 and report.already_present == 0 and not report.failed
     assert sum(a for a, _ in progress) == 8 and all(t == 8 for _, t in progress)
-    assert merging == [(1, 3)] * 3  # each of the 3 shards' stores copied into the final one
+    assert merging == [(1, 3)] * 3  # each of the 3 shards' stores made a part of the final one
     assert_same_store(report.path, local_store)
-    assert not (ds.root / "cbir" / "shards").exists()  # merged, then removed
+    with open_store(report.path) as s:  # sharded: the parts, never copied into one file
+        assert [p.name for p in s.parts] == ["000000.h5", "000001.h5", "000002.h5"]
+    assert not (ds.root / "cbir" / "shards").exists()  # made parts, then removed
     assert len({n["NodeID"] for n in ray.nodes() if n["Alive"]}) == 2
     [again] = extract_on_ray([("local", "sift", SIFT_CONF)], ds, store_names=[None], conf=RayConf(shard_size=3))
     assert again.extracted == 0 and again.already_present == 8
@@ -324,10 +326,10 @@ def test_the_pipeline_runs_on_the_cluster(cluster, tmp_path, monkeypatch):
         assert result.exit_code == 0, result.output
         assert len(killed) == (2 if label == "ray" else 0), killed
         runs.append((root, json.loads(result.stdout)))
-        merges = {name: updates for name, updates in bars.items() if name.startswith("merge")}
-        if label == "ray":  # every part of every merged store counted, once
-            assert set(merges) == {"merge the shards of mapping", "merge the shards of query",
-                                   "merge the shards of the map matches", "merge the shards of the query matches"}
+        merges = {name: updates for name, updates in bars.items() if name.startswith("collect")}
+        if label == "ray":  # every part of every store counted, once
+            assert set(merges) == {"collect the parts of mapping", "collect the parts of query",
+                                   "collect the parts of the map matches", "collect the parts of the query matches"}
             assert all(updates and sum(a for a, _ in updates) == updates[0][1] for updates in merges.values())
         else:
             assert not merges

@@ -44,6 +44,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "check": ("dataset_cmds", "check", "Validate a dataset against the format specification."),
     "import": ("interchange_cmds", "import_group", "Make cbir datasets and stores from other tools' files."),
     "export": ("interchange_cmds", "export_group", "Write cbir datasets and stores in other tools' formats."),
+    "store": ("store_cmds", "store_group", "Stores made of parts (sharded): merge them into one file."),
 }
 
 

@@ -50,10 +50,12 @@ def info(dataset: Path, follow_symlinks: bool, as_json: bool) -> None:
                                   ("dim", "right"), ("dtype", "left"), ("size", "right"), ("details", "left")])
         for s in summary["stores"]:
             details = s.get("error") or ", ".join(
-                f"{k}={_short(s[k])}" for k in ("local_features", "verified", "images", "mean_track_length", "queries")
+                f"{k}={_short(s[k])}" for k in ("parts", "local_features", "verified", "images", "mean_track_length",
+                                           "queries")
                 if k in s and s[k] not in ("", None))
             stores.add_row(s["kind"], s["name"], str(s.get("items", "?")), str(s.get("rows", "")),
-                           str(s.get("dim", "")), s.get("dtype", ""), _size(s["bytes"]), details)
+                           str(s.get("dim", "")), s.get("dtype", ""), _size(s["bytes"] + s.get("part_bytes", 0)),
+                           details)
         out.print(stores)
 
 

@@ -226,7 +226,7 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
     run = cli_executor(executor, ray_address, shard_size, "images")
     where = "" if run.in_place else f" ({run.name})"
     with progress_bars(quiet or as_json, f"extract {label}{where}", LEARNING_LABEL,
-                       "merge the shards") as (update, learning, merging):
+                       "collect the parts") as (update, learning, merging):
         reports = run.extract(specs, ds, store_names=[name] * len(specs), images=images, overwrite=overwrite,
                               num_workers=num_workers, image_options=image_options, progress=update,
                               learning=learning, merging=merging)
@@ -338,7 +338,7 @@ def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, l
     quiet = is_quiet(ctx)
     run = cli_executor(executor, ray_address, shard_size, "pairs")
     with progress_bars(quiet or as_json, "match" + ("" if run.in_place else f" ({run.name})"),
-                       "merge the shards") as (update, merging):
+                       "collect the parts") as (update, merging):
         report = run.match(q, m, pairs, local, name=name, matcher=matcher, verify=verify_conf, device=device,
                            overwrite=overwrite, num_workers=num_workers, progress=update, merging=merging,
                            pairs_file="<stdin>" if pairs_file == "-" else pairs_file)

@@ -22,6 +22,7 @@ from .index_file import build_files, index_bytes, read_index_attrs, read_index_r
 from .map_store import read_map
 from .pairs import read_pairs
 from .store import Store, check_matches_provenance, open_store, pair_keys
+from .store.sharded import ShardedStore
 
 Level = Literal["error", "warning"]
 ImageCheck = Literal["decode", "exists", "skip"]
@@ -106,6 +107,9 @@ def _check_stores(dataset: Dataset, names: set[str] | None, report: _Report, dee
                 else:
                     with open_store(path) as store:
                         _check_store(dataset, store, names, report)
+                        if isinstance(store, ShardedStore):  # what other HDF5 tools read must be the parts
+                            for message in store.virtual_sources_problems():
+                                report.error(path, message)
                         if deep:
                             for message in store.verify_checksums():
                                 (report.warning if message.startswith("no checksums") else report.error)(path, message)
@@ -342,6 +346,9 @@ def store_info(path: Path, kind: str) -> dict[str, Any]:
             out.update(dim=int(d.shape[1]), dtype=str(d.dtype))
         if s.schema.ragged:
             out["rows"] = int(s.offsets[-1])
+        if isinstance(s, ShardedStore):
+            out["parts"] = len(s.parts)
+            out["part_bytes"] = sum(p.stat().st_size for p in s.parts if p.exists())
         if s.kind == "matches":
             out["local_features"] = s.attrs.get("local_features", "")
             out["verified"] = "inliers" in s.columns

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,9 @@ class Metadata:
     #: objects whose data lives in other files: external links, external storage, virtual
     #: datasets (refused by :func:`read_metadata` unless links are trusted)
     foreign: tuple[str, ...] = ()
+    #: top-level virtual datasets the caller allowed (a sharded store's columns), by name:
+    #: the files their data is in, as the file names them
+    virtual: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def string_items(self, name: str) -> list[str]:
         """The items of a requested string dataset, row-major, decoded; a :class:`ValueError`
@@ -92,13 +95,15 @@ def attr_value(v: Any) -> Any:
     return v
 
 
-def _read(path: str, strings: Sequence[str]) -> Metadata:
+def _read(path: str, strings: Sequence[str], virtual: Sequence[str] = ()) -> Metadata:
     """Runs in the child: everything that may touch the global heap or object headers."""
     import h5py
 
     with h5py.File(path, "r") as f:
         attrs = {str(k): attr_value(f.attrs[k]) for k in f.attrs.keys()}
-        foreign = _foreign_objects(f)
+        found = _foreign_objects(f)
+        allowed = {name: sources for name, what, sources in found if what == "virtual" and name in virtual}
+        foreign = tuple(f"'{name}' ({what_of(what, sources)})" for name, what, sources in found if name not in allowed)
         if foreign and not trust_links():
             return Metadata(attrs, {}, (), {}, foreign)  # refused: open none of them
         datasets: dict[str, DatasetInfo] = {}
@@ -109,7 +114,8 @@ def _read(path: str, strings: Sequence[str]) -> Metadata:
                 is_string = h5py.check_string_dtype(obj.dtype) is not None or obj.dtype.kind in "OSU"
                 dtype = None if is_string or obj.dtype.kind not in "biuf" else obj.dtype
                 # an offset is one into *this* file only for data this file holds itself
-                offset = None if any(item.startswith(f"'{name}' ") for item in foreign) else obj.id.get_offset()
+                elsewhere = name in allowed or any(item.startswith(f"'{name}' ") for item in foreign)
+                offset = None if elsewhere else obj.id.get_offset()
                 shape = tuple(int(s) for s in obj.shape)
                 claimed = int(np.prod(shape, dtype=object)) * obj.dtype.itemsize  # Python ints: no overflow
                 filtered = obj.id.get_create_plist().get_nfilters() > 0
@@ -131,7 +137,7 @@ def _read(path: str, strings: Sequence[str]) -> Metadata:
                 values[name] = [x.decode("utf-8") for x in items]  # a name holds a separator
             else:
                 values[name] = joined
-        return Metadata(attrs, datasets, tuple(groups), values, foreign)
+        return Metadata(attrs, datasets, tuple(groups), values, foreign, allowed)
 
 
 def refuse_unstored(path: Path, datasets: dict[str, DatasetInfo]) -> None:
@@ -149,16 +155,26 @@ def refuse_unstored(path: Path, datasets: dict[str, DatasetInfo]) -> None:
                               f"that the file ({size:,} bytes) does not hold: it is truncated or corrupt", path)
 
 
-def _foreign_objects(f: Any) -> tuple[str, ...]:
-    """Every object of the open file ``f`` whose data lives in another file, described."""
+def what_of(what: str, sources: tuple[str, ...]) -> str:
+    """How :func:`_foreign_objects`' finding is described in an error."""
+    if what == "link":
+        return f"an external link to {sources[0]}"
+    if what == "external":
+        return f"external storage in {sources[0]!r}"
+    return f"a virtual dataset of {', '.join(sources)}"
+
+
+def _foreign_objects(f: Any) -> list[tuple[str, str, tuple[str, ...]]]:
+    """Every object of the open file ``f`` whose data lives in another file: its name, what it
+    is (``link``, ``external`` storage, ``virtual`` dataset) and the files it names."""
     import h5py
 
-    found: list[str] = []
+    found: list[tuple[str, str, tuple[str, ...]]] = []
     unreadable: list[str] = []
 
     def visit(name: str, link: Any) -> bool | None:
         if isinstance(link, h5py.ExternalLink):
-            found.append(f"'{name}' (an external link to {link.filename}:{link.path})")
+            found.append((name, "link", (f"{link.filename}:{link.path}",)))
             return None
         if not isinstance(link, h5py.HardLink):
             return None
@@ -169,16 +185,17 @@ def _foreign_objects(f: Any) -> tuple[str, ...]:
             return True  # stops the visit
         if isinstance(obj, h5py.Dataset):
             if obj.external:
-                found.append(f"'{name}' (external storage in {obj.external[0][0]!r})")
-            elif obj.is_virtual:
-                files = sorted({m.file_name for m in obj.virtual_sources()})
-                found.append(f"'{name}' (a virtual dataset of {', '.join(files)})")
+                found.append((name, "external", (str(obj.external[0][0]),)))
+            elif obj.is_virtual:  # the file names only (virtual_sources() also builds every mapping's selections)
+                plist = obj.id.get_create_plist()
+                files = (plist.get_virtual_filename(i) for i in range(plist.get_virtual_count()))
+                found.append((name, "virtual", tuple(dict.fromkeys(files))))
         return None
 
     f.visititems_links(visit)
     if unreadable:
         raise RuntimeError(unreadable[0])
-    return tuple(found)
+    return found
 
 
 def _to_bytes(x: Any) -> bytes:
@@ -229,12 +246,13 @@ def timeout_s() -> float:
         return DEFAULT_TIMEOUT_S
 
 
-def read_metadata(path: str | os.PathLike, strings: Sequence[str] = ()) -> Metadata:
+def read_metadata(path: str | os.PathLike, strings: Sequence[str] = (), virtual: Sequence[str] = ()) -> Metadata:
     """The metadata of an HDF5 file, read in a child process that is killed after
     :func:`timeout_s`. A missing file, a file HDF5 cannot open, undecodable strings, a read
     that does not finish in time, a symbolic link inside a dataset's ``cbir/`` folder and
-    data held in other files (external links, external storage, virtual datasets) are
-    one-line :class:`CbirError`\\ s naming the file."""
+    data held in other files (external links, external storage, virtual datasets other than
+    the top-level ones named in ``virtual``) are one-line :class:`CbirError`\\ s naming the
+    file."""
     path = refuse_links(path)
     if not path.exists():
         from .dataset import missing_file_message
@@ -244,7 +262,7 @@ def read_metadata(path: str | os.PathLike, strings: Sequence[str] = ()) -> Metad
         raise CbirError("not a file", path)
     limit = timeout_s()
     _warm_up()
-    status, payload = in_child(_read, (str(path), tuple(strings)), limit)
+    status, payload = in_child(_read, (str(path), tuple(strings), tuple(virtual)), limit)
     if status == "ok":
         if payload.foreign and not trust_links():
             raise FormatError(f"holds data of other files: {'; '.join(payload.foreign[:3])}; cbir reads only "

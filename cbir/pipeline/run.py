@@ -151,7 +151,7 @@ def _extract(p: Plan, replace: bool, step: Callable[[str], None], progress: Prog
     def extract(extractors: list[Extractor], dataset: Dataset) -> list:
         learned = ", ".join(e.name for e in extractors if e.learns_on_map) or "nothing"  # shown only when one learns
         with phases(progress, f"learn {learned} on {dataset.root.name}", f"extract {dataset.root.name}",
-                    f"merge the shards of {dataset.root.name}", open_first=False) as (learning, update, merging):
+                    f"collect the parts of {dataset.root.name}", open_first=False) as (learning, update, merging):
             return p.executor.extract(extractors, dataset, num_workers=workers, overwrite=replace, progress=update,
                                       learning=learning, merging=merging)
 
@@ -206,10 +206,10 @@ def _retrieve(p: Plan, replace: bool, step: Callable[[str], None],
 def _match(p: Plan, query_pairs: list[Pair], map_pairs: list[Pair], replace: bool, step: Callable[[str], None],
            progress: ProgressFactory) -> None:
     common = {"matcher": p.matcher, "device": p.device, "overwrite": replace, "num_workers": p.num_workers}
-    with phases(progress, "match map pairs", "merge the shards of the map matches") as (update, merging):
+    with phases(progress, "match map pairs", "collect the parts of the map matches") as (update, merging):
         mm = p.executor.match(p.map, p.map, map_pairs, p.local_name, name=p.map_matches, verify=p.map_verify,
                               progress=update, merging=merging, **common)
-    with phases(progress, "match query pairs", "merge the shards of the query matches") as (update, merging):
+    with phases(progress, "match query pairs", "collect the parts of the query matches") as (update, merging):
         qm = p.executor.match(p.query, p.map, query_pairs, p.local_name, name=p.query_matches,
                               verify=p.query_verify, progress=update, merging=merging, **common)
     by_poses = f", {mm.verified_with_poses} verified with their poses" if p.map_verify.method == "poses" else ""

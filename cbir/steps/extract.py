@@ -5,8 +5,8 @@ the final stores. Otherwise the driver builds each extractor here too (on the CP
 option, weight file and name is checked before the workers start), learns a model on the
 map where one does (DenseVLAD's, once, before any shard), and cuts the images that some
 store lacks into shards; each worker builds the extractors once and extracts shard after
-shard into the shard's own stores, which are merged into the final ones
-(:mod:`cbir.steps.parts`).
+shard into the shard's own stores, which become parts of the final (sharded) stores
+(:mod:`cbir.steps.parts`); a shard written by an earlier run is kept if it is whole.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..executor import Work
 from ..io.store import present_keys
 from . import cut, opened, portable, wants_gpu
-from .parts import count, merge_counter, merge_into, merge_parts, plan_directory, remove_plan
+from .parts import collect_parts, count, intact, merge_counter, plan_directory, remove_plan
 
 if TYPE_CHECKING:
     from ..executor import Executor, ExtractorJob, Progress
@@ -37,7 +37,7 @@ def extract(executor: Executor, jobs: Sequence[ExtractorJob], dataset: Dataset, 
             merging: Progress | None = None) -> list[ExtractReport]:
     """:func:`cbir.extract.extract_all` by ``executor``; one report a store.
     ``progress(images, total)`` as images (shards) are done, ``learning`` that of a model
-    learned on the map first, ``merging(parts, total)`` as shards' stores are merged."""
+    learned on the map first, ``merging(parts, total)`` as shards' stores become the final stores' parts."""
     from .. import extract as extract_mod
 
     options = image_options or extract_mod.ImageOptions()
@@ -72,17 +72,18 @@ def extract(executor: Executor, jobs: Sequence[ExtractorJob], dataset: Dataset, 
         progress(len(wanted) - len(todo), len(wanted))
     work = Work(extract_shard, {i: (portable(dataset, executor), names, shards[i], str(shard_dirs[i]), options,
                                     False, None)
-                                for i, outs in enumerate(outputs) if not all(o.exists() for o in outs)},
+                                for i, outs in enumerate(outputs) if not all([intact(o) for o in outs])},
                 [s[0] for s in shards], [len(s) for s in shards], len(wanted), setup=(build_extractors, (specs,)),
                 progress=progress, on_gpu=any(wants_gpu(c.get("device", "cpu")) for _, _, c in specs),
                 role="extraction")
     for _, shard_reports in executor.run(work):
         for report, part in zip(reports, shard_reports, strict=True):
             add_report(report, part)
-    parts = [merge_parts(final, [o[j] for o in outputs], keep=not overwrite) for j, final in enumerate(finals)]
-    merged = merge_counter(merging, sum(map(len, parts)))
+    written = sum(o.exists() for outs in outputs for o in outs)
+    collected = merge_counter(merging, written)
     for j, (final, a) in enumerate(zip(finals, attrs, strict=True)):
-        merge_into(final, parts[j], f"{kinds[j]}-features", a, executor=executor, progress=merged)
+        collect_parts(final, [o[j] for o in outputs], f"{kinds[j]}-features", a, keep=not overwrite,
+                      progress=collected)
     for final, report in zip(finals, reports, strict=True):  # images of an earlier run's shards count as extracted
         report.extracted = count(final) - report.already_present
     remove_plan(plan)

@@ -3,8 +3,9 @@
 In place (the local executor) it is :func:`cbir.matching.match.main` over the pairs, into
 the final store. Otherwise the driver plans the pairs (duplicates, self-pairs, pairs without
 features: refused when none is left), keeps those the final store lacks and cuts them into
-shards; each shard matches and verifies its pairs into its own store, merged into the final
-one after (:mod:`cbir.steps.parts`).
+shards; each shard matches and verifies its pairs into its own store, which becomes a part of
+the final (sharded) store (:mod:`cbir.steps.parts`); one written by an earlier run is kept if
+it is whole.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..executor import Work
 from ..io.store import open_store, present_keys
 from . import cut, opened, portable, wants_gpu
-from .parts import count, merge_counter, merge_into, merge_parts, plan_directory, remove_plan
+from .parts import collect_parts, count, intact, merge_counter, plan_directory, remove_plan
 
 if TYPE_CHECKING:
     from ..executor import Executor, Progress
@@ -32,7 +33,7 @@ def match(executor: Executor, query: Dataset, map_: Dataset, pairs: list[Pair], 
           overwrite: bool = False, num_workers: int | None = None, progress: Progress | None = None,
           merging: Progress | None = None, pairs_file: str | None = None) -> MatchReport:
     """:func:`cbir.matching.match.main` by ``executor``: ``progress(pairs, total)`` as pairs
-    (shards) are done, then ``merging(parts, total)`` as shards' stores are merged."""
+    (shards) are done, then ``merging(parts, total)`` as shards' stores become the final store's parts."""
     from ..io.pairs import Pair
     from ..matching import match as match_mod
     from ..matching.nearest_neighbor import MatcherConf
@@ -68,13 +69,13 @@ def match(executor: Executor, query: Dataset, map_: Dataset, pairs: list[Pair], 
         progress(report.already_present + len(skipped), len(planned))
     work = Work(match_shard, {i: (portable(query, executor), portable(map_, executor), [Pair(a, b) for a, b in shard],
                                   local, name, matcher, verify, device, str(outputs[i]), False, None)
-                              for i, shard in enumerate(shards) if not outputs[i].exists()},
+                              for i, shard in enumerate(shards) if not intact(outputs[i])},
                 [f"{a} {b}" for a, b in (s[0] for s in shards)], [len(s) for s in shards], len(planned),
                 progress=progress, on_gpu=wants_gpu(device))
     for _, part in executor.run(work):
         add_report(report, part)
-    parts = merge_parts(final, outputs, keep=not overwrite)
-    merge_into(final, parts, "matches", attrs, executor=executor, progress=merge_counter(merging, len(parts)))
+    collect_parts(final, outputs, "matches", attrs, keep=not overwrite,
+                  progress=merge_counter(merging, sum(o.exists() for o in outputs)))
     report.matched = count(final) - report.already_present  # shards of an earlier run count as matched now
     remove_plan(plan)
     return report

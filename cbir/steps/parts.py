@@ -3,18 +3,22 @@
 A shard that does not write in place writes its own stores under
 ``DATASET/cbir/shards/<plan>/<shard>/`` (the plan: a digest of the final stores, their
 configuration and the work, so that a re-run after an interruption finds the shards it
-wrote). When every shard is done the step merges them, in order, after what the final
-stores already held, into the final stores (atomically), and removes the shards: the
-result is the store a local run writes, key for key and value for value in every column.
+wrote). When every shard is done the step makes them the parts of the final store
+(:func:`collect_parts`: renamed into its parts' folder, after what it already held, and a
+new record written atomically; formats/SPEC.md 5b), and removes the plan's folder: the
+store reads as the one a local run writes, key for key and value for value in every column,
+and nothing is copied. :func:`merge_into` makes one file of parts (``cbir store merge``).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import CbirError
 from ..io import store as store_io
 from ..io.atomic import WriteLock, atomic_output
 from ..io.provenance import digest
@@ -27,6 +31,67 @@ if TYPE_CHECKING:
 def plan_directory(dataset_root: Path, plan: dict[str, Any]) -> Path:
     """Where the shards of ``plan`` (the final stores, their configuration, the work) write."""
     return dataset_root / "cbir" / "shards" / digest(plan)
+
+
+def collect_parts(final: Path, shards: list[Path], kind: str, attrs: dict[str, Any], keep: bool,
+                  progress: Callable[[int], None] | None = None) -> None:
+    """The shards' stores written (in order) made parts of the sharded store ``final``, after
+    the parts it has (``keep``; a single file becomes its first part, by a rename), with a
+    new record; without ``keep`` they replace what it held. ``progress(1)`` per part."""
+    from ..io.store.sharded import ShardedStore, next_part_number, part_path, parts_directory, write_record
+
+    written = [s for s in shards if s.exists()]
+    if keep and final.exists() and not written:
+        return  # nothing new: the store stays as it is
+    with WriteLock(final):
+        base: list[Path] = []
+        replaced: list[Path] = []
+        moved_base: Path | None = None
+        if final.exists():
+            with open_store(final) as old:
+                old_parts = list(old.parts) if isinstance(old, ShardedStore) else None
+            if not keep:
+                replaced = old_parts or []
+            elif old_parts is not None:
+                base = old_parts
+            else:
+                moved_base = part_path(final, next_part_number(final))
+                moved_base.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(final, moved_base)
+                base = [moved_base]
+        parts_directory(final).mkdir(parents=True, exist_ok=True)
+        new = []
+        try:
+            for shard in written:
+                part = part_path(final, next_part_number(final))
+                shutil.move(shard, part)  # a rename on one file system
+                new.append(part)
+                if progress:
+                    progress(1)
+            write_record(final, base + new, kind, attrs)
+        except BaseException:
+            for part, shard in zip(new, written, strict=False):  # as it was: a re-run finds its shards
+                shutil.move(part, shard)
+            if moved_base is not None:
+                os.replace(moved_base, final)
+            raise
+        for part in replaced:
+            part.unlink(missing_ok=True)
+
+
+def intact(shard: Path) -> bool:
+    """Whether a shard's store written by an earlier run is there and whole (it opens, and
+    its columns have the checksums it records); one that is not is removed, to be redone."""
+    if not shard.exists():
+        return False
+    try:
+        with open_store(shard) as s:
+            whole = not s.verify_checksums()
+    except CbirError:
+        whole = False
+    if not whole:
+        shard.unlink()
+    return whole
 
 
 def merge_parts(final: Path, shards: list[Path], keep: bool) -> list[Path]:

@@ -14,7 +14,8 @@ import h5py
 import numpy as np
 
 from ...errors import CbirError, FormatError
-from ..hdf5 import DatasetInfo, Metadata, read_metadata, refuse_unstored
+from ..hdf5 import DatasetInfo, Metadata, read_metadata, refuse_unstored, what_of
+from ..paths import TRUST_LINKS_HINT, trust_links
 from ..provenance import differences, digest
 from .checksums import _row_blocks
 from .schema import CHECKSUMS, KEYS_BLOB, SCHEMAS, Key, Schema, _as_key, _check_major, _keys_bytes, encode_keys_blob
@@ -32,13 +33,18 @@ class Store:
     inside a column are only verified by :meth:`verify_checksums` (``cbir check --deep``).
     """
 
-    def __init__(self, path: str | os.PathLike, expected_kind: str | None = None):
+    def __init__(self, path: str | os.PathLike, expected_kind: str | None = None, meta: Metadata | None = None):
         self.path = Path(path)
         self._views: dict[str, np.ndarray] = {}
         self._fd: int | None = None  # raw reads of scattered rows (_gather)
         self._mmap: mmap.mmap | None = None
         self._file: h5py.File | None = None
-        meta = read_metadata(self.path, ("names", "pairs"))  # refuses links and data in other files
+        if meta is None:
+            meta = read_metadata(self.path, ("names", "pairs"))  # refuses links and data in other files
+        if meta.virtual and not trust_links():  # allowed for a sharded store's record, which this is not
+            found = "; ".join(f"'{name}' ({what_of('virtual', files)})" for name, files in meta.virtual.items())
+            raise FormatError(f"holds data of other files: {found}; cbir reads only what a file holds itself "
+                              f"({TRUST_LINKS_HINT})", self.path)
         try:
             self._file = h5py.File(self.path, "r")
         except OSError:
@@ -372,7 +378,8 @@ class Store:
 #: the type of every attribute a reader relies on (stores and maps)
 ATTR_TYPES: dict[str, type] = {"cbir_format": str, "format_version": str, "cbir_version": str, "name": str,
                                "config": str, "descriptor_dim": int, "descriptor_dtype": str,
-                               "keypoint_params": str, "local_features": str, "checksums": str}
+                               "keypoint_params": str, "local_features": str, "checksums": str,
+                               "parts_directory": str, "part_columns": str}
 
 
 def check_attr_types(attrs: dict[str, Any], path: Path) -> None:
@@ -461,7 +468,14 @@ def check_matches_provenance(matches: Store, local: str, features: Store) -> Non
 
 
 def open_store(path: str | os.PathLike, kind: str | None = None) -> Store:
-    return Store(path, kind)
+    """The store at ``path`` (of ``kind``, when given), validated: one file, or a sharded
+    store's record and its parts (:class:`~.sharded.ShardedStore`), read the same way."""
+    from .sharded import ShardedStore, all_columns, is_sharded
+
+    meta = read_metadata(path, ("names", "pairs", "part_files"), virtual=all_columns())
+    if is_sharded(meta):
+        return ShardedStore(path, kind, meta)
+    return Store(path, kind, meta)
 
 
 # ================================================================================ writing

@@ -18,8 +18,9 @@ from ..paths import check_relative_name, refuse_links
 from ..provenance import differences
 from .layout import _write_arrays
 from .merge import merge_stores
-from .reader import Store
+from .reader import Store, open_store
 from .schema import SCHEMAS, Column, Key, _as_key
+from .sharded import PART_FILE, ShardedStore, next_part_number, part_path, parts_directory, write_record
 
 FLUSH_INTERVAL_S = 5.0
 
@@ -35,12 +36,17 @@ class StoreWriter:
     ``attrs`` must contain ``name`` and ``config`` (a dict); a store or unfinished
     batches written with another kind, name or config are refused unless
     ``overwrite=True``, which replaces the store (atomically, when the writer closes).
+
+    A sharded store (:mod:`.sharded`) gets the items added as a new part and a new record:
+    nothing it held is copied. ``sharded=True`` makes the store sharded (a single file there
+    becomes its first part, by a rename); the default keeps the store as it is.
     """
 
     def __init__(self, path: str | os.PathLike, kind: str, attrs: dict[str, Any], *,
                  overwrite: bool = False, batch_size: int = 256, batch_rows: int = 2_000_000,
-                 flush_interval_s: float = FLUSH_INTERVAL_S):
+                 flush_interval_s: float = FLUSH_INTERVAL_S, sharded: bool | None = None):
         self.path = Path(path)
+        self._want_sharded = sharded
         self.schema = SCHEMAS[kind]
         self.attrs = dict(attrs)
         self.attrs.setdefault("config", {})
@@ -70,10 +76,15 @@ class StoreWriter:
     def _prepare(self, overwrite: bool) -> None:
         identity = self._identity()
         self._base: Path | None = None
+        self._base_parts: list[Path] | None = None  # the parts of a sharded base
         self._present: set[Key] = set()
         if self.path.exists() and not overwrite:
-            self._present.update(present_keys(self.path, self.schema.kind, self.attrs))
+            with _open_existing(self.path, self.schema.kind, self.attrs) as old:
+                self._present.update(old.keys)
+                self._base_parts = list(old.parts) if isinstance(old, ShardedStore) else None
             self._base = self.path
+        self.sharded = self._want_sharded if self._want_sharded is not None else \
+            self._base_parts is not None or (overwrite and _is_record(self.path))
         meta = refuse_links(self.batch_dir / "meta.json")
         if self.batch_dir.exists():
             found = None
@@ -184,17 +195,47 @@ class StoreWriter:
 
     # -- finishing
     def close(self) -> Path:
-        """Flush, merge the previous store and all batches into the final file, release the lock."""
+        """Flush, merge the previous store and all batches into the final file (a sharded
+        store: the batches into a new part, then a new record), release the lock."""
         try:
             self.flush()
-            parts = ([self._base] if self._base is not None else []) + self._batches()
-            if parts or not self.path.exists():
-                with atomic_output(self.path) as tmp:
-                    merge_stores(parts, tmp, self.schema, self.attrs)
+            if self.sharded:
+                self._close_sharded()
+            else:
+                base = self._base_parts if self._base_parts is not None else \
+                    [self._base] if self._base is not None else []
+                parts = base + self._batches()
+                if parts or not self.path.exists() or self._base_parts is not None:
+                    replaced = _parts_of(self.path) if self._base is None else []
+                    with atomic_output(self.path) as tmp:
+                        merge_stores(parts, tmp, self.schema, self.attrs)
+                    _remove_parts(self.path, replaced if self._base is None else self._base_parts or [])
             shutil.rmtree(self.batch_dir, ignore_errors=True)
         finally:
             self._lock.release()
         return self.path
+
+    def _close_sharded(self) -> None:
+        batches = self._batches()
+        replaced = _parts_of(self.path) if self._base is None else []  # an overwritten store's parts
+        parts = list(self._base_parts or [])
+        if self._base is not None and self._base_parts is None:  # a single file becomes the first part
+            if not batches:
+                return  # nothing new: the store stays one file
+            first = part_path(self.path, next_part_number(self.path))
+            first.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.path, first)
+            parts = [first]
+        if batches or not self.path.exists() or replaced:
+            if batches:
+                new = part_path(self.path, next_part_number(self.path))
+                new.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_output(new) as tmp:
+                    merge_stores(batches, tmp, self.schema, self.attrs)
+                parts.append(new)
+            parts_directory(self.path).mkdir(parents=True, exist_ok=True)
+            write_record(self.path, parts, self.schema.kind, self.attrs)
+        _remove_parts(self.path, replaced)
 
     def abort(self) -> None:
         """Stop without merging (an error, Ctrl-C, SIGTERM): the items added so far are written as
@@ -229,12 +270,43 @@ def present_keys(path: Path, kind: str, attrs: dict[str, Any], overwrite: bool =
     in this process or on a cluster."""
     if overwrite or not path.exists():
         return frozenset()
-    wanted = store_identity(kind, attrs)
-    with Store(path) as old:
-        found = {"cbir_format": old.kind, "name": old.attrs.get("name"), "config": old.config}
-        if found != wanted:
-            raise CbirError(_mismatch(found, wanted), path)
+    with _open_existing(path, kind, attrs) as old:
         return frozenset(old.keys)
+
+
+def _open_existing(path: Path, kind: str, attrs: dict[str, Any]) -> Store:
+    """The store at ``path``, open, if a writer of ``kind`` with ``attrs`` may resume it."""
+    wanted = store_identity(kind, attrs)
+    old = open_store(path)
+    found = {"cbir_format": old.kind, "name": old.attrs.get("name"), "config": old.config}
+    if found != wanted:
+        old.close()
+        raise CbirError(_mismatch(found, wanted), path)
+    return old
+
+
+def _is_record(path: Path) -> bool:
+    """Whether the file at ``path`` is a sharded store's record."""
+    if not path.exists():
+        return False
+    with open_store(path) as s:
+        return isinstance(s, ShardedStore)
+
+
+def _parts_of(path: Path) -> list[Path]:
+    """The part files beside the store at ``path`` (those of a store being replaced)."""
+    directory = parts_directory(path)
+    return sorted(p for p in directory.glob("*.h5") if PART_FILE.fullmatch(p.name)) if directory.is_dir() else []
+
+
+def _remove_parts(path: Path, parts: list[Path]) -> None:
+    """Parts no record lists any more (a store replaced), and their folder once empty."""
+    for part in parts:
+        part.unlink(missing_ok=True)
+    try:
+        parts_directory(path).rmdir()
+    except OSError:
+        pass
 
 
 def _mismatch(found: dict[str, Any], wanted: dict[str, Any]) -> str:

@@ -1,0 +1,613 @@
+"""Sharded stores: one store made of parts, never copied into one file (formats/SPEC.md 5b).
+
+A sharded store is a small *record* at the store's usual path (``cbir/<kind>/<name>.h5``) and
+its parts, each a complete store of its own written atomically by the worker that made it, in
+``cbir/<kind>/<name>.parts/NNNNNN.h5``. The record holds what a single file's metadata holds
+(the attributes, every key, the offsets of ragged columns, and the checksums a merge of the
+parts would record, so that its fingerprint is the merged store's) and a table of the parts:
+file, items, rows, size and where each column's bytes are in it. Its columns are HDF5 virtual
+datasets over the parts, so that h5py and other HDF5 tools read each as one dataset.
+
+cbir reads the record (in a child process, like any store's metadata: keys unique across
+parts, one configuration, offsets) and then the parts' bytes at the offsets the record gives,
+with ``preadv``: opening costs what opening one file costs, whatever the number of parts, and
+a part is looked at only when one of its rows is read (its size must be the recorded one).
+Appending is a new part and a new record; nothing already written is copied again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ...errors import CbirError, FormatError
+from ..atomic import atomic_output
+from ..hdf5 import DatasetInfo, Metadata, read_metadata, refuse_unstored
+from ..paths import refuse_links
+from .checksums import _checksums_json, _row_blocks, crc32_combine
+from .layout import _create_file, _encode_keys, _set_attrs, _write_blob
+from .reader import Store, _decode_keys
+from .schema import CHECKSUMS, KEYS_BLOB, SCHEMAS, STR_DTYPE, Key, Schema, _keys_bytes
+
+#: the format version of a record (1.3 added sharded stores; a 1.2 reader refuses a record
+#: as a file holding data of other files, never reads it as something else)
+RECORD_VERSION = "1.3"
+PARTS_SUFFIX = ".parts"
+PARTS_DIRECTORY = "parts_directory"
+PART_COLUMNS = "part_columns"
+#: the record's table of parts: file names, items, ragged rows, file sizes, column offsets
+PART_TABLE = ("part_files", "part_items", "part_rows", "part_bytes", "part_layout")
+PART_FILE = re.compile(r"[0-9]{6}\.h5")
+#: parts a reader keeps open (a read of any other part opens and closes it)
+OPEN_PARTS = 64
+
+
+def parts_directory(path: Path) -> Path:
+    """Where the parts of the store at ``path`` are: ``<name>.parts/`` beside it."""
+    return path.with_name(path.stem + PARTS_SUFFIX)
+
+
+def part_path(path: Path, number: int) -> Path:
+    """The file of part ``number`` of the store at ``path``."""
+    return parts_directory(path) / f"{number:06d}.h5"
+
+
+def next_part_number(path: Path) -> int:
+    """The number of the next part of the store at ``path`` (after every file there)."""
+    directory = parts_directory(path)
+    numbers = [int(p.stem) for p in directory.glob("*.h5") if PART_FILE.fullmatch(p.name)] \
+        if directory.is_dir() else []
+    return max(numbers, default=-1) + 1
+
+
+def is_sharded(meta: Metadata) -> bool:
+    """Whether a file's metadata is a sharded store's record."""
+    return PARTS_DIRECTORY in meta.attrs
+
+
+@dataclass(frozen=True)
+class _Part:
+    """A part as its record describes it; ``items``/``rows``: where its items and ragged rows
+    start in the whole store."""
+
+    path: Path
+    size: int
+    items: tuple[int, int]
+    rows: tuple[int, int]
+    layout: dict[str, int]  # column -> byte offset of its data in the part
+
+
+class ShardedStore(Store):
+    """A sharded store, read as one (the API and the guarantees of :class:`Store`)."""
+
+    def __init__(self, path: str | os.PathLike, expected_kind: str | None = None,
+                 meta: Metadata | None = None) -> None:
+        self.path = Path(path)
+        self._views: dict[str, np.ndarray] = {}
+        self._fd: int | None = None
+        self._mmap = None
+        self._file: h5py.File | None = None
+        self._checked: set[int] = set()
+        self._fds: dict[int, int] = {}  # parts kept open
+        self._lock = threading.Lock()
+        meta = meta if meta is not None else read_metadata(self.path, ("names", "pairs", "part_files"),
+                                                           virtual=all_columns())
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError:
+            raise FormatError("not a readable HDF5 file (truncated or corrupt?)", self.path) from None
+        try:
+            self._init_record(meta, expected_kind)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- validation on open
+    def _init_record(self, meta: Metadata, expected_kind: str | None) -> None:
+        self._init_attributes(meta, expected_kind)
+        schema = self.schema
+        infos = meta.datasets
+        for key in (schema.key, "offsets", KEYS_BLOB, *schema.columns, *PART_TABLE):
+            if key in meta.groups:
+                raise FormatError(f"'{key}' is a group, expected a dataset", self.path)
+        own = {n: infos[n] for n in (schema.key, "offsets", KEYS_BLOB, *PART_TABLE[1:]) if n in infos}
+        refuse_unstored(self.path, own)
+        self._keys, names_blob = _decode_keys(meta, schema, self.path)
+        self._n = len(self._keys)
+        self._check_blob(infos.get(KEYS_BLOB), names_blob)
+        self._index: dict[Key, int] | None = None
+        self._check_unique()
+        columns = self._part_columns(meta)
+        virtual = {n: infos[n] for n in columns if n in infos}
+        self._infos = {**{n: infos[n] for n in (schema.key, "offsets") if n in infos}, **virtual}
+        self._datasets = {}
+        self._columns = [c for c in schema.columns if c in virtual]
+        self._offsets = self._record_offsets(infos.get("offsets"))
+        self._check_columns_shapes(virtual)
+        self._parts = self._part_table(meta, columns)
+
+    def _init_attributes(self, meta: Metadata, expected_kind: str | None) -> None:
+        from .reader import _check_major, _config_of, check_attr_types
+
+        attrs = meta.attrs
+        check_attr_types(attrs, self.path)
+        kind = str(attrs.get("cbir_format", ""))
+        if kind not in SCHEMAS:
+            raise FormatError(f"unknown store kind {kind!r}", self.path)
+        _check_major(str(attrs.get("format_version", "")), self.path)
+        if expected_kind is not None and kind != expected_kind:
+            raise FormatError(f"is a {kind} store, expected {expected_kind}", self.path)
+        if attrs.get(PARTS_DIRECTORY) != self.path.stem + PARTS_SUFFIX:
+            raise FormatError(f"names its parts' folder {attrs.get(PARTS_DIRECTORY)!r}: a record's parts are in "
+                              f"{self.path.stem + PARTS_SUFFIX!r} beside it", self.path)
+        self.schema, self.kind = SCHEMAS[kind], kind
+        self.attrs: dict[str, Any] = dict(attrs)
+        self.config: dict[str, Any] = _config_of(attrs, self.path)
+
+    def _part_columns(self, meta: Metadata) -> list[str]:
+        try:
+            columns = json.loads(str(meta.attrs.get(PART_COLUMNS, "")))
+        except json.JSONDecodeError:
+            columns = None
+        if not isinstance(columns, list) or not all(isinstance(c, str) and c in self.schema.columns
+                                                    for c in columns) or len(set(columns)) != len(columns):
+            raise FormatError(f"the '{PART_COLUMNS}' attribute must list columns of a {self.kind} store", self.path)
+        for name, col in self.schema.columns.items():
+            if col.required and name not in columns:
+                raise FormatError(f"missing column '{name}'", self.path)
+        for name in columns:
+            if name not in meta.virtual:
+                raise FormatError(f"'{name}' must be a virtual dataset over the parts", self.path)
+        return columns
+
+    def _record_offsets(self, info: DatasetInfo | None) -> np.ndarray:
+        n = self._n
+        if not self.schema.ragged:
+            return np.arange(n + 1, dtype=np.int64)
+        if info is None or info.dtype is None or info.dtype.kind not in "iu" or info.shape != (n + 1,):
+            raise FormatError(f"'offsets' must be {n + 1} integers (one more than the items)", self.path)
+        offsets = np.asarray(self._numbers("offsets"), dtype=np.int64)
+        if offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+            raise FormatError("'offsets' must start at 0 and never decrease", self.path)
+        return offsets
+
+    def _check_columns_shapes(self, virtual: dict[str, DatasetInfo]) -> None:
+        rows = int(self._offsets[-1])
+        for name, info in virtual.items():
+            col = self.schema.columns[name]
+            if info.dtype is None or (col.dtype is not None and info.dtype != np.dtype(col.dtype)):
+                raise FormatError(f"'{name}' is {info.dtype or 'not numeric'}, expected {col.dtype}", self.path)
+            row_shape = info.shape[1:]
+            if len(row_shape) != len(col.shape) or \
+                    any(c is not None and c != s for c, s in zip(col.shape, row_shape, strict=True)):
+                raise FormatError(f"'{name}' rows have shape {row_shape}, expected {col.shape}", self.path)
+            want = rows if name in self.schema.ragged else self._n
+            if not info.shape or info.shape[0] != want:
+                raise FormatError(f"'{name}' has {info.shape[0] if info.shape else 0} rows, expected {want}",
+                                  self.path)
+        dim = self.attrs.get("descriptor_dim")
+        if dim is not None and "descriptors" in virtual and virtual["descriptors"].shape[1] != dim:
+            raise FormatError(f"descriptors have {virtual['descriptors'].shape[1]} dimensions, the "
+                              f"descriptor_dim attribute says {dim}", self.path)
+
+    def _numbers(self, name: str) -> np.ndarray:
+        try:
+            return np.asarray(self._file[name][()])  # type: ignore[index]
+        except (OSError, RuntimeError, KeyError) as e:
+            raise FormatError(f"cannot read dataset '{name}' ({e}): the file is corrupt", self.path) from None
+
+    def _part_table(self, meta: Metadata, columns: list[str]) -> list[_Part]:
+        infos = meta.datasets
+        info = infos.get("part_files")
+        if info is None or not info.is_string or len(info.shape) != 1:
+            raise FormatError("missing the parts' file names ('part_files')", self.path)
+        files = meta.string_items("part_files")
+        p = len(files)
+        if len(set(files)) != p or not all(PART_FILE.fullmatch(f) for f in files):
+            raise FormatError("'part_files' must name distinct files NNNNNN.h5", self.path)
+        table = {}
+        for name, shape in (("part_items", (p,)), ("part_rows", (p,)), ("part_bytes", (p,)),
+                            ("part_layout", (p, len(columns)))):
+            i = infos.get(name)
+            if i is None or i.dtype is None or i.dtype.kind not in "iu" or i.shape != shape:
+                raise FormatError(f"'{name}' must be integers of shape {shape}", self.path)
+            table[name] = np.asarray(self._numbers(name), dtype=np.int64)
+        if np.any(table["part_items"] < 0) or int(table["part_items"].sum()) != self._n:
+            raise FormatError(f"the parts' items do not add up to the {self._n} keys", self.path)
+        item_starts = np.concatenate([[0], np.cumsum(table["part_items"])])
+        row_starts = self._offsets[item_starts]
+        if not np.array_equal(np.diff(row_starts), table["part_rows"]):
+            raise FormatError("the parts' rows disagree with 'offsets'", self.path)
+        directory = parts_directory(self.path)
+        parts = []
+        for j, file in enumerate(files):
+            layout = {c: int(table["part_layout"][j, k]) for k, c in enumerate(columns)}
+            size = int(table["part_bytes"][j])
+            part = _Part(directory / file, size, (int(item_starts[j]), int(item_starts[j + 1])),
+                         (int(row_starts[j]), int(row_starts[j + 1])), layout)
+            for c in columns:
+                end = layout[c] + self._row_bytes(c) * self._span(part, c)
+                if layout[c] < 0 or end > size:
+                    raise FormatError(f"part {file}: column '{c}' lies outside its {size} bytes", self.path)
+            parts.append(part)
+        self._item_starts, self._row_starts = item_starts, row_starts
+        return parts
+
+    # -- layout
+    @property
+    def columns(self) -> list[str]:
+        return list(self._columns)
+
+    @property
+    def parts(self) -> list[Path]:
+        """The part files, in order."""
+        return [p.path for p in self._parts]
+
+    def dataset(self, name: str) -> Column:
+        return Column(self, name)
+
+    def _row_bytes(self, column: str) -> int:
+        info = self._infos[column]
+        assert info.dtype is not None  # checked on open
+        return int(np.prod(info.shape[1:], dtype=np.int64)) * info.dtype.itemsize
+
+    def _span(self, part: _Part, column: str) -> int:
+        lo, hi = part.rows if column in self.schema.ragged else part.items
+        return hi - lo
+
+    def _starts(self, column: str) -> np.ndarray:
+        return self._row_starts if column in self.schema.ragged else self._item_starts
+
+    @contextmanager
+    def _part_fd(self, j: int) -> Iterator[int]:
+        """A file descriptor of part ``j``, after checking once that it is the recorded file.
+        The first :data:`OPEN_PARTS` parts read stay open until the store closes (never closed
+        under another thread's read); others are opened for the read."""
+        fd = self._fds.get(j)
+        if fd is not None:
+            yield fd
+            return
+        fd = self._open_new(j)
+        with self._lock:
+            if j not in self._fds and len(self._fds) < OPEN_PARTS:
+                self._fds[j] = fd
+                keep = True
+            else:
+                keep = False
+        try:
+            yield fd
+        finally:
+            if not keep:
+                os.close(fd)
+
+    def _open_new(self, j: int) -> int:
+        part = self._parts[j]
+        path = refuse_links(part.path)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise FormatError(f"part {part.path.name} is missing (listed by the record)", self.path) from None
+        if j not in self._checked:
+            size = os.fstat(fd).st_size
+            if size != part.size:
+                os.close(fd)
+                raise FormatError(f"part {part.path.name} has {size} bytes, the record says {part.size}: it "
+                                  "changed after the record was written", self.path)
+            self._checked.add(j)
+        return fd
+
+    def _read_span(self, column: str, lo: int, hi: int, out: np.ndarray) -> None:
+        """Rows ``lo:hi`` of ``column`` (whole store) into ``out``, part by part."""
+        starts = self._starts(column)
+        row_bytes = self._row_bytes(column)
+        buffer = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy's stubs: no Buffer
+        j = int(np.searchsorted(starts, lo, side="right")) - 1
+        at = 0
+        while lo < hi:
+            while starts[j + 1] <= lo:  # parts without rows
+                j += 1
+            stop = min(hi, int(starts[j + 1]))
+            nbytes = (stop - lo) * row_bytes
+            offset = self._parts[j].layout[column] + (lo - int(starts[j])) * row_bytes
+            with self._part_fd(j) as fd:
+                _pread_all(fd, buffer[at:at + nbytes], offset, self._parts[j].path)
+            at += nbytes
+            lo = stop
+
+    def _read(self, name: str, sel: Any = ()) -> np.ndarray:
+        info = self._infos[name]
+        if name not in self._columns:  # keys, offsets: the record's own
+            return np.asarray(self._file[name][sel])  # type: ignore[index]
+        total = info.shape[0]
+        if isinstance(sel, (int, np.integer)):
+            i = int(sel)
+            if not 0 <= i < total:
+                raise IndexError(f"row {i} beyond the {total} of '{name}'")
+            out = np.empty((1,) + info.shape[1:], info.dtype)
+            self._read_span(name, i, i + 1, out)
+            return out[0]
+        if sel == ():
+            sel = slice(0, total)
+        if not isinstance(sel, slice) or sel.step not in (None, 1):
+            raise TypeError(f"a sharded store reads rows by index or range, not {sel!r}")
+        lo, hi, _ = sel.indices(total)
+        out = np.empty((max(0, hi - lo),) + info.shape[1:], info.dtype)
+        self._read_span(name, lo, max(lo, hi), out)
+        return out
+
+    def read_rows(self, column: str, rows: np.ndarray) -> np.ndarray:
+        """Rows of a per-item column in the given order, each part's read in file order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        info = self._infos[column]
+        out = np.empty((len(rows),) + info.shape[1:], info.dtype)
+        if not len(rows):
+            return out
+        if rows.min() < 0 or rows.max() >= info.shape[0]:
+            raise IndexError(f"rows beyond the {info.shape[0]} of '{column}'")
+        if rows[-1] - rows[0] + 1 == len(rows) and np.all(np.diff(rows) == 1):
+            self._read_span(column, int(rows[0]), int(rows[-1]) + 1, out)
+            return out
+        starts = self._starts(column)
+        row_bytes = self._row_bytes(column)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        owner = np.searchsorted(starts, sorted_rows, side="right") - 1
+        buffer = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy's stubs: no Buffer
+        bounds = np.flatnonzero(np.diff(owner)) + 1
+        for run in np.split(np.arange(len(rows)), bounds):
+            j = int(owner[run[0]])
+            base = self._parts[j].layout[column] - int(starts[j]) * row_bytes
+            with self._part_fd(j) as fd:
+                for r, at in zip((base + sorted_rows[run] * row_bytes).tolist(), (order[run] * row_bytes).tolist(),
+                                 strict=True):
+                    _pread_all(fd, buffer[at:at + row_bytes], r, self._parts[j].path)
+        return out
+
+    def verify_checksums(self) -> list[str]:
+        """:meth:`Store.verify_checksums` over the parts' bytes, and each part's own checksums."""
+        problems = []
+        for j, part in enumerate(self._parts):
+            try:
+                with self._part_fd(j):
+                    pass
+                with Store(part.path, self.kind) as s:
+                    problems += [f"part {part.path.name}: {p}" for p in s.verify_checksums()]
+            except CbirError as e:
+                problems.append(e.message)
+        if problems:
+            return problems
+        return super().verify_checksums()
+
+    def virtual_sources_problems(self) -> list[str]:
+        """Where the virtual datasets (what h5py and other HDF5 tools read) disagree with the
+        parts this record lists."""
+        problems = []
+        for name in self._columns:
+            wanted = [f"{self.path.stem}{PARTS_SUFFIX}/{p.path.name}" for p in self._parts if self._span(p, name)]
+            found = [m.file_name for m in self._file[name].virtual_sources()]  # type: ignore[index]
+            if list(dict.fromkeys(found)) != wanted:
+                problems.append(f"the virtual dataset '{name}' reads other files than the parts listed")
+        return problems
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+        super().close()
+
+    def __repr__(self) -> str:
+        return f"ShardedStore({str(self.path)!r}, kind={self.kind}, items={len(self)}, parts={len(self._parts)})"
+
+
+class Column:
+    """A column of a sharded store as :meth:`Store.dataset` gives one: shape, dtype, rows."""
+
+    def __init__(self, store: ShardedStore, name: str) -> None:
+        self.store, self.name = store, name
+        info = store._infos[name]
+        self.shape: tuple[int, ...] = info.shape
+        assert info.dtype is not None  # numeric: checked on open
+        self.dtype: np.dtype = info.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, sel: Any) -> np.ndarray:
+        if isinstance(sel, np.ndarray) or isinstance(sel, list):
+            return self.store.read_rows(self.name, np.asarray(sel))
+        return self.store._read(self.name, sel)
+
+
+def _pread_all(fd: int, target: memoryview, offset: int, path: Path) -> None:
+    done = 0
+    while done < len(target):
+        got = os.preadv(fd, [target[done:]], offset + done)
+        if got <= 0:
+            raise FormatError(f"short read at byte {offset + done}: the part is truncated", path)
+        done += got
+
+
+def all_columns() -> tuple[str, ...]:
+    """Every column name of every kind of store (those a record may hold as virtual datasets)."""
+    return tuple(dict.fromkeys(c for s in SCHEMAS.values() for c in s.columns))
+
+
+# ================================================================================ writing
+def write_record(path: Path, parts: Sequence[Path], kind: str, attrs: dict[str, Any]) -> None:
+    """The record of the sharded store at ``path`` made of ``parts`` (files in its parts'
+    folder, in order), written atomically: each part validated (its kind, name and
+    configuration those of ``attrs``; contiguous columns of one row shape across parts), keys
+    unique across parts, and the checksums a merge would record combined from the parts'."""
+    schema = SCHEMAS[kind]
+    directory = parts_directory(path)
+    described = [_describe(part, schema, attrs, directory) for part in parts]
+    columns = _common_columns(described, schema, path)
+    keys = [k for d in described for k in d.keys]
+    if len(set(keys)) != len(keys):
+        seen: dict[Key, str] = {}
+        for d in described:
+            for k in d.keys:
+                if k in seen:
+                    raise CbirError(f"item {k!r} is in two parts ({seen[k]} and {d.path.name})", path)
+                seen[k] = d.path.name
+    offsets = None
+    if schema.ragged:
+        offsets = np.zeros(len(keys) + 1, np.int64)
+        np.cumsum([c for d in described for c in np.diff(d.offsets)], out=offsets[1:])
+    crcs = dict.fromkeys(columns, 0)
+    for d in described:
+        for c in columns:
+            if d.nbytes.get(c):
+                crcs[c] = crc32_combine(crcs[c], d.crcs[c], d.nbytes[c])
+    if offsets is not None:
+        crcs["offsets"] = zlib.crc32(offsets.data)
+    with atomic_output(path) as tmp, _create_file(tmp) as f:
+        _set_attrs(f, schema, attrs)
+        f.attrs["format_version"] = RECORD_VERSION
+        f.attrs[PARTS_DIRECTORY] = directory.name
+        f.attrs[PART_COLUMNS] = json.dumps(columns)
+        f.attrs[CHECKSUMS] = _checksums_json(zlib.crc32(_keys_bytes(keys)), crcs)
+        f.create_dataset(schema.key, data=_encode_keys(keys, schema), dtype=STR_DTYPE)
+        _write_blob(f, keys)
+        if offsets is not None:
+            f.create_dataset("offsets", data=offsets)
+        f.create_dataset("part_files", data=np.array([d.path.name for d in described], dtype=object),
+                         dtype=STR_DTYPE)
+        f.create_dataset("part_items", data=np.array([len(d.keys) for d in described], np.int64))
+        f.create_dataset("part_rows", data=np.array([int(d.offsets[-1]) for d in described], np.int64))
+        f.create_dataset("part_bytes", data=np.array([d.size for d in described], np.int64))
+        f.create_dataset("part_layout", data=np.array([[d.layout.get(c, 0) for c in columns] for d in described],
+                                                      np.int64).reshape(len(described), len(columns)))
+        filled = [d for d in described if d.keys]
+        for c in columns:
+            row_shape, dtype, _ = filled[0].shapes[c] if filled else _empty_shape(schema, c, attrs)
+            total = len(keys) if c not in schema.ragged else int(offsets[-1])  # type: ignore[index]
+            layout = h5py.VirtualLayout(shape=(total,) + row_shape, dtype=dtype)
+            at = 0
+            for d in described:
+                n = d.shapes[c][2] if c in d.shapes else 0
+                if n:
+                    layout[at:at + n] = h5py.VirtualSource(f"{directory.name}/{d.path.name}", c,
+                                                           shape=(n,) + row_shape)
+                at += n
+            f.create_virtual_dataset(c, layout)
+
+
+@dataclass
+class _Described:
+    path: Path
+    size: int
+    keys: list[Key]
+    offsets: np.ndarray
+    layout: dict[str, int]
+    nbytes: dict[str, int]
+    crcs: dict[str, int]
+    shapes: dict[str, tuple[tuple[int, ...], np.dtype, int]]
+
+
+def _describe(part: Path, schema: Schema, attrs: dict[str, Any], directory: Path) -> _Described:
+    from .merge import _recorded_crcs
+    from .writer import store_identity
+
+    if part.parent.resolve() != directory.resolve() or not PART_FILE.fullmatch(part.name):
+        raise CbirError(f"a part must be a file NNNNNN.h5 in {directory}", part)
+    with Store(part, schema.kind) as s:
+        found = {"cbir_format": s.kind, "name": s.attrs.get("name"), "config": s.config}
+        if found != store_identity(schema.kind, attrs):
+            raise CbirError("written with another name or configuration than the store's other parts", part)
+        crcs = _recorded_crcs(s)
+        layout, nbytes, shapes = {}, {}, {}
+        for c in s.columns:
+            info = s._infos[c]
+            if c not in s._views and info.nbytes:
+                raise CbirError(f"column '{c}' is not stored contiguously: merge the part into one file first "
+                                "(cbir store merge)", part)
+            layout[c] = info.offset if info.offset is not None else 0
+            nbytes[c] = info.nbytes
+            assert info.dtype is not None  # numeric: validated
+            shapes[c] = (tuple(info.shape[1:]), info.dtype, info.shape[0])
+            if c not in crcs:  # a part written without checksums: computed here
+                crc = 0
+                for span in _row_blocks(info.shape[0], info.nbytes // max(1, info.shape[0])):
+                    crc = zlib.crc32(np.ascontiguousarray(s._read(c, span)).data, crc)
+                crcs[c] = crc
+        offsets = s.offsets if schema.ragged else np.arange(len(s) + 1, dtype=np.int64)
+        return _Described(part, part.stat().st_size, list(s.keys), offsets, layout, nbytes, crcs, shapes)
+
+
+def _common_columns(described: list[_Described], schema: Schema, path: Path) -> list[str]:
+    """The columns of the parts that hold items (an empty part has its required ones only)."""
+    described = [d for d in described if d.keys]
+    if not described:
+        return [c for c, col in schema.columns.items() if col.required]
+    columns = [c for c in schema.columns if c in described[0].shapes]
+    for d in described:
+        if [c for c in schema.columns if c in d.shapes] != columns:
+            raise CbirError(f"has columns {sorted(d.shapes)}, the first part {columns}: parts of one store have the "
+                            "same columns", d.path)
+        for c in columns:
+            if d.shapes[c][:2] != described[0].shapes[c][:2]:
+                raise CbirError(f"column '{c}' has rows {d.shapes[c][0]} {d.shapes[c][1]}, the first part "
+                                f"{described[0].shapes[c][0]} {described[0].shapes[c][1]}", d.path)
+    return columns
+
+
+def _empty_shape(schema: Schema, column: str, attrs: dict[str, Any]) -> tuple[tuple[int, ...], np.dtype, int]:
+    col = schema.columns[column]
+    dim = int(attrs.get("descriptor_dim") or 0) if column == "descriptors" else 0
+    return (tuple(dim if c is None else c for c in col.shape),
+            np.dtype(col.dtype or attrs.get("descriptor_dtype") or "float32"), 0)
+
+
+#: attributes a writer sets itself (the rest are the store's own: name, config, descriptors)
+FORMAT_ATTRS = frozenset({"cbir_format", "format_version", "cbir_version", CHECKSUMS, PARTS_DIRECTORY, PART_COLUMNS})
+
+
+def own_attributes(store: Store) -> dict[str, Any]:
+    """The attributes ``store`` was written with, as a writer takes them (``config`` a dict)."""
+    return {**{k: v for k, v in store.attrs.items() if k not in FORMAT_ATTRS}, "config": store.config}
+
+
+def merge_sharded(path: Path) -> int:
+    """The sharded store at ``path`` made one file (atomically, in its place), its parts then
+    removed; the number of parts merged (0: it was one file already). The merged store has
+    the same keys, values and checksums (so the same fingerprint) as the record."""
+    from ..atomic import WriteLock
+    from .merge import merge_stores
+
+    with WriteLock(path):
+        with open_sharded(path) as store:
+            if not isinstance(store, ShardedStore):
+                return 0
+            parts, schema, attrs, fingerprint = store.parts, store.schema, own_attributes(store), store.fingerprint()
+        with atomic_output(path) as tmp:
+            merge_stores(parts, tmp, schema, attrs)
+            with Store(tmp, schema.kind) as merged:
+                if merged.fingerprint() != fingerprint:  # a part changed between the record and the merge
+                    raise CbirError("the merged parts differ from what the record says (a part changed?): run "
+                                    "`cbir check --deep`; the store is left as it was", path)
+        for part in parts:
+            part.unlink(missing_ok=True)
+        try:
+            parts_directory(path).rmdir()
+        except OSError:
+            pass
+    return len(parts)
+
+
+def open_sharded(path: Path) -> Store:
+    """:func:`~.reader.open_store` (the name says what this module needs of it)."""
+    from .reader import open_store
+
+    return open_store(path)
