@@ -17,6 +17,7 @@ Appending is a new part and a new record; nothing already written is copied agai
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -34,7 +35,7 @@ import numpy as np
 from ...errors import CbirError, FormatError
 from ..atomic import atomic_output
 from ..hdf5 import DatasetInfo, Metadata, read_metadata, refuse_unstored
-from ..paths import refuse_links
+from ..paths import refuse_links, trust_links
 from .checksums import _checksums_json, _row_blocks, crc32_combine
 from .layout import _create_file, _encode_keys, _set_attrs, _write_blob
 from .reader import Store, _decode_keys
@@ -99,6 +100,7 @@ class ShardedStore(Store):
         self._mmap = None
         self._file: h5py.File | None = None
         self._checked: set[int] = set()
+        self._folder_checked = False
         self._fds: dict[int, int] = {}  # parts kept open
         self._lock = threading.Lock()
         meta = meta if meta is not None else read_metadata(self.path, ("names", "pairs", "part_files"),
@@ -293,12 +295,19 @@ class ShardedStore(Store):
 
     def _open_new(self, j: int) -> int:
         part = self._parts[j]
-        path = refuse_links(part.path)
-        try:
-            fd = os.open(path, os.O_RDONLY)
+        first = j not in self._checked
+        if not self._folder_checked:  # no link inside the dataset's cbir/ folder down to the parts' folder
+            refuse_links(parts_directory(self.path))
+            self._folder_checked = True
+        try:  # and none at a part (O_NOFOLLOW: refused by the kernel, one system call)
+            fd = os.open(part.path, os.O_RDONLY | (0 if trust_links() else os.O_NOFOLLOW))
         except FileNotFoundError:
             raise FormatError(f"part {part.path.name} is missing (listed by the record)", self.path) from None
-        if j not in self._checked:
+        except OSError as e:
+            why = "it is a symbolic link: cbir does not read through links inside a dataset's cbir/ folder" \
+                if e.errno == errno.ELOOP else e.strerror
+            raise FormatError(f"part {part.path.name} cannot be read ({why})", self.path) from None
+        if first:
             size = os.fstat(fd).st_size
             if size != part.size:
                 os.close(fd)
