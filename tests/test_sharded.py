@@ -283,3 +283,12 @@ def test_retrieval_over_a_sharded_map_gives_the_merged_maps_pairs(tmp_path, samp
             found[label] = (exact.pairs, indexed.pairs, indexed.recall)
     assert found["one"] == found["sharded"] and len(found["one"][0]) == 60 * 7
 
+
+
+def test_a_part_replaced_by_a_symbolic_link_is_refused(tmp_path):
+    path = _sharded(tmp_path)
+    part = part_path(path, 3)
+    os.replace(part, tmp_path / "moved.h5")
+    part.symlink_to(tmp_path / "moved.h5")  # same bytes and size, but through a link
+    with open_store(path) as s, pytest.raises(FormatError, match="part 000003.h5 cannot be read .*symbolic link"):
+        s.get(NAMES[50])
