@@ -38,7 +38,14 @@ def collect_parts(final: Path, shards: list[Path], kind: str, attrs: dict[str, A
     """The shards' stores written (in order) made parts of the sharded store ``final``, after
     the parts it has (``keep``; a single file becomes its first part, by a rename), with a
     new record; without ``keep`` they replace what it held. ``progress(1)`` per part."""
-    from ..io.store.sharded import ShardedStore, next_part_number, part_path, parts_directory, write_record
+    from ..io.store.sharded import (
+        ShardedStore,
+        next_part_number,
+        part_path,
+        parts_directory,
+        remove_parts,
+        write_record,
+    )
 
     written = [s for s in shards if s.exists()]
     if keep and final.exists() and not written:
@@ -75,8 +82,7 @@ def collect_parts(final: Path, shards: list[Path], kind: str, attrs: dict[str, A
             if moved_base is not None:
                 os.replace(moved_base, final)
             raise
-        for part in replaced:
-            part.unlink(missing_ok=True)
+        remove_parts(final, replaced)
 
 
 def intact(shard: Path) -> bool:

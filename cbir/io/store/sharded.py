@@ -606,13 +606,25 @@ def merge_sharded(path: Path) -> int:
                 if merged.fingerprint() != fingerprint:  # a part changed between the record and the merge
                     raise CbirError("the merged parts differ from what the record says (a part changed?): run "
                                     "`cbir check --deep`; the store is left as it was", path)
-        for part in parts:
-            part.unlink(missing_ok=True)
-        try:
-            parts_directory(path).rmdir()
-        except OSError:
-            pass
+        remove_parts(path, parts)
     return len(parts)
+
+
+def part_files(path: Path) -> list[Path]:
+    """The part files beside the store at ``path`` (listed by its record or not)."""
+    directory = parts_directory(path)
+    return sorted(p for p in directory.glob("*.h5") if PART_FILE.fullmatch(p.name)) if directory.is_dir() else []
+
+
+def remove_parts(path: Path, parts: Sequence[Path]) -> None:
+    """Parts no record lists any more (merged, or of a store replaced), and the parts'
+    folder of the store at ``path`` once empty."""
+    for part in parts:
+        part.unlink(missing_ok=True)
+    try:
+        parts_directory(path).rmdir()
+    except OSError:
+        pass
 
 
 def open_sharded(path: Path) -> Store:

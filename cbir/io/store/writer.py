@@ -20,7 +20,15 @@ from .layout import _write_arrays
 from .merge import merge_stores
 from .reader import Store, open_store
 from .schema import SCHEMAS, Column, Key, _as_key
-from .sharded import PART_FILE, ShardedStore, next_part_number, part_path, parts_directory, write_record
+from .sharded import (
+    ShardedStore,
+    next_part_number,
+    part_files,
+    part_path,
+    parts_directory,
+    remove_parts,
+    write_record,
+)
 
 FLUSH_INTERVAL_S = 5.0
 
@@ -206,10 +214,10 @@ class StoreWriter:
                     [self._base] if self._base is not None else []
                 parts = base + self._batches()
                 if parts or not self.path.exists() or self._base_parts is not None:
-                    replaced = _parts_of(self.path) if self._base is None else []
+                    replaced = part_files(self.path) if self._base is None else []
                     with atomic_output(self.path) as tmp:
                         merge_stores(parts, tmp, self.schema, self.attrs)
-                    _remove_parts(self.path, replaced if self._base is None else self._base_parts or [])
+                    remove_parts(self.path, replaced if self._base is None else self._base_parts or [])
             shutil.rmtree(self.batch_dir, ignore_errors=True)
         finally:
             self._lock.release()
@@ -217,7 +225,7 @@ class StoreWriter:
 
     def _close_sharded(self) -> None:
         batches = self._batches()
-        replaced = _parts_of(self.path) if self._base is None else []  # an overwritten store's parts
+        replaced = part_files(self.path) if self._base is None else []  # an overwritten store's parts
         parts = list(self._base_parts or [])
         if self._base is not None and self._base_parts is None:  # a single file becomes the first part
             if not batches:
@@ -235,7 +243,7 @@ class StoreWriter:
                 parts.append(new)
             parts_directory(self.path).mkdir(parents=True, exist_ok=True)
             write_record(self.path, parts, self.schema.kind, self.attrs)
-        _remove_parts(self.path, replaced)
+        remove_parts(self.path, replaced)
 
     def abort(self) -> None:
         """Stop without merging (an error, Ctrl-C, SIGTERM): the items added so far are written as
@@ -291,22 +299,6 @@ def _is_record(path: Path) -> bool:
         return False
     with open_store(path) as s:
         return isinstance(s, ShardedStore)
-
-
-def _parts_of(path: Path) -> list[Path]:
-    """The part files beside the store at ``path`` (those of a store being replaced)."""
-    directory = parts_directory(path)
-    return sorted(p for p in directory.glob("*.h5") if PART_FILE.fullmatch(p.name)) if directory.is_dir() else []
-
-
-def _remove_parts(path: Path, parts: list[Path]) -> None:
-    """Parts no record lists any more (a store replaced), and their folder once empty."""
-    for part in parts:
-        part.unlink(missing_ok=True)
-    try:
-        parts_directory(path).rmdir()
-    except OSError:
-        pass
 
 
 def _mismatch(found: dict[str, Any], wanted: dict[str, Any]) -> str:
