@@ -67,6 +67,7 @@ class RayExecutor(Executor):
 
     name = "ray"
     in_place = False
+    sharded = True  # each shard's store becomes a part
 
     def __init__(self, address: str | None = None, sizes: ShardSizes = ShardSizes(),
                  conf: RayConf = RayConf()) -> None:

@@ -110,6 +110,8 @@ class Executor(ABC):
     sizes: ShardSizes
     #: the shards run in this process and write the final outputs (one shard a step)
     in_place: bool
+    #: stores get what a run adds as a new part (formats/SPEC.md 5b); None: each as it is
+    sharded: bool | None = None
 
     @abstractmethod
     def run(self, work: Work) -> Iterator[tuple[int, Any]]:
@@ -174,8 +176,8 @@ class LocalExecutor(Executor):
     name = "local"
     in_place = True
 
-    def __init__(self, sizes: ShardSizes = ShardSizes()) -> None:
-        self.sizes = sizes
+    def __init__(self, sizes: ShardSizes = ShardSizes(), sharded: bool | None = None) -> None:
+        self.sizes, self.sharded = sizes, sharded
 
     def run(self, work: Work) -> Iterator[tuple[int, Any]]:
         state = work.state
@@ -194,11 +196,12 @@ def require_exact_for_expansion(qe: int, dba: int) -> None:
 
 
 def make_executor(kind: str = "local", address: str | None = None, sizes: ShardSizes = ShardSizes(),
-                  what: str = "--executor") -> Executor:
+                  what: str = "--executor", sharded: bool | None = None) -> Executor:
     """The executor ``kind`` (one of :data:`EXECUTORS`); ``address``: the Ray cluster
-    (None: ``$RAY_ADDRESS``, else a local instance). ``what`` names the option in errors."""
+    (None: ``$RAY_ADDRESS``, else a local instance). ``what`` names the option in errors.
+    ``sharded``: the local executor writes what a run adds as new parts (Ray always does)."""
     if kind == "local":
-        return LocalExecutor(sizes)
+        return LocalExecutor(sizes, sharded)
     if kind == "ray":
         from .distributed import RayExecutor, require_ray
 

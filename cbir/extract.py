@@ -152,7 +152,8 @@ def extract_all(extractors: Sequence[Extractor], dataset: Dataset, *,
                 overwrite: bool = False, num_workers: int | None = None,
                 progress: Callable[[int, int], None] | None = None,
                 image_options: ImageOptions = ImageOptions(), store_dir: Path | None = None,
-                learning: Callable[[int, int], None] | None = None) -> list[ExtractReport]:
+                learning: Callable[[int, int], None] | None = None,
+                sharded: bool | None = None) -> list[ExtractReport]:
     """Run several extractors over ``dataset``, one report each (in order).
 
     Extractors that read images the same way run in one pass: each image is decoded once,
@@ -162,7 +163,8 @@ def extract_all(extractors: Sequence[Extractor], dataset: Dataset, *,
     ``cbir/``) holds the stores as ``<store_dir>/<local|global>/<name>.h5`` (a cluster's
     shards, :mod:`cbir.distributed`). ``learning(advance, total)``: the progress of a model
     learned on the dataset first (DenseVLAD's vocabulary and PCA on the map), before any image
-    is extracted.
+    is extracted. ``sharded``: the images extracted now become a new part of each (sharded)
+    store (None: each store stays as it is; formats/SPEC.md 5b).
     """
     extractors = list(extractors)
     names_ = list(store_names) if store_names is not None else [None] * len(extractors)
@@ -190,7 +192,8 @@ def extract_all(extractors: Sequence[Extractor], dataset: Dataset, *,
     step = (lambda advance, total: progress(advance, total * n_passes)) if progress else None
     for members in passes.values():
         done = _extract_pass([extractors[i] for i in members], [store_names_[i] for i in members],
-                             [outs[i] for i in members], dataset, names, overwrite, num_workers, step, image_options)
+                             [outs[i] for i in members], dataset, names, overwrite, num_workers, step, image_options,
+                             sharded)
         reports.update(zip(members, done, strict=True))
     for i, extractor in enumerate(extractors):
         reports[i].weights_note = getattr(extractor, "weights_note", "")
@@ -221,7 +224,8 @@ def store_attributes(extractor: Extractor, store_name: str, image_options: Image
 
 def _extract_pass(extractors: list[Extractor], store_names: list[str], outs: list[Path], dataset: Dataset,
                   names: list[str], overwrite: bool, num_workers: int | None,
-                  progress: Callable[[int, int], None] | None, image_options: ImageOptions) -> list[ExtractReport]:
+                  progress: Callable[[int, int], None] | None, image_options: ImageOptions,
+                  sharded: bool | None = None) -> list[ExtractReport]:
     load = image_loader(dataset, extractors[0], image_options)
 
     def attrs(extractor: Extractor, store_name: str) -> dict[str, Any]:
@@ -231,7 +235,7 @@ def _extract_pass(extractors: list[Extractor], store_names: list[str], outs: lis
     with ExitStack() as stack:
         writers = [stack.enter_context(StoreWriter(
             out, "global-features" if isinstance(e, GlobalExtractor) else "local-features",
-            attrs(e, n), overwrite=overwrite, batch_size=64))
+            attrs(e, n), overwrite=overwrite, batch_size=64, sharded=sharded))
             for e, n, out in zip(extractors, store_names, outs, strict=True)]
         missing = [{n for n in names if n not in w} for w in writers]
         for report, absent in zip(reports, missing, strict=True):

@@ -292,3 +292,25 @@ def test_a_part_replaced_by_a_symbolic_link_is_refused(tmp_path):
     part.symlink_to(tmp_path / "moved.h5")  # same bytes and size, but through a link
     with open_store(path) as s, pytest.raises(FormatError, match="part 000003.h5 cannot be read .*symbolic link"):
         s.get(NAMES[50])
+
+
+def test_a_local_run_writes_sharded_output_when_asked(sample_dataset, tmp_path):
+    from cbir.io.dataset import Dataset
+
+    names = sorted(Dataset(sample_dataset).sensors.image_names())
+    first = tmp_path / "first.txt"
+    first.write_text(names[0] + "\n")
+    runner = CliRunner()
+    for extra in (["--images", str(first)], []):
+        result = runner.invoke(main, ["extract", str(sample_dataset), "--local", "sift", "--max-keypoints", "200",
+                                      "--sharded", *extra])
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["extract", str(sample_dataset), "--local", "sift", "--max-keypoints", "200",
+                                  "--name", "plain"])
+    assert result.exit_code == 0, result.output
+    local = sample_dataset / "cbir" / "local"
+    with open_store(local / "sift.h5") as s, open_store(local / "plain.h5") as p:
+        assert isinstance(s, ShardedStore) and len(s.parts) == 2 and sorted(s.keys) == sorted(p.keys) == names
+        for key in names:
+            for column, value in p.get(key).items():
+                np.testing.assert_array_equal(s.get(key)[column], value)

@@ -59,10 +59,18 @@ def executor_options(shard_size: int, unit: str) -> Callable:
     return decorate
 
 
-def cli_executor(kind: str, address: str | None, shard_size: int, step: str) -> Executor:
+def cli_executor(kind: str, address: str | None, shard_size: int, step: str, sharded: bool = False) -> Executor:
     """The executor of ``--executor`` (``--ray-address``), with ``--shard-size`` as the shard
-    size of ``step`` (a field of :class:`ShardSizes`: images, pairs, queries, map_images)."""
-    return make_executor(kind, address, replace(ShardSizes(), **{step: shard_size}))
+    size of ``step`` (a field of :class:`ShardSizes`: images, pairs, queries, map_images) and
+    ``--sharded``."""
+    return make_executor(kind, address, replace(ShardSizes(), **{step: shard_size}), sharded=sharded or None)
+
+
+#: ``--sharded`` of the commands that write stores
+sharded_option = click.option(
+    "--sharded", is_flag=True,
+    help="Write what this run adds as a new part of a sharded store (formats/SPEC.md 5b; a single file becomes "
+         "its first part, by a rename). --executor ray always does.")
 
 
 @contextmanager
@@ -185,13 +193,14 @@ def parse_conf(items: tuple[str, ...]) -> dict[str, Any]:
               help="Refuse (skip and report) larger images before decoding [default: $CBIR_MAX_IMAGE_PIXELS "
                    "or 268435456].")
 @executor_options(64, "images")
+@sharded_option
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.pass_context
 def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str | None, weights: Path | None,
             model: Path | None, learn: bool, name: str | None, max_keypoints: int | None, max_size: int | None,
             conf_items: tuple[str, ...], image_list: Path | None, device: str, num_workers: int, overwrite: bool,
             follow_symlinks: bool, apply_exif: bool, max_image_pixels: int | None, executor: str,
-            ray_address: str | None, shard_size: int, as_json: bool) -> None:
+            ray_address: str | None, shard_size: int, sharded: bool, as_json: bool) -> None:
     """Extract local features (DATASET/cbir/local/) and global descriptors (DATASET/cbir/global/).
 
     Resumes where an interrupted run stopped; unreadable images are skipped and reported.
@@ -223,7 +232,7 @@ def extract(ctx: click.Context, dataset: Path, local: str | None, global_: str |
     quiet = is_quiet(ctx)
     label = ", ".join(f"{kind} {n}" for kind, n in jobs)
     image_options = extract_mod.ImageOptions(apply_exif, max_image_pixels)
-    run = cli_executor(executor, ray_address, shard_size, "images")
+    run = cli_executor(executor, ray_address, shard_size, "images", sharded)
     where = "" if run.in_place else f" ({run.name})"
     with progress_bars(quiet or as_json, f"extract {label}{where}", LEARNING_LABEL,
                        "collect the parts") as (update, learning, merging):
@@ -312,13 +321,14 @@ def pairs_exhaustive(ctx: click.Context, map_: Path, query: Path | None, output:
 @workers_option
 @overwrite_option
 @executor_options(1000, "pairs")
+@sharded_option
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.pass_context
 def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, local: str, name: str | None,
           matcher_name: str, mutual: bool, ratio: float | None, max_distance: float | None,
           conf_items: tuple[str, ...], verify: str | None, max_error: float,
           confidence: float, min_inliers: int, device: str, num_workers: int, overwrite: bool, executor: str,
-          ray_address: str | None, shard_size: int, as_json: bool) -> None:
+          ray_address: str | None, shard_size: int, sharded: bool, as_json: bool) -> None:
     """Match the local features of the image pairs of a pairs file."""
     from ..matching.base import load_matcher
     from ..matching.verify import VerifyConf
@@ -336,7 +346,7 @@ def match(ctx: click.Context, query: Path, map_: Path | None, pairs_file: str, l
     verify_conf = VerifyConf(method=verify, max_error=max_error, confidence=confidence,
                              min_inliers=min_inliers) if verify else None
     quiet = is_quiet(ctx)
-    run = cli_executor(executor, ray_address, shard_size, "pairs")
+    run = cli_executor(executor, ray_address, shard_size, "pairs", sharded)
     with progress_bars(quiet or as_json, "match" + ("" if run.in_place else f" ({run.name})"),
                        "collect the parts") as (update, merging):
         report = run.match(q, m, pairs, local, name=name, matcher=matcher, verify=verify_conf, device=device,

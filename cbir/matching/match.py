@@ -208,7 +208,7 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
          matcher: Matcher | MatcherConf = MatcherConf(), verify: VerifyConf | None = None, device: str = "auto",
          overwrite: bool = False, num_workers: int | None = None,
          progress: Callable[[int, int], None] | None = None, overlap: bool | None = None,
-         store_path: Path | None = None, pairs_file: str | None = None) -> MatchReport:
+         store_path: Path | None = None, pairs_file: str | None = None, sharded: bool | None = None) -> MatchReport:
     """Match ``pairs`` into the query dataset's matches store ``name`` (default ``local``),
     or into ``store_path`` (a cluster's shard, :mod:`cbir.distributed`).
 
@@ -216,7 +216,8 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
     matched (on a GPU: queued, then copied back once), then verified by the worker threads.
     With ``overlap`` (default: on a GPU) the verification of a chunk runs while the next
     chunk is read and matched; without (the CPU's default) they alternate, since both would
-    compete for the same cores. The result is the same.
+    compete for the same cores. The result is the same. ``sharded``: the pairs matched now
+    become a new part of the (sharded) store (None: it stays as it is).
     """
     from ..models.base import resolve_device
 
@@ -243,7 +244,7 @@ def main(query: Dataset, map_: Dataset, pairs: list[Pair], local: str, *, name: 
         with_poses = verify is not None and verify.method == "poses"
         qposes = query.sensors.image_poses() if with_poses else {}
         mposes = qposes if same or not with_poses else map_.sensors.image_poses()
-        with StoreWriter(out, "matches", attrs, overwrite=overwrite) as writer, \
+        with StoreWriter(out, "matches", attrs, overwrite=overwrite, sharded=sharded) as writer, \
                 ThreadPoolExecutor(workers, thread_name_prefix="cbir-verify") as pool, \
                 ThreadPoolExecutor(min(4, workers), thread_name_prefix="cbir-read") as read_pool:
             run = _Run(query, map_, qcache, mcache, matcher, verify, _Cameras() if verify else None,

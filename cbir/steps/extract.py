@@ -45,7 +45,7 @@ def extract(executor: Executor, jobs: Sequence[ExtractorJob], dataset: Dataset, 
     if executor.in_place:
         built = [j if isinstance(j, extract_mod.Extractor) else build_extractors([j])[0] for j in jobs]
         work = Work(extract_shard, {0: (portable(dataset, executor), names_given, images, None, options, overwrite,
-                                        learning)},
+                                        learning, executor.sharded)},
                     ["every image"], [0], state=built, threads=num_workers, progress=progress)
         [(_, reports)] = executor.run(work)
         return reports
@@ -71,7 +71,7 @@ def extract(executor: Executor, jobs: Sequence[ExtractorJob], dataset: Dataset, 
     if progress:
         progress(len(wanted) - len(todo), len(wanted))
     work = Work(extract_shard, {i: (portable(dataset, executor), names, shards[i], str(shard_dirs[i]), options,
-                                    False, None)
+                                    False, None, None)
                                 for i, outs in enumerate(outputs) if not all([intact(o) for o in outs])},
                 [s[0] for s in shards], [len(s) for s in shards], len(wanted), setup=(build_extractors, (specs,)),
                 progress=progress, on_gpu=any(wants_gpu(c.get("device", "cpu")) for _, _, c in specs),
@@ -129,15 +129,15 @@ def build_extractors(specs: list[ExtractorSpec]) -> list[Extractor]:
 
 def extract_shard(extractors: list[Extractor], dataset: Dataset | str, store_names: list[str | None],
                   images: list[str] | None, shard_dir: str | None, image_options: ImageOptions, overwrite: bool,
-                  learning: Progress | None, *, threads: int | None = None,
+                  learning: Progress | None, sharded: bool | None, *, threads: int | None = None,
                   progress: Progress | None = None) -> list[ExtractReport]:
     """One shard: :func:`cbir.extract.extract_all` of ``images`` into the stores under
-    ``shard_dir`` (None: the final stores)."""
+    ``shard_dir`` (None: the final stores, ``sharded`` as the executor says)."""
     from ..extract import extract_all
 
     return extract_all(extractors, opened(dataset), store_names=store_names, images=images, overwrite=overwrite,
                        num_workers=threads, progress=progress, image_options=image_options,
-                       store_dir=Path(shard_dir) if shard_dir else None, learning=learning)
+                       store_dir=Path(shard_dir) if shard_dir else None, learning=learning, sharded=sharded)
 
 
 def add_report(report: ExtractReport, shard: ExtractReport) -> None:

@@ -41,7 +41,7 @@ def match(executor: Executor, query: Dataset, map_: Dataset, pairs: list[Pair], 
     matcher = matcher or MatcherConf()
     if executor.in_place:
         work = Work(match_shard, {0: (portable(query, executor), portable(map_, executor), pairs, local, name,
-                                      matcher, verify, device, None, overwrite, pairs_file)},
+                                      matcher, verify, device, None, overwrite, pairs_file, executor.sharded)},
                     ["every pair"], [0], threads=num_workers, progress=progress)
         [(_, report)] = executor.run(work)
         return report
@@ -68,7 +68,7 @@ def match(executor: Executor, query: Dataset, map_: Dataset, pairs: list[Pair], 
     if progress:
         progress(report.already_present + len(skipped), len(planned))
     work = Work(match_shard, {i: (portable(query, executor), portable(map_, executor), [Pair(a, b) for a, b in shard],
-                                  local, name, matcher, verify, device, str(outputs[i]), False, None)
+                                  local, name, matcher, verify, device, str(outputs[i]), False, None, None)
                               for i, shard in enumerate(shards) if not intact(outputs[i])},
                 [f"{a} {b}" for a, b in (s[0] for s in shards)], [len(s) for s in shards], len(planned),
                 progress=progress, on_gpu=wants_gpu(device))
@@ -82,15 +82,15 @@ def match(executor: Executor, query: Dataset, map_: Dataset, pairs: list[Pair], 
 
 
 def match_shard(query: Dataset | str, map_: Dataset | str, pairs: list[Pair], local: str, name: str | None,
-                matcher: Any, verify: Any, device: str, out: str | None, overwrite: bool, pairs_file: str | None, *,
-                threads: int | None = None, progress: Progress | None = None) -> MatchReport:
+                matcher: Any, verify: Any, device: str, out: str | None, overwrite: bool, pairs_file: str | None,
+                sharded: bool | None, *, threads: int | None = None, progress: Progress | None = None) -> MatchReport:
     """One shard: :func:`cbir.matching.match.main` of ``pairs`` into the store ``out`` (None:
     the final store)."""
     from ..matching import match as match_mod
 
     return match_mod.main(opened(query), opened(map_), pairs, local, name=name, matcher=matcher, verify=verify,
                           device=device, overwrite=overwrite, num_workers=threads, progress=progress,
-                          store_path=Path(out) if out else None, pairs_file=pairs_file)
+                          store_path=Path(out) if out else None, pairs_file=pairs_file, sharded=sharded)
 
 
 def add_report(report: MatchReport, shard: MatchReport) -> None:
