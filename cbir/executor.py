@@ -3,7 +3,7 @@
 Every step that cuts into shards (extraction by image, matching by pair, retrieval and index
 building by map range, pose estimation by query) is defined once, in :mod:`cbir.steps`: how
 it cuts its work, what a worker sets up once (networks, the map), how a shard runs and how
-the shards' parts are reduced (stores merged, reports summed, top-k's merged). It hands an
+the shards' parts are reduced (stores made parts, reports summed, top-k's merged). It hands an
 executor a :class:`Work`; the executor only runs shards. :class:`LocalExecutor` runs them in
 this process, and its steps write their outputs in place as one shard (stores resume where
 they stand); :class:`cbir.distributed.RayExecutor` runs them as Ray tasks and actors, each
