@@ -12,7 +12,6 @@ and nothing is copied. :func:`merge_into` makes one file of parts (``cbir store 
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,54 +34,16 @@ def plan_directory(dataset_root: Path, plan: dict[str, Any]) -> Path:
 
 def collect_parts(final: Path, shards: list[Path], kind: str, attrs: dict[str, Any], keep: bool,
                   progress: Callable[[int], None] | None = None) -> None:
-    """The shards' stores written (in order) made parts of the sharded store ``final``, after
-    the parts it has (``keep``; a single file becomes its first part, by a rename), with a
-    new record; without ``keep`` they replace what it held. ``progress(1)`` per part."""
-    from ..io.store.sharded import (
-        ShardedStore,
-        next_part_number,
-        part_path,
-        parts_directory,
-        remove_parts,
-        write_record,
-    )
+    """The shards' stores written (in order) made parts of the sharded store ``final``
+    (:func:`~cbir.io.store.sharded.commit_parts`: after what it holds with ``keep``, else
+    replacing it). ``progress(1)`` per part."""
+    from ..io.store.sharded import commit_parts
 
     written = [s for s in shards if s.exists()]
     if keep and final.exists() and not written:
         return  # nothing new: the store stays as it is
     with WriteLock(final):
-        base: list[Path] = []
-        replaced: list[Path] = []
-        moved_base: Path | None = None
-        if final.exists():
-            with open_store(final) as old:
-                old_parts = list(old.parts) if isinstance(old, ShardedStore) else None
-            if not keep:
-                replaced = old_parts or []
-            elif old_parts is not None:
-                base = old_parts
-            else:
-                moved_base = part_path(final, next_part_number(final))
-                moved_base.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(final, moved_base)
-                base = [moved_base]
-        parts_directory(final).mkdir(parents=True, exist_ok=True)
-        new = []
-        try:
-            for shard in written:
-                part = part_path(final, next_part_number(final))
-                shutil.move(shard, part)  # a rename on one file system
-                new.append(part)
-                if progress:
-                    progress(1)
-            write_record(final, base + new, kind, attrs)
-        except BaseException:
-            for part, shard in zip(new, written, strict=False):  # as it was: a re-run finds its shards
-                shutil.move(part, shard)
-            if moved_base is not None:
-                os.replace(moved_base, final)
-            raise
-        remove_parts(final, replaced)
+        commit_parts(final, written, kind, attrs, keep, progress)
 
 
 def intact(shard: Path) -> bool:
@@ -100,22 +61,13 @@ def intact(shard: Path) -> bool:
     return whole
 
 
-def merge_parts(final: Path, shards: list[Path], keep: bool) -> list[Path]:
-    """What :func:`merge_into` merges: the final store (``keep``), then the shards written;
-    none where there is nothing new."""
-    written = [s for s in shards if s.exists()]
-    if keep and final.exists() and not written:
-        return []  # nothing new: the store stays as it is
-    return ([final] if keep and final.exists() else []) + written
-
-
 def merge_into(final: Path, parts: list[Path], kind: str, attrs: dict[str, Any],
                executor: Executor | None = None, progress: Callable[[int], None] | None = None) -> None:
-    """The final store made of ``parts`` in order (:func:`merge_parts`; none: it stays as it
-    is), written atomically. With an ``executor`` whose shards run elsewhere, each part's
-    bytes are copied into the final file by a shard of its own (on a shared file system the
-    copies add up the nodes' bandwidth instead of one process's); the keys, offsets and
-    checksums are written here. ``progress(1)`` as each part is copied."""
+    """The final store made of ``parts`` in order (none: it stays as it is), written
+    atomically. With an ``executor`` whose shards run elsewhere, each part's bytes are copied
+    into the final file by a shard of its own (on a shared file system the copies add up the
+    nodes' bandwidth instead of one process's); the keys, offsets and checksums are written
+    here. ``progress(1)`` as each part is copied."""
     from ..executor import Work
 
     if not parts:

@@ -56,6 +56,20 @@ class Store:
             raise
 
     def _init(self, meta: Metadata, expected_kind: str | None) -> None:
+        self._init_attributes(meta, expected_kind)
+        infos = meta.datasets
+        for key in (self.schema.key, "offsets", KEYS_BLOB, *self.schema.columns):
+            if key in meta.groups:
+                raise FormatError(f"'{key}' is a group, expected a dataset", self.path)
+        self._infos = {n: infos[n] for n in (self.schema.key, "offsets", *self.schema.columns) if n in infos}
+        refuse_unstored(self.path, {n: infos[n] for n in (*self._infos, KEYS_BLOB) if n in infos})
+        self._init_keys(meta)
+        self._datasets: dict[str, h5py.Dataset] = {n: self._file[n] for n in self._infos}  # type: ignore[index]
+        self._map_columns()
+        self._check_columns()
+
+    def _init_attributes(self, meta: Metadata, expected_kind: str | None) -> None:
+        """Kind, version, attribute types and configuration (``schema``, ``kind``, ``attrs``, ``config``)."""
         attrs = meta.attrs
         check_attr_types(attrs, self.path)
         kind = attrs.get("cbir_format")
@@ -71,20 +85,14 @@ class Store:
         self.kind = kind
         self.attrs: dict[str, Any] = dict(attrs)
         self.config: dict[str, Any] = _config_of(attrs, self.path)
-        infos = meta.datasets
-        for key in (self.schema.key, "offsets", KEYS_BLOB, *self.schema.columns):
-            if key in meta.groups:
-                raise FormatError(f"'{key}' is a group, expected a dataset", self.path)
-        self._infos = {n: infos[n] for n in (self.schema.key, "offsets", *self.schema.columns) if n in infos}
-        refuse_unstored(self.path, {n: infos[n] for n in (*self._infos, KEYS_BLOB) if n in infos})
+
+    def _init_keys(self, meta: Metadata) -> None:
+        """The keys, checked: their shape and type, ``keys_blob``, uniqueness."""
         self._keys, names_blob = _decode_keys(meta, self.schema, self.path)
         self._n = len(self._keys)
-        self._check_blob(infos.get(KEYS_BLOB), names_blob)
+        self._check_blob(meta.datasets.get(KEYS_BLOB), names_blob)
         self._index: dict[Key, int] | None = None
         self._check_unique()
-        self._datasets: dict[str, h5py.Dataset] = {n: self._file[n] for n in self._infos}  # type: ignore[index]
-        self._map_columns()
-        self._check_columns()
 
     def _check_blob(self, info: DatasetInfo | None, names_blob: bytes | None) -> None:
         """``keys_blob`` must say what the keys say (readers of other tools may list keys from it alone)."""
@@ -110,20 +118,31 @@ class Store:
             raise FormatError(f"duplicate item {dup!r} in '{self.schema.key}'", self.path)
 
     def _check_columns(self) -> None:
-        schema, n = self.schema, self._n
-        for name, col in schema.columns.items():
+        for name, col in self.schema.columns.items():
             if col.required and name not in self._infos:
                 raise FormatError(f"missing dataset '{name}'", self.path)
-        if schema.ragged:
-            info = self._infos.get("offsets")
-            if info is None:
-                raise FormatError("missing dataset 'offsets'", self.path)
-            if info.dtype is None or info.dtype.kind not in "iu" or info.shape != (n + 1,):
-                raise FormatError(f"'offsets' must be {n + 1} integers (one more than the items), "
-                                  f"got shape {info.shape} {info.dtype or 'strings'}", self.path)
-            self._offsets = self._read("offsets").astype(np.int64)
-            if self._offsets[0] != 0 or np.any(np.diff(self._offsets) < 0):
-                raise FormatError("'offsets' must start at 0 and never decrease", self.path)
+        self._check_offsets()
+        self._check_column_shapes()
+
+    def _check_offsets(self) -> None:
+        """``offsets`` of a ragged kind: N+1 integers from 0, never decreasing (``_offsets``)."""
+        if not self.schema.ragged:
+            return
+        n = self._n
+        info = self._infos.get("offsets")
+        if info is None:
+            raise FormatError("missing dataset 'offsets'", self.path)
+        if info.dtype is None or info.dtype.kind not in "iu" or info.shape != (n + 1,):
+            raise FormatError(f"'offsets' must be {n + 1} integers (one more than the items), "
+                              f"got shape {info.shape} {info.dtype or 'strings'}", self.path)
+        self._offsets = self._read("offsets").astype(np.int64)
+        if self._offsets[0] != 0 or np.any(np.diff(self._offsets) < 0):
+            raise FormatError("'offsets' must start at 0 and never decrease", self.path)
+
+    def _check_column_shapes(self) -> None:
+        """Every column of ``_infos``: numeric, of its schema's dtype and row shape, with one row
+        per item (per-item columns) or ``offsets[N]`` rows (ragged ones); ``descriptor_dim``."""
+        schema, n = self.schema, self._n
         rows = int(self._offsets[-1]) if schema.ragged else n
         for name, col in schema.columns.items():
             info = self._infos.get(name)
@@ -343,13 +362,17 @@ class Store:
                 problems.append(f"'{name}' is {'not recorded in' if name in present else 'missing but in'} "
                                 "the checksums")
                 continue
-            crc = 0
-            info = self._infos[name]
-            for span in _row_blocks(info.shape[0], info.nbytes // max(1, info.shape[0])):
-                crc = zlib.crc32(np.ascontiguousarray(self._read(name, span)).data, crc)
-            if f"{crc:08x}" != columns[name]:
+            if f"{self.column_crc(name):08x}" != columns[name]:
                 problems.append(f"'{name}' changed since the store was written (checksum)")
         return problems
+
+    def column_crc(self, name: str) -> int:
+        """The CRC-32 of a column's bytes, read in bounded blocks."""
+        crc = 0
+        info = self._infos[name]
+        for span in _row_blocks(info.shape[0], info.nbytes // max(1, info.shape[0])):
+            crc = zlib.crc32(np.ascontiguousarray(self._read(name, span)).data, crc)
+        return crc
 
     def close(self) -> None:
         self._views = {}

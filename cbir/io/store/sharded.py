@@ -21,9 +21,10 @@ import errno
 import json
 import os
 import re
+import shutil
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +35,11 @@ import numpy as np
 
 from ...errors import CbirError, FormatError
 from ..atomic import atomic_output
-from ..hdf5 import DatasetInfo, Metadata, read_metadata, refuse_unstored
+from ..hdf5 import Metadata, read_metadata, refuse_unstored
 from ..paths import refuse_links, trust_links
-from .checksums import _checksums_json, _row_blocks, crc32_combine
+from .checksums import _checksums_json, crc32_combine
 from .layout import _create_file, _encode_keys, _set_attrs, _write_blob
-from .reader import Store, _decode_keys
+from .reader import Store
 from .schema import CHECKSUMS, KEYS_BLOB, SCHEMAS, STR_DTYPE, Key, Schema, _keys_bytes
 
 #: the format version of a record (1.3 added sharded stores; a 1.2 reader refuses a record
@@ -115,9 +116,12 @@ class ShardedStore(Store):
             self.close()
             raise
 
-    # -- validation on open
+    # -- validation on open: the record as a store's metadata (the checks of :class:`Store`), then its parts
     def _init_record(self, meta: Metadata, expected_kind: str | None) -> None:
         self._init_attributes(meta, expected_kind)
+        if self.attrs.get(PARTS_DIRECTORY) != self.path.stem + PARTS_SUFFIX:
+            raise FormatError(f"names its parts' folder {self.attrs.get(PARTS_DIRECTORY)!r}: a record's parts are "
+                              f"in {self.path.stem + PARTS_SUFFIX!r} beside it", self.path)
         schema = self.schema
         infos = meta.datasets
         for key in (schema.key, "offsets", KEYS_BLOB, *schema.columns, *PART_TABLE):
@@ -125,37 +129,18 @@ class ShardedStore(Store):
                 raise FormatError(f"'{key}' is a group, expected a dataset", self.path)
         own = {n: infos[n] for n in (schema.key, "offsets", KEYS_BLOB, *PART_TABLE[1:]) if n in infos}
         refuse_unstored(self.path, own)
-        self._keys, names_blob = _decode_keys(meta, schema, self.path)
-        self._n = len(self._keys)
-        self._check_blob(infos.get(KEYS_BLOB), names_blob)
-        self._index: dict[Key, int] | None = None
-        self._check_unique()
+        self._init_keys(meta)
         columns = self._part_columns(meta)
-        virtual = {n: infos[n] for n in columns if n in infos}
-        self._infos = {**{n: infos[n] for n in (schema.key, "offsets") if n in infos}, **virtual}
-        self._datasets = {}
-        self._columns = [c for c in schema.columns if c in virtual]
-        self._offsets = self._record_offsets(infos.get("offsets"))
-        self._check_columns_shapes(virtual)
+        self._infos = {**{n: infos[n] for n in (schema.key, "offsets") if n in infos},
+                       **{n: infos[n] for n in columns if n in infos}}
+        # the record's own numbers, read through HDF5 (Store._read); the columns are the parts'
+        self._datasets = {n: self._file[n] for n in ("offsets", *PART_TABLE[1:]) if n in infos}  # type: ignore[index]
+        self._columns = [c for c in schema.columns if c in columns]
+        self._check_offsets()
+        if not schema.ragged:
+            self._offsets = np.arange(self._n + 1, dtype=np.int64)  # a part's rows are its items
+        self._check_column_shapes()
         self._parts = self._part_table(meta, columns)
-
-    def _init_attributes(self, meta: Metadata, expected_kind: str | None) -> None:
-        from .reader import _check_major, _config_of, check_attr_types
-
-        attrs = meta.attrs
-        check_attr_types(attrs, self.path)
-        kind = str(attrs.get("cbir_format", ""))
-        if kind not in SCHEMAS:
-            raise FormatError(f"unknown store kind {kind!r}", self.path)
-        _check_major(str(attrs.get("format_version", "")), self.path)
-        if expected_kind is not None and kind != expected_kind:
-            raise FormatError(f"is a {kind} store, expected {expected_kind}", self.path)
-        if attrs.get(PARTS_DIRECTORY) != self.path.stem + PARTS_SUFFIX:
-            raise FormatError(f"names its parts' folder {attrs.get(PARTS_DIRECTORY)!r}: a record's parts are in "
-                              f"{self.path.stem + PARTS_SUFFIX!r} beside it", self.path)
-        self.schema, self.kind = SCHEMAS[kind], kind
-        self.attrs: dict[str, Any] = dict(attrs)
-        self.config: dict[str, Any] = _config_of(attrs, self.path)
 
     def _part_columns(self, meta: Metadata) -> list[str]:
         try:
@@ -173,42 +158,6 @@ class ShardedStore(Store):
                 raise FormatError(f"'{name}' must be a virtual dataset over the parts", self.path)
         return columns
 
-    def _record_offsets(self, info: DatasetInfo | None) -> np.ndarray:
-        n = self._n
-        if not self.schema.ragged:
-            return np.arange(n + 1, dtype=np.int64)
-        if info is None or info.dtype is None or info.dtype.kind not in "iu" or info.shape != (n + 1,):
-            raise FormatError(f"'offsets' must be {n + 1} integers (one more than the items)", self.path)
-        offsets = np.asarray(self._numbers("offsets"), dtype=np.int64)
-        if offsets[0] != 0 or np.any(np.diff(offsets) < 0):
-            raise FormatError("'offsets' must start at 0 and never decrease", self.path)
-        return offsets
-
-    def _check_columns_shapes(self, virtual: dict[str, DatasetInfo]) -> None:
-        rows = int(self._offsets[-1])
-        for name, info in virtual.items():
-            col = self.schema.columns[name]
-            if info.dtype is None or (col.dtype is not None and info.dtype != np.dtype(col.dtype)):
-                raise FormatError(f"'{name}' is {info.dtype or 'not numeric'}, expected {col.dtype}", self.path)
-            row_shape = info.shape[1:]
-            if len(row_shape) != len(col.shape) or \
-                    any(c is not None and c != s for c, s in zip(col.shape, row_shape, strict=True)):
-                raise FormatError(f"'{name}' rows have shape {row_shape}, expected {col.shape}", self.path)
-            want = rows if name in self.schema.ragged else self._n
-            if not info.shape or info.shape[0] != want:
-                raise FormatError(f"'{name}' has {info.shape[0] if info.shape else 0} rows, expected {want}",
-                                  self.path)
-        dim = self.attrs.get("descriptor_dim")
-        if dim is not None and "descriptors" in virtual and virtual["descriptors"].shape[1] != dim:
-            raise FormatError(f"descriptors have {virtual['descriptors'].shape[1]} dimensions, the "
-                              f"descriptor_dim attribute says {dim}", self.path)
-
-    def _numbers(self, name: str) -> np.ndarray:
-        try:
-            return np.asarray(self._file[name][()])  # type: ignore[index]
-        except (OSError, RuntimeError, KeyError) as e:
-            raise FormatError(f"cannot read dataset '{name}' ({e}): the file is corrupt", self.path) from None
-
     def _part_table(self, meta: Metadata, columns: list[str]) -> list[_Part]:
         infos = meta.datasets
         info = infos.get("part_files")
@@ -224,7 +173,7 @@ class ShardedStore(Store):
             i = infos.get(name)
             if i is None or i.dtype is None or i.dtype.kind not in "iu" or i.shape != shape:
                 raise FormatError(f"'{name}' must be integers of shape {shape}", self.path)
-            table[name] = np.asarray(self._numbers(name), dtype=np.int64)
+            table[name] = np.asarray(self._read(name), dtype=np.int64)
         if np.any(table["part_items"] < 0) or int(table["part_items"].sum()) != self._n:
             raise FormatError(f"the parts' items do not add up to the {self._n} keys", self.path)
         item_starts = np.concatenate([[0], np.cumsum(table["part_items"])])
@@ -335,9 +284,9 @@ class ShardedStore(Store):
             lo = stop
 
     def _read(self, name: str, sel: Any = ()) -> np.ndarray:
+        if name not in self._columns:  # offsets, the part table: the record's own
+            return super()._read(name, sel)
         info = self._infos[name]
-        if name not in self._columns:  # keys, offsets: the record's own
-            return np.asarray(self._file[name][sel])  # type: ignore[index]
         total = info.shape[0]
         if isinstance(sel, (int, np.integer)):
             i = int(sel)
@@ -547,10 +496,7 @@ def _describe(part: Path, schema: Schema, attrs: dict[str, Any], directory: Path
             assert info.dtype is not None  # numeric: validated
             shapes[c] = (tuple(info.shape[1:]), info.dtype, info.shape[0])
             if c not in crcs:  # a part written without checksums: computed here
-                crc = 0
-                for span in _row_blocks(info.shape[0], info.nbytes // max(1, info.shape[0])):
-                    crc = zlib.crc32(np.ascontiguousarray(s._read(c, span)).data, crc)
-                crcs[c] = crc
+                crcs[c] = s.column_crc(c)
         offsets = s.offsets if schema.ragged else np.arange(len(s) + 1, dtype=np.int64)
         return _Described(part, part.stat().st_size, list(s.keys), offsets, layout, nbytes, crcs, shapes)
 
@@ -594,9 +540,10 @@ def merge_sharded(path: Path) -> int:
     the same keys, values and checksums (so the same fingerprint) as the record."""
     from ..atomic import WriteLock
     from .merge import merge_stores
+    from .reader import open_store
 
     with WriteLock(path):
-        with open_sharded(path) as store:
+        with open_store(path) as store:
             if not isinstance(store, ShardedStore):
                 return 0
             parts, schema, attrs, fingerprint = store.parts, store.schema, own_attributes(store), store.fingerprint()
@@ -608,6 +555,48 @@ def merge_sharded(path: Path) -> int:
                                     "`cbir check --deep`; the store is left as it was", path)
         remove_parts(path, parts)
     return len(parts)
+
+
+def commit_parts(path: Path, files: Sequence[Path], kind: str, attrs: dict[str, Any], keep: bool,
+                 progress: Callable[[int], None] | None = None) -> None:
+    """The sharded store at ``path`` made of what it holds and the stores ``files`` (renamed
+    into its parts' folder, in order; ``progress(1)`` each), by a new record written
+    atomically. ``keep``: after its parts, or after the single file it is (which becomes its
+    first part, by a rename); with nothing new it stays as it is. Without ``keep`` the new
+    parts replace it, and every other file of its parts' folder is removed once the record is
+    written. The caller holds the store's write lock. If the record cannot be written,
+    everything renamed is put back where it was (a re-run finds it)."""
+    from .reader import open_store
+
+    if keep and path.exists() and not files:
+        return
+    parts_directory(path).mkdir(parents=True, exist_ok=True)
+    moved: list[tuple[Path, Path]] = []  # (from, to), to be undone on failure
+    base: list[Path] = []
+    try:
+        if keep and path.exists():
+            with open_store(path) as old:
+                old_parts = list(old.parts) if isinstance(old, ShardedStore) else None
+            if old_parts is None:  # a single file becomes the first part
+                old_parts = [part_path(path, next_part_number(path))]
+                os.replace(path, old_parts[0])
+                moved.append((path, old_parts[0]))
+            base = old_parts
+        new = []
+        for file in files:
+            part = part_path(path, next_part_number(path))
+            shutil.move(file, part)  # a rename on one file system
+            moved.append((file, part))
+            new.append(part)
+            if progress:
+                progress(1)
+        replaced = [] if keep else [p for p in part_files(path) if p not in new]
+        write_record(path, base + new, kind, attrs)
+    except BaseException:
+        for source, part in reversed(moved):
+            shutil.move(part, source)
+        raise
+    remove_parts(path, replaced)
 
 
 def part_files(path: Path) -> list[Path]:
@@ -625,10 +614,3 @@ def remove_parts(path: Path, parts: Sequence[Path]) -> None:
         parts_directory(path).rmdir()
     except OSError:
         pass
-
-
-def open_sharded(path: Path) -> Store:
-    """:func:`~.reader.open_store` (the name says what this module needs of it)."""
-    from .reader import open_store
-
-    return open_store(path)

@@ -22,12 +22,9 @@ from .reader import Store, open_store
 from .schema import SCHEMAS, Column, Key, _as_key
 from .sharded import (
     ShardedStore,
-    next_part_number,
+    commit_parts,
     part_files,
-    part_path,
-    parts_directory,
     remove_parts,
-    write_record,
 )
 
 FLUSH_INTERVAL_S = 5.0
@@ -224,26 +221,15 @@ class StoreWriter:
         return self.path
 
     def _close_sharded(self) -> None:
+        """The batches merged into one store, committed as a new part (:func:`~.sharded.commit_parts`)."""
         batches = self._batches()
-        replaced = part_files(self.path) if self._base is None else []  # an overwritten store's parts
-        parts = list(self._base_parts or [])
-        if self._base is not None and self._base_parts is None:  # a single file becomes the first part
-            if not batches:
-                return  # nothing new: the store stays one file
-            first = part_path(self.path, next_part_number(self.path))
-            first.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.path, first)
-            parts = [first]
-        if batches or not self.path.exists() or replaced:
-            if batches:
-                new = part_path(self.path, next_part_number(self.path))
-                new.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_output(new) as tmp:
-                    merge_stores(batches, tmp, self.schema, self.attrs)
-                parts.append(new)
-            parts_directory(self.path).mkdir(parents=True, exist_ok=True)
-            write_record(self.path, parts, self.schema.kind, self.attrs)
-        remove_parts(self.path, replaced)
+        new = []
+        if batches:
+            part = self.batch_dir / "part.h5"
+            with atomic_output(part) as tmp:
+                merge_stores(batches, tmp, self.schema, self.attrs)
+            new.append(part)
+        commit_parts(self.path, new, self.schema.kind, self.attrs, keep=self._base is not None)
 
     def abort(self) -> None:
         """Stop without merging (an error, Ctrl-C, SIGTERM): the items added so far are written as
