@@ -314,3 +314,81 @@ def test_a_local_run_writes_sharded_output_when_asked(sample_dataset, tmp_path):
         for key in names:
             for column, value in p.get(key).items():
                 np.testing.assert_array_equal(s.get(key)[column], value)
+
+
+def _map_of(root: Path, names: list[str]) -> None:
+    """A dataset at ``root`` whose camera ``left`` recorded ``names`` (retrieval reads no pixel)."""
+    import shutil
+
+    from tests.conftest import SAMPLES
+
+    shutil.copytree(SAMPLES / "sensors", root / "sensors", ignore=shutil.ignore_patterns("records_data"))
+    (root / "sensors" / "trajectories.txt").unlink()
+    (root / "sensors" / "rigs.txt").unlink()
+    rows = "".join(f"{t}, left, {n}\n" for t, n in enumerate(names))
+    (root / "sensors" / "records_camera.txt").write_text("# kapture format: 1.1\n# timestamp, device_id, "
+                                                         f"image_path\n{rows}")
+
+
+def test_indexes_kept_per_group_of_parts_outlive_parts_added_after_them(tmp_path):
+    """An indexed sharded map is cut at part boundaries (whole parts grouped up to
+    --shard-size map images): adding a part rebuilds only the last group's index, the
+    others are kept, and retrieval through the kept indexes finds what exact search finds."""
+    import json
+
+    from cbir.io.pairs import read_pairs
+
+    root = tmp_path / "map"
+    _map_of(root, NAMES)
+    store = root / "cbir" / "global" / "g.h5"
+    store.parent.mkdir(parents=True)
+    _write(store, "global-features", [range(0, 10), range(10, 20), range(20, 30)], sharded=True)
+    shards = root / "cbir" / "index" / "g.flat.shards"
+
+    def build() -> tuple[int, int, int]:
+        result = CliRunner().invoke(main, ["index", "build", str(root), "--global", "g", "--index", "flat",
+                                           "--shard-size", "20", "--json"])
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout)
+        return summary["shards"], summary["built"], summary["kept"]
+
+    assert build() == (2, 2, 0)  # parts 10 + 10 | 10
+    assert sorted(p.name for p in shards.glob("*.h5")) == ["000000000-000000020.h5", "000000020-000000030.h5"]
+    _write(store, "global-features", [range(30, 40)], sharded=None)  # appended: a new part
+    assert build() == (2, 1, 1)  # 10 + 10 kept | 10 + 10: the last group again
+    _write(store, "global-features", [range(40, 60)], sharded=None)
+    with open_store(store) as s:
+        assert len(s.parts) == 5
+    assert build() == (3, 1, 2)  # the new part alone
+    assert build() == (3, 0, 3)
+    pairs = {}
+    for label, extra in (("indexed", ["--index", "flat"]), ("exact", [])):
+        out = tmp_path / f"{label}.txt"
+        result = CliRunner().invoke(main, ["retrieve", "--map", str(root), "--global", "g", "--topk", "5",
+                                           "--shard-size", "20", "-o", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        assert "for this call only" not in result.output
+        pairs[label] = read_pairs(out)
+    assert pairs["indexed"] == pairs["exact"] and len(pairs["exact"]) == 60 * 5
+    result = CliRunner().invoke(main, ["check", str(root), "--images", "skip"])
+    assert "g.flat" not in result.output, result.output  # every kept index matches the parts it was built from
+    assert merge_sharded(store) == 5  # one file now: the indexes of its former parts are flagged
+    result = CliRunner().invoke(main, ["check", str(root), "--images", "skip"])
+    assert result.output.count("g.flat.shards") == 4 and "rebuild it" in result.output, result.output  # 20-30 too
+
+
+def test_a_part_fingerprint_is_the_parts_own_and_outlives_an_append(tmp_path):
+    path = tmp_path / "g.h5"
+    _write(path, "global-features", RUNS[:2], sharded=True)
+    with open_store(path) as s:
+        before = s.part_fingerprints()
+        for part, fingerprint in zip(s.parts, before, strict=True):
+            with open_store(part) as p:
+                assert p.fingerprint() == fingerprint
+        assert len(set(before)) == 2
+        assert s.fingerprint_of_rows(np.arange(len(s))) == s.fingerprint()
+        assert s.fingerprint_of_rows(np.array([3, 5])) == before[:1]
+    _write(path, "global-features", RUNS[2:], sharded=None)
+    with open_store(path) as s:
+        assert s.part_fingerprints()[:2] == before and len(s.parts) == 4
+        assert s.fingerprint_of_rows(np.arange(17, 30)) == s.part_fingerprints()[1:3]

@@ -31,7 +31,7 @@ def index_group() -> None:
               help="Map images the quantizers are trained on (a seeded sample).")
 @click.option("--overwrite", is_flag=True, help="Rebuild an index built from other stores or options.")
 @executor_options(100_000, "map images (one index file a shard, for `cbir retrieve --executor ray` with the same "
-                           "--shard-size)")
+                           "--shard-size; a sharded map, with either executor: whole parts grouped up to it)")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def index_build(ctx: click.Context, map_: Path, global_: str, kind: str, nlist: int | None, pq_m: int | None,

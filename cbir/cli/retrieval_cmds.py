@@ -27,10 +27,10 @@ def _say_left_out(qset: Any, mset: Any) -> None:
                                 f"{' ...' if len(dset.dropped) > 5 else ''}", highlight=False)
 
 
-def _say_built(built: int, keep_hint: str, kind: str, executor: Executor, shard_size: int) -> None:
+def _say_built(built: int, keep_hint: str, kind: str, executor: Executor, shard_size: int, per_shard: bool) -> None:
     """Indexes built for this call only, and the command that keeps them (one file for the
-    map where the executor runs in place, else one a map shard, cut as this search cut it)."""
-    if executor.in_place:
+    map, or one a map shard, cut as this search cut it)."""
+    if not per_shard:
         console_err().print(f"built the {kind} index for this call only: `{keep_hint}` keeps it", highlight=False)
     else:
         console_err().print(f"built the {kind} indexes of {built} map shards for this call only: "
@@ -83,7 +83,8 @@ def _floats(value: str | None) -> tuple[float, ...]:
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Exact search: fp32 everywhere, or fp16/bf16 search with the candidates rescored in fp32 "
                    "(the same pairs, faster on GPUs; gharm, mean, min, max, mean_and_min, min_and_max).")
-@executor_options(100_000, "map images")
+@executor_options(100_000, "map images (an indexed sharded map, with either executor: whole parts grouped up to "
+                           "it, as `cbir index build` grouped them)")
 @click.option("-o", "--output", help="Pairs file, or - for stdout (default: QUERY/cbir/pairs/<stores>_top<k>.txt).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary (on stderr with -o -).")
 @click.pass_context
@@ -104,6 +105,7 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
     from ..retrieval.fusion import FusionConf
     from ..retrieval.index import IndexConf, recall_advice
     from ..retrieval.ranking import pairs_record
+    from ..steps.retrieve import map_cut
 
     if index_kind != "exact" and (qe or dba):
         raise click.UsageError("--qe and --dba run on exact search: drop --index")
@@ -123,18 +125,19 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
             IndexConf(index_kind, candidates=candidates, nlist=nlist, nprobe=nprobe, pq_m=pq_m or 0,
                       lsh_bits=lsh_bits or 0)
         run = cli_executor(executor, ray_address, shard_size, "map_images")
+        per_shard = map_cut(run, mset, indexed=iconf is not None)[1]  # index files a shard, cut by --shard-size
         with progress_bar("retrieve", quiet or output == "-") as update:
             result = run.retrieve(q, m, qset, mset, names, conf, device=device, qe=qe, qe_alpha=qe_alpha, dba=dba,
                                   dba_alpha=dba_alpha, index=iconf, recall_sample=recall_sample, progress=update)
         pairs, recall = result.pairs, result.recall
         if result.indexes_built and not quiet:
             _say_built(result.indexes_built, f"cbir index build {m.root} --global {','.join(names)} "
-                       f"--index {index_kind}", index_kind, run, shard_size)
+                       f"--index {index_kind}", index_kind, run, shard_size, per_shard)
         for note in result.notes:
             warn(note)
         index_options = {"index": index_kind} if index_kind == "exact" else \
             {"index": index_kind, "candidates": candidates, "nlist": nlist, "nprobe": nprobe, "pq_m": pq_m,
-             "lsh_bits": lsh_bits, **({} if run.in_place else {"index_shard_size": shard_size})}
+             "lsh_bits": lsh_bits, **({"index_shard_size": shard_size} if per_shard else {})}
         record = pairs_record(conf, qset, mset, qe=qe, qe_alpha=qe_alpha, dba=dba, dba_alpha=dba_alpha,
                               **index_options)
     out = output or str(q.store_path("pairs", f"{'+'.join(names)}_top{topk}"))

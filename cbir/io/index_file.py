@@ -125,13 +125,16 @@ def read_index_attrs(path: Path) -> dict[str, Any]:
 
 def read_index_record(path: Path, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The record of a kept index file: ``config`` (index options), ``stores``,
-    ``fingerprints``, ``images``, ``names`` (the image names in index order: formats/SPEC.md 11a)."""
+    ``fingerprints`` (each store's, or the list of those of the parts it was built from),
+    ``images``, ``names`` (the image names in index order: formats/SPEC.md 11a)."""
     attrs = read_index_attrs(path) if attrs is None else attrs
     try:
         record = parse_json(attrs["record"], path, "the index file's record")
         if not isinstance(record, dict) or not isinstance(record.get("stores"), list) or \
                 not isinstance(record.get("fingerprints"), list) or \
-                not all(isinstance(x, str) for x in record["stores"]):
+                not all(isinstance(x, str) for x in record["stores"]) or \
+                not all(isinstance(x, str) or (isinstance(x, list) and all(isinstance(y, str) for y in x))
+                        for x in record["fingerprints"]):
             raise TypeError
     except (KeyError, TypeError, CbirError):
         raise FormatError("the index file has no valid record", path) from None

@@ -102,6 +102,25 @@ class DescriptorSet:
         return all(len(r) == len(store.names) and np.array_equal(r, np.arange(len(r)))
                    for store, r in zip(self.stores, self.rows, strict=True))
 
+    def fingerprints(self) -> list[str | list[str]]:
+        """What identifies each store's descriptors of these images (its fingerprint, or where
+        these are some images of a sharded store, those of the parts holding them): with the
+        names, what an index built from them was built from."""
+        return [store.fingerprint_of_rows(rows) for store, rows in zip(self.stores, self.rows, strict=True)]
+
+    def part_bounds(self) -> list[int]:
+        """Where, in these images' order, the part of any store changes (0 and the count included)."""
+        bounds = {0, len(self.names)}
+        for store, rows in zip(self.stores, self.rows, strict=True):
+            part = np.searchsorted(store.part_starts(), rows, side="right") - 1
+            bounds.update((np.flatnonzero(np.diff(part)) + 1).tolist())
+        return sorted(bounds)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether a store holds these images in more than one part."""
+        return len(self.part_bounds()) > 2
+
     @property
     def dims(self) -> list[int]:
         return [s.dataset("descriptors").shape[1] for s in self.stores]

@@ -100,7 +100,7 @@ def index_record(database: DescriptorSet, conf: IndexConf) -> dict[str, Any]:
                        "train_size": conf.train_size, "seed": conf.seed,
                        "pq_layout": pq_layout(len(database.names)) if conf.kind == "ivfpq" else None},
             "stores": [s.attrs.get("name") for s in database.stores],
-            "fingerprints": [s.fingerprint() for s in database.stores],
+            "fingerprints": database.fingerprints(),
             "images": len(database.names),
             "names": WHOLE_STORES if database.whole else digest_names(database.names)}
 

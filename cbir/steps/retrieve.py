@@ -102,17 +102,20 @@ def search_shards(executor: Executor, query: Dataset, map_: Dataset, qset: Descr
     from ..io.index_file import index_path
 
     n = len(mset.names)
-    cuts = [(0, n)] if executor.in_place else ranges(n, executor.sizes.map_images)
+    cuts, per_shard = map_cut(executor, mset, indexed=index is not None)
 
     def index_file(m0: int, m1: int) -> str | None:
         if index is None:
             return None
-        return str(index_path(map_, store_names, index.kind, rows=None if executor.in_place else (m0, m1)))
+        return str(index_path(map_, store_names, index.kind, rows=(m0, m1) if per_shard else None))
 
     if executor.in_place:
-        shards = {0: (0, n, conf, device, index, index_file(0, n), queries, None, None)}
-        work = Work(topk_shard, shards, [mset.names[0]] if n else [""], [n], n, state=OpenSets(qset, mset),
-                    progress=progress)
+        shards = {i: (m0, m1, conf, device, index, index_file(m0, m1), queries, None, None)
+                  for i, (m0, m1) in enumerate(cuts)}
+        # one shard reports its queries as it goes; several report their map images as each ends
+        work = Work(topk_shard, shards, [mset.names[m0] if n else "" for m0, _ in cuts],
+                    [m1 - m0 for m0, m1 in cuts], n, state=OpenSets(qset, mset),
+                    progress=progress if len(cuts) == 1 else None)
     else:
         qarrays = executor.share(qset.arrays) if qset.arrays is not None else None
         shards = {i: (m0, m1, conf, device, index, index_file(m0, m1), queries, qarrays,
@@ -121,9 +124,41 @@ def search_shards(executor: Executor, query: Dataset, map_: Dataset, qset: Descr
         work = Work(topk_shard, shards, [mset.names[m0] for m0, _ in cuts], [m1 - m0 for m0, m1 in cuts], n,
                     setup=(open_sets, (str(query.root), str(map_.root), store_names)), progress=progress,
                     on_gpu=wants_gpu(device), role=None)
-    found = {i: part for i, part in executor.run(work)}
+    found = {}
+    for i, part in executor.run(work):
+        found[i] = part
+        if progress and executor.in_place and len(cuts) > 1:
+            progress(work.sizes[i], n)
     return merge_topk([found[i] for i in sorted(found)], _only(qset, queries).names, mset.names, conf), \
         sum(part[2] for part in found.values())
+
+
+def map_cut(executor: Executor, mset: DescriptorSet, indexed: bool) -> tuple[list[tuple[int, int]], bool]:
+    """The ranges of map images a search or an index build cuts the map into, and whether
+    each range has index files of its own (else the map's one file). An indexed map held in
+    several parts of a sharded store is cut at part boundaries, whole parts grouped up to
+    the executor's ``map_images``: the indexes of a group stay valid when parts are added
+    after it (only the last group is built again). Otherwise the executor's cut: the whole
+    map in place, runs of ``map_images`` elsewhere."""
+    n = len(mset.names)
+    size = executor.sizes.map_images
+    if indexed and mset.arrays is None and mset.sharded:
+        return _part_groups(mset.part_bounds(), size), True
+    if executor.in_place:
+        return [(0, n)], False
+    return ranges(n, size), True
+
+
+def _part_groups(bounds: list[int], size: int) -> list[tuple[int, int]]:
+    """Consecutive runs between ``bounds`` (ascending, from 0 to the count) grouped greedily
+    into ranges of at most ``size`` images (a longer run is a range of its own)."""
+    groups, start = [], bounds[0]
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        if b - start > size and a > start:
+            groups.append((start, a))
+            start = a
+    groups.append((start, bounds[-1]))
+    return groups
 
 
 def merge_topk(parts: list[tuple[list[np.ndarray], list[np.ndarray], bool]], queries: list[str],
@@ -215,8 +250,8 @@ def build_indexes(executor: Executor, map_: Dataset, store_names: list[str], con
         n = len(mset.names)
         if not n:
             raise CbirError("no map image has every descriptor", map_.root)
-        cuts = [(0, n)] if executor.in_place else ranges(n, executor.sizes.map_images)
-        shards = {i: (str(map_.root), store_names, m0, m1, conf, overwrite, executor.in_place)
+        cuts, per_shard = map_cut(executor, mset, indexed=True)
+        shards = {i: (str(map_.root), store_names, m0, m1, conf, overwrite, per_shard)
                   for i, (m0, m1) in enumerate(cuts)}
         state = OpenSets(mset, mset) if executor.in_place else None
         work = Work(index_shard, shards, [mset.names[m0] for m0, _ in cuts], [m1 - m0 for m0, m1 in cuts], n,
@@ -227,15 +262,15 @@ def build_indexes(executor: Executor, map_: Dataset, store_names: list[str], con
 
 
 def index_shard(sets: OpenSets, map_root: str, store_names: list[str], m0: int, m1: int, conf: IndexConf,
-                overwrite: bool, whole: bool, *, threads: int | None = None,
+                overwrite: bool, per_shard: bool, *, threads: int | None = None,
                 progress: Progress | None = None) -> tuple[str, str]:
-    """One shard of the map's indexes (``whole``: the map's own file): built and written
-    unless kept."""
+    """One shard of the map's indexes, in its own file (``per_shard``) or the map's: built
+    and written unless kept."""
     from ..io.index_file import index_path
     from ..retrieval.index import keep_indexes
 
-    path = index_path(opened(map_root), store_names, conf.kind, rows=None if whole else (m0, m1))
-    shard = sets.map if whole else sets.map.subset(range(m0, m1))
+    path = index_path(opened(map_root), store_names, conf.kind, rows=(m0, m1) if per_shard else None)
+    shard = sets.map if (m0, m1) == (0, len(sets.map.names)) else sets.map.subset(range(m0, m1))
     status = keep_indexes(path, shard, conf, overwrite)
     if progress:
         progress(m1 - m0, len(sets.map.names))

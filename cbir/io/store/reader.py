@@ -333,11 +333,33 @@ class Store:
         """A digest of what the store holds: kind, name, configuration and the checksums
         of its keys and columns (a store without checksums: its keys and offsets). Outputs
         made from a store record it, so that they are redone when the store changes."""
+        return self._fingerprint_of(self.content_checksums())
+
+    def content_checksums(self) -> str:
+        """What the fingerprint digests of the store's content: its ``checksums`` attribute, or
+        for a store written without, the CRC-32 of its keys and offsets."""
         raw = self.attrs.get(CHECKSUMS)
-        content = raw if raw is not None else \
-            f"{zlib.crc32(_keys_bytes(self._keys)):08x}:" + \
+        if raw is not None:
+            return str(raw)
+        return f"{zlib.crc32(_keys_bytes(self._keys)):08x}:" + \
             (f"{zlib.crc32(np.ascontiguousarray(self._offsets).data):08x}" if self.schema.ragged else str(self._n))
+
+    def _fingerprint_of(self, content: str) -> str:
+        """The fingerprint of a store of this one's kind, name and configuration holding ``content``."""
         return digest({"kind": self.kind, "name": self.attrs.get("name"), "config": self.config, "content": content})
+
+    def part_starts(self) -> np.ndarray:
+        """Where each part's items start, then the item count: one file is one part."""
+        return np.array([0, self._n], dtype=np.int64)
+
+    def part_fingerprints(self) -> list[str] | None:
+        """Each part's fingerprint: one file's is its own."""
+        return [self.fingerprint()]
+
+    def fingerprint_of_rows(self, rows: np.ndarray) -> str | list[str]:
+        """What identifies the items at ``rows``: for one file, its fingerprint (a sharded store
+        names the parts holding them, :meth:`ShardedStore.fingerprint_of_rows`)."""
+        return self.fingerprint()
 
     def verify_checksums(self) -> list[str]:
         """Recompute the CRC-32 of the keys and of every column (one streaming pass) and
@@ -493,9 +515,9 @@ def check_matches_provenance(matches: Store, local: str, features: Store) -> Non
 def open_store(path: str | os.PathLike, kind: str | None = None) -> Store:
     """The store at ``path`` (of ``kind``, when given), validated: one file, or a sharded
     store's record and its parts (:class:`~.sharded.ShardedStore`), read the same way."""
-    from .sharded import ShardedStore, all_columns, is_sharded
+    from .sharded import RECORD_STRINGS, ShardedStore, all_columns, is_sharded
 
-    meta = read_metadata(path, ("names", "pairs", "part_files"), virtual=all_columns())
+    meta = read_metadata(path, RECORD_STRINGS, virtual=all_columns())
     if is_sharded(meta):
         return ShardedStore(path, kind, meta)
     return Store(path, kind, meta)

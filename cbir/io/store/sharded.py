@@ -50,6 +50,11 @@ PARTS_DIRECTORY = "parts_directory"
 PART_COLUMNS = "part_columns"
 #: the record's table of parts: file names, items, ragged rows, file sizes, column offsets
 PART_TABLE = ("part_files", "part_items", "part_rows", "part_bytes", "part_layout")
+#: optional (records of 1.3 before it lack it): each part's own ``checksums`` attribute, which
+#: fixes each part's fingerprint (indexes kept per part are keyed by them)
+PART_CHECKSUMS = "part_checksums"
+#: the string datasets of a record its reader needs (the keys of either kind, the part table's)
+RECORD_STRINGS = ("names", "pairs", "part_files", PART_CHECKSUMS)
 PART_FILE = re.compile(r"[0-9]{6}\.h5")
 #: parts a reader keeps open (a read of any other part opens and closes it)
 OPEN_PARTS = 64
@@ -104,8 +109,7 @@ class ShardedStore(Store):
         self._folder_checked = False
         self._fds: dict[int, int] = {}  # parts kept open
         self._lock = threading.Lock()
-        meta = meta if meta is not None else read_metadata(self.path, ("names", "pairs", "part_files"),
-                                                           virtual=all_columns())
+        meta = meta if meta is not None else read_metadata(self.path, RECORD_STRINGS, virtual=all_columns())
         try:
             self._file = h5py.File(self.path, "r")
         except OSError:
@@ -124,7 +128,7 @@ class ShardedStore(Store):
                               f"in {self.path.stem + PARTS_SUFFIX!r} beside it", self.path)
         schema = self.schema
         infos = meta.datasets
-        for key in (schema.key, "offsets", KEYS_BLOB, *schema.columns, *PART_TABLE):
+        for key in (schema.key, "offsets", KEYS_BLOB, *schema.columns, *PART_TABLE, PART_CHECKSUMS):
             if key in meta.groups:
                 raise FormatError(f"'{key}' is a group, expected a dataset", self.path)
         own = {n: infos[n] for n in (schema.key, "offsets", KEYS_BLOB, *PART_TABLE[1:]) if n in infos}
@@ -193,7 +197,18 @@ class ShardedStore(Store):
                     raise FormatError(f"part {file}: column '{c}' lies outside its {size} bytes", self.path)
             parts.append(part)
         self._item_starts, self._row_starts = item_starts, row_starts
+        self._part_checksums = self._checksums_of_parts(meta, p)
         return parts
+
+    def _checksums_of_parts(self, meta: Metadata, p: int) -> list[str] | None:
+        """The parts' own ``checksums`` attributes as the record lists them (None: not listed)."""
+        info = meta.datasets.get(PART_CHECKSUMS)
+        if info is None:
+            return None
+        items = meta.string_items(PART_CHECKSUMS) if info.is_string and info.shape == (p,) else []
+        if len(items) != p:
+            raise FormatError(f"'{PART_CHECKSUMS}' must be {p} strings, one a part", self.path)
+        return items
 
     # -- layout
     @property
@@ -207,6 +222,29 @@ class ShardedStore(Store):
 
     def dataset(self, name: str) -> Column:
         return Column(self, name)
+
+    def part_starts(self) -> np.ndarray:
+        """Where each part's items start, then the item count (P+1 integers)."""
+        return self._item_starts
+
+    def part_fingerprints(self) -> list[str] | None:
+        """Each part's fingerprint (what the part opened as a store gives), from the record's
+        ``part_checksums``; None for a record written without them."""
+        if self._part_checksums is None:
+            return None
+        return [self._fingerprint_of(raw) for raw in self._part_checksums]
+
+    def fingerprint_of_rows(self, rows: np.ndarray) -> str | list[str]:
+        """The fingerprints of the parts holding the items at ``rows``, in order: what is built
+        from them (a kept index) stays valid when other parts are added. The store's
+        fingerprint where ``rows`` are all its items in order, or the record lists no part
+        checksums."""
+        parts = self.part_fingerprints()
+        rows = np.asarray(rows, dtype=np.int64)
+        if parts is None or (len(rows) == self._n and np.array_equal(rows, np.arange(self._n))):
+            return self.fingerprint()
+        held = np.unique(np.searchsorted(self._item_starts, rows, side="right") - 1)
+        return [parts[j] for j in held.tolist()]
 
     def _row_bytes(self, column: str) -> int:
         info = self._infos[column]
@@ -341,6 +379,8 @@ class ShardedStore(Store):
                     pass
                 with Store(part.path, self.kind) as s:
                     problems += [f"part {part.path.name}: {p}" for p in s.verify_checksums()]
+                    if self._part_checksums is not None and self._part_checksums[j] != s.content_checksums():
+                        problems.append(f"part {part.path.name}: its checksums are not those the record lists")
             except CbirError as e:
                 problems.append(e.message)
         if problems:
@@ -447,6 +487,8 @@ def write_record(path: Path, parts: Sequence[Path], kind: str, attrs: dict[str, 
         f.create_dataset("part_bytes", data=np.array([d.size for d in described], np.int64))
         f.create_dataset("part_layout", data=np.array([[d.layout.get(c, 0) for c in columns] for d in described],
                                                       np.int64).reshape(len(described), len(columns)))
+        f.create_dataset(PART_CHECKSUMS, data=np.array([d.checksums for d in described], dtype=object),
+                         dtype=STR_DTYPE)
         filled = [d for d in described if d.keys]
         for c in columns:
             row_shape, dtype, _ = filled[0].shapes[c] if filled else _empty_shape(schema, c, attrs)
@@ -472,6 +514,7 @@ class _Described:
     nbytes: dict[str, int]
     crcs: dict[str, int]
     shapes: dict[str, tuple[tuple[int, ...], np.dtype, int]]
+    checksums: str  # the part's own (Store.content_checksums)
 
 
 def _describe(part: Path, schema: Schema, attrs: dict[str, Any], directory: Path) -> _Described:
@@ -498,7 +541,8 @@ def _describe(part: Path, schema: Schema, attrs: dict[str, Any], directory: Path
             if c not in crcs:  # a part written without checksums: computed here
                 crcs[c] = s.column_crc(c)
         offsets = s.offsets if schema.ragged else np.arange(len(s) + 1, dtype=np.int64)
-        return _Described(part, part.stat().st_size, list(s.keys), offsets, layout, nbytes, crcs, shapes)
+        return _Described(part, part.stat().st_size, list(s.keys), offsets, layout, nbytes, crcs, shapes,
+                          s.content_checksums())
 
 
 def _common_columns(described: list[_Described], schema: Schema, path: Path) -> list[str]:
