@@ -520,3 +520,25 @@ def test_copy_blocks_are_bounded_in_bytes():
         spans = list(_row_blocks(total, row_bytes))
         assert sum(s.stop - s.start for s in spans) == total
         assert all(s.stop - s.start == 1 or (s.stop - s.start) * row_bytes <= _COPY_BLOCK_BYTES for s in spans)
+
+
+def test_metadata_is_read_by_a_process_holding_descriptors_past_1024(tmp_path):
+    """The child's answer is waited for with poll(), not select(), which refuses descriptors
+    from 1024 on (a process reading many parts, sockets or files may hold that many)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"this system allows {hard} open files")
+    path = tmp_path / "g.h5"
+    with StoreWriter(path, "global-features", {"name": "g", "config": {}, "descriptor_dim": 4}) as w:
+        w.add("a.jpg", descriptors=np.ones(4, np.float32))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with open_store(path) as s:
+            assert s.keys == ["a.jpg"]
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -74,10 +74,12 @@ def in_child(func: Callable[..., Any], args: tuple, limit: float, memory: int | 
     os.close(write_fd)
     chunks = []
     deadline = time.monotonic() + limit
+    poller = select.poll()  # not select.select(): it refuses descriptors from 1024 on, which a process may reach
+    poller.register(read_fd, select.POLLIN)
     try:
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([read_fd], [], [], left)[0]:
+            if left <= 0 or not poller.poll(left * 1000):  # milliseconds, rounded up
                 os.kill(pid, signal.SIGKILL)
                 return "timeout", None
             chunk = os.read(read_fd, 1 << 20)
