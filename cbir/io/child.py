@@ -42,6 +42,7 @@ def in_child(func: Callable[..., Any], args: tuple, limit: float, memory: int | 
     message), or ('memory', message) when it would allocate more than ``memory`` bytes
     beyond what it inherited."""
     read_fd, write_fd = os.pipe()
+    _widen(write_fd)
     pid = os.fork()
     if pid == 0:  # the child: never returns
         code = 0
@@ -95,6 +96,18 @@ def in_child(func: Callable[..., Any], args: tuple, limit: float, memory: int | 
     if not chunks:
         return "error", "the reading process died"
     return pickle.loads(b"".join(chunks))
+
+
+def _widen(fd: int) -> None:
+    """The pipe's buffer made as large as the system allows a process (Linux: 1 MiB by default,
+    instead of 64 KiB): a large answer (a million image names) crosses in fewer round trips."""
+    try:
+        import fcntl
+
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, int(f.read()))
+    except (ImportError, AttributeError, OSError, ValueError):
+        pass  # another system, or a limit: the default buffer works, more slowly
 
 
 def _reap(pid: int) -> None:

@@ -56,8 +56,18 @@ PART_CHECKSUMS = "part_checksums"
 #: the string datasets of a record its reader needs (the keys of either kind, the part table's)
 RECORD_STRINGS = ("names", "pairs", "part_files", PART_CHECKSUMS)
 PART_FILE = re.compile(r"[0-9]{6}\.h5")
-#: parts a reader keeps open (a read of any other part opens and closes it)
-OPEN_PARTS = 64
+#: parts a reader keeps open at most (a read of any other part opens and closes it); fewer
+#: where the process may open few files (:func:`open_parts_budget`)
+OPEN_PARTS = 4096
+
+
+def open_parts_budget() -> int:
+    """Parts a reader keeps open: :data:`OPEN_PARTS`, or a quarter of the files this process
+    may open if that is less (the rest stay for the application, other stores, sockets)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return OPEN_PARTS if soft == resource.RLIM_INFINITY else max(16, min(OPEN_PARTS, soft // 4))
 
 
 def parts_directory(path: Path) -> Path:
@@ -108,6 +118,7 @@ class ShardedStore(Store):
         self._checked: set[int] = set()
         self._folder_checked = False
         self._fds: dict[int, int] = {}  # parts kept open
+        self._keep_open = open_parts_budget()
         self._lock = threading.Lock()
         meta = meta if meta is not None else read_metadata(self.path, RECORD_STRINGS, virtual=all_columns())
         try:
@@ -197,6 +208,8 @@ class ShardedStore(Store):
                     raise FormatError(f"part {file}: column '{c}' lies outside its {size} bytes", self.path)
             parts.append(part)
         self._item_starts, self._row_starts = item_starts, row_starts
+        #: per column, each part's byte offset of the column's first row
+        self._layouts = {c: table["part_layout"][:, k].copy() for k, c in enumerate(columns)}
         self._part_checksums = self._checksums_of_parts(meta, p)
         return parts
 
@@ -260,25 +273,28 @@ class ShardedStore(Store):
 
     @contextmanager
     def _part_fd(self, j: int) -> Iterator[int]:
-        """A file descriptor of part ``j``, after checking once that it is the recorded file.
-        The first :data:`OPEN_PARTS` parts read stay open until the store closes (never closed
-        under another thread's read); others are opened for the read."""
-        fd = self._fds.get(j)
-        if fd is not None:
-            yield fd
-            return
-        fd = self._open_new(j)
-        with self._lock:
-            if j not in self._fds and len(self._fds) < OPEN_PARTS:
-                self._fds[j] = fd
-                keep = True
-            else:
-                keep = False
+        """A file descriptor of part ``j`` (:meth:`_acquire`), released after."""
+        fd, kept = self._acquire(j)
         try:
             yield fd
         finally:
-            if not keep:
+            if not kept:
                 os.close(fd)
+
+    def _acquire(self, j: int) -> tuple[int, bool]:
+        """A file descriptor of part ``j``, after checking once that it is the recorded file,
+        and whether it stays open: the first parts read (:func:`open_parts_budget`) stay open
+        until the store closes (never closed under another thread's read); the caller closes
+        any other."""
+        fd = self._fds.get(j)
+        if fd is not None:
+            return fd, True
+        fd = self._open_new(j)
+        with self._lock:
+            if j not in self._fds and len(self._fds) < self._keep_open:
+                self._fds[j] = fd
+                return fd, True
+        return fd, False
 
     def _open_new(self, j: int) -> int:
         part = self._parts[j]
@@ -359,15 +375,25 @@ class ShardedStore(Store):
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         owner = np.searchsorted(starts, sorted_rows, side="right") - 1
+        # where each row is in its part's file, and where it goes in ``out``: one pass, part by part
+        at_file = (self._layouts[column][owner] + (sorted_rows - starts[owner]) * row_bytes).tolist()
+        at_out = (order * row_bytes).tolist()
         buffer = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy's stubs: no Buffer
-        bounds = np.flatnonzero(np.diff(owner)) + 1
-        for run in np.split(np.arange(len(rows)), bounds):
-            j = int(owner[run[0]])
-            base = self._parts[j].layout[column] - int(starts[j]) * row_bytes
-            with self._part_fd(j) as fd:
-                for r, at in zip((base + sorted_rows[run] * row_bytes).tolist(), (order[run] * row_bytes).tolist(),
-                                 strict=True):
-                    _pread_all(fd, buffer[at:at + row_bytes], r, self._parts[j].path)
+        current, fd, kept = -1, -1, True
+        try:
+            for j, r, at in zip(owner.tolist(), at_file, at_out, strict=True):
+                if j != current:
+                    if not kept:
+                        os.close(fd)
+                    kept = True  # nothing to close should the next part be refused
+                    fd, kept = self._acquire(j)
+                    current = j
+                target = buffer[at:at + row_bytes]
+                if os.preadv(fd, [target], r) != row_bytes:  # a short read: finished, or refused there
+                    _pread_all(fd, target, r, self._parts[j].path)
+        finally:
+            if not kept:
+                os.close(fd)
         return out
 
     def verify_checksums(self) -> list[str]:
