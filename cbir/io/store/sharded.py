@@ -17,6 +17,7 @@ Appending is a new part and a new record; nothing already written is copied agai
 
 from __future__ import annotations
 
+import bisect
 import errno
 import json
 import os
@@ -208,8 +209,11 @@ class ShardedStore(Store):
                     raise FormatError(f"part {file}: column '{c}' lies outside its {size} bytes", self.path)
             parts.append(part)
         self._item_starts, self._row_starts = item_starts, row_starts
-        #: per column, each part's byte offset of the column's first row
+        #: per column, each part's byte offset of the column's first row, and the bytes of a row
         self._layouts = {c: table["part_layout"][:, k].copy() for k, c in enumerate(columns)}
+        self._row_sizes = {c: self._row_bytes(c) for c in columns}
+        #: where each part's items and ragged rows start, as Python ints (indexed by "is ragged")
+        self._start_lists = (item_starts.tolist(), row_starts.tolist())
         self._part_checksums = self._checksums_of_parts(meta, p)
         return parts
 
@@ -321,19 +325,24 @@ class ShardedStore(Store):
 
     def _read_span(self, column: str, lo: int, hi: int, out: np.ndarray) -> None:
         """Rows ``lo:hi`` of ``column`` (whole store) into ``out``, part by part."""
-        starts = self._starts(column)
-        row_bytes = self._row_bytes(column)
+        starts = self._start_lists[column in self.schema.ragged]  # Python ints: a scalar search, no array
+        row_bytes = self._row_sizes[column]
+        layout = self._layouts[column]
         buffer = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy's stubs: no Buffer
-        j = int(np.searchsorted(starts, lo, side="right")) - 1
+        j = bisect.bisect_right(starts, lo) - 1
         at = 0
         while lo < hi:
             while starts[j + 1] <= lo:  # parts without rows
                 j += 1
-            stop = min(hi, int(starts[j + 1]))
+            stop = min(hi, starts[j + 1])
             nbytes = (stop - lo) * row_bytes
-            offset = self._parts[j].layout[column] + (lo - int(starts[j])) * row_bytes
-            with self._part_fd(j) as fd:
-                _pread_all(fd, buffer[at:at + nbytes], offset, self._parts[j].path)
+            fd, kept = self._acquire(j)
+            try:
+                _pread_all(fd, buffer[at:at + nbytes], int(layout[j]) + (lo - starts[j]) * row_bytes,
+                           self._parts[j].path)
+            finally:
+                if not kept:
+                    os.close(fd)
             at += nbytes
             lo = stop
 
