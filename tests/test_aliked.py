@@ -17,7 +17,7 @@ from scipy.spatial import cKDTree
 from cbir.cli import main
 from cbir.errors import CbirError
 from cbir.io.images import read_image
-from cbir.models.aliked import ALIKED, _patches, deform_conv2d
+from cbir.models.aliked import ALIKED, FeatureLevels, _patches, deform_conv2d
 from tests.aliked_reference import DESCRIPTOR_STRIDE, MODELS
 from tests.aliked_reference import deform_conv2d as torchvision_kernel
 
@@ -57,8 +57,10 @@ def assert_official(out: dict[str, np.ndarray], model: str) -> None:
     assert str(ref["image"]) == PHOTO.name
     dist, idx = cKDTree(out["keypoints"]).query(ref["keypoints"])
     close = dist < 0.5
-    assert len(out["keypoints"]) == len(ref["keypoints"]) and close.mean() >= 0.99, (len(out["keypoints"]),
-                                                                                      close.mean())
+    # a score within rounding of the threshold, or two maxima within rounding of each other, may
+    # go either way on another CPU: 1% of the keypoints may differ
+    assert abs(len(out["keypoints"]) - len(ref["keypoints"])) <= 0.01 * len(ref["keypoints"])
+    assert close.mean() >= 0.99, close.mean()
     assert np.abs(out["scores"][idx[close]] - ref["scores"][close]).max() < 3e-4
     sampled = np.arange(0, len(ref["keypoints"]), DESCRIPTOR_STRIDE)
     keep = close[sampled]
@@ -82,14 +84,34 @@ def test_the_official_outputs_at_any_thread_count(shared, threads):
 
 
 def test_lightglue_patches_differ_from_the_official_op_at_the_border_only():
-    features = torch.arange(2 * 6 * 8, dtype=torch.float32).view(2, 6, 8)
+    features = torch.arange(1, 1 + 2 * 6 * 8, dtype=torch.float32).view(2, 6, 8)
+    unit = torch.nn.functional.normalize(features, dim=0)  # what the feature map holds: unit pixels
+    levels = FeatureLevels([features[None]], top=0, left=0, height=6, width=8)
     points = torch.tensor([[3, 2], [0, 0], [7, 5], [1, 4]])
-    centered = _patches(features, points, 3, "centered")
-    lightglue = _patches(features, points, 3, "lightglue")
-    assert torch.equal(centered[0], lightglue[0]) and torch.equal(centered[0], features[:, 1:4, 2:5])
-    assert torch.equal(centered[1, :, 1:, 1:], features[:, :2, :2]) and centered[1, :, 0].abs().sum() == 0
-    assert torch.equal(lightglue[1], features[:, :3, :3])  # moved inside instead of zero-padded
-    assert torch.equal(lightglue[2], features[:, 2:5, 4:7])  # clamped to [0, W-1-3]: never the last column
+    centered = _patches(levels, points, 3, "centered")
+    lightglue = _patches(levels, points, 3, "lightglue")
+    assert torch.equal(centered[0], lightglue[0]) and torch.allclose(centered[0], unit[:, 1:4, 2:5])
+    assert torch.allclose(centered[1, :, 1:, 1:], unit[:, :2, :2]) and centered[1, :, 0].abs().sum() == 0
+    assert torch.allclose(lightglue[1], unit[:, :3, :3])  # moved inside instead of zero-padded
+    assert torch.allclose(lightglue[2], unit[:, 2:5, 4:7])  # clamped to [0, W-1-3]: never the last column
+
+
+def test_features_read_at_pixels_are_the_official_full_resolution_map():
+    """Four levels upsampled with corners aligned, concatenated and normalized (the official
+    dense map) equal the values read at any pixel, without building the map."""
+    rng = np.random.default_rng(3)
+    sizes = ((64, 32), (32, 16), (8, 4), (2, 1))  # a padded frame: 1, 1/2, 1/8, 1/32
+    levels = [torch.from_numpy(rng.standard_normal((1, 4, h, w)).astype(np.float32)) for h, w in sizes]
+    dense = torch.cat([levels[0], *(torch.nn.functional.interpolate(t, scale_factor=s, mode="bilinear",
+                                                                     align_corners=True)
+                                    for t, s in zip(levels[1:], (2, 8, 32), strict=True))], dim=1)
+    dense = torch.nn.functional.normalize(dense[..., 10:50, 4:28], dim=1)[0]  # the image: 40 x 24 inside it
+    reader = FeatureLevels(levels, top=10, left=4, height=40, width=24)
+    y, x = torch.meshgrid(torch.arange(40), torch.arange(24), indexing="ij")
+    values = reader.at(y.reshape(-1), x.reshape(-1)).t().reshape(16, 40, 24)
+    assert torch.allclose(values, dense, atol=1e-6)
+    outside = reader.at(torch.tensor([-1, 40, 3]), torch.tensor([0, 0, 24]))
+    assert outside.abs().sum() == 0
 
 
 def test_bad_or_missing_weights_are_one_line_errors(tmp_path):

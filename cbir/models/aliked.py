@@ -192,46 +192,56 @@ class SDDH(nn.Module):
         self.sf_conv = nn.Conv2d(dim, dim, 1, bias=False)
         self.agg_weights = nn.Parameter(torch.zeros(positions, dim, dim))
 
-    def forward(self, features: torch.Tensor, keypoints: torch.Tensor, placement: str = "centered") -> torch.Tensor:
-        """Descriptors (N x dim) of ``keypoints`` (N x 2, normalized to [-1, 1]) in
-        ``features`` (1 x dim x H x W), patches placed as ``placement`` says (:func:`_patches`)."""
-        _, c, h, w = features.shape
-        wh = torch.tensor([[w - 1, h - 1]], device=features.device)  # integers, as the official code has them
+    def forward(self, features: FeatureLevels, keypoints: torch.Tensor, placement: str = "centered") -> torch.Tensor:
+        """Descriptors (N x dim) of ``keypoints`` (N x 2, normalized to [-1, 1]) in the image's
+        L2-normalized feature map ``features``, patches placed as ``placement`` says
+        (:func:`_patches`), the positions sampled as ``grid_sample`` samples them (bilinear,
+        corners aligned, zero outside)."""
+        h, w = features.height, features.width
+        wh = torch.tensor([[w - 1, h - 1]], device=keypoints.device)  # integers, as the official code has them
         max_offset = max(h, w) / 4.0
         at = (keypoints / 2 + 0.5) * wh  # pixel positions
         n = len(at)
-        patches = _patches(features[0], at.long(), self.kernel_size, placement)  # N x C x K x K
+        patches = _patches(features, at.long(), self.kernel_size, placement)  # N x C x K x K
         offset = self.offset_conv(patches).clamp(-max_offset, max_offset)  # N x 2M x 1 x 1
         offset = offset[:, :, 0, 0].view(n, 2, self.positions).permute(0, 2, 1)  # N x M x (dx, dy)
-        pos = 2.0 * (at.unsqueeze(1) + offset) / wh[None] - 1
-        sampled = F.grid_sample(features, pos.reshape(1, n * self.positions, 1, 2), mode="bilinear",
-                                align_corners=True)  # 1 x C x N*M x 1
-        sampled = sampled.reshape(c, n, self.positions, 1).permute(1, 0, 2, 3)  # N x C x M x 1
+        grid = (2.0 * (at.unsqueeze(1) + offset) / wh[None] - 1).reshape(-1, 2)
+        # grid_sample's unnormalization (align_corners) and its four corners
+        gx, gy = (grid[:, 0] + 1) / 2 * (w - 1), (grid[:, 1] + 1) / 2 * (h - 1)
+        x0, y0 = torch.floor(gx), torch.floor(gy)
+        x1, y1 = x0 + 1, y0 + 1
+        corners = ((y0, x0, (x1 - gx) * (y1 - gy)), (y0, x1, (gx - x0) * (y1 - gy)),
+                   (y1, x0, (x1 - gx) * (gy - y0)), (y1, x1, (gx - x0) * (gy - y0)))
+        sampled = None
+        for yy, xx, weight in corners:
+            term = weight[:, None] * features.at(yy.long(), xx.long())
+            sampled = term if sampled is None else sampled + term
+        assert sampled is not None
+        sampled = sampled.view(n, self.positions, -1).permute(0, 2, 1)[..., None]  # N x C x M x 1
         sampled = F.selu(self.sf_conv(sampled)).squeeze(-1)  # N x C x M
         descriptors = torch.einsum("ncp,pcd->nd", sampled, self.agg_weights)
         return F.normalize(descriptors, p=2.0, dim=1)
 
 
-def _patches(features: torch.Tensor, points: torch.Tensor, size: int, placement: str) -> torch.Tensor:
-    """The ``size x size`` patches of ``features`` (C x H x W) at integer pixels ``points``
-    (N x 2, x then y): N x C x size x size. ``centered`` (the official compiled ``get_patches``
-    op): rows ``p - floor((size-1)/2)`` on, pixels outside the map zero. ``lightglue`` (the
-    official code's fallback without the compiled op, from LightGlue's port, which hloc runs):
-    from ``trunc(p - size/2 + 1)``, clamped into ``[0, W-1-size] x [0, H-1-size]``; the two
-    differ only for keypoints next to the border."""
-    c, h, w = features.shape
-    steps = torch.arange(size, device=features.device)
+def _patches(features: FeatureLevels, points: torch.Tensor, size: int, placement: str) -> torch.Tensor:
+    """The ``size x size`` patches of the feature map at integer pixels ``points`` (N x 2, x
+    then y): N x C x size x size. ``centered`` (the official compiled ``get_patches`` op): rows
+    ``p - floor((size-1)/2)`` on, pixels outside the map zero. ``lightglue`` (the official
+    code's fallback without the compiled op, from LightGlue's port, which hloc runs): from
+    ``trunc(p - size/2 + 1)``, clamped into ``[0, W-1-size] x [0, H-1-size]``; the two differ
+    only for keypoints next to the border."""
+    h, w = features.height, features.width
+    steps = torch.arange(size, device=points.device)
     if placement == "centered":
-        before = (size - 1) // 2
-        features = F.pad(features, [before, size - 1 - before] * 2)  # zeros: the op's constant padding
-        x0, y0 = points[:, 0], points[:, 1]  # in the padded map, the patch starts at the point
+        x0, y0 = points[:, 0] - (size - 1) // 2, points[:, 1] - (size - 1) // 2
     else:
         corner = (points - size / 2 + 1).long()
         x0 = corner[:, 0].clamp(min=0, max=w - 1 - size)
         y0 = corner[:, 1].clamp(min=0, max=h - 1 - size)
-    ys = (y0[:, None] + steps[None]).view(-1, size, 1)  # N x size x 1
-    xs = (x0[:, None] + steps[None]).view(-1, 1, size)  # N x 1 x size
-    return features[:, ys, xs].permute(1, 0, 2, 3)
+    ys = (y0[:, None, None] + steps[None, :, None]).expand(-1, size, size)  # N x size x size
+    xs = (x0[:, None, None] + steps[None, None, :]).expand(-1, size, size)
+    values = features.at(ys.reshape(-1), xs.reshape(-1))  # N*size*size x C
+    return values.view(len(points), size, size, -1).permute(0, 3, 1, 2)
 
 
 #: where the descriptor head's patches are taken (:func:`_patches`)
@@ -252,14 +262,14 @@ class AlikedNet(nn.Module):
         self.conv2 = nn.Conv2d(arch.c2, arch.dim // 4, 1, bias=False)
         self.conv3 = nn.Conv2d(arch.c3, arch.dim // 4, 1, bias=False)
         self.conv4 = nn.Conv2d(arch.dim, arch.dim // 4, 1, bias=False)
-        self.score_head = nn.Sequential(
+        self.score_head: nn.Sequential = nn.Sequential(
             nn.Conv2d(arch.dim, 8, 1, bias=False), nn.SELU(), nn.Conv2d(8, 4, 3, padding=1, bias=False), nn.SELU(),
             nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.SELU(), nn.Conv2d(4, 1, 3, padding=1, bias=False))
         self.desc_head = SDDH(arch.dim, arch.K, arch.M)
 
-    def dense(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The L2-normalized feature map and the score map of ``image`` (1 x 3 x H x W in
-        [0, 1]), both H x W."""
+    def dense(self, image: torch.Tensor) -> tuple[FeatureLevels, torch.Tensor]:
+        """The L2-normalized feature map (read where needed, :class:`FeatureLevels`) and the
+        score map (1 x 1 x H x W) of ``image`` (1 x 3 x H x W in [0, 1])."""
         h, w = image.shape[-2:]
         pad_h, pad_w = (-h) % 32, (-w) % 32
         top, left = pad_h // 2, pad_w // 2
@@ -268,17 +278,64 @@ class AlikedNet(nn.Module):
         x2 = self.block2(F.avg_pool2d(x1, 2))
         x3 = self.block3(F.avg_pool2d(x2, 4))
         x4 = self.block4(F.avg_pool2d(x3, 4))
-        x1 = F.selu(self.conv1(x1))
-        x2 = F.selu(self.conv2(x2))
-        x3 = F.selu(self.conv3(x3))
-        x4 = F.selu(self.conv4(x4))
-        up = [F.interpolate(t, scale_factor=s, mode="bilinear", align_corners=True)
-              for t, s in ((x2, 2), (x3, 8), (x4, 32))]
-        stacked = torch.cat([x1, *up], dim=1)
-        scores = torch.sigmoid(self.score_head(stacked))
-        features = F.normalize(stacked, p=2, dim=1)
-        crop = (..., slice(top, top + h), slice(left, left + w))
-        return features[crop], scores[crop]
+        levels = [F.selu(conv(t)) for conv, t in ((self.conv1, x1), (self.conv2, x2), (self.conv3, x3),
+                                                     (self.conv4, x4))]
+        # the score head's first (1 x 1, linear) conv of the upsampled, concatenated levels is the
+        # sum of each level's share, upsampled: 8 channels at full resolution instead of dim
+        first = self.score_head[0].weight
+        assert isinstance(first, torch.Tensor)
+        q = self.arch.dim // 4
+        s = F.conv2d(levels[0], first[:, :q])
+        for k, (level, factor) in enumerate(zip(levels[1:], (2, 8, 32), strict=True), 1):
+            s = s + F.interpolate(F.conv2d(level, first[:, k * q:(k + 1) * q]), scale_factor=factor, mode="bilinear",
+                                  align_corners=True)
+        scores = torch.sigmoid(self.score_head[1:](s))
+        return FeatureLevels(levels, top, left, h, w), scores[..., top:top + h, left:left + w]
+
+
+class FeatureLevels:
+    """The official full-resolution feature map (the four levels upsampled with corners
+    aligned, concatenated and L2-normalized per pixel) read at the pixels asked for, never
+    built: it holds ``dim`` floats a pixel (0.4 GB for a 1024 x 800 image, 3.2 GB for 3072 x
+    2048), of which the descriptor head reads a few per keypoint."""
+
+    def __init__(self, levels: list[torch.Tensor], top: int, left: int, height: int, width: int):
+        #: each level (1 x dim/4 x h_l x w_l, in the padded frame, full resolution first) as a
+        #: table of pixels (h_l * w_l x dim/4): a pixel's channels are one contiguous row
+        self.tables = [level[0].permute(1, 2, 0).reshape(-1, level.shape[1]).contiguous() for level in levels]
+        self.shapes = [tuple(level.shape[-2:]) for level in levels]
+        self.top, self.left, self.height, self.width = top, left, height, width
+
+    def at(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The features (P x dim) at the integer pixels ``(y, x)`` of the image; zero outside it."""
+        inside = (y >= 0) & (y < self.height) & (x >= 0) & (x < self.width)
+        py = y.clamp(0, self.height - 1) + self.top
+        px = x.clamp(0, self.width - 1) + self.left
+        height, width = self.shapes[0]
+        parts = [self.tables[0][py * width + px]]
+        for table, (h, w) in zip(self.tables[1:], self.shapes[1:], strict=True):
+            parts.append(_upsampled_at(table, h, w, py, px, height, width))
+        values = F.normalize(torch.cat(parts, dim=1), p=2, dim=1)
+        return values * inside[:, None]
+
+
+def _upsampled_at(table: torch.Tensor, h: int, w: int, y: torch.Tensor, x: torch.Tensor, height: int,
+                  width: int) -> torch.Tensor:
+    """A level (``table``: its h x w pixels' rows) upsampled to ``height x width`` as
+    ``F.interpolate`` does it (bilinear, corners aligned), at the integer pixels ``(y, x)``:
+    P x C."""
+    def source(index: torch.Tensor, size: int, out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scale = (size - 1) / (out - 1) if out > 1 else 0.0
+        real = index.to(table.dtype) * torch.tensor(scale, dtype=table.dtype)
+        low = torch.floor(real).long().clamp(max=size - 1)
+        weight = (real - low).clamp(0, 1)
+        return low, (low + 1).clamp(max=size - 1), weight[:, None]
+
+    y0, y1, ly = source(y, h, height)
+    x0, x1, lx = source(x, w, width)
+    top = (1 - lx) * table[y0 * w + x0] + lx * table[y0 * w + x1]
+    bottom = (1 - lx) * table[y1 * w + x0] + lx * table[y1 * w + x1]
+    return (1 - ly) * top + ly * bottom
 
 
 def simple_nms(scores: torch.Tensor, radius: int) -> torch.Tensor:
