@@ -72,7 +72,7 @@ def test_unknown_names_are_one_line_listing_the_known_ones(sample_dataset):
     assert code == 1 and "unknown global extractor 'bow' (known: apgem, delg, densevlad, netvlad" in err
     code, _, err = cbir("match", "--query", sample_dataset, "--pairs", "-", "--local", "sift", "--matcher", "lg",
                         ok=False)
-    assert code == 1 and err.count("\n") == 1 and "unknown matcher 'lg' (known: nn" in err
+    assert code == 1 and err.count("\n") == 1 and "unknown matcher 'lg' (known: lightglue, nn" in err
     code, _, err = cbir("weights", "convert", "hardnet", sample_dataset, "x.pt", ok=False)
     assert code == 1 and "unknown weight converter 'hardnet' (known: delg" in err
 

@@ -1,0 +1,146 @@
+"""LightGlue (the matcher ``lightglue``): on weights generated in the official layout, the
+official module's matches, scores and stopping layer (tests/reference/lightglue, written by
+tests/lightglue_reference.py running cvg/LightGlue's module unchanged), with the adaptive
+depth and width and without; both checkpoint layouts load; `cbir match --matcher lightglue`
+runs end to end; bad weights and features it has no weights for are one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cbir.cli import main
+from cbir.errors import CbirError
+from cbir.matching.lightglue import LightGlue, LightGlueNet, load_lightglue
+from tests.lightglue_reference import DIM, HEADS, INPUT_DIM, LAYERS, RUNS, THRESHOLDS, official_state
+
+REFERENCE = np.load(Path(__file__).parent / "reference" / "lightglue" / "aliked.npz")
+
+
+def _state() -> dict[str, torch.Tensor]:
+    shapes = {k: tuple(v.shape) for k, v in LightGlueNet(INPUT_DIM, DIM, HEADS, LAYERS).state_dict().items()}
+    return official_state(shapes)
+
+
+def _released_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The layer names of the first release (``self_attn.N``), no thresholds buffer."""
+    out = {}
+    for k, v in state.items():
+        for kind in ("self_attn", "cross_attn"):
+            if k.startswith("transformers.") and f".{kind}." in k:
+                i = k.split(".")[1]
+                k = k.replace(f"transformers.{i}.{kind}", f"{kind}.{i}")
+        out[k] = v
+    return out
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("lightglue") / "aliked_lightglue.pth"
+    torch.save(_released_layout(_state()), path)
+    return path
+
+
+def _run(net: LightGlueNet, depth: float, width: float, threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
+    r = REFERENCE
+    args = [torch.from_numpy(r[f"keypoints{i}"])[None] for i in (0, 1)] + \
+        [torch.from_numpy(r[f"descriptors{i}"].astype(np.float32))[None] for i in (0, 1)] + \
+        [torch.from_numpy(r[f"size{i}"])[None] for i in (0, 1)]
+    with torch.inference_mode():
+        m0, p0, stop = net(*args, depth, width, threshold)
+    return m0[0].numpy(), p0[0].numpy(), stop
+
+
+@pytest.mark.parametrize("run", sorted(RUNS))
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+def test_the_official_modules_matches_and_scores(weights, run, threshold):
+    net = load_lightglue(weights, "aliked")
+    conf = {"depth_confidence": 0.95, "width_confidence": 0.99, **RUNS[run]}
+    m0, p0, stop = _run(net, conf["depth_confidence"], conf["width_confidence"], threshold)
+    key = f"{run}_{threshold}"
+    assert stop == int(REFERENCE[f"{key}_stop"]) == (3 if run == "adaptive" else 9)
+    np.testing.assert_array_equal(m0, REFERENCE[f"{key}_matches0"])
+    valid = m0 > -1
+    assert valid.sum() > 50
+    np.testing.assert_allclose(p0[valid], REFERENCE[f"{key}_scores0"][valid], atol=1e-5, rtol=0)
+
+
+def test_the_same_matches_at_any_thread_count(weights, threads):
+    """Matches identical, scores within 1e-5 at 1, 2 and 3 threads (not bit-identical: the
+    products are reduced in other orders)."""
+    m0, p0, _ = _run(load_lightglue(weights, "aliked"), 0.95, 0.99, 0.1)
+    np.testing.assert_array_equal(m0, REFERENCE["adaptive_0.1_matches0"])
+    np.testing.assert_allclose(p0[m0 > -1], REFERENCE["adaptive_0.1_scores0"][m0 > -1], atol=1e-5, rtol=0)
+
+
+def test_todays_state_dict_loads_as_the_released_layout(weights, tmp_path):
+    today = tmp_path / "today.pth"
+    net = load_lightglue(weights, "aliked")
+    torch.save(net.state_dict(), today)  # transformers.N.self_attn..., with the thresholds buffer
+    again = load_lightglue(today, "aliked")
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values(), strict=True))
+
+
+def test_bad_weights_and_features_without_weights_are_one_line_errors(weights, tmp_path):
+    with pytest.raises(CbirError, match="these weights are not those of superpoint"):
+        load_lightglue(weights, "superpoint")
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"nothing")
+    with pytest.raises(CbirError, match="not a LightGlue checkpoint"):
+        load_lightglue(broken, "aliked")
+    torch.save({"conv.weight": torch.zeros(1)}, broken)
+    with pytest.raises(CbirError, match="no transformer layers"):
+        load_lightglue(broken, "aliked")
+    with pytest.raises(CbirError, match="no weights for 'sift'"):
+        LightGlue({"features": "sift"})
+    matcher = LightGlue({"weights_dir": str(tmp_path)})
+    matcher.conf["features"] = "aliked"
+    with pytest.raises(CbirError, match=r"aliked_lightglue.pth.*not found.*github.com/cvg/LightGlue.*Apache-2.0"):
+        matcher.network(torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_cbir_match_with_lightglue(shared, weights, tmp_path):
+    """ALIKED features of two photos matched by `cbir match --matcher lightglue` (the weights
+    chosen by the store's extractor): the pair's matches are the network's own on the stored
+    features; SIFT features are refused in one line."""
+    from cbir.io.store import open_store
+    from tests.conftest import writable_copy
+
+    root = writable_copy(shared / "data" / "sceaux_castle" / "mapping", tmp_path / "map")
+    images = tmp_path / "images.txt"
+    images.write_text("100_7100.jpg\n100_7101.jpg\n")
+    runner = CliRunner()
+    for local in ("aliked", "sift"):
+        result = runner.invoke(main, ["extract", str(root), "--local", local, "--weights",
+                                      str(shared / "weights" / "aliked"), "--images", str(images), "--device", "cpu"]
+                               if local == "aliked" else ["extract", str(root), "--local", local, "--images",
+                                                          str(images)])
+        assert result.exit_code == 0, result.output
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("100_7100.jpg 100_7101.jpg\n")
+    args = ["match", "--query", str(root), "--pairs", str(pairs), "--matcher", "lightglue", "--device", "cpu",
+            "--conf", f"weights_dir={weights.parent}"]
+    result = runner.invoke(main, [*args, "--local", "aliked-n16", "--name", "lg"])
+    assert result.exit_code == 0, result.output
+    local, matches = root / "cbir" / "local" / "aliked-n16.h5", root / "cbir" / "matches" / "lg.h5"
+    with open_store(local) as s, open_store(matches) as m:
+        assert m.config["matcher"]["features"] == "aliked"
+        assert m.config["matcher"]["weights"] == "aliked_lightglue.pth"
+        stored = m.get(("100_7100.jpg", "100_7101.jpg"))
+        f0, f1 = s.get("100_7100.jpg"), s.get("100_7101.jpg")
+        net = load_lightglue(weights, "aliked")
+        with torch.inference_mode():
+            m0, p0, _ = net(*(torch.from_numpy(f[k])[None] for k in ("keypoints",) for f in (f0, f1)),
+                            *(torch.from_numpy(f["descriptors"])[None] for f in (f0, f1)),
+                            *(torch.from_numpy(f["image_sizes"].astype(np.float32))[None] for f in (f0, f1)),
+                            0.95, 0.99, 0.1)
+        valid = np.flatnonzero(m0[0].numpy() > -1)
+        np.testing.assert_array_equal(stored["matches"], np.stack([valid, m0[0].numpy()[valid]], -1))
+        assert len(valid) > 10
+    result = runner.invoke(main, [*args, "--local", "sift", "--name", "lg-sift"])
+    assert result.exit_code == 1 and "LightGlue has no weights for features of 'sift'" in result.output
