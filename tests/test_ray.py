@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+import torch
 from ray.cluster_utils import Cluster
 
 from cbir import extract as extract_mod
@@ -510,3 +511,41 @@ def test_indexes_kept_per_map_shard(cluster, densevlad_map, tmp_path, fusion):
     # below 95% the summary names the options that raise it
     assert (summary["recall_advice"] is not None) == (summary["recall_vs_exact"] < 0.95)
     assert runner.invoke(main, ["check", str(root)]).exit_code == 0
+
+
+def test_lightglue_matching_on_the_cluster_is_the_local_run(cluster, sceaux, tmp_path, local_store):
+    """The matcher lightglue through the Ray executor (its network loaded by each task from
+    the weights the driver named): the local run's store, SIFT's scales and orientations
+    included. Weights generated in the official layout (no released weights are here)."""
+    from cbir.distributed import match_on_ray
+    from cbir.io.pairs import exhaustive_pairs
+    from cbir.matching import match as match_mod
+    from cbir.matching.lightglue import LightGlue
+    from tests.test_lightglue import _released_layout, _state
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    torch.save(_released_layout(_state(scale_ori=True)), weights / "sift_lightglue.pth")
+    stores = []
+    for label in ("local", "ray"):
+        root = writable_copy(sceaux / "mapping", tmp_path / label)
+        target = Dataset(root).store_path("local", "sift")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(local_store.read_bytes())
+        ds = Dataset(root)
+        pairs = exhaustive_pairs(ds.sensors.image_names())[:12]
+        options = {"name": "lg", "matcher": LightGlue({"weights_dir": str(weights), "filter_threshold": 0.0}),
+                   "device": "cpu"}
+        if label == "local":
+            report = match_mod.main(ds, ds, pairs, "sift", num_workers=1, **options)
+        else:
+            report = match_on_ray(ds, ds, pairs, "sift", conf=RayConf(shard_size=5), **options)
+        assert report.matched == 12 and report.matches > 12
+        stores.append(report.path)
+    # the same matches; scores within 1e-5, not bit-identical: a task computes with the one
+    # thread it is given, this process with two, and the products are reduced in other orders
+    with open_store(stores[0]) as a, open_store(stores[1]) as b:
+        assert a.keys == b.keys
+        for key in a.keys:
+            np.testing.assert_array_equal(a.get(key)["matches"], b.get(key)["matches"])
+            np.testing.assert_allclose(a.get(key)["scores"], b.get(key)["scores"], atol=1e-5, rtol=0)

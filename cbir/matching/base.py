@@ -51,8 +51,9 @@ class Matcher:
 
     name: ClassVar[str]
     default_conf: ClassVar[dict[str, Any]] = {}
-    #: store columns it reads besides ``keypoints`` (``image_sizes`` is passed when stored)
-    columns: ClassVar[tuple[str, ...]] = ("descriptors",)
+    #: store columns it reads besides ``keypoints`` (``image_sizes`` is passed when stored);
+    #: a matcher may set its own in :meth:`check_features`, by the features it is given
+    columns: tuple[str, ...] = ("descriptors",)
     #: options that change the speed, not the matches: not recorded, not compared on re-runs
     runtime_keys: ClassVar[tuple[str, ...]] = ()
 

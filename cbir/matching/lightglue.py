@@ -16,6 +16,10 @@ softmax of one similarity matrix for cross-attention, float32); on a CUDA device
 there with ``flash`` (half-precision scaled dot-product attention), which prunes points only
 from 1,536 keypoints on, as the official thresholds say.
 
+SIFT's weights also encode each keypoint's scale (OpenCV's size) and orientation (radians),
+read from the store's ``keypoint_params``; they were trained on LightGlue's SIFT, RootSIFT by
+default, so a ``rootsift`` store is their match.
+
 Weights: the released checkpoints (``aliked_lightglue.pth``, ``disk_lightglue.pth``,
 ``superpoint_lightglue.pth``, ``sift_lightglue.pth``; their layer names of the first release,
 ``self_attn.N``, renamed as the official loader renames them) and today's ``state_dict()``
@@ -41,10 +45,14 @@ from .base import Matcher, Upload
 PUBLISHED = "https://github.com/cvg/LightGlue/releases (v0.1_arxiv: <features>_lightglue.pth)"
 LICENCE = "Apache-2.0"
 #: features LightGlue has weights for: their descriptors' dimension
-FEATURES = {"aliked": 128, "disk": 128, "superpoint": 256}
-#: the extractors whose stores each weight file matches
-EXTRACTOR_FEATURES = {"aliked": "aliked", "disk": "disk", "superpoint": "superpoint"}
-WEIGHT_FILES = tuple(WeightFile(f"{f}_lightglue.pth", PUBLISHED, LICENCE) for f in (*FEATURES, "sift"))
+FEATURES = {"aliked": 128, "disk": 128, "superpoint": 256, "sift": 128}
+#: features whose keypoints LightGlue encodes with their scale and orientation
+WITH_SCALE_ORI = frozenset({"sift"})
+#: the extractors whose stores each weight file matches (the released SIFT weights were trained
+#: on LightGlue's SIFT, whose default is RootSIFT: ``--local rootsift`` is their match)
+EXTRACTOR_FEATURES = {"aliked": "aliked", "disk": "disk", "superpoint": "superpoint", "sift": "sift",
+                      "rootsift": "sift"}
+WEIGHT_FILES = tuple(WeightFile(f"{f}_lightglue.pth", PUBLISHED, LICENCE) for f in FEATURES)
 #: keypoints from which the official module prunes points, by device (``cuda`` with flash)
 PRUNING_MIN_KEYPOINTS = {"cpu": -1, "mps": -1, "cuda": 1536}  # the official flash thresholds
 
@@ -210,7 +218,7 @@ class LightGlueNet(nn.Module):
 
     def __init__(self, input_dim: int, dim: int = 256, heads: int = 4, layers: int = 9, scale_ori: bool = False):
         super().__init__()
-        self.dim, self.layers = dim, layers
+        self.dim, self.layers, self.scale_ori = dim, layers, scale_ori
         self.input_proj: nn.Module = nn.Linear(input_dim, dim, bias=True) if input_dim != dim else nn.Identity()
         self.posenc = FourierEncoding(2 + 2 * scale_ori, dim // heads)
         self.transformers = nn.ModuleList([TransformerLayer(dim, heads) for _ in range(layers)])
@@ -221,13 +229,20 @@ class LightGlueNet(nn.Module):
 
     def forward(self, kpts0: torch.Tensor, kpts1: torch.Tensor, desc0: torch.Tensor, desc1: torch.Tensor,
                 size0: torch.Tensor, size1: torch.Tensor, depth_confidence: float, width_confidence: float,
-                filter_threshold: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+                filter_threshold: float, scale_ori0: torch.Tensor | None = None,
+                scale_ori1: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One pair (batch of 1): for each keypoint of image 0 its match in image 1 (-1: none)
-        and the match's probability, and the number of layers run."""
+        and the match's probability, and the number of layers run. ``scale_ori``: each
+        keypoint's scale and orientation (radians), for weights that encode them (SIFT's)."""
         m, n = kpts0.shape[1], kpts1.shape[1]
         device = kpts0.device
-        enc0 = self.posenc(normalize_keypoints(kpts0, size0))
-        enc1 = self.posenc(normalize_keypoints(kpts1, size1))
+        kpts0, kpts1 = normalize_keypoints(kpts0, size0), normalize_keypoints(kpts1, size1)
+        if self.scale_ori:
+            if scale_ori0 is None or scale_ori1 is None:
+                raise CbirError("these LightGlue weights encode keypoints with their scale and orientation: "
+                                "features without them cannot be matched")
+            kpts0, kpts1 = torch.cat([kpts0, scale_ori0], -1), torch.cat([kpts1, scale_ori1], -1)
+        enc0, enc1 = self.posenc(kpts0), self.posenc(kpts1)
         desc0, desc1 = self.input_proj(desc0), self.input_proj(desc1)
         thresholds: torch.Tensor = self.confidence_thresholds  # type: ignore[assignment]  # a buffer
         prune = width_confidence > 0
@@ -300,8 +315,13 @@ def load_lightglue(path: Path, features: str) -> LightGlueNet:
     if input_dim != FEATURES[features]:
         raise CbirError(f"its descriptors have {input_dim} dimensions: these weights are not those of "
                         f"{features} ({FEATURES[features]})", path)
-    heads = dim // (2 * int(state["posenc.Wr.weight"].shape[0])) if "posenc.Wr.weight" in state else 4
-    net = LightGlueNet(input_dim, dim, heads, layers)
+    wr = state.get("posenc.Wr.weight")
+    heads = dim // (2 * int(wr.shape[0])) if wr is not None else 4
+    scale_ori = wr is not None and int(wr.shape[1]) == 4
+    if scale_ori != (features in WITH_SCALE_ORI):
+        raise CbirError(f"these weights encode keypoints {'with' if scale_ori else 'without'} scale and orientation: "
+                        f"they are not those of {features}", path)
+    net = LightGlueNet(input_dim, dim, heads, layers, scale_ori)
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "confidence_thresholds"]  # a buffer the first release lacks
     if missing or unexpected:
@@ -323,7 +343,7 @@ class LightGlue(Matcher):
         "filter_threshold": 0.1,
         "weights_dir": None,
     }
-    columns = ("descriptors",)
+    columns: tuple[str, ...] = ("descriptors",)
     runtime_keys = ("weights_dir",)
     weight_files: ClassVar[tuple[WeightFile, ...]] = WEIGHT_FILES
 
@@ -331,8 +351,7 @@ class LightGlue(Matcher):
         super().__init__(conf)
         features = self.conf["features"]
         if features != "auto" and features not in FEATURES:
-            raise CbirError(f"LightGlue has no weights for {features!r} features here (known: {', '.join(FEATURES)}; "
-                            "sift needs scales and orientations, not supported yet)")
+            raise CbirError(f"LightGlue has no weights for {features!r} features (known: {', '.join(FEATURES)})")
         for key in ("depth_confidence", "width_confidence", "filter_threshold"):
             if not isinstance(self.conf[key], (int, float)) or isinstance(self.conf[key], bool):
                 raise CbirError(f"lightglue {key} must be a number, got {self.conf[key]!r}")
@@ -351,6 +370,13 @@ class LightGlue(Matcher):
         if dim is not None and int(dim) != FEATURES[self.conf["features"]]:
             raise CbirError(f"descriptors of {dim} dimensions: LightGlue's {self.conf['features']} weights take "
                             f"{FEATURES[self.conf['features']]}", store.path)
+        if self.conf["features"] in WITH_SCALE_ORI:
+            params = str(store.attrs.get("keypoint_params", ""))
+            if params != "scale,orientation":
+                raise CbirError(f"LightGlue's {self.conf['features']} weights encode each keypoint's scale and "
+                                f"orientation, which these features do not have (keypoint_params {params!r})",
+                                store.path)
+            self.columns = ("descriptors", "keypoint_params")
 
     def identity(self) -> dict[str, Any]:
         conf = super().identity()
@@ -376,7 +402,11 @@ class LightGlue(Matcher):
         if size is None or np.min(size) <= 0:  # unknown: the official default, the keypoints' extent
             k = features["keypoints"]
             size = (1 + k.max(0) - k.min(0)) if len(k) else np.ones(2)
-        return kpts, desc, torch.as_tensor(np.asarray(size, dtype=np.float32), device=kpts.device)
+        scale_ori = None
+        if "keypoint_params" in features:  # SIFT's: OpenCV's size and angle in degrees, as LightGlue's SIFT has them
+            params = np.asarray(features["keypoint_params"], dtype=np.float32)
+            scale_ori = upload(np.ascontiguousarray(np.stack([params[:, 0], np.deg2rad(params[:, 1])], -1)))
+        return kpts, desc, torch.as_tensor(np.asarray(size, dtype=np.float32), device=kpts.device), scale_ori
 
     def batch(self) -> _Batch:
         return _Batch(self)
@@ -392,11 +422,12 @@ class _Batch:
 
     @torch.inference_mode()
     def add(self, features0: Any, features1: Any) -> None:
-        (k0, d0, s0), (k1, d1, s1) = features0, features1
+        (k0, d0, s0, o0), (k1, d1, s1, o1) = features0, features1
         net = self.matcher.network(k0.device)
         conf = self.matcher.conf
         m0, p0, _ = net(k0[None], k1[None], d0[None], d1[None], s0[None], s1[None], conf["depth_confidence"],
-                        conf["width_confidence"], conf["filter_threshold"])
+                        conf["width_confidence"], conf["filter_threshold"],
+                        None if o0 is None else o0[None], None if o1 is None else o1[None])
         valid = torch.where(m0[0] > -1)[0]
         matches = torch.stack([valid, m0[0, valid]], -1).to(torch.int32).cpu().numpy()
         self._results.append((matches, p0[0, valid].float().cpu().numpy()))
