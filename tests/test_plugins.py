@@ -114,7 +114,7 @@ def test_help_lists_plugins_without_importing_them(site):
                                      "cbir.extractors.global": {"lazyglobal": "cbir_lazy:Lazy"}},
                  {"cbir_lazy": "raise RuntimeError('imported')\n"})
     _, out, _ = cbir("extract", "--help")
-    assert "[aliked|delg|lazy|r2d2|rootsift|sift]" in out.replace("\n", "").replace(" ", "")
+    assert "[aliked|delg|lazy|r2d2|rootsift|sift|xfeat]" in out.replace("\n", "").replace(" ", "")
     assert "lazyglobal" in out
     assert "cbir_lazy" not in sys.modules
 
