@@ -29,7 +29,6 @@ given as ``--conf weights=PATH``. Nothing is downloaded.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -40,6 +39,7 @@ from torch import nn
 
 from ..errors import CbirError
 from ..models.base import WeightFile, find_weights
+from ..models.checkpoints import load_state_dict
 from .base import Matcher, Upload
 
 PUBLISHED = "https://github.com/cvg/LightGlue/releases (v0.1_arxiv: <features>_lightglue.pth)"
@@ -294,13 +294,7 @@ def load_lightglue(path: Path, features: str) -> LightGlueNet:
     """The network of a LightGlue checkpoint for ``features``: the released files (layer
     names of the first release renamed as the official loader renames them) or a
     ``state_dict()`` of today's module; every parameter must be there."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
-            raise TypeError(f"a {type(state).__name__}, not a state dict")
-    except (RuntimeError, TypeError, EOFError, OSError, pickle.UnpicklingError) as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise CbirError(f"not a LightGlue checkpoint ({type(e).__name__}: {first})", path) from None
+    state = load_state_dict(path, "a LightGlue checkpoint")
     layers = 1 + max((int(k.split(".")[1]) for k in state if k.startswith(("transformers.", "self_attn."))),
                      default=-1)
     if not layers:

@@ -28,7 +28,6 @@ n32) is read from the weights' shapes.
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from ..errors import CbirError
 from ..io.images import LoadedImage
 from ..validate import check_integer
 from .base import ImageSkipped, LocalExtractor, WeightFile, WithWeights, find_weights, resolve_device, to_tensor
+from .checkpoints import load_into, load_state_dict
 
 PUBLISHED = "https://github.com/Shiaoming/ALIKED (models/)"
 LICENCE = "BSD-3-Clause"
@@ -389,18 +389,9 @@ def detect(scores: torch.Tensor, radius: int, scores_th: float, n_limit: int,
 def load_aliked(path: str | Path) -> AlikedNet:
     """The network of an official ALIKED checkpoint (a state dict), weights loaded strictly."""
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
-            raise TypeError(f"a {type(state).__name__}, not a state dict")
-    except (RuntimeError, TypeError, EOFError, OSError, pickle.UnpicklingError) as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise CbirError(f"not an official ALIKED checkpoint ({type(e).__name__}: {first})", path) from None
+    state = load_state_dict(path, "an official ALIKED checkpoint")
     net = AlikedNet(Architecture.of(state, path))
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CbirError(f"weights do not fit ALIKED: {str(e).splitlines()[0]}", path) from None
+    load_into(net, state, "ALIKED", path)
     return net.eval()
 
 

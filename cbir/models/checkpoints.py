@@ -80,3 +80,26 @@ def load_pickled_checkpoint(path: Path, source: str) -> dict[str, Any]:
     if not isinstance(ckpt, dict):
         raise CbirError(f"not a checkpoint dictionary (got {type(ckpt).__name__})", path)
     return ckpt
+
+
+def load_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A checkpoint that is a plain state dict (tensors by name), read without executing
+    anything (``weights_only``): anything else is a one-line error naming ``what`` it should
+    be (``an official ALIKED checkpoint``)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise TypeError(f"a {type(state).__name__}, not a state dict")
+    except (RuntimeError, TypeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CbirError(f"not {what} ({type(e).__name__}: {first})", path) from None
+    return state
+
+
+def load_into(net: torch.nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> None:
+    """``state`` loaded into ``net`` strictly; a mismatch is a one-line error (``what``: the
+    network's name)."""
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CbirError(f"weights do not fit {what}: {str(e).splitlines()[0]}", path) from None

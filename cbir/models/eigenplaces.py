@@ -13,7 +13,6 @@ to the layer names once; the backbone (ResNet-50 or -101) and dimension are read
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from ..errors import CbirError
 from ..io.images import LoadedImage
 from .backbones import ResNet
 from .base import GlobalExtractor, WeightFile, WithWeights, find_weights, resolve_device, to_tensor
+from .checkpoints import load_into, load_state_dict
 
 PUBLISHED = "https://github.com/gmberton/EigenPlaces/releases/download/v1.0/"
 LICENCE = "MIT"
@@ -76,13 +76,7 @@ def official_to_layers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def load_eigenplaces(path: Path) -> EigenPlacesNet:
     """The network of an official EigenPlaces state dict, loaded strictly."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
-            raise TypeError(f"a {type(state).__name__}, not a state dict")
-    except (RuntimeError, TypeError, EOFError, OSError, pickle.UnpicklingError) as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise CbirError(f"not an official EigenPlaces checkpoint ({type(e).__name__}: {first})", path) from None
+    state = load_state_dict(path, "an official EigenPlaces checkpoint")
     layer3 = {int(k.split(".")[2]) for k in state if k.startswith("backbone.6.")}
     fc = state.get("aggregation.3.weight")
     arch = ARCH_BY_LAYER3.get(len(layer3))
@@ -90,10 +84,7 @@ def load_eigenplaces(path: Path) -> EigenPlacesNet:
         raise CbirError("not an EigenPlaces ResNet-50/101 state dict (backbone.0..7, aggregation.1.p, aggregation.3; "
                         "ResNet-18 and VGG-16 backbones are not built here)", path)
     net = EigenPlacesNet(arch, int(fc.shape[0]))
-    try:
-        net.load_state_dict(official_to_layers(state), strict=True)
-    except RuntimeError as e:
-        raise CbirError(f"weights do not fit EigenPlaces ({arch}): {str(e).splitlines()[0]}", path) from None
+    load_into(net, official_to_layers(state), f"EigenPlaces ({arch})", path)
     return net.eval()
 
 

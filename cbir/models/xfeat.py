@@ -19,7 +19,6 @@ does. Parameter names follow the official ``XFeatModel`` (its fine-matching MLP 
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import CbirError
 from ..io.images import LoadedImage
 from ..validate import check_integer
 from .base import ImageSkipped, LocalExtractor, WeightFile, WithWeights, find_weights, resolve_device, to_tensor
+from .checkpoints import load_into, load_state_dict
 
 WEIGHTS = WeightFile("xfeat.pt", "https://github.com/verlab/accelerated_features (weights/xfeat.pt)", "Apache-2.0")
 
@@ -104,18 +103,9 @@ def _sample(x: torch.Tensor, pos: torch.Tensor, height: int, width: int, mode: s
 
 def load_xfeat(path: Path) -> XFeatNet:
     """The network of the official ``xfeat.pt`` (a state dict), loaded strictly."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
-            raise TypeError(f"a {type(state).__name__}, not a state dict")
-    except (RuntimeError, TypeError, EOFError, OSError, pickle.UnpicklingError) as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise CbirError(f"not an official XFeat checkpoint ({type(e).__name__}: {first})", path) from None
+    state = load_state_dict(path, "an official XFeat checkpoint")
     net = XFeatNet()
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CbirError(f"weights do not fit XFeat: {str(e).splitlines()[0]}", path) from None
+    load_into(net, state, "XFeat", path)
     return net.eval()
 
 
