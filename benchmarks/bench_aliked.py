@@ -22,7 +22,9 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -35,6 +37,17 @@ def photos(n: int) -> list[Path]:
     return [found[i % len(found)] for i in range(n)]
 
 
+def timed(run: Callable[[Any], object], inputs: list) -> list[float]:
+    """Seconds of ``run`` on each input, after one untimed run on the first (warm-up)."""
+    run(inputs[0])
+    times = []
+    for item in inputs:
+        t0 = time.perf_counter()
+        run(item)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def run_cbir(model: str, images: list[Path]) -> list[float]:
     from cbir.io.images import read_image
     from cbir.models.aliked import ALIKED
@@ -42,13 +55,7 @@ def run_cbir(model: str, images: list[Path]) -> list[float]:
     extractor = ALIKED({"weights": f"{model}.pth", "weights_dir": str(SHARED / "weights" / "aliked"),
                         "device": "cpu"})
     loaded = [read_image(p) for p in images]
-    extractor.extract(loaded[0])  # warm-up
-    times = []
-    for image in loaded:
-        t0 = time.perf_counter()
-        extractor.extract(image)
-        times.append(time.perf_counter() - t0)
-    return times
+    return timed(extractor.extract, loaded)
 
 
 def run_official(model: str, images: list[Path], official: Path) -> list[float]:
@@ -85,13 +92,7 @@ def run_official(model: str, images: list[Path], official: Path) -> list[float]:
                                    weights_only=True))
     net.eval()
     rgb = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in images]
-    net.run(rgb[0])
-    times = []
-    for image in rgb:
-        t0 = time.perf_counter()
-        net.run(image)
-        times.append(time.perf_counter() - t0)
-    return times
+    return timed(net.run, rgb)
 
 
 def child(which: str, model: str, n: int, official: str) -> None:

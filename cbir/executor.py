@@ -100,6 +100,8 @@ class RetrievalRun:
     recall: float | None = None
     indexes_built: int = 0
     notes: list[str] = field(default_factory=list)
+    #: the map's indexes are files of a shard each (cut by ``map_images``), not one file
+    indexes_per_shard: bool = False
 
 
 class Executor(ABC):

@@ -227,6 +227,15 @@ def test_the_command_runs_on_the_cluster(cluster, sceaux, tmp_path, local_store)
     assert_same_store(Path(summary["store"]), local_store)
 
 
+def _map_with_sift(sceaux: Path, root: Path, local_store: Path) -> Dataset:
+    """A writable copy of sceaux_castle's map at ``root`` holding ``local_store`` as its SIFT."""
+    ds = Dataset(writable_copy(sceaux / "mapping", root))
+    target = ds.store_path("local", "sift")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(local_store.read_bytes())
+    return Dataset(ds.root)
+
+
 def test_matching_shards_make_the_local_store(cluster, sceaux, tmp_path, local_store):
     """Every map pair of sceaux_castle, verified by RANSAC: shards of 10 pairs on the cluster
     give the local run's store; a re-run has nothing to do; a worker killed inside its shard
@@ -238,11 +247,7 @@ def test_matching_shards_make_the_local_store(cluster, sceaux, tmp_path, local_s
 
     stores = []
     for label in ("local", "ray"):
-        root = writable_copy(sceaux / "mapping", tmp_path / label)
-        target = Dataset(root).store_path("local", "sift")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(local_store.read_bytes())
-        ds = Dataset(root)
+        ds = _map_with_sift(sceaux, tmp_path / label, local_store)
         pairs = exhaustive_pairs(ds.sensors.image_names())
         options = {"name": "m", "matcher": MatcherConf(ratio=0.8), "verify": VerifyConf(), "device": "cpu"}
         if label == "local":
@@ -255,11 +260,7 @@ def test_matching_shards_make_the_local_store(cluster, sceaux, tmp_path, local_s
         stores.append(report.path)
     assert_same_store(*stores)
     # a worker killed inside its shard of pairs: the task runs again, the store is the same
-    root = writable_copy(sceaux / "mapping", tmp_path / "killed")
-    target = Dataset(root).store_path("local", "sift")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(local_store.read_bytes())
-    ds = Dataset(root)
+    ds = _map_with_sift(sceaux, tmp_path / "killed", local_store)
     stop, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_first_shard_worker, args=(stop, killed, (b"ray::match_shard",)))
     killer.start()
@@ -528,11 +529,7 @@ def test_lightglue_matching_on_the_cluster_is_the_local_run(cluster, sceaux, tmp
     torch.save(_released_layout(_state(scale_ori=True)), weights / "sift_lightglue.pth")
     stores = []
     for label in ("local", "ray"):
-        root = writable_copy(sceaux / "mapping", tmp_path / label)
-        target = Dataset(root).store_path("local", "sift")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(local_store.read_bytes())
-        ds = Dataset(root)
+        ds = _map_with_sift(sceaux, tmp_path / label, local_store)
         pairs = exhaustive_pairs(ds.sensors.image_names())[:12]
         options = {"name": "lg", "matcher": LightGlue({"weights_dir": str(weights), "filter_threshold": 0.0}),
                    "device": "cpu"}

@@ -105,7 +105,6 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
     from ..retrieval.fusion import FusionConf
     from ..retrieval.index import IndexConf, recall_advice
     from ..retrieval.ranking import pairs_record
-    from ..steps.retrieve import map_cut
 
     if index_kind != "exact" and (qe or dba):
         raise click.UsageError("--qe and --dba run on exact search: drop --index")
@@ -125,19 +124,18 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
             IndexConf(index_kind, candidates=candidates, nlist=nlist, nprobe=nprobe, pq_m=pq_m or 0,
                       lsh_bits=lsh_bits or 0)
         run = cli_executor(executor, ray_address, shard_size, "map_images")
-        per_shard = map_cut(run, mset, indexed=iconf is not None)[1]  # index files a shard, cut by --shard-size
         with progress_bar("retrieve", quiet or output == "-") as update:
             result = run.retrieve(q, m, qset, mset, names, conf, device=device, qe=qe, qe_alpha=qe_alpha, dba=dba,
                                   dba_alpha=dba_alpha, index=iconf, recall_sample=recall_sample, progress=update)
         pairs, recall = result.pairs, result.recall
         if result.indexes_built and not quiet:
             _say_built(result.indexes_built, f"cbir index build {m.root} --global {','.join(names)} "
-                       f"--index {index_kind}", index_kind, run, shard_size, per_shard)
+                       f"--index {index_kind}", index_kind, run, shard_size, result.indexes_per_shard)
         for note in result.notes:
             warn(note)
         index_options = {"index": index_kind} if index_kind == "exact" else \
             {"index": index_kind, "candidates": candidates, "nlist": nlist, "nprobe": nprobe, "pq_m": pq_m,
-             "lsh_bits": lsh_bits, **({"index_shard_size": shard_size} if per_shard else {})}
+             "lsh_bits": lsh_bits, **({"index_shard_size": shard_size} if result.indexes_per_shard else {})}
         record = pairs_record(conf, qset, mset, qe=qe, qe_alpha=qe_alpha, dba=dba, dba_alpha=dba_alpha,
                               **index_options)
     out = output or str(q.store_path("pairs", f"{'+'.join(names)}_top{topk}"))

@@ -412,10 +412,7 @@ class ALIKED(WithWeights, LocalExtractor):
         "device": "auto",
         "weights_dir": None,
     }
-    grayscale = False
-    keypoint_params = ""
-    descriptor_dtype = "float32"
-    loader_max_size_key = "max_size"
+    loader_max_size_key = "max_size"  # RGB, float32 descriptors, no keypoint parameters: the defaults
 
     def __init__(self, conf: dict[str, Any] | None = None):
         super().__init__(conf)

@@ -123,10 +123,7 @@ class XFeat(WithWeights, LocalExtractor):
         "device": "auto",
         "weights_dir": None,
     }
-    grayscale = False
-    keypoint_params = ""
-    descriptor_dtype = "float32"
-    loader_max_size_key = "max_size"
+    loader_max_size_key = "max_size"  # RGB, float32 descriptors, no keypoint parameters: the defaults
     descriptor_dim = 64
 
     def __init__(self, conf: dict[str, Any] | None = None):

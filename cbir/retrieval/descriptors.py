@@ -117,11 +117,6 @@ class DescriptorSet:
         return sorted(bounds)
 
     @property
-    def sharded(self) -> bool:
-        """Whether a store holds these images in more than one part."""
-        return len(self.part_bounds()) > 2
-
-    @property
     def dims(self) -> list[int]:
         return [s.dataset("descriptors").shape[1] for s in self.stores]
 

@@ -71,13 +71,16 @@ def retrieve(executor: Executor, query: Dataset, map_: Dataset, qset: Descriptor
     if index is not None:
         require_exact_for_expansion(qe, dba)
     built: list[int] = []
+    per_shard: list[bool] = []
 
     def search(q: DescriptorSet, d: DescriptorSet, c: RetrievalConf, pr: Progress | None = None,
                sample: list[str] | None = None, with_index: IndexConf | None = None) -> list[Pair]:
         # a map x map search (database augmentation) has the map's images for queries
-        pairs, n_built = search_shards(executor, map_ if q is d else query, map_, q, d, store_names, c,
-                                       device=device, index=with_index, queries=sample, progress=pr)
+        pairs, n_built, files_per_shard = search_shards(executor, map_ if q is d else query, map_, q, d, store_names,
+                                                        c, device=device, index=with_index, queries=sample,
+                                                        progress=pr)
         built.append(n_built)
+        per_shard.append(files_per_shard)
         return pairs
 
     pairs = retrieve_with_expansion(qset, mset, conf, qe=qe, qe_alpha=qe_alpha, dba=dba, dba_alpha=dba_alpha,
@@ -90,15 +93,17 @@ def retrieve(executor: Executor, query: Dataset, map_: Dataset, qset: Descriptor
         measured = recall(search(qset, mset, conf, sample=sample), [p for p in pairs if p.query in chosen])
     n_built = sum(built)
     note = sparse_training(index.kind, len(mset.names), index) if index is not None and n_built else None
-    return RetrievalRun(pairs, measured, n_built, [note] if note else [])
+    return RetrievalRun(pairs, measured, n_built, [note] if note else [], per_shard[0] if per_shard else False)
 
 
 def search_shards(executor: Executor, query: Dataset, map_: Dataset, qset: DescriptorSet, mset: DescriptorSet,
                   store_names: list[str], conf: RetrievalConf, *, device: str = "auto", index: IndexConf | None = None,
-                  queries: list[str] | None = None, progress: Progress | None = None) -> tuple[list[Pair], int]:
+                  queries: list[str] | None = None,
+                  progress: Progress | None = None) -> tuple[list[Pair], int, bool]:
     """One search of ``qset`` (only the images ``queries``, in its order, where given) in
-    ``mset``, by shards of the map: the pairs, and the shards whose indexes were built for
-    this call. Descriptors held in memory (expanded, augmented) reach the shards with them."""
+    ``mset``, by shards of the map: the pairs, the shards whose indexes were built for this
+    call, and whether the shards' indexes are files of their own (:func:`map_cut`).
+    Descriptors held in memory (expanded, augmented) reach the shards with them."""
     from ..io.index_file import index_path
 
     n = len(mset.names)
@@ -130,7 +135,7 @@ def search_shards(executor: Executor, query: Dataset, map_: Dataset, qset: Descr
         if progress and executor.in_place and len(cuts) > 1:
             progress(work.sizes[i], n)
     return merge_topk([found[i] for i in sorted(found)], _only(qset, queries).names, mset.names, conf), \
-        sum(part[2] for part in found.values())
+        sum(part[2] for part in found.values()), per_shard
 
 
 def map_cut(executor: Executor, mset: DescriptorSet, indexed: bool) -> tuple[list[tuple[int, int]], bool]:
@@ -142,8 +147,10 @@ def map_cut(executor: Executor, mset: DescriptorSet, indexed: bool) -> tuple[lis
     map in place, runs of ``map_images`` elsewhere."""
     n = len(mset.names)
     size = executor.sizes.map_images
-    if indexed and mset.arrays is None and mset.sharded:
-        return _part_groups(mset.part_bounds(), size), True
+    if indexed and mset.arrays is None:
+        bounds = mset.part_bounds()
+        if len(bounds) > 2:  # the map's images lie in more than one part of a store
+            return _part_groups(bounds, size), True
     if executor.in_place:
         return [(0, n)], False
     return ranges(n, size), True
