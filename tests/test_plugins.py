@@ -56,7 +56,7 @@ def site(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- the registry
 def test_the_builtins_are_entry_points_of_cbir():
-    for kind, names in {"local": {"sift", "rootsift", "r2d2", "aliked", "delg"},
+    for kind, names in {"local": {"sift", "rootsift", "r2d2", "aliked", "delg", "disk", "xfeat"},
                         "global": {"apgem", "netvlad", "densevlad", "delg", "eigenplaces", "megaloc"},
                         "matcher": {"nn"}, "converter": {"delg"}}.items():
         found = plugins.installed(kind)
@@ -67,7 +67,7 @@ def test_the_builtins_are_entry_points_of_cbir():
 def test_unknown_names_are_one_line_listing_the_known_ones(sample_dataset):
     code, _, err = cbir("extract", sample_dataset, "--local", "surf", ok=False)
     assert code == 1 and err.count("\n") == 1
-    assert "unknown local extractor 'surf' (known: aliked, delg, r2d2, rootsift, sift" in err
+    assert "unknown local extractor 'surf' (known: aliked, delg, disk, r2d2, rootsift, sift" in err
     code, _, err = cbir("extract", sample_dataset, "--global", "apgem,bow", ok=False)
     assert code == 1
     assert "unknown global extractor 'bow' (known: apgem, delg, densevlad, eigenplaces, megaloc, netvlad" in err
@@ -115,7 +115,7 @@ def test_help_lists_plugins_without_importing_them(site):
                                      "cbir.extractors.global": {"lazyglobal": "cbir_lazy:Lazy"}},
                  {"cbir_lazy": "raise RuntimeError('imported')\n"})
     _, out, _ = cbir("extract", "--help")
-    assert "[aliked|delg|lazy|r2d2|rootsift|sift|xfeat]" in out.replace("\n", "").replace(" ", "")
+    assert "[aliked|delg|disk|lazy|r2d2|rootsift|sift|xfeat]" in out.replace("\n", "").replace(" ", "")
     assert "lazyglobal" in out
     assert "cbir_lazy" not in sys.modules
 
