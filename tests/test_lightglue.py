@@ -84,6 +84,55 @@ def test_the_same_matches_at_any_thread_count(weights, threads):
     np.testing.assert_allclose(p0[m0 > -1], REFERENCE["adaptive_0.1_scores0"][m0 > -1], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("features", ["aliked", "sift"])
+def test_pairs_batched_are_matched_as_one_by_one(weights, features, threads):
+    """Pairs of different sizes padded into batches (as on a GPU below 1,536 keypoints; here
+    with the pruning off, on the CPU), each stopping at its own layer: the same matches as
+    one pair at a time, probabilities within 1e-5, at 1, 2 and 3 threads; the batch is
+    emptied by each ``results()``."""
+    r = REFERENCES[features]
+    rng = np.random.default_rng(0)
+    prepared = []
+    for _ in range(8):
+        feats = []
+        for i in (0, 1):
+            keep = np.sort(rng.choice(len(r[f"keypoints{i}"]), int(rng.integers(40, 240)),
+                                      replace=False))
+            f = {"keypoints": r[f"keypoints{i}"][keep], "descriptors": r[f"descriptors{i}"][keep],
+                 "image_sizes": r[f"size{i}"]}
+            if features == "sift":
+                so = r[f"scale_ori{i}"][keep]
+                f["keypoint_params"] = np.stack([so[:, 0], np.rad2deg(so[:, 1])], -1)
+            feats.append(f)
+        prepared.append(feats)
+    # thresholds at which these pairs stop at different layers (1 or 3; 2 or 3)
+    layer, threshold, filter_threshold = (0, 0.08, 0.1) if features == "aliked" else (1, 0.44, 0.0)
+    runs, stops = {}, set()
+    for size in (1, 4):
+        matcher = LightGlue({"features": features, "weights": str(weights.with_name(f"{features}_lightglue.pth")),
+                             "width_confidence": -1, "batch_size": size, "filter_threshold": filter_threshold})
+        net = matcher.network(torch.device("cpu"))
+        net.confidence_thresholds[layer] = threshold
+        batch = matcher.batch()
+        out = []
+        for chunk in (prepared[:5], prepared[5:]):
+            for f0, f1 in chunk:
+                (k0, d0, s0, o0), (k1, d1, s1, o1) = (matcher.prepare(f, torch.from_numpy) for f in (f0, f1))
+                batch.add((k0, d0, s0, o0), (k1, d1, s1, o1))
+                with torch.inference_mode():
+                    stops.add(net(k0[None], k1[None], d0[None], d1[None], s0[None], s1[None], 0.95, -1,
+                                  filter_threshold, *([o0[None], o1[None]] if o0 is not None else []))[2])
+            batch.finish()
+            got = batch.results()
+            assert len(got) == len(chunk)
+            out += got
+        runs[size] = out
+    for (m1, p1), (m4, p4) in zip(runs[1], runs[4], strict=True):
+        np.testing.assert_array_equal(m1, m4)
+        np.testing.assert_allclose(p1, p4, atol=1e-5, rtol=0)
+    assert sum(len(m) for m, _ in runs[1]) > 100 and len(stops) == 2
+
+
 def test_todays_state_dict_loads_as_the_released_layout(weights, tmp_path):
     today = tmp_path / "today.pth"
     net = load_lightglue(weights, "aliked")

@@ -40,6 +40,7 @@ from torch import nn
 from ..errors import CbirError
 from ..models.base import WeightFile, find_weights
 from ..models.checkpoints import load_state_dict
+from ..validate import check_integer
 from .base import Matcher, Upload
 
 PUBLISHED = "https://github.com/cvg/LightGlue/releases (v0.1_arxiv: <features>_lightglue.pth)"
@@ -95,15 +96,21 @@ def _ffn(dim: int) -> nn.Sequential:
                          nn.Linear(2 * dim, dim))
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The official ``Attention`` without a mask: half-precision on CUDA (its flash path),
-    float32 scaled dot-product attention elsewhere."""
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The official ``Attention``: half-precision on CUDA (its flash path), float32 scaled
+    dot-product attention elsewhere. ``mask`` (B x 1 x 1 x keys, True: taking part) leaves
+    out the padding of a batch of pairs."""
     if q.shape[-2] == 0 or k.shape[-2] == 0:
         return q.new_zeros((*q.shape[:-1], v.shape[-1]))
     if q.device.type == "cuda":
         return F.scaled_dot_product_attention(q.half().contiguous(), k.half().contiguous(),
-                                              v.half().contiguous()).to(q.dtype)
-    return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
+                                              v.half().contiguous(), attn_mask=mask).to(q.dtype)
+    return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), attn_mask=mask)
+
+
+def _key_mask(valid: torch.Tensor | None) -> torch.Tensor | None:
+    """B x L points taking part -> the B x 1 x 1 x L mask of the keys of an attention."""
+    return None if valid is None else valid[:, None, None, :]
 
 
 class SelfBlock(nn.Module):
@@ -114,10 +121,10 @@ class SelfBlock(nn.Module):
         self.out_proj = nn.Linear(dim, dim, bias=True)
         self.ffn = _ffn(dim)
 
-    def forward(self, x: torch.Tensor, encoding: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, encoding: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         qkv = self.Wqkv(x).unflatten(-1, (self.heads, -1, 3)).transpose(1, 2)
         q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]
-        context = _attention(apply_rotary(encoding, q), apply_rotary(encoding, k), v)
+        context = _attention(apply_rotary(encoding, q), apply_rotary(encoding, k), v, _key_mask(valid))
         message = self.out_proj(context.transpose(1, 2).flatten(start_dim=-2))
         return x + self.ffn(torch.cat([x, message], -1))
 
@@ -132,19 +139,24 @@ class CrossBlock(nn.Module):
         self.to_out = nn.Linear(dim, dim, bias=True)
         self.ffn = _ffn(dim)
 
-    def forward(self, x0: torch.Tensor, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x0: torch.Tensor, x1: torch.Tensor, valid0: torch.Tensor | None = None,
+                valid1: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
         qk0, qk1 = heads(self.to_qk(x0)), heads(self.to_qk(x1))
         v0, v1 = heads(self.to_v(x0)), heads(self.to_v(x1))
         if qk0.device.type == "cuda":  # the official flash path: one attention each way
-            m0, m1 = _attention(qk0, qk1, v1), _attention(qk1, qk0, v0)
+            m0, m1 = _attention(qk0, qk1, v1, _key_mask(valid1)), _attention(qk1, qk0, v0, _key_mask(valid0))
         else:  # one similarity matrix, softmax along each side
             qk0, qk1 = qk0 * self.scale ** 0.5, qk1 * self.scale ** 0.5
             sim = torch.einsum("bhid, bhjd -> bhij", qk0, qk1)
+            sim10 = sim.transpose(-2, -1).contiguous()
+            if valid0 is not None and valid1 is not None:  # padding is no key (padded queries keep finite rows)
+                sim = sim.masked_fill(~valid1[:, None, None, :], -float("inf"))
+                sim10 = sim10.masked_fill(~valid0[:, None, None, :], -float("inf"))
             attn01 = F.softmax(sim, dim=-1)
-            attn10 = F.softmax(sim.transpose(-2, -1).contiguous(), dim=-1)
+            attn10 = F.softmax(sim10, dim=-1)
             m0 = torch.einsum("bhij, bhjd -> bhid", attn01, v1)
             m1 = torch.einsum("bhji, bhjd -> bhid", attn10.transpose(-2, -1), v0)
         m0 = self.to_out(m0.transpose(1, 2).flatten(start_dim=-2))
@@ -158,9 +170,11 @@ class TransformerLayer(nn.Module):
         self.self_attn = SelfBlock(dim, heads)
         self.cross_attn = CrossBlock(dim, heads)
 
-    def forward(self, desc0: torch.Tensor, desc1: torch.Tensor, enc0: torch.Tensor,
-                enc1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cross_attn(self.self_attn(desc0, enc0), self.self_attn(desc1, enc1))
+    def forward(self, desc0: torch.Tensor, desc1: torch.Tensor, enc0: torch.Tensor, enc1: torch.Tensor,
+                valid0: torch.Tensor | None = None,
+                valid1: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cross_attn(self.self_attn(desc0, enc0, valid0), self.self_attn(desc1, enc1, valid1),
+                               valid0, valid1)
 
 
 class MatchAssignment(nn.Module):
@@ -280,6 +294,59 @@ class LightGlueNet(nn.Module):
         probability[:, ind0[0]] = mscores0
         return matches, probability, layer + 1
 
+    def forward_padded(self, kpts0: torch.Tensor, kpts1: torch.Tensor, desc0: torch.Tensor, desc1: torch.Tensor,
+                       size0: torch.Tensor, size1: torch.Tensor, len0: torch.Tensor, len1: torch.Tensor,
+                       depth_confidence: float, filter_threshold: float, scale_ori0: torch.Tensor | None = None,
+                       scale_ori1: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """B pairs together, each padded to the longest (``len0``, ``len1``: each pair's
+        keypoints, at least one each), without pruning: per pair what :meth:`forward` gives
+        it with ``width_confidence`` off. Each pair stops at its own layer (its confidence
+        counted over its own points) and leaves the batch; the padding takes no part in any
+        attention. Equal to one pair at a time up to float rounding (other kernel shapes)."""
+        batch, m, n = kpts0.shape[0], kpts0.shape[1], kpts1.shape[1]
+        device = kpts0.device
+        valid0 = torch.arange(m, device=device)[None] < len0[:, None]
+        valid1 = torch.arange(n, device=device)[None] < len1[:, None]
+        kpts0, kpts1 = normalize_keypoints(kpts0, size0), normalize_keypoints(kpts1, size1)
+        if self.scale_ori:
+            if scale_ori0 is None or scale_ori1 is None:
+                raise CbirError("these LightGlue weights encode keypoints with their scale and orientation: "
+                                "features without them cannot be matched")
+            kpts0, kpts1 = torch.cat([kpts0, scale_ori0], -1), torch.cat([kpts1, scale_ori1], -1)
+        enc0, enc1 = self.posenc(kpts0), self.posenc(kpts1)
+        desc0, desc1 = self.input_proj(desc0), self.input_proj(desc1)
+        thresholds: torch.Tensor = self.confidence_thresholds  # type: ignore[assignment]  # a buffer
+        out: list[tuple[torch.Tensor, torch.Tensor, int] | None] = [None] * batch
+        pairs = torch.arange(batch, device=device)  # the batch's pairs still running
+        lengths = (len0 + len1).float()
+        for layer in range(self.layers):
+            desc0, desc1 = self.transformers[layer](desc0, desc1, enc0, enc1, valid0, valid1)
+            if layer == self.layers - 1:
+                stop = torch.ones(len(pairs), dtype=torch.bool, device=device)
+            elif depth_confidence > 0:
+                token0, token1 = self.token_confidence[layer](desc0, desc1)
+                threshold = thresholds[layer]
+                unconfident = ((token0 < threshold) & valid0).sum(1) + ((token1 < threshold) & valid1).sum(1)
+                stop = (1.0 - unconfident.float() / lengths) > depth_confidence
+            else:
+                continue
+            stopped = torch.where(stop)[0].tolist()
+            for k in stopped:
+                a, b = int(len0[k]), int(len1[k])
+                m0, p0 = filter_matches(self.log_assignment[layer](desc0[k:k + 1, :a], desc1[k:k + 1, :b]),
+                                        filter_threshold)
+                out[int(pairs[k])] = (m0[0], p0[0], layer + 1)
+            if len(stopped) == len(pairs):
+                break
+            if stopped:
+                go = torch.where(~stop)[0]
+                pairs, desc0, desc1, valid0, valid1 = (t.index_select(0, go) for t in (pairs, desc0, desc1, valid0,
+                                                                                      valid1))
+                len0, len1, lengths = len0.index_select(0, go), len1.index_select(0, go), lengths.index_select(0, go)
+                enc0, enc1 = enc0.index_select(1, go), enc1.index_select(1, go)
+        assert all(o is not None for o in out)  # every pair stops at the last layer at the latest
+        return out  # type: ignore[return-value]  # no None left
+
     def _kept(self, layer: int, desc: torch.Tensor, token: torch.Tensor | None,
               width_confidence: float) -> torch.Tensor:
         """The official pruning mask: points that may still be matched, and the unconfident."""
@@ -335,10 +402,15 @@ class LightGlue(Matcher):
         "depth_confidence": 0.95,
         "width_confidence": 0.99,
         "filter_threshold": 0.1,
+        # pairs matched together where no point would be pruned (a GPU below 1,536 keypoints, or
+        # width_confidence -1), padded to the longest; 1: one by one. Not the official module's
+        # batching, which stops a batch only when all its pairs are confident: each pair stops
+        # at its own layer here, as alone
+        "batch_size": 16,
         "weights_dir": None,
     }
     columns: tuple[str, ...] = ("descriptors",)
-    runtime_keys = ("weights_dir",)
+    runtime_keys = ("weights_dir", "batch_size")
     weight_files: ClassVar[tuple[WeightFile, ...]] = WEIGHT_FILES
 
     def __init__(self, conf: dict[str, Any] | None = None):
@@ -346,6 +418,7 @@ class LightGlue(Matcher):
         features = self.conf["features"]
         if features != "auto" and features not in FEATURES:
             raise CbirError(f"LightGlue has no weights for {features!r} features (known: {', '.join(FEATURES)})")
+        check_integer("lightglue batch_size", self.conf["batch_size"], 1)
         for key in ("depth_confidence", "width_confidence", "filter_threshold"):
             if not isinstance(self.conf[key], (int, float)) or isinstance(self.conf[key], bool):
                 raise CbirError(f"lightglue {key} must be a number, got {self.conf[key]!r}")
@@ -407,27 +480,76 @@ class LightGlue(Matcher):
 
 
 class _Batch:
-    """Pairs matched one by one, as they are added (the official module matches one pair a
-    call; pairs of different sizes would need padding and masks)."""
+    """Pairs matched ``batch_size`` at a time where no point would be pruned (on a GPU below
+    the official 1,536 keypoints, or with ``width_confidence`` off), sorted by size and padded
+    to the longest of each batch (:meth:`LightGlueNet.forward_padded`); the others one by one,
+    as the official module matches them. Emptied by :meth:`results`."""
 
     def __init__(self, matcher: LightGlue) -> None:
         self.matcher = matcher
-        self._results: list[tuple[np.ndarray, np.ndarray]] = []
+        self._results: list[tuple[np.ndarray, np.ndarray] | None] = []
+        self._queued: list[tuple[int, Any, Any]] = []
+
+    def add(self, features0: Any, features1: Any) -> None:
+        self._results.append(None)
+        if self._batched(features0[0], features1[0]):
+            self._queued.append((len(self._results) - 1, features0, features1))
+        else:
+            self._results[-1] = self._one(features0, features1)
+
+    def _batched(self, kpts0: torch.Tensor, kpts1: torch.Tensor) -> bool:
+        conf = self.matcher.conf
+        if conf["batch_size"] <= 1 or not len(kpts0) or not len(kpts1):
+            return False
+        pruned_from = PRUNING_MIN_KEYPOINTS.get(kpts0.device.type, -1)
+        return conf["width_confidence"] <= 0 or max(len(kpts0), len(kpts1)) <= pruned_from
 
     @torch.inference_mode()
-    def add(self, features0: Any, features1: Any) -> None:
+    def _one(self, features0: Any, features1: Any) -> tuple[np.ndarray, np.ndarray]:
         (k0, d0, s0, o0), (k1, d1, s1, o1) = features0, features1
         net = self.matcher.network(k0.device)
         conf = self.matcher.conf
         m0, p0, _ = net(k0[None], k1[None], d0[None], d1[None], s0[None], s1[None], conf["depth_confidence"],
                         conf["width_confidence"], conf["filter_threshold"],
                         None if o0 is None else o0[None], None if o1 is None else o1[None])
-        valid = torch.where(m0[0] > -1)[0]
-        matches = torch.stack([valid, m0[0, valid]], -1).to(torch.int32).cpu().numpy()
-        self._results.append((matches, p0[0, valid].float().cpu().numpy()))
+        return _matches(m0[0], p0[0])
 
+    @torch.inference_mode()
     def finish(self) -> None:
-        pass
+        queued = sorted(self._queued, key=lambda q: (len(q[1][0]), len(q[2][0])))
+        self._queued = []
+        size = int(self.matcher.conf["batch_size"])
+        for start in range(0, len(queued), size):
+            group = queued[start:start + size]
+            net = self.matcher.network(group[0][1][0].device)
+            first = [g[1] for g in group]
+            second = [g[2] for g in group]
+
+            def padded(items: list[Any], i: int) -> torch.Tensor | None:
+                if items[0][i] is None:
+                    return None
+                return torch.nn.utils.rnn.pad_sequence([it[i] for it in items], batch_first=True)
+
+            len0 = torch.tensor([len(f[0]) for f in first], device=group[0][1][0].device)
+            len1 = torch.tensor([len(f[0]) for f in second], device=group[0][1][0].device)
+            conf = self.matcher.conf
+            out = net.forward_padded(padded(first, 0), padded(second, 0),  # type: ignore[arg-type]  # never None
+                                     padded(first, 1), padded(second, 1),  # type: ignore[arg-type]
+                                     torch.stack([f[2] for f in first]), torch.stack([f[2] for f in second]),
+                                     len0, len1, conf["depth_confidence"], conf["filter_threshold"],
+                                     padded(first, 3), padded(second, 3))
+            for (index, _, _), (m0, p0, _) in zip(group, out, strict=True):
+                self._results[index] = _matches(m0, p0)
 
     def results(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        return self._results
+        self.finish()
+        out, self._results = self._results, []
+        assert all(r is not None for r in out)  # finish() matched every queued pair
+        return out  # type: ignore[return-value]  # no None left
+
+
+def _matches(m0: torch.Tensor, p0: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """One pair's matches (M x 2 int32) and probabilities from the official ``matches0`` and
+    ``matching_scores0`` of image 0."""
+    valid = torch.where(m0 > -1)[0]
+    return torch.stack([valid, m0[valid]], -1).to(torch.int32).cpu().numpy(), p0[valid].float().cpu().numpy()
