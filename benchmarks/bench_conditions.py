@@ -1,9 +1,11 @@
 """Localization under changing conditions (issue 28): which local feature holds up.
 
     python benchmarks/bench_conditions.py --work /tmp/bench-conditions \\
-        [--datasets sceaux_castle,strecha_fountain_p11] [--features sift,rootsift,r2d2,aliked]
+        [--datasets sceaux_castle,strecha_fountain_p11,virtual_gallery_tutorial] [--features sift,rootsift,r2d2,aliked]
 
-The posed datasets of ../shared/data (their map, their queries and the queries' ground truth)
+The posed datasets of ../shared/data (their map, their queries and the queries' ground truth;
+the virtual gallery tutorial's ground truth is its query's trajectories, its query is the
+same images without them; its images are renders, a rig of two cameras maps it)
 are localized by ``cbir pipeline`` (DenseVLAD retrieval, top 5, mutual nearest neighbours,
 config1) with each local feature, once with the queries as photographed and once per
 condition below, in which the *query* photos are rendered anew. Every condition is
@@ -128,11 +130,14 @@ def render(dataset: Path, condition: str, out: Path, sources: list[np.ndarray]) 
                   "occluders": lambda x, r: occluded(x, r, sources), "rotation_90": lambda x, r: np.rot90(x, -1),
                   "original": lambda x, r: x}
     for part in ("query", "query_gt"):
-        shutil.copytree(dataset / part / "sensors", out / part / "sensors",
-                        ignore=shutil.ignore_patterns("records_data"))
+        # the virtual gallery's ground truth is its query's trajectories: the query is that without them
+        source = dataset / (part if (dataset / "query_gt").is_dir() else "query")
+        shutil.copytree(source / "sensors", out / part / "sensors", ignore=shutil.ignore_patterns("records_data"))
         for p in (out / part / "sensors").rglob("*"):
             p.chmod(p.stat().st_mode | 0o200)
-        src, dst = dataset / part / "sensors" / "records_data", out / part / "sensors" / "records_data"
+        if part == "query":
+            (out / part / "sensors" / "trajectories.txt").unlink(missing_ok=True)
+        src, dst = source / "sensors" / "records_data", out / part / "sensors" / "records_data"
         for image in sorted(src.rglob("*.jpg")) + sorted(src.rglob("*.png")):
             target = dst / image.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +188,7 @@ def pipeline(map_: Path, query: Path, query_gt: Path, feature: str, config: Path
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-conditions"))
-    ap.add_argument("--datasets", default="sceaux_castle,strecha_fountain_p11")
+    ap.add_argument("--datasets", default="sceaux_castle,strecha_fountain_p11,virtual_gallery_tutorial")
     ap.add_argument("--features", default=",".join(FEATURES))
     ap.add_argument("--conditions", default=",".join(CONDITIONS))
     ap.add_argument("--json", type=Path)
@@ -196,7 +201,9 @@ def main() -> None:
     config.write_text('[extract]\nglobal = ["densevlad"]\n[retrieve]\ntopk = 5\nmap_pairs = 0\n'
                       '[localize]\nconfig = "config1"\n[evaluate]\nthresholds = ' + json.dumps(THRESHOLDS) +
                       '\n[report]\nwrite = false\n')
-    others = {d.name: photos(next(o for o in datasets if o != d) if len(datasets) > 1 else d) for d in datasets}
+    # occluders: real photos of another dataset (the virtual gallery's renders are not photos)
+    real = {"sceaux_castle": "strecha_fountain_p11", "strecha_fountain_p11": "sceaux_castle"}
+    others = {d.name: photos(SHARED / "data" / real.get(d.name, "sceaux_castle")) for d in datasets}
     results: dict = {}
     for dataset in datasets:
         for condition in conditions:
