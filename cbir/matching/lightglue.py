@@ -250,14 +250,7 @@ class LightGlueNet(nn.Module):
         keypoint's scale and orientation (radians), for weights that encode them (SIFT's)."""
         m, n = kpts0.shape[1], kpts1.shape[1]
         device = kpts0.device
-        kpts0, kpts1 = normalize_keypoints(kpts0, size0), normalize_keypoints(kpts1, size1)
-        if self.scale_ori:
-            if scale_ori0 is None or scale_ori1 is None:
-                raise CbirError("these LightGlue weights encode keypoints with their scale and orientation: "
-                                "features without them cannot be matched")
-            kpts0, kpts1 = torch.cat([kpts0, scale_ori0], -1), torch.cat([kpts1, scale_ori1], -1)
-        enc0, enc1 = self.posenc(kpts0), self.posenc(kpts1)
-        desc0, desc1 = self.input_proj(desc0), self.input_proj(desc1)
+        desc0, desc1, enc0, enc1 = self._embed(kpts0, kpts1, desc0, desc1, size0, size1, scale_ori0, scale_ori1)
         thresholds: torch.Tensor = self.confidence_thresholds  # type: ignore[assignment]  # a buffer
         prune = width_confidence > 0
         min_points = PRUNING_MIN_KEYPOINTS.get(device.type, -1)
@@ -294,6 +287,18 @@ class LightGlueNet(nn.Module):
         probability[:, ind0[0]] = mscores0
         return matches, probability, layer + 1
 
+    def _embed(self, kpts0: torch.Tensor, kpts1: torch.Tensor, desc0: torch.Tensor, desc1: torch.Tensor,
+               size0: torch.Tensor, size1: torch.Tensor, scale_ori0: torch.Tensor | None,
+               scale_ori1: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The descriptors projected and the keypoints' rotary encodings, of both images."""
+        kpts0, kpts1 = normalize_keypoints(kpts0, size0), normalize_keypoints(kpts1, size1)
+        if self.scale_ori:
+            if scale_ori0 is None or scale_ori1 is None:
+                raise CbirError("these LightGlue weights encode keypoints with their scale and orientation: "
+                                "features without them cannot be matched")
+            kpts0, kpts1 = torch.cat([kpts0, scale_ori0], -1), torch.cat([kpts1, scale_ori1], -1)
+        return self.input_proj(desc0), self.input_proj(desc1), self.posenc(kpts0), self.posenc(kpts1)
+
     def forward_padded(self, kpts0: torch.Tensor, kpts1: torch.Tensor, desc0: torch.Tensor, desc1: torch.Tensor,
                        size0: torch.Tensor, size1: torch.Tensor, len0: torch.Tensor, len1: torch.Tensor,
                        depth_confidence: float, filter_threshold: float, scale_ori0: torch.Tensor | None = None,
@@ -307,14 +312,7 @@ class LightGlueNet(nn.Module):
         device = kpts0.device
         valid0 = torch.arange(m, device=device)[None] < len0[:, None]
         valid1 = torch.arange(n, device=device)[None] < len1[:, None]
-        kpts0, kpts1 = normalize_keypoints(kpts0, size0), normalize_keypoints(kpts1, size1)
-        if self.scale_ori:
-            if scale_ori0 is None or scale_ori1 is None:
-                raise CbirError("these LightGlue weights encode keypoints with their scale and orientation: "
-                                "features without them cannot be matched")
-            kpts0, kpts1 = torch.cat([kpts0, scale_ori0], -1), torch.cat([kpts1, scale_ori1], -1)
-        enc0, enc1 = self.posenc(kpts0), self.posenc(kpts1)
-        desc0, desc1 = self.input_proj(desc0), self.input_proj(desc1)
+        desc0, desc1, enc0, enc1 = self._embed(kpts0, kpts1, desc0, desc1, size0, size1, scale_ori0, scale_ori1)
         thresholds: torch.Tensor = self.confidence_thresholds  # type: ignore[assignment]  # a buffer
         out: list[tuple[torch.Tensor, torch.Tensor, int] | None] = [None] * batch
         pairs = torch.arange(batch, device=device)  # the batch's pairs still running
