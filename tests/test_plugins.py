@@ -57,7 +57,7 @@ def site(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- the registry
 def test_the_builtins_are_entry_points_of_cbir():
     for kind, names in {"local": {"sift", "rootsift", "r2d2", "aliked", "delg", "disk", "xfeat"},
-                        "global": {"apgem", "netvlad", "densevlad", "delg", "eigenplaces", "megaloc"},
+                        "global": {"apgem", "netvlad", "densevlad", "delg", "eigenplaces", "megaloc", "boq"},
                         "matcher": {"nn"}, "converter": {"delg"}}.items():
         found = plugins.installed(kind)
         assert names <= set(found)
@@ -70,7 +70,7 @@ def test_unknown_names_are_one_line_listing_the_known_ones(sample_dataset):
     assert "unknown local extractor 'surf' (known: aliked, delg, disk, r2d2, rootsift, sift" in err
     code, _, err = cbir("extract", sample_dataset, "--global", "apgem,bow", ok=False)
     assert code == 1
-    assert "unknown global extractor 'bow' (known: apgem, delg, densevlad, eigenplaces, megaloc, netvlad" in err
+    assert "unknown global extractor 'bow' (known: apgem, boq, delg, densevlad, eigenplaces, megaloc, netvlad" in err
     code, _, err = cbir("match", "--query", sample_dataset, "--pairs", "-", "--local", "sift", "--matcher", "lg",
                         ok=False)
     assert code == 1 and err.count("\n") == 1 and "unknown matcher 'lg' (known: lightglue, nn" in err

@@ -108,15 +108,17 @@ class DINOv2(nn.Module):
         patches = patches.permute(0, 2, 3, 1).reshape(1, -1, self.dim)
         return torch.cat((self.pos_embed[:, :1].float(), patches), dim=1).to(self.pos_embed.dtype)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch features (B x dim x H/14 x W/14) and the class token (B x dim)."""
+    def forward(self, images: torch.Tensor, final_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch features (B x dim x H/14 x W/14) and the class token (B x dim), after the
+        final layer norm or (``final_norm`` False, as BoQ reads them) before it."""
         b, _, h, w = images.shape
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
         x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)
         x = x + self.positions(h // self.patch, w // self.patch)
         for block in self.blocks:
             x = block(x)
-        x = self.norm(x)
+        if final_norm:
+            x = self.norm(x)
         patches = x[:, 1:].reshape(b, h // self.patch, w // self.patch, self.dim).permute(0, 3, 1, 2)
         return patches, x[:, 0]
 
