@@ -1,4 +1,5 @@
-"""Plugins: local and global extractors, matchers and weight converters, found by name.
+"""Plugins: local and global extractors, matchers, weight converters and hashing methods, found
+by name.
 
 Every one of them, the built-ins included, is a Python entry point of one of the groups
 of :data:`GROUPS`, declared in its package's ``pyproject.toml``::
@@ -29,11 +30,13 @@ GROUPS: dict[str, str] = {
     "global": "cbir.extractors.global",
     "matcher": "cbir.matchers",
     "converter": "cbir.converters",
+    "hasher": "cbir.hashers",
 }
 
 #: kind -> what a user calls it in messages
 LABELS: dict[str, str] = {"local": "local extractor", "global": "global extractor", "matcher": "matcher",
-                          "converter": "weight converter"}
+                          "converter": "weight converter",
+                          "hasher": "hashing method"}
 
 #: the distribution whose entry points are the built-ins
 BUILTIN_PACKAGE = "cbir"

@@ -230,6 +230,8 @@ def _check_store(dataset: Dataset, store: Store, names: set[str] | None, report:
     # values, streamed: NaN/inf, global normalization, match indices
     floats = _float_columns(store)
     bad: dict[str, Any] = {}
+    hamming = store.kind == "global-features" and store.config.get("metric_type") == "Hamming"
+    bits = _code_bits(store, report) if hamming else None
     local_counts = _local_counts(dataset, store) if store.kind == "matches" else None
     for batch_keys, cols, offsets in store.iter_batches(4096):
         for c in floats:
@@ -242,10 +244,7 @@ def _check_store(dataset: Dataset, store: Store, names: set[str] | None, report:
                     if c in store.schema.ragged else batch_keys[row]
                 bad[c] = item
         if store.kind == "global-features" and len(cols["descriptors"]):
-            norms = np.linalg.norm(cols["descriptors"].astype(np.float64), axis=1)
-            off = np.flatnonzero(np.abs(norms - 1) > 1e-3)
-            if len(off) and "norm" not in bad:
-                bad["norm"] = (batch_keys[off[0]], norms[off[0]])
+            _check_global_batch(batch_keys, cols["descriptors"], bits, hamming, bad)
         if local_counts is not None and len(cols["matches"]):
             m = cols["matches"]
             counts = np.array([[local_counts.get(a, -1), local_counts.get(b, -1)] for a, b in pair_keys(batch_keys)])
@@ -257,10 +256,42 @@ def _check_store(dataset: Dataset, store: Store, names: set[str] | None, report:
     for c, item in bad.items():
         if c == "norm":
             report.warning(path, f"global descriptor of {item[0]!r} is not L2-normalized (norm {item[1]:.4g})")
+        elif c == "padding":
+            report.error(path, f"code padding bits past code_bits are not zero (in the batch of {item!r})")
         elif c == "index":
             report.error(path, f"pair {item!r} has a match index beyond the keypoints of its images")
         else:
             report.error(path, f"'{c}' has NaN or infinite values (first in {item!r})")
+
+
+def _code_bits(store: Store, report: _Report) -> int | None:
+    """A code store's (``cbir hash encode``, formats/SPEC.md 7a) code length, or None when
+    it is not one or its header is wrong (reported)."""
+    if store.config.get("extractor") != "hash":
+        return None  # binary descriptors of another origin (imported from kapture): no code_bits
+    from ..hashing.model import code_store_problem
+
+    problem = code_store_problem(dict(store.config), store.dataset("descriptors").dtype,
+                                 int(store.attrs.get("descriptor_dim", 0)))
+    if problem:
+        report.error(store.path, problem)
+        return None
+    return int(store.config["code_bits"])
+
+
+def _check_global_batch(keys: list, descriptors: np.ndarray, bits: int | None, hamming: bool,
+                        bad: dict[str, Any]) -> None:
+    """L2 norms of float descriptors, padding bits of codes: the first bad item of each kind."""
+    if bits is not None and "padding" not in bad:
+        from ..hashing.model import padding_is_zero
+
+        if not padding_is_zero(descriptors, bits):
+            bad["padding"] = keys[0]
+    if not hamming and "norm" not in bad:
+        norms = np.linalg.norm(descriptors.astype(np.float64), axis=1)
+        off = np.flatnonzero(np.abs(norms - 1) > 1e-3)
+        if len(off):
+            bad["norm"] = (keys[off[0]], norms[off[0]])
 
 
 def _local_counts(dataset: Dataset, store: Store) -> dict[str, int] | None:

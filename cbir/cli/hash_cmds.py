@@ -1,0 +1,197 @@
+"""``cbir hash``: learn a hash function from a global store, write binary codes, search them
+by Hamming distance, and the hashing metrics (issue 29)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from ..errors import CbirError
+from ._common import console_err, dataset_argument, is_quiet, open_dataset, print_json, report_written
+
+
+def _descriptors(dataset: Path, name: str) -> tuple[list[str], np.ndarray, dict[str, Any], Path]:
+    """Names, descriptors (N x D) and config of a dataset's global store ``name``."""
+    from ..io.store import open_store
+
+    path = open_dataset(dataset).store_path("global", name)
+    with open_store(path, "global-features") as s:
+        names = [str(k) for k in s.keys]
+        x = np.asarray(s.read_all("descriptors"))
+        config = dict(s.config)
+    if not names:
+        raise CbirError("the store holds no descriptor", path)
+    return names, x, config, path
+
+
+def _labels(path: Path | None, names: list[str]) -> np.ndarray | None:
+    if path is None:
+        return None
+    from ..hashing.labels import label_matrix, read_labels
+
+    return label_matrix(read_labels(path), names, path)[0]
+
+
+def _conf(pairs: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--conf")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@click.group("hash")
+def hash_group() -> None:
+    """Binary codes of global descriptors: learn, encode, search, evaluate."""
+
+
+@hash_group.command("train")
+@dataset_argument()
+@click.option("--global", "global_", required=True, metavar="NAME", help="The global store to learn from.")
+@click.option("--method", required=True, metavar="NAME", help="lsh, itq, dpsh, hashnet, dsdh, or a plugin's.")
+@click.option("--bits", type=click.IntRange(8, 1024), required=True, help="Code length.")
+@click.option("--labels", "labels_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Labels file (supervised methods): 'image, label[, label ...]' a line.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--conf", "conf_items", multiple=True, metavar="KEY=VALUE", help="The method's options.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The model (.npz).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing model file.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def hash_train(ctx: click.Context, dataset: Path, global_: str, method: str, bits: int, labels_path: Path | None,
+               seed: int, conf_items: tuple[str, ...], out: Path, overwrite: bool, as_json: bool) -> None:
+    """Learn a hash function of BITS bits from DATASET's global store."""
+    from .. import plugins
+    from ..hashing.base import Hasher
+
+    if out.exists() and not overwrite:
+        raise CbirError("exists: pass --overwrite to replace it", out)
+    cls = plugins.load("hasher", method)
+    if not (isinstance(cls, type) and issubclass(cls, Hasher)):
+        raise CbirError(f"the hashing method {method!r} is {cls!r}, not a subclass of cbir.hashing.base.Hasher")
+    names, x, config, _ = _descriptors(dataset, global_)
+    model = cls(_conf(conf_items)).fit(x, bits, _labels(labels_path, names), seed)
+    model.extra["source"] = {"store": global_, "config": config, "images": len(names)}
+    model.save(out)
+    summary = {"model": str(out), "method": model.method, "bits": model.bits, "dim": model.dim,
+               "trained_on": model.trained_on, "images": len(names),
+               **{k: v for k, v in model.extra.items() if k != "source"}}
+    if as_json:
+        print_json(summary)
+    else:
+        report_written([out], is_quiet(ctx))
+
+
+@hash_group.command("encode")
+@dataset_argument()
+@click.option("--global", "global_", required=True, metavar="NAME", help="The global store to encode.")
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--name", help="The code store's name (default: <global>-<method><bits>).")
+@click.option("--overwrite", is_flag=True, help="Replace a code store written by another model.")
+@click.pass_context
+def hash_encode(ctx: click.Context, dataset: Path, global_: str, model_path: Path, name: str | None,
+                overwrite: bool) -> None:
+    """Write the binary codes of DATASET's global store as a code store (cbir/global/NAME.h5)."""
+    from ..hashing.model import HashModel, code_bytes
+    from ..io.store import StoreWriter
+
+    model = HashModel.load(model_path)
+    names, x, config, _ = _descriptors(dataset, global_)
+    source = model.extra.get("source", {}).get("config")
+    if source is not None and source != config:
+        raise CbirError(f"the model was trained on descriptors of another configuration ({source.get('extractor')}) "
+                        f"than {global_}'s ({config.get('extractor')})", model_path)
+    codes = model.encode(x)
+    out = open_dataset(dataset).store_path("global", name or f"{global_}-{model.method}{model.bits}")
+    attrs = {"name": out.stem, "config": {"extractor": "hash", "metric_type": "Hamming", "code_bits": model.bits,
+                                          "hash": model.identity(), "source": config},
+             "descriptor_dim": code_bytes(model.bits), "descriptor_dtype": "uint8"}
+    with StoreWriter(out, "global-features", attrs, overwrite=overwrite) as w:
+        for n, code in zip(names, codes, strict=True):
+            if n not in w:
+                w.add(n, descriptors=code)
+    report_written([out], is_quiet(ctx))
+
+
+def read_codes(dataset: Path, name: str) -> tuple[list[str], np.ndarray, int, dict[str, Any]]:
+    """Names, packed codes and code length of a code store, validated."""
+    names, codes, config, path = _descriptors(dataset, name)
+    from ..hashing.model import code_store_problem, padding_is_zero
+
+    if config.get("extractor") != "hash":
+        raise CbirError("not a code store (its extractor is not 'hash'): make one with cbir hash encode", path)
+    problem = code_store_problem(config, codes.dtype, codes.shape[1])
+    if problem:
+        raise CbirError(problem, path)
+    bits = int(config["code_bits"])
+    if not padding_is_zero(codes, bits):
+        raise CbirError("padding bits past code_bits are not zero", path)
+    return names, codes, bits, config
+
+
+def _same_model(qconf: dict[str, Any], mconf: dict[str, Any]) -> None:
+    if qconf.get("hash", {}).get("model") != mconf.get("hash", {}).get("model"):
+        raise CbirError("the query and map codes were written by different hash models: their bits mean different "
+                        "things")
+
+
+@hash_group.command("search")
+@click.option("--map", "map_", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--query", type=click.Path(file_okay=False, path_type=Path), help="Default: the map against itself.")
+@click.option("--global", "global_", required=True, metavar="NAME", help="The code store of both datasets.")
+@click.option("--topk", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--index", "kind", type=click.Choice(["exact", "multihash", "ivf"]), default="exact", show_default=True)
+@click.option("--output", "-o", required=True, help="Pairs file to write ('-': standard output).")
+def hash_search(map_: Path, query: Path | None, global_: str, topk: int, kind: str, output: str) -> None:
+    """The TOPK nearest map codes of each query by Hamming distance, ties by map order, as a
+    pairs file whose score is the number of equal bits."""
+    from ..hashing.search import hamming_topk
+    from ..io.pairs import Pair, write_pairs
+
+    mnames, mcodes, bits, mconf = read_codes(map_, global_)
+    qnames, qcodes, qbits, qconf = read_codes(query, global_) if query else (mnames, mcodes, bits, mconf)
+    _same_model(qconf, mconf)
+    self_search = query is None
+    dist, rows = hamming_topk(qcodes, mcodes, topk + self_search, kind)
+    pairs = []
+    for qi, q in enumerate(qnames):
+        kept = [(int(d), int(r)) for d, r in zip(dist[qi], rows[qi], strict=True) if r >= 0 and
+                not (self_search and mnames[r] == q)][:topk]
+        pairs += [Pair(q, mnames[r], float(bits - d)) for d, r in kept]
+    write_pairs(output, pairs)
+
+
+@hash_group.command("evaluate")
+@click.option("--map", "map_", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--query", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--global", "global_", required=True, metavar="NAME", help="The code store of both datasets.")
+@click.option("--labels", "labels_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Labels of the query and map images (relevant: sharing a label).")
+@click.option("--k", "ks", type=click.IntRange(1), multiple=True, default=(100,), show_default=True)
+@click.option("--radius", type=click.IntRange(0), default=2, show_default=True)
+def hash_evaluate(map_: Path, query: Path, global_: str, labels_path: Path, ks: tuple[int, ...],
+                  radius: int) -> None:
+    """mAP, mAP@k, precision@k, recall@k, precision and mAP within a Hamming radius and the
+    precision-recall curve of the query codes against the map codes (JSON)."""
+    from ..hashing.labels import label_matrix, read_labels
+    from ..hashing.metrics import hashing_metrics, label_relevance
+    from ..hashing.search import hamming_distances
+
+    mnames, mcodes, bits, mconf = read_codes(map_, global_)
+    qnames, qcodes, _, qconf = read_codes(query, global_)
+    _same_model(qconf, mconf)
+    labels = read_labels(labels_path)
+    mlab, vocab = label_matrix(labels, mnames, labels_path)
+    qlab, _ = label_matrix(labels, qnames, labels_path, vocab)
+    metrics = hashing_metrics(hamming_distances(qcodes, mcodes), label_relevance(qlab, mlab), bits, ks, radius)
+    print_json({"bits": bits, "method": mconf.get("hash", {}).get("method"), **metrics})
+    console_err()  # nothing to add on stderr

@@ -1,0 +1,59 @@
+"""What every hashing method is: a name, a configuration merged over ``default_conf``
+(unknown keys refused), and :meth:`Hasher.fit`, which learns a
+:class:`~cbir.hashing.model.HashModel` from descriptors (and labels, for supervised ones)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import CbirError
+from ..validate import unknown_names
+from .model import HashModel, check_bits, fingerprint
+
+
+class Hasher:
+    name: ClassVar[str]
+    default_conf: ClassVar[dict[str, Any]] = {}
+    #: whether :meth:`fit` needs labels
+    supervised: ClassVar[bool] = False
+
+    def __init__(self, conf: dict[str, Any] | None = None):
+        conf = dict(conf or {})
+        unknown = set(conf) - set(self.default_conf)
+        if unknown:
+            raise CbirError(f"unknown option(s) for {self.name}: {unknown_names(unknown, self.default_conf)}")
+        self.conf = {**self.default_conf, **conf}
+
+    def fit(self, x: np.ndarray, bits: int, labels: np.ndarray | None = None, seed: int = 0) -> HashModel:
+        """A hash function of ``bits`` bits learned from descriptors ``x`` (N x D float) and,
+        for supervised methods, ``labels`` (N x L booleans: two items are similar when they
+        share a label)."""
+        check_bits(bits)
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or len(x) < 2 or not np.isfinite(x).all():
+            raise CbirError(f"training descriptors must be a finite N x D matrix with N >= 2, got shape {x.shape}")
+        if self.supervised:
+            if labels is None:
+                raise CbirError(f"{self.name} is supervised: it needs labels (--labels FILE)")
+            labels = np.asarray(labels, dtype=bool)
+            if labels.shape[0] != len(x):
+                raise CbirError(f"{len(labels)} label rows for {len(x)} descriptors")
+            if not labels.any(axis=1).all():
+                raise CbirError("every training item needs at least one label")
+        mean, projection, thresholds, extra = self._fit(x, bits, labels, seed)
+        trained = fingerprint(x) if labels is None else fingerprint(np.hstack([x, labels.astype(np.float32)]))
+        return HashModel(self.name, {**self.conf, "seed": seed}, np.asarray(mean, np.float64),
+                         np.asarray(projection, np.float64), np.asarray(thresholds, np.float64), trained, extra)
+
+    def _fit(self, x: np.ndarray, bits: int, labels: np.ndarray | None,
+             seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """``mean`` (D,), ``projection`` (D x B), ``thresholds`` (B,) and what else to record."""
+        raise NotImplementedError
+
+
+def similarity(labels: np.ndarray) -> np.ndarray:
+    """N x N: 1 where two items share at least one label, else 0 (float32)."""
+    y = np.asarray(labels, dtype=np.float32)
+    return (y @ y.T > 0).astype(np.float32)

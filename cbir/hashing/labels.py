@@ -1,0 +1,49 @@
+"""Labels files (formats/SPEC.md 7a): ``image_name, label[, label ...]`` a line, ``#``
+comments; an image with several labels is multi-label, and two images are similar when they
+share one. Every image named must be named once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CbirError, FormatError
+from ..io.textfile import read_utf8, split_lines
+
+
+def read_labels(path: str | os.PathLike) -> dict[str, tuple[str, ...]]:
+    path = Path(path)
+    text = read_utf8(path, "labels file")
+    out: dict[str, tuple[str, ...]] = {}
+    for lineno, line in enumerate(split_lines(text), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) < 2 or not all(fields):
+            raise FormatError(f"line {lineno}: expected 'image_name, label[, label ...]'", path)
+        if fields[0] in out:
+            raise FormatError(f"line {lineno}: {fields[0]!r} is named twice", path)
+        out[fields[0]] = tuple(sorted(set(fields[1:])))
+    if not out:
+        raise FormatError("no labels", path)
+    return out
+
+
+def label_matrix(labels: dict[str, tuple[str, ...]], names: list[str], path: str | os.PathLike,
+                 vocabulary: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """N x L booleans for ``names`` (every one must be labelled) over ``vocabulary`` (default:
+    every label of the file, sorted)."""
+    missing = [n for n in names if n not in labels]
+    if missing:
+        raise CbirError(f"{len(missing)} images have no label, e.g. {missing[0]!r}", Path(path))
+    vocab = vocabulary if vocabulary is not None else sorted({lab for tags in labels.values() for lab in tags})
+    column = {lab: i for i, lab in enumerate(vocab)}
+    out = np.zeros((len(names), len(vocab)), bool)
+    for row, name in enumerate(names):
+        for lab in labels[name]:
+            if lab in column:
+                out[row, column[lab]] = True
+    return out, vocab

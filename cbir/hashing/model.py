@@ -1,0 +1,155 @@
+"""A trained hash function and the packed codes it writes.
+
+Codes are computed in float64 (``(x - mean) @ W`` against ``thresholds``), so that one
+model gives the same bits on every CPU and thread count except where a projection lies
+within float64 rounding of its threshold. Bits are packed eight a byte, most significant
+first (``numpy.packbits``); a code of ``B`` bits takes ``ceil(B / 8)`` bytes, its padding
+bits zero (they never change a Hamming distance).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CbirError, FormatError
+from ..io.atomic import atomic_write_bytes
+
+MIN_BITS, MAX_BITS = 8, 1024
+MODEL_FORMAT = "cbir-hash-model 1"
+
+
+def check_bits(bits: int) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise CbirError(f"code length must be {MIN_BITS} to {MAX_BITS} bits, got {bits!r}")
+    return bits
+
+
+def code_bytes(bits: int) -> int:
+    return (bits + 7) // 8
+
+
+def pack(bits: np.ndarray) -> np.ndarray:
+    """N x B booleans -> N x ceil(B/8) uint8, most significant bit first, padding zero."""
+    return np.packbits(np.asarray(bits, dtype=bool), axis=1)
+
+
+def unpack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """The inverse of :func:`pack`: N x B booleans."""
+    return np.unpackbits(np.asarray(codes, dtype=np.uint8), axis=1, count=bits).astype(bool)
+
+
+def code_store_problem(config: dict[str, Any], dtype: np.dtype, width: int) -> str | None:
+    """What is wrong with a code store's ``config`` for descriptors of ``dtype`` and
+    ``width`` columns (formats/SPEC.md 7a), or None."""
+    bits = config.get("code_bits")
+    if config.get("metric_type") != "Hamming":
+        return "a code store's metric_type must be 'Hamming'"
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        return f"code_bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}"
+    if dtype != np.uint8 or width != code_bytes(bits):
+        return f"codes of {width} {dtype} columns for {bits} bits (expected {code_bytes(bits)} uint8)"
+    return None
+
+
+def padding_is_zero(codes: np.ndarray, bits: int) -> bool:
+    """Whether the bits past ``bits`` in the last byte of every code are zero."""
+    if bits % 8 == 0 or not len(codes):
+        return True
+    mask = np.uint8((1 << (8 - bits % 8)) - 1)
+    return not np.any(np.asarray(codes)[:, -1] & mask)
+
+
+def fingerprint(x: np.ndarray) -> str:
+    """The first 16 hex digits of the SHA-256 of a float32 matrix's shape and bytes: which
+    data a model was trained on."""
+    a = np.ascontiguousarray(x, dtype=np.float32)
+    h = hashlib.sha256(repr(a.shape).encode())
+    h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class HashModel:
+    """``bits = (x - mean) @ projection > thresholds``; ``method`` and ``conf`` say how it
+    was trained, ``trained_on`` the fingerprint of the training descriptors (and labels)."""
+
+    method: str
+    conf: dict[str, Any]
+    mean: np.ndarray  # (D,) float64
+    projection: np.ndarray  # (D, B) float64
+    thresholds: np.ndarray  # (B,) float64
+    trained_on: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.projection.shape[0])
+
+    @property
+    def bits(self) -> int:
+        return int(self.projection.shape[1])
+
+    def identity(self) -> dict[str, Any]:
+        """What a code store records of the model that wrote it."""
+        return {"method": self.method, "conf": self.conf, "bits": self.bits, "trained_on": self.trained_on,
+                "model": self.digest()}
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for a in (self.mean, self.projection, self.thresholds):
+            h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+        return h.hexdigest()[:16]
+
+    def bits_of(self, x: np.ndarray) -> np.ndarray:
+        """N x B booleans of descriptors ``x`` (N x D)."""
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise CbirError(f"descriptors of shape {x.shape}: this hash model takes {self.dim} dimensions")
+        return (x.astype(np.float64) - self.mean) @ self.projection > self.thresholds
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Packed codes (N x ceil(B/8) uint8) of descriptors ``x``."""
+        return pack(self.bits_of(x))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """One ``.npz``: the arrays and a JSON header (method, configuration, fingerprint)."""
+        import io
+
+        header = {"format": MODEL_FORMAT, "method": self.method, "conf": self.conf, "trained_on": self.trained_on,
+                  "extra": self.extra}
+        buf = io.BytesIO()
+        np.savez(buf, header=np.array(json.dumps(header, sort_keys=True)), mean=self.mean,
+                 projection=self.projection, thresholds=self.thresholds)
+        atomic_write_bytes(Path(path), buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> HashModel:
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                header = json.loads(str(f["header"]))
+                mean, projection, thresholds = (np.asarray(f[k], dtype=np.float64)
+                                                for k in ("mean", "projection", "thresholds"))
+        except FileNotFoundError:
+            raise CbirError("hash model not found", path) from None
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+            raise FormatError(f"not a cbir hash model ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
+                              path) from None
+        found = header.get("format") if isinstance(header, dict) else header
+        if found != MODEL_FORMAT:
+            raise FormatError(f"not a cbir hash model (format {found!r})", path)
+        if projection.ndim != 2 or mean.shape != (projection.shape[0],) or thresholds.shape != (projection.shape[1],):
+            raise FormatError(f"inconsistent arrays: mean {mean.shape}, projection {projection.shape}, thresholds "
+                              f"{thresholds.shape}", path)
+        if not all(np.isfinite(a).all() for a in (mean, projection, thresholds)):
+            raise FormatError("non-finite values in the model", path)
+        check_bits(int(projection.shape[1]))
+        return cls(str(header["method"]), dict(header.get("conf") or {}), mean, projection, thresholds,
+                   str(header.get("trained_on", "")), dict(header.get("extra") or {}))

@@ -1,0 +1,215 @@
+"""Hashing (issue 29): packed codes, the methods (ITQ against faiss's ITQTransform; the
+survey's order on scikit-learn's digits: supervised above ITQ above LSH), exact Hamming
+search with its tie rule, the metrics on hand-worked cases, labels files, and `cbir hash`
+train -> encode -> search -> evaluate end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cbir.cli import main
+from cbir.errors import CbirError, FormatError
+from cbir.hashing.itq import ITQ
+from cbir.hashing.labels import label_matrix, read_labels
+from cbir.hashing.lsh import LSH
+from cbir.hashing.metrics import hashing_metrics, label_relevance
+from cbir.hashing.model import HashModel, check_bits, pack, unpack
+from cbir.hashing.pairwise import DPSH, DSDH, HashNet
+from cbir.hashing.search import hamming_distances, hamming_topk
+
+FAST = {"epochs": 12}  # enough on digits for the order to show; the benchmark trains the defaults
+
+
+@pytest.fixture(scope="module")
+def digits() -> dict[str, np.ndarray]:
+    """scikit-learn's digits (1,797 8 x 8 images, 10 classes; bundled, no download): 200
+    queries, the rest the database and the training set."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    perm = np.random.default_rng(0).permutation(len(d.data))
+    x, y = d.data.astype(np.float32), np.eye(10, dtype=bool)[d.target]
+    return {"xq": x[perm[:200]], "yq": y[perm[:200]], "xb": x[perm[200:]], "yb": y[perm[200:]]}
+
+
+def _map(model: HashModel, digits: dict[str, np.ndarray]) -> float:
+    distances = hamming_distances(model.encode(digits["xq"]), model.encode(digits["xb"]))
+    return hashing_metrics(distances, label_relevance(digits["yq"], digits["yb"]), model.bits)["map"]
+
+
+def test_packing_round_trips_and_pads_with_zeros():
+    bits = np.random.default_rng(0).random((5, 13)) > 0.5
+    codes = pack(bits)
+    assert codes.shape == (5, 2) and codes.dtype == np.uint8
+    np.testing.assert_array_equal(unpack(codes, 13), bits)
+    assert not np.any(np.unpackbits(codes, axis=1)[:, 13:])
+    for bad in (4, 1025, True, 8.0):
+        with pytest.raises(CbirError, match="8 to 1024 bits"):
+            check_bits(bad)  # type: ignore[arg-type]
+
+
+def test_itq_is_faiss_itq(digits):
+    """The same method as faiss's ITQTransform (PCA, then 50 rotations; other random starts):
+    the quantization loss falls, and the two mAPs on digits are within 0.03."""
+    import faiss
+
+    ours = ITQ().fit(digits["xb"], 32)
+    assert ours.extra["quantization_loss"] < ours.extra["first_loss"]
+    itq = faiss.ITQTransform(64, 32, True)
+    itq.train(digits["xb"])
+    theirs = [pack(itq.apply(digits[k]) > 0) for k in ("xq", "xb")]
+    their_map = hashing_metrics(hamming_distances(*theirs), label_relevance(digits["yq"], digits["yb"]), 32)["map"]
+    assert abs(_map(ours, digits) - their_map) < 0.03
+
+
+def test_the_surveys_order_on_digits(digits):
+    """At 32 bits: every supervised method above ITQ, ITQ above LSH."""
+    lsh = _map(LSH().fit(digits["xb"], 32), digits)
+    itq = _map(ITQ().fit(digits["xb"], 32), digits)
+    assert itq > lsh + 0.05
+    for cls in (DPSH, HashNet, DSDH):
+        assert _map(cls(FAST).fit(digits["xb"], 32, digits["yb"]), digits) > itq + 0.05, cls.name
+
+
+def test_models_save_load_and_refuse_bad_files(digits, tmp_path):
+    model = DPSH(FAST).fit(digits["xb"][:300], 16, digits["yb"][:300], seed=3)
+    model.save(tmp_path / "m.npz")
+    again = HashModel.load(tmp_path / "m.npz")
+    np.testing.assert_array_equal(again.encode(digits["xq"]), model.encode(digits["xq"]))
+    assert again.conf["seed"] == 3 and again.trained_on == model.trained_on and again.digest() == model.digest()
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(FormatError, match="not a cbir hash model"):
+        HashModel.load(tmp_path / "bad.npz")
+    with pytest.raises(CbirError, match="needs labels"):
+        DPSH().fit(digits["xb"], 16)
+    with pytest.raises(CbirError, match="at most as many bits as dimensions"):
+        ITQ().fit(digits["xb"], 128)
+    with pytest.raises(CbirError, match="unknown option"):
+        ITQ({"rounds": 3})
+
+
+def test_exact_search_ranks_ties_by_map_order(threads):
+    """Codes of 16 bits over 500 items (many equal distances): the k nearest by (distance,
+    row), equal to a stable sort of every distance, at 1, 2 and 3 threads (integers: exact)."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    rng = np.random.default_rng(1)
+    codes = pack(rng.random((500, 16)) > 0.5)
+    queries = pack(rng.random((40, 16)) > 0.5)
+    full = hamming_distances(queries, codes)
+    order = np.argsort(full, axis=1, kind="stable")[:, :25]
+    distances, rows = hamming_topk(queries, codes, 25)
+    np.testing.assert_array_equal(rows, order)
+    np.testing.assert_array_equal(distances, np.take_along_axis(full, order, 1))
+    for kind in ("multihash", "ivf"):  # approximate: what they find is ranked by the same rule
+        d, r = hamming_topk(queries, codes, 25, kind)
+        for qi in range(len(queries)):
+            found = r[qi][r[qi] >= 0]
+            assert np.all(np.diff(d[qi][r[qi] >= 0]) >= 0)
+            np.testing.assert_array_equal(full[qi, found], d[qi][r[qi] >= 0])
+
+
+def test_metrics_on_hand_worked_cases():
+    # one query, five items at distances 0..4; relevant: items 0, 2 and 4
+    distances = np.array([[0, 1, 2, 3, 4]])
+    relevance = np.array([[True, False, True, False, True]])
+    m = hashing_metrics(distances, relevance, bits=4, ks=(2, 5), radius=2)
+    assert m["map"] == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+    assert m["map@2"] == pytest.approx(1.0)  # one relevant found in the first two, at rank 1
+    assert m["precision@2"] == pytest.approx(0.5) and m["recall@2"] == pytest.approx(1 / 3)
+    assert m["precision_radius2"] == pytest.approx(2 / 3)  # items 0, 1, 2 within radius 2
+    assert m["map_radius2"] == pytest.approx((1 + 2 / 3) / 2)
+    assert m["pr_curve"]["recall"] == pytest.approx([1 / 3, 1 / 3, 2 / 3, 2 / 3, 1.0])
+    # ties: equal distances rank by map order
+    tied = hashing_metrics(np.array([[1, 1, 1]]), np.array([[False, False, True]]), bits=8, ks=(1,))
+    assert tied["map"] == pytest.approx(1 / 3) and tied["precision@1"] == 0.0
+    with pytest.raises(CbirError, match="no query has a relevant item"):
+        hashing_metrics(distances, np.zeros_like(relevance), bits=4)
+
+
+def test_labels_files(tmp_path):
+    path = tmp_path / "labels.txt"
+    path.write_text("# image, labels\na.jpg, cat\nb.jpg, dog, cat\n\nc.jpg, bird  # a comment\n")
+    labels = read_labels(path)
+    matrix, vocab = label_matrix(labels, ["a.jpg", "b.jpg", "c.jpg"], path)
+    assert vocab == ["bird", "cat", "dog"]
+    assert label_relevance(matrix, matrix).tolist() == [[True, True, False], [True, True, False],
+                                                         [False, False, True]]
+    with pytest.raises(CbirError, match="1 images have no label, e.g. 'd.jpg'"):
+        label_matrix(labels, ["a.jpg", "d.jpg"], path)
+    path.write_text("a.jpg, cat\na.jpg, dog\n")
+    with pytest.raises(FormatError, match="line 2: 'a.jpg' is named twice"):
+        read_labels(path)
+    path.write_text("a.jpg\n")
+    with pytest.raises(FormatError, match="line 1: expected"):
+        read_labels(path)
+
+
+def test_cbir_hash_end_to_end(sample_dataset, digits, tmp_path):
+    """A global store of the digits in a dataset: `cbir hash train` (ITQ, and DPSH with a
+    labels file), `encode` to a code store, `search` (pairs of equal bits), `evaluate`."""
+    from cbir.io.store import StoreWriter, open_store
+
+    x = np.vstack([digits["xq"], digits["xb"]])
+    y = np.vstack([digits["yq"], digits["yb"]])
+    names = [f"d{i:04d}.png" for i in range(len(x))]
+    store = sample_dataset / "cbir" / "global" / "digits.h5"
+    with StoreWriter(store, "global-features", {"name": "digits", "config": {"extractor": "pixels"},
+                                                "descriptor_dim": 64, "descriptor_dtype": "float32"}) as w:
+        for n, v in zip(names, x, strict=True):
+            w.add(n, descriptors=v)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{n}, {int(np.argmax(t))}\n" for n, t in zip(names, y, strict=True)))
+    runner = CliRunner()
+
+    def run(*args: object, ok: bool = True):  # noqa: ANN202
+        result = runner.invoke(main, [str(a) for a in args])
+        assert (result.exit_code == 0) == ok, result.output
+        return result
+
+    model = tmp_path / "itq.npz"
+    out = json.loads(run("hash", "train", sample_dataset, "--global", "digits", "--method", "itq", "--bits", 32,
+                         "--out", model, "--json").stdout)
+    assert out["bits"] == 32 and out["dim"] == 64 and out["images"] == len(x)
+    err = run("hash", "train", sample_dataset, "--global", "digits", "--method", "itq", "--bits", 32, "--out", model,
+              ok=False).output
+    assert "exists: pass --overwrite" in err
+    err = run("hash", "train", sample_dataset, "--global", "digits", "--method", "dpsh", "--bits", 32, "--out",
+              tmp_path / "d.npz", ok=False).output
+    assert "needs labels" in err and err.count("\n") == 1
+    run("hash", "train", sample_dataset, "--global", "digits", "--method", "dpsh", "--bits", 32, "--labels", labels,
+        "--conf", "epochs=12", "--out", tmp_path / "dpsh.npz")
+    for m in (model, tmp_path / "dpsh.npz"):
+        run("hash", "encode", sample_dataset, "--global", "digits", "--model", m)
+    with open_store(sample_dataset / "cbir" / "global" / "digits-itq32.h5") as s:
+        assert s.config["metric_type"] == "Hamming" and s.config["code_bits"] == 32
+        assert s.attrs["descriptor_dtype"] == "uint8" and s.attrs["descriptor_dim"] == 4
+        assert s.config["hash"]["method"] == "itq" and len(s) == len(x)
+    pairs = tmp_path / "pairs.txt"
+    run("hash", "search", "--map", sample_dataset, "--global", "digits-dpsh32", "--topk", 5, "-o", pairs)
+    lines = [ln.split(",") for ln in pairs.read_text().splitlines() if ln and not ln.startswith("#")]
+    assert len(lines) == 5 * len(x) and all(a.strip() != b.strip() for a, b, *_ in lines)
+    results = {}
+    for codes in ("digits-itq32", "digits-dpsh32"):
+        results[codes] = json.loads(run("hash", "evaluate", "--map", sample_dataset, "--query", sample_dataset,
+                                        "--global", codes, "--labels", labels).stdout)
+    assert results["digits-dpsh32"]["map"] > results["digits-itq32"]["map"] > 0.4
+    assert len(results["digits-itq32"]["pr_curve"]["precision"]) == 33
+    # cbir check: the code stores are valid (no L2-norm warning for codes); a set padding bit is an error
+    check = json.loads(run("check", "--json", sample_dataset).stdout)
+    on_codes = [p for p in check["problems"] if "digits-" in p["path"]]
+    assert on_codes and all("not in records_camera.txt" in p["message"] for p in on_codes), on_codes
+    bad = sample_dataset / "cbir" / "global" / "bad.h5"
+    config = {"extractor": "hash", "metric_type": "Hamming", "code_bits": 12, "hash": {}, "source": {}}
+    with StoreWriter(bad, "global-features", {"name": "bad", "config": config, "descriptor_dim": 2,
+                                             "descriptor_dtype": "uint8"}) as w:
+        w.add(names[0], descriptors=np.array([255, 1], np.uint8))
+    result = run("check", sample_dataset, ok=False)
+    assert result.exit_code == 1 and "padding bits past code_bits are not zero" in result.output
+    err = run("hash", "search", "--map", sample_dataset, "--global", "bad", "-o", pairs, ok=False).output
+    assert "padding bits past code_bits are not zero" in err
