@@ -150,19 +150,40 @@ def test_labels_files(tmp_path):
         read_labels(path)
 
 
-def test_cbir_hash_end_to_end(sample_dataset, digits, tmp_path):
-    """A global store of the digits in a dataset: `cbir hash train` (ITQ, and DPSH with a
-    labels file), `encode` to a code store, `search` (pairs of equal bits), `evaluate`."""
-    from cbir.io.store import StoreWriter, open_store
+def digits_dataset(root, digits: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray, np.ndarray]:  # noqa: ANN001
+    """A cbir dataset of the digits (each an 8 x 8 PNG, one camera) with a global store of
+    their 64 pixels, ``pixels``: its names, descriptors and one-hot labels."""
+    import cv2
+
+    from cbir.io.store import StoreWriter
 
     x = np.vstack([digits["xq"], digits["xb"]])
     y = np.vstack([digits["yq"], digits["yb"]])
     names = [f"d{i:04d}.png" for i in range(len(x))]
-    store = sample_dataset / "cbir" / "global" / "digits.h5"
-    with StoreWriter(store, "global-features", {"name": "digits", "config": {"extractor": "pixels"},
-                                                "descriptor_dim": 64, "descriptor_dtype": "float32"}) as w:
+    (root / "sensors" / "records_data").mkdir(parents=True)
+    (root / "sensors" / "sensors.txt").write_text("# kapture format: 1.1\n# sensor_id, name, sensor_type, "
+                                                  "[sensor_params]+\ncam, , camera, PINHOLE, 8, 8, 8, 8, 4, 4\n")
+    (root / "sensors" / "records_camera.txt").write_text(
+        "# kapture format: 1.1\n# timestamp, device_id, image_path\n" +
+        "".join(f"{i}, cam, {n}\n" for i, n in enumerate(names)))
+    for n, v in zip(names, x, strict=True):
+        cv2.imwrite(str(root / "sensors" / "records_data" / n), (v.reshape(8, 8) * 16).clip(0, 255).astype(np.uint8))
+    with StoreWriter(root / "cbir" / "global" / "pixels.h5", "global-features",
+                     {"name": "pixels", "config": {"extractor": "pixels"}, "descriptor_dim": 64,
+                      "descriptor_dtype": "float32"}) as w:
         for n, v in zip(names, x, strict=True):
             w.add(n, descriptors=v)
+    return names, x, y
+
+
+def test_cbir_hash_end_to_end(digits, tmp_path):
+    """A dataset of the digits with a global store of their pixels: `cbir hash train` (ITQ,
+    and DPSH with a labels file), `encode` to code stores, `search` and `cbir retrieve` (the
+    same pairs; float products of codes refused), `evaluate`, `cbir check`."""
+    from cbir.io.store import StoreWriter, open_store
+
+    root = tmp_path / "digits"
+    names, x, y = digits_dataset(root, digits)
     labels = tmp_path / "labels.txt"
     labels.write_text("".join(f"{n}, {int(np.argmax(t))}\n" for n, t in zip(names, y, strict=True)))
     runner = CliRunner()
@@ -173,43 +194,49 @@ def test_cbir_hash_end_to_end(sample_dataset, digits, tmp_path):
         return result
 
     model = tmp_path / "itq.npz"
-    out = json.loads(run("hash", "train", sample_dataset, "--global", "digits", "--method", "itq", "--bits", 32,
+    out = json.loads(run("hash", "train", root, "--global", "pixels", "--method", "itq", "--bits", 32,
                          "--out", model, "--json").stdout)
     assert out["bits"] == 32 and out["dim"] == 64 and out["images"] == len(x)
-    err = run("hash", "train", sample_dataset, "--global", "digits", "--method", "itq", "--bits", 32, "--out", model,
+    err = run("hash", "train", root, "--global", "pixels", "--method", "itq", "--bits", 32, "--out", model,
               ok=False).output
     assert "exists: pass --overwrite" in err
-    err = run("hash", "train", sample_dataset, "--global", "digits", "--method", "dpsh", "--bits", 32, "--out",
+    err = run("hash", "train", root, "--global", "pixels", "--method", "dpsh", "--bits", 32, "--out",
               tmp_path / "d.npz", ok=False).output
     assert "needs labels" in err and err.count("\n") == 1
-    run("hash", "train", sample_dataset, "--global", "digits", "--method", "dpsh", "--bits", 32, "--labels", labels,
+    run("hash", "train", root, "--global", "pixels", "--method", "dpsh", "--bits", 32, "--labels", labels,
         "--conf", "epochs=12", "--out", tmp_path / "dpsh.npz")
     for m in (model, tmp_path / "dpsh.npz"):
-        run("hash", "encode", sample_dataset, "--global", "digits", "--model", m)
-    with open_store(sample_dataset / "cbir" / "global" / "digits-itq32.h5") as s:
+        run("hash", "encode", root, "--global", "pixels", "--model", m)
+    with open_store(root / "cbir" / "global" / "pixels-itq32.h5") as s:
         assert s.config["metric_type"] == "Hamming" and s.config["code_bits"] == 32
         assert s.attrs["descriptor_dtype"] == "uint8" and s.attrs["descriptor_dim"] == 4
         assert s.config["hash"]["method"] == "itq" and len(s) == len(x)
-    pairs = tmp_path / "pairs.txt"
-    run("hash", "search", "--map", sample_dataset, "--global", "digits-dpsh32", "--topk", 5, "-o", pairs)
-    lines = [ln.split(",") for ln in pairs.read_text().splitlines() if ln and not ln.startswith("#")]
+    searched, retrieved = tmp_path / "searched.txt", tmp_path / "retrieved.txt"
+    run("hash", "search", "--map", root, "--global", "pixels-dpsh32", "--topk", 5, "-o", searched)
+    run("retrieve", "--map", root, "--global", "pixels-dpsh32", "--topk", 5, "-o", retrieved)
+    lines = [ln.split(",") for ln in searched.read_text().splitlines() if ln and not ln.startswith("#")]
     assert len(lines) == 5 * len(x) and all(a.strip() != b.strip() for a, b, *_ in lines)
+    body = [ln for ln in retrieved.read_text().splitlines() if not ln.startswith("#")]
+    assert body == [ln for ln in searched.read_text().splitlines() if not ln.startswith("#")]
+    err = run("retrieve", "--map", root, "--global", "pixels-dpsh32,pixels", "--topk", 5, "-o", retrieved,
+              ok=False).output
+    assert "binary codes" in err and err.count("\n") == 1
+    err = run("retrieve", "--map", root, "--global", "pixels-dpsh32", "--qe", 2, "-o", retrieved, ok=False).output
+    assert "--qe: not for binary codes" in err
     results = {}
-    for codes in ("digits-itq32", "digits-dpsh32"):
-        results[codes] = json.loads(run("hash", "evaluate", "--map", sample_dataset, "--query", sample_dataset,
+    for codes in ("pixels-itq32", "pixels-dpsh32"):
+        results[codes] = json.loads(run("hash", "evaluate", "--map", root, "--query", root,
                                         "--global", codes, "--labels", labels).stdout)
-    assert results["digits-dpsh32"]["map"] > results["digits-itq32"]["map"] > 0.4
-    assert len(results["digits-itq32"]["pr_curve"]["precision"]) == 33
+    assert results["pixels-dpsh32"]["map"] > results["pixels-itq32"]["map"] > 0.4
+    assert len(results["pixels-itq32"]["pr_curve"]["precision"]) == 33
     # cbir check: the code stores are valid (no L2-norm warning for codes); a set padding bit is an error
-    check = json.loads(run("check", "--json", sample_dataset).stdout)
-    on_codes = [p for p in check["problems"] if "digits-" in p["path"]]
-    assert on_codes and all("not in records_camera.txt" in p["message"] for p in on_codes), on_codes
-    bad = sample_dataset / "cbir" / "global" / "bad.h5"
+    check = json.loads(run("check", "--json", root).stdout)
+    assert not [p for p in check["problems"] if "pixels-" in p["path"]], check["problems"]
     config = {"extractor": "hash", "metric_type": "Hamming", "code_bits": 12, "hash": {}, "source": {}}
-    with StoreWriter(bad, "global-features", {"name": "bad", "config": config, "descriptor_dim": 2,
-                                             "descriptor_dtype": "uint8"}) as w:
+    with StoreWriter(root / "cbir" / "global" / "bad.h5", "global-features",
+                     {"name": "bad", "config": config, "descriptor_dim": 2, "descriptor_dtype": "uint8"}) as w:
         w.add(names[0], descriptors=np.array([255, 1], np.uint8))
-    result = run("check", sample_dataset, ok=False)
+    result = run("check", root, ok=False)
     assert result.exit_code == 1 and "padding bits past code_bits are not zero" in result.output
-    err = run("hash", "search", "--map", sample_dataset, "--global", "bad", "-o", pairs, ok=False).output
+    err = run("hash", "search", "--map", root, "--global", "bad", "-o", searched, ok=False).output
     assert "padding bits past code_bits are not zero" in err

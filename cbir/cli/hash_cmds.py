@@ -123,16 +123,17 @@ def hash_encode(ctx: click.Context, dataset: Path, global_: str, model_path: Pat
 
 
 def read_codes(dataset: Path, name: str) -> tuple[list[str], np.ndarray, int, dict[str, Any]]:
-    """Names, packed codes and code length of a code store, validated."""
-    names, codes, config, path = _descriptors(dataset, name)
-    from ..hashing.model import code_store_problem, padding_is_zero
+    """Names, packed codes and code length of a code store, validated (formats/SPEC.md 7a)."""
+    from ..hashing.model import padding_is_zero
+    from ..hashing.retrieve import code_bits, is_code_store
+    from ..io.store import open_store
 
-    if config.get("extractor") != "hash":
-        raise CbirError("not a code store (its extractor is not 'hash'): make one with cbir hash encode", path)
-    problem = code_store_problem(config, codes.dtype, codes.shape[1])
-    if problem:
-        raise CbirError(problem, path)
-    bits = int(config["code_bits"])
+    path = open_dataset(dataset).store_path("global", name)
+    with open_store(path, "global-features") as s:
+        if not is_code_store(s):
+            raise CbirError("not binary codes (metric_type is not Hamming): make them with cbir hash encode", path)
+        bits = code_bits(s)
+        names, codes, config = [str(k) for k in s.keys], np.asarray(s.read_all("descriptors")), dict(s.config)
     if not padding_is_zero(codes, bits):
         raise CbirError("padding bits past code_bits are not zero", path)
     return names, codes, bits, config
@@ -149,25 +150,22 @@ def _same_model(qconf: dict[str, Any], mconf: dict[str, Any]) -> None:
 @click.option("--query", type=click.Path(file_okay=False, path_type=Path), help="Default: the map against itself.")
 @click.option("--global", "global_", required=True, metavar="NAME", help="The code store of both datasets.")
 @click.option("--topk", type=click.IntRange(1), default=20, show_default=True)
-@click.option("--index", "kind", type=click.Choice(["exact", "multihash", "ivf"]), default="exact", show_default=True)
+@click.option("--index", "kind", type=click.Choice(["exact", "multihash", "ivf"]), default="exact", show_default=True,
+              help="exact, or a faiss binary index for large maps (may miss neighbours).")
+@click.option("--exclude-same-name", is_flag=True, help="Drop a map image named as the query.")
 @click.option("--output", "-o", required=True, help="Pairs file to write ('-': standard output).")
-def hash_search(map_: Path, query: Path | None, global_: str, topk: int, kind: str, output: str) -> None:
+def hash_search(map_: Path, query: Path | None, global_: str, topk: int, kind: str, exclude_same_name: bool,
+                output: str) -> None:
     """The TOPK nearest map codes of each query by Hamming distance, ties by map order, as a
-    pairs file whose score is the number of equal bits."""
-    from ..hashing.search import hamming_topk
-    from ..io.pairs import Pair, write_pairs
+    pairs file whose score is the number of equal bits (`cbir retrieve` does the same with
+    exact search)."""
+    from ..hashing.retrieve import hamming_pairs
+    from ..io.pairs import write_pairs
 
-    mnames, mcodes, bits, mconf = read_codes(map_, global_)
-    qnames, qcodes, qbits, qconf = read_codes(query, global_) if query else (mnames, mcodes, bits, mconf)
-    _same_model(qconf, mconf)
-    self_search = query is None
-    dist, rows = hamming_topk(qcodes, mcodes, topk + self_search, kind)
-    pairs = []
-    for qi, q in enumerate(qnames):
-        kept = [(int(d), int(r)) for d, r in zip(dist[qi], rows[qi], strict=True) if r >= 0 and
-                not (self_search and mnames[r] == q)][:topk]
-        pairs += [Pair(q, mnames[r], float(bits - d)) for d, r in kept]
-    write_pairs(output, pairs)
+    m = open_dataset(map_)
+    pairs, record = hamming_pairs(open_dataset(query) if query else m, m, global_, topk, kind=kind,
+                                  exclude_same_name=exclude_same_name)
+    write_pairs(output, pairs, record)
 
 
 @hash_group.command("evaluate")

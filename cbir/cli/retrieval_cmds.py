@@ -47,6 +47,39 @@ def _floats(value: str | None) -> tuple[float, ...]:
         raise click.BadParameter(f"expected comma-separated numbers, got {value!r}", param_hint="--weights") from None
 
 
+def _binary_codes(map_: Any, name: str) -> bool:
+    """Whether the map's global store ``name`` holds binary codes (metric_type Hamming)."""
+    from ..hashing.retrieve import is_code_store
+    from ..io.store import open_store
+
+    with open_store(map_.store_path("global", name), "global-features") as store:
+        return is_code_store(store)
+
+
+def _retrieve_codes(ctx: click.Context, q: Any, m: Any, name: str, topk: int, exclude_same_name: bool,
+                    output: str | None, as_json: bool) -> None:
+    """`cbir retrieve` of a code store: exact Hamming search, ties by map order."""
+    from ..hashing.retrieve import hamming_pairs
+
+    pairs, record = hamming_pairs(q, m, name, topk, exclude_same_name=exclude_same_name)
+    out = output or str(q.store_path("pairs", f"{name}_top{topk}"))
+    if out != "-":
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_pairs(out, pairs, record)
+    queries = len({p.query for p in pairs})
+    summary = {"pairs": out, "queries": queries, "pair_count": len(pairs), "metric": "Hamming", "index": "exact"}
+    if as_json:
+        if out == "-":
+            console_err().print_json(data=summary)
+        else:
+            print_json(summary)
+    elif not is_quiet(ctx):
+        console_err().print(f"{queries} queries: {len(pairs)} pairs (Hamming distance of {name}, exact search)",
+                            highlight=False)
+    if out != "-":
+        report_written([Path(out)], is_quiet(ctx) or as_json)
+
+
 @click.command()
 @click.option("--map", "map_", required=True, type=click.Path(file_okay=False, path_type=Path), help="Map dataset.")
 @click.option("--query", type=click.Path(file_okay=False, path_type=Path),
@@ -112,6 +145,15 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
     m = open_dataset(map_)
     q = open_dataset(query) if query else m
     same = q.root.resolve() == m.root.resolve()
+    if len(names) == 1 and _binary_codes(m, names[0]):
+        options = (("--qe", qe), ("--dba", dba), ("--index", index_kind != "exact"),
+                   ("--precision", precision != "fp32"), ("--executor", executor != "local"))
+        unsupported = [flag for flag, used in options if used]
+        if unsupported:
+            raise click.UsageError(f"{', '.join(unsupported)}: not for binary codes, which are searched exactly by "
+                                   "Hamming distance here (cbir hash search --index multihash|ivf for large maps)")
+        _retrieve_codes(ctx, q, m, names[0], topk, exclude_same_name, output, as_json)
+        return
     conf = RetrievalConf(topk=topk, fusion=FusionConf(fusion, _floats(weights), gamma=gamma, alpha=alpha),
                          exclude_self=same, exclude_same_name=exclude_same_name, precision=precision)
     quiet = is_quiet(ctx)

@@ -28,6 +28,12 @@ def open_descriptor_sets(query: Dataset, map_: Dataset,
         qstores = [stack.enter_context(open_store(query.store_path("global", n), "global-features")) for n in names]
         mstores = qstores if same else \
             [stack.enter_context(open_store(map_.store_path("global", n), "global-features")) for n in names]
+        for store in (*qstores, *mstores):
+            metric = store.config.get("metric_type") or "L2"
+            if metric != "L2":  # float products of codes would rank without meaning
+                raise CbirError(f"descriptors compared by {metric} distance (binary codes) cannot be searched or fused "
+                                "with float descriptors: retrieve with this store alone (cbir retrieve --global NAME, "
+                                "cbir hash search)", store.path)
         yield (DescriptorSet.align(qstores, query.sensors.image_names()),
                DescriptorSet.align(mstores, map_.sensors.image_names()))
 
