@@ -218,6 +218,20 @@ def test_cbir_hash_end_to_end(digits, tmp_path):
     assert len(lines) == 5 * len(x) and all(a.strip() != b.strip() for a, b, *_ in lines)
     body = [ln for ln in retrieved.read_text().splitlines() if not ln.startswith("#")]
     assert body == [ln for ln in searched.read_text().splitlines() if not ln.startswith("#")]
+    # re-ranked by the float pixels: with every image a candidate, float retrieval itself (same bits)
+    reranked, floats = tmp_path / "reranked.txt", tmp_path / "floats.txt"
+    run("retrieve", "--map", root, "--global", "pixels-itq32", "--rerank", "pixels", "--candidates", len(x), "--topk",
+        5, "-o", reranked)
+    run("retrieve", "--map", root, "--global", "pixels", "--topk", 5, "-o", floats)
+    assert [ln for ln in reranked.read_text().splitlines() if not ln.startswith("#")] == \
+        [ln for ln in floats.read_text().splitlines() if not ln.startswith("#")]
+    run("hash", "search", "--map", root, "--global", "pixels-itq32", "--rerank", "pixels", "--candidates", 20,
+        "--topk", 5, "-o", reranked)
+    few = [ln.split(",") for ln in reranked.read_text().splitlines() if not ln.startswith("#")]
+    assert len(few) == 5 * len(x) and all(-1 <= float(f[2]) <= 1 for f in few)
+    err = run("retrieve", "--map", root, "--global", "pixels", "--rerank", "pixels", "-o", retrieved,
+              ok=False).output
+    assert "--rerank: for binary codes only" in err
     err = run("retrieve", "--map", root, "--global", "pixels-dpsh32,pixels", "--topk", 5, "-o", retrieved,
               ok=False).output
     assert "binary codes" in err and err.count("\n") == 1

@@ -153,9 +153,12 @@ def _same_model(qconf: dict[str, Any], mconf: dict[str, Any]) -> None:
 @click.option("--index", "kind", type=click.Choice(["exact", "multihash", "ivf"]), default="exact", show_default=True,
               help="exact, or a faiss binary index for large maps (may miss neighbours).")
 @click.option("--exclude-same-name", is_flag=True, help="Drop a map image named as the query.")
+@click.option("--rerank", metavar="NAME", help="Rank each query's --candidates nearest codes again by the cosine of "
+              "the float global store NAME.")
+@click.option("--candidates", type=click.IntRange(1), default=100, show_default=True)
 @click.option("--output", "-o", required=True, help="Pairs file to write ('-': standard output).")
 def hash_search(map_: Path, query: Path | None, global_: str, topk: int, kind: str, exclude_same_name: bool,
-                output: str) -> None:
+                rerank: str | None, candidates: int, output: str) -> None:
     """The TOPK nearest map codes of each query by Hamming distance, ties by map order, as a
     pairs file whose score is the number of equal bits (`cbir retrieve` does the same with
     exact search)."""
@@ -164,7 +167,7 @@ def hash_search(map_: Path, query: Path | None, global_: str, topk: int, kind: s
 
     m = open_dataset(map_)
     pairs, record = hamming_pairs(open_dataset(query) if query else m, m, global_, topk, kind=kind,
-                                  exclude_same_name=exclude_same_name)
+                                  exclude_same_name=exclude_same_name, rerank=rerank, candidates=candidates)
     write_pairs(output, pairs, record)
 
 

@@ -57,17 +57,26 @@ def _binary_codes(map_: Any, name: str) -> bool:
 
 
 def _retrieve_codes(ctx: click.Context, q: Any, m: Any, name: str, topk: int, exclude_same_name: bool,
-                    output: str | None, as_json: bool) -> None:
-    """`cbir retrieve` of a code store: exact Hamming search, ties by map order."""
+                    output: str | None, as_json: bool, rerank: str | None, candidates: int,
+                    unsupported: list[str]) -> None:
+    """`cbir retrieve` of a code store: exact Hamming search, ties by map order (then, with
+    ``rerank``, the candidates ranked by float cosine); ``unsupported``: the options given
+    that do not apply to codes."""
     from ..hashing.retrieve import hamming_pairs
 
-    pairs, record = hamming_pairs(q, m, name, topk, exclude_same_name=exclude_same_name)
+    if unsupported:
+        raise click.UsageError(f"{', '.join(unsupported)}: not for binary codes, which are searched exactly by "
+                               "Hamming distance here (cbir hash search --index multihash|ivf for large maps)")
+
+    pairs, record = hamming_pairs(q, m, name, topk, exclude_same_name=exclude_same_name, rerank=rerank,
+                                  candidates=candidates)
     out = output or str(q.store_path("pairs", f"{name}_top{topk}"))
     if out != "-":
         Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_pairs(out, pairs, record)
     queries = len({p.query for p in pairs})
-    summary = {"pairs": out, "queries": queries, "pair_count": len(pairs), "metric": "Hamming", "index": "exact"}
+    summary = {"pairs": out, "queries": queries, "pair_count": len(pairs), "metric": "Hamming", "index": "exact",
+               "rerank": rerank}
     if as_json:
         if out == "-":
             console_err().print_json(data=summary)
@@ -110,6 +119,8 @@ def _retrieve_codes(ctx: click.Context, q: Any, m: Any, name: str, topk: int, ex
               help=f"lsh: bits per code (default 2 x dim, at most {MAX_LSH_BITS}).")
 @click.option("--recall-sample", type=click.IntRange(0), default=0, show_default=True,
               help="Indexed search: measure recall@topk against exact search on N sampled queries.")
+@click.option("--rerank", metavar="NAME", help="Binary codes: rank each query's --candidates nearest codes again by "
+              "the cosine of the float global store NAME.")
 @click.option("--exclude-same-name", is_flag=True,
               help="Drop a map image named as the query even in another dataset (kapture-localization's pairs).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto.")
@@ -124,7 +135,8 @@ def _retrieve_codes(ctx: click.Context, q: Any, m: Any, name: str, topk: int, ex
 def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: str, fusion: str, topk: int,
                  weights: str | None, gamma: float | None, alpha: float | None, qe: int, qe_alpha: float, dba: int,
                  dba_alpha: float, index_kind: str, candidates: int, nlist: int | None, nprobe: int,
-                 pq_m: int | None, lsh_bits: int | None, recall_sample: int, exclude_same_name: bool, device: str,
+                 pq_m: int | None, lsh_bits: int | None, recall_sample: int, rerank: str | None,
+                 exclude_same_name: bool, device: str,
                  precision: str, executor: str, ray_address: str | None, shard_size: int, output: str | None,
                  as_json: bool) -> None:
     """The TOPK most similar map images of each query, as a pairs file.
@@ -148,12 +160,11 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
     if len(names) == 1 and _binary_codes(m, names[0]):
         options = (("--qe", qe), ("--dba", dba), ("--index", index_kind != "exact"),
                    ("--precision", precision != "fp32"), ("--executor", executor != "local"))
-        unsupported = [flag for flag, used in options if used]
-        if unsupported:
-            raise click.UsageError(f"{', '.join(unsupported)}: not for binary codes, which are searched exactly by "
-                                   "Hamming distance here (cbir hash search --index multihash|ivf for large maps)")
-        _retrieve_codes(ctx, q, m, names[0], topk, exclude_same_name, output, as_json)
+        _retrieve_codes(ctx, q, m, names[0], topk, exclude_same_name, output, as_json, rerank, candidates,
+                        [flag for flag, used in options if used])
         return
+    if rerank:
+        raise click.UsageError("--rerank: for binary codes only (a code store from cbir hash encode)")
     conf = RetrievalConf(topk=topk, fusion=FusionConf(fusion, _floats(weights), gamma=gamma, alpha=alpha),
                          exclude_self=same, exclude_same_name=exclude_same_name, precision=precision)
     quiet = is_quiet(ctx)
