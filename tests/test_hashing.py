@@ -254,3 +254,49 @@ def test_cbir_hash_end_to_end(digits, tmp_path):
     assert result.exit_code == 1 and "padding bits past code_bits are not zero" in result.output
     err = run("hash", "search", "--map", root, "--global", "bad", "-o", searched, ok=False).output
     assert "padding bits past code_bits are not zero" in err
+
+
+def test_poses_supervise_and_judge_codes(shared, tmp_path):
+    """A localization dataset (strecha_fountain_p11): DPSH learned from pose pairs (cameras
+    within a distance and angle), codes of map and queries, evaluated against the queries'
+    ground-truth poses; DSDH, which needs labels, refuses pairs alone."""
+    from cbir.io.dataset import Dataset
+    from cbir.io.store import StoreWriter
+    from tests.conftest import writable_copy
+
+    data = shared / "data" / "strecha_fountain_p11"
+    roots = {part: writable_copy(data / part, tmp_path / part) for part in ("mapping", "query")}
+    rng = np.random.default_rng(0)
+    for root in roots.values():  # descriptors of one (random, seeded) model for both datasets
+        names = Dataset(root).sensors.image_names()
+        with StoreWriter(root / "cbir" / "global" / "rand.h5", "global-features",
+                         {"name": "rand", "config": {"extractor": "random"}, "descriptor_dim": 32,
+                          "descriptor_dtype": "float32"}) as w:
+            for n in names:
+                v = rng.standard_normal(32).astype(np.float32)
+                w.add(n, descriptors=v / np.linalg.norm(v))
+    qposes = Dataset(data / "query_gt").sensors.image_poses()
+    mposes = Dataset(roots["mapping"]).sensors.image_poses()
+    gaps = np.array([[np.linalg.norm(q.center - m.center) for m in mposes.values()] for q in qposes.values()])
+    limit = float(np.median(gaps))
+    runner = CliRunner()
+
+    def run(*args: object, ok: bool = True):  # noqa: ANN202
+        result = runner.invoke(main, [str(a) for a in args])
+        assert (result.exit_code == 0) == ok, result.output
+        return result
+
+    model = tmp_path / "dpsh.npz"
+    run("hash", "train", roots["mapping"], "--global", "rand", "--method", "dpsh", "--bits", 16, "--poses",
+        "--max-distance", limit, "--max-angle", 180, "--conf", "epochs=3", "--out", model)
+    assert HashModel.load(model).conf["supervision"] == "poses"
+    err = run("hash", "train", roots["mapping"], "--global", "rand", "--method", "dsdh", "--bits", 16, "--poses",
+              "--out", tmp_path / "x.npz", ok=False).output
+    assert "learns from labels" in err
+    for root in roots.values():
+        run("hash", "encode", root, "--global", "rand", "--model", model)
+    out = json.loads(run("hash", "evaluate", "--map", roots["mapping"], "--query", roots["query"], "--global",
+                         "rand-dpsh16", "--query-gt", data / "query_gt", "--max-distance", limit, "--max-angle",
+                         180).stdout)
+    assert out["queries"] == len(qposes) and out["queries_with_relevant"] == int((gaps <= limit).any(1).sum())
+    assert out["ground_truth"].startswith("poses")

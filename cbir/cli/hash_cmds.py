@@ -11,7 +11,7 @@ import click
 import numpy as np
 
 from ..errors import CbirError
-from ._common import console_err, dataset_argument, is_quiet, open_dataset, print_json, report_written
+from ._common import dataset_argument, is_quiet, open_dataset, print_json, report_written
 
 
 def _descriptors(dataset: Path, name: str) -> tuple[list[str], np.ndarray, dict[str, Any], Path]:
@@ -34,6 +34,33 @@ def _labels(path: Path | None, names: list[str]) -> np.ndarray | None:
     from ..hashing.labels import label_matrix, read_labels
 
     return label_matrix(read_labels(path), names, path)[0]
+
+
+def _relevant(query_gt: Path, map_: Path, qnames: list[str], mnames: list[str], max_distance: float,
+              max_angle: float) -> np.ndarray:
+    """Q x N: map images whose camera is within ``max_distance`` and ``max_angle`` of the
+    query's (the pose ground truth of ``cbir evaluate --retrieval``)."""
+    from ..evaluation.retrieval import ground_truth_from_poses
+
+    qposes, mposes = open_dataset(query_gt).sensors.image_poses(), open_dataset(map_).sensors.image_poses()
+    for label, names, known, where in (("query", qnames, qposes, query_gt), ("map", mnames, mposes, map_)):
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise CbirError(f"{len(missing)} {label} images have no pose, e.g. {missing[0]!r}", where)
+    gt = ground_truth_from_poses({n: qposes[n] for n in qnames}, {n: mposes[n] for n in mnames},
+                                 max_distance=max_distance, max_angle_deg=max_angle)
+    column = {n: i for i, n in enumerate(mnames)}
+    out = np.zeros((len(qnames), len(mnames)), bool)
+    for i, q in enumerate(qnames):
+        out[i, [column[n] for n in gt.relevant.get(q, ())]] = True
+    return out
+
+
+def _pose_pairs(dataset: Path, names: list[str], max_distance: float, max_angle: float) -> np.ndarray:
+    """N x N similar pairs of the dataset's own images by their poses (an image is similar to itself)."""
+    similar = _relevant(dataset, dataset, names, names, max_distance, max_angle)
+    np.fill_diagonal(similar, True)
+    return similar
 
 
 def _conf(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -61,6 +88,11 @@ def hash_group() -> None:
 @click.option("--bits", type=click.IntRange(8, 1024), required=True, help="Code length.")
 @click.option("--labels", "labels_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Labels file (supervised methods): 'image, label[, label ...]' a line.")
+@click.option("--poses", is_flag=True, help="Supervised methods: similar = cameras within --max-distance and "
+              "--max-angle of each other (the dataset's trajectories), instead of labels.")
+@click.option("--max-distance", type=click.FloatRange(0), default=10.0, show_default=True, help="With --poses (m).")
+@click.option("--max-angle", type=click.FloatRange(0, 180), default=45.0, show_default=True,
+              help="With --poses: between optical axes (degrees).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--conf", "conf_items", multiple=True, metavar="KEY=VALUE", help="The method's options.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The model (.npz).")
@@ -68,7 +100,8 @@ def hash_group() -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def hash_train(ctx: click.Context, dataset: Path, global_: str, method: str, bits: int, labels_path: Path | None,
-               seed: int, conf_items: tuple[str, ...], out: Path, overwrite: bool, as_json: bool) -> None:
+               poses: bool, max_distance: float, max_angle: float, seed: int, conf_items: tuple[str, ...], out: Path,
+               overwrite: bool, as_json: bool) -> None:
     """Learn a hash function of BITS bits from DATASET's global store."""
     from .. import plugins
     from ..hashing.base import Hasher
@@ -78,8 +111,13 @@ def hash_train(ctx: click.Context, dataset: Path, global_: str, method: str, bit
     cls = plugins.load("hasher", method)
     if not (isinstance(cls, type) and issubclass(cls, Hasher)):
         raise CbirError(f"the hashing method {method!r} is {cls!r}, not a subclass of cbir.hashing.base.Hasher")
+    if poses and labels_path:
+        raise click.UsageError("--labels or --poses, not both")
     names, x, config, _ = _descriptors(dataset, global_)
-    model = cls(_conf(conf_items)).fit(x, bits, _labels(labels_path, names), seed)
+    similar = _pose_pairs(dataset, names, max_distance, max_angle) if poses else None
+    model = cls(_conf(conf_items)).fit(x, bits, _labels(labels_path, names), seed, similar=similar)
+    if poses:
+        model.conf.update({"supervision": "poses", "max_distance": max_distance, "max_angle": max_angle})
     model.extra["source"] = {"store": global_, "config": config, "images": len(names)}
     model.save(out)
     summary = {"model": str(out), "method": model.method, "bits": model.bits, "dim": model.dim,
@@ -175,24 +213,42 @@ def hash_search(map_: Path, query: Path | None, global_: str, topk: int, kind: s
 @click.option("--map", "map_", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--query", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--global", "global_", required=True, metavar="NAME", help="The code store of both datasets.")
-@click.option("--labels", "labels_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--labels", "labels_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Labels of the query and map images (relevant: sharing a label).")
+@click.option("--query-gt", type=click.Path(file_okay=False, path_type=Path),
+              help="Dataset with the queries' poses (relevant: cameras within --max-distance and --max-angle).")
+@click.option("--max-distance", type=click.FloatRange(0), default=10.0, show_default=True)
+@click.option("--max-angle", type=click.FloatRange(0, 180), default=45.0, show_default=True)
 @click.option("--k", "ks", type=click.IntRange(1), multiple=True, default=(100,), show_default=True)
 @click.option("--radius", type=click.IntRange(0), default=2, show_default=True)
-def hash_evaluate(map_: Path, query: Path, global_: str, labels_path: Path, ks: tuple[int, ...],
-                  radius: int) -> None:
+def hash_evaluate(map_: Path, query: Path, global_: str, labels_path: Path | None, query_gt: Path | None,
+                  max_distance: float, max_angle: float, ks: tuple[int, ...], radius: int) -> None:
     """mAP, mAP@k, precision@k, recall@k, precision and mAP within a Hamming radius and the
-    precision-recall curve of the query codes against the map codes (JSON)."""
+    precision-recall curve of the query codes against the map codes (JSON). A query's own
+    image, when the query and the map are one dataset, is neither ranked nor relevant."""
     from ..hashing.labels import label_matrix, read_labels
     from ..hashing.metrics import hashing_metrics, label_relevance
     from ..hashing.search import hamming_distances
 
+    if (labels_path is None) == (query_gt is None):
+        raise click.UsageError("give one ground truth: --labels FILE or --query-gt DATASET")
     mnames, mcodes, bits, mconf = read_codes(map_, global_)
     qnames, qcodes, _, qconf = read_codes(query, global_)
     _same_model(qconf, mconf)
-    labels = read_labels(labels_path)
-    mlab, vocab = label_matrix(labels, mnames, labels_path)
-    qlab, _ = label_matrix(labels, qnames, labels_path, vocab)
-    metrics = hashing_metrics(hamming_distances(qcodes, mcodes), label_relevance(qlab, mlab), bits, ks, radius)
-    print_json({"bits": bits, "method": mconf.get("hash", {}).get("method"), **metrics})
-    console_err()  # nothing to add on stderr
+    if labels_path is not None:
+        labels = read_labels(labels_path)
+        mlab, vocab = label_matrix(labels, mnames, labels_path)
+        qlab, _ = label_matrix(labels, qnames, labels_path, vocab)
+        relevance = label_relevance(qlab, mlab)
+    else:
+        assert query_gt is not None
+        relevance = _relevant(query_gt, map_, qnames, mnames, max_distance, max_angle)
+    distances = hamming_distances(qcodes, mcodes)
+    if open_dataset(query).root.resolve() == open_dataset(map_).root.resolve():
+        column = {n: i for i, n in enumerate(mnames)}
+        for i, q in enumerate(qnames):  # the query itself: ranked last, not relevant
+            if q in column:
+                distances[i, column[q]], relevance[i, column[q]] = bits + 1, False
+    metrics = hashing_metrics(distances, relevance, bits, ks, radius)
+    source = str(labels_path) if labels_path else f"poses (<= {max_distance:g} m, <= {max_angle:g} deg)"
+    print_json({"bits": bits, "method": mconf.get("hash", {}).get("method"), "ground_truth": source, **metrics})

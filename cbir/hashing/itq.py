@@ -24,8 +24,8 @@ class ITQ(Hasher):
     name = "itq"
     default_conf = {"iterations": 50}
 
-    def _fit(self, x: np.ndarray, bits: int, labels: np.ndarray | None,
-             seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    def _fit(self, x: np.ndarray, bits: int, labels: np.ndarray | None, seed: int,
+             pairs: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         check_integer("itq iterations", self.conf["iterations"], 0)
         if bits > x.shape[1]:
             raise CbirError(f"itq: {bits} bits from {x.shape[1]}-D descriptors (PCA keeps at most as many bits as "

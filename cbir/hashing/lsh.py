@@ -14,7 +14,7 @@ from .base import Hasher
 class LSH(Hasher):
     name = "lsh"
 
-    def _fit(self, x: np.ndarray, bits: int, labels: np.ndarray | None,
-             seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    def _fit(self, x: np.ndarray, bits: int, labels: np.ndarray | None, seed: int,
+             pairs: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         rng = np.random.default_rng(seed)
         return x.mean(0, dtype=np.float64), rng.standard_normal((x.shape[1], bits)), np.zeros(bits), {}

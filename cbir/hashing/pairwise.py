@@ -1,6 +1,7 @@
 """Supervised hashing by pairwise similarity (the deep hashing survey's "pairwise similarity
 preserving" family), each as a hash layer learned on frozen descriptors: ``u = (x - mean) W + c``,
-code ``sign(u)``. Two items are similar when they share a label.
+code ``sign(u)``. Two items are similar when they share a label, or, for a localization
+dataset's images (``dpsh``, ``hashnet``), when their cameras are close (a pairs matrix).
 
 - ``dpsh`` (Li, Wang and Kang, "Feature Learning based Deep Supervised Hashing with Pairwise
   Labels", IJCAI 2016): the likelihood of the pairs, ``theta_ij = u_i . u_j / 2``, loss
@@ -35,8 +36,8 @@ class _Pairwise(Hasher):
     supervised = True
     default_conf = {"epochs": 60, "batch_size": 256, "lr": 1e-2, "eta": 0.1}
 
-    def _fit(self, x: np.ndarray, bits: int, labels: np.ndarray | None,
-             seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    def _fit(self, x: np.ndarray, bits: int, labels: np.ndarray | None, seed: int,
+             pairs: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         assert labels is not None  # Hasher.fit checked it
         check_integer(f"{self.name} epochs", self.conf["epochs"], 1)
         check_integer(f"{self.name} batch_size", self.conf["batch_size"], 2)
@@ -68,7 +69,7 @@ class _Pairwise(Hasher):
                 if len(batch) < 2:
                     continue
                 u = layer(xs[batch])
-                s = (y[batch] @ y[batch].T > 0).float()
+                s = y[batch][:, batch] if pairs else (y[batch] @ y[batch].T > 0).float()
                 loss = self._loss(u, s, y[batch], classifier, step)
                 optimizer.zero_grad()
                 loss.backward()
@@ -116,6 +117,7 @@ class HashNet(_Pairwise):
 
 class DSDH(_Pairwise):
     name = "dsdh"
+    pairs_only = False
     default_conf = {"epochs": 60, "batch_size": 256, "lr": 1e-2, "eta": 0.1, "mu": 1.0, "nu": 1e-3}
 
     def _loss(self, u: torch.Tensor, s: torch.Tensor, y: torch.Tensor, classifier: torch.nn.Module | None,
