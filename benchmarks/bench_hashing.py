@@ -128,7 +128,7 @@ def search(codes_n: int, float_n: int, queries: int, dim: int = 2048, bits: int 
           f"{1000 * float_seconds:.1f} | 1.000 |")
     print(f"| Hamming, {bits}-bit ITQ codes (IndexBinaryFlat, exact, ties by map order) | {bits // 8} | "
           f"{1000 * ham_seconds:.1f} | {recall:.3f} |")
-    print(f"| the same, its top 1,000 re-ranked by the float descriptors (read from disk in use) | {bits // 8} "
+    print(f"| the same, its top 1,000 re-ranked by the float descriptors (held in memory here) | {bits // 8} "
           f"(+ the float store) | {1000 * (ham_seconds + rerank_seconds):.1f} | {recall_rerank:.3f} |")
     print(f"\nspeed-up {float_seconds / ham_seconds:.0f}x at 1/{dim * 4 // (bits // 8)} of the memory")
 

@@ -211,6 +211,8 @@ def test_cbir_hash_end_to_end(digits, tmp_path):
         assert s.config["metric_type"] == "Hamming" and s.config["code_bits"] == 32
         assert s.attrs["descriptor_dtype"] == "uint8" and s.attrs["descriptor_dim"] == 4
         assert s.config["hash"]["method"] == "itq" and len(s) == len(x)
+    err = run("hash", "encode", root, "--global", "pixels-itq32", "--model", model, ok=False).output
+    assert "learned from and applied to float descriptors" in err
     searched, retrieved = tmp_path / "searched.txt", tmp_path / "retrieved.txt"
     run("hash", "search", "--map", root, "--global", "pixels-dpsh32", "--topk", 5, "-o", searched)
     run("retrieve", "--map", root, "--global", "pixels-dpsh32", "--topk", 5, "-o", retrieved)

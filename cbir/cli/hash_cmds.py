@@ -25,6 +25,9 @@ def _descriptors(dataset: Path, name: str) -> tuple[list[str], np.ndarray, dict[
         config = dict(s.config)
     if not names:
         raise CbirError("the store holds no descriptor", path)
+    if (config.get("metric_type") or "L2") != "L2":
+        raise CbirError(f"descriptors compared by {config['metric_type']} distance: hash functions are learned from "
+                        "and applied to float descriptors", path)
     return names, x, config, path
 
 

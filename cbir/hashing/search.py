@@ -2,8 +2,9 @@
 ties ranked by map order (the map's row index), exactly: distances are integers, so the
 ranking is the same on every CPU and thread count.
 
-``exact`` is faiss's ``IndexBinaryFlat`` (XOR and popcount over every map code), its
-boundary ties resolved by a range search; ``multihash`` (``IndexBinaryMultiHash``) and
+``exact`` is faiss's ``IndexBinaryFlat`` (XOR and popcount over every map code), four times
+``k`` asked for so that the ties at the k-th distance are all seen (a range search where they
+go on further); ``multihash`` (``IndexBinaryMultiHash``) and
 ``ivf`` (``IndexBinaryIVF``) are faiss's indexes for large maps, whose candidates are ranked
 by the same rule (they may miss neighbours: an index trades recall for speed).
 """
@@ -60,21 +61,30 @@ def hamming_topk(query_codes: np.ndarray, map_codes: np.ndarray, k: int, kind: s
     k = min(k, len(map_codes))
     if index is None:
         index = build_index(map_codes, kind, **index_options)
-    found_d, found_i = index.search(q, k)
     distances = np.full((len(q), k), -1, np.int32)
     rows = np.full((len(q), k), -1, np.int64)
+    if not k or not len(q):
+        return distances, rows
     if kind == "exact":
-        # the k-th distance may be shared by codes past the k faiss returned: take them all
-        # (a range search below the k-th distance + 1) and rank by (distance, row)
-        radius = found_d[:, -1].astype(np.int64) + 1 if k else np.zeros(len(q), np.int64)
-        for r in np.unique(radius):
-            sel = np.flatnonzero(radius == r)
+        # k' > k nearest: where the k'-th is farther than the k-th, every code at the k-th
+        # distance is among them (any code left out is at least as far as the k'-th); elsewhere
+        # the ties at the k-th distance go on past k': take them all by a range search
+        deeper = min(len(map_codes), 4 * k)
+        found_d, found_i = index.search(q, deeper)
+        saturated = found_d[:, -1] <= found_d[:, k - 1] if deeper > k else np.zeros(len(q), bool)
+        for qi in np.flatnonzero(~saturated):
+            order = np.lexsort((found_i[qi], found_d[qi]))[:k]
+            distances[qi], rows[qi] = found_d[qi][order], found_i[qi][order]
+        radius = found_d[:, k - 1].astype(np.int64) + 1
+        for r in np.unique(radius[saturated]):
+            sel = np.flatnonzero(saturated & (radius == r))
             lims, dist, ids = index.range_search(q[sel], int(r))
             for j, qi in enumerate(sel):
                 near, which = dist[lims[j]:lims[j + 1]], ids[lims[j]:lims[j + 1]]
                 order = np.lexsort((which, near))[:k]
                 distances[qi, :len(order)], rows[qi, :len(order)] = near[order], which[order]
         return distances, rows
+    found_d, found_i = index.search(q, k)
     for row in range(len(q)):  # an index's candidates, ranked by the same rule
         valid = found_i[row] >= 0
         near, which = found_d[row][valid], found_i[row][valid]
