@@ -38,6 +38,16 @@ def check_bool(name: str, value: Any) -> None:
         raise CbirError(f"{name} must be true or false, got {value!r}")
 
 
+def merged_conf(what: str, defaults: dict[str, Any], conf: dict[str, Any] | None) -> dict[str, Any]:
+    """``conf`` over ``defaults``; a key ``defaults`` lacks is a one-line error naming ``what``
+    (a plugin: ``sift``, ``the nn matcher``) and the closest known key."""
+    conf = dict(conf or {})
+    unknown = set(conf) - set(defaults)
+    if unknown:
+        raise CbirError(f"unknown option(s) for {what}: {unknown_names(unknown, defaults)}")
+    return {**defaults, **conf}
+
+
 def unknown_names(unknown: Iterable[str], known: Iterable[str]) -> str:
     """``'max_keypoint' (did you mean 'max_keypoints'?)`` for each unknown name, or the known
     names when none is close: what a typo'd option or key is told."""

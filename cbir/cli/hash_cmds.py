@@ -3,7 +3,6 @@ by Hamming distance, and the hashing metrics (issue 29)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -66,19 +65,6 @@ def _pose_pairs(dataset: Path, names: list[str], max_distance: float, max_angle:
     return similar
 
 
-def _conf(pairs: tuple[str, ...]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in pairs:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--conf")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 @click.group("hash")
 def hash_group() -> None:
     """Binary codes of global descriptors: learn, encode, search, evaluate."""
@@ -108,6 +94,7 @@ def hash_train(ctx: click.Context, dataset: Path, global_: str, method: str, bit
     """Learn a hash function of BITS bits from DATASET's global store."""
     from .. import plugins
     from ..hashing.base import Hasher
+    from .features_cmds import parse_conf
 
     if out.exists() and not overwrite:
         raise CbirError("exists: pass --overwrite to replace it", out)
@@ -118,7 +105,7 @@ def hash_train(ctx: click.Context, dataset: Path, global_: str, method: str, bit
         raise click.UsageError("--labels or --poses, not both")
     names, x, config, _ = _descriptors(dataset, global_)
     similar = _pose_pairs(dataset, names, max_distance, max_angle) if poses else None
-    model = cls(_conf(conf_items)).fit(x, bits, _labels(labels_path, names), seed, similar=similar)
+    model = cls(parse_conf(conf_items)).fit(x, bits, _labels(labels_path, names), seed, similar=similar)
     if poses:
         model.conf.update({"supervision": "poses", "max_distance": max_distance, "max_angle": max_angle})
     model.extra["source"] = {"store": global_, "config": config, "images": len(names)}

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import CbirError
-from ..validate import unknown_names
+from ..validate import merged_conf
 from .model import HashModel, check_bits, fingerprint
 
 
@@ -20,11 +20,7 @@ class Hasher:
     supervised: ClassVar[bool] = False
 
     def __init__(self, conf: dict[str, Any] | None = None):
-        conf = dict(conf or {})
-        unknown = set(conf) - set(self.default_conf)
-        if unknown:
-            raise CbirError(f"unknown option(s) for {self.name}: {unknown_names(unknown, self.default_conf)}")
-        self.conf = {**self.default_conf, **conf}
+        self.conf = merged_conf(self.name, self.default_conf, conf)
 
     #: whether a supervised method can learn from pairs alone (a similarity matrix, no labels)
     pairs_only: ClassVar[bool] = True

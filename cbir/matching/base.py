@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import CbirError
-from ..validate import unknown_names
+from ..validate import merged_conf
 
 if TYPE_CHECKING:
     from ..io.store import Store
@@ -58,12 +58,7 @@ class Matcher:
     runtime_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, conf: dict[str, Any] | None = None):
-        conf = dict(conf or {})
-        unknown = set(conf) - set(self.default_conf)
-        if unknown:
-            raise CbirError(f"unknown option(s) for the {self.name} matcher: "
-                            f"{unknown_names(unknown, self.default_conf)}")
-        self.conf = {**self.default_conf, **conf}
+        self.conf = merged_conf(f"the {self.name} matcher", self.default_conf, conf)
 
     def identity(self) -> dict[str, Any]:
         """What the matches store records as its ``matcher`` configuration: the name and the

@@ -19,7 +19,7 @@ import torch
 from ..devices import to_device
 from ..errors import CbirError
 from ..io.images import LoadedImage
-from ..validate import check_integer, unknown_names
+from ..validate import check_integer, merged_conf
 
 
 @dataclass(frozen=True)
@@ -108,11 +108,7 @@ class Extractor:
     descriptor_dim: int
 
     def __init__(self, conf: dict[str, Any] | None = None):
-        conf = dict(conf or {})
-        unknown = set(conf) - set(self.default_conf)
-        if unknown:
-            raise CbirError(f"unknown option(s) for {self.name}: {unknown_names(unknown, self.default_conf)}")
-        self.conf = {**self.default_conf, **conf}
+        self.conf = merged_conf(self.name, self.default_conf, conf)
         # the options most extractors share, with the rules of the command line
         if self.conf.get("max_size") is not None:
             check_integer(f"{self.name} max_size", self.conf["max_size"], 1)
