@@ -90,6 +90,10 @@ def test_models_save_load_and_refuse_bad_files(digits, tmp_path):
         ITQ().fit(digits["xb"], 128)
     with pytest.raises(CbirError, match="unknown option"):
         ITQ({"rounds": 3})
+    broken = digits["xq"][:3].copy()
+    broken[1, 5] = np.nan
+    with pytest.raises(CbirError, match="non-finite descriptors have no code"):
+        model.encode(broken)
 
 
 def test_exact_search_ranks_ties_by_map_order(threads):

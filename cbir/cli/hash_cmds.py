@@ -138,6 +138,10 @@ def hash_encode(ctx: click.Context, dataset: Path, global_: str, model_path: Pat
     if source is not None and source != config:
         raise CbirError(f"the model was trained on descriptors of another configuration ({source.get('extractor')}) "
                         f"than {global_}'s ({config.get('extractor')})", model_path)
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if len(bad):  # NaN > t is False: such a descriptor would get a code of zeros, not an error
+        raise CbirError(f"non-finite descriptor for image {names[int(bad[0])]!r} ({len(bad)} such): it has no code",
+                        open_dataset(dataset).store_path("global", global_))
     codes = model.encode(x)
     out = open_dataset(dataset).store_path("global", name or f"{global_}-{model.method}{model.bits}")
     attrs = {"name": out.stem, "config": {"extractor": "hash", "metric_type": "Hamming", "code_bits": model.bits,

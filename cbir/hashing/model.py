@@ -112,6 +112,8 @@ class HashModel:
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise CbirError(f"descriptors of shape {x.shape}: this hash model takes {self.dim} dimensions")
+        if not np.isfinite(x).all():
+            raise CbirError("non-finite descriptors have no code")
         return (x.astype(np.float64) - self.mean) @ self.projection > self.thresholds
 
     def encode(self, x: np.ndarray) -> np.ndarray:
