@@ -215,6 +215,17 @@ def test_cbir_hash_end_to_end(digits, tmp_path):
         assert s.config["metric_type"] == "Hamming" and s.config["code_bits"] == 32
         assert s.attrs["descriptor_dtype"] == "uint8" and s.attrs["descriptor_dim"] == 4
         assert s.config["hash"]["method"] == "itq" and len(s) == len(x)
+    # the map cut in shards of 97 images (as a cluster cuts it): the same pairs as one shard
+    from cbir.executor import LocalExecutor, ShardSizes
+    from cbir.hashing.retrieve import hamming_pairs
+    from cbir.io.dataset import Dataset
+
+    class Cut(LocalExecutor):
+        in_place = False
+
+    whole = hamming_pairs(Dataset(root), Dataset(root), "pixels-itq32", 7)[0]
+    assert hamming_pairs(Dataset(root), Dataset(root), "pixels-itq32", 7, executor=Cut(ShardSizes(map_images=97)))[0] \
+        == whole and len(whole) == 7 * len(x)
     err = run("hash", "encode", root, "--global", "pixels-itq32", "--model", model, ok=False).output
     assert "learned from and applied to float descriptors" in err
     searched, retrieved = tmp_path / "searched.txt", tmp_path / "retrieved.txt"

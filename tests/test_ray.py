@@ -546,3 +546,33 @@ def test_lightglue_matching_on_the_cluster_is_the_local_run(cluster, sceaux, tmp
         for key in a.keys:
             np.testing.assert_array_equal(a.get(key)["matches"], b.get(key)["matches"])
             np.testing.assert_allclose(a.get(key)["scores"], b.get(key)["scores"], atol=1e-5, rtol=0)
+
+
+def test_hamming_retrieval_over_map_shards_is_the_local_run(cluster, tmp_path):
+    """`cbir retrieve --executor ray` of a code store (the digits' ITQ codes), the map cut in
+    shards of 300 images: the local run's pairs, line for line (integer distances)."""
+    from click.testing import CliRunner
+    from sklearn.datasets import load_digits
+
+    from cbir.cli import main
+    from tests.test_hashing import digits_dataset
+
+    d = load_digits()
+    x, y = d.data.astype(np.float32), np.eye(10, dtype=bool)[d.target]
+    root = tmp_path / "digits"
+    digits_dataset(root, {"xq": x[:0], "yq": y[:0], "xb": x, "yb": y})
+    runner = CliRunner()
+    for args in (["hash", "train", root, "--global", "pixels", "--method", "itq", "--bits", 24, "--out",
+                  tmp_path / "itq.npz"],
+                 ["hash", "encode", root, "--global", "pixels", "--model", tmp_path / "itq.npz"]):
+        result = runner.invoke(main, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    out = {}
+    for label, extra in (("local", []), ("ray", ["--executor", "ray", "--ray-address", cluster.address,
+                                                  "--shard-size", "300"])):
+        out[label] = tmp_path / f"{label}.txt"
+        result = runner.invoke(main, [str(a) for a in ["retrieve", "--map", root, "--global", "pixels-itq24",
+                                                        "--topk", 10, "-o", out[label], *extra]])
+        assert result.exit_code == 0, result.output
+    lines = {k: [ln for ln in v.read_text().splitlines() if not ln.startswith("#")] for k, v in out.items()}
+    assert lines["ray"] == lines["local"] and len(lines["local"]) == 10 * len(x)

@@ -58,7 +58,7 @@ def _binary_codes(map_: Any, name: str) -> bool:
 
 def _retrieve_codes(ctx: click.Context, q: Any, m: Any, name: str, topk: int, exclude_same_name: bool,
                     output: str | None, as_json: bool, rerank: str | None, candidates: int,
-                    unsupported: list[str]) -> None:
+                    unsupported: list[str], run: Executor) -> None:
     """`cbir retrieve` of a code store: exact Hamming search, ties by map order (then, with
     ``rerank``, the candidates ranked by float cosine); ``unsupported``: the options given
     that do not apply to codes."""
@@ -69,7 +69,7 @@ def _retrieve_codes(ctx: click.Context, q: Any, m: Any, name: str, topk: int, ex
                                "Hamming distance here (cbir hash search --index multihash|ivf for large maps)")
 
     pairs, record = hamming_pairs(q, m, name, topk, exclude_same_name=exclude_same_name, rerank=rerank,
-                                  candidates=candidates)
+                                  candidates=candidates, executor=run)
     out = output or str(q.store_path("pairs", f"{name}_top{topk}"))
     if out != "-":
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -159,9 +159,10 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
     same = q.root.resolve() == m.root.resolve()
     if len(names) == 1 and _binary_codes(m, names[0]):
         options = (("--qe", qe), ("--dba", dba), ("--index", index_kind != "exact"),
-                   ("--precision", precision != "fp32"), ("--executor", executor != "local"))
+                   ("--precision", precision != "fp32"))
         _retrieve_codes(ctx, q, m, names[0], topk, exclude_same_name, output, as_json, rerank, candidates,
-                        [flag for flag, used in options if used])
+                        [flag for flag, used in options if used], cli_executor(executor, ray_address, shard_size,
+                                                                                "map_images"))
         return
     if rerank:
         raise click.UsageError("--rerank: for binary codes only (a code store from cbir hash encode)")

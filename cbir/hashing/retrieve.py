@@ -1,15 +1,22 @@
 """Retrieval over code stores: each query's ``topk`` nearest map images by the Hamming
 distance of their codes, ties by map order; the query's own image left out when the query
 and the map are one dataset. What ``cbir retrieve`` runs for code stores and ``cbir hash
-search`` runs always."""
+search`` runs always.
+
+The search is a step on the executor seam (:mod:`cbir.executor`): the map is cut into ranges
+of ``map_images`` (one range on the local executor), each shard finds the nearest codes of
+its range by (distance, map row), and the shards' lists are merged by the same key: integers,
+so the pairs are the same whatever the cut, the executor and the machine."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import CbirError
+from ..executor import Executor, LocalExecutor, Work
 from ..io.dataset import Dataset
 from ..io.pairs import Pair
 from ..io.store import Store, open_store
@@ -37,18 +44,59 @@ def code_bits(store: Store) -> int:
 
 
 def _aligned(store: Store, images: list[str]) -> tuple[list[str], np.ndarray]:
-    """The store's images that the dataset records, in stored order, and their codes."""
+    """The store's images that the dataset records, in stored order, and their rows."""
     known = set(images)
-    rows = [i for i, n in enumerate(store.names) if n in known]
-    names = [str(store.names[i]) for i in rows]
-    codes = store.read_rows("descriptors", np.asarray(rows, dtype=np.int64)) if rows else \
+    rows = np.array([i for i, n in enumerate(store.names) if n in known], dtype=np.int64)
+    return [str(store.names[i]) for i in rows.tolist()], rows
+
+
+def _codes(store: Store, rows: np.ndarray) -> np.ndarray:
+    return np.asarray(store.read_rows("descriptors", rows), dtype=np.uint8) if len(rows) else \
         np.zeros((0, store.dataset("descriptors").shape[1]), np.uint8)
-    return names, np.asarray(codes, dtype=np.uint8)
+
+
+def hamming_shard(map_store: str, rows: np.ndarray, start: int, query_codes: np.ndarray, depth: int,
+                  kind: str, *, threads: int | None = None, progress: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """One range of the map (its store ``rows``, the first at position ``start`` of the
+    aligned map): each query's ``depth`` nearest codes there, as distances and positions."""
+    if threads:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+    with open_store(map_store, "global-features") as store:
+        codes = _codes(store, rows)
+    distances, found = hamming_topk(query_codes, codes, depth, kind)
+    return distances, np.where(found >= 0, found + start, -1)
+
+
+def _merged(parts: list[tuple[np.ndarray, np.ndarray]], depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """The shards' lists as one: each query's ``depth`` smallest (distance, position)."""
+    distances = np.concatenate([p[0] for p in parts], axis=1)
+    positions = np.concatenate([p[1] for p in parts], axis=1)
+    big = np.iinfo(np.int64).max
+    key_d = np.where(positions >= 0, distances.astype(np.int64), big)
+    order = np.lexsort((positions, key_d), axis=1)[:, :depth]
+    return np.take_along_axis(distances, order, 1), np.take_along_axis(positions, order, 1)
+
+
+def search_codes(executor: Executor, map_store: Path, rows: np.ndarray, query_codes: np.ndarray, depth: int,
+                 kind: str = "exact") -> tuple[np.ndarray, np.ndarray]:
+    """Each query's ``depth`` nearest map codes (distances, positions in ``rows``), by shards
+    of ``executor.sizes.map_images`` map images (one on an executor running here)."""
+    n = len(rows)
+    size = n if executor.in_place else max(1, executor.sizes.map_images)
+    cuts = [(m0, min(n, m0 + size)) for m0 in range(0, n, size)] or [(0, 0)]
+    shared = executor.share(query_codes)
+    shards = {i: (str(map_store), rows[m0:m1], m0, shared, depth, kind) for i, (m0, m1) in enumerate(cuts)}
+    work = Work(hamming_shard, shards, [str(m0) for m0, _ in cuts], [m1 - m0 for m0, m1 in cuts], n, role=None,
+                torch=False)
+    parts = dict(executor.run(work))
+    return _merged([parts[i] for i in sorted(parts)], depth)
 
 
 def hamming_pairs(query: Dataset, map_: Dataset, name: str, topk: int, *, kind: str = "exact",
-                  exclude_same_name: bool = False, rerank: str | None = None,
-                  candidates: int = 100) -> tuple[list[Pair], dict[str, Any]]:
+                  exclude_same_name: bool = False, rerank: str | None = None, candidates: int = 100,
+                  executor: Executor | None = None) -> tuple[list[Pair], dict[str, Any]]:
     """The pairs (score: the number of equal bits) and the record of what made them. With
     ``rerank`` (a float global store of both datasets), each query's ``candidates`` nearest
     codes are ranked again by the cosine of their float descriptors (the score then), ties by
@@ -64,20 +112,25 @@ def hamming_pairs(query: Dataset, map_: Dataset, name: str, topk: int, *, kind: 
         if code_bits(qs) != bits or qs.config.get("hash", {}).get("model") != ms.config.get("hash", {}).get("model"):
             raise CbirError(f"the query codes were written by another hash model than {ms.path}'s: their bits mean "
                             "different things; encode both with the same model", qs.path)
-        qnames, qcodes = _aligned(qs, query.sensors.image_names())
-        mnames, mcodes = _aligned(ms, map_.sensors.image_names())
-        for label, names, codes, store in (("query", qnames, qcodes, qs), ("map", mnames, mcodes, ms)):
+        qnames, qrows = _aligned(qs, query.sensors.image_names())
+        mnames, mrows = _aligned(ms, map_.sensors.image_names())
+        qcodes = _codes(qs, qrows)
+        for label, names, store in (("query", qnames, qs), ("map", mnames, ms)):
             if not names:
                 raise CbirError(f"no {label} image of the dataset has a code in this store", store.path)
-            if not padding_is_zero(codes, bits):
-                raise CbirError("padding bits past code_bits are not zero", store.path)
+        if not padding_is_zero(qcodes, bits):
+            raise CbirError("padding bits past code_bits are not zero", qs.path)
+        if bits % 8 and not padding_is_zero(_codes(ms, mrows), bits):
+            raise CbirError("padding bits past code_bits are not zero", ms.path)
+        map_path = ms.path
         record: dict[str, Any] = {"step": "retrieve", "config": {"metric": "Hamming", "topk": topk, "index": kind,
                                                  "exclude_self": same, "exclude_same_name": exclude_same_name,
                                                  "stores": [name], "descriptors": [ms.config], "code_bits": bits},
                   "inputs": {"query": [qs.fingerprint()], "map": [ms.fingerprint()]}}
     extra = int(same or exclude_same_name)
     depth = max(topk, candidates) if rerank else topk
-    distances, rows = hamming_topk(qcodes, mcodes, min(depth + extra, len(mnames)), kind)
+    distances, rows = search_codes(executor or LocalExecutor(), map_path, mrows, qcodes,
+                                   min(depth + extra, len(mnames)), kind)
     found = []
     for qi, q in enumerate(qnames):
         found.append([(int(d), int(r)) for d, r in zip(distances[qi], rows[qi], strict=True)
