@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import CbirError
 from ._common import dataset_argument, is_quiet, open_dataset, print_json, report_written
+from .features_cmds import cli_executor, executor_options, parse_conf
 
 
 def _descriptors(dataset: Path, name: str) -> tuple[list[str], np.ndarray, dict[str, Any], Path]:
@@ -94,7 +95,6 @@ def hash_train(ctx: click.Context, dataset: Path, global_: str, method: str, bit
     """Learn a hash function of BITS bits from DATASET's global store."""
     from .. import plugins
     from ..hashing.base import Hasher
-    from .features_cmds import parse_conf
 
     if out.exists() and not overwrite:
         raise CbirError("exists: pass --overwrite to replace it", out)
@@ -188,9 +188,11 @@ def _same_model(qconf: dict[str, Any], mconf: dict[str, Any]) -> None:
 @click.option("--rerank", metavar="NAME", help="Rank each query's --candidates nearest codes again by the cosine of "
               "the float global store NAME.")
 @click.option("--candidates", type=click.IntRange(1), default=100, show_default=True)
+@executor_options(100_000, "map images (each shard's nearest codes merged by distance, then map order)")
 @click.option("--output", "-o", required=True, help="Pairs file to write ('-': standard output).")
 def hash_search(map_: Path, query: Path | None, global_: str, topk: int, kind: str, exclude_same_name: bool,
-                rerank: str | None, candidates: int, output: str) -> None:
+                rerank: str | None, candidates: int, executor: str, ray_address: str | None, shard_size: int,
+                output: str) -> None:
     """The TOPK nearest map codes of each query by Hamming distance, ties by map order, as a
     pairs file whose score is the number of equal bits (`cbir retrieve` does the same with
     exact search)."""
@@ -199,7 +201,8 @@ def hash_search(map_: Path, query: Path | None, global_: str, topk: int, kind: s
 
     m = open_dataset(map_)
     pairs, record = hamming_pairs(open_dataset(query) if query else m, m, global_, topk, kind=kind,
-                                  exclude_same_name=exclude_same_name, rerank=rerank, candidates=candidates)
+                                  exclude_same_name=exclude_same_name, rerank=rerank, candidates=candidates,
+                                  executor=cli_executor(executor, ray_address, shard_size, "map_images"))
     write_pairs(output, pairs, record)
 
 
