@@ -16,7 +16,7 @@ import torch
 from cbir.errors import CbirError
 from cbir.io.images import LoadedImage
 from cbir.models.boq import RESNET_NAMES, BoQ, BoQNet
-from tests.boq_reference import RUNS, official_state, photo
+from tests.boq_reference import DINOV2_BLOCKS, RUNS, official_state, photo
 
 REFERENCE = np.load(Path(__file__).parent / "reference" / "boq" / "generated.npz")
 TO_OFFICIAL = {v: k for k, v in RESNET_NAMES.items()}
@@ -42,7 +42,7 @@ def weights(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("boq")
     paths = {}
     for backbone, name, dim in (("resnet50", "resnet50_16384.pth", 512), ("dinov2", "dinov2_12288.pth", 384)):
-        shapes = official_shapes(BoQNet(backbone, dim, 64, 2, 32))
+        shapes = official_shapes(BoQNet(backbone, dim, 64, 2, 32, depth=DINOV2_BLOCKS))
         torch.save(official_state(shapes), folder / name)
         paths[backbone] = folder / name
     return paths

@@ -154,15 +154,16 @@ def test_labels_files(tmp_path):
         read_labels(path)
 
 
-def digits_dataset(root, digits: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray, np.ndarray]:  # noqa: ANN001
-    """A cbir dataset of the digits (each an 8 x 8 PNG, one camera) with a global store of
+def digits_dataset(root, digits: dict[str, np.ndarray],  # noqa: ANN001
+                   n: int = 800) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """A cbir dataset of ``n`` digits (each an 8 x 8 PNG, one camera) with a global store of
     their 64 pixels, ``pixels``: its names, descriptors and one-hot labels."""
     import cv2
 
     from cbir.io.store import StoreWriter
 
-    x = np.vstack([digits["xq"], digits["xb"]])
-    y = np.vstack([digits["yq"], digits["yb"]])
+    x = np.vstack([digits["xq"], digits["xb"]])[:n]
+    y = np.vstack([digits["yq"], digits["yb"]])[:n]
     names = [f"d{i:04d}.png" for i in range(len(x))]
     (root / "sensors" / "records_data").mkdir(parents=True)
     (root / "sensors" / "sensors.txt").write_text("# kapture format: 1.1\n# sensor_id, name, sensor_type, "
@@ -208,7 +209,7 @@ def test_cbir_hash_end_to_end(digits, tmp_path):
               tmp_path / "d.npz", ok=False).output
     assert "needs labels" in err and err.count("\n") == 1
     run("hash", "train", root, "--global", "pixels", "--method", "dpsh", "--bits", 32, "--labels", labels,
-        "--conf", "epochs=12", "--out", tmp_path / "dpsh.npz")
+        "--conf", "epochs=30", "--out", tmp_path / "dpsh.npz")
     for m in (model, tmp_path / "dpsh.npz"):
         run("hash", "encode", root, "--global", "pixels", "--model", m)
     with open_store(root / "cbir" / "global" / "pixels-itq32.h5") as s:

@@ -549,8 +549,8 @@ def test_lightglue_matching_on_the_cluster_is_the_local_run(cluster, sceaux, tmp
 
 
 def test_hamming_retrieval_over_map_shards_is_the_local_run(cluster, tmp_path):
-    """`cbir retrieve --executor ray` of a code store (the digits' ITQ codes), the map cut in
-    shards of 300 images: the local run's pairs, line for line (integer distances)."""
+    """`cbir retrieve --executor ray` of a code store (600 digits' ITQ codes), the map cut in
+    shards of 250 images: the local run's pairs, line for line (integer distances)."""
     from click.testing import CliRunner
     from sklearn.datasets import load_digits
 
@@ -560,7 +560,8 @@ def test_hamming_retrieval_over_map_shards_is_the_local_run(cluster, tmp_path):
     d = load_digits()
     x, y = d.data.astype(np.float32), np.eye(10, dtype=bool)[d.target]
     root = tmp_path / "digits"
-    digits_dataset(root, {"xq": x[:0], "yq": y[:0], "xb": x, "yb": y})
+    x, y = x[:600], y[:600]
+    digits_dataset(root, {"xq": x[:0], "yq": y[:0], "xb": x, "yb": y}, n=600)
     runner = CliRunner()
     for args in (["hash", "train", root, "--global", "pixels", "--method", "itq", "--bits", 24, "--out",
                   tmp_path / "itq.npz"],
@@ -569,7 +570,7 @@ def test_hamming_retrieval_over_map_shards_is_the_local_run(cluster, tmp_path):
         assert result.exit_code == 0, result.output
     out = {}
     for label, extra in (("local", []), ("ray", ["--executor", "ray", "--ray-address", cluster.address,
-                                                  "--shard-size", "300"])):
+                                                  "--shard-size", "250"])):
         out[label] = tmp_path / f"{label}.txt"
         result = runner.invoke(main, [str(a) for a in ["retrieve", "--map", root, "--global", "pixels-itq24",
                                                         "--topk", 10, "-o", out[label], *extra]])

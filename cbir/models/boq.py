@@ -89,13 +89,13 @@ class BoQAggregator(nn.Module):
 
 class BoQNet(nn.Module):
     """Backbone and aggregator; ``backbone`` ``resnet50``/``resnet101`` (cut after layer3)
-    or ``dinov2`` (ViT-B/14)."""
+    or ``dinov2`` (ViT-B/14 of ``depth`` blocks: 12 as published)."""
 
-    def __init__(self, backbone: str, dim: int, queries: int, layers: int, row_dim: int):
+    def __init__(self, backbone: str, dim: int, queries: int, layers: int, row_dim: int, depth: int = 12):
         super().__init__()
         self.kind = "dinov2" if backbone == "dinov2" else "resnet"
         if self.kind == "dinov2":
-            self.backbone: nn.Module = DINOv2()
+            self.backbone: nn.Module = DINOv2(depth=depth)
             channels = 768
         else:
             resnet = ResNet(backbone, style="torchvision")
@@ -148,7 +148,8 @@ def load_boq(path: Path) -> BoQNet:
             raise CbirError("not a BoQ ResNet-50/101 or DINOv2 ViT-B/14 state dict (its backbone is not one of "
                             "those built here)", path)
     layers = len({k.split(".")[2] for k in state if k.startswith("aggregator.boqs.")})
-    net = BoQNet(backbone, int(proj.shape[0]), int(queries.shape[1]), layers, int(fc.shape[0]))
+    depth = len({k.split(".")[2] for k in state if k.startswith("backbone.blocks.")}) or 12
+    net = BoQNet(backbone, int(proj.shape[0]), int(queries.shape[1]), layers, int(fc.shape[0]), depth)
     load_into(net, state, "BoQ", path)
     return net.eval()
 
