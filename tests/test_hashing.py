@@ -249,12 +249,16 @@ def test_cbir_hash_end_to_end(digits, tmp_path):
     assert len(few) == 5 * len(x) and all(-1 <= float(f[2]) <= 1 for f in few)
     err = run("retrieve", "--map", root, "--global", "pixels", "--rerank", "pixels", "-o", retrieved,
               ok=False).output
-    assert "--rerank: for binary codes only" in err
-    err = run("retrieve", "--map", root, "--global", "pixels-dpsh32,pixels", "--topk", 5, "-o", retrieved,
-              ok=False).output
-    assert "binary codes" in err and err.count("\n") == 1
-    err = run("retrieve", "--map", root, "--global", "pixels-dpsh32", "--qe", 2, "-o", retrieved, ok=False).output
-    assert "--qe: not for binary codes" in err
+    assert "--rerank: for one code store" in err
+    # codes in the float path (options of float search, fusion): +-1 vectors, whose cosine 1 - 2d/B
+    # ranks as the Hamming distance, ties by map order: the same pairs as Hamming search
+    as_floats = tmp_path / "as_floats.txt"
+    run("retrieve", "--map", root, "--global", "pixels-dpsh32", "--topk", 5, "--precision", "fp16", "-o", as_floats)
+    scored = [ln.split(", ") for ln in as_floats.read_text().splitlines() if not ln.startswith("#")]
+    assert [f[:2] for f in scored] == [ln.split(", ")[:2] for ln in body]
+    assert all(abs(float(f[2]) - (2 * float(b.split(", ")[2]) / 32 - 1)) < 1e-6 for f, b in zip(scored, body,
+                                                                                                  strict=True))
+    run("retrieve", "--map", root, "--global", "pixels-dpsh32,pixels", "--topk", 5, "-o", retrieved)
     results = {}
     for codes in ("pixels-itq32", "pixels-dpsh32"):
         results[codes] = json.loads(run("hash", "evaluate", "--map", root, "--query", root,

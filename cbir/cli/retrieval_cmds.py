@@ -57,16 +57,10 @@ def _binary_codes(map_: Any, name: str) -> bool:
 
 
 def _retrieve_codes(ctx: click.Context, q: Any, m: Any, name: str, topk: int, exclude_same_name: bool,
-                    output: str | None, as_json: bool, rerank: str | None, candidates: int,
-                    unsupported: list[str], run: Executor) -> None:
+                    output: str | None, as_json: bool, rerank: str | None, candidates: int, run: Executor) -> None:
     """`cbir retrieve` of a code store: exact Hamming search, ties by map order (then, with
-    ``rerank``, the candidates ranked by float cosine); ``unsupported``: the options given
-    that do not apply to codes."""
+    ``rerank``, the candidates ranked by float cosine)."""
     from ..hashing.retrieve import hamming_pairs
-
-    if unsupported:
-        raise click.UsageError(f"{', '.join(unsupported)}: not for binary codes, which are searched exactly by "
-                               "Hamming distance here (cbir hash search --index multihash|ivf for large maps)")
 
     pairs, record = hamming_pairs(q, m, name, topk, exclude_same_name=exclude_same_name, rerank=rerank,
                                   candidates=candidates, executor=run)
@@ -157,15 +151,16 @@ def retrieve_cmd(ctx: click.Context, map_: Path, query: Path | None, global_: st
     m = open_dataset(map_)
     q = open_dataset(query) if query else m
     same = q.root.resolve() == m.root.resolve()
-    if len(names) == 1 and _binary_codes(m, names[0]):
-        options = (("--qe", qe), ("--dba", dba), ("--index", index_kind != "exact"),
-                   ("--precision", precision != "fp32"))
+    float_only = [flag for flag, used in (("--qe", qe), ("--dba", dba), ("--index", index_kind != "exact"),
+                                          ("--precision", precision != "fp32")) if used]
+    if len(names) == 1 and _binary_codes(m, names[0]) and not float_only:
+        # one code store: exact Hamming search (the same ranking as the float path's +-1 vectors, faster)
         _retrieve_codes(ctx, q, m, names[0], topk, exclude_same_name, output, as_json, rerank, candidates,
-                        [flag for flag, used in options if used], cli_executor(executor, ray_address, shard_size,
-                                                                                "map_images"))
+                        cli_executor(executor, ray_address, shard_size, "map_images"))
         return
     if rerank:
-        raise click.UsageError("--rerank: for binary codes only (a code store from cbir hash encode)")
+        raise click.UsageError("--rerank: for one code store searched by Hamming distance (not with "
+                               f"{', '.join(float_only) or 'other stores'})")
     conf = RetrievalConf(topk=topk, fusion=FusionConf(fusion, _floats(weights), gamma=gamma, alpha=alpha),
                          exclude_self=same, exclude_same_name=exclude_same_name, precision=precision)
     quiet = is_quiet(ctx)

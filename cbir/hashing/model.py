@@ -58,6 +58,31 @@ def code_store_problem(config: dict[str, Any], dtype: np.dtype, width: int) -> s
     return None
 
 
+def is_code_store(store: Any) -> bool:
+    """Whether a global store holds binary descriptors (``metric_type`` Hamming)."""
+    return store.config.get("metric_type") == "Hamming"
+
+
+def code_bits(store: Any) -> int:
+    """A code store's code length, its header checked (formats/SPEC.md 7a); a binary store
+    of another origin (imported from kapture) uses every bit of its bytes."""
+    codes = store.dataset("descriptors")
+    if store.config.get("extractor") != "hash":
+        if codes.dtype != np.uint8:
+            raise CbirError(f"binary descriptors must be uint8, not {codes.dtype}", store.path)
+        return int(codes.shape[1]) * 8
+    problem = code_store_problem(dict(store.config), codes.dtype, int(codes.shape[1]))
+    if problem:
+        raise CbirError(problem, store.path)
+    return int(store.config["code_bits"])
+
+
+def signs(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Packed codes as float32 vectors of +1 (bit set) and -1: their cosine is ``1 - 2 d / B``
+    (``d`` the Hamming distance), so that float retrieval ranks them as Hamming search does."""
+    return unpack(codes, bits).astype(np.float32) * 2.0 - 1.0
+
+
 def padding_is_zero(codes: np.ndarray, bits: int) -> bool:
     """Whether the bits past ``bits`` in the last byte of every code are zero."""
     if bits % 8 == 0 or not len(codes):

@@ -20,27 +20,8 @@ from ..executor import Executor, LocalExecutor, Work
 from ..io.dataset import Dataset
 from ..io.pairs import Pair
 from ..io.store import Store, open_store
-from .model import code_store_problem, padding_is_zero
+from .model import code_bits, is_code_store, padding_is_zero
 from .search import hamming_topk
-
-
-def is_code_store(store: Store) -> bool:
-    """Whether a global store holds binary descriptors (``metric_type`` Hamming)."""
-    return store.config.get("metric_type") == "Hamming"
-
-
-def code_bits(store: Store) -> int:
-    """A code store's code length, its header and padding checked (formats/SPEC.md 7a); a
-    binary store of another origin (imported from kapture) uses every bit of its bytes."""
-    codes = store.dataset("descriptors")
-    if store.config.get("extractor") != "hash":
-        if codes.dtype != np.uint8:
-            raise CbirError(f"binary descriptors must be uint8, not {codes.dtype}", store.path)
-        return int(codes.shape[1]) * 8
-    problem = code_store_problem(dict(store.config), codes.dtype, int(codes.shape[1]))
-    if problem:
-        raise CbirError(problem, store.path)
-    return int(store.config["code_bits"])
 
 
 def _aligned(store: Store, images: list[str]) -> tuple[list[str], np.ndarray]:

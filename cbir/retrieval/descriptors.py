@@ -13,6 +13,7 @@ import torch
 
 from .. import exact
 from ..errors import CbirError
+from ..hashing.model import code_bits, is_code_store, signs
 from ..io.dataset import Dataset, model_path
 from ..io.provenance import differences
 from ..io.store import Store, image_keys, open_store
@@ -30,10 +31,11 @@ def open_descriptor_sets(query: Dataset, map_: Dataset,
             [stack.enter_context(open_store(map_.store_path("global", n), "global-features")) for n in names]
         for store in (*qstores, *mstores):
             metric = store.config.get("metric_type") or "L2"
-            if metric != "L2":  # float products of codes would rank without meaning
-                raise CbirError(f"descriptors compared by {metric} distance (binary codes) cannot be searched or fused "
-                                "with float descriptors: retrieve with this store alone (cbir retrieve --global NAME, "
-                                "cbir hash search)", store.path)
+            if metric == "Hamming":
+                code_bits(store)  # read as +-1 vectors (DescriptorSet.read_raw): a malformed header is refused
+            elif metric != "L2":
+                raise CbirError(f"descriptors compared by {metric} distance cannot be searched by cbir retrieve",
+                                store.path)
         yield (DescriptorSet.align(qstores, query.sensors.image_names()),
                DescriptorSet.align(mstores, map_.sensors.image_names()))
 
@@ -124,7 +126,8 @@ class DescriptorSet:
 
     @property
     def dims(self) -> list[int]:
-        return [s.dataset("descriptors").shape[1] for s in self.stores]
+        """Each store's descriptor dimension (a code store's: its bits)."""
+        return [code_bits(s) if is_code_store(s) else s.dataset("descriptors").shape[1] for s in self.stores]
 
     def read(self, start: int, stop: int, device: torch.device) -> list[torch.Tensor]:
         """Unit-L2 float32 descriptors of images ``start:stop``, one tensor per store."""
@@ -150,7 +153,8 @@ class DescriptorSet:
         memory where they replace the stored ones (expanded, augmented)."""
         if self.arrays is not None:
             return [a[index] for a in self.arrays]
-        return [store.read_rows("descriptors", rows[index]) for store, rows in zip(self.stores, self.rows, strict=True)]
+        return [_readable(store, store.read_rows("descriptors", rows[index]))
+                for store, rows in zip(self.stores, self.rows, strict=True)]
 
     def normalized(self, raw: list[np.ndarray], index: np.ndarray) -> list[torch.Tensor]:
         """:meth:`read_raw`'s descriptors as unit-L2 float32 tensors, the same bits on every
@@ -172,6 +176,13 @@ class DescriptorSet:
                 raise CbirError(f"{what} for image {self.names[int(index[i])]!r}{hint}", store.path)
             out.append(norms)
         return out
+
+
+def _readable(store: Store, rows: np.ndarray) -> np.ndarray:
+    """Stored rows as retrieval compares them: binary codes (metric_type Hamming) as +-1
+    vectors, whose cosine ranks as their Hamming distance (formats/SPEC.md 7a); others as
+    stored."""
+    return signs(rows, code_bits(store)) if is_code_store(store) else rows
 
 
 def as_float32(array: np.ndarray) -> torch.Tensor:
