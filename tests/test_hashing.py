@@ -36,6 +36,13 @@ def digits() -> dict[str, np.ndarray]:
     return {"xq": x[perm[:200]], "yq": y[perm[:200]], "xb": x[perm[200:]], "yb": y[perm[200:]]}
 
 
+def run(*args: object, ok: bool = True):  # noqa: ANN201  # click's Result
+    """`cbir ARGS` in this process; it must succeed (``ok``) or fail."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert (result.exit_code == 0) == ok, result.output
+    return result
+
+
 def _map(model: HashModel, digits: dict[str, np.ndarray]) -> float:
     distances = hamming_distances(model.encode(digits["xq"]), model.encode(digits["xb"]))
     return hashing_metrics(distances, label_relevance(digits["yq"], digits["yb"]), model.bits)["map"]
@@ -191,13 +198,6 @@ def test_cbir_hash_end_to_end(digits, tmp_path):
     names, x, y = digits_dataset(root, digits)
     labels = tmp_path / "labels.txt"
     labels.write_text("".join(f"{n}, {int(np.argmax(t))}\n" for n, t in zip(names, y, strict=True)))
-    runner = CliRunner()
-
-    def run(*args: object, ok: bool = True):  # noqa: ANN202
-        result = runner.invoke(main, [str(a) for a in args])
-        assert (result.exit_code == 0) == ok, result.output
-        return result
-
     model = tmp_path / "itq.npz"
     out = json.loads(run("hash", "train", root, "--global", "pixels", "--method", "itq", "--bits", 32,
                          "--out", model, "--json").stdout)
@@ -301,13 +301,6 @@ def test_poses_supervise_and_judge_codes(shared, tmp_path):
     mposes = Dataset(roots["mapping"]).sensors.image_poses()
     gaps = np.array([[np.linalg.norm(q.center - m.center) for m in mposes.values()] for q in qposes.values()])
     limit = float(np.median(gaps))
-    runner = CliRunner()
-
-    def run(*args: object, ok: bool = True):  # noqa: ANN202
-        result = runner.invoke(main, [str(a) for a in args])
-        assert (result.exit_code == 0) == ok, result.output
-        return result
-
     model = tmp_path / "dpsh.npz"
     run("hash", "train", roots["mapping"], "--global", "rand", "--method", "dpsh", "--bits", 16, "--poses",
         "--max-distance", limit, "--max-angle", 180, "--conf", "epochs=3", "--out", model)

@@ -138,11 +138,7 @@ def hash_encode(ctx: click.Context, dataset: Path, global_: str, model_path: Pat
     if source is not None and source != config:
         raise CbirError(f"the model was trained on descriptors of another configuration ({source.get('extractor')}) "
                         f"than {global_}'s ({config.get('extractor')})", model_path)
-    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
-    if len(bad):  # NaN > t is False: such a descriptor would get a code of zeros, not an error
-        raise CbirError(f"non-finite descriptor for image {names[int(bad[0])]!r} ({len(bad)} such): it has no code",
-                        open_dataset(dataset).store_path("global", global_))
-    codes = model.encode(x)
+    codes = model.encode(x, names, open_dataset(dataset).store_path("global", global_))
     out = open_dataset(dataset).store_path("global", name or f"{global_}-{model.method}{model.bits}")
     attrs = {"name": out.stem, "config": {"extractor": "hash", "metric_type": "Hamming", "code_bits": model.bits,
                                           "hash": model.identity(), "source": config},
@@ -152,29 +148,6 @@ def hash_encode(ctx: click.Context, dataset: Path, global_: str, model_path: Pat
             if n not in w:
                 w.add(n, descriptors=code)
     report_written([out], is_quiet(ctx))
-
-
-def read_codes(dataset: Path, name: str) -> tuple[list[str], np.ndarray, int, dict[str, Any]]:
-    """Names, packed codes and code length of a code store, validated (formats/SPEC.md 7a)."""
-    from ..hashing.model import padding_is_zero
-    from ..hashing.retrieve import code_bits, is_code_store
-    from ..io.store import open_store
-
-    path = open_dataset(dataset).store_path("global", name)
-    with open_store(path, "global-features") as s:
-        if not is_code_store(s):
-            raise CbirError("not binary codes (metric_type is not Hamming): make them with cbir hash encode", path)
-        bits = code_bits(s)
-        names, codes, config = [str(k) for k in s.keys], np.asarray(s.read_all("descriptors")), dict(s.config)
-    if not padding_is_zero(codes, bits):
-        raise CbirError("padding bits past code_bits are not zero", path)
-    return names, codes, bits, config
-
-
-def _same_model(qconf: dict[str, Any], mconf: dict[str, Any]) -> None:
-    if qconf.get("hash", {}).get("model") != mconf.get("hash", {}).get("model"):
-        raise CbirError("the query and map codes were written by different hash models: their bits mean different "
-                        "things")
 
 
 @hash_group.command("search")
@@ -225,13 +198,19 @@ def hash_evaluate(map_: Path, query: Path, global_: str, labels_path: Path | Non
     image, when the query and the map are one dataset, is neither ranked nor relevant."""
     from ..hashing.labels import label_matrix, read_labels
     from ..hashing.metrics import hashing_metrics, label_relevance
+    from ..hashing.model import check_same_model, checked_codes, store_code_bits
     from ..hashing.search import hamming_distances
+    from ..io.store import open_store
 
     if (labels_path is None) == (query_gt is None):
         raise click.UsageError("give one ground truth: --labels FILE or --query-gt DATASET")
-    mnames, mcodes, bits, mconf = read_codes(map_, global_)
-    qnames, qcodes, _, qconf = read_codes(query, global_)
-    _same_model(qconf, mconf)
+    with open_store(open_dataset(query).store_path("global", global_), "global-features") as qs, \
+            open_store(open_dataset(map_).store_path("global", global_), "global-features") as ms:
+        store_code_bits(qs)
+        bits = store_code_bits(ms)
+        check_same_model(qs, ms)
+        qnames, qcodes = [str(k) for k in qs.keys], checked_codes(qs, None, bits)
+        mnames, mcodes, mconf = [str(k) for k in ms.keys], checked_codes(ms, None, bits), dict(ms.config)
     if labels_path is not None:
         labels = read_labels(labels_path)
         mlab, vocab = label_matrix(labels, mnames, labels_path)

@@ -49,7 +49,7 @@ def _floats(value: str | None) -> tuple[float, ...]:
 
 def _binary_codes(map_: Any, name: str) -> bool:
     """Whether the map's global store ``name`` holds binary codes (metric_type Hamming)."""
-    from ..hashing.retrieve import is_code_store
+    from ..hashing.model import is_code_store
     from ..io.store import open_store
 
     with open_store(map_.store_path("global", name), "global-features") as store:

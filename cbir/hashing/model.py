@@ -83,6 +83,34 @@ def signs(codes: np.ndarray, bits: int) -> np.ndarray:
     return unpack(codes, bits).astype(np.float32) * 2.0 - 1.0
 
 
+def store_code_bits(store: Any) -> int:
+    """The code length of a store that must hold binary codes (a one-line error otherwise)."""
+    if not is_code_store(store):
+        raise CbirError("not binary codes (metric_type is not Hamming): make them with cbir hash encode", store.path)
+    return code_bits(store)
+
+
+def checked_codes(store: Any, rows: np.ndarray | None, bits: int) -> np.ndarray:
+    """The packed codes of a code store's ``rows`` (None: all), their padding bits checked."""
+    if rows is None:
+        codes = np.asarray(store.read_all("descriptors"), dtype=np.uint8)
+    elif len(rows):
+        codes = np.asarray(store.read_rows("descriptors", rows), dtype=np.uint8)
+    else:
+        codes = np.zeros((0, store.dataset("descriptors").shape[1]), np.uint8)
+    if not padding_is_zero(codes, bits):
+        raise CbirError("padding bits past code_bits are not zero", store.path)
+    return codes
+
+
+def check_same_model(query_store: Any, map_store: Any) -> None:
+    """Query and map codes must be bits of one hash model (and of one length)."""
+    if code_bits(query_store) != code_bits(map_store) or \
+            query_store.config.get("hash", {}).get("model") != map_store.config.get("hash", {}).get("model"):
+        raise CbirError(f"the query codes were written by another hash model than {map_store.path}'s: their bits "
+                        "mean different things; encode both with the same model", query_store.path)
+
+
 def padding_is_zero(codes: np.ndarray, bits: int) -> bool:
     """Whether the bits past ``bits`` in the last byte of every code are zero."""
     if bits % 8 == 0 or not len(codes):
@@ -132,18 +160,22 @@ class HashModel:
             h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
         return h.hexdigest()[:16]
 
-    def bits_of(self, x: np.ndarray) -> np.ndarray:
-        """N x B booleans of descriptors ``x`` (N x D)."""
+    def bits_of(self, x: np.ndarray, names: list[str] | None = None, source: Any = None) -> np.ndarray:
+        """N x B booleans of descriptors ``x`` (N x D). A non-finite descriptor is an error
+        (NaN compares below every threshold: its code would be zeros), naming its image when
+        ``names`` are given, and ``source`` (the store)."""
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise CbirError(f"descriptors of shape {x.shape}: this hash model takes {self.dim} dimensions")
-        if not np.isfinite(x).all():
-            raise CbirError("non-finite descriptors have no code")
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        if len(bad):
+            which = f" for image {names[int(bad[0])]!r}" if names is not None else f" in row {int(bad[0])}"
+            raise CbirError(f"non-finite descriptors have no code: the first{which} ({len(bad)} such)", source)
         return (x.astype(np.float64) - self.mean) @ self.projection > self.thresholds
 
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        """Packed codes (N x ceil(B/8) uint8) of descriptors ``x``."""
-        return pack(self.bits_of(x))
+    def encode(self, x: np.ndarray, names: list[str] | None = None, source: Any = None) -> np.ndarray:
+        """Packed codes (N x ceil(B/8) uint8) of descriptors ``x`` (:meth:`bits_of`)."""
+        return pack(self.bits_of(x, names, source))
 
     def save(self, path: str | os.PathLike) -> None:
         """One ``.npz``: the arrays and a JSON header (method, configuration, fingerprint)."""

@@ -20,7 +20,7 @@ from ..executor import Executor, LocalExecutor, Work
 from ..io.dataset import Dataset
 from ..io.pairs import Pair
 from ..io.store import Store, open_store
-from .model import code_bits, is_code_store, padding_is_zero
+from .model import check_same_model, checked_codes, is_code_store, store_code_bits
 from .search import hamming_topk
 
 
@@ -31,11 +31,6 @@ def _aligned(store: Store, images: list[str]) -> tuple[list[str], np.ndarray]:
     return [str(store.names[i]) for i in rows.tolist()], rows
 
 
-def _codes(store: Store, rows: np.ndarray) -> np.ndarray:
-    return np.asarray(store.read_rows("descriptors", rows), dtype=np.uint8) if len(rows) else \
-        np.zeros((0, store.dataset("descriptors").shape[1]), np.uint8)
-
-
 def hamming_shard(map_store: str, rows: np.ndarray, start: int, query_codes: np.ndarray, depth: int,
                   kind: str, *, threads: int | None = None, progress: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """One range of the map (its store ``rows``, the first at position ``start`` of the
@@ -44,8 +39,9 @@ def hamming_shard(map_store: str, rows: np.ndarray, start: int, query_codes: np.
         import faiss
 
         faiss.omp_set_num_threads(threads)
-    with open_store(map_store, "global-features") as store:
-        codes = _codes(store, rows)
+    with open_store(map_store, "global-features") as store:  # checked by the driver (hamming_pairs)
+        codes = np.asarray(store.read_rows("descriptors", rows), dtype=np.uint8) if len(rows) else \
+            np.zeros((0, store.dataset("descriptors").shape[1]), np.uint8)
     distances, found = hamming_topk(query_codes, codes, depth, kind)
     return distances, np.where(found >= 0, found + start, -1)
 
@@ -85,24 +81,17 @@ def hamming_pairs(query: Dataset, map_: Dataset, name: str, topk: int, *, kind: 
     same = query.root.resolve() == map_.root.resolve()
     with open_store(map_.store_path("global", name), "global-features") as ms, \
             open_store(query.store_path("global", name), "global-features") as qs:
-        for s in (qs, ms):
-            if not is_code_store(s):
-                raise CbirError("not binary codes (metric_type is not Hamming): search it with cbir retrieve",
-                                s.path)
-        bits = code_bits(ms)
-        if code_bits(qs) != bits or qs.config.get("hash", {}).get("model") != ms.config.get("hash", {}).get("model"):
-            raise CbirError(f"the query codes were written by another hash model than {ms.path}'s: their bits mean "
-                            "different things; encode both with the same model", qs.path)
+        store_code_bits(qs)
+        bits = store_code_bits(ms)
+        check_same_model(qs, ms)
         qnames, qrows = _aligned(qs, query.sensors.image_names())
         mnames, mrows = _aligned(ms, map_.sensors.image_names())
-        qcodes = _codes(qs, qrows)
         for label, names, store in (("query", qnames, qs), ("map", mnames, ms)):
             if not names:
                 raise CbirError(f"no {label} image of the dataset has a code in this store", store.path)
-        if not padding_is_zero(qcodes, bits):
-            raise CbirError("padding bits past code_bits are not zero", qs.path)
-        if bits % 8 and not padding_is_zero(_codes(ms, mrows), bits):
-            raise CbirError("padding bits past code_bits are not zero", ms.path)
+        qcodes = checked_codes(qs, qrows, bits)
+        if bits % 8:  # the map's padding (whole bytes have none): read here once, not in each shard
+            checked_codes(ms, mrows, bits)
         map_path = ms.path
         record: dict[str, Any] = {"step": "retrieve", "config": {"metric": "Hamming", "topk": topk, "index": kind,
                                                  "exclude_self": same, "exclude_same_name": exclude_same_name,

@@ -269,14 +269,13 @@ def _code_bits(store: Store, report: _Report) -> int | None:
     it is not one or its header is wrong (reported)."""
     if store.config.get("extractor") != "hash":
         return None  # binary descriptors of another origin (imported from kapture): no code_bits
-    from ..hashing.model import code_store_problem
+    from ..hashing.model import code_bits
 
-    problem = code_store_problem(dict(store.config), store.dataset("descriptors").dtype,
-                                 int(store.attrs.get("descriptor_dim", 0)))
-    if problem:
-        report.error(store.path, problem)
+    try:
+        return code_bits(store)
+    except CbirError as e:
+        report.from_exception(e)
         return None
-    return int(store.config["code_bits"])
 
 
 def _check_global_batch(keys: list, descriptors: np.ndarray, bits: int | None, hamming: bool,
