@@ -121,17 +121,27 @@ def hash_train(ctx: click.Context, dataset: Path, global_: str, method: str, bit
 
 @hash_group.command("encode")
 @dataset_argument()
-@click.option("--global", "global_", required=True, metavar="NAME", help="The global store to encode.")
+@click.option("--global", "global_", metavar="NAME", help="The global store to encode (a linear hash model).")
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--name", help="The code store's name (default: <global>-<method><bits>).")
 @click.option("--overwrite", is_flag=True, help="Replace a code store written by another model.")
 @click.pass_context
 def hash_encode(ctx: click.Context, dataset: Path, global_: str, model_path: Path, name: str | None,
                 overwrite: bool) -> None:
-    """Write the binary codes of DATASET's global store as a code store (cbir/global/NAME.h5)."""
+    """Write the binary codes of DATASET's global store as a code store (cbir/global/NAME.h5);
+    with a Region-DH model, of DATASET's images: their image codes (cbir/global/NAME.h5) and
+    instance codes with their boxes (cbir/local/NAME.h5)."""
     from ..hashing.model import HashModel, code_bytes
+    from ..hashing.region_dh import is_region_dh
     from ..io.store import StoreWriter
 
+    if is_region_dh(model_path):
+        if global_:
+            raise click.UsageError("a Region-DH model encodes images: no --global")
+        _encode_regions(dataset, model_path, name, overwrite, is_quiet(ctx))
+        return
+    if not global_:
+        raise click.UsageError("--global NAME is required with a linear hash model")
     model = HashModel.load(model_path)
     names, x, config, _ = _descriptors(dataset, global_)
     source = model.extra.get("source", {}).get("config")
@@ -150,6 +160,117 @@ def hash_encode(ctx: click.Context, dataset: Path, global_: str, model_path: Pat
     report_written([out], is_quiet(ctx))
 
 
+def _region_samples(dataset: Path, boxes_path: Path, max_size: int | None) -> tuple[list[Any], list[str], str]:
+    """Training samples of DATASET's images named in the boxes file, the classes, and the
+    training data's fingerprint."""
+    import hashlib
+    import json
+
+    from ..hashing.labels import read_boxes
+    from ..hashing.region_dh import make_sample
+    from ..io.images import read_image
+
+    boxes = read_boxes(boxes_path)
+    ds = open_dataset(dataset)
+    known = set(ds.sensors.image_names())
+    missing = sorted(set(boxes) - known)
+    if missing:
+        raise CbirError(f"{len(missing)} images of the boxes file are not in {dataset}, e.g. {missing[0]!r}",
+                        boxes_path)
+    classes = sorted({label for found in boxes.values() for label, _ in found})
+    samples = []
+    for name in sorted(boxes):
+        image = read_image(ds.image_path(name), max_size=max_size)
+        sx, sy = image.scale
+        scaled = [(label, (x0 * sx, y0 * sy, x1 * sx, y1 * sy)) for label, (x0, y0, x1, y1) in boxes[name]]
+        w, h = image.original_size
+        if any(x1 > w + 0.5 or y1 > h + 0.5 for _, (_, _, x1, y1) in boxes[name]):
+            raise CbirError(f"a box of {name!r} goes past its {w}x{h} pixels", boxes_path)
+        samples.append(make_sample(image.array, scaled, classes))
+    digest = hashlib.sha256(json.dumps(sorted(boxes.items()), sort_keys=True).encode()).hexdigest()[:16]
+    return samples, classes, digest
+
+
+@hash_group.command("train-regions")
+@dataset_argument()
+@click.option("--boxes", "boxes_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Boxes file: 'image, label, x_min, y_min, x_max, y_max' a line, one per object instance.")
+@click.option("--bits", type=click.IntRange(8, 1024), required=True, help="Code length (image and instance codes).")
+@click.option("--pretrained", type=click.Path(dir_okay=False, path_type=Path),
+              help="torchvision's ImageNet weights of the backbone (a local .pth; nothing is downloaded).")
+@click.option("--max-size", type=click.IntRange(16), help="Resize images so that their longest side is at most this.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--conf", "conf_items", multiple=True, metavar="KEY=VALUE", help="Region-DH options (default_conf).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The model (.npz).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing model file.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def hash_train_regions(ctx: click.Context, dataset: Path, boxes_path: Path, bits: int, pretrained: Path | None,
+                       max_size: int | None, seed: int, conf_items: tuple[str, ...], out: Path, overwrite: bool,
+                       as_json: bool) -> None:
+    """Train Region-DH (an image code and a code per object instance) on DATASET's images and
+    their boxes."""
+    from ..hashing import region_dh
+    from ..validate import merged_conf
+
+    if out.exists() and not overwrite:
+        raise CbirError("exists: pass --overwrite to replace it", out)
+    conf = merged_conf("Region-DH", region_dh.default_conf, parse_conf(conf_items))
+    conf.update({"bits": bits, "max_size": max_size})
+    if pretrained is not None:
+        conf["pretrained"] = str(pretrained)
+    samples, classes, trained_on = _region_samples(dataset, boxes_path, max_size)
+    net, history = region_dh.train(samples, classes, conf, seed)
+    region_dh.save(net, out, trained_on, {"images": len(samples), "first_loss": history[0], "final_loss": history[-1]})
+    summary = {"model": str(out), "method": "region-dh", "bits": bits, "classes": classes, "images": len(samples),
+               "trained_on": trained_on, "first_loss": history[0], "final_loss": history[-1]}
+    if as_json:
+        print_json(summary)
+    else:
+        report_written([out], is_quiet(ctx))
+
+
+def _encode_regions(dataset: Path, model_path: Path, name: str | None, overwrite: bool, quiet: bool) -> None:
+    from ..hashing import region_dh
+    from ..hashing.instances import instance_config
+    from ..hashing.model import code_bytes
+    from ..io.images import read_image
+    from ..io.store import StoreWriter
+
+    net, header = region_dh.load(model_path)
+    bits = int(net.conf["bits"])
+    identity = {"method": "region-dh", "conf": net.conf, "bits": bits, "trained_on": header.get("trained_on", ""),
+                "model": region_dh.digest(net)}
+    ds = open_dataset(dataset)
+    name = name or f"region-dh{bits}"
+    names = ds.sensors.image_names()
+    if not names:
+        raise CbirError("the dataset has no image", dataset)
+    global_path, local_path = ds.store_path("global", name), ds.store_path("local", name)
+    global_attrs = {"name": name, "config": {"extractor": "hash", "metric_type": "Hamming", "code_bits": bits,
+                                             "hash": identity}, "descriptor_dim": code_bytes(bits),
+                    "descriptor_dtype": "uint8"}
+    local_attrs = {"name": name, "config": instance_config(bits, identity), "descriptor_dim": code_bytes(bits),
+                   "descriptor_dtype": "uint8", "keypoint_params": "x0,y0,x1,y1,class"}
+    with StoreWriter(global_path, "global-features", global_attrs, overwrite=overwrite) as g, \
+            StoreWriter(local_path, "local-features", local_attrs, overwrite=overwrite) as loc:
+        for n in names:
+            if n in g and n in loc:
+                continue
+            image = read_image(ds.image_path(n), max_size=net.conf.get("max_size"))
+            found = net.find(region_dh.to_tensor(image.array))
+            sx, sy = image.scale
+            boxes = found.boxes.astype(np.float64) / np.array([sx, sy, sx, sy])
+            centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], 1)
+            params = np.concatenate([boxes, found.classes[:, None]], 1).astype(np.float32)
+            if n not in g:
+                g.add(n, descriptors=found.image_code)
+            if n not in loc:
+                loc.add(n, keypoints=centres.astype(np.float32), descriptors=found.codes, scores=found.scores,
+                        keypoint_params=params, image_sizes=np.array(image.original_size))
+    report_written([global_path, local_path], quiet)
+
+
 @hash_group.command("search")
 @click.option("--map", "map_", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--query", type=click.Path(file_okay=False, path_type=Path), help="Default: the map against itself.")
@@ -161,22 +282,47 @@ def hash_encode(ctx: click.Context, dataset: Path, global_: str, model_path: Pat
 @click.option("--rerank", metavar="NAME", help="Rank each query's --candidates nearest codes again by the cosine of "
               "the float global store NAME.")
 @click.option("--candidates", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--instances", is_flag=True, help="Region-DH: rank by the instance codes (cbir/local/NAME.h5): the "
+              "mean over the query's instances of the distance to the nearest instance of the map image.")
 @executor_options(100_000, "map images (each shard's nearest codes merged by distance, then map order)")
 @click.option("--output", "-o", required=True, help="Pairs file to write ('-': standard output).")
 def hash_search(map_: Path, query: Path | None, global_: str, topk: int, kind: str, exclude_same_name: bool,
-                rerank: str | None, candidates: int, executor: str, ray_address: str | None, shard_size: int,
-                output: str) -> None:
+                rerank: str | None, candidates: int, instances: bool, executor: str, ray_address: str | None,
+                shard_size: int, output: str) -> None:
     """The TOPK nearest map codes of each query by Hamming distance, ties by map order, as a
     pairs file whose score is the number of equal bits (`cbir retrieve` does the same with
     exact search)."""
     from ..hashing.retrieve import hamming_pairs
     from ..io.pairs import write_pairs
 
+    if instances:
+        if kind != "exact" or rerank or executor != "local":
+            raise click.UsageError("--instances ranks exactly, on this machine: no --index, --rerank or --executor")
+        write_pairs(output, *_instance_pairs(query or map_, map_, global_, topk, exclude_same_name))
+        return
     m = open_dataset(map_)
     pairs, record = hamming_pairs(open_dataset(query) if query else m, m, global_, topk, kind=kind,
                                   exclude_same_name=exclude_same_name, rerank=rerank, candidates=candidates,
                                   executor=cli_executor(executor, ray_address, shard_size, "map_images"))
     write_pairs(output, pairs, record)
+
+
+def _instance_pairs(query: Path, map_: Path, name: str, topk: int,
+                    exclude_same_name: bool) -> tuple[list[Any], dict[str, Any]]:
+    from ..hashing.instances import region_distances
+    from ..io.pairs import Pair
+
+    qnames, mnames, distances, bits, prints = region_distances(open_dataset(query), open_dataset(map_), name)
+    same = open_dataset(query).root.resolve() == open_dataset(map_).root.resolve()
+    pairs = []
+    for i, q in enumerate(qnames):
+        hits = [j for j in np.argsort(distances[i], kind="stable")
+                if not ((same or exclude_same_name) and mnames[j] == q)][:topk]
+        pairs += [Pair(q, mnames[j], float(bits - distances[i, j])) for j in hits]
+    record = {"step": "retrieve", "config": {"metric": "Hamming", "level": "instances", "topk": topk,
+                                             "exclude_self": same, "exclude_same_name": exclude_same_name,
+                                             "stores": [name], "code_bits": bits}, "inputs": prints}
+    return pairs, record
 
 
 @hash_group.command("evaluate")
@@ -191,8 +337,9 @@ def hash_search(map_: Path, query: Path | None, global_: str, topk: int, kind: s
 @click.option("--max-angle", type=click.FloatRange(0, 180), default=45.0, show_default=True)
 @click.option("--k", "ks", type=click.IntRange(1), multiple=True, default=(100,), show_default=True)
 @click.option("--radius", type=click.IntRange(0), default=2, show_default=True)
+@click.option("--instances", is_flag=True, help="Region-DH: rank by the instance codes (see cbir hash search).")
 def hash_evaluate(map_: Path, query: Path, global_: str, labels_path: Path | None, query_gt: Path | None,
-                  max_distance: float, max_angle: float, ks: tuple[int, ...], radius: int) -> None:
+                  max_distance: float, max_angle: float, ks: tuple[int, ...], radius: int, instances: bool) -> None:
     """mAP, mAP@k, precision@k, recall@k, precision and mAP within a Hamming radius and the
     precision-recall curve of the query codes against the map codes (JSON). A query's own
     image, when the query and the map are one dataset, is neither ranked nor relevant."""
@@ -211,6 +358,12 @@ def hash_evaluate(map_: Path, query: Path, global_: str, labels_path: Path | Non
         check_same_model(qs, ms)
         qnames, qcodes = [str(k) for k in qs.keys], checked_codes(qs, None, bits)
         mnames, mcodes, mconf = [str(k) for k in ms.keys], checked_codes(ms, None, bits), dict(ms.config)
+    if instances:
+        from ..hashing.instances import region_distances
+
+        qnames, mnames, distances, bits, _ = region_distances(open_dataset(query), open_dataset(map_), global_)
+    else:
+        distances = hamming_distances(qcodes, mcodes)
     if labels_path is not None:
         labels = read_labels(labels_path)
         mlab, vocab = label_matrix(labels, mnames, labels_path)
@@ -219,7 +372,6 @@ def hash_evaluate(map_: Path, query: Path, global_: str, labels_path: Path | Non
     else:
         assert query_gt is not None
         relevance = _relevant(query_gt, map_, qnames, mnames, max_distance, max_angle)
-    distances = hamming_distances(qcodes, mcodes)
     if open_dataset(query).root.resolve() == open_dataset(map_).root.resolve():
         column = {n: i for i, n in enumerate(mnames)}
         for i, q in enumerate(qnames):  # the query itself: ranked last, not relevant
@@ -227,4 +379,5 @@ def hash_evaluate(map_: Path, query: Path, global_: str, labels_path: Path | Non
                 distances[i, column[q]], relevance[i, column[q]] = bits + 1, False
     metrics = hashing_metrics(distances, relevance, bits, ks, radius)
     source = str(labels_path) if labels_path else f"poses (<= {max_distance:g} m, <= {max_angle:g} deg)"
-    print_json({"bits": bits, "method": mconf.get("hash", {}).get("method"), "ground_truth": source, **metrics})
+    print_json({"bits": bits, "method": mconf.get("hash", {}).get("method"), "level": "instances" if instances else
+                "image", "ground_truth": source, **metrics})

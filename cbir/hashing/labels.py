@@ -47,3 +47,30 @@ def label_matrix(labels: dict[str, tuple[str, ...]], names: list[str], path: str
             if lab in column:
                 out[row, column[lab]] = True
     return out, vocab
+
+
+def read_boxes(path: str | os.PathLike) -> dict[str, list[tuple[str, tuple[float, float, float, float]]]]:
+    """A boxes file (formats/SPEC.md 7a): ``image_name, label, x_min, y_min, x_max, y_max`` a
+    line (pixels, ``x_max``/``y_max`` exclusive), one line per object instance; the instances
+    of each image in file order."""
+    path = Path(path)
+    text = read_utf8(path, "boxes file")
+    out: dict[str, list[tuple[str, tuple[float, float, float, float]]]] = {}
+    for lineno, line in enumerate(split_lines(text), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != 6 or not all(fields):
+            raise FormatError(f"line {lineno}: expected 'image_name, label, x_min, y_min, x_max, y_max'", path)
+        try:
+            x0, y0, x1, y1 = (float(f) for f in fields[2:])
+        except ValueError:
+            raise FormatError(f"line {lineno}: box coordinates must be numbers", path) from None
+        if not all(np.isfinite([x0, y0, x1, y1])) or x1 <= x0 or y1 <= y0 or min(x0, y0) < 0:
+            raise FormatError(f"line {lineno}: the box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty, negative or "
+                              "not finite", path)
+        out.setdefault(fields[0], []).append((fields[1], (x0, y0, x1, y1)))
+    if not out:
+        raise FormatError("no boxes", path)
+    return out

@@ -1,4 +1,4 @@
-"""ResNet-50/101 and VGG-16 with torchvision's parameter names (torchvision has no CPU
+"""ResNet-18/34/50/101/152 and VGG-16 with torchvision's parameter names (torchvision has no CPU
 build here), so that published checkpoints built on them load with ``strict=True``.
 
 ResNet comes in two styles with the same parameter names:
@@ -51,7 +51,35 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-RESNET_LAYERS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3), "resnet152": (3, 8, 36, 3)}
+class BasicBlock(nn.Module):
+    """The two-3x3-conv block of ResNet-18/34 (torchvision's ``BasicBlock``; torchvision style only)."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 style: str = "torchvision"):
+        super().__init__()
+        if style != "torchvision":
+            raise ValueError("ResNet-18/34 exist in the torchvision style only")
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+RESNET_LAYERS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3),
+                 "resnet101": (3, 4, 23, 3), "resnet152": (3, 8, 36, 3)}
+RESNET_BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {
+    "resnet18": BasicBlock, "resnet34": BasicBlock, "resnet50": Bottleneck, "resnet101": Bottleneck,
+    "resnet152": Bottleneck}
 
 
 def tf_same_padding(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
@@ -74,6 +102,7 @@ class ResNet(nn.Module):
         if style not in RESNET_STYLES:
             raise ValueError(f"unknown ResNet style {style!r}")
         layers = RESNET_LAYERS[arch]
+        self.block = RESNET_BLOCKS[arch]
         self.style = style
         _, bias, eps = RESNET_STYLES[style]
         self.inplanes = 64
@@ -85,17 +114,18 @@ class ResNet(nn.Module):
         self.layer2 = self._make_layer(128, layers[1], stride=2)
         self.layer3 = self._make_layer(256, layers[2], stride=2)
         self.layer4 = self._make_layer(512, layers[3], stride=layer4_stride)
-        self.out_channels = 2048
+        self.out_channels = 512 * self.block.expansion
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         _, bias, eps = RESNET_STYLES[self.style]
+        block, width = self.block, planes * self.block.expansion
         downsample = None
-        if stride != 1 or self.inplanes != planes * 4:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=bias),
-                                       nn.BatchNorm2d(planes * 4, eps=eps))
-        layers = [Bottleneck(self.inplanes, planes, stride, downsample, self.style)]
-        self.inplanes = planes * 4
-        layers += [Bottleneck(self.inplanes, planes, style=self.style) for _ in range(1, blocks)]
+        if stride != 1 or self.inplanes != width:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, width, 1, stride=stride, bias=bias),
+                                       nn.BatchNorm2d(width, eps=eps))
+        layers: list[nn.Module] = [block(self.inplanes, planes, stride, downsample, self.style)]
+        self.inplanes = width
+        layers += [block(self.inplanes, planes, style=self.style) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def fuse_batchnorm(self) -> ResNet:
@@ -107,7 +137,7 @@ class ResNet(nn.Module):
             self.bn1 = nn.Identity()  # type: ignore[assignment]  # the folded norm: an identity, by design
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
-                for i in (1, 2, 3):
+                for i in (1, 2, 3) if isinstance(block, Bottleneck) else (1, 2):
                     bn = getattr(block, f"bn{i}")
                     if isinstance(bn, nn.BatchNorm2d):
                         fold_batchnorm(getattr(block, f"conv{i}"), bn)

@@ -1,0 +1,119 @@
+"""Region-DH's two stores and the multi-instance ranking (formats/SPEC.md 7a).
+
+``cbir hash encode`` with a Region-DH model writes, for a dataset:
+
+- a code store (``cbir/global/NAME.h5``): each image's image-level code (H2);
+- an instance store (``cbir/local/NAME.h5``, a local-feature store): per image, one row per
+  instance found, ``keypoints`` its box centre, ``keypoint_params`` ``(x0, y0, x1, y1, class)``
+  (class: 1-based, in the model's class list), ``scores`` its detection score, ``descriptors``
+  its packed instance code (H1), with the code store's ``metric_type Hamming``, ``code_bits``
+  and model identity.
+
+Ranking by instances: the distance of a map image to a query is the mean, over the query's
+instances, of the Hamming distance to the nearest of the map image's instances (a query asking
+for a cat and a cup ranks first the images holding both); where the query or the map image has
+no instance, their image codes' distance stands in. Ties by map order. Distances are means of
+integers computed in float64: the same on every machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import CbirError
+from .model import code_store_problem, padding_is_zero, unpack
+
+if TYPE_CHECKING:
+    from ..io.dataset import Dataset
+
+
+@dataclass
+class InstanceSets:
+    """The instance codes of a store's images: ``codes`` (M x bytes), image ``i``'s rows
+    ``offsets[i]:offsets[i + 1]``; ``names`` in store order."""
+
+    names: list[str]
+    codes: np.ndarray
+    offsets: np.ndarray
+    bits: int
+
+
+def read_instance_sets(path: Path) -> InstanceSets:
+    from ..io.store import open_store
+
+    with open_store(path, "local-features") as s:
+        if (s.config.get("metric_type") or "") != "Hamming" or s.config.get("extractor") != "region-dh":
+            raise CbirError("not a Region-DH instance store (written by `cbir hash encode` with a Region-DH model)",
+                            path)
+        descriptors = s.dataset("descriptors")
+        problem = code_store_problem(dict(s.config), descriptors.dtype, int(descriptors.shape[1]))
+        if problem:
+            raise CbirError(problem, path)
+        bits = int(s.config["code_bits"])
+        names = [str(k) for k in s.keys]
+        codes = np.asarray(s.read_all("descriptors"), np.uint8)
+        offsets = np.asarray(s.offsets, np.int64)
+    if not padding_is_zero(codes, bits):
+        raise CbirError("padding bits past code_bits are not zero", path)
+    return InstanceSets(names, codes, offsets, bits)
+
+
+def instance_distances(query: InstanceSets, map_: InstanceSets, image_distances: np.ndarray) -> np.ndarray:
+    """Q x N float64 distances of the module docstring; ``image_distances`` (Q x N, the image
+    codes' Hamming distances) stand in where either side has no instance."""
+    if query.bits != map_.bits:
+        raise CbirError(f"instance codes of {query.bits} and {map_.bits} bits")
+    out = np.asarray(image_distances, np.float64).copy()
+    if not len(query.codes) or not len(map_.codes):
+        return out
+    mbits, qbits = unpack(map_.codes, map_.bits).astype(np.int32), unpack(query.codes, query.bits).astype(np.int32)
+    # d(a, b) = |a| + |b| - 2 a.b over bits: integers, exact in int32
+    pair = qbits.sum(1)[:, None] + mbits.sum(1)[None, :] - 2 * (qbits @ mbits.T)
+    counts = np.diff(map_.offsets)
+    has = counts > 0
+    starts = map_.offsets[:-1][has]
+    for i in range(len(query.names)):
+        a, b = query.offsets[i], query.offsets[i + 1]
+        if a == b:
+            continue
+        nearest = np.minimum.reduceat(pair[a:b], starts, axis=1)  # (instances x images with instances)
+        out[i, has] = nearest.sum(0) / (b - a)
+    return out
+
+
+def instance_config(bits: int, identity: dict[str, Any]) -> dict[str, Any]:
+    return {"extractor": "region-dh", "metric_type": "Hamming", "code_bits": bits, "hash": identity}
+
+
+def region_distances(qd: Dataset, md: Dataset, name: str) -> tuple[list[str], list[str], np.ndarray, int,
+                                                                  dict[str, Any]]:
+    """Query names, map names (store order), their Q x N multi-instance distances, the code
+    length, and the fingerprints of the four stores read."""
+    from ..io.store import open_store
+    from .model import check_same_model, checked_codes, store_code_bits
+    from .search import hamming_distances
+
+    with open_store(qd.store_path("global", name), "global-features") as qs, \
+            open_store(md.store_path("global", name), "global-features") as ms:
+        store_code_bits(qs)
+        bits = store_code_bits(ms)
+        check_same_model(qs, ms)
+        qnames, mnames = [str(k) for k in qs.keys], [str(k) for k in ms.keys]
+        image = hamming_distances(checked_codes(qs, None, bits), checked_codes(ms, None, bits))
+        prints = {"query": [qs.fingerprint()], "map": [ms.fingerprint()]}
+        model = ms.config.get("hash", {}).get("model")
+    qi, mi = (read_instance_sets(d.store_path("local", name)) for d in (qd, md))
+    for sets, names, d in ((qi, qnames, qd), (mi, mnames, md)):
+        if sets.names != names or sets.bits != bits:
+            raise CbirError(f"the instance store does not go with the code store {name!r} (other images or code "
+                            "length): encode both with one `cbir hash encode`", d.store_path("local", name))
+    for d in (qd, md):
+        with open_store(d.store_path("local", name), "local-features") as s:
+            if s.config.get("hash", {}).get("model") != model:
+                raise CbirError("the instance codes were written by another model than the image codes", s.path)
+            prints.setdefault("instances", []).append(s.fingerprint())
+    return qnames, mnames, instance_distances(qi, mi, image), bits, prints
