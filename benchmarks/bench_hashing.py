@@ -1,7 +1,7 @@
 """Hashing (issue 29): the methods' mAP on digits, and Hamming search against exact float
 search.
 
-    python benchmarks/bench_hashing.py digits [--bits 12,24,32,48,64] [--seeds 3]
+    python benchmarks/bench_hashing.py digits [--bits 12,24,32,48,64] [--seeds 3] [--methods lsh,spectral]
     python benchmarks/bench_hashing.py search [--codes 10000000 --float-images 200000 --queries 100]
     python benchmarks/bench_hashing.py regions [--bits 32] [--map 600 --query 150 --epochs 15]
 
@@ -48,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 
-def digits(bits_list: list[int], seeds: int) -> None:
+def digits(bits_list: list[int], seeds: int, only: list[str] | None = None) -> None:
     from sklearn.datasets import load_digits
 
     from cbir.hashing.itq import ITQ
@@ -56,10 +56,11 @@ def digits(bits_list: list[int], seeds: int) -> None:
     from cbir.hashing.metrics import hashing_metrics, label_relevance
     from cbir.hashing.pairwise import DPSH, DSDH, HashNet
     from cbir.hashing.search import hamming_distances
+    from cbir.hashing.spectral import SpectralHashing
 
     data = load_digits()
     x, y = data.data.astype(np.float32), np.eye(10, dtype=bool)[data.target]
-    methods = (LSH, ITQ, DPSH, HashNet, DSDH)
+    methods = tuple(m for m in (LSH, SpectralHashing, ITQ, DPSH, HashNet, DSDH) if not only or m.name in only)
     results: dict[tuple[str, int], list[float]] = {}
     seconds: dict[str, list[float]] = {m.name: [] for m in methods}
     for seed in range(seeds):
@@ -227,6 +228,7 @@ def main() -> None:
     ap.add_argument("--codes", type=int, default=10_000_000)
     ap.add_argument("--float-images", type=int, default=200_000)
     ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--methods", help="digits: these methods only (comma-separated names)")
     ap.add_argument("--map", type=int, default=600)
     ap.add_argument("--query", type=int, default=150)
     ap.add_argument("--epochs", type=int, default=15)
@@ -235,7 +237,7 @@ def main() -> None:
         regions(int(args.bits.split(",")[0]) if args.bits != "12,24,32,48,64" else 32, args.map, args.query,
                 args.epochs)
     elif args.what == "digits":
-        digits([int(b) for b in args.bits.split(",")], args.seeds)
+        digits([int(b) for b in args.bits.split(",")], args.seeds, args.methods.split(",") if args.methods else None)
     else:
         search(args.codes, args.float_images, args.queries)
 

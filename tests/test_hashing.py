@@ -82,6 +82,59 @@ def test_the_surveys_order_on_digits(digits):
         assert _map(cls(FAST).fit(digits["xb"], 32, digits["yb"]), digits) > itq + 0.05, cls.name
 
 
+def train_sh_reference(x: np.ndarray, nbits: int) -> tuple[np.ndarray, ...]:
+    """The authors' trainSH.m, line for line (PCA of cov(X), the modes matrix, sorted by
+    eigenvalue with a stable sort)."""
+    cov = np.cov(x.astype(np.float64), rowvar=False)
+    values, vectors = np.linalg.eigh(cov)
+    npca = min(nbits, x.shape[1])
+    pc = vectors[:, np.argsort(values, kind="stable")[::-1][:npca]]
+    xp = x.astype(np.float64) @ pc
+    eps = np.finfo(np.float64).eps
+    mn, mx = xp.min(0) - eps, xp.max(0) + eps
+    r = mx - mn
+    max_mode = np.ceil((nbits + 1) * r / r.max()).astype(int)
+    n_modes = int(max_mode.sum() - len(max_mode) + 1)
+    modes = np.ones((n_modes, npca))
+    m = 1
+    for i in range(npca):
+        modes[m:m + max_mode[i] - 1, i] = np.arange(2, max_mode[i] + 1)
+        m += max_mode[i] - 1
+    modes -= 1
+    omegas = modes * (np.pi / r)
+    order = np.argsort((omegas ** 2).sum(1), kind="stable")
+    return pc, mn, r, modes[order[1:nbits + 1]]
+
+
+def compress_sh_reference(x: np.ndarray, pc: np.ndarray, mn: np.ndarray, r: np.ndarray,
+                          modes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """compressSH.m: the bits and the products of sines they are the signs of."""
+    xp = x.astype(np.float64) @ pc - mn
+    u = np.stack([np.prod(np.sin(xp * (mode * np.pi / r) + np.pi / 2), axis=1) for mode in modes], 1)
+    return u > 0, u
+
+
+def test_spectral_hashing_is_the_authors(digits, tmp_path):
+    from cbir.hashing.spectral import SpectralHashing
+
+    ours = SpectralHashing().fit(digits["xb"], 32)
+    pc, mn, r, modes = train_sh_reference(digits["xb"], 32)
+    assert [[int(d), int(k)] for d, k in ours.extra["modes"]] == [[int(np.flatnonzero(m)[0]), int(m.max())]
+                                                                     for m in modes]
+    for key in ("xq", "xb"):
+        theirs, u = compress_sh_reference(digits[key], pc, mn, r, modes)
+        mine = ours.bits_of(digits[key])
+        # principal directions are defined up to sign: a flipped one flips its odd modes' bits
+        flips = np.array([np.sign(ours.projection[:, j] @ pc[:, d]) < 0 and k % 2 == 1
+                          for j, (d, k) in enumerate(ours.extra["modes"])])
+        differ = (mine ^ flips) != theirs
+        assert not differ[np.abs(u) > 1e-9].any()  # equal wherever the cosine is not at its zero
+    ours.save(tmp_path / "sh.npz")
+    again = HashModel.load(tmp_path / "sh.npz")
+    np.testing.assert_array_equal(again.encode(digits["xq"]), ours.encode(digits["xq"]))
+    assert again.digest() == ours.digest() != ITQ().fit(digits["xb"], 32).digest()
+
+
 def test_models_save_load_and_refuse_bad_files(digits, tmp_path):
     model = DPSH(FAST).fit(digits["xb"][:300], 16, digits["yb"][:300], seed=3)
     model.save(tmp_path / "m.npz")

@@ -217,3 +217,25 @@ def test_region_dh_end_to_end(instances, tmp_path):
     assert "not in" in result.output and not (tmp_path / "x.npz").exists()
     with pytest.raises(CbirError, match="ImageNet weights not found.*download.pytorch.org.*BSD"):
         region_dh.load_pretrained(net, tmp_path / "resnet18.pth")
+
+
+def test_image_level_branch_learns_from_labels_alone(instances, tmp_path):
+    """--labels with regions=false: deep hashing trained end to end with the backbone (its
+    loss falls); its stores hold image codes and no instance."""
+    from cbir.hashing import region_dh
+
+    labels = instances / "map" / "labels.txt"
+    run("hash", "train-regions", instances / "map", "--labels", labels, "--bits", 16, "--out", tmp_path / "x.npz",
+        ok=False)  # the regions need boxes
+    conf = [a for c in [*SMALL, "regions=false"] for a in ("--conf", c)]
+    model = tmp_path / "image.npz"
+    out = json.loads(run("hash", "train-regions", instances / "map", "--labels", labels, "--bits", 16, "--out", model,
+                         "--json", *conf).output)
+    assert set(out["final_loss"]) == {"image_hash"} and out["final_loss"]["image_hash"] < out["first_loss"]["image_hash"]
+    net, _ = region_dh.load(model)
+    assert not net.conf["regions"]
+    run("hash", "encode", instances / "map", "--model", model, "--name", "img")
+    from cbir.io.store import open_store
+
+    with open_store(instances / "map" / "cbir" / "local" / "img.h5") as loc:
+        assert len(loc.read_all("descriptors")) == 0  # no region branch: no instance

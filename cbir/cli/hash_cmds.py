@@ -160,24 +160,28 @@ def hash_encode(ctx: click.Context, dataset: Path, global_: str, model_path: Pat
     report_written([out], is_quiet(ctx))
 
 
-def _region_samples(dataset: Path, boxes_path: Path, max_size: int | None) -> tuple[list[Any], list[str], str]:
-    """Training samples of DATASET's images named in the boxes file, the classes, and the
-    training data's fingerprint."""
+def _region_samples(dataset: Path, boxes_path: Path | None, labels_path: Path | None,
+                    max_size: int | None) -> tuple[list[Any], list[str], str]:
+    """Training samples of DATASET's images named in the boxes (or labels) file, the classes,
+    and the training data's fingerprint."""
     import hashlib
     import json
 
-    from ..hashing.labels import read_boxes
+    from ..hashing.labels import read_boxes, read_labels
     from ..hashing.region_dh import make_sample
     from ..io.images import read_image
 
-    boxes = read_boxes(boxes_path)
+    source = boxes_path or labels_path
+    assert source is not None
+    boxes = read_boxes(source) if boxes_path else {n: [] for n in read_labels(source)}
+    labels = read_labels(source) if labels_path else None
     ds = open_dataset(dataset)
     known = set(ds.sensors.image_names())
     missing = sorted(set(boxes) - known)
     if missing:
-        raise CbirError(f"{len(missing)} images of the boxes file are not in {dataset}, e.g. {missing[0]!r}",
-                        boxes_path)
-    classes = sorted({label for found in boxes.values() for label, _ in found})
+        raise CbirError(f"{len(missing)} images of this file are not in {dataset}, e.g. {missing[0]!r}", source)
+    classes = sorted({label for found in boxes.values() for label, _ in found} if labels is None
+                     else {label for tags in labels.values() for label in tags})
     samples = []
     for name in sorted(boxes):
         image = read_image(ds.image_path(name), max_size=max_size)
@@ -185,16 +189,20 @@ def _region_samples(dataset: Path, boxes_path: Path, max_size: int | None) -> tu
         scaled = [(label, (x0 * sx, y0 * sy, x1 * sx, y1 * sy)) for label, (x0, y0, x1, y1) in boxes[name]]
         w, h = image.original_size
         if any(x1 > w + 0.5 or y1 > h + 0.5 for _, (_, _, x1, y1) in boxes[name]):
-            raise CbirError(f"a box of {name!r} goes past its {w}x{h} pixels", boxes_path)
-        samples.append(make_sample(image.array, scaled, classes))
-    digest = hashlib.sha256(json.dumps(sorted(boxes.items()), sort_keys=True).encode()).hexdigest()[:16]
+            raise CbirError(f"a box of {name!r} goes past its {w}x{h} pixels", source)
+        samples.append(make_sample(image.array, scaled, classes, labels[name] if labels else None))
+    content = sorted(boxes.items()) if labels is None else sorted(labels.items())
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
     return samples, classes, digest
 
 
 @hash_group.command("train-regions")
 @dataset_argument()
-@click.option("--boxes", "boxes_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--boxes", "boxes_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Boxes file: 'image, label, x_min, y_min, x_max, y_max' a line, one per object instance.")
+@click.option("--labels", "labels_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Labels file instead of boxes, with --conf regions=false: the image-level branch alone "
+              "(deep hashing trained end to end with the backbone).")
 @click.option("--bits", type=click.IntRange(8, 1024), required=True, help="Code length (image and instance codes).")
 @click.option("--pretrained", type=click.Path(dir_okay=False, path_type=Path),
               help="torchvision's ImageNet weights of the backbone (a local .pth; nothing is downloaded).")
@@ -205,9 +213,9 @@ def _region_samples(dataset: Path, boxes_path: Path, max_size: int | None) -> tu
 @click.option("--overwrite", is_flag=True, help="Replace an existing model file.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def hash_train_regions(ctx: click.Context, dataset: Path, boxes_path: Path, bits: int, pretrained: Path | None,
-                       max_size: int | None, seed: int, conf_items: tuple[str, ...], out: Path, overwrite: bool,
-                       as_json: bool) -> None:
+def hash_train_regions(ctx: click.Context, dataset: Path, boxes_path: Path | None, labels_path: Path | None,
+                       bits: int, pretrained: Path | None, max_size: int | None, seed: int,
+                       conf_items: tuple[str, ...], out: Path, overwrite: bool, as_json: bool) -> None:
     """Train Region-DH (an image code and a code per object instance) on DATASET's images and
     their boxes."""
     from ..hashing import region_dh
@@ -216,10 +224,15 @@ def hash_train_regions(ctx: click.Context, dataset: Path, boxes_path: Path, bits
     if out.exists() and not overwrite:
         raise CbirError("exists: pass --overwrite to replace it", out)
     conf = merged_conf("Region-DH", region_dh.default_conf, parse_conf(conf_items))
+    if (boxes_path is None) == (labels_path is None):
+        raise click.UsageError("give --boxes FILE, or --labels FILE with --conf regions=false")
+    if labels_path is not None and conf["regions"]:
+        raise click.UsageError("the region branch learns from boxes: --boxes, or --conf regions=false to train the "
+                               "image-level branch from --labels")
     conf.update({"bits": bits, "max_size": max_size})
     if pretrained is not None:
         conf["pretrained"] = str(pretrained)
-    samples, classes, trained_on = _region_samples(dataset, boxes_path, max_size)
+    samples, classes, trained_on = _region_samples(dataset, boxes_path, labels_path, max_size)
     net, history = region_dh.train(samples, classes, conf, seed)
     region_dh.save(net, out, trained_on, {"images": len(samples), "first_loss": history[0], "final_loss": history[-1]})
     summary = {"model": str(out), "method": "region-dh", "bits": bits, "classes": classes, "images": len(samples),

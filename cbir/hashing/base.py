@@ -51,14 +51,17 @@ class Hasher:
                 raise CbirError("every training item needs at least one label")
             similar = None
         mean, projection, thresholds, extra = self._fit(x, bits, labels, seed, similar is not None)
+        frequencies = extra.pop("frequencies", None)
         trained = fingerprint(x) if labels is None else fingerprint(np.hstack([x, labels.astype(np.float32)]))
         return HashModel(self.name, {**self.conf, "seed": seed}, np.asarray(mean, np.float64),
-                         np.asarray(projection, np.float64), np.asarray(thresholds, np.float64), trained, extra)
+                         np.asarray(projection, np.float64), np.asarray(thresholds, np.float64), trained, extra,
+                         None if frequencies is None else np.asarray(frequencies, np.float64))
 
     def _fit(self, x: np.ndarray, bits: int, labels: np.ndarray | None, seed: int,
              pairs: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-        """``mean`` (D,), ``projection`` (D x B), ``thresholds`` (B,) and what else to record;
-        with ``pairs``, ``labels`` is the N x N matrix of similar pairs."""
+        """``mean`` (D,), ``projection`` (D x B), ``thresholds`` (B,) and what else to record
+        (``frequencies`` (B,) there makes the bits periodic: :class:`HashModel`); with
+        ``pairs``, ``labels`` is the N x N matrix of similar pairs."""
         raise NotImplementedError
 
 

@@ -130,8 +130,10 @@ def fingerprint(x: np.ndarray) -> str:
 
 @dataclass
 class HashModel:
-    """``bits = (x - mean) @ projection > thresholds``; ``method`` and ``conf`` say how it
-    was trained, ``trained_on`` the fingerprint of the training descriptors (and labels)."""
+    """``bits = (x - mean) @ projection > thresholds``, or, with ``frequencies`` (spectral
+    hashing), ``cos(pi t) > 0`` for ``t = ((x - mean) @ projection - thresholds) * frequencies``;
+    ``method`` and ``conf`` say how it was trained, ``trained_on`` the fingerprint of the
+    training descriptors (and labels)."""
 
     method: str
     conf: dict[str, Any]
@@ -140,6 +142,7 @@ class HashModel:
     thresholds: np.ndarray  # (B,) float64
     trained_on: str
     extra: dict[str, Any] = field(default_factory=dict)
+    frequencies: np.ndarray | None = None  # (B,) float64: periodic bits
 
     @property
     def dim(self) -> int:
@@ -156,7 +159,8 @@ class HashModel:
 
     def digest(self) -> str:
         h = hashlib.sha256()
-        for a in (self.mean, self.projection, self.thresholds):
+        for a in (self.mean, self.projection, self.thresholds) + (() if self.frequencies is None else
+                                                                 (self.frequencies,)):
             h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
         return h.hexdigest()[:16]
 
@@ -171,7 +175,13 @@ class HashModel:
         if len(bad):
             which = f" for image {names[int(bad[0])]!r}" if names is not None else f" in row {int(bad[0])}"
             raise CbirError(f"non-finite descriptors have no code: the first{which} ({len(bad)} such)", source)
-        return (x.astype(np.float64) - self.mean) @ self.projection > self.thresholds
+        u = (x.astype(np.float64) - self.mean) @ self.projection
+        if self.frequencies is None:
+            return u > self.thresholds
+        # the sign of cos(pi t) by floor arithmetic (exactly rounded everywhere), not by cos
+        t = (u - self.thresholds) * self.frequencies
+        r = t - 2.0 * np.floor(t / 2.0)
+        return (r < 0.5) | (r > 1.5)
 
     def encode(self, x: np.ndarray, names: list[str] | None = None, source: Any = None) -> np.ndarray:
         """Packed codes (N x ceil(B/8) uint8) of descriptors ``x`` (:meth:`bits_of`)."""
@@ -184,8 +194,9 @@ class HashModel:
         header = {"format": MODEL_FORMAT, "method": self.method, "conf": self.conf, "trained_on": self.trained_on,
                   "extra": self.extra}
         buf = io.BytesIO()
+        periodic = {} if self.frequencies is None else {"frequencies": self.frequencies}
         np.savez(buf, header=np.array(json.dumps(header, sort_keys=True)), mean=self.mean,
-                 projection=self.projection, thresholds=self.thresholds)
+                 projection=self.projection, thresholds=self.thresholds, **periodic)
         atomic_write_bytes(Path(path), buf.getvalue())
 
     @classmethod
@@ -196,6 +207,7 @@ class HashModel:
                 header = json.loads(str(f["header"]))
                 mean, projection, thresholds = (np.asarray(f[k], dtype=np.float64)
                                                 for k in ("mean", "projection", "thresholds"))
+                frequencies = np.asarray(f["frequencies"], dtype=np.float64) if "frequencies" in f.files else None
         except FileNotFoundError:
             raise CbirError("hash model not found", path) from None
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
@@ -207,8 +219,12 @@ class HashModel:
         if projection.ndim != 2 or mean.shape != (projection.shape[0],) or thresholds.shape != (projection.shape[1],):
             raise FormatError(f"inconsistent arrays: mean {mean.shape}, projection {projection.shape}, thresholds "
                               f"{thresholds.shape}", path)
-        if not all(np.isfinite(a).all() for a in (mean, projection, thresholds)):
+        if frequencies is not None and frequencies.shape != thresholds.shape:
+            raise FormatError(f"inconsistent arrays: thresholds {thresholds.shape}, frequencies {frequencies.shape}",
+                              path)
+        arrays = (mean, projection, thresholds) + (() if frequencies is None else (frequencies,))
+        if not all(np.isfinite(a).all() for a in arrays):
             raise FormatError("non-finite values in the model", path)
         check_bits(int(projection.shape[1]))
         return cls(str(header["method"]), dict(header.get("conf") or {}), mean, projection, thresholds,
-                   str(header.get("trained_on", "")), dict(header.get("extra") or {}))
+                   str(header.get("trained_on", "")), dict(header.get("extra") or {}), frequencies)

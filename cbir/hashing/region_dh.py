@@ -381,12 +381,12 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 def make_sample(image: np.ndarray, instances: list[tuple[str, tuple[float, float, float, float]]],
-                classes: list[str]) -> Sample:
+                classes: list[str], labels: tuple[str, ...] | None = None) -> Sample:
     """A training sample of an RGB image and its instances (label, box); image-level labels:
-    the union of its instances' classes."""
+    ``labels``, by default the union of its instances' classes."""
     index = {c: i for i, c in enumerate(classes)}
     boxes = torch.tensor([box for _, box in instances], dtype=torch.float32).reshape(-1, 4)
     cls = torch.tensor([index[label] + 1 for label, _ in instances], dtype=torch.long)
-    labels = torch.zeros(len(classes))
-    labels[cls - 1] = 1.0
-    return Sample(to_tensor(image), boxes, cls, labels)
+    image_labels = torch.zeros(len(classes))
+    image_labels[[index[label] for label in labels] if labels is not None else cls - 1] = 1.0
+    return Sample(to_tensor(image), boxes, cls, image_labels)
