@@ -231,7 +231,8 @@ def test_image_level_branch_learns_from_labels_alone(instances, tmp_path):
     model = tmp_path / "image.npz"
     out = json.loads(run("hash", "train-regions", instances / "map", "--labels", labels, "--bits", 16, "--out", model,
                          "--json", *conf).output)
-    assert set(out["final_loss"]) == {"image_hash"} and out["final_loss"]["image_hash"] < out["first_loss"]["image_hash"]
+    assert set(out["final_loss"]) == {"image_hash"}
+    assert out["final_loss"]["image_hash"] < out["first_loss"]["image_hash"]
     net, _ = region_dh.load(model)
     assert not net.conf["regions"]
     run("hash", "encode", instances / "map", "--model", model, "--name", "img")

@@ -11,7 +11,19 @@ import numpy as np
 
 from ..errors import CbirError
 from ._common import dataset_argument, is_quiet, open_dataset, print_json, report_written
-from .features_cmds import cli_executor, executor_options, parse_conf
+from .features_cmds import cli_executor, device_option, executor_options, parse_conf
+
+
+def model_output_options(f: Any) -> Any:
+    """The options of a command that trains a model: --seed, --out, --overwrite, --json."""
+    for option in reversed((
+            click.option("--seed", type=int, default=0, show_default=True),
+            click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+                         help="The model (.npz)."),
+            click.option("--overwrite", is_flag=True, help="Replace an existing model file."),
+            click.option("--json", "as_json", is_flag=True))):
+        f = option(f)
+    return f
 
 
 def _descriptors(dataset: Path, name: str) -> tuple[list[str], np.ndarray, dict[str, Any], Path]:
@@ -83,11 +95,8 @@ def hash_group() -> None:
 @click.option("--max-distance", type=click.FloatRange(0), default=10.0, show_default=True, help="With --poses (m).")
 @click.option("--max-angle", type=click.FloatRange(0, 180), default=45.0, show_default=True,
               help="With --poses: between optical axes (degrees).")
-@click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--conf", "conf_items", multiple=True, metavar="KEY=VALUE", help="The method's options.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The model (.npz).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing model file.")
-@click.option("--json", "as_json", is_flag=True)
+@model_output_options
 @click.pass_context
 def hash_train(ctx: click.Context, dataset: Path, global_: str, method: str, bits: int, labels_path: Path | None,
                poses: bool, max_distance: float, max_angle: float, seed: int, conf_items: tuple[str, ...], out: Path,
@@ -125,9 +134,10 @@ def hash_train(ctx: click.Context, dataset: Path, global_: str, method: str, bit
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--name", help="The code store's name (default: <global>-<method><bits>).")
 @click.option("--overwrite", is_flag=True, help="Replace a code store written by another model.")
+@device_option
 @click.pass_context
-def hash_encode(ctx: click.Context, dataset: Path, global_: str, model_path: Path, name: str | None,
-                overwrite: bool) -> None:
+def hash_encode(ctx: click.Context, dataset: Path, global_: str | None, model_path: Path, name: str | None,
+                overwrite: bool, device: str) -> None:
     """Write the binary codes of DATASET's global store as a code store (cbir/global/NAME.h5);
     with a Region-DH model, of DATASET's images: their image codes (cbir/global/NAME.h5) and
     instance codes with their boxes (cbir/local/NAME.h5)."""
@@ -138,7 +148,9 @@ def hash_encode(ctx: click.Context, dataset: Path, global_: str, model_path: Pat
     if is_region_dh(model_path):
         if global_:
             raise click.UsageError("a Region-DH model encodes images: no --global")
-        _encode_regions(dataset, model_path, name, overwrite, is_quiet(ctx))
+        from ..models.base import resolve_device
+
+        _encode_regions(dataset, model_path, name, overwrite, resolve_device(device), is_quiet(ctx))
         return
     if not global_:
         raise click.UsageError("--global NAME is required with a linear hash model")
@@ -207,15 +219,13 @@ def _region_samples(dataset: Path, boxes_path: Path | None, labels_path: Path | 
 @click.option("--pretrained", type=click.Path(dir_okay=False, path_type=Path),
               help="torchvision's ImageNet weights of the backbone (a local .pth; nothing is downloaded).")
 @click.option("--max-size", type=click.IntRange(16), help="Resize images so that their longest side is at most this.")
-@click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--conf", "conf_items", multiple=True, metavar="KEY=VALUE", help="Region-DH options (default_conf).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The model (.npz).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing model file.")
-@click.option("--json", "as_json", is_flag=True)
+@device_option
+@model_output_options
 @click.pass_context
 def hash_train_regions(ctx: click.Context, dataset: Path, boxes_path: Path | None, labels_path: Path | None,
-                       bits: int, pretrained: Path | None, max_size: int | None, seed: int,
-                       conf_items: tuple[str, ...], out: Path, overwrite: bool, as_json: bool) -> None:
+                       bits: int, pretrained: Path | None, max_size: int | None, conf_items: tuple[str, ...],
+                       device: str, seed: int, out: Path, overwrite: bool, as_json: bool) -> None:
     """Train Region-DH (an image code and a code per object instance) on DATASET's images and
     their boxes."""
     from ..hashing import region_dh
@@ -233,7 +243,9 @@ def hash_train_regions(ctx: click.Context, dataset: Path, boxes_path: Path | Non
     if pretrained is not None:
         conf["pretrained"] = str(pretrained)
     samples, classes, trained_on = _region_samples(dataset, boxes_path, labels_path, max_size)
-    net, history = region_dh.train(samples, classes, conf, seed)
+    from ..models.base import resolve_device
+
+    net, history = region_dh.train(samples, classes, conf, seed, device=resolve_device(device))
     region_dh.save(net, out, trained_on, {"images": len(samples), "first_loss": history[0], "final_loss": history[-1]})
     summary = {"model": str(out), "method": "region-dh", "bits": bits, "classes": classes, "images": len(samples),
                "trained_on": trained_on, "first_loss": history[0], "final_loss": history[-1]}
@@ -243,7 +255,8 @@ def hash_train_regions(ctx: click.Context, dataset: Path, boxes_path: Path | Non
         report_written([out], is_quiet(ctx))
 
 
-def _encode_regions(dataset: Path, model_path: Path, name: str | None, overwrite: bool, quiet: bool) -> None:
+def _encode_regions(dataset: Path, model_path: Path, name: str | None, overwrite: bool, device: Any,
+                    quiet: bool) -> None:
     from ..hashing import region_dh
     from ..hashing.instances import instance_config
     from ..hashing.model import code_bytes
@@ -251,9 +264,11 @@ def _encode_regions(dataset: Path, model_path: Path, name: str | None, overwrite
     from ..io.store import StoreWriter
 
     net, header = region_dh.load(model_path)
+    identity_digest = region_dh.digest(net)
+    net.to(device)
     bits = int(net.conf["bits"])
     identity = {"method": "region-dh", "conf": net.conf, "bits": bits, "trained_on": header.get("trained_on", ""),
-                "model": region_dh.digest(net)}
+                "model": identity_digest}
     ds = open_dataset(dataset)
     name = name or f"region-dh{bits}"
     names = ds.sensors.image_names()
@@ -271,7 +286,7 @@ def _encode_regions(dataset: Path, model_path: Path, name: str | None, overwrite
             if n in g and n in loc:
                 continue
             image = read_image(ds.image_path(n), max_size=net.conf.get("max_size"))
-            found = net.find(region_dh.to_tensor(image.array))
+            found = net.find(region_dh.to_tensor(image.array).to(device))
             sx, sy = image.scale
             boxes = found.boxes.astype(np.float64) / np.array([sx, sy, sx, sy])
             centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], 1)

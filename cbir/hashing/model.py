@@ -194,9 +194,11 @@ class HashModel:
         header = {"format": MODEL_FORMAT, "method": self.method, "conf": self.conf, "trained_on": self.trained_on,
                   "extra": self.extra}
         buf = io.BytesIO()
-        periodic = {} if self.frequencies is None else {"frequencies": self.frequencies}
-        np.savez(buf, header=np.array(json.dumps(header, sort_keys=True)), mean=self.mean,
-                 projection=self.projection, thresholds=self.thresholds, **periodic)
+        arrays: dict[str, np.ndarray] = {"header": np.array(json.dumps(header, sort_keys=True)), "mean": self.mean,
+                                         "projection": self.projection, "thresholds": self.thresholds}
+        if self.frequencies is not None:
+            arrays["frequencies"] = self.frequencies
+        np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
         atomic_write_bytes(Path(path), buf.getvalue())
 
     @classmethod

@@ -69,7 +69,10 @@ default_conf: dict[str, Any] = {
     "rpn_batch": 256, "rpn_positive_fraction": 0.5, "rpn_positive_iou": 0.7, "rpn_negative_iou": 0.3,
     "roi_batch": 128, "roi_positive_fraction": 0.25, "roi_positive_iou": 0.5,
     "roi_size": 7, "roi_channels": 256, "hidden": 1024,
-    "eta": 0.1, "instance_weight": 1.0, "image_weight": 1.0,
+    # DPSH's quantization weight: 0.1 (its value on frozen descriptors, cbir.hashing.pairwise) sets
+    # the codes' signs before the pairs are learned here; 0.01 measured better on the
+    # multi-instance set (benchmarks/README.md)
+    "eta": 0.01, "instance_weight": 1.0, "image_weight": 1.0,
     "min_score": 0.3, "instance_nms": 0.3, "max_instances": 10,
     "epochs": 20, "batch_size": 8, "lr": 1e-3, "weight_decay": 1e-4,
     "max_size": None,  # images resized so that their longest side is at most this (training and encoding)
@@ -119,16 +122,18 @@ class RegionDH(nn.Module):
         self.h1 = nn.Linear(c["hidden"], c["bits"])
         self.image_fc = nn.Linear(channels, c["hidden"])
         self.h2 = nn.Linear(c["hidden"], c["bits"])
+        # Faster R-CNN's initialisation of its heads; the hash layers keep torch's default, whose
+        # outputs are of order 1: the pairwise likelihood of u_i . u_j has no gradient at u = 0
         for layer, std in ((self.rpn_conv, 0.01), (self.rpn_objectness, 0.01), (self.rpn_deltas, 0.01),
-                           (self.class_scores, 0.01), (self.h1, 0.01), (self.h2, 0.01), (self.box_deltas, 0.001)):
+                           (self.class_scores, 0.01), (self.box_deltas, 0.001)):
             nn.init.normal_(layer.weight, std=std)
             nn.init.zeros_(layer.bias)  # type: ignore[arg-type]  # these layers all have a bias
 
     # -- the parts
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
         return self.backbone.forward_to((images - mean) / std, "layer3")
 
     def image_codes(self, fmap: torch.Tensor) -> torch.Tensor:
@@ -137,7 +142,8 @@ class RegionDH(nn.Module):
 
     def _anchors(self, fmap: torch.Tensor) -> torch.Tensor:
         c = self.conf
-        return R.anchors(fmap.shape[2], fmap.shape[3], 16, tuple(c["anchor_sizes"]), tuple(c["anchor_ratios"]))
+        return R.anchors(fmap.shape[2], fmap.shape[3], 16, tuple(c["anchor_sizes"]), tuple(c["anchor_ratios"]),
+                         fmap.device)
 
     def rpn(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Objectness (B x HWA) and deltas (B x HWA x 4), cell-major like :func:`regions.anchors`."""
@@ -204,7 +210,7 @@ class RegionDH(nn.Module):
             labels = R.sample_labels(labels, c["roi_batch"], c["roi_positive_fraction"], generator)
             keep = torch.nonzero(labels >= 0).flatten()
             cls = torch.where(labels[keep] == 1, box_classes[i][matched[keep]], torch.zeros_like(keep))
-            rois.append(torch.cat([torch.full((len(keep), 1), float(i)), props[keep]], 1))
+            rois.append(torch.cat([torch.full((len(keep), 1), float(i), device=props.device), props[keep]], 1))
             roi_targets.append((cls, R.encode_boxes(props[keep], gt[matched[keep]], BOX_WEIGHTS)))
         logits, box_deltas, u1 = self.roi_head(fmap, torch.cat(rois))
         cls = torch.cat([t[0] for t in roi_targets])
@@ -230,7 +236,7 @@ class RegionDH(nn.Module):
         c = self.conf
         _, h, w = image.shape
         fmap = self.features(image[None])
-        image_code = pack((self.image_codes(fmap) > 0).numpy())[0]
+        image_code = pack((self.image_codes(fmap) > 0).cpu().numpy())[0]
         empty = Instances(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64),
                           np.zeros((0, image_code.shape[0]), np.uint8), image_code)
         if not c["regions"]:
@@ -239,15 +245,15 @@ class RegionDH(nn.Module):
         props = self.proposals(self._anchors(fmap), objectness[0], deltas[0], h, w, c["rpn_post_nms"])
         if not len(props):
             return empty
-        logits, box_deltas, u1 = self.roi_head(fmap, torch.cat([torch.zeros(len(props), 1), props], 1))
+        logits, box_deltas, u1 = self.roi_head(fmap, torch.cat([props.new_zeros(len(props), 1), props], 1))
         probabilities = logits.softmax(1)[:, 1:]
         scores, classes = probabilities.max(1)
         refined = R.clip_boxes(R.decode_boxes(props, box_deltas.view(len(props), -1, 4)[
-            torch.arange(len(props)), classes + 1], BOX_WEIGHTS), h, w)
+            torch.arange(len(props), device=props.device), classes + 1], BOX_WEIGHTS), h, w)
         confident = torch.nonzero(scores >= c["min_score"]).flatten()
         keep = confident[R.nms(refined[confident], scores[confident], c["instance_nms"])][:c["max_instances"]]
-        return Instances(refined[keep].numpy(), scores[keep].numpy(), classes[keep].numpy() + 1,
-                         pack((u1[keep] > 0).numpy()), image_code)
+        return Instances(refined[keep].cpu().numpy(), scores[keep].cpu().numpy(), classes[keep].cpu().numpy() + 1,
+                         pack((u1[keep] > 0).cpu().numpy()), image_code)
 
 
 def load_pretrained(net: RegionDH, path: str | os.PathLike) -> None:
@@ -336,13 +342,16 @@ def _batches(samples: list[Sample], size: int, generator: torch.Generator) -> It
 
 
 def train(samples: list[Sample], classes: list[str], conf: dict[str, Any], seed: int,
-          progress: Any = None) -> tuple[RegionDH, list[dict[str, float]]]:
-    """Train Region-DH on ``samples``; the loss terms averaged per epoch. Seeded: the same
-    seed, machine and thread count give the same network."""
-    torch.manual_seed(seed)  # the layers' initialisation
+          progress: Any = None, device: torch.device | None = None) -> tuple[RegionDH, list[dict[str, float]]]:
+    """Train Region-DH on ``samples`` on ``device`` (default: the CPU); the loss terms averaged
+    per epoch. Seeded: the same seed, machine and thread count give the same network. The
+    network comes back on the CPU, in eval mode."""
+    device = device or torch.device("cpu")
+    torch.manual_seed(seed)  # the layers' initialisation, on the host whatever the device
     net = RegionDH(conf, classes)
     if net.conf["pretrained"]:
         load_pretrained(net, net.conf["pretrained"])
+    net.to(device)
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=float(net.conf["lr"]), weight_decay=float(net.conf["weight_decay"]))
@@ -359,9 +368,9 @@ def train(samples: list[Sample], classes: list[str], conf: dict[str, Any], seed:
             images = torch.zeros(len(batch), 3, height, width)
             for i, s in enumerate(batch):
                 images[i, :, :s.image.shape[1], :s.image.shape[2]] = s.image
-            terms = net.losses(images, [(s.image.shape[1], s.image.shape[2]) for s in batch],
-                               [s.boxes for s in batch], [s.classes for s in batch],
-                               torch.stack([s.labels for s in batch]), generator)
+            terms = net.losses(images.to(device), [(s.image.shape[1], s.image.shape[2]) for s in batch],
+                               [s.boxes.to(device) for s in batch], [s.classes.to(device) for s in batch],
+                               torch.stack([s.labels for s in batch]).to(device), generator)
             loss = torch.stack(list(terms.values())).sum()
             optimizer.zero_grad()
             loss.backward()
@@ -372,7 +381,7 @@ def train(samples: list[Sample], classes: list[str], conf: dict[str, Any], seed:
         history.append({k: v / max(batches, 1) for k, v in totals.items()})
         if progress is not None:
             progress(epoch, history[-1])
-    return net.eval(), history
+    return net.cpu().eval(), history
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

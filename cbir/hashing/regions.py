@@ -18,7 +18,7 @@ BBOX_CLIP = math.log(1000.0 / 16)  # the largest log-scale a regression may appl
 
 
 def anchors(height: int, width: int, stride: int, sizes: tuple[float, ...],
-            ratios: tuple[float, ...]) -> torch.Tensor:
+            ratios: tuple[float, ...], device: torch.device | None = None) -> torch.Tensor:
     """(height * width * A) x 4 anchors, A = len(sizes) * len(ratios), centred on the cells of a
     stride-``stride`` feature map, cell-major (the anchors of cell (0, 0) first); ``ratio`` is
     height / width, the area stays ``size**2``."""
@@ -27,9 +27,9 @@ def anchors(height: int, width: int, stride: int, sizes: tuple[float, ...],
         for size in sizes:
             w = size / math.sqrt(ratio)
             shapes.append((w, w * ratio))
-    wh = torch.tensor(shapes, dtype=torch.float32)
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
-                            indexing="ij")
+    wh = torch.tensor(shapes, dtype=torch.float32, device=device)
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32, device=device),
+                            torch.arange(width, dtype=torch.float32, device=device), indexing="ij")
     centres = (torch.stack([xs.reshape(-1), ys.reshape(-1)], 1) + 0.5) * stride
     centres = centres[:, None, :].expand(-1, len(shapes), -1)
     half = (wh / 2)[None].expand_as(centres)
@@ -74,7 +74,8 @@ def decode_boxes(reference: torch.Tensor, deltas: torch.Tensor,
 
 def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """``boxes`` (N x 4k) clipped to the image."""
-    limits = torch.tensor([width, height, width, height], dtype=boxes.dtype).repeat(boxes.shape[1] // 4)
+    limits = torch.tensor([width, height, width, height], dtype=boxes.dtype,
+                          device=boxes.device).repeat(boxes.shape[1] // 4)
     return torch.minimum(boxes.clamp(min=0), limits)
 
 
@@ -82,17 +83,18 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Te
     """Greedy non-maximum suppression: the indices kept, best score first (equal scores: the
     lower index first); a box is dropped when its IoU with a kept one is above ``threshold``."""
     if len(boxes) == 0:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
-    iou = box_iou(boxes[order], boxes[order])
+    # the greedy loop runs on the host: one transfer of the IoU matrix, not one sync per box
+    overlaps = (box_iou(boxes[order], boxes[order]) > threshold).cpu()
     suppressed = torch.zeros(len(order), dtype=torch.bool)
     keep = []
     for i in range(len(order)):
         if suppressed[i]:
             continue
         keep.append(i)
-        suppressed |= iou[i] > threshold
-    return order[torch.tensor(keep, dtype=torch.long)]
+        suppressed |= overlaps[i]
+    return order[torch.tensor(keep, dtype=torch.long, device=boxes.device)]
 
 
 def roi_pool(features: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float) -> torch.Tensor:
@@ -132,8 +134,8 @@ def roi_pool(features: torch.Tensor, rois: torch.Tensor, output_size: int, spati
     parts, order = [], []
     for g, (h, w) in enumerate(shapes.tolist()):
         idx = torch.nonzero(group == g).flatten()
-        ys = y0[idx, None] + torch.arange(h)
-        xs = x0[idx, None] + torch.arange(w)
+        ys = y0[idx, None] + torch.arange(h, device=features.device)
+        xs = x0[idx, None] + torch.arange(w, device=features.device)
         crops = padded[b[idx, None, None], :, ys[:, :, None], xs[:, None, :]]  # G x h x w x C
         parts.append(F.adaptive_max_pool2d(crops.permute(0, 3, 1, 2), output_size))
         order.append(idx)
@@ -146,14 +148,14 @@ def sample_labels(labels: torch.Tensor, count: int, positive_fraction: float,
     """Sub-sample ``labels`` (1 positive, 0 negative, -1 ignored) to at most ``count`` items,
     of which at most ``positive_fraction`` positive; the others set to -1. A new tensor."""
     out = labels.clone()
-    positive = torch.nonzero(labels == 1).flatten()
-    negative = torch.nonzero(labels == 0).flatten()
+    positive = torch.nonzero(labels == 1).flatten().cpu()  # drawn with a host generator
+    negative = torch.nonzero(labels == 0).flatten().cpu()
     keep_positive = min(len(positive), int(count * positive_fraction))
     keep_negative = min(len(negative), count - keep_positive)
     drop_positive = positive[torch.randperm(len(positive), generator=generator)[keep_positive:]]
     drop_negative = negative[torch.randperm(len(negative), generator=generator)[keep_negative:]]
-    out[drop_positive] = -1
-    out[drop_negative] = -1
+    out[drop_positive.to(out.device)] = -1
+    out[drop_negative.to(out.device)] = -1
     return out
 
 

@@ -26,7 +26,6 @@ from .base import Hasher
 
 class SpectralHashing(Hasher):
     name = "spectral"
-    default_conf: dict[str, Any] = {}
 
     def _fit(self, x: np.ndarray, bits: int, labels: np.ndarray | None, seed: int,
              pairs: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
