@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import CbirError
-from .model import code_store_problem, padding_is_zero, unpack
+from .model import code_store_problem, padding_is_zero
 
 if TYPE_CHECKING:
     from ..io.dataset import Dataset
@@ -67,20 +67,19 @@ def instance_distances(query: InstanceSets, map_: InstanceSets, image_distances:
     codes' Hamming distances) stand in where either side has no instance."""
     if query.bits != map_.bits:
         raise CbirError(f"instance codes of {query.bits} and {map_.bits} bits")
+    from .search import hamming_distances
+
     out = np.asarray(image_distances, np.float64).copy()
     if not len(query.codes) or not len(map_.codes):
         return out
-    mbits, qbits = unpack(map_.codes, map_.bits).astype(np.int32), unpack(query.codes, query.bits).astype(np.int32)
-    # d(a, b) = |a| + |b| - 2 a.b over bits: integers, exact in int32
-    pair = qbits.sum(1)[:, None] + mbits.sum(1)[None, :] - 2 * (qbits @ mbits.T)
-    counts = np.diff(map_.offsets)
-    has = counts > 0
+    has = np.diff(map_.offsets) > 0
     starts = map_.offsets[:-1][has]
     for i in range(len(query.names)):
         a, b = query.offsets[i], query.offsets[i + 1]
         if a == b:
             continue
-        nearest = np.minimum.reduceat(pair[a:b], starts, axis=1)  # (instances x images with instances)
+        # one query at a time: its instances x every map instance, integers
+        nearest = np.minimum.reduceat(hamming_distances(query.codes[a:b], map_.codes), starts, axis=1)
         out[i, has] = nearest.sum(0) / (b - a)
     return out
 
