@@ -192,8 +192,12 @@ def test_region_dh_end_to_end(instances, tmp_path):
     labels.write_text((instances / "map" / "labels.txt").read_text() + (instances / "query" / "labels.txt").read_text())
     for flag in ([], ["--instances"]):
         metrics = json.loads(run("hash", "evaluate", "--map", instances / "map", "--query", instances / "query",
-                                 "--global", "rdh", "--labels", labels, "--k", 10, *flag).output)
+                                 "--global", "rdh", "--labels", labels, "--k", 10, "--plot", tmp_path / "pr.html",
+                                 *flag).output)
         assert metrics["level"] == ("instances" if flag else "image") and 0 < metrics["map"] <= 1
+        page = (tmp_path / "pr.html").read_text()
+        assert "<html>" in page and "plotly" in page and '<script src="http' not in page  # the bundle inlined
+        assert json.dumps(metrics["pr_curve"]["precision"][3])[:6] in page
     pairs = run("hash", "search", "--map", instances / "map", "--query", instances / "query", "--global", "rdh",
                 "--instances", "--topk", 5, "-o", "-").output
     rows = [line.split(", ") for line in pairs.splitlines() if not line.startswith("#")]

@@ -366,8 +366,11 @@ def _instance_pairs(query: Path, map_: Path, name: str, topk: int,
 @click.option("--k", "ks", type=click.IntRange(1), multiple=True, default=(100,), show_default=True)
 @click.option("--radius", type=click.IntRange(0), default=2, show_default=True)
 @click.option("--instances", is_flag=True, help="Region-DH: rank by the instance codes (see cbir hash search).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the precision-recall curve (one point per Hamming radius) as an HTML page.")
 def hash_evaluate(map_: Path, query: Path, global_: str, labels_path: Path | None, query_gt: Path | None,
-                  max_distance: float, max_angle: float, ks: tuple[int, ...], radius: int, instances: bool) -> None:
+                  max_distance: float, max_angle: float, ks: tuple[int, ...], radius: int, instances: bool,
+                  plot: Path | None) -> None:
     """mAP, mAP@k, precision@k, recall@k, precision and mAP within a Hamming radius and the
     precision-recall curve of the query codes against the map codes (JSON). A query's own
     image, when the query and the map are one dataset, is neither ranked nor relevant."""
@@ -407,5 +410,12 @@ def hash_evaluate(map_: Path, query: Path, global_: str, labels_path: Path | Non
                 distances[i, column[q]], relevance[i, column[q]] = bits + 1, False
     metrics = hashing_metrics(distances, relevance, bits, ks, radius)
     source = str(labels_path) if labels_path else f"poses (<= {max_distance:g} m, <= {max_angle:g} deg)"
+    if plot is not None:
+        from ..hashing.metrics import pr_curve_html
+        from ..io.atomic import atomic_write_text
+
+        label = f"{global_} ({'instances' if instances else 'image codes'})"
+        atomic_write_text(plot, pr_curve_html({label: metrics["pr_curve"]},
+                                              f"{global_}: precision-recall by Hamming radius, {source}"))
     print_json({"bits": bits, "method": mconf.get("hash", {}).get("method"), "level": "instances" if instances else
                 "image", "ground_truth": source, **metrics})

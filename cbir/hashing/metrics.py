@@ -86,3 +86,20 @@ def hashing_metrics(distances: np.ndarray, relevance: np.ndarray, bits: int, ks:
         recall.append(float((hits / np.maximum(total, 1))[has].mean()))
     out["pr_curve"] = {"radius": list(range(bits + 1)), "precision": precision, "recall": recall}
     return out
+
+
+def pr_curve_html(curves: dict[str, dict[str, Any]], title: str) -> str:
+    """A self-contained HTML page (plotly's offline bundle inlined: no network when viewed)
+    plotting the precision-recall curves ``curves`` (label -> a ``pr_curve`` of
+    :func:`hashing_metrics`), one point per Hamming radius."""
+    import plotly.graph_objects as go
+
+    figure = go.Figure()
+    for label, curve in curves.items():
+        figure.add_trace(go.Scatter(x=curve["recall"], y=curve["precision"], mode="lines+markers", name=label,
+                                    customdata=curve["radius"],
+                                    hovertemplate="radius %{customdata}<br>recall %{x:.3f}<br>precision %{y:.3f}"))
+    figure.update_layout(title=title, xaxis_title="recall", yaxis_title="precision",
+                         xaxis_range=[0, 1.02], yaxis_range=[0, 1.02], template="plotly_white")
+    return str(figure.to_html(include_plotlyjs=True, full_html=True))
+
