@@ -241,3 +241,23 @@ def test_image_level_branch_learns_from_labels_alone(instances, tmp_path):
 
     with open_store(instances / "map" / "cbir" / "local" / "img.h5") as loc:
         assert len(loc.read_all("descriptors")) == 0  # no region branch: no instance
+
+
+def test_imagenet_weights_load_from_a_torchvision_file(tmp_path):
+    """A file in torchvision's layout (its names, with layer4 and fc, which Region-DH does not
+    use) loads into the backbone unchanged; another architecture's is refused by name."""
+    from cbir.hashing import region_dh
+    from cbir.models.backbones import ResNet
+
+    torch.manual_seed(0)
+    state = {k: v + 0.5 if v.is_floating_point() else v for k, v in ResNet("resnet18").state_dict().items()}
+    state.update({"fc.weight": torch.randn(1000, 512), "fc.bias": torch.randn(1000)})
+    torch.save(state, tmp_path / "resnet18.pth")
+    net = region_dh.RegionDH({"backbone": "resnet18"}, ["cat"])
+    region_dh.load_pretrained(net, tmp_path / "resnet18.pth")
+    for name, value in net.backbone.state_dict().items():
+        if not name.startswith("layer4."):
+            assert torch.equal(value, state[name]), name
+    torch.save(ResNet("resnet50").state_dict(), tmp_path / "resnet50.pth")
+    with pytest.raises(FormatError, match="not torchvision resnet18 weights"):
+        region_dh.load_pretrained(net, tmp_path / "resnet50.pth")

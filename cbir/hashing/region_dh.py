@@ -268,11 +268,14 @@ def load_pretrained(net: RegionDH, path: str | os.PathLike) -> None:
     except Exception as e:  # noqa: BLE001 -- any unreadable file: one line naming it
         raise FormatError(f"not a torch checkpoint ({type(e).__name__})", path) from None
     wanted = {k: v for k, v in state.items() if not k.startswith(("fc.", "layer4."))}
-    missing, unexpected = net.backbone.load_state_dict(wanted, strict=False)
+    what = f"not torchvision {net.conf['backbone']} weights"
+    try:
+        missing, unexpected = net.backbone.load_state_dict(wanted, strict=False)
+    except RuntimeError as e:  # a parameter of another shape: another architecture
+        raise FormatError(f"{what}: {str(e).splitlines()[-1].strip()[:160]}", path) from None
     missing = [k for k in missing if not k.startswith("layer4.")]
     if missing or unexpected:
-        raise FormatError(f"not torchvision {net.conf['backbone']} weights: missing {missing[:3]}, unexpected "
-                          f"{unexpected[:3]}", path)
+        raise FormatError(f"{what}: missing {missing[:3]}, unexpected {unexpected[:3]}", path)
 
 
 def save(net: RegionDH, path: str | os.PathLike, trained_on: str, extra: dict[str, Any]) -> None:
