@@ -45,6 +45,8 @@ class InstanceSets:
 def read_instance_sets(path: Path) -> InstanceSets:
     from ..io.store import open_store
 
+    if not path.exists():
+        raise CbirError("no instance store: write it with `cbir hash encode` and a Region-DH model", path)
     with open_store(path, "local-features") as s:
         if (s.config.get("metric_type") or "") != "Hamming" or s.config.get("extractor") != "region-dh":
             raise CbirError("not a Region-DH instance store (written by `cbir hash encode` with a Region-DH model)",
