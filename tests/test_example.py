@@ -126,3 +126,43 @@ def test_the_readme_python_snippet_runs_on_the_example(example_run):
     names: dict = {}
     exec(compile(code, "README.md", "exec"), names)
     assert names["kp"].shape[1] == 2 and names["points"].shape[1] == 3 and len(names["poses"]) == 12
+
+
+@pytest.mark.slow
+def test_the_pipeline_retrieves_by_binary_codes(example_run, tmp_path):
+    """[retrieve] hash: the pipeline encodes the global store with a hash model and ranks by
+    the codes (the pairs of `cbir hash search`); a re-run reuses them; another model is a
+    changed configuration, refused without --overwrite."""
+    import shutil
+
+    from cbir.io.pairs import read_pairs, read_pairs_record
+
+    scene = tmp_path / "scene"
+    shutil.copytree(example_run[0], scene)  # features reused; the other tests keep their copy
+    runner = CliRunner()
+
+    def cbir(*args: object) -> str:
+        r = runner.invoke(main, [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    for seed in (0, 1):
+        cbir("hash", "train", scene / "mapping", "--global", "densevlad", "--method", "lsh", "--bits", 64,
+             "--seed", seed, "--out", tmp_path / f"lsh{seed}.npz")
+    config = (EXAMPLES / "scene.toml").read_text().replace("_out/scene", str(scene))
+    (tmp_path / "scene.toml").write_text(config)
+    hashed = ["--set", f"retrieve.hash='{tmp_path / 'lsh0.npz'}'"]
+    out = json.loads(cbir("pipeline", tmp_path / "scene.toml", "--json", *hashed))
+    assert any(s.startswith("hash densevlad: densevlad-lsh64") for s in out["steps"])
+    assert out["evaluation"]["all"]["localized"] == 5
+    [pairs_file] = (scene / "query" / "cbir" / "pairs").glob("densevlad-lsh64_top5.txt")
+    assert read_pairs_record(pairs_file)["config"]["stores"] == ["densevlad-lsh64"]
+    cbir("hash", "search", "--map", scene / "mapping", "--query", scene / "query", "--global", "densevlad-lsh64",
+         "--topk", 5, "-o", tmp_path / "hamming.txt")
+    assert [(p.query, p.map) for p in read_pairs(pairs_file)] == \
+        [(p.query, p.map) for p in read_pairs(tmp_path / "hamming.txt")]
+    again = json.loads(cbir("pipeline", tmp_path / "scene.toml", "--json", *hashed))
+    assert any("(reused)" in s for s in again["steps"] if s.startswith("retrieve"))
+    other = ["--set", f"retrieve.hash='{tmp_path / 'lsh1.npz'}'"]
+    r = runner.invoke(main, ["pipeline", str(tmp_path / "scene.toml"), *other])
+    assert r.exit_code != 0 and "configuration changed" in r.output and "densevlad-lsh64" in r.output

@@ -26,21 +26,11 @@ def model_output_options(f: Any) -> Any:
     return f
 
 
-def _descriptors(dataset: Path, name: str) -> tuple[list[str], np.ndarray, dict[str, Any], Path]:
+def _descriptors(dataset: Path, name: str) -> tuple[list[str], np.ndarray, dict[str, Any]]:
     """Names, descriptors (N x D) and config of a dataset's global store ``name``."""
-    from ..io.store import open_store
+    from ..hashing.stores import float_descriptors
 
-    path = open_dataset(dataset).store_path("global", name)
-    with open_store(path, "global-features") as s:
-        names = [str(k) for k in s.keys]
-        x = np.asarray(s.read_all("descriptors"))
-        config = dict(s.config)
-    if not names:
-        raise CbirError("the store holds no descriptor", path)
-    if (config.get("metric_type") or "L2") != "L2":
-        raise CbirError(f"descriptors compared by {config['metric_type']} distance: hash functions are learned from "
-                        "and applied to float descriptors", path)
-    return names, x, config, path
+    return float_descriptors(open_dataset(dataset).store_path("global", name))
 
 
 def _labels(path: Path | None, names: list[str]) -> np.ndarray | None:
@@ -112,7 +102,7 @@ def hash_train(ctx: click.Context, dataset: Path, global_: str, method: str, bit
         raise CbirError(f"the hashing method {method!r} is {cls!r}, not a subclass of cbir.hashing.base.Hasher")
     if poses and labels_path:
         raise click.UsageError("--labels or --poses, not both")
-    names, x, config, _ = _descriptors(dataset, global_)
+    names, x, config = _descriptors(dataset, global_)
     similar = _pose_pairs(dataset, names, max_distance, max_angle) if poses else None
     model = cls(parse_conf(conf_items)).fit(x, bits, _labels(labels_path, names), seed, similar=similar)
     if poses:
@@ -141,9 +131,8 @@ def hash_encode(ctx: click.Context, dataset: Path, global_: str | None, model_pa
     """Write the binary codes of DATASET's global store as a code store (cbir/global/NAME.h5);
     with a Region-DH model, of DATASET's images: their image codes (cbir/global/NAME.h5) and
     instance codes with their boxes (cbir/local/NAME.h5)."""
-    from ..hashing.model import HashModel, code_bytes
+    from ..hashing.model import HashModel
     from ..hashing.region_dh import is_region_dh
-    from ..io.store import StoreWriter
 
     if is_region_dh(model_path):
         if global_:
@@ -154,21 +143,10 @@ def hash_encode(ctx: click.Context, dataset: Path, global_: str | None, model_pa
         return
     if not global_:
         raise click.UsageError("--global NAME is required with a linear hash model")
-    model = HashModel.load(model_path)
-    names, x, config, _ = _descriptors(dataset, global_)
-    source = model.extra.get("source", {}).get("config")
-    if source is not None and source != config:
-        raise CbirError(f"the model was trained on descriptors of another configuration ({source.get('extractor')}) "
-                        f"than {global_}'s ({config.get('extractor')})", model_path)
-    codes = model.encode(x, names, open_dataset(dataset).store_path("global", global_))
-    out = open_dataset(dataset).store_path("global", name or f"{global_}-{model.method}{model.bits}")
-    attrs = {"name": out.stem, "config": {"extractor": "hash", "metric_type": "Hamming", "code_bits": model.bits,
-                                          "hash": model.identity(), "source": config},
-             "descriptor_dim": code_bytes(model.bits), "descriptor_dtype": "uint8"}
-    with StoreWriter(out, "global-features", attrs, overwrite=overwrite) as w:
-        for n, code in zip(names, codes, strict=True):
-            if n not in w:
-                w.add(n, descriptors=code)
+    from ..hashing.stores import write_code_store
+
+    out = write_code_store(open_dataset(dataset), global_, HashModel.load(model_path), model_path, name,
+                           overwrite=overwrite)
     report_written([out], is_quiet(ctx))
 
 

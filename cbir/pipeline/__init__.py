@@ -35,6 +35,8 @@ Configuration (every key optional except the datasets; ``--set a.b=value`` overr
     topk = 20                    # query x map pairs
     map_pairs = 20               # map x map pairs by retrieval; 0: every pair
     precision = "fp32"           # "fp16": half-precision search, candidates rescored (same pairs)
+    hash = ""                    # a hash model (cbir hash train): retrieve by the binary codes of
+                                 # the one global store (written as <global>-<method><bits>)
     [match]
     matcher = "nn"               # an installed matcher (cbir weights list), or module:Class
     conf = {}                    # its options

@@ -45,13 +45,10 @@ def changes(p: Plan) -> list[Change]:
         if diffs:
             out.append(Change(step, path, diffs))
 
-    for ds in (p.map, p.query):
-        for kind, e, name in [("local", p.local, p.local_name), *(("global", g, n) for g, n in
-                                                                    zip(p.globals_, p.global_names, strict=True))]:
-            path = ds.store_path(kind, name)
-            if path.exists():
-                with open_store(path) as s:
-                    compare("extract", path, s.config, _expected_store_config(e))
+    for step, path, wanted in _stores(p):
+        if path.exists():
+            with open_store(path) as s:
+                compare(step, path, s.config, wanted)
     for path, wanted in ((p.query_pairs_path, _pairs_config(p, p.query_retrieval)),
                          (p.map_pairs_path, _pairs_config(p, p.map_retrieval))):
         if path.exists():
@@ -82,6 +79,20 @@ def changes(p: Plan) -> list[Change]:
     return out
 
 
+def _stores(p: Plan) -> list[tuple[str, Path, dict[str, Any]]]:
+    """The stores a run writes before matching, the step writing each and the configuration
+    it must have: the features (extract), and the code store of ``[retrieve] hash``
+    (retrieve, by the model's identity)."""
+    out = []
+    for ds in (p.map, p.query):
+        for kind, e, name in [("local", p.local, p.local_name), *(("global", g, n) for g, n in
+                                                                    zip(p.globals_, p.global_names, strict=True))]:
+            out.append(("extract", ds.store_path(kind, name), _expected_store_config(e)))
+        if p.hash_model is not None:
+            out.append(("retrieve", ds.store_path("global", p.retrieval_names[0]), {"hash": p.hash_model.identity()}))
+    return out
+
+
 def _expected_store_config(e: Extractor) -> dict[str, Any]:
     config = e.store_config()
     if "model_digest" in config:  # learned on the map by the run
@@ -92,7 +103,7 @@ def _expected_store_config(e: Extractor) -> dict[str, Any]:
 def _pairs_config(p: Plan, conf: RetrievalConf | None) -> dict[str, Any]:
     if conf is None:
         return {"exhaustive": True}
-    return {**conf.record(), "stores": p.global_names}
+    return {**conf.record(), "stores": p.retrieval_names}
 
 
 def _match_config(p: Plan, verify: VerifyConf) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from ..validate import unknown_names
 DEFAULTS: dict[str, Any] = {
     "datasets": {"map": None, "query": None, "query_gt": None},
     "extract": {"local": "sift", "global": ["densevlad"], "weights": None, "local_conf": {}, "global_conf": {}},
-    "retrieve": {"fusion": "gharm", "topk": 20, "map_pairs": 20, "precision": "fp32"},
+    "retrieve": {"fusion": "gharm", "topk": 20, "map_pairs": 20, "precision": "fp32", "hash": ""},
     "match": {"matcher": DEFAULT_MATCHER, "conf": {}, "ratio": 0.0, "mutual": True, "max_error": 4.0,
               "min_inliers": 15, "map_verify": "poses"},
     "map": {"conf": {}},

@@ -16,6 +16,8 @@ from ..cores import MAX_WORKERS
 from ..errors import CbirError
 from ..evaluation.localization import check_thresholds
 from ..executor import EXECUTORS, Executor, LocalExecutor, ShardSizes, make_executor
+from ..hashing.model import HashModel
+from ..hashing.stores import code_store_name
 from ..io.dataset import Dataset
 from ..matching import DEFAULT_MATCHER, Matcher, VerifyConf
 from ..matching.base import load_matcher
@@ -51,6 +53,16 @@ class Plan:
     num_workers: int
     #: where extraction, matching, retrieval and pose estimation run (``[executor]``)
     executor: Executor = field(default_factory=LocalExecutor)
+    #: ``[retrieve] hash``: the model file and its model, retrieval by the codes of the global store
+    hash_path: Path | None = None
+    hash_model: HashModel | None = None
+
+    @property
+    def retrieval_names(self) -> list[str]:
+        """The stores retrieval ranks by: the global stores, or their code store."""
+        if self.hash_model is None:
+            return self.global_names
+        return [code_store_name(self.global_names[0], self.hash_model)]
 
     @property
     def local_name(self) -> str:
@@ -58,7 +70,7 @@ class Plan:
 
     @property
     def tag(self) -> str:
-        return "+".join(self.global_names)
+        return "+".join(self.retrieval_names)
 
     @property
     def query_pairs_path(self) -> Path:
@@ -117,6 +129,7 @@ def plan(conf: dict[str, Any], source: str | Path | None = None) -> Plan:
     section("retrieve", lambda: check_integer("map_pairs", rt["map_pairs"], 0))
     map_retrieval = RetrievalConf(topk=rt["map_pairs"], fusion=fusion, exclude_self=True,
                                   precision=rt["precision"]) if rt["map_pairs"] else None
+    hash_path, hash_model = section("retrieve", lambda: _hash(rt["hash"], len(globals_)))
     mt = conf["match"]
     matcher = section("match", lambda: _matcher(mt))
     query_verify = section("match", lambda: VerifyConf(max_error=mt["max_error"], min_inliers=mt["min_inliers"]))
@@ -139,7 +152,18 @@ def plan(conf: dict[str, Any], source: str | Path | None = None) -> Plan:
     executor = section("executor", lambda: _executor(conf["executor"]))
     return Plan(conf, m, q, gt, local, globals_, [g.default_store_name() for g in globals_], query_retrieval,
                 map_retrieval, matcher, map_verify, query_verify, map_overrides, lz["config"], loc_overrides, post,
-                thresholds, report if rp["write"] else None, conf["device"], conf["num_workers"], executor)
+                thresholds, report if rp["write"] else None, conf["device"], conf["num_workers"], executor,
+                hash_path, hash_model)
+
+
+def _hash(path: Any, globals_count: int) -> tuple[Path | None, HashModel | None]:
+    if not isinstance(path, str):
+        return _fail(f"hash must be the path of a hash model, got {path!r}")
+    if not path:
+        return None, None
+    if globals_count != 1:
+        return _fail(f"hash encodes one global store: [extract] global names {globals_count}")
+    return Path(path), HashModel.load(path)
 
 
 def _executor(ex: dict[str, Any]) -> Executor:

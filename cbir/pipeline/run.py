@@ -176,7 +176,16 @@ def _retrieve(p: Plan, replace: bool, step: Callable[[str], None],
     """Query x map and map x map pairs; a pairs file of the same configuration and inputs is
     reused."""
     m, q = p.map, p.query
-    with open_descriptor_sets(q, m, p.global_names) as (qset, mset):
+    if p.hash_model is not None:  # the codes first: retrieval ranks by them
+        from ..hashing.stores import write_code_store
+
+        assert p.hash_path is not None
+        for ds in (m, q):
+            write_code_store(ds, p.global_names[0], p.hash_model, p.hash_path, p.retrieval_names[0],
+                             overwrite=replace)
+        step(f"hash {p.global_names[0]}: {p.retrieval_names[0]} ({p.hash_model.method}, {p.hash_model.bits} bits) "
+             "of the map and the queries")
+    with open_descriptor_sets(q, m, p.retrieval_names) as (qset, mset):
         out = []
         for path, conf, query_set in ((p.query_pairs_path, p.query_retrieval, qset),
                                       (p.map_pairs_path, p.map_retrieval, mset)):
@@ -192,7 +201,7 @@ def _retrieve(p: Plan, replace: bool, step: Callable[[str], None],
                 if conf is None:
                     pairs = exhaustive_pairs(names)
                 else:
-                    pairs = p.executor.retrieve(q if query_set is qset else m, m, query_set, mset, p.global_names,
+                    pairs = p.executor.retrieve(q if query_set is qset else m, m, query_set, mset, p.retrieval_names,
                                                 conf, device=p.device, progress=update).pairs
             path.parent.mkdir(parents=True, exist_ok=True)
             write_pairs(path, pairs, record)
