@@ -163,6 +163,14 @@ def test_the_pipeline_retrieves_by_binary_codes(example_run, tmp_path):
         [(p.query, p.map) for p in read_pairs(tmp_path / "hamming.txt")]
     again = json.loads(cbir("pipeline", tmp_path / "scene.toml", "--json", *hashed))
     assert any("(reused)" in s for s in again["steps"] if s.startswith("retrieve"))
+    # supervision by the map's co-visibility (the pipeline triangulated it)
+    trained = json.loads(cbir("hash", "train", scene / "mapping", "--global", "densevlad", "--method", "dpsh",
+                              "--bits", 16, "--covisible", 30, "--conf", "epochs=2", "--out", tmp_path / "cov.npz",
+                              "--json"))
+    assert trained["images"] == 12
+    from cbir.hashing.model import HashModel
+
+    assert HashModel.load(tmp_path / "cov.npz").conf["supervision"] == "covisibility"
     other = ["--set", f"retrieve.hash='{tmp_path / 'lsh1.npz'}'"]
     r = runner.invoke(main, ["pipeline", str(tmp_path / "scene.toml"), *other])
     assert r.exit_code != 0 and "configuration changed" in r.output and "densevlad-lsh64" in r.output

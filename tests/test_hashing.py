@@ -196,6 +196,22 @@ def test_metrics_on_hand_worked_cases():
         hashing_metrics(distances, np.zeros_like(relevance), bits=4)
 
 
+def test_covisibility_from_a_maps_tracks():
+    """Images sharing at least N points of a map's tracks are similar; a point seen twice by
+    one image counts once; an image the map lacks is similar to itself only."""
+    from cbir.hashing.labels import covisible_pairs
+
+    images = ["a", "b", "c"]
+    tracks = [[0, 1], [0, 1], [0, 1, 2], [1, 2], [2, 2]]  # point 4: image c twice
+    offsets = np.concatenate([[0], np.cumsum([len(t) for t in tracks])])
+    flat = np.concatenate(tracks)
+    similar = covisible_pairs(images, offsets, flat, ["c", "a", "b", "x"], 3)
+    # a-b share 3 points, b-c 2, a-c 1
+    assert similar.tolist() == [[True, False, False, False], [False, True, True, False],
+                                [False, True, True, False], [False, False, False, True]]
+    assert covisible_pairs(images, offsets, flat, ["b", "c"], 2).all()
+
+
 def test_labels_files(tmp_path):
     path = tmp_path / "labels.txt"
     path.write_text("# image, labels\na.jpg, cat\nb.jpg, dog, cat\n\nc.jpg, bird  # a comment\n")

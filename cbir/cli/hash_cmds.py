@@ -68,6 +68,27 @@ def _pose_pairs(dataset: Path, names: list[str], max_distance: float, max_angle:
     return similar
 
 
+def _covisible_pairs(dataset: Path, map_name: str | None, names: list[str], min_shared: int) -> np.ndarray:
+    """N x N similar pairs of the dataset's images: sharing ``min_shared`` points of its map."""
+    from ..hashing.labels import covisible_pairs
+    from ..io.map_store import read_map
+
+    ds = open_dataset(dataset)
+    if map_name is None:
+        maps = ds.list_stores().get("map", [])
+        if len(maps) != 1:
+            raise CbirError(f"{len(maps)} map stores: name one with --map-name" if maps else
+                            "no map: make one with cbir map, or supervise with --poses or --labels", dataset)
+        path = maps[0]
+    else:
+        path = ds.store_path("map", map_name)
+    m = read_map(path)
+    mapped = set(m.images)
+    if not any(n in mapped for n in names):
+        raise CbirError("none of the descriptors' images is in this map", path)
+    return covisible_pairs(m.images, m.track_offsets, m.track_images, names, min_shared)
+
+
 @click.group("hash")
 def hash_group() -> None:
     """Binary codes of global descriptors: learn, encode, search, evaluate."""
@@ -85,12 +106,15 @@ def hash_group() -> None:
 @click.option("--max-distance", type=click.FloatRange(0), default=10.0, show_default=True, help="With --poses (m).")
 @click.option("--max-angle", type=click.FloatRange(0, 180), default=45.0, show_default=True,
               help="With --poses: between optical axes (degrees).")
+@click.option("--covisible", type=click.IntRange(1), metavar="N", help="Supervised methods: similar = images "
+              "observing at least N 3D points in common in the dataset's map (cbir map).")
+@click.option("--map-name", metavar="LOCAL", help="With --covisible: the map store (default: the dataset's only one).")
 @click.option("--conf", "conf_items", multiple=True, metavar="KEY=VALUE", help="The method's options.")
 @model_output_options
 @click.pass_context
 def hash_train(ctx: click.Context, dataset: Path, global_: str, method: str, bits: int, labels_path: Path | None,
-               poses: bool, max_distance: float, max_angle: float, seed: int, conf_items: tuple[str, ...], out: Path,
-               overwrite: bool, as_json: bool) -> None:
+               poses: bool, max_distance: float, max_angle: float, covisible: int | None, map_name: str | None,
+               conf_items: tuple[str, ...], seed: int, out: Path, overwrite: bool, as_json: bool) -> None:
     """Learn a hash function of BITS bits from DATASET's global store."""
     from .. import plugins
     from ..hashing.base import Hasher
@@ -100,13 +124,16 @@ def hash_train(ctx: click.Context, dataset: Path, global_: str, method: str, bit
     cls = plugins.load("hasher", method)
     if not (isinstance(cls, type) and issubclass(cls, Hasher)):
         raise CbirError(f"the hashing method {method!r} is {cls!r}, not a subclass of cbir.hashing.base.Hasher")
-    if poses and labels_path:
-        raise click.UsageError("--labels or --poses, not both")
+    if sum((bool(labels_path), poses, covisible is not None)) > 1:
+        raise click.UsageError("one supervision: --labels, --poses or --covisible")
     names, x, config = _descriptors(dataset, global_)
-    similar = _pose_pairs(dataset, names, max_distance, max_angle) if poses else None
+    similar = _pose_pairs(dataset, names, max_distance, max_angle) if poses else \
+        _covisible_pairs(dataset, map_name, names, covisible) if covisible is not None else None
     model = cls(parse_conf(conf_items)).fit(x, bits, _labels(labels_path, names), seed, similar=similar)
     if poses:
         model.conf.update({"supervision": "poses", "max_distance": max_distance, "max_angle": max_angle})
+    elif covisible is not None:
+        model.conf.update({"supervision": "covisibility", "min_shared_points": covisible})
     model.extra["source"] = {"store": global_, "config": config, "images": len(names)}
     model.save(out)
     summary = {"model": str(out), "method": model.method, "bits": model.bits, "dim": model.dim,

@@ -74,3 +74,26 @@ def read_boxes(path: str | os.PathLike) -> dict[str, list[tuple[str, tuple[float
     if not out:
         raise FormatError("no boxes", path)
     return out
+
+
+def covisible_pairs(images: list[str], track_offsets: np.ndarray, track_images: np.ndarray, names: list[str],
+                    min_shared: int) -> np.ndarray:
+    """N x N booleans over ``names``: the pairs of images that observe at least ``min_shared``
+    3D points of a map in common (a map's ``images``, ``track_offsets``, ``track_images``:
+    :class:`cbir.io.map_store.PointMap`); an image is similar to itself. Names the map lacks
+    are similar to themselves only."""
+    from scipy import sparse
+
+    points = np.repeat(np.arange(len(track_offsets) - 1), np.diff(track_offsets))
+    seen = sparse.csr_matrix((np.ones(len(points), np.int32), (points, np.asarray(track_images, np.int64))),
+                             shape=(len(track_offsets) - 1, len(images)))
+    seen.data[:] = 1  # an image observing a point twice counts it once
+    shared = (seen.T @ seen).tocsr()
+    column = {n: i for i, n in enumerate(images)}
+    rows = np.array([column.get(n, -1) for n in names])
+    out = np.eye(len(names), dtype=bool)
+    known = np.flatnonzero(rows >= 0)
+    if len(known):
+        counts = shared[rows[known]][:, rows[known]].toarray()
+        out[np.ix_(known, known)] |= counts >= min_shared
+    return out
