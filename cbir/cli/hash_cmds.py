@@ -164,9 +164,11 @@ def hash_encode(ctx: click.Context, dataset: Path, global_: str | None, model_pa
     if is_region_dh(model_path):
         if global_:
             raise click.UsageError("a Region-DH model encodes images: no --global")
+        from ..hashing.instances import write_region_stores
         from ..models.base import resolve_device
 
-        _encode_regions(dataset, model_path, name, overwrite, resolve_device(device), is_quiet(ctx))
+        report_written(list(write_region_stores(open_dataset(dataset), model_path, name, overwrite=overwrite,
+                                                device=resolve_device(device))), is_quiet(ctx))
         return
     if not global_:
         raise click.UsageError("--global NAME is required with a linear hash model")
@@ -175,42 +177,6 @@ def hash_encode(ctx: click.Context, dataset: Path, global_: str | None, model_pa
     out = write_code_store(open_dataset(dataset), global_, HashModel.load(model_path), model_path, name,
                            overwrite=overwrite)
     report_written([out], is_quiet(ctx))
-
-
-def _region_samples(dataset: Path, boxes_path: Path | None, labels_path: Path | None,
-                    max_size: int | None) -> tuple[list[Any], list[str], str]:
-    """Training samples of DATASET's images named in the boxes (or labels) file, the classes,
-    and the training data's fingerprint."""
-    import hashlib
-    import json
-
-    from ..hashing.labels import read_boxes, read_labels
-    from ..hashing.region_dh import make_sample
-    from ..io.images import read_image
-
-    source = boxes_path or labels_path
-    assert source is not None
-    boxes = read_boxes(source) if boxes_path else {n: [] for n in read_labels(source)}
-    labels = read_labels(source) if labels_path else None
-    ds = open_dataset(dataset)
-    known = set(ds.sensors.image_names())
-    missing = sorted(set(boxes) - known)
-    if missing:
-        raise CbirError(f"{len(missing)} images of this file are not in {dataset}, e.g. {missing[0]!r}", source)
-    classes = sorted({label for found in boxes.values() for label, _ in found} if labels is None
-                     else {label for tags in labels.values() for label in tags})
-    samples = []
-    for name in sorted(boxes):
-        image = read_image(ds.image_path(name), max_size=max_size)
-        sx, sy = image.scale
-        scaled = [(label, (x0 * sx, y0 * sy, x1 * sx, y1 * sy)) for label, (x0, y0, x1, y1) in boxes[name]]
-        w, h = image.original_size
-        if any(x1 > w + 0.5 or y1 > h + 0.5 for _, (_, _, x1, y1) in boxes[name]):
-            raise CbirError(f"a box of {name!r} goes past its {w}x{h} pixels", source)
-        samples.append(make_sample(image.array, scaled, classes, labels[name] if labels else None))
-    content = sorted(boxes.items()) if labels is None else sorted(labels.items())
-    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-    return samples, classes, digest
 
 
 @hash_group.command("train-regions")
@@ -247,7 +213,7 @@ def hash_train_regions(ctx: click.Context, dataset: Path, boxes_path: Path | Non
     conf.update({"bits": bits, "max_size": max_size})
     if pretrained is not None:
         conf["pretrained"] = str(pretrained)
-    samples, classes, trained_on = _region_samples(dataset, boxes_path, labels_path, max_size)
+    samples, classes, trained_on = region_dh.dataset_samples(open_dataset(dataset), boxes_path, labels_path, max_size)
     from ..models.base import resolve_device
 
     net, history = region_dh.train(samples, classes, conf, seed, device=resolve_device(device))
@@ -258,50 +224,6 @@ def hash_train_regions(ctx: click.Context, dataset: Path, boxes_path: Path | Non
         print_json(summary)
     else:
         report_written([out], is_quiet(ctx))
-
-
-def _encode_regions(dataset: Path, model_path: Path, name: str | None, overwrite: bool, device: Any,
-                    quiet: bool) -> None:
-    from ..hashing import region_dh
-    from ..hashing.instances import instance_config
-    from ..hashing.model import code_bytes
-    from ..io.images import read_image
-    from ..io.store import StoreWriter
-
-    net, header = region_dh.load(model_path)
-    identity_digest = region_dh.digest(net)
-    net.to(device)
-    bits = int(net.conf["bits"])
-    identity = {"method": "region-dh", "conf": net.conf, "bits": bits, "trained_on": header.get("trained_on", ""),
-                "model": identity_digest}
-    ds = open_dataset(dataset)
-    name = name or f"region-dh{bits}"
-    names = ds.sensors.image_names()
-    if not names:
-        raise CbirError("the dataset has no image", dataset)
-    global_path, local_path = ds.store_path("global", name), ds.store_path("local", name)
-    global_attrs = {"name": name, "config": {"extractor": "hash", "metric_type": "Hamming", "code_bits": bits,
-                                             "hash": identity}, "descriptor_dim": code_bytes(bits),
-                    "descriptor_dtype": "uint8"}
-    local_attrs = {"name": name, "config": instance_config(bits, identity), "descriptor_dim": code_bytes(bits),
-                   "descriptor_dtype": "uint8", "keypoint_params": "x0,y0,x1,y1,class"}
-    with StoreWriter(global_path, "global-features", global_attrs, overwrite=overwrite) as g, \
-            StoreWriter(local_path, "local-features", local_attrs, overwrite=overwrite) as loc:
-        for n in names:
-            if n in g and n in loc:
-                continue
-            image = read_image(ds.image_path(n), max_size=net.conf.get("max_size"))
-            found = net.find(region_dh.to_tensor(image.array).to(device))
-            sx, sy = image.scale
-            boxes = found.boxes.astype(np.float64) / np.array([sx, sy, sx, sy])
-            centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], 1)
-            params = np.concatenate([boxes, found.classes[:, None]], 1).astype(np.float32)
-            if n not in g:
-                g.add(n, descriptors=found.image_code)
-            if n not in loc:
-                loc.add(n, keypoints=centres.astype(np.float32), descriptors=found.codes, scores=found.scores,
-                        keypoint_params=params, image_sizes=np.array(image.original_size))
-    report_written([global_path, local_path], quiet)
 
 
 @hash_group.command("search")
@@ -331,31 +253,16 @@ def hash_search(map_: Path, query: Path | None, global_: str, topk: int, kind: s
     if instances:
         if kind != "exact" or rerank or executor != "local":
             raise click.UsageError("--instances ranks exactly, on this machine: no --index, --rerank or --executor")
-        write_pairs(output, *_instance_pairs(query or map_, map_, global_, topk, exclude_same_name))
+        from ..hashing.instances import instance_pairs
+
+        write_pairs(output, *instance_pairs(open_dataset(query or map_), open_dataset(map_), global_, topk,
+                                            exclude_same_name))
         return
     m = open_dataset(map_)
     pairs, record = hamming_pairs(open_dataset(query) if query else m, m, global_, topk, kind=kind,
                                   exclude_same_name=exclude_same_name, rerank=rerank, candidates=candidates,
                                   executor=cli_executor(executor, ray_address, shard_size, "map_images"))
     write_pairs(output, pairs, record)
-
-
-def _instance_pairs(query: Path, map_: Path, name: str, topk: int,
-                    exclude_same_name: bool) -> tuple[list[Any], dict[str, Any]]:
-    from ..hashing.instances import region_distances
-    from ..io.pairs import Pair
-
-    qnames, mnames, distances, bits, prints = region_distances(open_dataset(query), open_dataset(map_), name)
-    same = open_dataset(query).root.resolve() == open_dataset(map_).root.resolve()
-    pairs = []
-    for i, q in enumerate(qnames):
-        hits = [j for j in np.argsort(distances[i], kind="stable")
-                if not ((same or exclude_same_name) and mnames[j] == q)][:topk]
-        pairs += [Pair(q, mnames[j], float(bits - distances[i, j])) for j in hits]
-    record = {"step": "retrieve", "config": {"metric": "Hamming", "level": "instances", "topk": topk,
-                                             "exclude_self": same, "exclude_same_name": exclude_same_name,
-                                             "stores": [name], "code_bits": bits}, "inputs": prints}
-    return pairs, record
 
 
 @hash_group.command("evaluate")

@@ -29,6 +29,7 @@ from .model import code_store_problem, padding_is_zero
 
 if TYPE_CHECKING:
     from ..io.dataset import Dataset
+    from ..io.pairs import Pair
 
 
 @dataclass
@@ -118,3 +119,69 @@ def region_distances(qd: Dataset, md: Dataset, name: str) -> tuple[list[str], li
                 raise CbirError("the instance codes were written by another model than the image codes", s.path)
             prints.setdefault("instances", []).append(s.fingerprint())
     return qnames, mnames, instance_distances(qi, mi, image), bits, prints
+
+
+def write_region_stores(ds: Dataset, model_path: Path, name: str | None = None, *, overwrite: bool = False,
+                        device: Any = None) -> tuple[Path, Path]:
+    """Encode ``ds``'s images with the Region-DH model at ``model_path`` (on ``device``): the
+    code store and the instance store of the module docstring, both ``name`` (default
+    ``region-dh<bits>``); images already in both are kept (a resumed run)."""
+    import torch
+
+    from ..io.images import read_image
+    from ..io.store import StoreWriter
+    from . import region_dh
+    from .model import code_bytes
+
+    net, header = region_dh.load(model_path)
+    identity = {"method": "region-dh", "conf": net.conf, "bits": int(net.conf["bits"]),
+                "trained_on": header.get("trained_on", ""), "model": region_dh.digest(net)}
+    device = device or torch.device("cpu")
+    net.to(device)
+    bits = identity["bits"]
+    names = ds.sensors.image_names()
+    if not names:
+        raise CbirError("the dataset has no image", ds.root)
+    name = name or f"region-dh{bits}"
+    global_path, local_path = ds.store_path("global", name), ds.store_path("local", name)
+    width = {"descriptor_dim": code_bytes(bits), "descriptor_dtype": "uint8"}
+    global_attrs = {"name": name, "config": {**instance_config(bits, identity), "extractor": "hash"}, **width}
+    local_attrs = {"name": name, "config": instance_config(bits, identity), "keypoint_params": "x0,y0,x1,y1,class",
+                   **width}
+    with StoreWriter(global_path, "global-features", global_attrs, overwrite=overwrite) as g, \
+            StoreWriter(local_path, "local-features", local_attrs, overwrite=overwrite) as loc:
+        for n in names:
+            if n in g and n in loc:
+                continue
+            image = read_image(ds.image_path(n), max_size=net.conf.get("max_size"))
+            found = net.find(region_dh.to_tensor(image.array).to(device))
+            sx, sy = image.scale
+            boxes = found.boxes.astype(np.float64) / np.array([sx, sy, sx, sy])  # in the stored image's pixels
+            centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], 1)
+            params = np.concatenate([boxes, found.classes[:, None]], 1).astype(np.float32)
+            if n not in g:
+                g.add(n, descriptors=found.image_code)
+            if n not in loc:
+                loc.add(n, keypoints=centres.astype(np.float32), descriptors=found.codes, scores=found.scores,
+                        keypoint_params=params, image_sizes=np.array(image.original_size))
+    return global_path, local_path
+
+
+def instance_pairs(query: Dataset, map_: Dataset, name: str, topk: int,
+                   exclude_same_name: bool = False) -> tuple[list[Pair], dict[str, Any]]:
+    """Each query's ``topk`` map images by the instance ranking (score: ``bits - distance``,
+    ties by map order; a query's own image left out when query and map are one dataset), and
+    the pairs file's record."""
+    from ..io.pairs import Pair
+
+    qnames, mnames, distances, bits, prints = region_distances(query, map_, name)
+    same = query.root.resolve() == map_.root.resolve()
+    pairs = []
+    for i, q in enumerate(qnames):
+        hits = [j for j in np.argsort(distances[i], kind="stable")
+                if not ((same or exclude_same_name) and mnames[j] == q)][:topk]
+        pairs += [Pair(q, mnames[j], float(bits - distances[i, j])) for j in hits]
+    record = {"step": "retrieve", "config": {"metric": "Hamming", "level": "instances", "topk": topk,
+                                             "exclude_self": same, "exclude_same_name": exclude_same_name,
+                                             "stores": [name], "code_bits": bits}, "inputs": prints}
+    return pairs, record

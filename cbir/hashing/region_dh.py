@@ -33,7 +33,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ from ..errors import CbirError, FormatError
 from ..io.atomic import atomic_write_bytes
 from . import regions as R
 from .model import check_bits
+
+if TYPE_CHECKING:
+    from ..io.dataset import Dataset
 
 MODEL_FORMAT = "cbir-region-dh-1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -402,3 +405,35 @@ def make_sample(image: np.ndarray, instances: list[tuple[str, tuple[float, float
     image_labels = torch.zeros(len(classes))
     image_labels[[index[label] for label in labels] if labels is not None else cls - 1] = 1.0
     return Sample(to_tensor(image), boxes, cls, image_labels)
+
+
+def dataset_samples(ds: Dataset, boxes_path: Path | None, labels_path: Path | None,
+                    max_size: int | None) -> tuple[list[Sample], list[str], str]:
+    """Training samples of ``ds``'s images named in the boxes file (or, for the image-level
+    branch alone, the labels file), resized to ``max_size``; the classes (sorted labels); and
+    the training data's fingerprint (16 hex digits of the SHA-256 of the boxes or labels)."""
+    from ..io.images import read_image
+    from .labels import read_boxes, read_labels
+
+    source = boxes_path or labels_path
+    if source is None:
+        raise CbirError("Region-DH learns from a boxes file (or a labels file for the image-level branch alone)")
+    boxes = read_boxes(source) if boxes_path else {n: [] for n in read_labels(source)}
+    labels = read_labels(source) if labels_path else None
+    missing = sorted(set(boxes) - set(ds.sensors.image_names()))
+    if missing:
+        raise CbirError(f"{len(missing)} images of this file are not in {ds.root}, e.g. {missing[0]!r}", source)
+    classes = sorted({label for found in boxes.values() for label, _ in found} if labels is None
+                     else {label for tags in labels.values() for label in tags})
+    samples = []
+    for name in sorted(boxes):
+        image = read_image(ds.image_path(name), max_size=max_size)
+        w, h = image.original_size
+        if any(x1 > w + 0.5 or y1 > h + 0.5 for _, (_, _, x1, y1) in boxes[name]):
+            raise CbirError(f"a box of {name!r} goes past its {w}x{h} pixels", source)
+        sx, sy = image.scale
+        scaled = [(label, (x0 * sx, y0 * sy, x1 * sx, y1 * sy)) for label, (x0, y0, x1, y1) in boxes[name]]
+        samples.append(make_sample(image.array, scaled, classes, labels[name] if labels else None))
+    content = sorted(boxes.items()) if labels is None else sorted(labels.items())
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    return samples, classes, digest
