@@ -189,6 +189,7 @@ def test_region_dh_end_to_end(instances, tmp_path):
         assert params.shape[1] == 5 and len(params) > 0  # some instances found
         assert np.all((params[:, 4] >= 1) & (params[:, 4] <= 11))
         np.testing.assert_allclose(loc.read_all("keypoints"), (params[:, :2] + params[:, 2:4]) / 2, rtol=1e-6)
+    run("check", instances / "map")  # both stores valid
     labels = tmp_path / "labels.txt"
     labels.write_text((instances / "map" / "labels.txt").read_text() + (instances / "query" / "labels.txt").read_text())
     for flag in ([], ["--instances"]):
@@ -274,3 +275,24 @@ def test_training_is_seeded(instances):
                                                     None, None)
     nets = [region_dh.train(samples[:16], classes, {**SMALL_CONF, "epochs": 1}, seed)[0] for seed in (3, 3, 4)]
     assert region_dh.digest(nets[0]) == region_dh.digest(nets[1]) != region_dh.digest(nets[2])
+
+
+def test_check_finds_bad_instance_codes(instances, tmp_path):
+    """`cbir check` reads an instance store's header and padding bits like a code store's."""
+    import shutil
+
+    from cbir.hashing.instances import instance_config
+    from cbir.io.store import StoreWriter
+
+    ds = tmp_path / "ds"
+    shutil.copytree(instances / "query", ds)
+    identity = {"method": "region-dh", "conf": {}, "bits": 12, "trained_on": "", "model": "0" * 16}
+    attrs = {"name": "bad", "config": instance_config(12, identity), "descriptor_dim": 2, "descriptor_dtype": "uint8",
+             "keypoint_params": "x0,y0,x1,y1,class"}
+    with StoreWriter(ds / "cbir" / "local" / "bad.h5", "local-features", attrs) as w:
+        w.add("query_0000.png", keypoints=np.zeros((1, 2), np.float32), descriptors=np.array([[255, 255]], np.uint8),
+              scores=np.ones(1, np.float32), keypoint_params=np.zeros((1, 5), np.float32),
+              image_sizes=np.array([128, 128]))
+    result = run("check", ds, ok=False)
+    assert "padding bits past code_bits are not zero" in result.output and "bad.h5" in result.output
+

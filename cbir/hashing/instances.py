@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import CbirError
-from .model import code_store_problem, padding_is_zero
+from .model import code_bits, padding_is_zero
 
 if TYPE_CHECKING:
     from ..io.dataset import Dataset
@@ -52,11 +52,7 @@ def read_instance_sets(path: Path) -> InstanceSets:
         if (s.config.get("metric_type") or "") != "Hamming" or s.config.get("extractor") != "region-dh":
             raise CbirError("not a Region-DH instance store (written by `cbir hash encode` with a Region-DH model)",
                             path)
-        descriptors = s.dataset("descriptors")
-        problem = code_store_problem(dict(s.config), descriptors.dtype, int(descriptors.shape[1]))
-        if problem:
-            raise CbirError(problem, path)
-        bits = int(s.config["code_bits"])
+        bits = code_bits(s)  # the header checked against the codes' width
         names = [str(k) for k in s.keys]
         codes = np.asarray(s.read_all("descriptors"), np.uint8)
         offsets = np.asarray(s.offsets, np.int64)

@@ -25,6 +25,11 @@ MIN_BITS, MAX_BITS = 8, 1024
 MODEL_FORMAT = "cbir-hash-model 1"
 
 
+#: the ``extractor`` of stores whose binary descriptors are codes with a ``code_bits`` header:
+#: code stores, and Region-DH's instance stores
+CODE_EXTRACTORS = ("hash", "region-dh")
+
+
 def check_bits(bits: int) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
         raise CbirError(f"code length must be {MIN_BITS} to {MAX_BITS} bits, got {bits!r}")
@@ -67,7 +72,7 @@ def code_bits(store: Any) -> int:
     """A code store's code length, its header checked (formats/SPEC.md 7a); a binary store
     of another origin (imported from kapture) uses every bit of its bytes."""
     codes = store.dataset("descriptors")
-    if store.config.get("extractor") != "hash":
+    if store.config.get("extractor") not in CODE_EXTRACTORS:
         if codes.dtype != np.uint8:
             raise CbirError(f"binary descriptors must be uint8, not {codes.dtype}", store.path)
         return int(codes.shape[1]) * 8

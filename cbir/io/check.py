@@ -230,8 +230,8 @@ def _check_store(dataset: Dataset, store: Store, names: set[str] | None, report:
     # values, streamed: NaN/inf, global normalization, match indices
     floats = _float_columns(store)
     bad: dict[str, Any] = {}
-    hamming = store.kind == "global-features" and store.config.get("metric_type") == "Hamming"
-    bits = _code_bits(store, report) if hamming else None
+    hamming = store.config.get("metric_type") == "Hamming"
+    bits = _code_bits(store, report) if hamming and store.kind in ("global-features", "local-features") else None
     local_counts = _local_counts(dataset, store) if store.kind == "matches" else None
     for batch_keys, cols, offsets in store.iter_batches(4096):
         for c in floats:
@@ -245,6 +245,11 @@ def _check_store(dataset: Dataset, store: Store, names: set[str] | None, report:
                 bad[c] = item
         if store.kind == "global-features" and len(cols["descriptors"]):
             _check_global_batch(batch_keys, cols["descriptors"], bits, hamming, bad)
+        elif store.kind == "local-features" and bits is not None and "padding" not in bad:
+            from ..hashing.model import padding_is_zero
+
+            if not padding_is_zero(cols["descriptors"], bits):  # Region-DH's instance codes
+                bad["padding"] = batch_keys[0]
         if local_counts is not None and len(cols["matches"]):
             m = cols["matches"]
             counts = np.array([[local_counts.get(a, -1), local_counts.get(b, -1)] for a, b in pair_keys(batch_keys)])
@@ -265,12 +270,12 @@ def _check_store(dataset: Dataset, store: Store, names: set[str] | None, report:
 
 
 def _code_bits(store: Store, report: _Report) -> int | None:
-    """A code store's (``cbir hash encode``, formats/SPEC.md 7a) code length, or None when
-    it is not one or its header is wrong (reported)."""
-    if store.config.get("extractor") != "hash":
-        return None  # binary descriptors of another origin (imported from kapture): no code_bits
-    from ..hashing.model import code_bits
+    """A code store's or Region-DH instance store's (``cbir hash encode``, formats/SPEC.md 7a)
+    code length, or None when it is not one or its header is wrong (reported)."""
+    from ..hashing.model import CODE_EXTRACTORS, code_bits
 
+    if store.config.get("extractor") not in CODE_EXTRACTORS:
+        return None  # binary descriptors of another origin (imported from kapture): no code_bits
     try:
         return code_bits(store)
     except CbirError as e:
