@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -85,9 +86,10 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Te
     if len(boxes) == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
-    # the greedy loop runs on the host: one transfer of the IoU matrix, not one sync per box
-    overlaps = (box_iou(boxes[order], boxes[order]) > threshold).cpu()
-    suppressed = torch.zeros(len(order), dtype=torch.bool)
+    # the greedy loop runs on the host, in numpy: one transfer of the IoU matrix, not one
+    # device sync (or torch dispatch) per box
+    overlaps = (box_iou(boxes[order], boxes[order]) > threshold).cpu().numpy()
+    suppressed = np.zeros(len(order), dtype=bool)
     keep = []
     for i in range(len(order)):
         if suppressed[i]:
