@@ -1,5 +1,5 @@
-"""``cbir hash``: learn a hash function from a global store, write binary codes, search them
-by Hamming distance, and the hashing metrics (issue 29)."""
+"""``cbir hash``: learn a hash function from a global store (or Region-DH from images and
+boxes), write binary codes, search them by Hamming distance, and the hashing metrics (issue 29)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def _covisible_pairs(dataset: Path, map_name: str | None, names: list[str], min_
 
 @click.group("hash")
 def hash_group() -> None:
-    """Binary codes of global descriptors: learn, encode, search, evaluate."""
+    """Binary codes: learn them from global descriptors (or, Region-DH, from images and boxes);
+    encode, search, evaluate."""
 
 
 @hash_group.command("train")
