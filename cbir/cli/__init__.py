@@ -45,7 +45,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "import": ("interchange_cmds", "import_group", "Make cbir datasets and stores from other tools' files."),
     "export": ("interchange_cmds", "export_group", "Write cbir datasets and stores in other tools' formats."),
     "store": ("store_cmds", "store_group", "Stores made of parts (sharded): merge them into one file."),
-    "hash": ("hash_cmds", "hash_group", "Binary codes of global descriptors: learn, encode, search, evaluate."),
+    "hash": ("hash_cmds", "hash_group", "Binary codes (learned hashing, Region-DH): learn, encode, search, evaluate."),
 }
 
 
