@@ -333,6 +333,13 @@ def test_cbir_hash_end_to_end(digits, tmp_path):
         results[codes] = json.loads(run("hash", "evaluate", "--map", root, "--query", root,
                                         "--global", codes, "--labels", labels).stdout)
     assert results["pixels-dpsh32"]["map"] > results["pixels-itq32"]["map"] > 0.4
+    # the same relevance in `cbir evaluate --retrieval` of the Hamming pairs: the same precision@5
+    # (relevant among the first 5, every query having relevant images)
+    pairs_eval = json.loads(run("evaluate", "--retrieval", "--pairs", searched, "--labels", labels, "--map", root,
+                                "--ks", "5", "--json").stdout)
+    at5 = json.loads(run("hash", "evaluate", "--map", root, "--query", root, "--global", "pixels-dpsh32",
+                         "--labels", labels, "--k", 5).stdout)["precision@5"]
+    assert pairs_eval["precision@k"]["5"] == pytest.approx(at5, abs=1e-12)
     assert len(results["pixels-itq32"]["pr_curve"]["precision"]) == 33
     # cbir check: the code stores are valid (no L2-norm warning for codes); a set padding bit is an error
     check = json.loads(run("check", "--json", root).stdout)

@@ -12,6 +12,7 @@ from ..evaluation.localization import check_thresholds
 from ..evaluation.retrieval import (
     REVISITED_PROTOCOLS,
     evaluate_rankings,
+    ground_truth_from_labels,
     ground_truth_from_poses,
     read_ground_truth,
     revisited_ground_truth,
@@ -44,8 +45,10 @@ if TYPE_CHECKING:
 @click.option("--revisited", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Revisited Oxford/Paris gnd_*.pkl (with --protocol).")
 @click.option("--protocol", type=click.Choice(sorted(REVISITED_PROTOCOLS)), default="medium", show_default=True)
+@click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Retrieval: a labels file ('image, label[, label ...]'): relevant = sharing a label (with --map).")
 @click.option("--map", "map_", type=click.Path(file_okay=False, path_type=Path),
-              help="Map dataset (pose-based ground truth, or names for --revisited).")
+              help="Map dataset (pose-based or label ground truth, or names for --revisited).")
 @click.option("--query-gt", type=click.Path(file_okay=False, path_type=Path),
               help="Dataset with the queries' ground-truth poses (pose-based ground truth).")
 @click.option("--max-distance", type=click.FloatRange(0), default=10.0, show_default=True,
@@ -57,13 +60,14 @@ if TYPE_CHECKING:
 def evaluate(retrieval: bool, query: Path | None, results_name: str | None, poses: Path | None,
              thresholds: str, conditions: tuple[str, ...], condition_lists: tuple[str, ...],
              plot: Path | None, pairs_file: str | None, gt_path: Path | None, revisited: Path | None, protocol: str,
-             map_: Path | None, query_gt: Path | None, max_distance: float, max_angle: float, ks: str,
-             as_json: bool) -> None:
+             labels_path: Path | None, map_: Path | None, query_gt: Path | None, max_distance: float,
+             max_angle: float, ks: str, as_json: bool) -> None:
     """Localization accuracy: the share of queries within each (translation, rotation)
     threshold of their ground truth, per condition, with median errors.
 
     With --retrieval: mAP, recall@k (a relevant image among the first k) and precision@k of
-    a pairs file, against a ground-truth file, the revisited Oxford/Paris protocol, or poses.
+    a pairs file, against a ground-truth file, the revisited Oxford/Paris protocol, poses, or
+    labels (the hashing metrics over every map image: cbir hash evaluate).
     """
     if not retrieval:
         if gt_path is not None and not gt_path.is_dir():
@@ -80,7 +84,8 @@ def evaluate(retrieval: bool, query: Path | None, results_name: str | None, pose
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {ks!r}", param_hint="--ks") from None
     pairs = read_pairs(pairs_file)
-    gt, source = _retrieval_ground_truth(pairs, gt_file, revisited, protocol, map_, query_gt, max_distance, max_angle)
+    gt, source = _retrieval_ground_truth(pairs, gt_file, revisited, protocol, labels_path, map_, query_gt,
+                                         max_distance, max_angle)
     result = evaluate_rankings(pairs, gt, k_values)
     result["ground_truth"] = source
     # a k beyond the longest ranked list measures the list's length, not the retrieval: left out
@@ -107,18 +112,27 @@ def evaluate(retrieval: bool, query: Path | None, results_name: str | None, pose
 
 
 def _retrieval_ground_truth(pairs: list, gt_file: Path | None, revisited: Path | None, protocol: str,
-                            map_: Path | None, query_gt: Path | None, max_distance: float,
+                            labels_path: Path | None, map_: Path | None, query_gt: Path | None, max_distance: float,
                             max_angle: float) -> tuple[Any, str]:
     """The ground truth of ``cbir evaluate --retrieval`` from the one source given, and how to name it."""
-    sources = [s for s in (gt_file, revisited, query_gt) if s is not None]
+    sources = [s for s in (gt_file, revisited, labels_path, query_gt) if s is not None]
     if len(sources) != 1:
-        raise click.UsageError("give exactly one ground truth: --gt FILE, --revisited PKL, or --query-gt DATASET "
-                               "(with --map)")
+        raise click.UsageError("give exactly one ground truth: --gt FILE, --revisited PKL, --labels FILE or "
+                               "--query-gt DATASET (with --map)")
     if gt_file:
         return read_ground_truth(gt_file), str(gt_file)
     if not map_:
-        raise click.UsageError("--revisited needs --map (its image names)" if revisited else
-                               "pose-based ground truth needs --map")
+        what = "--revisited" if revisited else "label ground truth" if labels_path else "pose-based ground truth"
+        raise click.UsageError(f"{what} needs --map" + (" (its image names)" if revisited else ""))
+    if labels_path:
+        from ..hashing.labels import read_labels
+
+        names = open_dataset(map_).sensors.image_names()
+        try:
+            gt = ground_truth_from_labels(read_labels(labels_path), sorted({p.query for p in pairs}), names)
+        except CbirError as e:
+            raise CbirError(e.message, labels_path) from None
+        return gt, f"{labels_path} (sharing a label)"
     if revisited:
         names = open_dataset(map_).sensors.image_names()
         return (revisited_ground_truth(revisited, protocol, sorted({p.query for p in pairs}), names),

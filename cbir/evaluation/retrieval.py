@@ -30,6 +30,20 @@ class GroundTruth:
     junk: dict[str, set[str]] = field(default_factory=dict)
 
 
+def ground_truth_from_labels(labels: dict[str, tuple[str, ...]], queries: list[str],
+                             map_names: list[str]) -> GroundTruth:
+    """A map image is relevant to a query when they share a label (the hashing survey's
+    multi-label relevance; a labels file of formats/SPEC.md 7a). The query itself is not."""
+    missing = [n for n in queries if n not in labels]
+    if missing:
+        raise CbirError(f"{len(missing)} queries have no label, e.g. {missing[0]!r}")
+    by_label: dict[str, set[str]] = {}
+    for n in map_names:
+        for label in labels.get(n, ()):
+            by_label.setdefault(label, set()).add(n)
+    return GroundTruth({q: set().union(*(by_label.get(label, set()) for label in labels[q])) - {q} for q in queries})
+
+
 def ground_truth_from_poses(query_poses: dict[str, Pose], map_poses: dict[str, Pose], *,
                             max_distance: float, max_angle_deg: float) -> GroundTruth:
     """A map image is relevant to a query when its camera centre is within ``max_distance``
