@@ -163,11 +163,19 @@ def test_the_pipeline_retrieves_by_binary_codes(example_run, tmp_path):
         [(p.query, p.map) for p in read_pairs(tmp_path / "hamming.txt")]
     again = json.loads(cbir("pipeline", tmp_path / "scene.toml", "--json", *hashed))
     assert any("(reused)" in s for s in again["steps"] if s.startswith("retrieve"))
-    # supervision by the map's co-visibility (the pipeline triangulated it)
+    # supervision by the map's co-visibility (the pipeline triangulated it, named by its local features)
+    from cbir.pipeline.config import load_config
+    from cbir.pipeline.plan import plan
+
+    local = plan(load_config(tmp_path / "scene.toml")).local_name
     trained = json.loads(cbir("hash", "train", scene / "mapping", "--global", "densevlad", "--method", "dpsh",
-                              "--bits", 16, "--covisible", 30, "--conf", "epochs=2", "--out", tmp_path / "cov.npz",
-                              "--json"))
+                              "--bits", 16, "--covisible", 30, "--map-name", local, "--conf", "epochs=2",
+                              "--out", tmp_path / "cov.npz", "--json"))
     assert trained["images"] == 12
+    if len(list((scene / "mapping" / "cbir" / "map").glob("*.h5"))) > 1:  # the Python API example's map too
+        r = runner.invoke(main, ["hash", "train", str(scene / "mapping"), "--global", "densevlad", "--method", "dpsh",
+                                 "--bits", 16, "--covisible", 30, "--out", str(tmp_path / "x.npz")])
+        assert r.exit_code != 0 and "name one with --map-name" in r.output
     from cbir.hashing.model import HashModel
 
     assert HashModel.load(tmp_path / "cov.npz").conf["supervision"] == "covisibility"
