@@ -104,8 +104,15 @@ class DPSH(_Pairwise):
     name = "dpsh"
 
     def _loss(self, u: torch.Tensor, s: torch.Tensor, step: int) -> torch.Tensor:
-        quantization = (u - u.detach().sign()).pow(2).sum(1).mean()
-        return _likelihood(0.5 * u @ u.T, s) + float(self.conf["eta"]) * quantization
+        return dpsh_loss(u, s, float(self.conf["eta"]))
+
+
+def dpsh_loss(u: torch.Tensor, s: torch.Tensor, eta: float) -> torch.Tensor:
+    """DPSH's loss of outputs ``u`` (N x B) and similar pairs ``s`` (N x N): the pairs'
+    likelihood under ``theta = u_i . u_j / 2`` plus ``eta ||u - sign(u)||^2`` (also Region-DH's
+    hashing loss, :mod:`cbir.hashing.region_dh`)."""
+    quantization = (u - u.detach().sign()).pow(2).sum(1).mean()
+    return _likelihood(0.5 * u @ u.T, s) + eta * quantization
 
 
 class HashNet(_Pairwise):

@@ -44,6 +44,7 @@ from ..errors import CbirError, FormatError
 from ..io.atomic import atomic_write_bytes
 from . import regions as R
 from .model import check_bits
+from .pairwise import dpsh_loss
 
 if TYPE_CHECKING:
     from ..io.dataset import Dataset
@@ -93,11 +94,6 @@ class Instances:
     classes: np.ndarray
     codes: np.ndarray
     image_code: np.ndarray
-
-
-def _dpsh(u: torch.Tensor, similar: torch.Tensor, eta: float) -> torch.Tensor:
-    theta = 0.5 * u @ u.T
-    return (F.softplus(theta) - similar * theta).mean() + eta * (u - u.detach().sign()).pow(2).sum(1).mean()
 
 
 class RegionDH(nn.Module):
@@ -187,7 +183,7 @@ class RegionDH(nn.Module):
         valid = [fmap[i:i + 1, :, :-(-h // 16), :-(-w // 16)] for i, (h, w) in enumerate(sizes)]
         u2 = self.image_codes(torch.cat([v.mean((2, 3), keepdim=True) for v in valid]))
         similar = (image_labels @ image_labels.T > 0).float()
-        out = {"image_hash": c["image_weight"] * _dpsh(u2, similar, c["eta"])}
+        out = {"image_hash": c["image_weight"] * dpsh_loss(u2, similar, c["eta"])}
         if not c["regions"]:
             return out
         anchors = self._anchors(fmap)
@@ -226,7 +222,7 @@ class RegionDH(nn.Module):
         out["roi_box"] = F.smooth_l1_loss(chosen, box_targets[fg], beta=1.0, reduction="sum") / max(len(cls), 1)
         if len(fg) > 1:
             same = (cls[fg, None] == cls[None, fg]).float()
-            out["instance_hash"] = c["instance_weight"] * _dpsh(u1[fg], same, c["eta"])
+            out["instance_hash"] = c["instance_weight"] * dpsh_loss(u1[fg], same, c["eta"])
         return out
 
     # -- inference
