@@ -197,22 +197,15 @@ def regions(bits: int, map_n: int, query_n: int, epochs: int) -> None:
     print("| network | ranked by | mAP (share a label) | mAP@20 | P@20 | mAP, multi-object queries (all labels) "
           "| training (s) |")
     print("|---|---|---|---|---|---|---|")
-    from cbir.cli._common import open_dataset
     from cbir.hashing.instances import region_distances
-    from cbir.hashing.search import hamming_distances
-    from cbir.io.store import open_store
+    from cbir.hashing.retrieve import code_distances
+    from cbir.io.dataset import Dataset
 
     for name, label, level, out, train_s in rows:
-        if level == "instance codes":
-            qn, mn, dist, b, _ = region_distances(open_dataset(root / "query"), open_dataset(root / "map"), name)
-        else:
-            with open_store(root / "query" / "cbir" / "global" / f"{name}.h5") as qs, \
-                    open_store(root / "map" / "cbir" / "global" / f"{name}.h5") as ms:
-                qn, mn = [str(k) for k in qs.keys], [str(k) for k in ms.keys]
-                dist = hamming_distances(qs.read_all("descriptors"), ms.read_all("descriptors"))
-                b = bits
-        assert qn == qnames and mn == mnames
-        strict = hashing_metrics(dist[multi], all_rel[multi], b, (20,), 2)["map"]
+        ranking = region_distances if level == "instance codes" else code_distances
+        found = ranking(Dataset(root / "query"), Dataset(root / "map"), name)
+        assert found.query_names == qnames and found.map_names == mnames
+        strict = hashing_metrics(found.distances[multi], all_rel[multi], found.bits, (20,), 2)["map"]
         print(f"| {label} | {level} | {out['map']:.3f} | {out['map@20']:.3f} | {out['precision@20']:.3f} | "
               f"{strict:.3f} | {train_s:.0f} |")
     chance = hashing_metrics(np.zeros_like(all_rel[multi], float), all_rel[multi], bits, (20,), 2)["map"]

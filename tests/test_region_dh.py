@@ -281,14 +281,14 @@ def test_check_finds_bad_instance_codes(instances, tmp_path):
     """`cbir check` reads an instance store's header and padding bits like a code store's."""
     import shutil
 
-    from cbir.hashing.instances import instance_config
+    from cbir.hashing.model import code_store_config
     from cbir.io.store import StoreWriter
 
     ds = tmp_path / "ds"
     shutil.copytree(instances / "query", ds)
     identity = {"method": "region-dh", "conf": {}, "bits": 12, "trained_on": "", "model": "0" * 16}
-    attrs = {"name": "bad", "config": instance_config(12, identity), "descriptor_dim": 2, "descriptor_dtype": "uint8",
-             "keypoint_params": "x0,y0,x1,y1,class"}
+    attrs = {"name": "bad", "config": code_store_config(12, identity, "region-dh"), "descriptor_dim": 2,
+             "descriptor_dtype": "uint8", "keypoint_params": "x0,y0,x1,y1,class"}
     with StoreWriter(ds / "cbir" / "local" / "bad.h5", "local-features", attrs) as w:
         w.add("query_0000.png", keypoints=np.zeros((1, 2), np.float32), descriptors=np.array([[255, 255]], np.uint8),
               scores=np.ones(1, np.float32), keypoint_params=np.zeros((1, 5), np.float32),

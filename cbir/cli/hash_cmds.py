@@ -287,27 +287,15 @@ def hash_evaluate(map_: Path, query: Path, global_: str, labels_path: Path | Non
     """mAP, mAP@k, precision@k, recall@k, precision and mAP within a Hamming radius and the
     precision-recall curve of the query codes against the map codes (JSON). A query's own
     image, when the query and the map are one dataset, is neither ranked nor relevant."""
+    from ..hashing.instances import region_distances
     from ..hashing.labels import label_matrix, read_labels
     from ..hashing.metrics import hashing_metrics, label_relevance
-    from ..hashing.model import check_same_model, checked_codes, store_code_bits
-    from ..hashing.search import hamming_distances
-    from ..io.store import open_store
+    from ..hashing.retrieve import code_distances
 
     if (labels_path is None) == (query_gt is None):
         raise click.UsageError("give one ground truth: --labels FILE or --query-gt DATASET")
-    with open_store(open_dataset(query).store_path("global", global_), "global-features") as qs, \
-            open_store(open_dataset(map_).store_path("global", global_), "global-features") as ms:
-        store_code_bits(qs)
-        bits = store_code_bits(ms)
-        check_same_model(qs, ms)
-        qnames, qcodes = [str(k) for k in qs.keys], checked_codes(qs, None, bits)
-        mnames, mcodes, mconf = [str(k) for k in ms.keys], checked_codes(ms, None, bits), dict(ms.config)
-    if instances:
-        from ..hashing.instances import region_distances
-
-        qnames, mnames, distances, bits, _ = region_distances(open_dataset(query), open_dataset(map_), global_)
-    else:
-        distances = hamming_distances(qcodes, mcodes)
+    found = (region_distances if instances else code_distances)(open_dataset(query), open_dataset(map_), global_)
+    qnames, mnames, distances, bits = found.query_names, found.map_names, found.distances, found.bits
     if labels_path is not None:
         labels = read_labels(labels_path)
         mlab, vocab = label_matrix(labels, mnames, labels_path)
@@ -330,5 +318,5 @@ def hash_evaluate(map_: Path, query: Path, global_: str, labels_path: Path | Non
         label = f"{global_} ({'instances' if instances else 'image codes'})"
         atomic_write_text(plot, pr_curve_html({label: metrics["pr_curve"]},
                                               f"{global_}: precision-recall by Hamming radius, {source}"))
-    print_json({"bits": bits, "method": mconf.get("hash", {}).get("method"), "level": "instances" if instances else
+    print_json({"bits": bits, "method": found.identity.get("method"), "level": "instances" if instances else
                 "image", "ground_truth": source, **metrics})

@@ -18,29 +18,33 @@ integers computed in float64: the same on every machine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import CbirError
-from .model import code_bits, padding_is_zero
+from .model import checked_codes, code_bits
 
 if TYPE_CHECKING:
     from ..io.dataset import Dataset
     from ..io.pairs import Pair
+    from .retrieve import CodeDistances
 
 
 @dataclass
 class InstanceSets:
     """The instance codes of a store's images: ``codes`` (M x bytes), image ``i``'s rows
-    ``offsets[i]:offsets[i + 1]``; ``names`` in store order."""
+    ``offsets[i]:offsets[i + 1]``; ``names`` in store order; the hash model that wrote them and
+    the store's fingerprint."""
 
     names: list[str]
     codes: np.ndarray
     offsets: np.ndarray
     bits: int
+    model: str | None = None
+    fingerprint: str = ""
 
 
 def read_instance_sets(path: Path) -> InstanceSets:
@@ -53,12 +57,8 @@ def read_instance_sets(path: Path) -> InstanceSets:
             raise CbirError("not a Region-DH instance store (written by `cbir hash encode` with a Region-DH model)",
                             path)
         bits = code_bits(s)  # the header checked against the codes' width
-        names = [str(k) for k in s.keys]
-        codes = np.asarray(s.read_all("descriptors"), np.uint8)
-        offsets = np.asarray(s.offsets, np.int64)
-    if not padding_is_zero(codes, bits):
-        raise CbirError("padding bits past code_bits are not zero", path)
-    return InstanceSets(names, codes, offsets, bits)
+        return InstanceSets([str(k) for k in s.keys], checked_codes(s, None, bits), np.asarray(s.offsets, np.int64),
+                            bits, s.config.get("hash", {}).get("model"), s.fingerprint())
 
 
 def instance_distances(query: InstanceSets, map_: InstanceSets, image_distances: np.ndarray) -> np.ndarray:
@@ -83,38 +83,24 @@ def instance_distances(query: InstanceSets, map_: InstanceSets, image_distances:
     return out
 
 
-def instance_config(bits: int, identity: dict[str, Any]) -> dict[str, Any]:
-    return {"extractor": "region-dh", "metric_type": "Hamming", "code_bits": bits, "hash": identity}
+def region_distances(qd: Dataset, md: Dataset, name: str) -> CodeDistances:
+    """The multi-instance distances (Q x N float64) of the query and map images by the
+    Region-DH stores ``name`` (code store and instance store), the four stores checked to go
+    together; their fingerprints."""
+    from .retrieve import code_distances
 
-
-def region_distances(qd: Dataset, md: Dataset, name: str) -> tuple[list[str], list[str], np.ndarray, int,
-                                                                  dict[str, Any]]:
-    """Query names, map names (store order), their Q x N multi-instance distances, the code
-    length, and the fingerprints of the four stores read."""
-    from ..io.store import open_store
-    from .model import check_same_model, checked_codes, store_code_bits
-    from .search import hamming_distances
-
-    with open_store(qd.store_path("global", name), "global-features") as qs, \
-            open_store(md.store_path("global", name), "global-features") as ms:
-        store_code_bits(qs)
-        bits = store_code_bits(ms)
-        check_same_model(qs, ms)
-        qnames, mnames = [str(k) for k in qs.keys], [str(k) for k in ms.keys]
-        image = hamming_distances(checked_codes(qs, None, bits), checked_codes(ms, None, bits))
-        prints = {"query": [qs.fingerprint()], "map": [ms.fingerprint()]}
-        model = ms.config.get("hash", {}).get("model")
+    images = code_distances(qd, md, name)
     qi, mi = (read_instance_sets(d.store_path("local", name)) for d in (qd, md))
-    for sets, names, d in ((qi, qnames, qd), (mi, mnames, md)):
-        if sets.names != names or sets.bits != bits:
+    model = images.identity.get("model")
+    for sets, names, d in ((qi, images.query_names, qd), (mi, images.map_names, md)):
+        where = d.store_path("local", name)
+        if sets.names != names or sets.bits != images.bits:
             raise CbirError(f"the instance store does not go with the code store {name!r} (other images or code "
-                            "length): encode both with one `cbir hash encode`", d.store_path("local", name))
-    for d in (qd, md):
-        with open_store(d.store_path("local", name), "local-features") as s:
-            if s.config.get("hash", {}).get("model") != model:
-                raise CbirError("the instance codes were written by another model than the image codes", s.path)
-            prints.setdefault("instances", []).append(s.fingerprint())
-    return qnames, mnames, instance_distances(qi, mi, image), bits, prints
+                            "length): encode both with one `cbir hash encode`", where)
+        if sets.model != model:
+            raise CbirError("the instance codes were written by another model than the image codes", where)
+    return replace(images, distances=instance_distances(qi, mi, images.distances),
+                   fingerprints={**images.fingerprints, "instances": [qi.fingerprint, mi.fingerprint]})
 
 
 def write_region_stores(ds: Dataset, model_path: Path, name: str | None = None, *, overwrite: bool = False,
@@ -127,7 +113,7 @@ def write_region_stores(ds: Dataset, model_path: Path, name: str | None = None, 
     from ..io.images import read_image
     from ..io.store import StoreWriter
     from . import region_dh
-    from .model import code_bytes
+    from .model import code_bytes, code_store_config
 
     net, header = region_dh.load(model_path)
     identity = {"method": "region-dh", "conf": net.conf, "bits": int(net.conf["bits"]),
@@ -141,9 +127,9 @@ def write_region_stores(ds: Dataset, model_path: Path, name: str | None = None, 
     name = name or f"region-dh{bits}"
     global_path, local_path = ds.store_path("global", name), ds.store_path("local", name)
     width = {"descriptor_dim": code_bytes(bits), "descriptor_dtype": "uint8"}
-    global_attrs = {"name": name, "config": {**instance_config(bits, identity), "extractor": "hash"}, **width}
-    local_attrs = {"name": name, "config": instance_config(bits, identity), "keypoint_params": "x0,y0,x1,y1,class",
-                   **width}
+    global_attrs = {"name": name, "config": code_store_config(bits, identity), **width}
+    local_attrs = {"name": name, "config": code_store_config(bits, identity, "region-dh"),
+                   "keypoint_params": "x0,y0,x1,y1,class", **width}
     with StoreWriter(global_path, "global-features", global_attrs, overwrite=overwrite) as g, \
             StoreWriter(local_path, "local-features", local_attrs, overwrite=overwrite) as loc:
         for n in names:
@@ -170,14 +156,15 @@ def instance_pairs(query: Dataset, map_: Dataset, name: str, topk: int,
     the pairs file's record."""
     from ..io.pairs import Pair
 
-    qnames, mnames, distances, bits, prints = region_distances(query, map_, name)
+    found = region_distances(query, map_, name)
+    mnames, bits = found.map_names, found.bits
     same = query.root.resolve() == map_.root.resolve()
     pairs = []
-    for i, q in enumerate(qnames):
-        hits = [j for j in np.argsort(distances[i], kind="stable")
+    for i, q in enumerate(found.query_names):
+        hits = [j for j in np.argsort(found.distances[i], kind="stable")
                 if not ((same or exclude_same_name) and mnames[j] == q)][:topk]
-        pairs += [Pair(q, mnames[j], float(bits - distances[i, j])) for j in hits]
+        pairs += [Pair(q, mnames[j], float(bits - found.distances[i, j])) for j in hits]
     record = {"step": "retrieve", "config": {"metric": "Hamming", "level": "instances", "topk": topk,
                                              "exclude_self": same, "exclude_same_name": exclude_same_name,
-                                             "stores": [name], "code_bits": bits}, "inputs": prints}
+                                             "stores": [name], "code_bits": bits}, "inputs": found.fingerprints}
     return pairs, record

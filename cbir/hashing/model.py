@@ -63,6 +63,14 @@ def code_store_problem(config: dict[str, Any], dtype: np.dtype, width: int) -> s
     return None
 
 
+def code_store_config(bits: int, identity: dict[str, Any], extractor: str = "hash") -> dict[str, Any]:
+    """The ``config`` of a store of codes of ``bits`` bits written by the hash model of
+    ``identity`` (formats/SPEC.md 7a): a code store, or (``extractor = "region-dh"``) a
+    Region-DH instance store."""
+    assert extractor in CODE_EXTRACTORS
+    return {"extractor": extractor, "metric_type": "Hamming", "code_bits": bits, "hash": identity}
+
+
 def is_code_store(store: Any) -> bool:
     """Whether a global store holds binary descriptors (``metric_type`` Hamming)."""
     return store.config.get("metric_type") == "Hamming"

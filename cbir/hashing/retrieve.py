@@ -10,6 +10,7 @@ so the pairs are the same whatever the cut, the executor and the machine."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +155,33 @@ def _reranked(query: Dataset, map_: Dataset, name: str, qnames: list[str], mname
         order = np.lexsort((np.asarray(hits), -scores.astype(np.float64)))[:topk]
         pairs += [Pair(q, mnames[hits[i]], float(scores[i])) for i in order]
     return pairs
+
+
+@dataclass
+class CodeDistances:
+    """Every query image's distance to every map image (Q x N), the names in store order,
+    the code length, the identity of the hash model that wrote the codes (the ``hash`` of the
+    stores' config, formats/SPEC.md 7a), and the fingerprints of the stores read."""
+
+    query_names: list[str]
+    map_names: list[str]
+    distances: np.ndarray
+    bits: int
+    identity: dict[str, Any]
+    fingerprints: dict[str, list[str]]
+
+
+def code_distances(query: Dataset, map_: Dataset, name: str) -> CodeDistances:
+    """The Hamming distances (int32) between the codes of code store ``name`` of ``query``
+    and of ``map_``, every pair (evaluation), the stores checked: widths, padding, one model."""
+    from .search import hamming_distances
+
+    with open_store(query.store_path("global", name), "global-features") as qs, \
+            open_store(map_.store_path("global", name), "global-features") as ms:
+        store_code_bits(qs)
+        bits = store_code_bits(ms)
+        check_same_model(qs, ms)
+        distances = hamming_distances(checked_codes(qs, None, bits), checked_codes(ms, None, bits))
+        prints = {"query": [qs.fingerprint()], "map": [ms.fingerprint()]}
+        return CodeDistances([str(k) for k in qs.keys], [str(k) for k in ms.keys], distances, bits,
+                             dict(ms.config.get("hash") or {}), prints)

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import CbirError
 from ..io.dataset import Dataset
-from .model import HashModel, code_bytes
+from .model import HashModel, code_bytes, code_store_config
 
 #: keys of a global store's config that name files rather than say what the descriptors are
 #: (DenseVLAD's vocabulary: learned on the map, read from its file for the queries)
@@ -53,8 +53,7 @@ def write_code_store(dataset: Dataset, global_name: str, model: HashModel, model
                         f"than {global_name}'s ({config.get('extractor')})", model_path)
     codes = model.encode(x, names, source_path)
     out = dataset.store_path("global", name or code_store_name(global_name, model))
-    attrs = {"name": out.stem, "config": {"extractor": "hash", "metric_type": "Hamming", "code_bits": model.bits,
-                                          "hash": model.identity(), "source": config},
+    attrs = {"name": out.stem, "config": {**code_store_config(model.bits, model.identity()), "source": config},
              "descriptor_dim": code_bytes(model.bits), "descriptor_dtype": "uint8"}
     with StoreWriter(out, "global-features", attrs, overwrite=overwrite) as w:
         for n, code in zip(names, codes, strict=True):

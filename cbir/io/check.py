@@ -243,13 +243,9 @@ def _check_store(dataset: Dataset, store: Store, names: set[str] | None, report:
                 item = batch_keys[int(np.searchsorted(offsets, row, side="right") - 1)] \
                     if c in store.schema.ragged else batch_keys[row]
                 bad[c] = item
-        if store.kind == "global-features" and len(cols["descriptors"]):
-            _check_global_batch(batch_keys, cols["descriptors"], bits, hamming, bad)
-        elif store.kind == "local-features" and bits is not None and "padding" not in bad:
-            from ..hashing.model import padding_is_zero
-
-            if not padding_is_zero(cols["descriptors"], bits):  # Region-DH's instance codes
-                bad["padding"] = batch_keys[0]
+        if store.kind in ("global-features", "local-features") and len(cols["descriptors"]):
+            _check_descriptor_batch(batch_keys, cols["descriptors"], bits,
+                                    store.kind == "global-features" and not hamming, bad)
         if local_counts is not None and len(cols["matches"]):
             m = cols["matches"]
             counts = np.array([[local_counts.get(a, -1), local_counts.get(b, -1)] for a, b in pair_keys(batch_keys)])
@@ -283,15 +279,16 @@ def _code_bits(store: Store, report: _Report) -> int | None:
         return None
 
 
-def _check_global_batch(keys: list, descriptors: np.ndarray, bits: int | None, hamming: bool,
-                        bad: dict[str, Any]) -> None:
-    """L2 norms of float descriptors, padding bits of codes: the first bad item of each kind."""
+def _check_descriptor_batch(keys: list, descriptors: np.ndarray, bits: int | None, unit_norm: bool,
+                            bad: dict[str, Any]) -> None:
+    """The padding bits of codes (``bits``: a code or instance store's length), the L2 norms of
+    float global descriptors (``unit_norm``): the first bad item of each kind."""
     if bits is not None and "padding" not in bad:
         from ..hashing.model import padding_is_zero
 
         if not padding_is_zero(descriptors, bits):
             bad["padding"] = keys[0]
-    if not hamming and "norm" not in bad:
+    if unit_norm and "norm" not in bad:
         norms = np.linalg.norm(descriptors.astype(np.float64), axis=1)
         off = np.flatnonzero(np.abs(norms - 1) > 1e-3)
         if len(off):
